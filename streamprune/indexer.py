@@ -1,0 +1,71 @@
+"""`streamprune index`: scan shards in parallel Ray tasks and write `RUN/index`.
+
+Each finished shard is saved as a part under `RUN/.index-parts/`, so an interrupted
+index resumes where it stopped; the final merge is atomic.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import ray
+from tqdm.auto import tqdm
+
+from .identity import SampleIdentity, parse_identity, shard_names
+from .raycluster import ensure_ray
+from .shardindex import Index, load_scan, save_scan, scan_shard, write_index
+from .shardlist import expand_urls
+
+
+@ray.remote(num_cpus=1, max_retries=3)
+def _scan_task(url: str, name: str, identity: SampleIdentity | None):
+    return scan_shard(url, name, identity)
+
+
+def index(shards: str | Iterable[str], out: str | Path, *, root: str | None = None,
+          identity: str | SampleIdentity | Callable | None = None, address: str | None = None,
+          max_in_flight: int | None = None, progress: bool = True) -> Index:
+    """Index `shards` into `out/index` (`out` is the run directory) and return the index.
+
+    `root` is the dataset root that shard names are relative to (default: the shards'
+    common directory). `identity`: None for `(shard name, __key__)`, `"json:FIELD"`,
+    `"module:function"` or a callable on the sample dict.
+    """
+    urls = expand_urls(shards)
+    names, root_path = shard_names(urls, root)
+    ident = parse_identity(identity)
+    spec = "shard-key" if ident is None else ident.spec
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    parts_dir = out / ".index-parts"
+    parts_dir.mkdir(exist_ok=True)
+    tag = lambda i: hashlib.blake2b(f"{urls[i]}\0{names[i]}\0{spec}".encode(), digest_size=8).hexdigest()
+    parts = [parts_dir / f"{i:08d}-{tag(i)}.npz" for i in range(len(urls))]
+    todo = [i for i, p in enumerate(parts) if not p.exists()]
+    bar = tqdm(total=len(urls), initial=len(urls) - len(todo), desc="index", unit="shard", disable=not progress)
+    if todo:
+        ensure_ray(address)
+        limit = max_in_flight or max(4, 4 * int(ray.cluster_resources().get("CPU", 1)))
+        pending: dict = {}
+        queue = iter(todo)
+        for i in queue:
+            pending[_scan_task.remote(urls[i], names[i], ident)] = i
+            if len(pending) >= limit:
+                break
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1)
+            i = pending.pop(done[0])
+            scan = ray.get(done[0])
+            save_scan(scan, parts[i])
+            bar.set_postfix_str(f"{scan.name}: {scan.status}", refresh=False)
+            bar.update()
+            nxt = next(queue, None)
+            if nxt is not None:
+                pending[_scan_task.remote(urls[nxt], names[nxt], ident)] = nxt
+    bar.close()
+    idx = write_index(out / "index", parts, root_path, spec)
+    shutil.rmtree(parts_dir)
+    return idx

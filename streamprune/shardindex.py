@@ -1,0 +1,267 @@
+"""The shard index `RUN/index`: which samples exist, their identity, row and byte ranges.
+
+Pure NumPy + JSON (no Ray, no Zarr) so that the loader can read it cheaply. Scanning a
+shard is `scan_shard`; building the index in parallel lives in `indexer`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .identity import SampleIdentity, find_duplicates, id128
+from .shardlist import open_shard
+from .tarscan import CountingReader, TarFormatError, iter_samples
+
+FORMAT = "streamprune-index"
+FORMAT_VERSION = 1
+_ARRAYS = ("id_hi", "id_lo", "sample_start", "sample_end", "member_count", "member_offset", "member_size")
+_DTYPES = {k: np.uint64 if k.startswith("id_") else np.int32 if k == "member_count" else np.int64 for k in _ARRAYS}
+
+
+@dataclass
+class ShardScan:
+    """What one shard holds: per sample its key, identity and byte range; per member offset and size."""
+
+    name: str
+    url: str
+    status: str = "ok"  # ok | empty | broken
+    error: str | None = None
+    error_offset: int | None = None
+    size: int | None = None
+    bytes_read: int = 0
+    keys: list[str] = field(default_factory=list)
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)
+
+    @property
+    def n(self) -> int:
+        return len(self.keys)
+
+    def meta(self) -> dict:
+        """The JSON-able part (everything but keys and arrays)."""
+        d = asdict(self)
+        del d["keys"], d["arrays"]
+        d["samples"] = self.n
+        return d
+
+
+def scan_shard(url: str, name: str, identity: SampleIdentity | None = None) -> ShardScan:
+    """Scan one shard. Corruption is recorded (status `broken`, no rows), never raised.
+
+    With the default identity only tar headers are read; a custom identity reads the
+    members it names.
+    """
+    scan = ShardScan(name=name, url=url)
+    try:
+        opened = open_shard(url)
+    except OSError as exc:
+        scan.status, scan.error = "broken", str(exc)
+        return scan
+    scan.size = opened.size
+    reader = CountingReader(opened.stream, opened.seekable, opened.size, name)
+    read_exts = () if identity is None else identity.members
+    cols: dict[str, list] = {k: [] for k in _ARRAYS}
+    try:
+        for sample in iter_samples(reader, read_exts):
+            if identity is None:
+                hi, lo = id128(name, sample.key)
+            else:
+                hi, lo = identity({"__key__": sample.key, "__shard__": name, **sample.data})
+            scan.keys.append(sample.key)
+            cols["id_hi"].append(hi)
+            cols["id_lo"].append(lo)
+            cols["sample_start"].append(sample.start)
+            cols["sample_end"].append(sample.end)
+            cols["member_count"].append(len(sample.members))
+            cols["member_offset"].extend(m.header_offset for m in sample.members)
+            cols["member_size"].extend(m.size for m in sample.members)
+        opened.close(url)
+    except (TarFormatError, ValueError, OSError) as exc:
+        scan.status, scan.error = "broken", str(exc)
+        scan.error_offset = getattr(exc, "offset", None)
+        scan.keys = []
+        cols = {k: [] for k in _ARRAYS}
+    finally:
+        scan.bytes_read = reader.bytes_read
+        try:
+            opened.stream.close()
+        except OSError:
+            pass
+    if scan.status == "ok" and not scan.keys:
+        scan.status = "empty"
+    scan.arrays = {k: np.array(v, dtype=_DTYPES[k]) for k, v in cols.items()}
+    return scan
+
+
+def save_scan(scan: ShardScan, path: Path) -> None:
+    """Write a scan as an `.npz` part (no pickle), atomically."""
+    meta = np.frombuffer(json.dumps(scan.meta()).encode(), dtype=np.uint8)
+    keys = np.frombuffer("\n".join(scan.keys).encode(), dtype=np.uint8)
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez(tmp, meta=meta, keys=keys, **scan.arrays)
+    os.replace(tmp, path)
+
+
+def load_scan(path: Path) -> ShardScan:
+    """Read a part written by `save_scan`."""
+    with np.load(path, allow_pickle=False) as z:
+        meta = json.loads(z["meta"].tobytes())
+        keys_blob = z["keys"].tobytes().decode()
+        arrays = {k: z[k] for k in _ARRAYS}
+    meta.pop("samples")
+    scan = ShardScan(**meta, keys=keys_blob.split("\n") if keys_blob else [], arrays=arrays)
+    return scan
+
+
+def write_index(out: Path, scans: list[ShardScan] | list[Path], root: str, identity_spec: str) -> "Index":
+    """Merge per-shard scans (objects or part files), in shard order, into `out` atomically."""
+    out = Path(out)
+    metas = [(load_scan(s) if isinstance(s, Path) else s).meta() for s in scans]
+    counts = np.array([m["samples"] for m in metas], dtype=np.int64)
+    shard_offset = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    n = int(shard_offset[-1])
+    tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    np.save(tmp / "shard_offset.npy", shard_offset)
+    n_members = 0
+    files = {}
+    for k in _ARRAYS:
+        files[k] = open(tmp / f"{k}.raw", "wb")
+    fp = hashlib.blake2b(digest_size=16)
+    key_lengths = []
+    with open(tmp / "keys.bin", "wb") as keys_out:
+        for item, meta in zip(scans, metas):
+            scan = load_scan(item) if isinstance(item, Path) else item
+            fp.update(json.dumps([scan.name, scan.n]).encode())
+            fp.update(scan.arrays["id_hi"].tobytes() + scan.arrays["id_lo"].tobytes())
+            for k in _ARRAYS:
+                files[k].write(scan.arrays[k].tobytes())
+            n_members += len(scan.arrays["member_offset"])
+            encoded = [key.encode() for key in scan.keys]
+            key_lengths.extend(len(e) for e in encoded)
+            keys_out.write(b"".join(encoded))
+    for k, f in files.items():
+        f.close()
+        raw = tmp / f"{k}.raw"
+        arr = np.fromfile(raw, dtype=_DTYPES[k])
+        np.save(tmp / f"{k}.npy", arr)
+        raw.unlink()
+    np.save(tmp / "key_offset.npy", np.concatenate([[0], np.cumsum(key_lengths, dtype=np.int64)]).astype(np.int64))
+    with open(tmp / "shards.jsonl", "w") as f:
+        for meta, start in zip(metas, shard_offset[:-1]):
+            f.write(json.dumps({**meta, "rows": [int(start), int(start) + meta["samples"]]}) + "\n")
+    dup_rows = find_duplicates(np.load(tmp / "id_hi.npy"), np.load(tmp / "id_lo.npy"))
+    shard_of = np.searchsorted(shard_offset, dup_rows, side="right") - 1
+    key_offset = np.load(tmp / "key_offset.npy")
+    with open(tmp / "keys.bin", "rb") as f:
+        blob = f.read() if len(dup_rows) else b""
+    examples = [{"shard": metas[s]["name"], "key": blob[key_offset[r]:key_offset[r + 1]].decode(), "row": int(r)}
+                for r, s in zip(dup_rows[:100], shard_of[:100])]
+    from . import __version__
+
+    manifest = {
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        "streamprune_version": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "root": root,
+        "identity": identity_spec,
+        "n_shards": len(metas),
+        "n_samples": n,
+        "n_members": n_members,
+        "fingerprint": fp.hexdigest(),
+        "bytes_total": int(sum(m["size"] or 0 for m in metas)),
+        "bytes_read": int(sum(m["bytes_read"] for m in metas)),
+        "broken": [{"shard": m["name"], "error": m["error"], "offset": m["error_offset"]}
+                   for m in metas if m["status"] == "broken"],
+        "empty": [m["name"] for m in metas if m["status"] == "empty"],
+        "duplicates": {"rows": int(len(dup_rows)), "examples": examples},
+    }
+    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    if out.exists():
+        old = out.with_name(out.name + f".old-{os.getpid()}")
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, out)
+    return Index(out)
+
+
+class Index:
+    """Read access to `RUN/index` (memory-mapped arrays)."""
+
+    def __init__(self, path: str | os.PathLike):
+        path = Path(path)
+        if (path / "index").is_dir() and not (path / "manifest.json").exists():
+            path = path / "index"
+        manifest_path = path / "manifest.json"
+        if not manifest_path.exists():
+            raise FileNotFoundError(f"no shard index at {str(path)!r} (run `streamprune index` first)")
+        self.path = path
+        self.manifest = json.loads(manifest_path.read_text())
+        if self.manifest.get("format") != FORMAT:
+            raise ValueError(f"{str(manifest_path)!r} is not a streamprune index")
+        with open(path / "shards.jsonl") as f:
+            self.shards = [json.loads(line) for line in f]
+        self.names = [s["name"] for s in self.shards]
+        self._by_name = {n: i for i, n in enumerate(self.names)}
+        self.shard_offset = np.load(path / "shard_offset.npy")
+        self.key_offset = np.load(path / "key_offset.npy", mmap_mode="r")
+        for k in _ARRAYS:
+            setattr(self, k, np.load(path / f"{k}.npy", mmap_mode="r"))
+        self.member_start = np.concatenate([[0], np.cumsum(self.member_count, dtype=np.int64)])
+
+    @property
+    def n_samples(self) -> int:
+        return int(self.shard_offset[-1])
+
+    @property
+    def n_shards(self) -> int:
+        return len(self.names)
+
+    @property
+    def fingerprint(self) -> str:
+        return self.manifest["fingerprint"]
+
+    @property
+    def root(self) -> str:
+        return self.manifest["root"]
+
+    def shard(self, name: str) -> int:
+        """Position of shard `name`; KeyError naming it when unknown."""
+        try:
+            return self._by_name[name]
+        except KeyError:
+            raise KeyError(f"shard {name!r} is not in the index at {str(self.path)!r}") from None
+
+    def rows(self, shard: int) -> range:
+        return range(int(self.shard_offset[shard]), int(self.shard_offset[shard + 1]))
+
+    def shard_of(self, rows: np.ndarray) -> np.ndarray:
+        return np.searchsorted(self.shard_offset, rows, side="right") - 1
+
+    def keys(self, shard: int) -> list[str]:
+        """The keys of a shard, in tar order."""
+        r = self.rows(shard)
+        if not len(r):
+            return []
+        lo, hi = int(self.key_offset[r.start]), int(self.key_offset[r.stop])
+        with open(self.path / "keys.bin", "rb") as f:
+            f.seek(lo)
+            blob = f.read(hi - lo)
+        cuts = np.asarray(self.key_offset[r.start : r.stop + 1]) - lo
+        return [blob[a:b].decode() for a, b in zip(cuts[:-1], cuts[1:])]
+
+    def members(self, row: int) -> tuple[np.ndarray, np.ndarray]:
+        """Header offsets and data sizes of the members of sample `row`, in its tar."""
+        a, b = self.member_start[row], self.member_start[row + 1]
+        return np.asarray(self.member_offset[a:b]), np.asarray(self.member_size[a:b])
