@@ -58,7 +58,7 @@ def scan_shard(url: str, name: str, identity: SampleIdentity | None = None) -> S
     With the default identity only tar headers are read; a custom identity reads the
     members it names.
     """
-    scan = ShardScan(name=name, url=url)
+    scan = ShardScan(name=name, url=url, arrays={k: np.zeros(0, _DTYPES[k]) for k in _ARRAYS})
     try:
         opened = open_shard(url)
     except OSError as exc:
@@ -84,19 +84,23 @@ def scan_shard(url: str, name: str, identity: SampleIdentity | None = None) -> S
             cols["member_size"].extend(m.size for m in sample.members)
         opened.close(url)
     except (TarFormatError, ValueError, OSError) as exc:
+        if opened.process is not None:  # a failed pipe command explains a broken stream best
+            try:
+                opened.close(url)
+            except OSError as pipe_exc:
+                exc = pipe_exc
         scan.status, scan.error = "broken", str(exc)
         scan.error_offset = getattr(exc, "offset", None)
         scan.keys = []
-        cols = {k: [] for k in _ARRAYS}
     finally:
         scan.bytes_read = reader.bytes_read
         try:
             opened.stream.close()
         except OSError:
             pass
-    if scan.status == "ok" and not scan.keys:
-        scan.status = "empty"
-    scan.arrays = {k: np.array(v, dtype=_DTYPES[k]) for k, v in cols.items()}
+    if scan.status == "ok":
+        scan.arrays = {k: np.array(v, dtype=_DTYPES[k]) for k, v in cols.items()}
+        scan.status = "ok" if scan.keys else "empty"
     return scan
 
 

@@ -145,7 +145,9 @@ class StatsStore:
         return int(np.argmin(full)) if not full.all() else self.epochs
 
     def read(self, name: str, rows: slice = slice(None), epochs: slice = slice(None)) -> np.ndarray:
-        return np.asarray(self.group[name][rows, epochs])
+        """Rows (and, for `(N, T)` arrays, epochs) of array `name`."""
+        arr = self.group[name]
+        return np.asarray(arr[rows] if arr.ndim == 1 else arr[rows, epochs])
 
     def iter_blocks(self, block_rows: int | None = None, names: tuple[str, ...] = STATS,
                     start: int = 0, stop: int | None = None) -> Iterator["Block"]:
