@@ -1,0 +1,75 @@
+"""Real Fashion-MNIST reading (bundled subset and full files) and shard writing."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import webdataset as wds
+
+from streamprune.cli import main
+from streamprune.datasets import (BUNDLED, SHARED, fashion_mnist_dir, load_fashion_mnist, read_idx, shard_sizes,
+                                  write_idx, write_shards)
+
+
+def test_bundled_subset_is_real_and_balanced():
+    images, labels = load_fashion_mnist("train", BUNDLED)
+    assert images.shape == (4000, 28, 28) and images.dtype == np.uint8
+    assert np.bincount(labels).tolist() == [400] * 10
+    test_images, test_labels = load_fashion_mnist("test", BUNDLED)
+    assert test_images.shape == (1000, 28, 28) and np.bincount(test_labels).tolist() == [100] * 10
+    assert (BUNDLED / "LICENSE").read_text().startswith("The MIT License")
+    if (SHARED / "train-images-idx3-ubyte.gz").exists():  # the subset is the first 400 of each class
+        full_x, full_y = load_fashion_mnist("train", SHARED)
+        first = np.sort(np.concatenate([np.flatnonzero(full_y == c)[:400] for c in range(10)]))
+        assert np.array_equal(full_x[first], images) and np.array_equal(full_y[first], labels)
+
+
+def test_full_files_are_used_when_present():
+    if not (SHARED / "train-images-idx3-ubyte.gz").exists():
+        pytest.skip("the full Fashion-MNIST files are not on this machine")
+    assert fashion_mnist_dir() == SHARED
+    images, labels = load_fashion_mnist("train")
+    assert images.shape == (60000, 28, 28) and np.bincount(labels).tolist() == [6000] * 10
+
+
+def test_idx_round_trip_and_bad_files(tmp_path):
+    arr = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
+    write_idx(tmp_path / "a.gz", arr)
+    assert np.array_equal(read_idx(tmp_path / "a.gz"), arr)
+    (tmp_path / "bad").write_bytes(b"\x01\x02\x03\x04garbage")
+    with pytest.raises(ValueError, match="bad'.*not an IDX file"):
+        read_idx(tmp_path / "bad")
+    with pytest.raises(FileNotFoundError, match="no Fashion-MNIST IDX files"):
+        load_fashion_mnist("train", tmp_path)
+    with pytest.raises(ValueError, match="split must be"):
+        load_fashion_mnist("valid")
+
+
+def test_shard_sizes():
+    assert shard_sizes(10, 3) == [4, 3, 3]
+    sizes = shard_sizes(10000, 12, uneven=True, seed=3)
+    assert sum(sizes) == 10000 and max(sizes) > 2 * min(sizes) > 0
+    with pytest.raises(ValueError):
+        shard_sizes(10, 0)
+
+
+@pytest.mark.parametrize("fmt", ["png", "npy"])
+def test_written_shards_read_back_with_webdataset(fmnist, tmp_path, fmt):
+    images, labels = fmnist
+    paths = write_shards(images[:50], labels[:50], tmp_path, sizes=[20, 0, 30], image_format=fmt)
+    assert len(paths) == 3
+    samples = list(wds.WebDataset(paths, shardshuffle=False).decode("l8"))
+    assert [s["__key__"] for s in samples] == [f"{i:08d}" for i in range(50)]
+    for i, s in enumerate(samples):
+        assert s["cls"] == labels[i]
+        assert np.array_equal(np.asarray(s[fmt]), images[i])
+    with pytest.raises(ValueError, match="sum to 49"):
+        write_shards(images[:50], labels[:50], tmp_path, sizes=[49])
+
+
+def test_demo_builds_and_indexes_real_shards(ray_session, tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    n = len(load_fashion_mnist("train")[1])
+    assert f"samples {n}" in out and (tmp_path / "run" / "index" / "manifest.json").exists()
+    assert len(list((tmp_path / "shards").glob("train-*.tar"))) == max(4, n // 1000)
