@@ -49,7 +49,8 @@ def cmd_demo(args) -> None:
 
     out = Path(args.out)
     t0 = time.perf_counter()
-    paths, source = fashion_mnist_shards(out / "shards", data_dir=args.data_dir, uneven=True)
+    paths, source = fashion_mnist_shards(out / "shards", data_dir=args.data_dir, uneven=True,
+                                         progress=not args.quiet)
     t1 = time.perf_counter()
     print(f"shards: {len(paths)} uneven WebDataset shards of Fashion-MNIST from {source} ({t1 - t0:.1f} s)")
     idx = index(paths, out / "run", address=args.address, progress=not args.quiet)

@@ -98,7 +98,7 @@ def encode_png(image: np.ndarray) -> bytes:
 def write_shards(images: np.ndarray, labels: np.ndarray, out_dir: str | os.PathLike, *,
                  samples_per_shard: int | None = None, sizes: Sequence[int] | None = None,
                  prefix: str = "train", image_format: str = "png", key_offset: int = 0,
-                 ) -> list[str]:
+                 progress: bool = False) -> list[str]:
     """Write labelled arrays as WebDataset shards `{prefix}-{i:06d}.tar`; returns their paths.
 
     Each sample has key `{index:08d}`, an image member (`png`, or raw `npy`) and `cls`.
@@ -117,8 +117,10 @@ def write_shards(images: np.ndarray, labels: np.ndarray, out_dir: str | os.PathL
         raise ValueError(f"shard sizes sum to {sum(sizes)}, not the {len(images)} samples")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    from tqdm.auto import tqdm
+
     paths, start = [], 0
-    for s, size in enumerate(sizes):
+    for s, size in enumerate(tqdm(sizes, desc="write shards", unit="shard", disable=not progress)):
         path = out_dir / f"{prefix}-{s:06d}.tar"
         tmp = path.with_suffix(".tar.tmp")
         with wds.TarWriter(str(tmp), mtime=0) as sink:
@@ -139,12 +141,14 @@ def write_shards(images: np.ndarray, labels: np.ndarray, out_dir: str | os.PathL
 
 def fashion_mnist_shards(out_dir: str | os.PathLike, *, split: str = "train", data_dir=None,
                          n_shards: int | None = None, uneven: bool = False, limit: int | None = None,
-                         image_format: str = "png", seed: int = 0) -> tuple[list[str], Path]:
+                         image_format: str = "png", seed: int = 0, progress: bool = True,
+                         ) -> tuple[list[str], Path]:
     """Write a Fashion-MNIST split as shards (default: one per ~1000 samples); returns (paths, source dir)."""
     images, labels = load_fashion_mnist(split, data_dir)
     if limit:
         images, labels = images[:limit], labels[:limit]
     n_shards = n_shards or max(4, len(images) // 1000)
     sizes = shard_sizes(len(images), n_shards, uneven=uneven, seed=seed)
-    paths = write_shards(images, labels, out_dir, sizes=sizes, prefix=split, image_format=image_format)
+    paths = write_shards(images, labels, out_dir, sizes=sizes, prefix=split, image_format=image_format,
+                         progress=progress)
     return paths, fashion_mnist_dir(data_dir)
