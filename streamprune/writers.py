@@ -59,10 +59,19 @@ class StoreWriters:
             refs.append(self.actors[w].add.remote(rows[sel], {n: np.asarray(stats[n])[sel] for n in STATS}))
         return refs
 
-    def finish(self, epoch: int) -> np.ndarray:
-        """Flush every owner, mark the shards whose rows all arrived as done; return missing rows."""
-        missing = np.sort(np.concatenate(ray.get([a.finish.remote() for a in self.actors]) or [np.zeros(0)]))
+    def flush(self) -> np.ndarray:
+        """Flush every owner's epoch; the rows that never arrived, sorted."""
+        parts = ray.get([a.finish.remote() for a in self.actors])
+        return np.sort(np.concatenate(parts)).astype(np.int64)
+
+    def mark_done(self, epoch: int, missing: np.ndarray) -> None:
+        """Mark every shard with no missing row as complete for `epoch` (the driver's job)."""
         store = StatsStore.open(self.path)
         incomplete = np.unique(np.searchsorted(store.shard_offset, missing, side="right") - 1)
         store.mark_done(epoch, np.setdiff1d(np.arange(store.n_shards), incomplete))
-        return missing.astype(np.int64)
+
+    def finish(self, epoch: int) -> np.ndarray:
+        """`flush` then `mark_done`; returns the missing rows."""
+        missing = self.flush()
+        self.mark_done(epoch, missing)
+        return missing

@@ -1,0 +1,410 @@
+"""`streamprune record`: train a proxy model on Ray Train (DDP) and record per-sample statistics.
+
+Each epoch the healthy shards are shuffled with `(seed, epoch)` and cut into contiguous
+runs of about equal sample counts, one per worker; each worker streams its shards through
+webdataset in a multi-process DataLoader, trains, and sends every sample's statistics to
+the writer actor that owns its chunk. Uneven inputs are joined (`torch.distributed`
+`Join`), so no worker hangs and no sample is dropped. After each epoch the driver-side
+rank 0 flushes the writers, saves a checkpoint, then marks the epoch's shards complete;
+a rerun (or a Ray Train restart after a worker dies) resumes at the first incomplete epoch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import ray
+import torch
+
+from .decode import augment, decode_sample, to_tensor
+from .models import resolve_model
+from .raycluster import ensure_ray
+from .shardindex import Index
+from .stats import sample_stats
+from .store import STATS, StatsStore
+from .writers import StoreWriters
+
+_TRAINING_KEYS = ("epochs", "schedule_epochs", "batch_size", "lr", "momentum", "weight_decay", "nesterov",
+                  "seed", "model", "num_classes", "augment")
+
+
+@dataclass
+class RecordConfig:
+    """The run's training recipe; stored in the stats store so that a resume uses the same one."""
+
+    epochs: int
+    schedule_epochs: int = 200
+    batch_size: int = 128
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    nesterov: bool = True
+    seed: int = 0
+    model: str | None = None
+    num_classes: int | None = None
+    augment: bool = True
+    workers: int = 1
+    gpus_per_worker: float = 0.0
+    loader_workers: int = 2
+    shuffle_buffer: int = 1000
+    record: bool = True
+
+
+@dataclass
+class RecordSummary:
+    """What `record` did: epochs run now, seconds per epoch, samples/s per worker."""
+
+    run: str
+    epochs_done: int
+    epochs_run: list[int] = field(default_factory=list)
+    epoch_seconds: list[float] = field(default_factory=list)
+    samples_per_s_per_worker: list[float] = field(default_factory=list)
+    samples: int = 0
+
+
+def assign_shards(counts: np.ndarray, shard_ids: np.ndarray, n_workers: int, seed: int, epoch: int
+                  ) -> list[np.ndarray]:
+    """Shuffle shards with `(seed, epoch)` and cut them into `n_workers` contiguous runs of
+    about equal sample counts (each run within one shard of the mean)."""
+    order = np.random.default_rng([seed, epoch]).permutation(len(shard_ids))
+    ids, c = shard_ids[order], counts[order]
+    ends = np.cumsum(c)
+    total = ends[-1] if len(ends) else 0
+    cuts = np.searchsorted(ends - c / 2, np.arange(1, n_workers) * total / n_workers)
+    return np.split(ids, cuts)
+
+
+class ShardStream(torch.utils.data.IterableDataset):
+    """Streams the samples of some shards as `(image, label, row)`, split across DataLoader workers.
+
+    The row of a sample is its shard's first row plus its position in the tar, checked
+    against the index's key so that a shard changed since indexing is caught.
+    """
+
+    def __init__(self, index_path: str, shards: list[int], epoch: int, seed: int, do_augment: bool,
+                 shuffle_buffer: int, num_classes: int):
+        self.index_path, self.shards, self.epoch, self.seed = index_path, shards, epoch, seed
+        self.do_augment, self.shuffle_buffer, self.num_classes = do_augment, shuffle_buffer, num_classes
+
+    def _samples(self, idx: Index, shard: int):
+        import webdataset as wds
+
+        url, keys, first = idx.shards[shard]["url"], idx.keys(shard), idx.rows(shard).start
+        rng = np.random.default_rng([self.seed, self.epoch, shard])
+        stream = wds.WebDataset(url, shardshuffle=False, nodesplitter=None, workersplitter=None,
+                                empty_check=False)
+        pos = -1
+        for pos, sample in enumerate(stream):
+            if pos >= len(keys) or sample["__key__"] != keys[pos]:
+                raise ValueError(f"shard {idx.names[shard]!r} changed since it was indexed: sample {pos} is "
+                                 f"{sample['__key__']!r}, the index has {keys[pos] if pos < len(keys) else None!r}"
+                                 f"; run `streamprune index` again")
+            img, label = decode_sample(sample)
+            if not 0 <= label < self.num_classes:
+                raise ValueError(f"sample {sample['__key__']!r} of shard {idx.names[shard]!r}: label {label} is "
+                                 f"outside [0, {self.num_classes}); pass --num-classes")
+            if self.do_augment:
+                img = augment(img, rng)
+            yield to_tensor(img), label, first + pos
+        if pos + 1 != len(keys):
+            raise ValueError(f"shard {idx.names[shard]!r} has {pos + 1} samples, the index {len(keys)}; "
+                             f"run `streamprune index` again")
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        mine = self.shards if info is None else self.shards[info.id :: info.num_workers]
+        idx = Index(self.index_path)
+        wid = 0 if info is None else info.id
+        rng = np.random.default_rng([self.seed, self.epoch, 1 << 20, *mine[:1], wid])
+        buf: list = []
+        for shard in mine:
+            for item in self._samples(idx, shard):
+                if len(buf) < self.shuffle_buffer:
+                    buf.append(item)
+                    continue
+                j = rng.integers(len(buf))
+                buf[j], item = item, buf[j]
+                yield item
+        rng.shuffle(buf)
+        yield from buf
+
+
+@ray.remote(num_cpus=0)
+class Progress:
+    """Collects per-rank counts so that the driver can draw a progress bar and a summary."""
+
+    def __init__(self):
+        self.state: dict = {}
+        self.epochs: dict = {}
+
+    def update(self, rank: int, epoch: int, n: int, loss: float, correct: int) -> None:
+        s = self.state.setdefault((epoch, rank), {"n": 0, "loss": 0.0, "correct": 0, "t0": time.time()})
+        s["n"] += n
+        s["loss"] += loss
+        s["correct"] += correct
+        s["t1"] = time.time()
+
+    def reset(self, rank: int, epoch: int) -> None:
+        """Forget a rank's counts for an epoch it (re)starts, e.g. after a worker failure."""
+        self.state.pop((epoch, rank), None)
+
+    def epoch_done(self, epoch: int, seconds: float) -> None:
+        self.epochs[epoch] = seconds
+
+    def get(self) -> tuple[dict, dict]:
+        return self.state, self.epochs
+
+
+def _checkpoint_path(run: Path, epochs_done: int) -> Path:
+    return run / "checkpoints" / f"epoch-{epochs_done:04d}.pt"
+
+
+def _train_loop(cfg: dict) -> None:
+    import torch.distributed as dist
+    import torch.nn.functional as F
+    from torch.distributed.algorithms.join import Join
+    from torch.nn.parallel import DistributedDataParallel
+
+    import ray.train
+    import ray.train.torch
+
+    rc = RecordConfig(**cfg["config"])
+    run = Path(cfg["run"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(max(1, cfg["threads"]))
+    distributed = dist.is_available() and dist.is_initialized()
+    barrier = dist.barrier if distributed else (lambda: None)
+    idx = Index(run / "index")
+    store = StatsStore.open(run / "stats.zarr", mode="r")
+    start = store.complete_epochs() if rc.record else cfg["start"]
+    torch.manual_seed(rc.seed)
+    net = resolve_model(rc.model, cfg["image_size"])(num_classes=rc.num_classes, in_channels=cfg["in_channels"],
+                                                     image_size=cfg["image_size"])
+    opt_state = None
+    if start > 0:
+        ckpt = torch.load(_checkpoint_path(run, start), map_location="cpu", weights_only=True)
+        net.load_state_dict(ckpt["model"])
+        opt_state = ckpt["optimizer"]
+    model = ray.train.torch.prepare_model(net)
+    device = ray.train.torch.get_device()
+    opt = torch.optim.SGD(model.parameters(), lr=rc.lr, momentum=rc.momentum, weight_decay=rc.weight_decay,
+                          nesterov=rc.nesterov)
+    if opt_state is not None:
+        opt.load_state_dict(opt_state)
+    writers: StoreWriters = cfg["writers"]
+    progress = cfg["progress"]
+    healthy = np.array(cfg["healthy"], dtype=np.int64)
+    counts = np.diff(idx.shard_offset)[healthy]
+    per_worker_batch = max(1, rc.batch_size // world)
+    for epoch in range(start, rc.epochs):
+        t0 = time.time()
+        progress.reset.remote(rank, epoch)
+        for g in opt.param_groups:
+            g["lr"] = 0.5 * rc.lr * (1 + math.cos(math.pi * epoch / rc.schedule_epochs))
+        if rank == 0 and rc.record:
+            writers.begin(epoch)
+        barrier()
+        mine = assign_shards(counts, healthy, world, rc.seed, epoch)[rank].tolist()
+        loader = torch.utils.data.DataLoader(
+            ShardStream(str(run / "index"), mine, epoch, rc.seed, rc.augment, rc.shuffle_buffer, rc.num_classes),
+            batch_size=per_worker_batch, num_workers=min(rc.loader_workers, len(mine)),
+            pin_memory=device.type == "cuda", persistent_workers=False)
+        model.train()
+        pending, rows_buf, stats_buf, seen = [], [], [], [0, 0.0, 0]
+        join = Join([model]) if isinstance(model, DistributedDataParallel) else contextlib.nullcontext()
+        with join:
+            for step, (x, y, rows) in enumerate(loader):
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                logits = model(x)
+                loss = F.cross_entropy(logits, y)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                seen[0] += len(y)
+                seen[1] += float(loss.detach()) * len(y)
+                seen[2] += int((logits.argmax(1) == y).sum())
+                if rc.record:
+                    rows_buf.append(rows.numpy())
+                    stats_buf.append(sample_stats(logits, y))
+                    if sum(len(r) for r in rows_buf) >= 4096:
+                        pending += _send(writers, rows_buf, stats_buf)
+                        rows_buf, stats_buf = [], []
+                        if len(pending) > 64:
+                            ray.get(pending[:-32])
+                            pending = pending[-32:]
+                if step % 20 == 19:
+                    progress.update.remote(rank, epoch, *seen)
+                    seen = [0, 0.0, 0]
+        if rows_buf:
+            pending += _send(writers, rows_buf, stats_buf)
+        ray.get(pending)
+        progress.update.remote(rank, epoch, *seen)
+        barrier()
+        if rank == 0:
+            missing = writers.flush() if rc.record else None
+            path = _checkpoint_path(run, epoch + 1)
+            path.parent.mkdir(exist_ok=True)
+            state = {"model": (model.module if isinstance(model, DistributedDataParallel) else model).state_dict(),
+                     "optimizer": opt.state_dict(), "epochs_done": epoch + 1}
+            torch.save(state, str(path) + ".tmp")
+            os.replace(str(path) + ".tmp", path)
+            if rc.record:
+                writers.mark_done(epoch, missing)
+            stale = _checkpoint_path(run, epoch - 1)
+            if stale.exists():
+                stale.unlink()
+            ray.get(progress.epoch_done.remote(epoch, time.time() - t0))
+        barrier()
+
+
+def _send(writers: StoreWriters, rows_buf: list, stats_buf: list) -> list:
+    rows = np.concatenate(rows_buf)
+    stats = {n: np.concatenate([s[n] for s in stats_buf]) for n in STATS}
+    return writers.add(rows, stats)
+
+
+def _peek(idx: Index, healthy: list[int], want_classes: bool) -> tuple[int, int, int | None]:
+    """Channels and size of the first image; the class count from the labels of a few shards."""
+    import webdataset as wds
+
+    channels = size = None
+    top = -1
+    for shard in healthy[: 4 if want_classes else 1]:
+        for sample in wds.WebDataset(idx.shards[shard]["url"], shardshuffle=False, nodesplitter=None,
+                                     workersplitter=None, empty_check=False):
+            img, label = decode_sample(sample)
+            if channels is None:
+                channels, size = img.shape[0], max(img.shape[1:])
+                if not want_classes:
+                    break
+            top = max(top, label)
+    return channels, size, (top + 1 if want_classes else None)
+
+
+def record(run: str | os.PathLike, epochs: int, *, workers: int | None = None, gpus_per_worker: float | None = None,
+           model: str | None = None, address: str | None = None, batch_size: int = 128, lr: float = 0.1,
+           schedule_epochs: int = 200, seed: int = 0, num_classes: int | None = None, loader_workers: int = 2,
+           augment_images: bool = True, chunk_rows: int | None = None, max_failures: int = 3,
+           record_stats: bool = True, progress: bool = True) -> RecordSummary:
+    """Train the proxy for the first `epochs` epochs of a `schedule_epochs` cosine schedule and
+    write every sample's statistics per epoch to `run/stats.zarr`; resumes an interrupted run.
+
+    `batch_size` is the global batch (split across workers). `record_stats=False` trains
+    without recording (the benchmark's baseline) and writes nothing to the store.
+    """
+    run = Path(run).resolve()
+    idx = Index(run / "index")
+    healthy = [s for s, info in enumerate(idx.shards) if info["status"] == "ok"]
+    if not healthy:
+        raise ValueError(f"the index at {str(idx.path)!r} has no readable, non-empty shard")
+    if epochs < 1 or schedule_epochs < epochs:
+        raise ValueError(f"need 1 <= epochs <= schedule_epochs, got epochs={epochs}, schedule_epochs={schedule_epochs}")
+    ensure_ray(address)
+    resources = ray.cluster_resources()
+    if gpus_per_worker is None:
+        gpus_per_worker = 1.0 if resources.get("GPU", 0) >= 1 else 0.0
+    if workers is None:
+        workers = int(resources.get("GPU", 0) // gpus_per_worker) if gpus_per_worker else \
+            max(1, min(4, int(resources.get("CPU", 1)) // 2))
+    channels, size, inferred = _peek(idx, healthy, num_classes is None)
+    cfg = RecordConfig(epochs=epochs, schedule_epochs=schedule_epochs, batch_size=batch_size, lr=lr, seed=seed,
+                       model=model if isinstance(model, str) or model is None else f"{model.__module__}:"
+                       f"{model.__qualname__}", num_classes=num_classes or inferred, augment=augment_images,
+                       workers=workers, gpus_per_worker=gpus_per_worker, loader_workers=loader_workers,
+                       record=record_stats)
+    store_path = run / "stats.zarr"
+    kwargs = {} if chunk_rows is None else {"chunk_rows": chunk_rows}
+    start = 0
+    if record_stats:
+        store = StatsStore.create(store_path, idx, epochs, config=asdict(cfg), **kwargs)
+        old = store.config
+        changed = [k for k in _TRAINING_KEYS if k in old and old[k] != asdict(cfg)[k]]
+        if changed:
+            raise ValueError(f"{str(store_path)!r} was recorded with other settings ({', '.join(changed)}: "
+                             f"{[old[k] for k in changed]}); use the same ones to resume, or a new run directory")
+        start = store.complete_epochs()
+        if start == epochs:
+            print(f"record: all {epochs} epochs of {run} are already recorded")
+            return RecordSummary(str(run), epochs)
+        writers = StoreWriters(store_path, n_writers=workers)
+    else:
+        writers = None
+    tracker = Progress.remote()
+    summary = _fit(run, cfg, writers, tracker, healthy, channels, size, start, max_failures, progress,
+                   int(np.diff(idx.shard_offset)[healthy].sum()))
+    for actor in ([] if writers is None else writers.actors) + [tracker]:
+        ray.kill(actor)
+    return summary
+
+
+def _fit(run: Path, cfg: RecordConfig, writers, tracker, healthy, channels, size, start, max_failures, progress,
+         n_samples) -> RecordSummary:
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+    from tqdm.auto import tqdm
+
+    per_worker = {"CPU": 1}
+    if cfg.gpus_per_worker:
+        per_worker["GPU"] = cfg.gpus_per_worker
+    trainer = TorchTrainer(
+        _train_loop,
+        train_loop_config={"config": asdict(cfg), "run": str(run), "writers": writers, "progress": tracker,
+                           "healthy": healthy, "in_channels": channels, "image_size": size, "threads": 1,
+                           "start": start},
+        scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=bool(cfg.gpus_per_worker),
+                                     resources_per_worker=per_worker),
+        run_config=RunConfig(name="record", storage_path=str(run / "ray-train"),
+                             failure_config=FailureConfig(max_failures=max_failures)),
+    )
+    error: list = []
+
+    def fit():
+        try:
+            trainer.fit()
+        except Exception as exc:  # re-raised in the caller's thread
+            error.append(exc)
+
+    thread = threading.Thread(target=fit, daemon=True)
+    thread.start()
+    bars: dict[int, tqdm] = {}
+    state, epochs = {}, {}
+    while thread.is_alive():
+        thread.join(0.5)
+        state, epochs = ray.get(tracker.get.remote())
+        if not progress:
+            continue
+        for epoch in sorted({e for e, _ in state}):
+            rows = [v for (e, _), v in state.items() if e == epoch]
+            n = sum(r["n"] for r in rows)
+            bar = bars.get(epoch) or bars.setdefault(epoch, tqdm(total=n_samples, desc=f"epoch {epoch}",
+                                                                 unit="sample", leave=True))
+            bar.update(n - bar.n)
+            bar.set_postfix(loss=f"{sum(r['loss'] for r in rows) / max(n, 1):.3f}",
+                            acc=f"{sum(r['correct'] for r in rows) / max(n, 1):.3f}", refresh=False)
+            if epoch in epochs:
+                bar.close()
+    for bar in bars.values():
+        bar.close()
+    if error:
+        raise error[0]
+    summary = RecordSummary(str(run), max(epochs, default=start - 1) + 1, sorted(epochs),
+                            [epochs[e] for e in sorted(epochs)])
+    for epoch in summary.epochs_run:
+        for rank in range(cfg.workers):
+            r = state.get((epoch, rank))
+            if r:
+                summary.samples_per_s_per_worker.append(r["n"] / max(epochs[epoch], 1e-9))
+        summary.samples += sum(v["n"] for (e, _), v in state.items() if e == epoch)
+    if progress:
+        for e, sec in zip(summary.epochs_run, summary.epoch_seconds):
+            per = [v["n"] / sec for (ep, _), v in sorted(state.items()) if ep == e]
+            print(f"epoch {e}: {sec:.1f} s, samples/s per worker: {', '.join(f'{p:,.0f}' for p in per)}")
+    return summary
