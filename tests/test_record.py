@@ -1,0 +1,151 @@
+"""Recording on Ray Train: real DDP training on uneven real shards, faults and resume."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from streamprune import index
+from streamprune.record import assign_shards, record
+from streamprune.stats import sample_stats
+from streamprune.store import STATS, StatsStore
+
+EPOCHS = 3
+
+
+def _check_complete(run, epochs: int) -> dict[str, np.ndarray]:
+    store = StatsStore.open(run / "stats.zarr", mode="r")
+    got = {n: store.read(n) for n in STATS}
+    assert store.done().all() and store.complete_epochs() == epochs
+    assert not np.isnan(got["p_true"]).any() and (got["correct"] != 255).all()
+    assert ((got["p_true"] >= 0) & (got["p_true"] <= 1)).all()
+    assert np.isfinite(got["margin"]).all() and set(np.unique(got["correct"])) <= {0, 1}
+    assert ((got["el2n"] >= 0) & (got["el2n"] <= np.sqrt(2) + 1e-5)).all() and (got["entropy"] >= -1e-6).all()
+    np.testing.assert_allclose(got["loss"], -np.log(np.maximum(got["p_true"], 1e-30)), rtol=1e-3, atol=1e-4)
+    assert np.array_equal(got["correct"] == 1, got["margin"] > 0)
+    return got
+
+
+@pytest.fixture(scope="module")
+def recorded(ray_session, uneven_shards, tmp_path_factory):
+    paths, sizes = uneven_shards
+    run = tmp_path_factory.mktemp("run")
+    index(paths, run, progress=False)
+    summary = record(run, EPOCHS, workers=2, schedule_epochs=10, loader_workers=1, chunk_rows=256, progress=False)
+    return run, summary, sizes
+
+
+def test_every_sample_recorded_once_per_epoch_and_learning(recorded):
+    run, summary, sizes = recorded
+    assert summary.epochs_run == list(range(EPOCHS)) and summary.samples == EPOCHS * sum(sizes)
+    assert len(summary.samples_per_s_per_worker) == 2 * EPOCHS
+    got = _check_complete(run, EPOCHS)
+    assert got["p_true"].shape == (sum(sizes), EPOCHS)
+    means = got["p_true"].mean(axis=0)
+    assert means[-1] > means[0] + 0.1, means
+    assert got["correct"][:, -1].mean() > 0.5  # 10 classes: well above chance after 3 epochs
+
+
+def test_rerun_of_a_finished_run_does_nothing(recorded):
+    run, _, _ = recorded
+    before = StatsStore.open(run / "stats.zarr", mode="r").read("p_true")
+    assert record(run, EPOCHS, workers=2, schedule_epochs=10, progress=False).epochs_run == []
+    assert np.array_equal(StatsStore.open(run / "stats.zarr", mode="r").read("p_true"), before)
+    with pytest.raises(ValueError, match="other settings .*lr"):
+        record(run, EPOCHS, workers=2, schedule_epochs=10, lr=0.5, progress=False)
+
+
+def test_interrupted_run_resumes_at_first_incomplete_epoch(recorded, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(recorded[0], run)
+    store = StatsStore.open(run / "stats.zarr")
+    before = {n: store.read(n) for n in STATS}
+    # The state a run killed during the last epoch leaves: its rows partly written, no markers.
+    store.group["p_true"][: store.n_samples // 2, EPOCHS - 1] = np.full(store.n_samples // 2, np.nan, np.float32)
+    store.group["done"][EPOCHS - 1, :] = np.zeros(store.n_shards, np.uint8)
+    summary = record(run, EPOCHS, workers=2, schedule_epochs=10, loader_workers=1, progress=False)
+    assert summary.epochs_run == [EPOCHS - 1]
+    after = _check_complete(run, EPOCHS)
+    for n in STATS:
+        assert np.array_equal(after[n][:, : EPOCHS - 1], before[n][:, : EPOCHS - 1]), n
+
+
+def _train_worker_pids() -> list[int]:
+    """Ray Train worker processes, found by the process title Ray gives them."""
+    pids = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if f.read().startswith(b"ray::RayTrainWorker"):
+                    pids.append(int(pid))
+        except OSError:
+            continue
+    return pids
+
+
+def test_worker_killed_mid_run_recovers_with_a_full_store(ray_session, uneven_shards, tmp_path):
+    paths, sizes = uneven_shards
+    index(paths, tmp_path, progress=False)
+    result: dict = {}
+    thread = threading.Thread(target=lambda: result.update(s=record(
+        tmp_path, 4, workers=2, schedule_epochs=10, loader_workers=1, chunk_rows=256, progress=False)))
+    thread.start()
+    killed = None
+    deadline = time.time() + 300
+    while killed is None and time.time() < deadline and thread.is_alive():
+        time.sleep(0.2)
+        try:
+            done = StatsStore.open(tmp_path / "stats.zarr", mode="r").done()
+        except (FileNotFoundError, ValueError):
+            continue
+        if done[0].all() and not done[1].all():
+            workers = _train_worker_pids()
+            if workers:
+                killed = workers[-1]
+                os.kill(killed, signal.SIGKILL)
+    thread.join(600)
+    assert killed is not None, "the run finished before a worker could be killed"
+    assert "s" in result, "record did not finish after the worker was killed"
+    _check_complete(tmp_path, 4)
+
+
+def test_sample_stats_matches_definitions():
+    rng = np.random.default_rng(0)
+    z = rng.normal(size=(64, 7)).astype(np.float32) * 3
+    y = rng.integers(0, 7, 64)
+    got = sample_stats(z, y)
+    assert got == {} or set(got) == set(STATS)
+    q = np.exp(z - z.max(1, keepdims=True))
+    q /= q.sum(1, keepdims=True)
+    onehot = np.eye(7)[y]
+    others = np.where(onehot == 1, -np.inf, z)
+    expected = {"p_true": q[np.arange(64), y], "correct": (z.argmax(1) == y).astype(np.uint8),
+                "margin": z[np.arange(64), y] - others.max(1), "el2n": np.linalg.norm(q - onehot, axis=1),
+                "entropy": -(q * np.log(q)).sum(1), "loss": -np.log(q[np.arange(64), y])}
+    for n in STATS:
+        np.testing.assert_allclose(got[n], expected[n], rtol=1e-5, atol=1e-5, err_msg=n)
+    assert got["correct"].dtype == np.uint8 and got["p_true"].dtype == np.float32
+    torch_in = sample_stats(torch.from_numpy(z), torch.from_numpy(y))
+    for n in STATS:
+        assert np.array_equal(torch_in[n], got[n])
+    with pytest.raises(ValueError, match="logits must be"):
+        sample_stats(z[0], y)
+
+
+def test_assign_shards_balances_counts_and_covers_each_shard_once():
+    counts = np.array([363, 192, 85, 74, 446, 492, 348, 10, 0, 120])
+    ids = np.arange(10) * 3
+    for epoch in range(5):
+        parts = assign_shards(counts, ids, 3, seed=1, epoch=epoch)
+        assert sorted(np.concatenate(parts).tolist()) == sorted(ids.tolist())
+        loads = [counts[p // 3].sum() for p in parts]
+        assert max(loads) - min(loads) <= 2 * counts.max()
+    assert not np.array_equal(np.concatenate(assign_shards(counts, ids, 3, 1, 0)),
+                              np.concatenate(assign_shards(counts, ids, 3, 1, 1)))
