@@ -59,6 +59,19 @@ def cmd_demo(args) -> None:
     print(f"\nnext: the record, reduce and apply stages build on {out / 'run'}")
 
 
+def cmd_record(args) -> None:
+    from .record import record
+
+    s = record(args.run, args.epochs, workers=args.workers, gpus_per_worker=args.gpus_per_worker, model=args.model,
+               address=args.address, batch_size=args.batch_size, lr=args.lr, schedule_epochs=args.schedule_epochs,
+               seed=args.seed, num_classes=args.num_classes, loader_workers=args.loader_workers,
+               max_failures=args.max_failures, progress=not args.quiet)
+    if s.epochs_run:
+        rate = s.samples / max(sum(s.epoch_seconds), 1e-9)
+        print(f"record: epochs {s.epochs_run[0]}..{s.epochs_run[-1]} of {s.run} done in {sum(s.epoch_seconds):.1f} s "
+              f"({rate:,.0f} samples/s); {s.epochs_done} epochs recorded")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -75,6 +88,23 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--address", help="Ray cluster address (default: start a local Ray instance)")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(fn=cmd_index)
+
+    s = sub.add_parser("record", help="train the proxy on Ray and record per-sample statistics")
+    s.add_argument("run", help="run directory holding RUN/index")
+    s.add_argument("--epochs", type=int, required=True, help="epochs to run and record (T)")
+    s.add_argument("--workers", type=int, help="training workers (default: one per GPU, else CPUs/2 up to 4)")
+    s.add_argument("--gpus-per-worker", type=float, help="default: 1 when the cluster has GPUs, else 0")
+    s.add_argument("--model", help="small-cnn, resnet18 or package.module:factory (default: by image size)")
+    s.add_argument("--address", help="Ray cluster address (default: start a local Ray instance)")
+    s.add_argument("--batch-size", type=int, default=128, help="global batch size (default 128)")
+    s.add_argument("--lr", type=float, default=0.1)
+    s.add_argument("--schedule-epochs", type=int, default=200, help="length of the full cosine schedule")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--num-classes", type=int, help="default: from the labels of the first shards")
+    s.add_argument("--loader-workers", type=int, default=2, help="DataLoader processes per training worker")
+    s.add_argument("--max-failures", type=int, default=3, help="worker failures to recover from")
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(fn=cmd_record)
 
     s = sub.add_parser("make-shards", help="write Fashion-MNIST as WebDataset shards")
     s.add_argument("--out", required=True)

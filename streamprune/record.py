@@ -183,8 +183,7 @@ def _train_loop(cfg: dict) -> None:
     distributed = dist.is_available() and dist.is_initialized()
     barrier = dist.barrier if distributed else (lambda: None)
     idx = Index(run / "index")
-    store = StatsStore.open(run / "stats.zarr", mode="r")
-    start = store.complete_epochs() if rc.record else cfg["start"]
+    start = StatsStore.open(run / "stats.zarr", mode="r").complete_epochs() if rc.record else cfg["start"]
     torch.manual_seed(rc.seed)
     net = resolve_model(rc.model, cfg["image_size"])(num_classes=rc.num_classes, in_channels=cfg["in_channels"],
                                                      image_size=cfg["image_size"])
