@@ -12,6 +12,8 @@ _LAZY = {
     "index": ("streamprune.indexer", "index"),
     "Index": ("streamprune.shardindex", "Index"),
     "StatsStore": ("streamprune.store", "StatsStore"),
+    "record": ("streamprune.record", "record"),
+    "sample_stats": ("streamprune.stats", "sample_stats"),
     "expand_urls": ("streamprune.shardlist", "expand_urls"),
     "shard_names": ("streamprune.identity", "shard_names"),
     "json_field": ("streamprune.identity", "json_field"),
