@@ -187,3 +187,26 @@ def find_duplicates(id_hi: np.ndarray, id_lo: np.ndarray) -> np.ndarray:
     dup[1:] |= same
     dup[:-1] |= same
     return order[dup]
+
+
+_M1, _M2, _GOLDEN = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB), np.uint64(0x9E3779B97F4A7C15)
+
+
+def _mix64(z: np.ndarray) -> np.ndarray:
+    """SplitMix64's finaliser, vectorised (uint64 arithmetic wraps)."""
+    z = (z ^ (z >> np.uint64(30))) * _M1
+    z = (z ^ (z >> np.uint64(27))) * _M2
+    return z ^ (z >> np.uint64(31))
+
+
+def uniforms(seed: int, id_hi: np.ndarray, id_lo: np.ndarray) -> np.ndarray:
+    """A uniform in (0, 1) per identity, a pure function of `(seed, identity)` (counter-based).
+
+    Every random choice of the samplers comes from these, so results do not depend on how
+    many workers ran, in which order, or how rows were blocked.
+    """
+    with np.errstate(over="ignore"):
+        s = _mix64(np.uint64(seed & 0xFFFFFFFFFFFFFFFF) * _GOLDEN + np.uint64(1))
+        h = _mix64(np.asarray(id_hi, dtype=np.uint64) ^ s)
+        h = _mix64(h ^ np.asarray(id_lo, dtype=np.uint64) ^ (s * _GOLDEN))
+    return ((h >> np.uint64(11)).astype(np.float64) + 0.5) * 2.0**-53

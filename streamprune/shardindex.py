@@ -9,13 +9,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from .atomic import swap_in, temp_sibling
 from .identity import SampleIdentity, find_duplicates, id128
 from .shardlist import open_shard
 from .tarscan import CountingReader, TarFormatError, iter_samples
@@ -131,8 +131,7 @@ def write_index(out: Path, scans: list[ShardScan] | list[Path], root: str, ident
     counts = np.array([m["samples"] for m in metas], dtype=np.int64)
     shard_offset = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
     n = int(shard_offset[-1])
-    tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = temp_sibling(out)
     tmp.mkdir(parents=True)
     np.save(tmp / "shard_offset.npy", shard_offset)
     n_members = 0
@@ -190,13 +189,7 @@ def write_index(out: Path, scans: list[ShardScan] | list[Path], root: str, ident
         "duplicates": {"rows": int(len(dup_rows)), "examples": examples},
     }
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
-    if out.exists():
-        old = out.with_name(out.name + f".old-{os.getpid()}")
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, out)
+    swap_in(tmp, out)
     return Index(out)
 
 

@@ -1,0 +1,216 @@
+"""The keep-list directory: which samples to keep, per shard; written atomically.
+
+Self-contained (no index needed to use it): shard names with kept counts, each kept
+sample's key, 128-bit identity and, when built from an index, its position in its tar.
+NumPy + JSON only, read without pickle, so the loader can import it without Ray or Zarr.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+
+from .atomic import swap_in, temp_sibling
+from .identity import id128
+
+FORMAT = "streamprune-keep"
+FORMAT_VERSION = 1
+ID_DTYPE = np.dtype("u8,u8")  # DataComp's subset format: (hi, lo) pairs
+
+
+class KeepList:
+    """Kept samples grouped by shard, in index order; positions are per-shard tar positions.
+
+    Keys are a UTF-8 blob with offsets and arrays may be memory-mapped, so a list of
+    10^8+ samples loads in constant time.
+    """
+
+    def __init__(self, manifest: dict, names: list[str], kept: np.ndarray, key_blob, key_offset: np.ndarray,
+                 ids: np.ndarray, positions: np.ndarray | None = None, weights: np.ndarray | None = None,
+                 samples: np.ndarray | None = None):
+        self.manifest, self.names = manifest, list(names)
+        self.kept = np.asarray(kept, dtype=np.int64)
+        self.samples = None if samples is None else np.asarray(samples, dtype=np.int64)
+        self.key_blob, self.key_offset, self.id_pairs = key_blob, key_offset, ids
+        self.positions, self.weights = positions, weights
+        self.offsets = np.concatenate([[0], np.cumsum(self.kept)]).astype(np.int64)
+        self._by_name = {n: i for i, n in enumerate(self.names)}
+        self._key_sets: dict[int, frozenset] = {}
+        n = int(self.offsets[-1])
+        if len(key_offset) != n + 1 or len(ids) != n or (positions is not None and len(positions) != n):
+            raise ValueError(f"inconsistent: {n} kept by shard counts, {len(key_offset) - 1} keys, {len(ids)} identities"
+                             + ("" if positions is None else f", {len(positions)} positions"))
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def __contains__(self, item: tuple[str, str]) -> bool:
+        name, key = item
+        s = self._by_name.get(name)
+        if s is None:
+            return False
+        if s not in self._key_sets:
+            self._key_sets[s] = frozenset(self.shard_keys(name))
+        return key in self._key_sets[s]
+
+    @property
+    def fingerprint(self) -> str | None:
+        return self.manifest.get("fingerprint")
+
+    def kept_count(self, shard_name: str) -> int:
+        """Kept samples of a shard (0 for a shard the list does not know)."""
+        s = self._by_name.get(shard_name)
+        return 0 if s is None else int(self.kept[s])
+
+    def shard_keys(self, shard_name: str) -> list[str]:
+        """Keys of a shard's kept samples, in tar order."""
+        s = self._by_name[shard_name]
+        cuts = np.asarray(self.key_offset[self.offsets[s] : self.offsets[s + 1] + 1])
+        blob = bytes(self.key_blob[cuts[0] : cuts[-1]])
+        return [blob[a - cuts[0] : b - cuts[0]].decode() for a, b in zip(cuts[:-1], cuts[1:])]
+
+    def shard_positions(self, shard_name: str) -> np.ndarray | None:
+        """Sorted tar positions of a shard's kept samples (None when built without an index)."""
+        if self.positions is None:
+            return None
+        s = self._by_name[shard_name]
+        return np.asarray(self.positions[self.offsets[s] : self.offsets[s + 1]])
+
+    def ids(self) -> np.ndarray:
+        """Kept identities as a sorted `u8,u8` array."""
+        return np.sort(np.asarray(self.id_pairs))
+
+    def to_datacomp(self, path: str | os.PathLike) -> None:
+        """Write kept identities as a sorted `u8,u8` `.npy`, as DataComp subsets are."""
+        np.save(path, self.ids(), allow_pickle=False)
+
+    def to_text(self, path: str | os.PathLike) -> None:
+        """Write one `shard<TAB>key` line per kept sample."""
+        with open(path, "w") as f:
+            for name in self.names:
+                f.writelines(f"{name}\t{key}\n" for key in self.shard_keys(name))
+
+    @classmethod
+    def from_keys(cls, pairs: Iterable[tuple[str, str]], *, fingerprint: str | None = None,
+                  method: str = "user") -> "KeepList":
+        """A keep-list from the user's own `(shard_name, key)` pairs (default identities)."""
+        by_shard: dict[str, list[str]] = {}
+        for name, key in pairs:
+            by_shard.setdefault(name, []).append(key)
+        names = sorted(by_shard)
+        keys = [k for n in names for k in by_shard[n]]
+        pairs_ = np.array([id128(n, k) for n in names for k in by_shard[n]], dtype=np.uint64).reshape(-1, 2)
+        ids = np.empty(len(keys), dtype=ID_DTYPE)
+        ids["f0"], ids["f1"] = pairs_[:, 0], pairs_[:, 1]
+        encoded = [k.encode() for k in keys]
+        offsets = np.concatenate([[0], np.cumsum([len(e) for e in encoded])]).astype(np.int64)
+        return cls(_manifest(method=method, k=len(keys), fingerprint=fingerprint), names,
+                   [len(by_shard[n]) for n in names], b"".join(encoded), offsets, ids)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the directory atomically: a reader sees the old list or the new one, never a mix."""
+        with KeepListWriter(path, self.manifest, self.names, self.kept, self.samples,
+                            with_positions=self.positions is not None, with_weights=self.weights is not None) as w:
+            w.add(np.asarray(self.id_pairs), np.asarray(self.key_offset), bytes(self.key_blob[: self.key_offset[-1]]),
+                  None if self.positions is None else np.asarray(self.positions),
+                  None if self.weights is None else np.asarray(self.weights))
+        return Path(path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "KeepList":
+        """Read a keep-list directory (memory-mapped); a half-written or edited one is refused."""
+        path = Path(path)
+        mpath = path / "manifest.json"
+        if not mpath.exists():
+            raise FileNotFoundError(f"no keep-list at {str(path)!r} (no manifest.json)")
+        try:
+            manifest = json.loads(mpath.read_text())
+            if manifest.get("format") != FORMAT:
+                raise ValueError("not a streamprune keep-list")
+            shards = json.loads((path / "shards.json").read_text())
+            arr = {n: np.load(path / f"{n}.npy", mmap_mode="r", allow_pickle=False) if (path / f"{n}.npy").exists()
+                   else None for n in ("key_offset", "ids", "positions", "weights")}
+            blob = np.memmap(path / "keys.bin", dtype=np.uint8, mode="r") if arr["key_offset"][-1] else b""
+            samples = np.array([s["samples"] for s in shards]) if shards and "samples" in shards[0] else None
+            keep = cls(manifest, [s["name"] for s in shards], [s["kept"] for s in shards], blob, arr["key_offset"],
+                       arr["ids"], arr["positions"], arr["weights"], samples)
+        except (OSError, ValueError, KeyError, TypeError, json.JSONDecodeError) as exc:
+            raise ValueError(f"keep-list {str(path)!r} is damaged or incomplete: {exc}") from None
+        if manifest.get("k") != len(keep) or len(blob) != keep.key_offset[-1]:
+            raise ValueError(f"keep-list {str(path)!r} is damaged: manifest says k={manifest.get('k')}, "
+                             f"it holds {len(keep)} samples and {len(blob)} key bytes")
+        return keep
+
+
+class KeepListWriter:
+    """Writes a keep-list directory block by block (rows in index order), then swaps it in atomically."""
+
+    def __init__(self, path: str | os.PathLike, manifest: dict, names: list[str], kept: np.ndarray,
+                 samples: np.ndarray | None = None, with_positions: bool = True, with_weights: bool = False):
+        self.path = Path(path)
+        self.tmp = temp_sibling(self.path)
+        self.manifest, self.names, self.kept, self.samples = manifest, names, np.asarray(kept), samples
+        self.k = int(self.kept.sum())
+        self.with_positions, self.with_weights = with_positions, with_weights
+
+    def __enter__(self) -> "KeepListWriter":
+        self.tmp.mkdir(parents=True)
+        mm = lambda name, dtype: np.lib.format.open_memmap(self.tmp / f"{name}.npy", mode="w+", dtype=dtype,
+                                                            shape=(self.k,))
+        self.ids = mm("ids", ID_DTYPE)
+        self.positions = mm("positions", np.int64) if self.with_positions else None
+        self.weights = mm("weights", np.float64) if self.with_weights else None
+        self.key_offset = np.lib.format.open_memmap(self.tmp / "key_offset.npy", mode="w+", dtype=np.int64,
+                                                    shape=(self.k + 1,))
+        self.key_offset[0] = 0
+        self.keys = open(self.tmp / "keys.bin", "wb")
+        self.n = 0
+        return self
+
+    def add(self, ids: np.ndarray, key_offset: np.ndarray, key_blob: bytes, positions: np.ndarray | None = None,
+            weights: np.ndarray | None = None) -> None:
+        """Append kept samples: identities, their keys (blob + offsets from 0) and positions/weights."""
+        m = len(ids)
+        if self.n + m > self.k:
+            raise ValueError(f"more kept samples than the {self.k} the shard counts announce")
+        self.ids[self.n : self.n + m] = ids
+        self.key_offset[self.n + 1 : self.n + m + 1] = self.key_offset[self.n] + np.asarray(key_offset[1:]) - key_offset[0]
+        self.keys.write(key_blob)
+        if self.positions is not None:
+            self.positions[self.n : self.n + m] = positions
+        if self.weights is not None:
+            self.weights[self.n : self.n + m] = weights
+        self.n += m
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.keys.close()
+        try:
+            if exc_type is not None:
+                return
+            if self.n != self.k:
+                raise ValueError(f"keep-list got {self.n} samples, the shard counts announce {self.k}")
+            for arr in (self.ids, self.positions, self.weights, self.key_offset):
+                if arr is not None:
+                    arr.flush()
+            shards = [{"name": n, "kept": int(c), **({} if self.samples is None else {"samples": int(t)})}
+                      for n, c, t in zip(self.names, self.kept,
+                                         self.kept if self.samples is None else self.samples)]
+            (self.tmp / "shards.json").write_text(json.dumps(shards))
+            (self.tmp / "manifest.json").write_text(json.dumps({**self.manifest, "k": self.k}, indent=1))
+            del self.ids, self.positions, self.weights, self.key_offset
+            swap_in(self.tmp, self.path)
+        finally:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def _manifest(**fields) -> dict:
+    from . import __version__
+
+    return {"format": FORMAT, "version": FORMAT_VERSION, "streamprune_version": __version__,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **fields}
