@@ -14,6 +14,8 @@ _LAZY = {
     "StatsStore": ("streamprune.store", "StatsStore"),
     "record": ("streamprune.record", "record"),
     "sample_stats": ("streamprune.stats", "sample_stats"),
+    "reduce": ("streamprune.reduce", "reduce"),
+    "KeepList": ("streamprune.keeplist", "KeepList"),
     "expand_urls": ("streamprune.shardlist", "expand_urls"),
     "shard_names": ("streamprune.identity", "shard_names"),
     "json_field": ("streamprune.identity", "json_field"),

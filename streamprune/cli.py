@@ -72,6 +72,20 @@ def cmd_record(args) -> None:
               f"({rate:,.0f} samples/s); {s.epochs_done} epochs recorded")
 
 
+def cmd_reduce(args) -> None:
+    from .reduce import reduce
+
+    keep = reduce(args.run, args.ratio, args.method, seed=args.seed, epochs=args.epochs, window=args.window,
+                  workers=args.workers, block_rows=args.block_rows, out=args.out, missing=args.missing,
+                  c_d=args.c_d, C=args.C, alpha_plus_beta=args.alpha_plus_beta, cut=args.cut, address=args.address,
+                  progress=not args.quiet)
+    m = keep.manifest
+    print(f"reduce: {m['method']} at ratio {m['ratio']}: kept {m['k']:,} of {m['N']:,} samples "
+          f"({m['dropped_missing']:,} with missing statistics left out"
+          + (f", {m['filled_zero_weight']:,} filled uniformly from zero weights" if m["filled_zero_weight"] else "")
+          + f"); keep-list: {args.out or Path(args.run) / 'keep'}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -105,6 +119,27 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-failures", type=int, default=3, help="worker failures to recover from")
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(fn=cmd_record)
+
+    s = sub.add_parser("reduce", help="score samples and write the keep-list")
+    s.add_argument("run", help="run directory with RUN/index and RUN/stats.zarr")
+    s.add_argument("--ratio", type=float, required=True, help="pruning ratio r in [0, 1): the fraction removed")
+    s.add_argument("--method", default="dual-beta",
+                   help="dual-beta (default), dual, dyn-unc, el2n, forgetting, entropy, aum, ccs:SCORE, random")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--epochs", type=int, help="recorded epochs to use (T; default: all complete ones)")
+    s.add_argument("--window", type=int, default=10, help="window length J of DUAL and Dyn-Unc (default 10)")
+    s.add_argument("--workers", type=int, help="reducer tasks in flight (default: the cluster's CPUs)")
+    s.add_argument("--block-rows", type=int, help="rows per task (rounded to whole store chunks; default 262144)")
+    s.add_argument("--out", help="keep-list directory (default RUN/keep)")
+    s.add_argument("--missing", default="drop", choices=["drop", "error"],
+                   help="samples with missing statistics: leave out (counted) or refuse")
+    s.add_argument("--c-d", dest="c_d", type=float, default=4.0, help="Beta sampler c_d (default 4)")
+    s.add_argument("--C", dest="C", type=float, default=15.0, help="Beta sampler C (default 15)")
+    s.add_argument("--alpha-plus-beta", type=float, help="alpha + beta (default C + 1, as the reference code)")
+    s.add_argument("--cut", type=float, default=0.2, help="CCS: hardest fraction dropped first (default 0.2)")
+    s.add_argument("--address", help="Ray cluster address (default: start a local Ray instance)")
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(fn=cmd_reduce)
 
     s = sub.add_parser("make-shards", help="write Fashion-MNIST as WebDataset shards")
     s.add_argument("--out", required=True)

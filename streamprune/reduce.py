@@ -1,0 +1,376 @@
+"""`streamprune reduce`: scores and an exact, deterministic keep-list, computed by Ray tasks.
+
+Pass 1 scores chunk-aligned row blocks into `RUN/scores.zarr` (each block is one chunk,
+written by its one task) and returns small summaries (counts, ranges, top-10 DUAL). The
+kept set is the `k` rows with the largest selection keys (see `sampling`); the k-th key
+is found by radix refinement over blocks, gathering only the final small bucket. Every
+random choice comes from `(seed, identity)`, so the keep-list does not depend on the
+number of workers or the block size. Memory per task is bounded by the block size.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import ray
+import zarr
+from tqdm.auto import tqdm
+
+from . import sampling
+from .atomic import swap_in, temp_sibling
+from .identity import uniforms
+from .keeplist import KeepList, KeepListWriter, _manifest
+from .raycluster import ensure_ray
+from .scores import SCORES, all_scores
+from .shardindex import Index
+from .store import STATS, StatsStore
+
+METHOD_SCORE = {"dual-beta": "dual", "dual": "dual", "dyn-unc": "dyn_unc", "el2n": "el2n",
+                "forgetting": "forgetting", "entropy": "entropy", "aum": "aum", "random": None}
+LOWER_IS_HARDER = {"aum"}
+CCS_BINS = 50
+GATHER_LIMIT = 1 << 20
+_DIGITS = {1: 16}  # digit bits by group count; many groups use 8-bit digits (smaller histograms)
+
+
+@dataclass(frozen=True)
+class Method:
+    """A parsed `--method`: the sampler and the score it works on."""
+
+    name: str
+    sampler: str  # topk | beta | ccs | random
+    score: str | None
+
+    @classmethod
+    def parse(cls, text: str) -> "Method":
+        if text.startswith("ccs:"):
+            score = text[4:].replace("-", "_")
+            if score not in SCORES or score == "mean_p":
+                raise ValueError(f"method {text!r}: CCS needs a score among "
+                                 f"{[s.replace('_', '-') for s in SCORES if s != 'mean_p']}")
+            return cls(text, "ccs", score)
+        if text not in METHOD_SCORE:
+            raise ValueError(f"unknown method {text!r}: choose one of {sorted(METHOD_SCORE)} or ccs:SCORE")
+        sampler = {"dual-beta": "beta", "random": "random"}.get(text, "topk")
+        return cls(text, sampler, METHOD_SCORE[text])
+
+
+def _scores_group(path: str, mode: str = "r") -> zarr.Group:
+    return zarr.open_group(path, mode=mode, zarr_format=3)
+
+
+@ray.remote(num_cpus=1)
+def _score_block(r0: int, r1: int, stats_path: str, scores_path: str, epochs: int, window: int) -> dict:
+    store = StatsStore.open(stats_path, mode="r")
+    stats = {n: store.read(n, slice(r0, r1), slice(0, epochs)) for n in STATS}
+    sc = all_scores(stats, window)
+    hi, lo = store.read("id_hi", slice(r0, r1)), store.read("id_lo", slice(r0, r1))
+    g = _scores_group(scores_path, "r+")
+    for name, values in sc.items():
+        g[name][r0:r1] = values
+    g["id_hi"][r0:r1], g["id_lo"][r0:r1] = hi, lo
+    ok = np.isfinite(sc["dual"]) & np.isfinite(sc["mean_p"])
+    best = sampling.top_rows(sc["dual"][ok], hi[ok], lo[ok], 10)
+    return {"finite": {n: int(np.isfinite(v).sum()) for n, v in sc.items()},
+            "min": {n: float(np.nanmin(v)) if np.isfinite(v).any() else None for n, v in sc.items()},
+            "max": {n: float(np.nanmax(v)) if np.isfinite(v).any() else None for n, v in sc.items()},
+            "top": {"dual": sc["dual"][ok][best].tolist(), "hi": hi[ok][best].tolist(), "lo": lo[ok][best].tolist(),
+                    "mean_p": sc["mean_p"][ok][best].tolist()},
+            "missing_rows": (np.flatnonzero(~np.isfinite(sc["mean_p"]))[:10] + r0).tolist()}
+
+
+def block_keys(sc: dict[str, np.ndarray], r0: int, spec: dict) -> tuple[np.ndarray, np.ndarray]:
+    """Selection words and groups (`-1`: not selectable) of one block, from its scores and the spec."""
+    hi, lo = sc["id_hi"], sc["id_lo"]
+    rows = np.arange(r0, r0 + len(hi))
+    u = uniforms(spec["seed"], hi, lo)
+    sampler, score = spec["sampler"], spec["score"]
+    valid = np.ones(len(hi), dtype=bool) if sampler == "random" else np.isfinite(sc[score])
+    if sampler == "beta":
+        valid &= np.isfinite(sc["mean_p"])
+        w = np.zeros(len(hi))
+        w[valid] = sampling.beta_weights(sc["dual"][valid], sc["mean_p"][valid], spec["ratio"], anchor=spec["anchor"],
+                                         **spec["beta"])
+        keys = sampling.weighted_keys(w, u)
+    elif sampler == "random":
+        keys = sampling.uniform_keys(u)
+    elif sampler == "topk" or spec.get("phase") == "cut":
+        keys = sampling.score_keys(np.where(valid, sc[score], 0.0), score in LOWER_IS_HARDER)
+    else:  # ccs, after the cut: uniform within bins
+        keys = sampling.uniform_keys(u)
+    words = sampling.key_words(keys, hi, lo, rows)
+    groups = np.where(valid, 0, -1)
+    if sampler == "ccs" and spec.get("phase") != "cut":
+        harder = np.zeros(len(hi), dtype=bool)
+        if spec["cut_threshold"] is not None:
+            difficulty = sampling.key_words(sampling.score_keys(np.where(valid, sc[score], 0.0),
+                                                                score in LOWER_IS_HARDER), hi, lo, rows)
+            harder = sampling.at_least(difficulty, np.asarray(spec["cut_threshold"], dtype=np.uint64))
+        groups = np.where(valid & ~harder, sampling.ccs_bin(sc[score], spec["lo"], spec["hi"], CCS_BINS), -1)
+    excluded = spec.get("excluded")
+    if excluded:
+        groups = np.where(np.isin(groups, excluded), -1, groups)
+    return words, groups
+
+
+def _read_block(scores_path: str, r0: int, r1: int, spec: dict) -> dict[str, np.ndarray]:
+    g = _scores_group(scores_path)
+    names = {"id_hi", "id_lo", "mean_p", "dual"} if spec["sampler"] == "beta" else {"id_hi", "id_lo"}
+    if spec["score"]:
+        names.add(spec["score"])
+    return {n: np.asarray(g[n][r0:r1]) for n in names}
+
+
+@ray.remote(num_cpus=1)
+def _histogram_block(r0: int, r1: int, scores_path: str, spec: dict, prefixes: np.ndarray, active: list[int],
+                     digit_bits: int) -> np.ndarray:
+    words, groups = block_keys(_read_block(scores_path, r0, r1, spec), r0, spec)
+    groups = np.where(np.isin(groups, active), groups, -1)
+    return sampling.radix_histogram(words, groups, prefixes, digit_bits)
+
+
+@ray.remote(num_cpus=1)
+def _gather_block(r0: int, r1: int, scores_path: str, spec: dict, prefixes: np.ndarray, active: list[int],
+                  digit_bits: int) -> tuple[np.ndarray, np.ndarray]:
+    words, groups = block_keys(_read_block(scores_path, r0, r1, spec), r0, spec)
+    groups = np.where(np.isin(groups, active), groups, -1)
+    mask = sampling.prefix_mask(words, groups, prefixes, digit_bits)
+    return words[:, mask], groups[mask]
+
+
+@ray.remote(num_cpus=1)
+def _count_block(r0: int, r1: int, scores_path: str, spec: dict, n_groups: int) -> np.ndarray:
+    _, groups = block_keys(_read_block(scores_path, r0, r1, spec), r0, spec)
+    return np.bincount(groups[groups >= 0], minlength=n_groups)
+
+
+@ray.remote(num_cpus=1)
+def _kept_block(r0: int, r1: int, scores_path: str, spec: dict, thresholds: np.ndarray) -> np.ndarray:
+    words, groups = block_keys(_read_block(scores_path, r0, r1, spec), r0, spec)
+    return np.flatnonzero(sampling.at_least(words, thresholds, groups)) + r0
+
+
+class _Blocks:
+    """Runs one remote function over all row blocks with at most `workers` tasks in flight."""
+
+    def __init__(self, bounds: list[tuple[int, int]], workers: int):
+        self.bounds, self.workers = bounds, workers
+
+    def map(self, fn, *args, desc: str | None = None, progress: bool = False):
+        out: list = [None] * len(self.bounds)
+        pending, todo = {}, iter(enumerate(self.bounds))
+        bar = tqdm(total=len(self.bounds), desc=desc, unit="block", disable=not progress, leave=False)
+        for i, (r0, r1) in todo:
+            pending[fn.remote(r0, r1, *args)] = i
+            if len(pending) >= self.workers:
+                break
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1)
+            out[pending.pop(done[0])] = ray.get(done[0])
+            bar.update()
+            nxt = next(todo, None)
+            if nxt is not None:
+                i, (r0, r1) = nxt
+                pending[fn.remote(r0, r1, *args)] = i
+        bar.close()
+        return out
+
+
+def _thresholds(blocks: _Blocks, scores_path: str, spec: dict, needs: np.ndarray, counts: np.ndarray,
+                progress: bool, gather_limit: int) -> np.ndarray:
+    """Per group, the words of its `needs[g]`-th largest row (all-zero words: keep the whole group)."""
+    n_groups = len(needs)
+    digit_bits = _DIGITS.get(n_groups, 8)
+    thresholds = np.zeros((4, n_groups), dtype=np.uint64)
+    need, bucket = needs.astype(np.int64).copy(), counts.astype(np.int64).copy()
+    active = [g for g in range(n_groups) if 0 < need[g] < counts[g]]
+    prefixes = np.zeros((n_groups, 0), dtype=np.int64)
+    level = 0
+    while active:
+        if bucket[active].sum() <= gather_limit or (level + 1) * digit_bits > 256:
+            parts = blocks.map(_gather_block, scores_path, spec, prefixes, active, digit_bits, desc="gather",
+                               progress=progress)
+            words = np.concatenate([p[0] for p in parts], axis=1)
+            groups = np.concatenate([p[1] for p in parts])
+            for g in active:
+                thresholds[:, g] = sampling.nth_largest(words[:, groups == g], int(need[g]))
+            break
+        hist = sum(blocks.map(_histogram_block, scores_path, spec, prefixes, active, digit_bits,
+                              desc=f"select {level + 1}", progress=progress))
+        digits = np.zeros(n_groups, dtype=np.int64)
+        for g in active:
+            digits[g], above, bucket[g] = sampling.refine(hist[g], int(need[g]))
+            need[g] -= above
+        prefixes = np.column_stack([prefixes, digits])
+        level += 1
+    return thresholds
+
+
+def reduce(run: str | os.PathLike, ratio: float, method: str = "dual-beta", *, seed: int = 0,
+           epochs: int | None = None, window: int = 10, workers: int | None = None, block_rows: int | None = None,
+           out: str | os.PathLike | None = None, missing: str = "drop", c_d: float = 4.0, C: float = 15.0,
+           alpha_plus_beta: float | None = None, cut: float = 0.2, address: str | None = None,
+           gather_limit: int = GATHER_LIMIT, progress: bool = True) -> KeepList:
+    """Score every sample of `run` and write the keep-list of `method` at pruning `ratio`.
+
+    Writes `run/scores.zarr` and the keep-list (default `run/keep`); returns the `KeepList`.
+    `epochs` (T) defaults to the store's complete epochs; `missing`: `drop` (default) leaves
+    samples with missing statistics out of N (counted in the manifest) or `error` refuses them.
+    `gather_limit`: the most candidate rows the driver gathers to finish the exact selection;
+    radix refinement over blocks narrows the candidates until they fit.
+    """
+    sampling.check_ratio(ratio)
+    m = Method.parse(method)
+    if missing not in ("drop", "error"):
+        raise ValueError(f"missing must be 'drop' or 'error', not {missing!r}")
+    if not 0 <= cut < 1:
+        raise ValueError(f"cut must be in [0, 1), not {cut}")
+    run = Path(run).resolve()
+    index = Index(run / "index")
+    store = StatsStore.open(run / "stats.zarr", mode="r", index=index)
+    complete = store.complete_epochs()
+    epochs = complete if epochs is None else epochs
+    if not 1 <= epochs <= store.epochs:
+        raise ValueError(f"epochs must be in 1..{store.epochs}, not {epochs}")
+    if epochs > complete:
+        raise ValueError(f"only {complete} epochs of {run} are completely recorded; run `streamprune record` "
+                         f"to finish, or pass --epochs {complete}")
+    if m.score in ("dual", "dyn_unc") or m.sampler == "beta":
+        if window < 2 or epochs < window:
+            raise ValueError(f"window must satisfy 2 <= window <= T; got window={window}, T={epochs}")
+    ensure_ray(address)
+    workers = workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
+    chunk = store.chunk_rows
+    block_rows = chunk * max(1, -(-(block_rows or 262144) // chunk))
+    n = store.n_samples
+    bounds = [(r0, min(r0 + block_rows, n)) for r0 in range(0, n, block_rows)]
+    blocks = _Blocks(bounds, workers)
+    scores_path = str(run / "scores.zarr")
+    summary = _score_all(blocks, store, scores_path, epochs, window, block_rows, progress)
+
+    spec = {"sampler": m.sampler, "score": m.score, "seed": seed, "ratio": ratio, "phase": None,
+            "beta": {"c_d": c_d, "C": C, "alpha_plus_beta": alpha_plus_beta}, "excluded": []}
+    n_ok = n if m.sampler == "random" else summary["finite"][m.score if m.sampler != "beta" else "dual"]
+    if m.sampler == "beta":
+        n_ok = min(n_ok, summary["finite"]["mean_p"])
+    dropped = n - n_ok
+    if dropped and missing == "error":
+        raise ValueError(f"{dropped} samples have missing statistics (e.g. rows {summary['missing_rows'][:5]}); "
+                         f"use --missing drop to leave them out")
+    k = sampling.keep_count(n_ok, ratio)
+    params: dict = {"cut": cut} if m.sampler == "ccs" else {}
+    if m.sampler == "beta":
+        top = summary["top"]
+        spec["anchor"] = float(np.mean(top["mean_p"])) if top["mean_p"] else 0.5
+        alpha, beta = sampling.beta_params(ratio, spec["anchor"], **spec["beta"])
+        params.update(anchor=spec["anchor"], alpha=alpha, beta=beta, **spec["beta"])
+    if m.sampler == "ccs":
+        spec["cut_threshold"], spec["lo"], spec["hi"] = _ccs_setup(blocks, scores_path, spec, n_ok, k, cut, progress,
+                                                                   gather_limit)
+        counts = sum(blocks.map(_count_block, scores_path, spec, CCS_BINS))
+        needs = sampling.ccs_quotas(counts, k)
+        spec["excluded"] = [int(g) for g in np.flatnonzero(needs == 0)]
+        params.update(lo=spec["lo"], hi=spec["hi"], bins=CCS_BINS, quotas=needs.tolist())
+    else:
+        counts, needs = np.array([n_ok]), np.array([k])
+    if k == 0:
+        spec["excluded"] = [0]
+    thresholds = _thresholds(blocks, scores_path, spec, np.asarray(needs), np.asarray(counts), progress,
+                             gather_limit)
+    kept_parts = blocks.map(_kept_block, scores_path, spec, thresholds, desc="keep", progress=progress)
+    filled = 0
+    if m.sampler == "beta":  # ES keys rank every positive weight above the zero-weight fill-up
+        filled = max(0, k - sum(blocks.map(_positive_weights, scores_path, spec)))
+    manifest = _manifest(method=m.name, ratio=ratio, seed=seed, k=k, N=n_ok, n_rows=n, dropped_missing=dropped,
+                         filled_zero_weight=filled, epochs=epochs, window=window, params=params,
+                         fingerprint=index.fingerprint, index_root=index.root, weights=m.sampler == "random")
+    out = Path(out) if out is not None else run / "keep"
+    _write_keep(out, index, kept_parts, manifest, k, n_ok, m.sampler == "random")
+    return KeepList.load(out)
+
+
+def _score_all(blocks: _Blocks, store: StatsStore, scores_path: str, epochs: int, window: int, block_rows: int,
+               progress: bool) -> dict:
+    """Pass 1, skipped when `scores.zarr` already holds these scores (same index, T, window, blocks)."""
+    want = {"fingerprint": store.fingerprint, "epochs": epochs, "window": window, "block_rows": block_rows}
+    if Path(scores_path, "zarr.json").exists():
+        attrs = dict(_scores_group(scores_path).attrs)
+        if all(attrs.get(k) == v for k, v in want.items()) and "summary" in attrs:
+            return attrs["summary"]
+    tmp = temp_sibling(Path(scores_path))
+    g = _scores_group(str(tmp), "w")
+    n = store.n_samples
+    for name in SCORES:
+        g.create_array(name, shape=(n,), chunks=(block_rows,), dtype=np.float64, fill_value=np.nan)
+    for name in ("id_hi", "id_lo"):
+        g.create_array(name, shape=(n,), chunks=(block_rows,), dtype=np.uint64, fill_value=0)
+    parts = blocks.map(_score_block, store.path.as_posix(), str(tmp), epochs, window, desc="score", progress=progress)
+    summary = {"finite": {s: sum(p["finite"][s] for p in parts) for s in SCORES},
+               "min": {s: min((p["min"][s] for p in parts if p["min"][s] is not None), default=None) for s in SCORES},
+               "max": {s: max((p["max"][s] for p in parts if p["max"][s] is not None), default=None) for s in SCORES},
+               "missing_rows": sum((p["missing_rows"] for p in parts), [])[:10]}
+    top = [(d, h, l, mp) for p in parts for d, h, l, mp in zip(*p["top"].values())]
+    top.sort(key=lambda t: (-t[0], t[1], t[2]))
+    summary["top"] = {"dual": [t[0] for t in top[:10]], "hi": [t[1] for t in top[:10]],
+                      "lo": [t[2] for t in top[:10]], "mean_p": [t[3] for t in top[:10]]}
+    g.attrs.update({**want, "summary": summary})
+    swap_in(tmp, Path(scores_path))
+    return summary
+
+
+def _ccs_setup(blocks: _Blocks, scores_path: str, spec: dict, n_ok: int, k: int, cut: float, progress: bool,
+               gather_limit: int):
+    """The cut threshold (the hardest `cut` fraction, fewer if the budget needs them) and the
+    score range of the samples that remain."""
+    n_cut = min(int(np.floor(cut * n_ok + 0.5)), n_ok - k)
+    cut_spec = {**spec, "phase": "cut"}
+    threshold = None
+    if n_cut > 0:
+        threshold = _thresholds(blocks, scores_path, cut_spec, np.array([n_cut]), np.array([n_ok]), progress,
+                                gather_limit)[:, 0]
+        threshold = [int(x) for x in threshold]
+    ranges = blocks.map(_remaining_range, scores_path, {**spec, "cut_threshold": threshold, "lo": 0.0, "hi": 1.0})
+    lo = min((r[0] for r in ranges if r is not None), default=0.0)
+    hi = max((r[1] for r in ranges if r is not None), default=0.0)
+    return threshold, lo, hi
+
+
+@ray.remote(num_cpus=1)
+def _remaining_range(r0: int, r1: int, scores_path: str, spec: dict):
+    sc = _read_block(scores_path, r0, r1, spec)
+    _, groups = block_keys(sc, r0, spec)
+    left = sc[spec["score"]][groups >= 0]
+    return (float(left.min()), float(left.max())) if len(left) else None
+
+
+@ray.remote(num_cpus=1)
+def _positive_weights(r0: int, r1: int, scores_path: str, spec: dict) -> int:
+    sc = _read_block(scores_path, r0, r1, spec)
+    ok = np.isfinite(sc["dual"]) & np.isfinite(sc["mean_p"])
+    w = sampling.beta_weights(sc["dual"][ok], sc["mean_p"][ok], spec["ratio"], anchor=spec["anchor"], **spec["beta"])
+    return int((w > 0).sum())
+
+
+def _write_keep(out: Path, index: Index, kept_parts: list[np.ndarray], manifest: dict, k: int, n_ok: int,
+                uniform_weights: bool) -> None:
+    counts = np.zeros(index.n_shards, dtype=np.int64)
+    for rows in kept_parts:
+        np.add.at(counts, index.shard_of(rows), 1)
+    with KeepListWriter(out, manifest, index.names, counts, np.diff(index.shard_offset),
+                        with_weights=uniform_weights) as w:
+        with open(index.path / "keys.bin", "rb") as keys_file:
+            for rows in kept_parts:
+                if not len(rows):
+                    continue
+                starts, ends = index.key_offset[rows], index.key_offset[rows + 1]
+                keys_file.seek(int(starts[0]))
+                span = keys_file.read(int(ends[-1] - starts[0]))
+                blob = b"".join(span[a - starts[0] : b - starts[0]] for a, b in zip(starts, ends))
+                offsets = np.concatenate([[0], np.cumsum(ends - starts)])
+                ids = np.empty(len(rows), dtype=w.ids.dtype)
+                ids["f0"], ids["f1"] = index.id_hi[rows], index.id_lo[rows]
+                positions = rows - index.shard_offset[index.shard_of(rows)]
+                w.add(ids, offsets, blob, positions, np.full(len(rows), n_ok / max(k, 1)) if uniform_weights else None)
