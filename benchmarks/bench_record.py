@@ -19,7 +19,7 @@ from pathlib import Path
 from streamprune import index
 from streamprune.datasets import fashion_mnist_shards
 from streamprune.raycluster import ensure_ray
-from streamprune.record import record
+from streamprune.recorder import record
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -60,7 +60,7 @@ def cmd_demo(args) -> None:
 
 
 def cmd_record(args) -> None:
-    from .record import record
+    from .recorder import record
 
     s = record(args.run, args.epochs, workers=args.workers, gpus_per_worker=args.gpus_per_worker, model=args.model,
                address=args.address, batch_size=args.batch_size, lr=args.lr, schedule_epochs=args.schedule_epochs,
@@ -73,7 +73,7 @@ def cmd_record(args) -> None:
 
 
 def cmd_reduce(args) -> None:
-    from .reduce import reduce
+    from .reducer import reduce
 
     keep = reduce(args.run, args.ratio, args.method, seed=args.seed, epochs=args.epochs, window=args.window,
                   workers=args.workers, block_rows=args.block_rows, out=args.out, missing=args.missing,

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from streamprune import index
-from streamprune.record import assign_shards, record
+from streamprune.recorder import assign_shards, record
 from streamprune.stats import sample_stats
 from streamprune.store import STATS, StatsStore
 

@@ -294,12 +294,7 @@ def reduce(run: str | os.PathLike, ratio: float, method: str = "dual-beta", *, s
 
 def _score_all(blocks: _Blocks, store: StatsStore, scores_path: str, epochs: int, window: int, block_rows: int,
                progress: bool) -> dict:
-    """Pass 1, skipped when `scores.zarr` already holds these scores (same index, T, window, blocks)."""
-    want = {"fingerprint": store.fingerprint, "epochs": epochs, "window": window, "block_rows": block_rows}
-    if Path(scores_path, "zarr.json").exists():
-        attrs = dict(_scores_group(scores_path).attrs)
-        if all(attrs.get(k) == v for k, v in want.items()) and "summary" in attrs:
-            return attrs["summary"]
+    """Pass 1: every score of every row into a new `scores.zarr`, swapped in when complete."""
     tmp = temp_sibling(Path(scores_path))
     g = _scores_group(str(tmp), "w")
     n = store.n_samples
@@ -316,7 +311,8 @@ def _score_all(blocks: _Blocks, store: StatsStore, scores_path: str, epochs: int
     top.sort(key=lambda t: (-t[0], t[1], t[2]))
     summary["top"] = {"dual": [t[0] for t in top[:10]], "hi": [t[1] for t in top[:10]],
                       "lo": [t[2] for t in top[:10]], "mean_p": [t[3] for t in top[:10]]}
-    g.attrs.update({**want, "summary": summary})
+    g.attrs.update({"fingerprint": store.fingerprint, "epochs": epochs, "window": window, "block_rows": block_rows,
+                    "summary": summary})
     swap_in(tmp, Path(scores_path))
     return summary
 

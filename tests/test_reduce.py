@@ -1,0 +1,180 @@
+"""The distributed reducer and the keep-list: determinism, exact k, reference equality, formats."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from streamprune import KeepList, index, reduce, sampling, scores
+from streamprune.cli import main
+from streamprune.identity import id128, uniforms
+from streamprune.store import STATS, ChunkWriter, StatsStore
+
+T = 12
+
+
+def _synthetic_stats(n: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Learning-curve-like statistics; a tenth of the samples never change (DUAL = 0)."""
+    a, b = rng.normal(-1, 1, n), rng.uniform(0, 0.6, n)
+    logit = a[:, None] + b[:, None] * np.arange(T) + rng.normal(0, 0.5, (n, T))
+    logit[: n // 10] = 2.0
+    p = 1 / (1 + np.exp(-logit))
+    return {"p_true": p.astype(np.float32), "correct": (p > 0.5).astype(np.uint8),
+            "margin": logit.astype(np.float32), "el2n": (1 - p).astype(np.float32) * 1.2,
+            "entropy": (-p * np.log(p) - (1 - p) * np.log(1 - p)).astype(np.float32),
+            "loss": -np.log(p).astype(np.float32)}
+
+
+@pytest.fixture(scope="module")
+def run(ray_session, uneven_shards, tmp_path_factory):
+    paths, _ = uneven_shards
+    run = tmp_path_factory.mktemp("reduce-run")
+    idx = index(paths, run, progress=False)
+    store = StatsStore.create(run / "stats.zarr", idx, epochs=T, chunk_rows=64)
+    stats = _synthetic_stats(idx.n_samples, np.random.default_rng(11))
+    rows = np.arange(idx.n_samples)
+    for t in range(T):
+        w = ChunkWriter(store, range(store.n_chunks), t)
+        w.add(rows, {n: stats[n][:, t] for n in STATS})
+        w.flush()
+        store.mark_done(t, np.arange(idx.n_shards))
+    return run, idx, stats
+
+
+def _kept_rows(keep: KeepList, idx) -> np.ndarray:
+    return np.concatenate([idx.rows(idx.shard(n)).start + keep.shard_positions(n) for n in keep.names])
+
+
+@pytest.mark.parametrize("method", ["dual-beta", "forgetting", "ccs:dual", "random", "aum"])
+def test_keep_list_identical_across_workers_and_block_sizes(run, tmp_path, method):
+    path, idx, _ = run
+    lists = [reduce(path, 0.7, method, seed=3, window=5, workers=w, block_rows=b, gather_limit=g,
+                    out=tmp_path / f"k{w}-{b}-{g}", progress=False)
+             for w, b, g in ((1, 64, 1 << 20), (2, 128, 16), (4, 300, 3))]
+    for other in lists[1:]:
+        assert np.array_equal(np.asarray(other.id_pairs), np.asarray(lists[0].id_pairs))
+        assert np.array_equal(np.asarray(other.positions), np.asarray(lists[0].positions))
+    assert len(lists[0]) == sampling.keep_count(idx.n_samples, 0.7)
+
+
+@pytest.mark.parametrize("ratio", [0, 0.3, 0.9, 0.99])
+@pytest.mark.parametrize("method", ["dual-beta", "ccs:el2n", "dual"])
+def test_exactly_k_kept(run, tmp_path, ratio, method):
+    path, idx, _ = run
+    keep = reduce(path, ratio, method, window=5, out=tmp_path / "keep", gather_limit=8, progress=False)
+    k = sampling.keep_count(idx.n_samples, ratio)
+    assert len(keep) == keep.manifest["k"] == k and keep.kept.sum() == k
+    assert len(set(_kept_rows(keep, idx).tolist())) == k
+
+
+def test_distributed_selection_equals_in_memory_reference(run, tmp_path):
+    path, idx, stats = run
+    hi, lo = np.asarray(idx.id_hi), np.asarray(idx.id_lo)
+    rows = np.arange(idx.n_samples)
+    sc = scores.all_scores(stats, window=5)
+    u = uniforms(9, hi, lo)
+    k = sampling.keep_count(idx.n_samples, 0.8)
+    anchor = sampling.anchor_of(sc["dual"], sc["mean_p"], hi, lo)
+    w = sampling.beta_weights(sc["dual"], sc["mean_p"], 0.8, anchor=anchor)
+    expected = {
+        "dual-beta": sampling.select_top(sampling.key_words(sampling.weighted_keys(w, u), hi, lo, rows), k),
+        "el2n": sampling.select_top(sampling.key_words(sc["el2n"], hi, lo, rows), k),
+        "aum": sampling.select_top(sampling.key_words(-sc["aum"], hi, lo, rows), k),
+        "random": sampling.select_top(sampling.key_words(-u, hi, lo, rows), k),
+    }
+    for method, mask in expected.items():
+        keep = reduce(path, 0.8, method, seed=9, window=5, out=tmp_path / method, gather_limit=10, progress=False)
+        assert np.array_equal(np.sort(_kept_rows(keep, idx)), np.flatnonzero(mask)), method
+    dual_keep = KeepList.load(tmp_path / "dual-beta")
+    assert dual_keep.manifest["params"]["anchor"] == pytest.approx(anchor)
+    assert dual_keep.manifest["filled_zero_weight"] == max(0, k - int((w > 0).sum()))
+    # The scores store holds every score per sample.
+    import zarr
+
+    g = zarr.open_group(str(path / "scores.zarr"), mode="r")
+    for name in scores.SCORES:
+        np.testing.assert_allclose(g[name][:], sc[name], rtol=1e-12, equal_nan=True)
+
+
+def test_zero_weight_fill_up_is_counted(run, tmp_path):
+    path, idx, _ = run
+    keep = reduce(path, 0.0, "dual-beta", window=5, out=tmp_path / "k", progress=False)
+    assert len(keep) == idx.n_samples and keep.manifest["filled_zero_weight"] >= idx.n_samples // 10
+
+
+def test_ccs_keeps_no_sample_from_the_hardest_cut(run, tmp_path):
+    path, idx, stats = run
+    keep = reduce(path, 0.5, "ccs:el2n", cut=0.2, window=5, out=tmp_path / "k", progress=False)
+    e = scores.el2n(stats["el2n"])
+    kept = _kept_rows(keep, idx)
+    hardest = np.argsort(-e, kind="stable")[: round(0.2 * idx.n_samples)]
+    assert not set(hardest) & set(kept.tolist())
+    assert len(keep.manifest["params"]["quotas"]) == 50 and sum(keep.manifest["params"]["quotas"]) == len(keep)
+
+
+def test_missing_statistics_dropped_or_refused(run, tmp_path):
+    import shutil
+
+    path, idx, _ = run
+    copy = tmp_path / "run"
+    shutil.copytree(path, copy)
+    store = StatsStore.open(copy / "stats.zarr")
+    store.group["p_true"][0:64, 3:4] = np.full((64, 1), np.nan, np.float32)  # one whole chunk, as its owner would
+    keep = reduce(copy, 0.5, "dual-beta", window=5, progress=False)
+    assert keep.manifest["dropped_missing"] == 64 and keep.manifest["N"] == idx.n_samples - 64
+    assert len(keep) == sampling.keep_count(idx.n_samples - 64, 0.5)
+    assert not set(range(64)) & set(_kept_rows(keep, idx).tolist())
+    with pytest.raises(ValueError, match=r"64 samples have missing statistics \(e.g. rows \[0, 1, 2, 3, 4\]\)"):
+        reduce(copy, 0.5, "dual-beta", window=5, missing="error", out=tmp_path / "x", progress=False)
+
+
+def test_bad_arguments_are_refused(run, tmp_path):
+    path, _, _ = run
+    with pytest.raises(ValueError, match="ratio must be in"):
+        reduce(path, 1.0, progress=False)
+    with pytest.raises(ValueError, match="unknown method 'dul'"):
+        reduce(path, 0.5, "dul", progress=False)
+    with pytest.raises(ValueError, match="window must satisfy 2 <= window <= T; got window=13, T=12"):
+        reduce(path, 0.5, window=13, progress=False)
+    with pytest.raises(ValueError, match="CCS needs a score"):
+        reduce(path, 0.5, "ccs:loss", progress=False)
+    assert main(["reduce", str(path), "--ratio", "2"]) == 2
+
+
+def test_keep_list_api_and_exports(run, tmp_path, capsys):
+    path, idx, _ = run
+    assert main(["reduce", str(path), "--ratio", "0.6", "--window", "5", "--out", str(tmp_path / "keep"),
+                 "--quiet"]) == 0
+    assert f"kept {sampling.keep_count(idx.n_samples, 0.6):,} of {idx.n_samples:,}" in capsys.readouterr().out
+    keep = KeepList.load(tmp_path / "keep")
+    assert keep.fingerprint == idx.fingerprint and keep.manifest["method"] == "dual-beta"
+    name = keep.names[2]
+    kept_keys = keep.shard_keys(name)
+    all_keys = idx.keys(idx.shard(name))
+    assert keep.kept_count(name) == len(kept_keys) > 0
+    assert all((name, k) in keep for k in kept_keys)
+    assert sum((name, k) in keep for k in all_keys) == len(kept_keys)
+    assert ("nope.tar", kept_keys[0]) not in keep and keep.kept_count("nope.tar") == 0
+    assert [all_keys[p] for p in keep.shard_positions(name)] == kept_keys
+    keep.to_datacomp(tmp_path / "subset.npy")
+    subset = np.load(tmp_path / "subset.npy", allow_pickle=False)
+    assert subset.dtype == np.dtype("u8,u8") and len(subset) == len(keep)
+    assert np.array_equal(subset, np.sort(subset)) and np.array_equal(subset, keep.ids())
+    assert (int(subset[0][0]), int(subset[0][1])) in {id128(n, k) for n in keep.names for k in keep.shard_keys(n)}
+    keep.to_text(tmp_path / "keep.txt")
+    lines = (tmp_path / "keep.txt").read_text().splitlines()
+    assert len(lines) == len(keep) and f"{name}\t{kept_keys[0]}" in lines
+    # User-built lists round-trip; damaged ones are refused.
+    mine = KeepList.from_keys([(name, kept_keys[0]), ("other.tar", "k1")], fingerprint="abc")
+    mine.save(tmp_path / "mine")
+    again = KeepList.load(tmp_path / "mine")
+    assert len(again) == 2 and (name, kept_keys[0]) in again and again.fingerprint == "abc"
+    manifest = json.loads((tmp_path / "mine" / "manifest.json").read_text())
+    (tmp_path / "mine" / "manifest.json").write_text(json.dumps({**manifest, "k": 3}))
+    with pytest.raises(ValueError, match="damaged"):
+        KeepList.load(tmp_path / "mine")
+    (tmp_path / "keep" / "ids.npy").unlink()
+    with pytest.raises(ValueError, match="damaged or incomplete"):
+        KeepList.load(tmp_path / "keep")
