@@ -215,7 +215,14 @@ class Index:
         self.key_offset = np.load(path / "key_offset.npy", mmap_mode="r")
         for k in _ARRAYS:
             setattr(self, k, np.load(path / f"{k}.npy", mmap_mode="r"))
-        self.member_start = np.concatenate([[0], np.cumsum(self.member_count, dtype=np.int64)])
+        self._member_start: np.ndarray | None = None
+
+    @property
+    def member_start(self) -> np.ndarray:
+        """Index of each sample's first member in the member arrays (N+1,), computed on first use."""
+        if self._member_start is None:
+            self._member_start = np.concatenate([[0], np.cumsum(self.member_count, dtype=np.int64)])
+        return self._member_start
 
     @property
     def n_samples(self) -> int:

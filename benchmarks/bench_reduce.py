@@ -1,0 +1,183 @@
+"""Reducer benchmark: samples/s and peak memory on synthetic runs of 10^7 and 10^8 rows, T = 30;
+and `scores.dual` against a straightforward loop over windows on the same data.
+
+The synthetic run is written directly in streamprune's on-disk formats: an index (keys
+`000000000`.., random 128-bit identities, 10,000 rows a shard, no member table) and a stats
+store whose `p_true` holds learning-curve-like values (the only statistic DUAL+Beta needs;
+the other five arrays are left unwritten, i.e. missing). Peak memory is the largest total
+resident memory of the driver and all Ray worker processes, sampled every 0.1 s.
+
+    python benchmarks/bench_reduce.py [--quick] [--sizes 10000000 100000000] [--keep-data DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import ray
+
+from streamprune import scores
+from streamprune.raycluster import ensure_ray
+from streamprune.reducer import reduce
+from streamprune.store import StatsStore
+
+T, ROWS_PER_SHARD, CHUNK = 30, 10_000, 65_536
+
+
+def write_synthetic_index(path: Path, n: int, seed: int = 0) -> None:
+    path.mkdir(parents=True)
+    s = -(-n // ROWS_PER_SHARD)
+    offsets = np.minimum(np.arange(s + 1, dtype=np.int64) * ROWS_PER_SHARD, n)
+    np.save(path / "shard_offset.npy", offsets)
+    rng = np.random.default_rng(seed)
+    for name in ("id_hi", "id_lo"):
+        mm = np.lib.format.open_memmap(path / f"{name}.npy", mode="w+", dtype=np.uint64, shape=(n,))
+        for a in range(0, n, 1 << 24):
+            mm[a : a + (1 << 24)] = rng.integers(0, 2**64 - 1, min(1 << 24, n - a), dtype=np.uint64)
+        mm.flush()
+    np.lib.format.open_memmap(path / "key_offset.npy", mode="w+", dtype=np.int64, shape=(n + 1,))[:] = \
+        np.arange(n + 1, dtype=np.int64) * 9
+    with open(path / "keys.bin", "wb") as f:
+        for a in range(0, n, 1 << 22):
+            f.write(np.char.zfill(np.arange(a, min(n, a + (1 << 22))).astype("S9"), 9).tobytes())
+    for name, dtype, size in (("sample_start", np.int64, n), ("sample_end", np.int64, n),
+                              ("member_count", np.int32, n), ("member_offset", np.int64, 0),
+                              ("member_size", np.int64, 0)):
+        np.lib.format.open_memmap(path / f"{name}.npy", mode="w+", dtype=dtype, shape=(size,)).flush()
+    with open(path / "shards.jsonl", "w") as f:
+        for i in range(s):
+            rows = [int(offsets[i]), int(offsets[i + 1])]
+            f.write(json.dumps({"name": f"train-{i:06d}.tar", "url": f"train-{i:06d}.tar", "status": "ok",
+                                "error": None, "error_offset": None, "size": None, "bytes_read": 0,
+                                "samples": rows[1] - rows[0], "rows": rows}) + "\n")
+    (path / "manifest.json").write_text(json.dumps({
+        "format": "streamprune-index", "version": 1, "root": "/synthetic", "identity": "synthetic", "n_shards": s,
+        "n_samples": n, "n_members": 0, "fingerprint": f"synthetic-{n}-{seed}", "bytes_total": 0, "bytes_read": 0,
+        "broken": [], "empty": [], "duplicates": {"rows": 0, "examples": []}}))
+
+
+@ray.remote(num_cpus=1)
+def _fill(store_path: str, r0: int, r1: int, seed: int) -> None:
+    store = StatsStore.open(store_path)
+    rng = np.random.default_rng([seed, r0])
+    n = r1 - r0
+    a, b = rng.normal(-1, 1, n), rng.uniform(0, 0.3, n)
+    logit = a[:, None] + b[:, None] * np.arange(T) + rng.normal(0, 0.5, (n, T))
+    store.group["p_true"][r0:r1, :] = (1 / (1 + np.exp(-logit))).astype(np.float32)
+
+
+def synthetic_run(root: Path, n: int) -> Path:
+    from streamprune.shardindex import Index
+
+    run = root / f"run-{n}"
+    write_synthetic_index(run / "index", n)
+    store = StatsStore.create(run / "stats.zarr", Index(run / "index"), epochs=T, chunk_rows=CHUNK)
+    step = CHUNK * 16
+    ray.get([_fill.remote(str(run / "stats.zarr"), r0, min(n, r0 + step), 0) for r0 in range(0, n, step)])
+    for t in range(T):
+        store.mark_done(t, np.arange(store.n_shards))
+    return run
+
+
+class PeakMemory(threading.Thread):
+    """Largest total RSS of this process and all `ray::` worker processes."""
+
+    def __init__(self):
+        super().__init__(daemon=True)
+        self.peak, self.peak_task, self.stop = 0, 0, False
+
+    def run(self):
+        while not self.stop:
+            total, task = 0, 0
+            for pid in filter(str.isdigit, os.listdir("/proc")):
+                try:
+                    cmd = open(f"/proc/{pid}/cmdline", "rb").read()
+                    if int(pid) != os.getpid() and not cmd.startswith(b"ray::_"):
+                        continue
+                    rss = next(int(l.split()[1]) for l in open(f"/proc/{pid}/status") if l.startswith("VmRSS"))
+                except (OSError, StopIteration, ValueError):
+                    continue
+                total += rss * 1024
+                if int(pid) != os.getpid():
+                    task = max(task, rss * 1024)
+            self.peak, self.peak_task = max(self.peak, total), max(self.peak_task, task)
+            time.sleep(0.1)
+
+
+def loop_dual(p: np.ndarray, window: int = 10) -> np.ndarray:
+    """The straightforward implementation: a loop over windows with NumPy's std (ddof=1)."""
+    out = [10 * p[:, k : k + window].std(axis=1, ddof=1) * (1 - p[:, k : k + window].mean(axis=1))
+           for k in range(p.shape[1] - window + 1)]
+    return np.mean(out, axis=0)
+
+
+def bench_dual(n: int) -> dict:
+    p = np.random.default_rng(1).random((n, T)).astype(np.float32)
+    t = time.perf_counter()
+    ours = scores.dual(p)
+    t_ours = time.perf_counter() - t
+    t = time.perf_counter()
+    ref = loop_dual(p.astype(np.float64))
+    t_loop = time.perf_counter() - t
+    assert np.allclose(ours, ref, rtol=1e-9, atol=1e-12)
+    print(f"scores.dual on {n:,} x {T}: {n / t_ours:,.0f} samples/s; loop over windows {n / t_loop:,.0f} "
+          f"samples/s; speed-up x{t_loop / t_ours:.1f} (max abs difference {np.abs(ours - ref).max():.1e})",
+          flush=True)
+    return {"n": n, "dual_sps": n / t_ours, "loop_sps": n / t_loop, "speedup": t_loop / t_ours}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--sizes", type=int, nargs="+", default=[10_000_000, 100_000_000])
+    p.add_argument("--ratio", type=float, default=0.7)
+    p.add_argument("--keep-data", help="keep the synthetic runs in this folder (default: a temporary one)")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.sizes = [300_000, 600_000]
+    ensure_ray()
+    results = {"dual": bench_dual(min(args.sizes[0], 1_000_000))}
+    root = Path(args.keep_data) if args.keep_data else Path(tempfile.mkdtemp(dir=os.environ.get("TMPDIR")))
+    try:
+        for n in args.sizes:
+            run = root / f"run-{n}"
+            t = time.perf_counter()
+            if not (run / "stats.zarr").exists():
+                shutil.rmtree(run, ignore_errors=True)
+                synthetic_run(root, n)
+            t_make = time.perf_counter() - t
+            mem = PeakMemory()
+            mem.start()
+            t = time.perf_counter()
+            keep = reduce(run, args.ratio, "dual-beta", progress=False)
+            t_reduce = time.perf_counter() - t
+            mem.stop = True
+            mem.join()
+            assert len(keep) == round((1 - args.ratio) * n)
+            r = {"n": n, "seconds": t_reduce, "sps": n / t_reduce, "peak_total_gb": mem.peak / 1e9,
+                 "peak_task_gb": mem.peak_task / 1e9, "setup_s": t_make}
+            results[str(n)] = r
+            print(f"reduce dual-beta r={args.ratio} on {n:,} rows x {T} epochs: {t_reduce:.1f} s = {r['sps']:,.0f} "
+                  f"samples/s | peak memory {r['peak_total_gb']:.2f} GB in all (largest task "
+                  f"{r['peak_task_gb']:.2f} GB) | synthetic data written in {t_make:.0f} s", flush=True)
+    finally:
+        if not args.keep_data:
+            shutil.rmtree(root, ignore_errors=True)
+    sizes = [k for k in results if k != "dual"]
+    if len(sizes) >= 2:
+        a, b = results[sizes[0]], results[sizes[-1]]
+        print(f"scaling {a['n']:,} -> {b['n']:,} rows: samples/s x{b['sps'] / a['sps']:.2f}, "
+              f"peak memory x{b['peak_total_gb'] / a['peak_total_gb']:.2f}")
+    return results
+
+
+if __name__ == "__main__":
+    main()
