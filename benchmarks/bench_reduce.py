@@ -4,7 +4,8 @@ and `scores.dual` against a straightforward loop over windows on the same data.
 The synthetic run is written directly in streamprune's on-disk formats: an index (keys
 `000000000`.., random 128-bit identities, 10,000 rows a shard, no member table) and a stats
 store whose `p_true` holds learning-curve-like values (the only statistic DUAL+Beta needs;
-the other five arrays are left unwritten, i.e. missing). Peak memory is the largest total
+the other five arrays are left unwritten, i.e. missing), reduced with `--scores method`
+(read only what DUAL+Beta needs). Peak memory is the largest total
 resident memory of the driver and all Ray worker processes, sampled every 0.1 s.
 
     python benchmarks/bench_reduce.py [--quick] [--sizes 10000000 100000000] [--keep-data DIR]
@@ -157,7 +158,7 @@ def main(argv: list[str] | None = None) -> dict:
             mem = PeakMemory()
             mem.start()
             t = time.perf_counter()
-            keep = reduce(run, args.ratio, "dual-beta", progress=False)
+            keep = reduce(run, args.ratio, "dual-beta", which="method", progress=False)
             t_reduce = time.perf_counter() - t
             mem.stop = True
             mem.join()

@@ -78,7 +78,7 @@ def cmd_reduce(args) -> None:
     keep = reduce(args.run, args.ratio, args.method, seed=args.seed, epochs=args.epochs, window=args.window,
                   workers=args.workers, block_rows=args.block_rows, out=args.out, missing=args.missing,
                   c_d=args.c_d, C=args.C, alpha_plus_beta=args.alpha_plus_beta, cut=args.cut, address=args.address,
-                  progress=not args.quiet)
+                  which=args.scores, progress=not args.quiet)
     m = keep.manifest
     print(f"reduce: {m['method']} at ratio {m['ratio']}: kept {m['k']:,} of {m['N']:,} samples "
           f"({m['dropped_missing']:,} with missing statistics left out"
@@ -137,6 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--C", dest="C", type=float, default=15.0, help="Beta sampler C (default 15)")
     s.add_argument("--alpha-plus-beta", type=float, help="alpha + beta (default C + 1, as the reference code)")
     s.add_argument("--cut", type=float, default=0.2, help="CCS: hardest fraction dropped first (default 0.2)")
+    s.add_argument("--scores", default="all", choices=["all", "method"],
+                   help="write every score to RUN/scores.zarr (default), or only what the method needs (faster)")
     s.add_argument("--address", help="Ray cluster address (default: start a local Ray instance)")
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(fn=cmd_reduce)

@@ -24,9 +24,9 @@ from .atomic import swap_in, temp_sibling
 from .identity import uniforms
 from .keeplist import KeepList, KeepListWriter, _manifest
 from .raycluster import ensure_ray
-from .scores import SCORES, all_scores
+from .scores import NEEDS, SCORES, all_scores
 from .shardindex import Index
-from .store import STATS, StatsStore
+from .store import StatsStore
 
 METHOD_SCORE = {"dual-beta": "dual", "dual": "dual", "dyn-unc": "dyn_unc", "el2n": "el2n",
                 "forgetting": "forgetting", "entropy": "entropy", "aum": "aum", "random": None}
@@ -63,21 +63,23 @@ def _scores_group(path: str, mode: str = "r") -> zarr.Group:
 
 
 @ray.remote(num_cpus=1)
-def _score_block(r0: int, r1: int, stats_path: str, scores_path: str, epochs: int, window: int) -> dict:
+def _score_block(r0: int, r1: int, stats_path: str, scores_path: str, epochs: int, window: int,
+                 names: tuple[str, ...]) -> dict:
     store = StatsStore.open(stats_path, mode="r")
-    stats = {n: store.read(n, slice(r0, r1), slice(0, epochs)) for n in STATS}
-    sc = all_scores(stats, window)
+    stats = {n: store.read(n, slice(r0, r1), slice(0, epochs)) for n in {NEEDS[s] for s in names}}
+    sc = all_scores(stats, window, names)
     hi, lo = store.read("id_hi", slice(r0, r1)), store.read("id_lo", slice(r0, r1))
     g = _scores_group(scores_path, "r+")
     for name, values in sc.items():
         g[name][r0:r1] = values
     g["id_hi"][r0:r1], g["id_lo"][r0:r1] = hi, lo
-    ok = np.isfinite(sc["dual"]) & np.isfinite(sc["mean_p"])
-    best = sampling.top_rows(sc["dual"][ok], hi[ok], lo[ok], 10)
+    nan = np.full(r1 - r0, np.nan)
+    ok = np.isfinite(sc.get("dual", nan)) & np.isfinite(sc["mean_p"])
+    best = sampling.top_rows(sc.get("dual", nan)[ok], hi[ok], lo[ok], 10)
     return {"finite": {n: int(np.isfinite(v).sum()) for n, v in sc.items()},
             "min": {n: float(np.nanmin(v)) if np.isfinite(v).any() else None for n, v in sc.items()},
             "max": {n: float(np.nanmax(v)) if np.isfinite(v).any() else None for n, v in sc.items()},
-            "top": {"dual": sc["dual"][ok][best].tolist(), "hi": hi[ok][best].tolist(), "lo": lo[ok][best].tolist(),
+            "top": {"dual": sc.get("dual", nan)[ok][best].tolist(), "hi": hi[ok][best].tolist(), "lo": lo[ok][best].tolist(),
                     "mean_p": sc["mean_p"][ok][best].tolist()},
             "missing_rows": (np.flatnonzero(~np.isfinite(sc["mean_p"]))[:10] + r0).tolist()}
 
@@ -213,12 +215,14 @@ def reduce(run: str | os.PathLike, ratio: float, method: str = "dual-beta", *, s
            epochs: int | None = None, window: int = 10, workers: int | None = None, block_rows: int | None = None,
            out: str | os.PathLike | None = None, missing: str = "drop", c_d: float = 4.0, C: float = 15.0,
            alpha_plus_beta: float | None = None, cut: float = 0.2, address: str | None = None,
-           gather_limit: int = GATHER_LIMIT, progress: bool = True) -> KeepList:
+           which: str = "all", gather_limit: int = GATHER_LIMIT, progress: bool = True) -> KeepList:
     """Score every sample of `run` and write the keep-list of `method` at pruning `ratio`.
 
     Writes `run/scores.zarr` and the keep-list (default `run/keep`); returns the `KeepList`.
     `epochs` (T) defaults to the store's complete epochs; `missing`: `drop` (default) leaves
     samples with missing statistics out of N (counted in the manifest) or `error` refuses them.
+    `which`: `all` scores into `scores.zarr` (default), or only those the `method` needs
+    (`method`: reads only their statistics, several times faster on large stores).
     `gather_limit`: the most candidate rows the driver gathers to finish the exact selection;
     radix refinement over blocks narrows the candidates until they fit.
     """
@@ -249,7 +253,11 @@ def reduce(run: str | os.PathLike, ratio: float, method: str = "dual-beta", *, s
     bounds = [(r0, min(r0 + block_rows, n)) for r0 in range(0, n, block_rows)]
     blocks = _Blocks(bounds, workers)
     scores_path = str(run / "scores.zarr")
-    summary = _score_all(blocks, store, scores_path, epochs, window, block_rows, progress)
+    if which not in ("all", "method"):
+        raise ValueError(f"scores must be 'all' or 'method', not {which!r}")
+    names = SCORES if which == "all" else tuple(dict.fromkeys(
+        [s for s in (m.score, "dual" if m.sampler == "beta" else None) if s] + ["mean_p"]))
+    summary = _score_all(blocks, store, scores_path, epochs, window, block_rows, names, progress)
 
     spec = {"sampler": m.sampler, "score": m.score, "seed": seed, "ratio": ratio, "phase": None,
             "beta": {"c_d": c_d, "C": C, "alpha_plus_beta": alpha_plus_beta}, "excluded": []}
@@ -293,7 +301,7 @@ def reduce(run: str | os.PathLike, ratio: float, method: str = "dual-beta", *, s
 
 
 def _score_all(blocks: _Blocks, store: StatsStore, scores_path: str, epochs: int, window: int, block_rows: int,
-               progress: bool) -> dict:
+               names: tuple[str, ...], progress: bool) -> dict:
     """Pass 1: every score of every row into a new `scores.zarr`, swapped in when complete."""
     tmp = temp_sibling(Path(scores_path))
     g = _scores_group(str(tmp), "w")
@@ -302,17 +310,18 @@ def _score_all(blocks: _Blocks, store: StatsStore, scores_path: str, epochs: int
         g.create_array(name, shape=(n,), chunks=(block_rows,), dtype=np.float64, fill_value=np.nan)
     for name in ("id_hi", "id_lo"):
         g.create_array(name, shape=(n,), chunks=(block_rows,), dtype=np.uint64, fill_value=0)
-    parts = blocks.map(_score_block, store.path.as_posix(), str(tmp), epochs, window, desc="score", progress=progress)
-    summary = {"finite": {s: sum(p["finite"][s] for p in parts) for s in SCORES},
-               "min": {s: min((p["min"][s] for p in parts if p["min"][s] is not None), default=None) for s in SCORES},
-               "max": {s: max((p["max"][s] for p in parts if p["max"][s] is not None), default=None) for s in SCORES},
+    parts = blocks.map(_score_block, store.path.as_posix(), str(tmp), epochs, window, names, desc="score",
+                       progress=progress)
+    summary = {"finite": {s: sum(p["finite"][s] for p in parts) for s in names},
+               "min": {s: min((p["min"][s] for p in parts if p["min"][s] is not None), default=None) for s in names},
+               "max": {s: max((p["max"][s] for p in parts if p["max"][s] is not None), default=None) for s in names},
                "missing_rows": sum((p["missing_rows"] for p in parts), [])[:10]}
     top = [(d, h, l, mp) for p in parts for d, h, l, mp in zip(*p["top"].values())]
     top.sort(key=lambda t: (-t[0], t[1], t[2]))
     summary["top"] = {"dual": [t[0] for t in top[:10]], "hi": [t[1] for t in top[:10]],
                       "lo": [t[2] for t in top[:10]], "mean_p": [t[3] for t in top[:10]]}
     g.attrs.update({"fingerprint": store.fingerprint, "epochs": epochs, "window": window, "block_rows": block_rows,
-                    "summary": summary})
+                    "scores": list(names), "summary": summary})
     swap_in(tmp, Path(scores_path))
     return summary
 
@@ -363,9 +372,11 @@ def _write_keep(out: Path, index: Index, kept_parts: list[np.ndarray], manifest:
                     continue
                 starts, ends = index.key_offset[rows], index.key_offset[rows + 1]
                 keys_file.seek(int(starts[0]))
-                span = keys_file.read(int(ends[-1] - starts[0]))
-                blob = b"".join(span[a - starts[0] : b - starts[0]] for a, b in zip(starts, ends))
-                offsets = np.concatenate([[0], np.cumsum(ends - starts)])
+                span = np.frombuffer(keys_file.read(int(ends[-1] - starts[0])), dtype=np.uint8)
+                lengths = ends - starts
+                offsets = np.concatenate([[0], np.cumsum(lengths)])
+                byte_pos = np.repeat(starts - starts[0] - offsets[:-1], lengths) + np.arange(offsets[-1])
+                blob = span[byte_pos].tobytes()
                 ids = np.empty(len(rows), dtype=w.ids.dtype)
                 ids["f0"], ids["f1"] = index.id_hi[rows], index.id_lo[rows]
                 positions = rows - index.shard_offset[index.shard_of(rows)]

@@ -123,27 +123,43 @@ def mean_p(p_true: np.ndarray) -> np.ndarray:
 
 
 SCORES = ("dual", "dyn_unc", "el2n", "forgetting", "entropy", "aum", "mean_p")
+NEEDS = {"dual": "p_true", "dyn_unc": "p_true", "mean_p": "p_true", "el2n": "el2n", "forgetting": "correct",
+         "entropy": "entropy", "aum": "margin"}  # the statistic each score is computed from
 
 
-def all_scores(stats: dict[str, np.ndarray], window: int = 10) -> dict[str, np.ndarray]:
-    """Every score of SCORING.md from `(N, T)` statistics; NaN where a statistic is missing.
+def _dual_and_dyn_unc(p: np.ndarray, window: int) -> tuple[np.ndarray, np.ndarray]:
+    def block(b: np.ndarray) -> np.ndarray:
+        mean, std = _window_stats_t(b, window)
+        scale = DUAL_SCALE / len(mean)
+        dyn = std.sum(axis=0) * scale
+        np.subtract(1.0, mean, out=mean)
+        mean *= std
+        return np.stack([mean.sum(axis=0) * scale, dyn], axis=1)
+
+    both = _per_block(p, block).reshape(-1, 2)
+    return both[:, 0], both[:, 1]
+
+
+def all_scores(stats: dict[str, np.ndarray], window: int = 10, names: tuple[str, ...] = SCORES
+               ) -> dict[str, np.ndarray]:
+    """The scores `names` (default: every score) from `(N, T)` statistics; NaN where a
+    statistic is missing. `stats` needs only the arrays those scores are computed from.
 
     DUAL and Dyn-Unc are NaN throughout when `T < window` (the reducer refuses methods that
     need them then).
     """
-    p = np.asarray(stats["p_true"])
-    n, t = p.shape
-    nan = np.full(n, np.nan)
-    windowed = t >= window >= 2
-    correct = np.asarray(stats["correct"])
-    forgot = forgetting(correct)
-    forgot[(correct == 255).any(axis=1)] = np.nan
-    return {
-        "dual": dual(p, window) if windowed else nan,
-        "dyn_unc": dyn_unc(p, window) if windowed else nan.copy(),
-        "el2n": el2n(stats["el2n"]),
-        "forgetting": forgot,
-        "entropy": entropy(stats["entropy"]),
-        "aum": aum(stats["margin"]),
-        "mean_p": mean_p(p),
-    }
+    out: dict[str, np.ndarray] = {}
+    if {"dual", "dyn_unc"} & set(names):
+        p = np.asarray(stats["p_true"])
+        if p.shape[1] >= window >= 2:
+            out["dual"], out["dyn_unc"] = _dual_and_dyn_unc(p, window)
+        else:
+            out["dual"], out["dyn_unc"] = np.full(len(p), np.nan), np.full(len(p), np.nan)
+    if "forgetting" in names:
+        correct = np.asarray(stats["correct"])
+        out["forgetting"] = forgetting(correct)
+        out["forgetting"][(correct == 255).any(axis=1)] = np.nan
+    simple = {"el2n": lambda: el2n(stats["el2n"]), "entropy": lambda: entropy(stats["entropy"]),
+              "aum": lambda: aum(stats["margin"]), "mean_p": lambda: mean_p(stats["p_true"])}
+    out.update({n: f() for n, f in simple.items() if n in names})
+    return {n: out[n] for n in names}

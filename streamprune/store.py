@@ -78,9 +78,9 @@ class StatsStore:
         n, s = index.n_samples, index.n_shards
         tmp = path.with_name(path.name + ".tmp")
         group = zarr.open_group(str(tmp), mode="w", zarr_format=3)
-        for name in STATS:
-            group.create_array(name, shape=(n, epochs), chunks=(chunk_rows, 1),
-                               dtype=stat_dtype(name), fill_value=fill_value(name))
+        for name in STATS:  # float statistics barely compress (~13%) and read ~1.6x faster raw
+            group.create_array(name, shape=(n, epochs), chunks=(chunk_rows, 1), dtype=stat_dtype(name),
+                               fill_value=fill_value(name), **({} if name == "correct" else {"compressors": None}))
         for name, arr in (("id_hi", index.id_hi), ("id_lo", index.id_lo)):
             a = group.create_array(name, shape=(n,), chunks=(chunk_rows,), dtype=np.uint64, fill_value=0)
             a[:] = np.asarray(arr)

@@ -178,3 +178,14 @@ def test_keep_list_api_and_exports(run, tmp_path, capsys):
     (tmp_path / "keep" / "ids.npy").unlink()
     with pytest.raises(ValueError, match="damaged or incomplete"):
         KeepList.load(tmp_path / "keep")
+
+
+def test_method_scores_only_gives_the_same_keep_list(run, tmp_path):
+    import zarr
+
+    path, _, _ = run
+    full = reduce(path, 0.5, "dual-beta", window=5, out=tmp_path / "a", progress=False)
+    fast = reduce(path, 0.5, "dual-beta", window=5, out=tmp_path / "b", which="method", progress=False)
+    assert np.array_equal(np.asarray(full.id_pairs), np.asarray(fast.id_pairs))
+    g = zarr.open_group(str(path / "scores.zarr"), mode="r")
+    assert g.attrs["scores"] == ["dual", "mean_p"] and np.isnan(g["el2n"][:]).all()
