@@ -127,9 +127,34 @@ def _read_block(scores_path: str, r0: int, r1: int, spec: dict) -> dict[str, np.
 
 
 @ray.remote(num_cpus=1)
+def _store_keys(r0: int, r1: int, scores_path: str, spec: dict, n_groups: int) -> tuple[np.ndarray, int]:
+    """Compute the block's selection keys once into `sel_key`/`sel_group`; return group counts
+    and, for DUAL+Beta, how many weights are positive."""
+    sc = _read_block(scores_path, r0, r1, spec)
+    words, groups = block_keys(sc, r0, spec)
+    g = _scores_group(scores_path, "r+")
+    g["sel_key"][r0:r1], g["sel_group"][r0:r1] = words[0], groups
+    positive = 0
+    if spec["sampler"] == "beta":  # ES keys of positive weights are > the zero-weight base
+        positive = int(((groups >= 0) & (words[0] > np.uint64(sampling.POSITIVE_WEIGHT_BITS))).sum())
+    return np.bincount(groups[groups >= 0], minlength=n_groups), positive
+
+
+def _stored_words(scores_path: str, r0: int, r1: int, spec: dict) -> tuple[np.ndarray, np.ndarray]:
+    g = _scores_group(scores_path)
+    ids = [np.asarray(g[n][r0:r1]) for n in ("id_hi", "id_lo")]
+    words = np.stack([np.asarray(g["sel_key"][r0:r1]), ~ids[0], ~ids[1],
+                      ~np.arange(r0, r1, dtype=np.int64).astype(np.uint64)])
+    groups = np.asarray(g["sel_group"][r0:r1]).astype(np.int64)
+    if spec.get("excluded"):
+        groups = np.where(np.isin(groups, spec["excluded"]), -1, groups)
+    return words, groups
+
+
+@ray.remote(num_cpus=1)
 def _histogram_block(r0: int, r1: int, scores_path: str, spec: dict, prefixes: np.ndarray, active: list[int],
                      digit_bits: int) -> np.ndarray:
-    words, groups = block_keys(_read_block(scores_path, r0, r1, spec), r0, spec)
+    words, groups = _stored_words(scores_path, r0, r1, spec)
     groups = np.where(np.isin(groups, active), groups, -1)
     return sampling.radix_histogram(words, groups, prefixes, digit_bits)
 
@@ -137,21 +162,15 @@ def _histogram_block(r0: int, r1: int, scores_path: str, spec: dict, prefixes: n
 @ray.remote(num_cpus=1)
 def _gather_block(r0: int, r1: int, scores_path: str, spec: dict, prefixes: np.ndarray, active: list[int],
                   digit_bits: int) -> tuple[np.ndarray, np.ndarray]:
-    words, groups = block_keys(_read_block(scores_path, r0, r1, spec), r0, spec)
+    words, groups = _stored_words(scores_path, r0, r1, spec)
     groups = np.where(np.isin(groups, active), groups, -1)
     mask = sampling.prefix_mask(words, groups, prefixes, digit_bits)
     return words[:, mask], groups[mask]
 
 
 @ray.remote(num_cpus=1)
-def _count_block(r0: int, r1: int, scores_path: str, spec: dict, n_groups: int) -> np.ndarray:
-    _, groups = block_keys(_read_block(scores_path, r0, r1, spec), r0, spec)
-    return np.bincount(groups[groups >= 0], minlength=n_groups)
-
-
-@ray.remote(num_cpus=1)
 def _kept_block(r0: int, r1: int, scores_path: str, spec: dict, thresholds: np.ndarray) -> np.ndarray:
-    words, groups = block_keys(_read_block(scores_path, r0, r1, spec), r0, spec)
+    words, groups = _stored_words(scores_path, r0, r1, spec)
     return np.flatnonzero(sampling.at_least(words, thresholds, groups)) + r0
 
 
@@ -183,7 +202,8 @@ class _Blocks:
 
 def _thresholds(blocks: _Blocks, scores_path: str, spec: dict, needs: np.ndarray, counts: np.ndarray,
                 progress: bool, gather_limit: int) -> np.ndarray:
-    """Per group, the words of its `needs[g]`-th largest row (all-zero words: keep the whole group)."""
+    """Per group, the words of its `needs[g]`-th largest stored key (all-zero words: keep the
+    whole group). The keys of `spec` must have been stored (`_store_keys`)."""
     n_groups = len(needs)
     digit_bits = _DIGITS.get(n_groups, 8)
     thresholds = np.zeros((4, n_groups), dtype=np.uint64)
@@ -278,20 +298,21 @@ def reduce(run: str | os.PathLike, ratio: float, method: str = "dual-beta", *, s
     if m.sampler == "ccs":
         spec["cut_threshold"], spec["lo"], spec["hi"] = _ccs_setup(blocks, scores_path, spec, n_ok, k, cut, progress,
                                                                    gather_limit)
-        counts = sum(blocks.map(_count_block, scores_path, spec, CCS_BINS))
+    n_groups = CCS_BINS if m.sampler == "ccs" else 1
+    parts = blocks.map(_store_keys, scores_path, spec, n_groups, desc="keys", progress=progress)
+    counts = sum(p[0] for p in parts)
+    if m.sampler == "ccs":
         needs = sampling.ccs_quotas(counts, k)
         spec["excluded"] = [int(g) for g in np.flatnonzero(needs == 0)]
         params.update(lo=spec["lo"], hi=spec["hi"], bins=CCS_BINS, quotas=needs.tolist())
     else:
-        counts, needs = np.array([n_ok]), np.array([k])
-    if k == 0:
-        spec["excluded"] = [0]
+        needs = np.array([k])
+        spec["excluded"] = [0] if k == 0 else []
     thresholds = _thresholds(blocks, scores_path, spec, np.asarray(needs), np.asarray(counts), progress,
                              gather_limit)
     kept_parts = blocks.map(_kept_block, scores_path, spec, thresholds, desc="keep", progress=progress)
-    filled = 0
-    if m.sampler == "beta":  # ES keys rank every positive weight above the zero-weight fill-up
-        filled = max(0, k - sum(blocks.map(_positive_weights, scores_path, spec)))
+    # ES keys rank every positive weight above the zero-weight fill-up.
+    filled = max(0, k - sum(p[1] for p in parts)) if m.sampler == "beta" else 0
     manifest = _manifest(method=m.name, ratio=ratio, seed=seed, k=k, N=n_ok, n_rows=n, dropped_missing=dropped,
                          filled_zero_weight=filled, epochs=epochs, window=window, params=params,
                          fingerprint=index.fingerprint, index_root=index.root, weights=m.sampler == "random")
@@ -308,8 +329,9 @@ def _score_all(blocks: _Blocks, store: StatsStore, scores_path: str, epochs: int
     n = store.n_samples
     for name in SCORES:
         g.create_array(name, shape=(n,), chunks=(block_rows,), dtype=np.float64, fill_value=np.nan)
-    for name in ("id_hi", "id_lo"):
+    for name in ("id_hi", "id_lo", "sel_key"):
         g.create_array(name, shape=(n,), chunks=(block_rows,), dtype=np.uint64, fill_value=0)
+    g.create_array("sel_group", shape=(n,), chunks=(block_rows,), dtype=np.int16, fill_value=-1)
     parts = blocks.map(_score_block, store.path.as_posix(), str(tmp), epochs, window, names, desc="score",
                        progress=progress)
     summary = {"finite": {s: sum(p["finite"][s] for p in parts) for s in names},
@@ -334,6 +356,7 @@ def _ccs_setup(blocks: _Blocks, scores_path: str, spec: dict, n_ok: int, k: int,
     cut_spec = {**spec, "phase": "cut"}
     threshold = None
     if n_cut > 0:
+        blocks.map(_store_keys, scores_path, cut_spec, 1)
         threshold = _thresholds(blocks, scores_path, cut_spec, np.array([n_cut]), np.array([n_ok]), progress,
                                 gather_limit)[:, 0]
         threshold = [int(x) for x in threshold]
@@ -349,14 +372,6 @@ def _remaining_range(r0: int, r1: int, scores_path: str, spec: dict):
     _, groups = block_keys(sc, r0, spec)
     left = sc[spec["score"]][groups >= 0]
     return (float(left.min()), float(left.max())) if len(left) else None
-
-
-@ray.remote(num_cpus=1)
-def _positive_weights(r0: int, r1: int, scores_path: str, spec: dict) -> int:
-    sc = _read_block(scores_path, r0, r1, spec)
-    ok = np.isfinite(sc["dual"]) & np.isfinite(sc["mean_p"])
-    w = sampling.beta_weights(sc["dual"][ok], sc["mean_p"][ok], spec["ratio"], anchor=spec["anchor"], **spec["beta"])
-    return int((w > 0).sum())
 
 
 def _write_keep(out: Path, index: Index, kept_parts: list[np.ndarray], manifest: dict, k: int, n_ok: int,

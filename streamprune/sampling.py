@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import stats as _stats
 
-_ZERO_WEIGHT_BASE = -1e300  # zero-weight samples rank below every positive-weight key
+ZERO_WEIGHT_BASE = -1e300  # zero-weight samples rank below every positive-weight key
 
 
 def check_ratio(ratio: float) -> float:
@@ -76,8 +76,8 @@ def weighted_keys(weights: np.ndarray, u: np.ndarray) -> np.ndarray:
     if (w < 0).any() or not np.isfinite(w).all():
         raise ValueError("weights must be finite and >= 0")
     with np.errstate(divide="ignore"):
-        es = np.maximum(np.log(u) / w, _ZERO_WEIGHT_BASE * 0.5)
-    return np.where(w > 0, es, _ZERO_WEIGHT_BASE * (1.0 + u))
+        es = np.maximum(np.log(u) / w, ZERO_WEIGHT_BASE * 0.5)
+    return np.where(w > 0, es, ZERO_WEIGHT_BASE * (1.0 + u))
 
 
 def score_keys(score: np.ndarray, lower_is_harder: bool = False) -> np.ndarray:
@@ -91,14 +91,21 @@ def uniform_keys(u: np.ndarray) -> np.ndarray:
     return -np.asarray(u, dtype=np.float64)
 
 
-def key_words(keys: np.ndarray, id_hi: np.ndarray, id_lo: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """`(4, n)` uint64 words whose lexicographic order is the selection order (larger first)."""
+def key_bits(keys: np.ndarray) -> np.ndarray:
+    """Float64 keys as uint64 with the same order (NaN refused)."""
     k = np.asarray(keys, dtype=np.float64)
     if np.isnan(k).any():
         raise ValueError("selection keys contain NaN")
     bits = k.view(np.uint64)
-    bits = np.where(bits >> np.uint64(63), ~bits, bits | np.uint64(1 << 63))
-    return np.stack([bits, ~np.asarray(id_hi, np.uint64), ~np.asarray(id_lo, np.uint64),
+    return np.where(bits >> np.uint64(63), ~bits, bits | np.uint64(1 << 63))
+
+
+POSITIVE_WEIGHT_BITS = int(key_bits(np.array([ZERO_WEIGHT_BASE * 0.75]))[0])  # keys above: positive weights
+
+
+def key_words(keys: np.ndarray, id_hi: np.ndarray, id_lo: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """`(4, n)` uint64 words whose lexicographic order is the selection order (larger first)."""
+    return np.stack([key_bits(keys), ~np.asarray(id_hi, np.uint64), ~np.asarray(id_lo, np.uint64),
                      ~np.asarray(rows, np.int64).astype(np.uint64)])
 
 
