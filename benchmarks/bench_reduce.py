@@ -6,7 +6,8 @@ The synthetic run is written directly in streamprune's on-disk formats: an index
 store whose `p_true` holds learning-curve-like values (the only statistic DUAL+Beta needs;
 the other five arrays are left unwritten, i.e. missing), reduced with `--scores method`
 (read only what DUAL+Beta needs). Peak memory is the largest total
-resident memory of the driver and all Ray worker processes, sampled every 0.1 s.
+anonymous resident memory (heap; memory-mapped file pages excluded) of the driver and all
+Ray task processes, sampled every 0.1 s.
 
     python benchmarks/bench_reduce.py [--quick] [--sizes 10000000 100000000] [--keep-data DIR]
 """
@@ -89,7 +90,8 @@ def synthetic_run(root: Path, n: int) -> Path:
 
 
 class PeakMemory(threading.Thread):
-    """Largest total RSS of this process and all `ray::` worker processes."""
+    """Largest total anonymous resident memory (heap, not file-backed pages of memory-mapped
+    inputs the kernel can drop) of this process and all `ray::` task processes."""
 
     def __init__(self):
         super().__init__(daemon=True)
@@ -103,7 +105,7 @@ class PeakMemory(threading.Thread):
                     cmd = open(f"/proc/{pid}/cmdline", "rb").read()
                     if int(pid) != os.getpid() and not cmd.startswith(b"ray::_"):
                         continue
-                    rss = next(int(l.split()[1]) for l in open(f"/proc/{pid}/status") if l.startswith("VmRSS"))
+                    rss = next(int(l.split()[1]) for l in open(f"/proc/{pid}/status") if l.startswith("RssAnon"))
                 except (OSError, StopIteration, ValueError):
                     continue
                 total += rss * 1024

@@ -115,9 +115,9 @@ class KeepList:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the directory atomically: a reader sees the old list or the new one, never a mix."""
-        with KeepListWriter(path, self.manifest, self.names, self.kept, self.samples,
+        with KeepListWriter(path, self.manifest, self.names, len(self), self.samples,
                             with_positions=self.positions is not None, with_weights=self.weights is not None) as w:
-            w.add(np.asarray(self.id_pairs), np.asarray(self.key_offset), bytes(self.key_blob[: self.key_offset[-1]]),
+            w.add(np.repeat(np.arange(len(self.names)), self.kept), np.asarray(self.id_pairs), np.asarray(self.key_offset), bytes(self.key_blob[: self.key_offset[-1]]),
                   None if self.positions is None else np.asarray(self.positions),
                   None if self.weights is None else np.asarray(self.weights))
         return Path(path)
@@ -151,12 +151,12 @@ class KeepList:
 class KeepListWriter:
     """Writes a keep-list directory block by block (rows in index order), then swaps it in atomically."""
 
-    def __init__(self, path: str | os.PathLike, manifest: dict, names: list[str], kept: np.ndarray,
+    def __init__(self, path: str | os.PathLike, manifest: dict, names: list[str], k: int,
                  samples: np.ndarray | None = None, with_positions: bool = True, with_weights: bool = False):
         self.path = Path(path)
         self.tmp = temp_sibling(self.path)
-        self.manifest, self.names, self.kept, self.samples = manifest, names, np.asarray(kept), samples
-        self.k = int(self.kept.sum())
+        self.manifest, self.names, self.samples, self.k = manifest, names, samples, int(k)
+        self.kept = np.zeros(len(names), dtype=np.int64)
         self.with_positions, self.with_weights = with_positions, with_weights
 
     def __enter__(self) -> "KeepListWriter":
@@ -170,13 +170,18 @@ class KeepListWriter:
                                                     shape=(self.k + 1,))
         self.key_offset[0] = 0
         self.keys = open(self.tmp / "keys.bin", "wb")
-        self.n = 0
+        self.n, self._last_shard = 0, 0
         return self
 
-    def add(self, ids: np.ndarray, key_offset: np.ndarray, key_blob: bytes, positions: np.ndarray | None = None,
-            weights: np.ndarray | None = None) -> None:
-        """Append kept samples: identities, their keys (blob + offsets from 0) and positions/weights."""
+    def add(self, shards: np.ndarray, ids: np.ndarray, key_offset: np.ndarray, key_blob: bytes,
+            positions: np.ndarray | None = None, weights: np.ndarray | None = None) -> None:
+        """Append kept samples in index order: their shard numbers, identities, keys (blob +
+        offsets from 0) and positions/weights."""
         m = len(ids)
+        if m and (np.diff(shards) < 0).any() or (m and self.n and shards[0] < self._last_shard):
+            raise ValueError("kept samples must be added in shard order")
+        np.add.at(self.kept, shards, 1)
+        self._last_shard = int(shards[-1]) if m else self._last_shard
         if self.n + m > self.k:
             raise ValueError(f"more kept samples than the {self.k} the shard counts announce")
         self.ids[self.n : self.n + m] = ids

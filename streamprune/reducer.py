@@ -180,7 +180,8 @@ class _Blocks:
     def __init__(self, bounds: list[tuple[int, int]], workers: int):
         self.bounds, self.workers = bounds, workers
 
-    def map(self, fn, *args, desc: str | None = None, progress: bool = False):
+    def map(self, fn, *args, desc: str | None = None, progress: bool = False, sink=None):
+        """Results in block order; with `sink(i, result)`, hand each over as it arrives instead."""
         out: list = [None] * len(self.bounds)
         pending, todo = {}, iter(enumerate(self.bounds))
         bar = tqdm(total=len(self.bounds), desc=desc, unit="block", disable=not progress, leave=False)
@@ -190,7 +191,11 @@ class _Blocks:
                 break
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1)
-            out[pending.pop(done[0])] = ray.get(done[0])
+            i = pending.pop(done[0])
+            if sink is None:
+                out[i] = ray.get(done[0])
+            else:
+                sink(i, ray.get(done[0]))
             bar.update()
             nxt = next(todo, None)
             if nxt is not None:
@@ -310,14 +315,16 @@ def reduce(run: str | os.PathLike, ratio: float, method: str = "dual-beta", *, s
         spec["excluded"] = [0] if k == 0 else []
     thresholds = _thresholds(blocks, scores_path, spec, np.asarray(needs), np.asarray(counts), progress,
                              gather_limit)
-    kept_parts = blocks.map(_kept_block, scores_path, spec, thresholds, desc="keep", progress=progress)
     # ES keys rank every positive weight above the zero-weight fill-up.
     filled = max(0, k - sum(p[1] for p in parts)) if m.sampler == "beta" else 0
     manifest = _manifest(method=m.name, ratio=ratio, seed=seed, k=k, N=n_ok, n_rows=n, dropped_missing=dropped,
                          filled_zero_weight=filled, epochs=epochs, window=window, params=params,
                          fingerprint=index.fingerprint, index_root=index.root, weights=m.sampler == "random")
     out = Path(out) if out is not None else run / "keep"
-    _write_keep(out, index, kept_parts, manifest, k, n_ok, m.sampler == "random")
+    with KeepListWriter(out, manifest, index.names, k, np.diff(index.shard_offset),
+                        with_weights=m.sampler == "random") as writer:
+        blocks.map(_kept_block, scores_path, spec, thresholds, desc="keep", progress=progress,
+                   sink=_InOrder(lambda rows: _write_kept(writer, index, rows, n_ok / max(k, 1))))
     return KeepList.load(out)
 
 
@@ -374,25 +381,32 @@ def _remaining_range(r0: int, r1: int, scores_path: str, spec: dict):
     return (float(left.min()), float(left.max())) if len(left) else None
 
 
-def _write_keep(out: Path, index: Index, kept_parts: list[np.ndarray], manifest: dict, k: int, n_ok: int,
-                uniform_weights: bool) -> None:
-    counts = np.zeros(index.n_shards, dtype=np.int64)
-    for rows in kept_parts:
-        np.add.at(counts, index.shard_of(rows), 1)
-    with KeepListWriter(out, manifest, index.names, counts, np.diff(index.shard_offset),
-                        with_weights=uniform_weights) as w:
-        with open(index.path / "keys.bin", "rb") as keys_file:
-            for rows in kept_parts:
-                if not len(rows):
-                    continue
-                starts, ends = index.key_offset[rows], index.key_offset[rows + 1]
-                keys_file.seek(int(starts[0]))
-                span = np.frombuffer(keys_file.read(int(ends[-1] - starts[0])), dtype=np.uint8)
-                lengths = ends - starts
-                offsets = np.concatenate([[0], np.cumsum(lengths)])
-                byte_pos = np.repeat(starts - starts[0] - offsets[:-1], lengths) + np.arange(offsets[-1])
-                blob = span[byte_pos].tobytes()
-                ids = np.empty(len(rows), dtype=w.ids.dtype)
-                ids["f0"], ids["f1"] = index.id_hi[rows], index.id_lo[rows]
-                positions = rows - index.shard_offset[index.shard_of(rows)]
-                w.add(ids, offsets, blob, positions, np.full(len(rows), n_ok / max(k, 1)) if uniform_weights else None)
+class _InOrder:
+    """Passes block results to `fn` in block order, holding only those that arrive early."""
+
+    def __init__(self, fn):
+        self.fn, self.next, self.early = fn, 0, {}
+
+    def __call__(self, i: int, result) -> None:
+        self.early[i] = result
+        while self.next in self.early:
+            self.fn(self.early.pop(self.next))
+            self.next += 1
+
+
+def _write_kept(writer: KeepListWriter, index: Index, rows: np.ndarray, weight: float) -> None:
+    """Append one block's kept rows: identities, keys, positions (and uniform weights)."""
+    if not len(rows):
+        return
+    starts, ends = index.key_offset[rows], index.key_offset[rows + 1]
+    with open(index.path / "keys.bin", "rb") as keys_file:
+        keys_file.seek(int(starts[0]))
+        span = np.frombuffer(keys_file.read(int(ends[-1] - starts[0])), dtype=np.uint8)
+    lengths = ends - starts
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    blob = span[np.repeat(starts - starts[0] - offsets[:-1], lengths) + np.arange(offsets[-1])].tobytes()
+    ids = np.empty(len(rows), dtype=writer.ids.dtype)
+    ids["f0"], ids["f1"] = index.id_hi[rows], index.id_lo[rows]
+    shards = index.shard_of(rows)
+    writer.add(shards, ids, offsets, blob, rows - index.shard_offset[shards],
+               np.full(len(rows), weight) if writer.weights is not None else None)
