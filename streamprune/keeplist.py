@@ -110,7 +110,7 @@ class KeepList:
         ids["f0"], ids["f1"] = pairs_[:, 0], pairs_[:, 1]
         encoded = [k.encode() for k in keys]
         offsets = np.concatenate([[0], np.cumsum([len(e) for e in encoded])]).astype(np.int64)
-        return cls(_manifest(method=method, k=len(keys), fingerprint=fingerprint), names,
+        return cls(new_manifest(method=method, k=len(keys), fingerprint=fingerprint), names,
                    [len(by_shard[n]) for n in names], b"".join(encoded), offsets, ids)
 
     def save(self, path: str | os.PathLike) -> Path:
@@ -214,7 +214,8 @@ class KeepListWriter:
             shutil.rmtree(self.tmp, ignore_errors=True)
 
 
-def _manifest(**fields) -> dict:
+def new_manifest(**fields) -> dict:
+    """Manifest fields every keep-list carries, plus `fields`."""
     from . import __version__
 
     return {"format": FORMAT, "version": FORMAT_VERSION, "streamprune_version": __version__,

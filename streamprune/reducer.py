@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from . import sampling
 from .atomic import swap_in, temp_sibling
 from .identity import uniforms
-from .keeplist import KeepList, KeepListWriter, _manifest
+from .keeplist import KeepList, KeepListWriter, new_manifest
 from .raycluster import ensure_ray
 from .scores import NEEDS, SCORES, all_scores
 from .shardindex import Index
@@ -33,7 +33,6 @@ METHOD_SCORE = {"dual-beta": "dual", "dual": "dual", "dyn-unc": "dyn_unc", "el2n
 LOWER_IS_HARDER = {"aum"}
 CCS_BINS = 50
 GATHER_LIMIT = 1 << 20
-_DIGITS = {1: 16}  # digit bits by group count; many groups use 8-bit digits (smaller histograms)
 
 
 @dataclass(frozen=True)
@@ -210,7 +209,7 @@ def _thresholds(blocks: _Blocks, scores_path: str, spec: dict, needs: np.ndarray
     """Per group, the words of its `needs[g]`-th largest stored key (all-zero words: keep the
     whole group). The keys of `spec` must have been stored (`_store_keys`)."""
     n_groups = len(needs)
-    digit_bits = _DIGITS.get(n_groups, 8)
+    digit_bits = 16 if n_groups == 1 else 8  # per-bin (CCS) histograms stay small with 8-bit digits
     thresholds = np.zeros((4, n_groups), dtype=np.uint64)
     need, bucket = needs.astype(np.int64).copy(), counts.astype(np.int64).copy()
     active = [g for g in range(n_groups) if 0 < need[g] < counts[g]]
@@ -317,7 +316,7 @@ def reduce(run: str | os.PathLike, ratio: float, method: str = "dual-beta", *, s
                              gather_limit)
     # ES keys rank every positive weight above the zero-weight fill-up.
     filled = max(0, k - sum(p[1] for p in parts)) if m.sampler == "beta" else 0
-    manifest = _manifest(method=m.name, ratio=ratio, seed=seed, k=k, N=n_ok, n_rows=n, dropped_missing=dropped,
+    manifest = new_manifest(method=m.name, ratio=ratio, seed=seed, k=k, N=n_ok, n_rows=n, dropped_missing=dropped,
                          filled_zero_weight=filled, epochs=epochs, window=window, params=params,
                          fingerprint=index.fingerprint, index_root=index.root, weights=m.sampler == "random")
     out = Path(out) if out is not None else run / "keep"
