@@ -271,20 +271,20 @@ def _send(writers: StoreWriters, rows_buf: list, stats_buf: list) -> list:
 
 
 def _peek(idx: Index, healthy: list[int], want_classes: bool) -> tuple[int, int, int | None]:
-    """Channels and size of the first image; the class count from the labels of a few shards."""
+    """Channels and size of the first image; the class count from the labels of the first
+    2,000 samples of up to 4 shards."""
     import webdataset as wds
 
     channels = size = None
-    top = -1
+    top, seen = -1, 0
     for shard in healthy[: 4 if want_classes else 1]:
         for sample in wds.WebDataset(idx.shards[shard]["url"], shardshuffle=False, nodesplitter=None,
                                      workersplitter=None, empty_check=False):
             img, label = decode_sample(sample)
-            if channels is None:
-                channels, size = img.shape[0], max(img.shape[1:])
-                if not want_classes:
-                    break
-            top = max(top, label)
+            channels, size = (img.shape[0], max(img.shape[1:])) if channels is None else (channels, size)
+            top, seen = max(top, label), seen + 1
+            if not want_classes or seen >= 2000:
+                return channels, size, (top + 1 if want_classes else None)
     return channels, size, (top + 1 if want_classes else None)
 
 
