@@ -43,33 +43,55 @@ def cmd_make_shards(args) -> None:
     print(f"wrote {len(paths)} shards of Fashion-MNIST {args.split} from {source} to {args.out}")
 
 
+def _record_line(s) -> str:
+    if not s.epochs_run:
+        return f"record: all {s.epochs_done} epochs of {s.run} were already recorded"
+    rate = s.samples / max(sum(s.epoch_seconds), 1e-9)
+    return (f"record: epochs {s.epochs_run[0]}..{s.epochs_run[-1]} of {s.run} done in {sum(s.epoch_seconds):.1f} s "
+            f"({rate:,.0f} samples/s); {s.epochs_done} epochs recorded")
+
+
+def _reduce_line(keep, out) -> str:
+    m = keep.manifest
+    return (f"reduce: {m['method']} at ratio {m['ratio']}: kept {m['k']:,} of {m['N']:,} samples "
+            f"({m['dropped_missing']:,} with missing statistics left out"
+            + (f", {m['filled_zero_weight']:,} filled uniformly from zero weights" if m["filled_zero_weight"] else "")
+            + f"); keep-list: {out}")
+
+
 def cmd_demo(args) -> None:
     from .datasets import fashion_mnist_shards
     from .indexer import index
+    from .recorder import record
+    from .reducer import reduce
 
     out = Path(args.out)
+    run = out / "run"
     t0 = time.perf_counter()
-    paths, source = fashion_mnist_shards(out / "shards", data_dir=args.data_dir, uneven=True,
+    paths, source = fashion_mnist_shards(out / "shards", data_dir=args.data_dir, uneven=True, limit=args.samples,
                                          progress=not args.quiet)
     t1 = time.perf_counter()
     print(f"shards: {len(paths)} uneven WebDataset shards of Fashion-MNIST from {source} ({t1 - t0:.1f} s)")
-    idx = index(paths, out / "run", address=args.address, progress=not args.quiet)
-    print(_summary(idx))
-    print(f"index: {time.perf_counter() - t1:.1f} s")
-    print(f"\nnext: the record, reduce and apply stages build on {out / 'run'}")
+    print(_summary(index(paths, run, address=args.address, progress=not args.quiet)))
+    t2 = time.perf_counter()
+    print(f"index: {t2 - t1:.1f} s")
+    summary = record(run, args.epochs, schedule_epochs=max(args.epochs, 3 * args.epochs), num_classes=10,
+                     address=args.address, progress=not args.quiet)
+    t3 = time.perf_counter()
+    print(_record_line(summary) + f" ({t3 - t2:.1f} s with start-up)")
+    keep = reduce(run, args.ratio, "dual-beta", window=min(10, args.epochs), progress=not args.quiet)
+    print(_reduce_line(keep, run / "keep") + f" ({time.perf_counter() - t3:.1f} s)")
+    print(f"\nnext: apply {run / 'keep'} at load time (PrunedWebDataset, coming next)")
 
 
 def cmd_record(args) -> None:
     from .recorder import record
 
-    s = record(args.run, args.epochs, workers=args.workers, gpus_per_worker=args.gpus_per_worker, model=args.model,
-               address=args.address, batch_size=args.batch_size, lr=args.lr, schedule_epochs=args.schedule_epochs,
-               seed=args.seed, num_classes=args.num_classes, loader_workers=args.loader_workers,
-               max_failures=args.max_failures, progress=not args.quiet)
-    if s.epochs_run:
-        rate = s.samples / max(sum(s.epoch_seconds), 1e-9)
-        print(f"record: epochs {s.epochs_run[0]}..{s.epochs_run[-1]} of {s.run} done in {sum(s.epoch_seconds):.1f} s "
-              f"({rate:,.0f} samples/s); {s.epochs_done} epochs recorded")
+    print(_record_line(record(args.run, args.epochs, workers=args.workers, gpus_per_worker=args.gpus_per_worker,
+                              model=args.model, address=args.address, batch_size=args.batch_size, lr=args.lr,
+                              schedule_epochs=args.schedule_epochs, seed=args.seed, num_classes=args.num_classes,
+                              loader_workers=args.loader_workers, max_failures=args.max_failures,
+                              progress=not args.quiet)))
 
 
 def cmd_reduce(args) -> None:
@@ -79,11 +101,7 @@ def cmd_reduce(args) -> None:
                   workers=args.workers, block_rows=args.block_rows, out=args.out, missing=args.missing,
                   c_d=args.c_d, C=args.C, alpha_plus_beta=args.alpha_plus_beta, cut=args.cut, address=args.address,
                   which=args.scores, progress=not args.quiet)
-    m = keep.manifest
-    print(f"reduce: {m['method']} at ratio {m['ratio']}: kept {m['k']:,} of {m['N']:,} samples "
-          f"({m['dropped_missing']:,} with missing statistics left out"
-          + (f", {m['filled_zero_weight']:,} filled uniformly from zero weights" if m["filled_zero_weight"] else "")
-          + f"); keep-list: {args.out or Path(args.run) / 'keep'}")
+    print(_reduce_line(keep, args.out or Path(args.run) / "keep"))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -157,6 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("demo", help="the whole job offline on real Fashion-MNIST shards")
     s.add_argument("--out", default="streamprune-demo")
     s.add_argument("--data-dir", help="folder with the Fashion-MNIST IDX files (default: found or bundled)")
+    s.add_argument("--samples", type=int, default=6000, help="training images to use (default 6000)")
+    s.add_argument("--epochs", type=int, default=10, help="proxy epochs to record (default 10)")
+    s.add_argument("--ratio", type=float, default=0.5, help="pruning ratio (default 0.5)")
     s.add_argument("--address", help="Ray cluster address (default: start a local Ray instance)")
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(fn=cmd_demo)

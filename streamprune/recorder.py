@@ -331,7 +331,6 @@ def record(run: str | os.PathLike, epochs: int, *, workers: int | None = None, g
                              f"{[old[k] for k in changed]}); use the same ones to resume, or a new run directory")
         start = store.complete_epochs()
         if start == epochs:
-            print(f"record: all {epochs} epochs of {run} are already recorded")
             return RecordSummary(str(run), epochs)
         writers = StoreWriters(store_path, n_writers=workers)
     else:

@@ -67,9 +67,10 @@ def test_written_shards_read_back_with_webdataset(fmnist, tmp_path, fmt):
         write_shards(images[:50], labels[:50], tmp_path, sizes=[49])
 
 
-def test_demo_builds_and_indexes_real_shards(ray_session, tmp_path, capsys):
-    assert main(["demo", "--out", str(tmp_path), "--quiet"]) == 0
+def test_demo_runs_index_record_and_reduce_on_real_shards(ray_session, tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path), "--samples", "1200", "--epochs", "3", "--ratio", "0.25",
+                 "--quiet"]) == 0
     out = capsys.readouterr().out
-    n = len(load_fashion_mnist("train")[1])
-    assert f"samples {n}" in out and (tmp_path / "run" / "index" / "manifest.json").exists()
-    assert len(list((tmp_path / "shards").glob("train-*.tar"))) == max(4, n // 1000)
+    assert "samples 1200" in out and "3 epochs recorded" in out and "kept 900 of 1,200 samples" in out
+    assert len(list((tmp_path / "shards").glob("train-*.tar"))) == 4
+    assert (tmp_path / "run" / "keep" / "manifest.json").exists()
