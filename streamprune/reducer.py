@@ -256,6 +256,8 @@ def reduce(run: str | os.PathLike, ratio: float, method: str = "dual-beta", *, s
         raise ValueError(f"missing must be 'drop' or 'error', not {missing!r}")
     if not 0 <= cut < 1:
         raise ValueError(f"cut must be in [0, 1), not {cut}")
+    if which not in ("all", "method"):
+        raise ValueError(f"scores must be 'all' or 'method', not {which!r}")
     run = Path(run).resolve()
     index = Index(run / "index")
     store = StatsStore.open(run / "stats.zarr", mode="r", index=index)
@@ -277,8 +279,6 @@ def reduce(run: str | os.PathLike, ratio: float, method: str = "dual-beta", *, s
     bounds = [(r0, min(r0 + block_rows, n)) for r0 in range(0, n, block_rows)]
     blocks = _Blocks(bounds, workers)
     scores_path = str(run / "scores.zarr")
-    if which not in ("all", "method"):
-        raise ValueError(f"scores must be 'all' or 'method', not {which!r}")
     names = SCORES if which == "all" else tuple(dict.fromkeys(
         [s for s in (m.score, "dual" if m.sampler == "beta" else None) if s] + ["mean_p"]))
     summary = _score_all(blocks, store, scores_path, epochs, window, block_rows, names, progress)

@@ -140,6 +140,8 @@ def test_bad_arguments_are_refused(run, tmp_path):
         reduce(path, 0.5, window=13, progress=False)
     with pytest.raises(ValueError, match="CCS needs a score"):
         reduce(path, 0.5, "ccs:loss", progress=False)
+    with pytest.raises(ValueError, match="scores must be 'all' or 'method'"):
+        reduce(path, 0.5, which="some", progress=False)
     assert main(["reduce", str(path), "--ratio", "2"]) == 2
 
 
