@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from .identity import SampleIdentity, parse_identity, shard_names
 from .raycluster import ensure_ray
-from .shardindex import Index, load_scan, save_scan, scan_shard, write_index
+from .shardindex import Index, save_scan, scan_shard, write_index
 from .shardlist import expand_urls
 
 

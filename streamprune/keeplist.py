@@ -178,10 +178,11 @@ class KeepListWriter:
         """Append kept samples in index order: their shard numbers, identities, keys (blob +
         offsets from 0) and positions/weights."""
         m = len(ids)
-        if m and (np.diff(shards) < 0).any() or (m and self.n and shards[0] < self._last_shard):
-            raise ValueError("kept samples must be added in shard order")
-        np.add.at(self.kept, shards, 1)
-        self._last_shard = int(shards[-1]) if m else self._last_shard
+        if m:
+            if (np.diff(shards) < 0).any() or shards[0] < self._last_shard:
+                raise ValueError("kept samples must be added in shard order")
+            self.kept += np.bincount(shards, minlength=len(self.kept))
+            self._last_shard = int(shards[-1])
         if self.n + m > self.k:
             raise ValueError(f"more kept samples than the {self.k} the shard counts announce")
         self.ids[self.n : self.n + m] = ids

@@ -395,14 +395,11 @@ def _fit(run: Path, cfg: RecordConfig, writers, tracker, healthy, channels, size
         raise error[0]
     summary = RecordSummary(str(run), max(epochs, default=start - 1) + 1, sorted(epochs),
                             [epochs[e] for e in sorted(epochs)])
-    for epoch in summary.epochs_run:
-        for rank in range(cfg.workers):
-            r = state.get((epoch, rank))
-            if r:
-                summary.samples_per_s_per_worker.append(r["n"] / max(epochs[epoch], 1e-9))
-        summary.samples += sum(v["n"] for (e, _), v in state.items() if e == epoch)
-    if progress:
-        for e, sec in zip(summary.epochs_run, summary.epoch_seconds):
-            per = [v["n"] / sec for (ep, _), v in sorted(state.items()) if ep == e]
-            print(f"epoch {e}: {sec:.1f} s, samples/s per worker: {', '.join(f'{p:,.0f}' for p in per)}")
+    for epoch, sec in zip(summary.epochs_run, summary.epoch_seconds):
+        counts = [state[(epoch, rank)]["n"] for rank in range(cfg.workers) if (epoch, rank) in state]
+        rates = [n / max(sec, 1e-9) for n in counts]
+        summary.samples_per_s_per_worker += rates
+        summary.samples += sum(counts)
+        if progress:
+            print(f"epoch {epoch}: {sec:.1f} s, samples/s per worker: {', '.join(f'{r:,.0f}' for r in rates)}")
     return summary

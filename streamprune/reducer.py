@@ -150,19 +150,24 @@ def _stored_words(scores_path: str, r0: int, r1: int, spec: dict) -> tuple[np.nd
     return words, groups
 
 
+def _active_words(scores_path: str, r0: int, r1: int, spec: dict, active: list[int]
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """Stored words, with rows outside the groups still being refined set to group -1."""
+    words, groups = _stored_words(scores_path, r0, r1, spec)
+    return words, np.where(np.isin(groups, active), groups, -1)
+
+
 @ray.remote(num_cpus=1)
 def _histogram_block(r0: int, r1: int, scores_path: str, spec: dict, prefixes: np.ndarray, active: list[int],
                      digit_bits: int) -> np.ndarray:
-    words, groups = _stored_words(scores_path, r0, r1, spec)
-    groups = np.where(np.isin(groups, active), groups, -1)
+    words, groups = _active_words(scores_path, r0, r1, spec, active)
     return sampling.radix_histogram(words, groups, prefixes, digit_bits)
 
 
 @ray.remote(num_cpus=1)
 def _gather_block(r0: int, r1: int, scores_path: str, spec: dict, prefixes: np.ndarray, active: list[int],
                   digit_bits: int) -> tuple[np.ndarray, np.ndarray]:
-    words, groups = _stored_words(scores_path, r0, r1, spec)
-    groups = np.where(np.isin(groups, active), groups, -1)
+    words, groups = _active_words(scores_path, r0, r1, spec, active)
     mask = sampling.prefix_mask(words, groups, prefixes, digit_bits)
     return words[:, mask], groups[mask]
 

@@ -84,13 +84,14 @@ def scan_shard(url: str, name: str, identity: SampleIdentity | None = None) -> S
             cols["member_size"].extend(m.size for m in sample.members)
         opened.close(url)
     except (TarFormatError, ValueError, OSError) as exc:
+        error: Exception = exc
         if opened.process is not None:  # a failed pipe command explains a broken stream best
             try:
                 opened.close(url)
             except OSError as pipe_exc:
-                exc = pipe_exc
-        scan.status, scan.error = "broken", str(exc)
-        scan.error_offset = getattr(exc, "offset", None)
+                error = pipe_exc
+        scan.status, scan.error = "broken", str(error)
+        scan.error_offset = getattr(error, "offset", None)
         scan.keys = []
     finally:
         scan.bytes_read = reader.bytes_read
@@ -113,10 +114,16 @@ def save_scan(scan: ShardScan, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def load_scan_meta(path: Path) -> dict:
+    """The JSON part of a saved scan, without reading its arrays."""
+    with np.load(path, allow_pickle=False) as z:
+        return json.loads(z["meta"].tobytes())
+
+
 def load_scan(path: Path) -> ShardScan:
     """Read a part written by `save_scan`."""
+    meta = load_scan_meta(path)
     with np.load(path, allow_pickle=False) as z:
-        meta = json.loads(z["meta"].tobytes())
         keys_blob = z["keys"].tobytes().decode()
         arrays = {k: z[k] for k in _ARRAYS}
     meta.pop("samples")
@@ -127,7 +134,7 @@ def load_scan(path: Path) -> ShardScan:
 def write_index(out: Path, scans: list[ShardScan] | list[Path], root: str, identity_spec: str) -> "Index":
     """Merge per-shard scans (objects or part files), in shard order, into `out` atomically."""
     out = Path(out)
-    metas = [(load_scan(s) if isinstance(s, Path) else s).meta() for s in scans]
+    metas = [load_scan_meta(s) if isinstance(s, Path) else s.meta() for s in scans]
     counts = np.array([m["samples"] for m in metas], dtype=np.int64)
     shard_offset = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
     n = int(shard_offset[-1])
@@ -141,7 +148,7 @@ def write_index(out: Path, scans: list[ShardScan] | list[Path], root: str, ident
     fp = hashlib.blake2b(digest_size=16)
     key_lengths = []
     with open(tmp / "keys.bin", "wb") as keys_out:
-        for item, meta in zip(scans, metas):
+        for item in scans:
             scan = load_scan(item) if isinstance(item, Path) else item
             fp.update(json.dumps([scan.name, scan.n]).encode())
             fp.update(scan.arrays["id_hi"].tobytes() + scan.arrays["id_lo"].tobytes())
