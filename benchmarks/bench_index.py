@@ -17,13 +17,14 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import webdataset as wds
 
 from streamprune import index
 from streamprune.raycluster import ensure_ray
-from streamprune.datasets import fashion_mnist_dir, load_fashion_mnist, shard_sizes, write_shards
+from streamprune.datasets import fashion_mnist_dir
 from streamprune.shardindex import scan_shard
+
+from shardsets import shard_sets
 
 
 def webdataset_full_read(paths: list[str]) -> tuple[int, float]:
@@ -62,21 +63,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--quick", action="store_true", help="a few thousand samples, for a smoke run")
     p.add_argument("--data-dir", help="Fashion-MNIST IDX folder (default: found or bundled)")
     args = p.parse_args(argv)
-    images, labels = load_fashion_mnist("train", args.data_dir)
-    n = 2000 if args.quick else len(images)
-    images, labels = images[:n], labels[:n]
-    print(f"data: {n} Fashion-MNIST images from {fashion_mnist_dir(args.data_dir)}; "
+    n = 2000 if args.quick else None
+    print(f"data: {n or 'all'} Fashion-MNIST images from {fashion_mnist_dir(args.data_dir)}; "
           f"{os.cpu_count()} CPUs; python {sys.version.split()[0]}")
     ensure_ray()  # started before timing: the figures are for indexing, not for Ray's start-up
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        n_shards = max(4, n // 1000)
-        png = write_shards(images, labels, work / "png", sizes=shard_sizes(n, n_shards, uneven=True))
-        m = min(n, 500 if args.quick else 10000)
-        big = np.repeat(np.repeat(images[:m], 4, axis=1), 4, axis=2)[..., None].repeat(3, axis=3)
-        npy = write_shards(big, labels[:m], work / "npy", sizes=shard_sizes(m, max(4, m // 1000), uneven=True),
-                           image_format="npy")
-        return [bench("png-28px", png, work), bench("npy-112px", npy, work)]
+        sets = shard_sets(work, n, n_big=500 if args.quick else 10000, data_dir=args.data_dir)
+        return [bench(name, paths, work) for name, paths in sets.items()]
 
 
 if __name__ == "__main__":

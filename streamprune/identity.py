@@ -80,6 +80,32 @@ def shard_names(urls: list[str], root: str | None = None) -> tuple[list[str], st
     return names, root_path
 
 
+class ShardMatcher:
+    """Finds which known shard name a URL refers to, wherever the dataset now lives.
+
+    With `root`, the name is the URL's path relative to it; otherwise the longest known
+    name that is a trailing part of the URL's path (so `s3://bucket/data/a.tar` and
+    `/mnt/data/a.tar` both match `a.tar` or `data/a.tar`).
+    """
+
+    def __init__(self, names: list[str], root: str | None = None):
+        self.known = set(names)
+        self.root = None if root is None else url_path(root).rstrip("/") + "/"
+        self._cache: dict[str, str | None] = {}
+
+    def __call__(self, url: str) -> str | None:
+        if url not in self._cache:
+            path = url_path(url)
+            if self.root is not None:
+                name = path[len(self.root):] if path.startswith(self.root) else None
+                self._cache[url] = name if name in self.known else None
+            else:
+                parts = path.strip("/").split("/")
+                self._cache[url] = next(("/".join(parts[i:]) for i in range(len(parts))
+                                         if "/".join(parts[i:]) in self.known), None)
+        return self._cache[url]
+
+
 def id128(name: str, key: str) -> tuple[int, int]:
     """The default identity of sample `key` in shard `name`, as (hi, lo) uint64 values."""
     return _digest128((name + "\0" + key).encode("utf-8"))

@@ -1,7 +1,8 @@
 """The keep-list directory: which samples to keep, per shard; written atomically.
 
 Self-contained (no index needed to use it): shard names with kept counts, each kept
-sample's key, 128-bit identity and, when built from an index, its position in its tar.
+sample's key, 128-bit identity and, when built from an index, its position in its tar and
+its byte range there (what lets the loader seek past pruned samples without the index).
 NumPy + JSON only, read without pickle, so the loader can import it without Ray or Zarr.
 """
 
@@ -33,19 +34,30 @@ class KeepList:
 
     def __init__(self, manifest: dict, names: list[str], kept: np.ndarray, key_blob, key_offset: np.ndarray,
                  ids: np.ndarray, positions: np.ndarray | None = None, weights: np.ndarray | None = None,
-                 samples: np.ndarray | None = None):
+                 samples: np.ndarray | None = None, ranges: np.ndarray | None = None,
+                 shard_bytes: np.ndarray | None = None):
         self.manifest, self.names = manifest, list(names)
         self.kept = np.asarray(kept, dtype=np.int64)
         self.samples = None if samples is None else np.asarray(samples, dtype=np.int64)
+        self.shard_bytes = None if shard_bytes is None else np.asarray(shard_bytes, dtype=np.int64)
         self.key_blob, self.key_offset, self.id_pairs = key_blob, key_offset, ids
-        self.positions, self.weights = positions, weights
+        self.positions, self.weights, self.ranges = positions, weights, ranges
         self.offsets = np.concatenate([[0], np.cumsum(self.kept)]).astype(np.int64)
         self._by_name = {n: i for i, n in enumerate(self.names)}
         self._key_sets: dict[int, frozenset] = {}
+        self.path: Path | None = None  # set by `load`: pickles by reference
         n = int(self.offsets[-1])
-        if len(key_offset) != n + 1 or len(ids) != n or (positions is not None and len(positions) != n):
-            raise ValueError(f"inconsistent: {n} kept by shard counts, {len(key_offset) - 1} keys, {len(ids)} identities"
-                             + ("" if positions is None else f", {len(positions)} positions"))
+        lengths = {"keys": len(key_offset) - 1, "identities": len(ids), "positions": positions,
+                   "weights": weights, "byte ranges": ranges}
+        lengths = {what: v if isinstance(v, int) else len(v) for what, v in lengths.items() if v is not None}
+        if any(v != n for v in lengths.values()):
+            raise ValueError(f"inconsistent: {n} kept by shard counts, "
+                             + ", ".join(f"{v} {what}" for what, v in lengths.items()))
+
+    def __reduce__(self):
+        if self.path is None:
+            return super().__reduce__()
+        return KeepList.load, (self.path,)
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
@@ -75,12 +87,26 @@ class KeepList:
         blob = bytes(self.key_blob[cuts[0] : cuts[-1]])
         return [blob[a - cuts[0] : b - cuts[0]].decode() for a, b in zip(cuts[:-1], cuts[1:])]
 
+    def shard_index(self, shard_name: str) -> int | None:
+        """Position of a shard in `names`, None when the list does not know it."""
+        return self._by_name.get(shard_name)
+
+    def shard_slice(self, shard_name: str) -> slice:
+        """The kept samples of a shard as a slice of the per-sample arrays."""
+        s = self._by_name[shard_name]
+        return slice(int(self.offsets[s]), int(self.offsets[s + 1]))
+
     def shard_positions(self, shard_name: str) -> np.ndarray | None:
         """Sorted tar positions of a shard's kept samples (None when built without an index)."""
         if self.positions is None:
             return None
-        s = self._by_name[shard_name]
-        return np.asarray(self.positions[self.offsets[s] : self.offsets[s + 1]])
+        return np.asarray(self.positions[self.shard_slice(shard_name)])
+
+    def shard_ranges(self, shard_name: str) -> np.ndarray | None:
+        """`(start, end)` byte ranges of a shard's kept samples in its tar (None without an index)."""
+        if self.ranges is None:
+            return None
+        return np.asarray(self.ranges[self.shard_slice(shard_name)])
 
     def ids(self) -> np.ndarray:
         """Kept identities as a sorted `u8,u8` array."""
@@ -113,13 +139,27 @@ class KeepList:
         return cls(new_manifest(method=method, k=len(keys), fingerprint=fingerprint), names,
                    [len(by_shard[n]) for n in names], b"".join(encoded), offsets, ids)
 
+    @classmethod
+    def from_rows(cls, index, rows: Iterable[int], path: str | os.PathLike, method: str = "user") -> "KeepList":
+        """Write and load a keep-list of the given rows of `index` (a `shardindex.Index`)."""
+        rows = np.unique(np.asarray(list(rows) if not isinstance(rows, np.ndarray) else rows, dtype=np.int64))
+        if len(rows) and (rows[0] < 0 or rows[-1] >= index.n_samples):
+            raise ValueError(f"rows must lie in [0, {index.n_samples}); got {rows[0]}..{rows[-1]}")
+        manifest = new_manifest(method=method, k=len(rows), N=index.n_samples, fingerprint=index.fingerprint,
+                                index_root=index.root, weights=False)
+        with KeepListWriter.for_index(path, index, manifest, len(rows)) as writer:
+            writer.add_rows(index, rows)
+        return cls.load(path)
+
     def save(self, path: str | os.PathLike) -> Path:
         """Write the directory atomically: a reader sees the old list or the new one, never a mix."""
-        with KeepListWriter(path, self.manifest, self.names, len(self), self.samples,
-                            with_positions=self.positions is not None, with_weights=self.weights is not None) as w:
-            w.add(np.repeat(np.arange(len(self.names)), self.kept), np.asarray(self.id_pairs), np.asarray(self.key_offset), bytes(self.key_blob[: self.key_offset[-1]]),
-                  None if self.positions is None else np.asarray(self.positions),
-                  None if self.weights is None else np.asarray(self.weights))
+        opt = lambda a: None if a is None else np.asarray(a)
+        with KeepListWriter(path, self.manifest, self.names, len(self), self.samples, self.shard_bytes,
+                            with_positions=self.positions is not None, with_weights=self.weights is not None,
+                            with_ranges=self.ranges is not None) as w:
+            w.add(np.repeat(np.arange(len(self.names)), self.kept), np.asarray(self.id_pairs),
+                  np.asarray(self.key_offset), bytes(self.key_blob[: self.key_offset[-1]]),
+                  opt(self.positions), opt(self.weights), opt(self.ranges))
         return Path(path)
 
     @classmethod
@@ -135,16 +175,18 @@ class KeepList:
                 raise ValueError("not a streamprune keep-list")
             shards = json.loads((path / "shards.json").read_text())
             arr = {n: np.load(path / f"{n}.npy", mmap_mode="r", allow_pickle=False) if (path / f"{n}.npy").exists()
-                   else None for n in ("key_offset", "ids", "positions", "weights")}
+                   else None for n in ("key_offset", "ids", "positions", "weights", "ranges")}
             blob = np.memmap(path / "keys.bin", dtype=np.uint8, mode="r") if arr["key_offset"][-1] else b""
-            samples = np.array([s["samples"] for s in shards]) if shards and "samples" in shards[0] else None
+            column = lambda field: np.array([s[field] for s in shards]) if shards and field in shards[0] else None
             keep = cls(manifest, [s["name"] for s in shards], [s["kept"] for s in shards], blob, arr["key_offset"],
-                       arr["ids"], arr["positions"], arr["weights"], samples)
+                       arr["ids"], arr["positions"], arr["weights"], column("samples"), arr["ranges"],
+                       column("bytes"))
         except (OSError, ValueError, KeyError, TypeError, json.JSONDecodeError) as exc:
             raise ValueError(f"keep-list {str(path)!r} is damaged or incomplete: {exc}") from None
         if manifest.get("k") != len(keep) or len(blob) != keep.key_offset[-1]:
             raise ValueError(f"keep-list {str(path)!r} is damaged: manifest says k={manifest.get('k')}, "
                              f"it holds {len(keep)} samples and {len(blob)} key bytes")
+        keep.path = path
         return keep
 
 
@@ -152,12 +194,21 @@ class KeepListWriter:
     """Writes a keep-list directory block by block (rows in index order), then swaps it in atomically."""
 
     def __init__(self, path: str | os.PathLike, manifest: dict, names: list[str], k: int,
-                 samples: np.ndarray | None = None, with_positions: bool = True, with_weights: bool = False):
+                 samples: np.ndarray | None = None, shard_bytes: np.ndarray | None = None,
+                 with_positions: bool = True, with_weights: bool = False, with_ranges: bool = True):
         self.path = Path(path)
         self.tmp = temp_sibling(self.path)
-        self.manifest, self.names, self.samples, self.k = manifest, names, samples, int(k)
+        self.manifest, self.names, self.k = manifest, names, int(k)
+        self.samples, self.shard_bytes = samples, shard_bytes
         self.kept = np.zeros(len(names), dtype=np.int64)
-        self.with_positions, self.with_weights = with_positions, with_weights
+        self.with_positions, self.with_weights, self.with_ranges = with_positions, with_weights, with_ranges
+
+    @classmethod
+    def for_index(cls, path: str | os.PathLike, index, manifest: dict, k: int,
+                  with_weights: bool = False) -> "KeepListWriter":
+        """A writer for `k` rows of `index` (a `shardindex.Index`), with positions and byte ranges."""
+        sizes = [-1 if s["size"] is None else s["size"] for s in index.shards]
+        return cls(path, manifest, index.names, k, np.diff(index.shard_offset), sizes, with_weights=with_weights)
 
     def __enter__(self) -> "KeepListWriter":
         self.tmp.mkdir(parents=True)
@@ -166,6 +217,8 @@ class KeepListWriter:
         self.ids = mm("ids", ID_DTYPE)
         self.positions = mm("positions", np.int64) if self.with_positions else None
         self.weights = mm("weights", np.float64) if self.with_weights else None
+        self.ranges = np.lib.format.open_memmap(self.tmp / "ranges.npy", mode="w+", dtype=np.int64,
+                                                shape=(self.k, 2)) if self.with_ranges else None
         self.key_offset = np.lib.format.open_memmap(self.tmp / "key_offset.npy", mode="w+", dtype=np.int64,
                                                     shape=(self.k + 1,))
         self.key_offset[0] = 0
@@ -174,9 +227,10 @@ class KeepListWriter:
         return self
 
     def add(self, shards: np.ndarray, ids: np.ndarray, key_offset: np.ndarray, key_blob: bytes,
-            positions: np.ndarray | None = None, weights: np.ndarray | None = None) -> None:
+            positions: np.ndarray | None = None, weights: np.ndarray | None = None,
+            ranges: np.ndarray | None = None) -> None:
         """Append kept samples in index order: their shard numbers, identities, keys (blob +
-        offsets from 0) and positions/weights."""
+        offsets from 0) and positions, weights and byte ranges."""
         m = len(ids)
         if m:
             if (np.diff(shards) < 0).any() or shards[0] < self._last_shard:
@@ -192,7 +246,27 @@ class KeepListWriter:
             self.positions[self.n : self.n + m] = positions
         if self.weights is not None:
             self.weights[self.n : self.n + m] = weights
+        if self.ranges is not None:
+            self.ranges[self.n : self.n + m] = ranges
         self.n += m
+
+    def add_rows(self, index, rows: np.ndarray, weight: float | None = None) -> None:
+        """Append kept rows of `index` (sorted): identities, keys, positions, byte ranges, weights."""
+        if not len(rows):
+            return
+        starts, ends = index.key_offset[rows], index.key_offset[rows + 1]
+        with open(index.path / "keys.bin", "rb") as keys_file:
+            keys_file.seek(int(starts[0]))
+            span = np.frombuffer(keys_file.read(int(ends[-1] - starts[0])), dtype=np.uint8)
+        lengths = ends - starts
+        offsets = np.concatenate([[0], np.cumsum(lengths)])
+        blob = span[np.repeat(starts - starts[0] - offsets[:-1], lengths) + np.arange(offsets[-1])].tobytes()
+        ids = np.empty(len(rows), dtype=ID_DTYPE)
+        ids["f0"], ids["f1"] = index.id_hi[rows], index.id_lo[rows]
+        shards = index.shard_of(rows)
+        self.add(shards, ids, offsets, blob, rows - index.shard_offset[shards],
+                 None if self.weights is None else np.full(len(rows), weight),
+                 np.stack([index.sample_start[rows], index.sample_end[rows]], axis=1))
 
     def __exit__(self, exc_type, exc, tb) -> None:
         self.keys.close()
@@ -201,15 +275,17 @@ class KeepListWriter:
                 return
             if self.n != self.k:
                 raise ValueError(f"keep-list got {self.n} samples, the shard counts announce {self.k}")
-            for arr in (self.ids, self.positions, self.weights, self.key_offset):
+            for arr in (self.ids, self.positions, self.weights, self.ranges, self.key_offset):
                 if arr is not None:
                     arr.flush()
-            shards = [{"name": n, "kept": int(c), **({} if self.samples is None else {"samples": int(t)})}
-                      for n, c, t in zip(self.names, self.kept,
-                                         self.kept if self.samples is None else self.samples)]
+            shards = [{"name": n, "kept": int(c)} for n, c in zip(self.names, self.kept)]
+            for field, values in (("samples", self.samples), ("bytes", self.shard_bytes)):
+                if values is not None:
+                    for entry, v in zip(shards, values):
+                        entry[field] = int(v)
             (self.tmp / "shards.json").write_text(json.dumps(shards))
             (self.tmp / "manifest.json").write_text(json.dumps({**self.manifest, "k": self.k}, indent=1))
-            del self.ids, self.positions, self.weights, self.key_offset
+            del self.ids, self.positions, self.weights, self.ranges, self.key_offset
             swap_in(self.tmp, self.path)
         finally:
             shutil.rmtree(self.tmp, ignore_errors=True)

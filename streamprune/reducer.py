@@ -325,10 +325,10 @@ def reduce(run: str | os.PathLike, ratio: float, method: str = "dual-beta", *, s
                          filled_zero_weight=filled, epochs=epochs, window=window, params=params,
                          fingerprint=index.fingerprint, index_root=index.root, weights=m.sampler == "random")
     out = Path(out) if out is not None else run / "keep"
-    with KeepListWriter(out, manifest, index.names, k, np.diff(index.shard_offset),
-                        with_weights=m.sampler == "random") as writer:
+    weight = n_ok / max(k, 1) if m.sampler == "random" else None
+    with KeepListWriter.for_index(out, index, manifest, k, with_weights=weight is not None) as writer:
         blocks.map(_kept_block, scores_path, spec, thresholds, desc="keep", progress=progress,
-                   sink=_InOrder(lambda rows: _write_kept(writer, index, rows, n_ok / max(k, 1))))
+                   sink=_InOrder(lambda rows: writer.add_rows(index, rows, weight)))
     return KeepList.load(out)
 
 
@@ -396,21 +396,3 @@ class _InOrder:
         while self.next in self.early:
             self.fn(self.early.pop(self.next))
             self.next += 1
-
-
-def _write_kept(writer: KeepListWriter, index: Index, rows: np.ndarray, weight: float) -> None:
-    """Append one block's kept rows: identities, keys, positions (and uniform weights)."""
-    if not len(rows):
-        return
-    starts, ends = index.key_offset[rows], index.key_offset[rows + 1]
-    with open(index.path / "keys.bin", "rb") as keys_file:
-        keys_file.seek(int(starts[0]))
-        span = np.frombuffer(keys_file.read(int(ends[-1] - starts[0])), dtype=np.uint8)
-    lengths = ends - starts
-    offsets = np.concatenate([[0], np.cumsum(lengths)])
-    blob = span[np.repeat(starts - starts[0] - offsets[:-1], lengths) + np.arange(offsets[-1])].tobytes()
-    ids = np.empty(len(rows), dtype=writer.ids.dtype)
-    ids["f0"], ids["f1"] = index.id_hi[rows], index.id_lo[rows]
-    shards = index.shard_of(rows)
-    writer.add(shards, ids, offsets, blob, rows - index.shard_offset[shards],
-               np.full(len(rows), weight) if writer.weights is not None else None)

@@ -6,6 +6,7 @@ extensions, `__*__` metadata skipped), so index rows line up with what a loader 
 
 from __future__ import annotations
 
+import io
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -61,11 +62,14 @@ def _padded(n: int) -> int:
 
 
 class CountingReader:
-    """Reads a binary stream exactly, counting bytes read, seeking past data when allowed."""
+    """Reads a binary stream exactly, counting bytes read, seeking past data when allowed.
 
-    def __init__(self, stream, seekable: bool, size: int | None, shard: str):
+    `pos` is the shard offset the stream starts at (a slice of a shard read into memory).
+    """
+
+    def __init__(self, stream, seekable: bool, size: int | None, shard: str, pos: int = 0):
         self.stream, self.seekable, self.size, self.shard = stream, seekable, size, shard
-        self.pos = 0
+        self.pos = pos
         self.bytes_read = 0
 
     def read(self, n: int) -> bytes:
@@ -86,7 +90,7 @@ class CountingReader:
         if self.seekable:
             if self.size is not None and self.pos + n > self.size:
                 raise TarFormatError(self.shard, self.size, "truncated: data ends early")
-            self.stream.seek(self.pos + n)
+            self.stream.seek(n, io.SEEK_CUR)
             self.pos += n
             return
         end = self.pos + n
@@ -116,9 +120,12 @@ def _pax_records(data: bytes) -> dict[str, str]:
     return out
 
 
-def iter_members(reader: CountingReader, want: Callable[[str], bool] = lambda name: False
-                 ) -> Iterator[tuple[Member, bytes | None]]:
-    """Yield each regular member and, when `want(name)`, its data; headers only otherwise."""
+def iter_members(reader: CountingReader, want: Callable[[str], bool] = lambda name: False,
+                 require_end: bool = True) -> Iterator[tuple[Member, bytes | None]]:
+    """Yield each regular member and, when `want(name)`, its data; headers only otherwise.
+
+    `require_end=False` reads a slice of a tar: a clean end of stream ends it.
+    """
     shard = reader.shard
     long_name: str | None = None
     pax: dict[str, str] = {}
@@ -127,6 +134,8 @@ def iter_members(reader: CountingReader, want: Callable[[str], bool] = lambda na
         offset = reader.pos
         header = reader.read(BLOCK)
         if len(header) == 0:
+            if not require_end and first_header is None:
+                return
             raise TarFormatError(shard, offset, "truncated: no end-of-archive marker")
         if len(header) < BLOCK:
             raise TarFormatError(shard, offset, "truncated tar header")
@@ -187,18 +196,21 @@ def split_name(name: str) -> tuple[str, str] | None:
     return m.group(1), m.group(2).lower()
 
 
-def iter_samples(reader: CountingReader, read_exts: tuple[str, ...] | None = ()) -> Iterator[Sample]:
+def iter_samples(reader: CountingReader, read_exts: tuple[str, ...] | None = (),
+                 keep: Callable[[str], bool] | None = None, require_end: bool = True) -> Iterator[Sample]:
     """Group members into samples as webdataset does.
 
     `read_exts`: extensions whose bytes are read into `Sample.data` (None: all).
+    `keep(key)`: when given, only kept samples are read and yielded; the others' data is skipped.
     A repeated extension inside one sample is an error (webdataset refuses it too).
     """
     def want(name: str) -> bool:
         parts = split_name(name)
-        return parts is not None and (read_exts is None or parts[1] in read_exts)
+        return (parts is not None and (read_exts is None or parts[1] in read_exts)
+                and (keep is None or keep(parts[0])))
 
     current: Sample | None = None
-    for member, data in iter_members(reader, want):
+    for member, data in _kept_members(iter_members(reader, want, require_end), keep):
         parts = split_name(member.name)
         if parts is None:
             continue
@@ -215,3 +227,14 @@ def iter_samples(reader: CountingReader, read_exts: tuple[str, ...] | None = ())
             current.data[ext] = data
     if current is not None:
         yield current
+
+
+def _kept_members(members: Iterator[tuple[Member, bytes | None]], keep: Callable[[str], bool] | None
+                  ) -> Iterator[tuple[Member, bytes | None]]:
+    if keep is None:
+        yield from members
+        return
+    for member, data in members:
+        parts = split_name(member.name)
+        if parts is not None and keep(parts[0]):
+            yield member, data
