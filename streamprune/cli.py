@@ -81,7 +81,7 @@ def cmd_demo(args) -> None:
     print(_record_line(summary) + f" ({t3 - t2:.1f} s with start-up)")
     keep = reduce(run, args.ratio, "dual-beta", window=min(10, args.epochs), progress=not args.quiet)
     print(_reduce_line(keep, run / "keep") + f" ({time.perf_counter() - t3:.1f} s)")
-    print(f"\nnext: apply {run / 'keep'} at load time (PrunedWebDataset, coming next)")
+    print(f"\nnext: PrunedWebDataset('{out / 'shards'}/train-*.tar', keep='{run / 'keep'}', shardshuffle=100)")
 
 
 def cmd_record(args) -> None:
@@ -102,6 +102,14 @@ def cmd_reduce(args) -> None:
                   c_d=args.c_d, C=args.C, alpha_plus_beta=args.alpha_plus_beta, cut=args.cut, address=args.address,
                   which=args.scores, progress=not args.quiet)
     print(_reduce_line(keep, args.out or Path(args.run) / "keep"))
+
+
+def cmd_reshard(args) -> None:
+    from .resharder import reshard
+
+    paths = reshard(args.run, args.out, args.shard_size, keep=args.keep, prefix=args.prefix, address=args.address,
+                    progress=not args.quiet)
+    print(f"reshard: {len(paths)} shards in {args.out} ({args.prefix}-000000.tar ...)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -160,6 +168,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--address", help="Ray cluster address (default: start a local Ray instance)")
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(fn=cmd_reduce)
+
+    s = sub.add_parser("reshard", help="write the kept samples as new shards (Ray tasks)")
+    s.add_argument("run", help="run directory with RUN/index and RUN/keep")
+    s.add_argument("--out", required=True, help="output directory for the new shards")
+    s.add_argument("--shard-size", type=int, help="samples per output shard (default: the input's mean)")
+    s.add_argument("--keep", help="keep-list directory (default RUN/keep)")
+    s.add_argument("--prefix", default="pruned", help="output shard names PREFIX-NNNNNN.tar (default pruned)")
+    s.add_argument("--address", help="Ray cluster address (default: start a local Ray instance)")
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(fn=cmd_reshard)
 
     s = sub.add_parser("make-shards", help="write Fashion-MNIST as WebDataset shards")
     s.add_argument("--out", required=True)

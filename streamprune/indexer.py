@@ -15,7 +15,7 @@ import ray
 from tqdm.auto import tqdm
 
 from .identity import SampleIdentity, parse_identity, shard_names
-from .raycluster import ensure_ray
+from .raycluster import bounded_map, ensure_ray
 from .shardindex import Index, save_scan, scan_shard, write_index
 from .shardlist import expand_urls
 
@@ -49,22 +49,12 @@ def index(shards: str | Iterable[str], out: str | Path, *, root: str | None = No
     if todo:
         ensure_ray(address)
         limit = max_in_flight or max(4, 4 * int(ray.cluster_resources().get("CPU", 1)))
-        pending: dict = {}
-        queue = iter(todo)
-        for i in queue:
-            pending[_scan_task.remote(urls[i], names[i], ident)] = i
-            if len(pending) >= limit:
-                break
-        while pending:
-            done, _ = ray.wait(list(pending), num_returns=1)
-            i = pending.pop(done[0])
-            scan = ray.get(done[0])
-            save_scan(scan, parts[i])
+
+        def save(j: int, scan) -> None:
+            save_scan(scan, parts[todo[j]])
             bar.set_postfix_str(f"{scan.name}: {scan.status}", refresh=False)
-            bar.update()
-            nxt = next(queue, None)
-            if nxt is not None:
-                pending[_scan_task.remote(urls[nxt], names[nxt], ident)] = nxt
+
+        bounded_map(lambda i: _scan_task.remote(urls[i], names[i], ident), todo, limit, save, bar)
     bar.close()
     idx = write_index(out / "index", parts, root_path, spec)
     shutil.rmtree(parts_dir)

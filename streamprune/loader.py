@@ -180,15 +180,20 @@ class _EvenSlots:
     """Source stage for even epochs: this (rank, worker)'s exact share of the kept samples.
 
     Every rank computes the same shard order from `(seed, epoch)`, so shares never overlap.
+    The rank is taken where the dataset is made: DataLoader worker processes may not see
+    the process group.
     """
 
     def __init__(self, urls: list[str], counts: np.ndarray, seed: int, shuffle: bool):
         self.urls, self.counts, self.seed, self.shuffle = urls, counts, seed, shuffle
         self.epoch, self.next_epoch = -1, 0
+        self.node = pytorch_worker_info()[:2]
 
     def __call__(self) -> Iterator[dict]:
         self.epoch, self.next_epoch = self.next_epoch, self.next_epoch + 1
         rank, world, worker, workers = pytorch_worker_info()
+        if world == 1:
+            rank, world = self.node
         order = (np.random.default_rng([self.seed, self.epoch]).permutation(len(self.urls)) if self.shuffle
                  else np.arange(len(self.urls)))
         for s, first, stop in even_slice(self.counts[order], world * workers, rank * workers + worker):

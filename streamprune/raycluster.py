@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import ray
 
@@ -17,3 +19,26 @@ def ensure_ray(address: str | None = None) -> None:
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     ray.init(address=address, include_dashboard=False, logging_level="WARNING",
              configure_logging=True, log_to_driver=True)
+
+
+def bounded_map(submit: Callable[[Any], ray.ObjectRef], items: Sequence, limit: int,
+                on_result: Callable[[int, Any], None], bar=None) -> None:
+    """Run `submit(item)` for every item with at most `limit` tasks in flight, handing each
+    result to `on_result(position, result)` as it arrives (memory stays bounded)."""
+    pending: dict = {}
+    todo = iter(enumerate(items))
+
+    def submit_next() -> None:
+        nxt = next(todo, None)
+        if nxt is not None:
+            pending[submit(nxt[1])] = nxt[0]
+
+    for _ in range(max(1, limit)):
+        submit_next()
+    while pending:
+        done, _ = ray.wait(list(pending), num_returns=1)
+        i = pending.pop(done[0])
+        on_result(i, ray.get(done[0]))
+        if bar is not None:
+            bar.update()
+        submit_next()

@@ -23,7 +23,7 @@ from . import sampling
 from .atomic import swap_in, temp_sibling
 from .identity import uniforms
 from .keeplist import KeepList, KeepListWriter, new_manifest
-from .raycluster import ensure_ray
+from .raycluster import bounded_map, ensure_ray
 from .scores import NEEDS, SCORES, all_scores
 from .shardindex import Index
 from .store import StatsStore
@@ -187,24 +187,9 @@ class _Blocks:
     def map(self, fn, *args, desc: str | None = None, progress: bool = False, sink=None):
         """Results in block order; with `sink(i, result)`, hand each over as it arrives instead."""
         out: list = [None] * len(self.bounds)
-        pending, todo = {}, iter(enumerate(self.bounds))
         bar = tqdm(total=len(self.bounds), desc=desc, unit="block", disable=not progress, leave=False)
-        for i, (r0, r1) in todo:
-            pending[fn.remote(r0, r1, *args)] = i
-            if len(pending) >= self.workers:
-                break
-        while pending:
-            done, _ = ray.wait(list(pending), num_returns=1)
-            i = pending.pop(done[0])
-            if sink is None:
-                out[i] = ray.get(done[0])
-            else:
-                sink(i, ray.get(done[0]))
-            bar.update()
-            nxt = next(todo, None)
-            if nxt is not None:
-                i, (r0, r1) = nxt
-                pending[fn.remote(r0, r1, *args)] = i
+        bounded_map(lambda b: fn.remote(b[0], b[1], *args), self.bounds, self.workers,
+                    sink or out.__setitem__, bar)
         bar.close()
         return out
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .shardlist import OpenShard, open_shard
-from .tarscan import CountingReader, TarFormatError, iter_samples, split_name
+from .tarscan import CountingReader, Sample, TarFormatError, iter_samples, split_name
 
 CHUNK_BYTES = 4 << 20  # largest single read of coalesced kept samples
 GAP_BYTES = 4 << 10  # pruned gaps up to a page are read through: the kernel reads whole pages anyway
@@ -51,6 +51,14 @@ def _raw(sample) -> RawSample:
 def read_ranges(url: str, shard: str, ranges: np.ndarray, keys: list[str], stats: ReadStats,
                 expected_size: int | None = None, source: OpenShard | None = None) -> Iterator[RawSample]:
     """Kept samples by byte range, each checked to hold the key the keep-list expects."""
+    for sample, _ in iter_ranges(url, shard, ranges, keys, stats, expected_size, source):
+        yield _raw(sample)
+
+
+def iter_ranges(url: str, shard: str, ranges: np.ndarray, keys: list[str], stats: ReadStats,
+                expected_size: int | None = None, source: OpenShard | None = None
+                ) -> Iterator[tuple[Sample, memoryview]]:
+    """Each kept sample parsed (checked against its expected key) with its raw tar bytes."""
     opened = source or open_shard(url)
     stats.shards_opened += 1
     stats.bytes_total += opened.size or 0
@@ -74,7 +82,7 @@ def read_ranges(url: str, shard: str, ranges: np.ndarray, keys: list[str], stats
                     raise ShardChangedError(f"shard {url!r}: bytes {base + a}..{base + b} hold {found}, the keep-list "
                                             f"expects sample {keys[i]!r}: the shard changed since indexing")
                 stats.samples += 1
-                yield _raw(got[0])
+                yield got[0], buf[a:b]
     finally:
         opened.close(url)
 
