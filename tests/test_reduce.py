@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
 
-from streamprune import KeepList, index, reduce, sampling, scores
+from streamprune import KeepList, PrunedWebDataset, index, reduce, sampling, scores
 from streamprune.cli import main
 from streamprune.identity import id128, uniforms
 from streamprune.store import STATS, ChunkWriter, StatsStore
@@ -160,6 +161,12 @@ def test_keep_list_api_and_exports(run, tmp_path, capsys):
     assert sum((name, k) in keep for k in all_keys) == len(kept_keys)
     assert ("nope.tar", kept_keys[0]) not in keep and keep.kept_count("nope.tar") == 0
     assert [all_keys[p] for p in keep.shard_positions(name)] == kept_keys
+    rows = _kept_rows(keep, idx)
+    assert np.array_equal(keep.ranges, np.stack([idx.sample_start[rows], idx.sample_end[rows]], axis=1))
+    assert [s["size"] for s in idx.shards] == keep.shard_bytes.tolist()
+    applied = PrunedWebDataset([s["url"] for s in idx.shards], keep=keep, shardshuffle=False)
+    assert [(os.path.basename(s["__url__"]), s["__key__"]) for s in applied] == \
+           [(n, k) for n in keep.names for k in keep.shard_keys(n)]
     keep.to_datacomp(tmp_path / "subset.npy")
     subset = np.load(tmp_path / "subset.npy", allow_pickle=False)
     assert subset.dtype == np.dtype("u8,u8") and len(subset) == len(keep)
