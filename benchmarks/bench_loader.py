@@ -71,7 +71,7 @@ def bench(name: str, paths: list[str], work: Path, repeat: int, seed: int = 0) -
            "ratio_keep100": sps["pruned-100"] / sps["wds"],
            "ratio_keep10_vs_select": sps["pruned-10"] / sps["wds-select"],
            "ratio_keep10_vs_select_files": sps["pruned-10"] / sps["wds-select_files"],
-           "bytes_read_keep10": probe.stats.fraction_read}
+           "bytes_read_keep10": probe.stats.bytes_read / sum(os.path.getsize(p) for p in paths)}
     print(f"{name:>10}: {row['samples']} samples, {row['MB']:.0f} MB | keep 100%: pruned {sps['pruned-100']:,.0f} "
           f"vs webdataset {sps['wds']:,.0f} samples/s = x{row['ratio_keep100']:.3f} | keep 10%: pruned "
           f"{sps['pruned-10']:,.0f} samples/s (kept), vs decode+select x{row['ratio_keep10_vs_select']:.1f}, "

@@ -39,7 +39,7 @@ def decode_sample(sample: dict) -> tuple[np.ndarray, int]:
         img = img[None]
     elif img.ndim == 3 and img.shape[-1] in (1, 3, 4) and img.shape[0] not in (1, 3):
         img = img.transpose(2, 0, 1)
-    return np.ascontiguousarray(img[:3], dtype=np.uint8), label
+    return np.array(img[:3], dtype=np.uint8, order="C"), label  # a writable copy
 
 
 def augment(img: np.ndarray, rng: np.random.Generator, pad: int | None = None) -> np.ndarray:

@@ -51,13 +51,14 @@ class _Selection:
                              f"e.g. {self.keep.names[:3]}): pass unknown_shards='keep' to read it whole")
         return name
 
-    def check(self, urls: list[str]) -> None:
+    def check(self, urls: list[str], allow_mismatch: bool) -> None:
         """Refuse a URL list that is not the keep-list's dataset, before anything is read."""
         names = [self.match(u) for u in urls]
-        if urls and all(n is None for n in names):
+        if urls and all(n is None for n in names) and not allow_mismatch:
             raise ValueError(f"the keep-list was made for another dataset: none of the {len(urls)} shards "
                              f"(e.g. {urls[0]!r}) is among its {len(self.keep.names)} shards "
-                             f"(e.g. {self.keep.names[:3]}); pass root= if the names differ only by a prefix")
+                             f"(e.g. {self.keep.names[:3]}); pass root= if the names differ only by a prefix, "
+                             "or allow_mismatch=True to apply it anyway")
         for url in urls:
             self.shard(url)
 
@@ -118,8 +119,8 @@ class _ReadKept:
             if self.keep.ranges is None or self.allow_mismatch:
                 raws = read_keys(url, name, set(keys), self.stats, source)
             else:
-                size = None if self.allow_mismatch or self.keep.shard_bytes is None \
-                    else int(self.keep.shard_bytes[self.keep.shard_index(name)])
+                sizes = self.keep.shard_bytes
+                size = None if sizes is None else int(sizes[self.keep.shard_index(name)])
                 raws = read_ranges(url, name, np.asarray(self.keep.ranges[cut]), keys, self.stats, size, source)
         for key, data, names in raws:
             sample = _sample(url, local, key, data, names, self.select_files, self.rename_files)
@@ -207,8 +208,8 @@ class PrunedWebDataset(wds.WebDataset):
     same order minus the pruned ones, and its fluid methods return PrunedWebDatasets.
     `keep`: a keep-list directory or `KeepList`. `root`: the dataset root when shard names
     are not trailing parts of the URLs. `unknown_shards`: 'error' or 'keep' (read whole) for
-    URLs the keep-list does not know. `allow_mismatch`: match samples by key only, for shards
-    rewritten since indexing. `weights`: add `__weight__` (keep-lists that carry weights).
+    URLs the keep-list does not know. `allow_mismatch`: apply a keep-list whose shards differ
+    from these (none known, or rewritten since indexing), matching samples by key only. `weights`: add `__weight__` (keep-lists that carry weights).
     `even_epochs`: give every DDP rank and DataLoader worker exactly the same number of
     samples per epoch (replaces `nodesplitter`/`workersplitter`; call `set_epoch` per epoch).
     `ds.stats` counts shards opened and skipped, samples and bytes read in this process.
@@ -232,7 +233,7 @@ class PrunedWebDataset(wds.WebDataset):
         selection = _Selection(self.keep, root, unknown_shards)
         listed = _url_list(urls)
         if listed is not None:
-            selection.check(listed)
+            selection.check(listed, allow_mismatch)
         opener = next((i for i, stage in enumerate(self.pipeline)
                        if isinstance(stage, (cache.StreamingOpen, cache.FileCache))), None)
         if opener is None or len(self.pipeline) < opener + 3:

@@ -12,7 +12,6 @@ a rerun (or a Ray Train restart after a worker dies) resumes at the first incomp
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import threading
 import time
@@ -26,6 +25,7 @@ import torch
 from .decode import augment, decode_sample, to_tensor
 from .models import resolve_model
 from .raycluster import ensure_ray
+from .recipe import make_sgd, set_cosine_lr, train_step
 from .shardindex import Index
 from .stats import sample_stats
 from .store import STATS, StatsStore
@@ -168,7 +168,6 @@ def _checkpoint_path(run: Path, epochs_done: int) -> Path:
 
 def _train_loop(cfg: dict) -> None:
     import torch.distributed as dist
-    import torch.nn.functional as F
     from torch.distributed.algorithms.join import Join
     from torch.nn.parallel import DistributedDataParallel
 
@@ -194,8 +193,7 @@ def _train_loop(cfg: dict) -> None:
         opt_state = ckpt["optimizer"]
     model = ray.train.torch.prepare_model(net)
     device = ray.train.torch.get_device()
-    opt = torch.optim.SGD(model.parameters(), lr=rc.lr, momentum=rc.momentum, weight_decay=rc.weight_decay,
-                          nesterov=rc.nesterov)
+    opt = make_sgd(model, rc.lr, rc.momentum, rc.weight_decay, rc.nesterov)
     if opt_state is not None:
         opt.load_state_dict(opt_state)
     writers: StoreWriters = cfg["writers"]
@@ -206,8 +204,7 @@ def _train_loop(cfg: dict) -> None:
     for epoch in range(start, rc.epochs):
         t0 = time.time()
         progress.reset.remote(rank, epoch)
-        for g in opt.param_groups:
-            g["lr"] = 0.5 * rc.lr * (1 + math.cos(math.pi * epoch / rc.schedule_epochs))
+        set_cosine_lr(opt, rc.lr, epoch, rc.schedule_epochs)
         if rank == 0 and rc.record:
             writers.begin(epoch)
         barrier()
@@ -222,11 +219,7 @@ def _train_loop(cfg: dict) -> None:
         with join:
             for step, (x, y, rows) in enumerate(loader):
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                logits = model(x)
-                loss = F.cross_entropy(logits, y)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
+                logits, loss = train_step(model, opt, x, y)
                 seen[0] += len(y)
                 seen[1] += float(loss.detach()) * len(y)
                 seen[2] += int((logits.argmax(1) == y).sum())

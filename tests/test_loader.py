@@ -166,6 +166,8 @@ def test_a_keep_list_for_other_shards_is_refused(setup, tmp_path, fmnist):
     other = write_shards(images[:50], labels[:50], tmp_path / "other", samples_per_shard=25, prefix="other")
     with pytest.raises(ValueError, match="made for another dataset"):
         PrunedWebDataset(other, keep=setup["k30"], shardshuffle=False)
+    forced = PrunedWebDataset(other, keep=setup["k30"], shardshuffle=False, allow_mismatch=True, unknown_shards="keep")
+    assert len(list(forced)) == 50
     with pytest.raises(ValueError, match="other-000000.tar.*not in the keep-list"):
         PrunedWebDataset([*setup["paths"], other[0]], keep=setup["k30"], shardshuffle=False)
     mixed = list(PrunedWebDataset([setup["paths"][0], other[0]], keep=setup["k30"], shardshuffle=False,

@@ -1,0 +1,32 @@
+"""The training recipe the proxy and fresh models share: SGD with Nesterov momentum, weight
+decay and a per-epoch cosine learning rate (the reference's CIFAR recipe)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def make_sgd(model: torch.nn.Module, lr: float, momentum: float = 0.9, weight_decay: float = 5e-4,
+             nesterov: bool = True) -> torch.optim.SGD:
+    return torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay,
+                           nesterov=nesterov)
+
+
+def set_cosine_lr(opt: torch.optim.Optimizer, base_lr: float, epoch: int, schedule_epochs: int) -> None:
+    """Learning rate of `epoch` on a cosine schedule of `schedule_epochs` epochs."""
+    for g in opt.param_groups:
+        g["lr"] = 0.5 * base_lr * (1 + math.cos(math.pi * epoch / schedule_epochs))
+
+
+def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One SGD step on cross-entropy; returns the logits and the mean loss."""
+    logits = model(x)
+    loss = F.cross_entropy(logits, y)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return logits, loss
