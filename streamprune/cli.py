@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 
-def _summary(idx) -> str:
+def index_summary(idx) -> str:
     m = idx.manifest
     lines = [f"index: {idx.path}",
              f"  shards {m['n_shards']}  samples {m['n_samples']}  members {m['n_members']}  "
@@ -31,7 +31,7 @@ def cmd_index(args) -> None:
 
     idx = index(args.shards, args.out, root=args.root, identity=args.identity, address=args.address,
                 progress=not args.quiet)
-    print(_summary(idx))
+    print(index_summary(idx))
 
 
 def cmd_make_shards(args) -> None:
@@ -43,7 +43,7 @@ def cmd_make_shards(args) -> None:
     print(f"wrote {len(paths)} shards of Fashion-MNIST {args.split} from {source} to {args.out}")
 
 
-def _record_line(s) -> str:
+def record_line(s) -> str:
     if not s.epochs_run:
         return f"record: all {s.epochs_done} epochs of {s.run} were already recorded"
     rate = s.samples / max(sum(s.epoch_seconds), 1e-9)
@@ -51,7 +51,7 @@ def _record_line(s) -> str:
             f"({rate:,.0f} samples/s); {s.epochs_done} epochs recorded")
 
 
-def _reduce_line(keep, out) -> str:
+def reduce_line(keep, out) -> str:
     m = keep.manifest
     return (f"reduce: {m['method']} at ratio {m['ratio']}: kept {m['k']:,} of {m['N']:,} samples "
             f"({m['dropped_missing']:,} with missing statistics left out"
@@ -72,22 +72,22 @@ def cmd_demo(args) -> None:
                                          progress=not args.quiet)
     t1 = time.perf_counter()
     print(f"shards: {len(paths)} uneven WebDataset shards of Fashion-MNIST from {source} ({t1 - t0:.1f} s)")
-    print(_summary(index(paths, run, address=args.address, progress=not args.quiet)))
+    print(index_summary(index(paths, run, address=args.address, progress=not args.quiet)))
     t2 = time.perf_counter()
     print(f"index: {t2 - t1:.1f} s")
     summary = record(run, args.epochs, schedule_epochs=max(args.epochs, 3 * args.epochs), num_classes=10,
                      address=args.address, progress=not args.quiet)
     t3 = time.perf_counter()
-    print(_record_line(summary) + f" ({t3 - t2:.1f} s with start-up)")
+    print(record_line(summary) + f" ({t3 - t2:.1f} s with start-up)")
     keep = reduce(run, args.ratio, "dual-beta", window=min(10, args.epochs), progress=not args.quiet)
-    print(_reduce_line(keep, run / "keep") + f" ({time.perf_counter() - t3:.1f} s)")
+    print(reduce_line(keep, run / "keep") + f" ({time.perf_counter() - t3:.1f} s)")
     print(f"\nnext: PrunedWebDataset('{out / 'shards'}/train-*.tar', keep='{run / 'keep'}', shardshuffle=100)")
 
 
 def cmd_record(args) -> None:
     from .recorder import record
 
-    print(_record_line(record(args.run, args.epochs, workers=args.workers, gpus_per_worker=args.gpus_per_worker,
+    print(record_line(record(args.run, args.epochs, workers=args.workers, gpus_per_worker=args.gpus_per_worker,
                               model=args.model, address=args.address, batch_size=args.batch_size, lr=args.lr,
                               schedule_epochs=args.schedule_epochs, seed=args.seed, num_classes=args.num_classes,
                               loader_workers=args.loader_workers, max_failures=args.max_failures,
@@ -101,7 +101,7 @@ def cmd_reduce(args) -> None:
                   workers=args.workers, block_rows=args.block_rows, out=args.out, missing=args.missing,
                   c_d=args.c_d, C=args.C, alpha_plus_beta=args.alpha_plus_beta, cut=args.cut, address=args.address,
                   which=args.scores, progress=not args.quiet)
-    print(_reduce_line(keep, args.out or Path(args.run) / "keep"))
+    print(reduce_line(keep, args.out or Path(args.run) / "keep"))
 
 
 def cmd_reshard(args) -> None:

@@ -229,7 +229,8 @@ def reduce(run: str | os.PathLike, ratio: float, method: str = "dual-beta", *, s
            epochs: int | None = None, window: int = 10, workers: int | None = None, block_rows: int | None = None,
            out: str | os.PathLike | None = None, missing: str = "drop", c_d: float = 4.0, C: float = 15.0,
            alpha_plus_beta: float | None = None, cut: float = 0.2, address: str | None = None,
-           which: str = "all", gather_limit: int = GATHER_LIMIT, progress: bool = True) -> KeepList:
+           which: str = "all", gather_limit: int = GATHER_LIMIT, scores_out: str | os.PathLike | None = None,
+           progress: bool = True) -> KeepList:
     """Score every sample of `run` and write the keep-list of `method` at pruning `ratio`.
 
     Writes `run/scores.zarr` and the keep-list (default `run/keep`); returns the `KeepList`.
@@ -237,6 +238,7 @@ def reduce(run: str | os.PathLike, ratio: float, method: str = "dual-beta", *, s
     samples with missing statistics out of N (counted in the manifest) or `error` refuses them.
     `which`: `all` scores into `scores.zarr` (default), or only those the `method` needs
     (`method`: reads only their statistics, several times faster on large stores).
+    `scores_out`: where the scores go (default `run/scores.zarr`).
     `gather_limit`: the most candidate rows the driver gathers to finish the exact selection;
     radix refinement over blocks narrows the candidates until they fit.
     """
@@ -268,7 +270,7 @@ def reduce(run: str | os.PathLike, ratio: float, method: str = "dual-beta", *, s
     n = store.n_samples
     bounds = [(r0, min(r0 + block_rows, n)) for r0 in range(0, n, block_rows)]
     blocks = _Blocks(bounds, workers)
-    scores_path = str(run / "scores.zarr")
+    scores_path = str(run / "scores.zarr" if scores_out is None else Path(scores_out).resolve())
     names = SCORES if which == "all" else tuple(dict.fromkeys(
         [s for s in (m.score, "dual" if m.sampler == "beta" else None) if s] + ["mean_p"]))
     summary = _score_all(blocks, store, scores_path, epochs, window, block_rows, names, progress)

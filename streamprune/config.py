@@ -1,0 +1,220 @@
+"""The `streamprune run` configuration: every stage from one YAML or TOML file, checked strictly.
+
+Unknown or mistyped fields are errors naming the field (with a suggestion), never ignored.
+Relative paths are relative to the config file's folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .identity import has_scheme
+
+
+@dataclass
+class IndexSection:
+    root: str | None = None
+    identity: str = "shard-key"
+
+
+@dataclass
+class RecordSection:
+    epochs: int = 10
+    workers: int | None = None
+    gpus_per_worker: float | None = None
+    model: str | None = None
+    batch_size: int = 128
+    lr: float = 0.1
+    schedule_epochs: int = 200
+    seed: int = 0
+    num_classes: int | None = None
+    loader_workers: int = 2
+    max_failures: int = 3
+
+
+@dataclass
+class ReduceSection:
+    ratio: float = 0.5
+    method: str = "dual-beta"
+    seed: int = 0
+    window: int = 10
+    epochs: int | None = None
+    missing: str = "drop"
+    scores: str = "all"
+
+
+@dataclass
+class EvaluateSection:
+    test_shards: str | list[str] | None = None
+    epochs: int = 10
+    baseline: str | None = "random"
+    full: bool = True
+    model: str | None = None
+    num_classes: int = 10
+    batch_size: int = 128
+    lr: float = 0.1
+    seed: int = 0
+    device: str | None = None
+
+
+@dataclass
+class ReportSection:
+    enabled: bool = True
+
+
+@dataclass
+class Config:
+    shards: str | list[str]
+    out: str = "run"
+    address: str | None = None
+    index: IndexSection = field(default_factory=IndexSection)
+    record: RecordSection = field(default_factory=RecordSection)
+    reduce: ReduceSection = field(default_factory=ReduceSection)
+    evaluate: EvaluateSection = field(default_factory=EvaluateSection)
+    report: ReportSection = field(default_factory=ReportSection)
+
+
+class ConfigError(ValueError):
+    """A config file that cannot be used; names the file and the field."""
+
+
+def load_config(path: str | os.PathLike) -> Config:
+    """Read and check a YAML (`.yaml`, `.yml`) or TOML (`.toml`) config file."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no config file {str(path)!r} (write one with `streamprune init-config`)")
+    text = path.read_text()
+    try:
+        if path.suffix == ".toml":
+            import tomllib
+
+            data = tomllib.loads(text)
+        else:
+            import yaml
+
+            data = yaml.safe_load(text)
+    except Exception as exc:
+        raise ConfigError(f"config {str(path)!r}: cannot parse: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config {str(path)!r}: expected a mapping of fields, got {type(data).__name__}")
+    cfg = _build(Config, data, f"config {str(path)!r}", "")
+    return _resolve_paths(cfg, path.parent)
+
+
+def _build(cls, data: dict, where: str, prefix: str):
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in data if k not in names]
+    if unknown:
+        k = unknown[0]
+        close = difflib.get_close_matches(str(k), names, n=1)
+        raise ConfigError(f"{where}: unknown field {prefix + str(k)!r}" + (f" (did you mean {prefix + close[0]!r}?)"
+                                                                         if close else f"; known: {names}"))
+    values = {}
+    for f in dataclasses.fields(cls):
+        name, hint = f.name, hints[f.name]
+        if name not in data:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ConfigError(f"{where}: missing required field {prefix + name!r}")
+            continue
+        value = data[name]
+        if dataclasses.is_dataclass(hint):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{where}: {prefix + name!r} must be a section of fields")
+            values[name] = _build(hint, value, where, f"{prefix}{name}.")
+        else:
+            values[name] = _check_type(value, hint, where, prefix + name)
+    return cls(**values)
+
+
+def _check_type(value, hint, where: str, name: str):
+    options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    for t in options:
+        if t is type(None) and value is None:
+            return None
+        if t is bool and isinstance(value, bool):
+            return value
+        if t is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if t is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if t is str and isinstance(value, str):
+            return value
+        if typing.get_origin(t) is list and isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return value
+    expected = " or ".join("null" if t is type(None) else getattr(t, "__name__", str(t)) for t in options)
+    raise ConfigError(f"{where}: field {name!r} must be {expected}, got {value!r}")
+
+
+def _resolve_paths(cfg: Config, base: Path) -> Config:
+    def local(p: str) -> str:
+        if p.startswith("pipe:") or has_scheme(p) or p.startswith("file:") or os.path.isabs(p):
+            return p
+        return str(base / p)
+
+    listed = lambda v: None if v is None else local(v) if isinstance(v, str) else [local(u) for u in v]
+    cfg.shards = listed(cfg.shards)
+    cfg.out = local(cfg.out)
+    cfg.evaluate.test_shards = listed(cfg.evaluate.test_shards)
+    if cfg.index.root is not None:
+        cfg.index.root = local(cfg.index.root)
+    return cfg
+
+
+EXAMPLE = """\
+# streamprune run CONFIG: every stage from one file. Rerunning after an interruption
+# finishes only what is missing. Relative paths are relative to this file's folder.
+
+# Shards: paths, braces, globs, `::` lists, file://, fsspec URLs (s3://...) or pipe: commands
+# (pipe: URLs are shell commands, run as written). A list of such strings also works.
+shards: "data/train-{000000..000009}.tar"
+out: run                  # the run directory: index, stats.zarr, keep/, report/
+address: null             # Ray cluster address (null: start a local Ray instance)
+
+index:
+  root: null              # dataset root that shard names are relative to (null: common folder)
+  identity: shard-key     # shard-key | json:FIELD (e.g. json:uid) | package.module:function
+
+record:                   # the proxy run
+  epochs: 10              # T: epochs recorded
+  workers: null           # training workers (null: one per GPU, else CPUs/2 up to 4)
+  gpus_per_worker: null   # null: 1 when the cluster has GPUs, else 0
+  model: null             # small-cnn | resnet18 | package.module:factory (null: by image size)
+  batch_size: 128         # global batch
+  lr: 0.1
+  schedule_epochs: 200    # length of the cosine schedule the T epochs are the start of
+  seed: 0
+  num_classes: null       # null: from the labels of the first shards
+  loader_workers: 2
+  max_failures: 3
+
+reduce:                   # scores and the keep-list (RUN/keep)
+  ratio: 0.5              # fraction pruned, in [0, 1)
+  method: dual-beta       # dual-beta | dual | dyn-unc | el2n | forgetting | entropy | aum | ccs:SCORE | random
+  seed: 0
+  window: 10              # J for DUAL and Dyn-Unc (<= T)
+  epochs: null            # T used (null: all recorded)
+  missing: drop           # drop | error: samples with missing statistics
+  scores: all             # all | method: which scores go to RUN/scores.zarr
+
+evaluate:                 # optional: train fresh models and compare test accuracy
+  test_shards: null       # e.g. "data/test-{000000..000001}.tar"; null skips this stage
+  epochs: 10              # the same for every subset (fewer steps on smaller subsets)
+  baseline: random        # a second method at the same ratio (null: none)
+  full: true              # also train on all samples
+  model: null
+  num_classes: 10
+  batch_size: 128
+  lr: 0.1
+  seed: 0
+  device: null            # null: cuda when available, else cpu
+
+report:
+  enabled: true           # RUN/report/index.html with PNGs
+"""
