@@ -7,6 +7,9 @@ import sys
 import time
 from pathlib import Path
 
+DESCRIPTION = """Prune WebDataset training sets while they stream: index shards, record a proxy's
+per-sample statistics on Ray, reduce them to a DUAL+Beta keep-list, apply it at load time."""
+
 
 def index_summary(idx) -> str:
     m = idx.manifest
@@ -59,29 +62,74 @@ def reduce_line(keep, out) -> str:
             + f"); keep-list: {out}")
 
 
+def demo_config(out: Path, samples: int, epochs: int, ratio: float, train_epochs: int,
+                address: str | None) -> dict:
+    """The demo's `streamprune run` config (paths relative to OUT, where it is written)."""
+    return {"shards": "shards/train-*.tar", "out": "run", "address": address,
+            "record": {"epochs": epochs, "schedule_epochs": 3 * epochs, "num_classes": 10},
+            "reduce": {"ratio": ratio, "method": "dual-beta", "window": min(10, epochs)},
+            "evaluate": {"test_shards": "test-shards/test-*.tar", "epochs": train_epochs, "baseline": "random",
+                         "full": True}}
+
+
 def cmd_demo(args) -> None:
+    import yaml
+
+    from .config import load_config
     from .datasets import fashion_mnist_shards
-    from .indexer import index
-    from .recorder import record
-    from .reducer import reduce
+    from .pipeline import format_table, run_pipeline
 
     out = Path(args.out)
-    run = out / "run"
     t0 = time.perf_counter()
     paths, source = fashion_mnist_shards(out / "shards", data_dir=args.data_dir, uneven=True, limit=args.samples,
                                          progress=not args.quiet)
-    t1 = time.perf_counter()
-    print(f"shards: {len(paths)} uneven WebDataset shards of Fashion-MNIST from {source} ({t1 - t0:.1f} s)")
-    print(index_summary(index(paths, run, address=args.address, progress=not args.quiet)))
-    t2 = time.perf_counter()
-    print(f"index: {t2 - t1:.1f} s")
-    summary = record(run, args.epochs, schedule_epochs=max(args.epochs, 3 * args.epochs), num_classes=10,
-                     address=args.address, progress=not args.quiet)
-    t3 = time.perf_counter()
-    print(record_line(summary) + f" ({t3 - t2:.1f} s with start-up)")
-    keep = reduce(run, args.ratio, "dual-beta", window=min(10, args.epochs), progress=not args.quiet)
-    print(reduce_line(keep, run / "keep") + f" ({time.perf_counter() - t3:.1f} s)")
-    print(f"\nnext: PrunedWebDataset('{out / 'shards'}/train-*.tar', keep='{run / 'keep'}', shardshuffle=100)")
+    test, _ = fashion_mnist_shards(out / "test-shards", split="test", data_dir=args.data_dir,
+                                   limit=args.test_samples, progress=not args.quiet)
+    print(f"shards: {len(paths)} uneven training shards and {len(test)} test shards of Fashion-MNIST from {source} "
+          f"({time.perf_counter() - t0:.1f} s)")
+    config = out / "streamprune.yaml"
+    config.write_text("# written by `streamprune demo`; rerun with `streamprune run` to resume or change it\n"
+                      + yaml.safe_dump(demo_config(out, args.samples, args.epochs, args.ratio, args.train_epochs,
+                                                   args.address), sort_keys=False))
+    result = run_pipeline(load_config(config), progress=not args.quiet)
+    print("\n" + format_table(result))
+    print(f"\nreport: {result.report}\nconfig: {config} (rerun: streamprune run {config})\n"
+          f"apply: PrunedWebDataset('{out / 'shards'}/train-*.tar', keep='{result.run / 'keep'}', shardshuffle=100)")
+
+
+def cmd_run(args) -> None:
+    from .config import load_config
+    from .pipeline import format_table, run_pipeline
+
+    result = run_pipeline(load_config(args.config), progress=not args.quiet)
+    print("\n" + format_table(result))
+    if result.report:
+        print(f"report: {result.report}")
+
+
+def cmd_init_config(args) -> None:
+    from .config import EXAMPLE
+
+    path = Path(args.path)
+    if path.exists() and not args.force:
+        raise FileExistsError(f"{str(path)!r} exists; pass --force to overwrite it")
+    path.write_text(EXAMPLE)
+    print(f"wrote {path}: edit `shards` (and anything else), then run `streamprune run {path}`")
+
+
+def cmd_report(args) -> None:
+    from .report import build_report
+
+    print(f"report: {build_report(args.run, args.out, max_rows=args.max_rows, progress=not args.quiet)}")
+
+
+def cmd_inspect(args) -> None:
+    import json
+
+    from .runstate import format_state, run_state
+
+    state = run_state(args.run)
+    print(json.dumps(state, indent=1) if args.json else format_state(state))
 
 
 def cmd_record(args) -> None:
@@ -112,74 +160,116 @@ def cmd_reshard(args) -> None:
     print(f"reshard: {len(paths)} shards in {args.out} ({args.prefix}-000000.tar ...)")
 
 
+class _Help(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    pass
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
-    p = argparse.ArgumentParser(prog="streamprune", description=__doc__)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--quiet", action="store_true", help="no progress bars (for logs of batch jobs)")
+    common.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    p = argparse.ArgumentParser(prog="streamprune", description=DESCRIPTION, formatter_class=_Help,
+                                epilog="Start with `streamprune demo`; `streamprune COMMAND --help` for each command.")
     p.add_argument("--version", action="version", version=f"streamprune {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
-    s = sub.add_parser("index", help="scan shards in parallel and write RUN/index")
+    def command(name: str, help_: str, example: str, fn) -> argparse.ArgumentParser:
+        s = sub.add_parser(name, help=help_, description=help_, parents=[common], formatter_class=_Help,
+                           epilog=f"example:\n  {example}")
+        s.set_defaults(fn=fn)
+        return s
+
+    s = command("demo", "the whole job offline on real Fashion-MNIST: shards, index, record, reduce, "
+                "fresh models on the kept and a random subset, report",
+                "streamprune demo --out /tmp/demo", cmd_demo)
+    s.add_argument("--out", default="streamprune-demo", help="output directory")
+    s.add_argument("--data-dir", help="folder with the Fashion-MNIST IDX files (default: found or bundled)")
+    s.add_argument("--samples", type=int, default=6000, help="training images to use")
+    s.add_argument("--test-samples", type=int, default=2000, help="test images to evaluate on")
+    s.add_argument("--epochs", type=int, default=10, help="proxy epochs to record (T)")
+    s.add_argument("--ratio", type=float, default=0.5, help="pruning ratio")
+    s.add_argument("--train-epochs", type=int, default=10, help="epochs of each fresh model")
+    s.add_argument("--address", help="Ray cluster address (default: start a local Ray instance)")
+
+    s = command("run", "every stage from one config file (YAML or TOML), resumable",
+                "streamprune init-config streamprune.yaml && streamprune run streamprune.yaml", cmd_run)
+    s.add_argument("config", help="config file (.yaml, .yml or .toml)")
+
+    s = command("init-config", "write a commented example config", "streamprune init-config streamprune.yaml",
+                cmd_init_config)
+    s.add_argument("path", nargs="?", default="streamprune.yaml")
+    s.add_argument("--force", action="store_true", help="overwrite an existing file")
+
+    s = command("index", "scan shards in parallel and write RUN/index",
+                "streamprune index 'data/train-{000000..000099}.tar' --out run", cmd_index)
     s.add_argument("shards", nargs="+", help="shard URLs: paths, braces, globs, file://, pipe:, fsspec URLs")
     s.add_argument("--out", required=True, help="run directory (the index goes to OUT/index)")
     s.add_argument("--root", help="dataset root that shard names are relative to (default: common directory)")
     s.add_argument("--identity", default=None,
                    help="'shard-key' (default), 'json:FIELD' (e.g. json:uid) or 'package.module:function'")
     s.add_argument("--address", help="Ray cluster address (default: start a local Ray instance)")
-    s.add_argument("--quiet", action="store_true", help="no progress bar")
-    s.set_defaults(fn=cmd_index)
 
-    s = sub.add_parser("record", help="train the proxy on Ray and record per-sample statistics")
+    s = command("record", "train the proxy on Ray and record per-sample statistics",
+                "streamprune record run --epochs 10 --workers 2", cmd_record)
     s.add_argument("run", help="run directory holding RUN/index")
     s.add_argument("--epochs", type=int, required=True, help="epochs to run and record (T)")
     s.add_argument("--workers", type=int, help="training workers (default: one per GPU, else CPUs/2 up to 4)")
     s.add_argument("--gpus-per-worker", type=float, help="default: 1 when the cluster has GPUs, else 0")
     s.add_argument("--model", help="small-cnn, resnet18 or package.module:factory (default: by image size)")
     s.add_argument("--address", help="Ray cluster address (default: start a local Ray instance)")
-    s.add_argument("--batch-size", type=int, default=128, help="global batch size (default 128)")
+    s.add_argument("--batch-size", type=int, default=128, help="global batch size")
     s.add_argument("--lr", type=float, default=0.1)
     s.add_argument("--schedule-epochs", type=int, default=200, help="length of the full cosine schedule")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--num-classes", type=int, help="default: from the labels of the first shards")
     s.add_argument("--loader-workers", type=int, default=2, help="DataLoader processes per training worker")
     s.add_argument("--max-failures", type=int, default=3, help="worker failures to recover from")
-    s.add_argument("--quiet", action="store_true")
-    s.set_defaults(fn=cmd_record)
 
-    s = sub.add_parser("reduce", help="score samples and write the keep-list")
+    s = command("reduce", "score samples and write the keep-list", "streamprune reduce run --ratio 0.7", cmd_reduce)
     s.add_argument("run", help="run directory with RUN/index and RUN/stats.zarr")
     s.add_argument("--ratio", type=float, required=True, help="pruning ratio r in [0, 1): the fraction removed")
     s.add_argument("--method", default="dual-beta",
-                   help="dual-beta (default), dual, dyn-unc, el2n, forgetting, entropy, aum, ccs:SCORE, random")
+                   help="dual-beta, dual, dyn-unc, el2n, forgetting, entropy, aum, ccs:SCORE, random")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--epochs", type=int, help="recorded epochs to use (T; default: all complete ones)")
-    s.add_argument("--window", type=int, default=10, help="window length J of DUAL and Dyn-Unc (default 10)")
+    s.add_argument("--window", type=int, default=10, help="window length J of DUAL and Dyn-Unc")
     s.add_argument("--workers", type=int, help="reducer tasks in flight (default: the cluster's CPUs)")
     s.add_argument("--block-rows", type=int, help="rows per task (rounded to whole store chunks; default 262144)")
     s.add_argument("--out", help="keep-list directory (default RUN/keep)")
     s.add_argument("--missing", default="drop", choices=["drop", "error"],
                    help="samples with missing statistics: leave out (counted) or refuse")
-    s.add_argument("--c-d", dest="c_d", type=float, default=4.0, help="Beta sampler c_d (default 4)")
-    s.add_argument("--C", dest="C", type=float, default=15.0, help="Beta sampler C (default 15)")
+    s.add_argument("--c-d", dest="c_d", type=float, default=4.0, help="Beta sampler c_d")
+    s.add_argument("--C", dest="C", type=float, default=15.0, help="Beta sampler C")
     s.add_argument("--alpha-plus-beta", type=float, help="alpha + beta (default C + 1, as the reference code)")
-    s.add_argument("--cut", type=float, default=0.2, help="CCS: hardest fraction dropped first (default 0.2)")
+    s.add_argument("--cut", type=float, default=0.2, help="CCS: hardest fraction dropped first")
     s.add_argument("--scores", default="all", choices=["all", "method"],
-                   help="write every score to RUN/scores.zarr (default), or only what the method needs (faster)")
+                   help="write every score to RUN/scores.zarr, or only what the method needs (faster)")
     s.add_argument("--address", help="Ray cluster address (default: start a local Ray instance)")
-    s.add_argument("--quiet", action="store_true")
-    s.set_defaults(fn=cmd_reduce)
 
-    s = sub.add_parser("reshard", help="write the kept samples as new shards (Ray tasks)")
+    s = command("reshard", "write the kept samples as new shards (Ray tasks)",
+                "streamprune reshard run --out pruned-shards --shard-size 10000", cmd_reshard)
     s.add_argument("run", help="run directory with RUN/index and RUN/keep")
     s.add_argument("--out", required=True, help="output directory for the new shards")
     s.add_argument("--shard-size", type=int, help="samples per output shard (default: the input's mean)")
     s.add_argument("--keep", help="keep-list directory (default RUN/keep)")
-    s.add_argument("--prefix", default="pruned", help="output shard names PREFIX-NNNNNN.tar (default pruned)")
+    s.add_argument("--prefix", default="pruned", help="output shard names PREFIX-NNNNNN.tar")
     s.add_argument("--address", help="Ray cluster address (default: start a local Ray instance)")
-    s.add_argument("--quiet", action="store_true")
-    s.set_defaults(fn=cmd_reshard)
 
-    s = sub.add_parser("make-shards", help="write Fashion-MNIST as WebDataset shards")
+    s = command("report", "an HTML page with PNGs: scores, Beta weights, kept fractions, image grids, curves",
+                "streamprune report run", cmd_report)
+    s.add_argument("run", help="run directory with RUN/keep and RUN/scores.zarr")
+    s.add_argument("--out", help="output folder (default RUN/report)")
+    s.add_argument("--max-rows", type=int, default=1_000_000, help="samples the figures are drawn from, at most")
+
+    s = command("inspect", "the state of each stage, sizes, configuration, fingerprint", "streamprune inspect run",
+                cmd_inspect)
+    s.add_argument("run", help="run directory")
+    s.add_argument("--json", action="store_true", help="print JSON")
+
+    s = command("make-shards", "write Fashion-MNIST as WebDataset shards",
+                "streamprune make-shards --out data --uneven", cmd_make_shards)
     s.add_argument("--out", required=True)
     s.add_argument("--data-dir", help="folder with the Fashion-MNIST IDX files (default: found or bundled)")
     s.add_argument("--split", default="train", choices=["train", "test"])
@@ -188,27 +278,36 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--format", default="png", choices=["png", "npy"])
     s.add_argument("--limit", type=int, help="only the first N samples")
     s.add_argument("--seed", type=int, default=0)
-    s.set_defaults(fn=cmd_make_shards)
-
-    s = sub.add_parser("demo", help="the whole job offline on real Fashion-MNIST shards")
-    s.add_argument("--out", default="streamprune-demo")
-    s.add_argument("--data-dir", help="folder with the Fashion-MNIST IDX files (default: found or bundled)")
-    s.add_argument("--samples", type=int, default=6000, help="training images to use (default 6000)")
-    s.add_argument("--epochs", type=int, default=10, help="proxy epochs to record (default 10)")
-    s.add_argument("--ratio", type=float, default=0.5, help="pruning ratio (default 0.5)")
-    s.add_argument("--address", help="Ray cluster address (default: start a local Ray instance)")
-    s.add_argument("--quiet", action="store_true")
-    s.set_defaults(fn=cmd_demo)
     return p
+
+
+USER_ERRORS = (ValueError, KeyError, LookupError, OSError)
+
+
+def _reason(exc: BaseException) -> str:
+    """One line: the original error of a Ray task, without its remote traceback."""
+    while getattr(exc, "cause", None) is not None:
+        exc = exc.cause
+    lines = [line for line in str(exc).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    return lines[-1].strip() if any(line.startswith("Traceback") for line in lines) else lines[0]
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.fn(args)
-    except (ValueError, KeyError, FileNotFoundError, OSError) as exc:
-        print(f"streamprune: error: {exc}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        print("streamprune: interrupted; rerun the same command to finish what is missing", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if args.debug:
+            raise
+        user = isinstance(exc, USER_ERRORS)
+        print(f"streamprune: error: {_reason(exc)}" + ("" if user else f" ({type(exc).__name__}; --debug shows "
+                                                                       "the traceback)"), file=sys.stderr)
+        return 2 if user else 1
     return 0
 
 
