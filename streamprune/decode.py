@@ -58,3 +58,22 @@ def augment(img: np.ndarray, rng: np.random.Generator, pad: int | None = None) -
 def to_tensor(img: np.ndarray) -> torch.Tensor:
     """uint8 `(C, H, W)` to float in [-1, 1]."""
     return torch.from_numpy(img).float().div_(127.5).sub_(1.0)
+
+
+class ToTensors:
+    """Pipeline stage: a sample dict to `(float image tensor, label)`, augmented when asked.
+
+    Picklable, with its random generator made in the process that uses it (each DataLoader
+    worker gets its own stream)."""
+
+    def __init__(self, seed: int = 0, do_augment: bool = True):
+        self.seed, self.do_augment, self.rng = seed, do_augment, None
+
+    def __call__(self, sample: dict) -> tuple[torch.Tensor, int]:
+        if self.rng is None:
+            import os
+
+            info = torch.utils.data.get_worker_info()
+            self.rng = np.random.default_rng([self.seed, 0 if info is None else info.id + 1, os.getpid()])
+        img, label = decode_sample(sample)
+        return to_tensor(augment(img, self.rng) if self.do_augment else img), label

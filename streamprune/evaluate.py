@@ -14,11 +14,12 @@ import torch
 import webdataset as wds
 from tqdm.auto import tqdm
 
-from .decode import augment, decode_sample, to_tensor
+from .decode import ToTensors, decode_sample
 from .keeplist import KeepList
 from .loader import PrunedWebDataset
 from .models import resolve_model
 from .recipe import make_sgd, set_cosine_lr, train_step
+from .shardlist import expand_urls
 
 
 @dataclass
@@ -32,26 +33,13 @@ class TrainResult:
     history: list[dict] = field(default_factory=list)  # per epoch: loss, accuracy (training)
 
 
-class _Tensors:
-    """Decode (and augment) a sample into `(image tensor, label)`; a picklable pipeline stage."""
-
-    def __init__(self, seed: int, do_augment: bool):
-        self.seed, self.do_augment, self.rng = seed, do_augment, None
-
-    def __call__(self, sample: dict) -> tuple[torch.Tensor, int]:
-        if self.rng is None:
-            info = torch.utils.data.get_worker_info()
-            self.rng = np.random.default_rng([self.seed, 0 if info is None else info.id + 1, os.getpid()])
-        img, label = decode_sample(sample)
-        return to_tensor(augment(img, self.rng) if self.do_augment else img), label
-
-
 def train_subset(train_urls: str | list[str], test_urls: str | list[str], keep: KeepList | str | os.PathLike | None,
                  *, epochs: int = 10, model: str | None = None, num_classes: int = 10, batch_size: int = 128,
                  lr: float = 0.1, seed: int = 0, device: str | None = None, loader_workers: int = 1,
                  augment_images: bool = True, desc: str = "train", progress: bool = True) -> TrainResult:
     """Train a fresh model for `epochs` on the kept samples (all when `keep` is None) and
     return its accuracy on `test_urls`. Fewer samples mean fewer steps, as in the reference."""
+    train_urls, test_urls = expand_urls(train_urls), expand_urls(test_urls)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(seed)
     first = next(iter(wds.WebDataset(test_urls, shardshuffle=False, nodesplitter=None, workersplitter=None)))
@@ -65,7 +53,7 @@ def train_subset(train_urls: str | list[str], test_urls: str | list[str], keep: 
         s = seed * 100003 + epoch  # a new shard and sample order each epoch
         base = (wds.WebDataset(train_urls, shardshuffle=100, seed=s) if keep is None
                 else PrunedWebDataset(train_urls, keep=keep, shardshuffle=100, seed=s))
-        train = base.shuffle(1000, seed=s).map(_Tensors(s, augment_images)).batched(batch_size)
+        train = base.shuffle(1000, seed=s).map(ToTensors(s, augment_images)).batched(batch_size)
         set_cosine_lr(opt, lr, epoch, epochs)
         net.train()
         n, loss_sum, correct = 0, 0.0, 0
@@ -87,7 +75,7 @@ def accuracy_on(net: torch.nn.Module, test_urls: str | list[str], device: torch.
                   ) -> float:
     """Top-1 accuracy of `net` on every sample of `test_urls`."""
     net.eval()
-    data = (wds.WebDataset(test_urls, shardshuffle=False, nodesplitter=None).map(_Tensors(0, False))
+    data = (wds.WebDataset(expand_urls(test_urls), shardshuffle=False, nodesplitter=None).map(ToTensors(0, False))
             .batched(batch_size))
     right = total = 0
     for x, y in data:

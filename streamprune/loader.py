@@ -224,14 +224,14 @@ class PrunedWebDataset(wds.WebDataset):
                  weights: bool = False, even_epochs: bool = False):
         if even_epochs and (resampled or mode == "resampled"):
             raise ValueError("even_epochs=True needs a fixed shard list, not resampled=True")
-        super().__init__(urls, handler=handler, mode=mode, resampled=resampled, repeat=repeat,
+        listed = _url_list(urls)  # our expansion also takes globs and fsspec globs
+        super().__init__(urls if listed is None else listed, handler=handler, mode=mode, resampled=resampled, repeat=repeat,
                          shardshuffle=shardshuffle, cache_size=cache_size, cache_dir=cache_dir,
                          url_to_name=url_to_name, detshuffle=detshuffle, nodesplitter=nodesplitter,
                          workersplitter=workersplitter, empty_check=empty_check, verbose=verbose, seed=seed)
         self.keep = as_keep_list(keep)
         self.stats = ReadStats()
         selection = _Selection(self.keep, root, unknown_shards)
-        listed = _url_list(urls)
         if listed is not None:
             selection.check(listed, allow_mismatch)
         opener = next((i for i, stage in enumerate(self.pipeline)

@@ -18,7 +18,16 @@ def ensure_ray(address: str | None = None) -> None:
         return
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     ray.init(address=address, include_dashboard=False, logging_level="WARNING",
-             configure_logging=True, log_to_driver=True)
+             configure_logging=True, log_to_driver=True,
+             runtime_env={"worker_process_setup_hook": "streamprune.raycluster.quiet_worker_logs"})
+
+
+def quiet_worker_logs() -> None:
+    """Ray worker setup: without the dashboard, Ray Train's placement-group cleaner warns every
+    second that the state API is unavailable; it keeps working, so silence that logger."""
+    import logging
+
+    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
 
 
 def bounded_map(submit: Callable[[Any], ray.ObjectRef], items: Sequence, limit: int,

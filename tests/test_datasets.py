@@ -67,10 +67,14 @@ def test_written_shards_read_back_with_webdataset(fmnist, tmp_path, fmt):
         write_shards(images[:50], labels[:50], tmp_path, sizes=[49])
 
 
-def test_demo_runs_index_record_and_reduce_on_real_shards(ray_session, tmp_path, capsys):
-    assert main(["demo", "--out", str(tmp_path), "--samples", "1200", "--epochs", "3", "--ratio", "0.25",
-                 "--quiet"]) == 0
+def test_demo_runs_every_stage_on_real_shards(ray_session, tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path), "--samples", "1200", "--test-samples", "300", "--epochs", "3",
+                 "--ratio", "0.25", "--train-epochs", "1", "--quiet"]) == 0
     out = capsys.readouterr().out
     assert "samples 1200" in out and "3 epochs recorded" in out and "kept 900 of 1,200 samples" in out
     assert len(list((tmp_path / "shards").glob("train-*.tar"))) == 4
-    assert (tmp_path / "run" / "keep" / "manifest.json").exists()
+    table = [line.split() for line in out.splitlines() if line.split()[:1] in (["dual-beta"], ["random"], ["full"])]
+    assert [(r[0], r[2]) for r in table] == [("dual-beta", "900"), ("random", "900"), ("full", "1,200")]
+    assert all(0 < float(r[3]) <= 1 for r in table)
+    assert (tmp_path / "run" / "report" / "index.html").stat().st_size > 10000
+    assert "streamprune run " + str(tmp_path / "streamprune.yaml") in out

@@ -1,0 +1,40 @@
+"""index -> record -> reduce on an existing Ray cluster.
+
+Start Ray on the nodes (`ray start --head` / `ray start --address HEAD:6379`), install
+streamprune on every node, put the shards where every node can read them (shared filesystem,
+object storage, or `pipe:` commands that work on every node) and RUN on a filesystem every
+node sees. Then, on any node:
+
+    python examples/ray_cluster.py --address auto --shards 's3://bucket/ds/train-{000000..009999}.tar' \
+        --run /shared/runs/ds --epochs 10 --ratio 0.7 --workers 8
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import streamprune
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("--address", required=True, help="Ray cluster address: auto (on a node) or ray://HEAD:10001")
+    p.add_argument("--shards", required=True, help="shard URLs (braces, globs, s3://, pipe:)")
+    p.add_argument("--run", required=True, help="run directory on a filesystem every node sees")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--ratio", type=float, default=0.5)
+    p.add_argument("--workers", type=int, help="training workers (default: one per GPU)")
+    p.add_argument("--identity", help="e.g. json:uid for DataComp-style datasets")
+    args = p.parse_args()
+
+    idx = streamprune.index(args.shards, args.run, identity=args.identity, address=args.address)
+    print(f"indexed {idx.n_samples:,} samples in {idx.n_shards:,} shards")
+    summary = streamprune.record(args.run, epochs=args.epochs, workers=args.workers, address=args.address)
+    print(f"recorded epochs {summary.epochs_run}; samples/s per worker {summary.samples_per_s_per_worker}")
+    keep = streamprune.reduce(args.run, ratio=args.ratio, method="dual-beta", address=args.address)
+    print(f"keep-list: {len(keep):,} samples in {args.run}/keep")
+
+
+if __name__ == "__main__":
+    main()
