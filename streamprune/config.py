@@ -104,7 +104,7 @@ def load_config(path: str | os.PathLike) -> Config:
     if not isinstance(data, dict):
         raise ConfigError(f"config {str(path)!r}: expected a mapping of fields, got {type(data).__name__}")
     cfg = _build(Config, data, f"config {str(path)!r}", "")
-    return _resolve_paths(cfg, path.parent)
+    return _resolve_paths(cfg, path.parent.resolve())
 
 
 def _build(cls, data: dict, where: str, prefix: str):

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from .identity import SampleIdentity, parse_identity, shard_names
 from .raycluster import bounded_map, ensure_ray
 from .shardindex import Index, save_scan, scan_shard, write_index
-from .shardlist import expand_urls
+from .shardlist import absolute, expand_urls
 
 
 @ray.remote(num_cpus=1, max_retries=3)
@@ -34,7 +34,7 @@ def index(shards: str | Iterable[str], out: str | Path, *, root: str | None = No
     common directory). `identity`: None for `(shard name, __key__)`, `"json:FIELD"`,
     `"module:function"` or a callable on the sample dict.
     """
-    urls = expand_urls(shards)
+    urls = [absolute(u) for u in expand_urls(shards)]
     names, root_path = shard_names(urls, root)
     ident = parse_identity(identity)
     spec = "shard-key" if ident is None else ident.spec

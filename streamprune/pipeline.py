@@ -14,7 +14,7 @@ from pathlib import Path
 
 from .config import Config
 from .keeplist import KeepList
-from .shardlist import expand_urls
+from .shardlist import absolute, expand_urls
 
 BASELINE_DIR = "baseline"
 
@@ -70,7 +70,7 @@ def _index_done(cfg: Config, run: Path) -> bool:
         idx = Index(run / "index")
     except FileNotFoundError:
         return False
-    return ([s["url"] for s in idx.shards] == expand_urls(cfg.shards)
+    return ([s["url"] for s in idx.shards] == [absolute(u) for u in expand_urls(cfg.shards)]
             and idx.manifest["identity"] == cfg.index.identity)
 
 

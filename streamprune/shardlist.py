@@ -52,6 +52,11 @@ def is_local(url: str) -> bool:
     return url.startswith("file:") or not (url.startswith("pipe:") or has_scheme(url))
 
 
+def absolute(url: str) -> str:
+    """`url` with a relative local path made absolute (Ray workers do not share the caller's cwd)."""
+    return os.path.abspath(url) if is_local(url) and not url.startswith("file:") else url
+
+
 def local_path(url: str) -> str:
     """The filesystem path of a local shard URL."""
     if url.startswith("file:"):

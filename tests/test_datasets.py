@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import os
+
 import numpy as np
 import pytest
 import webdataset as wds
@@ -67,8 +70,9 @@ def test_written_shards_read_back_with_webdataset(fmnist, tmp_path, fmt):
         write_shards(images[:50], labels[:50], tmp_path, sizes=[49])
 
 
-def test_demo_runs_every_stage_on_real_shards(ray_session, tmp_path, capsys):
-    assert main(["demo", "--out", str(tmp_path), "--samples", "1200", "--test-samples", "300", "--epochs", "3",
+def test_demo_runs_every_stage_on_real_shards(ray_session, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path.parent)  # a relative --out, as a new user types it
+    assert main(["demo", "--out", tmp_path.name, "--samples", "1200", "--test-samples", "300", "--epochs", "3",
                  "--ratio", "0.25", "--train-epochs", "1", "--quiet"]) == 0
     out = capsys.readouterr().out
     assert "samples 1200" in out and "3 epochs recorded" in out and "kept 900 of 1,200 samples" in out
@@ -77,4 +81,6 @@ def test_demo_runs_every_stage_on_real_shards(ray_session, tmp_path, capsys):
     assert [(r[0], r[2]) for r in table] == [("dual-beta", "900"), ("random", "900"), ("full", "1,200")]
     assert all(0 < float(r[3]) <= 1 for r in table)
     assert (tmp_path / "run" / "report" / "index.html").stat().st_size > 10000
-    assert "streamprune run " + str(tmp_path / "streamprune.yaml") in out
+    assert "streamprune run " + tmp_path.name + "/streamprune.yaml" in out
+    urls = [json.loads(line)["url"] for line in (tmp_path / "run" / "index" / "shards.jsonl").open()]
+    assert all(os.path.isabs(u) for u in urls)
