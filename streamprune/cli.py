@@ -50,8 +50,10 @@ def record_line(s) -> str:
     if not s.epochs_run:
         return f"record: all {s.epochs_done} epochs of {s.run} were already recorded"
     rate = s.samples / max(sum(s.epoch_seconds), 1e-9)
+    bad = f"; {s.bad_samples:,} undecodable samples skipped (listed in {s.run}/bad-samples.jsonl)" \
+        if s.bad_samples else ""
     return (f"record: epochs {s.epochs_run[0]}..{s.epochs_run[-1]} of {s.run} done in {sum(s.epoch_seconds):.1f} s "
-            f"({rate:,.0f} samples/s); {s.epochs_done} epochs recorded")
+            f"({rate:,.0f} samples/s); {s.epochs_done} epochs recorded{bad}")
 
 
 def reduce_line(keep, out) -> str:
@@ -139,7 +141,7 @@ def cmd_record(args) -> None:
                               model=args.model, address=args.address, batch_size=args.batch_size, lr=args.lr,
                               schedule_epochs=args.schedule_epochs, seed=args.seed, num_classes=args.num_classes,
                               loader_workers=args.loader_workers, max_failures=args.max_failures,
-                              progress=not args.quiet)))
+                              on_bad_sample=args.on_bad_sample, progress=not args.quiet)))
 
 
 def cmd_reduce(args) -> None:
@@ -226,6 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--num-classes", type=int, help="default: from the labels of the first shards")
     s.add_argument("--loader-workers", type=int, default=2, help="DataLoader processes per training worker")
     s.add_argument("--max-failures", type=int, default=3, help="worker failures to recover from")
+    s.add_argument("--on-bad-sample", default="skip", choices=["skip", "error"],
+                   help="an undecodable sample: skip it (counted, listed in RUN/bad-samples.jsonl) or stop")
 
     s = command("reduce", "score samples and write the keep-list", "streamprune reduce run --ratio 0.7", cmd_reduce)
     s.add_argument("run", help="run directory with RUN/index and RUN/stats.zarr")

@@ -36,6 +36,7 @@ class RecordSection:
     num_classes: int | None = None
     loader_workers: int = 2
     max_failures: int = 3
+    on_bad_sample: str = "skip"
 
 
 @dataclass
@@ -193,6 +194,7 @@ record:                   # the proxy run
   num_classes: null       # null: from the labels of the first shards
   loader_workers: 2
   max_failures: 3
+  on_bad_sample: skip     # skip (counted, listed in RUN/bad-samples.jsonl) | error
 
 reduce:                   # scores and the keep-list (RUN/keep)
   ratio: 0.5              # fraction pruned, in [0, 1)

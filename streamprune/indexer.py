@@ -14,6 +14,7 @@ from pathlib import Path
 import ray
 from tqdm.auto import tqdm
 
+from .atomic import output_lock
 from .identity import SampleIdentity, parse_identity, shard_names
 from .raycluster import bounded_map, ensure_ray
 from .shardindex import Index, save_scan, scan_shard, write_index
@@ -40,22 +41,23 @@ def index(shards: str | Iterable[str], out: str | Path, *, root: str | None = No
     spec = "shard-key" if ident is None else ident.spec
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    parts_dir = out / ".index-parts"
-    parts_dir.mkdir(exist_ok=True)
-    tag = lambda i: hashlib.blake2b(f"{urls[i]}\0{names[i]}\0{spec}".encode(), digest_size=8).hexdigest()
-    parts = [parts_dir / f"{i:08d}-{tag(i)}.npz" for i in range(len(urls))]
-    todo = [i for i, p in enumerate(parts) if not p.exists()]
-    bar = tqdm(total=len(urls), initial=len(urls) - len(todo), desc="index", unit="shard", disable=not progress)
-    if todo:
-        ensure_ray(address)
-        limit = max_in_flight or max(4, 4 * int(ray.cluster_resources().get("CPU", 1)))
+    with output_lock(out / "index"):
+        parts_dir = out / ".index-parts"
+        parts_dir.mkdir(exist_ok=True)
+        tag = lambda i: hashlib.blake2b(f"{urls[i]}\0{names[i]}\0{spec}".encode(), digest_size=8).hexdigest()
+        parts = [parts_dir / f"{i:08d}-{tag(i)}.npz" for i in range(len(urls))]
+        todo = [i for i, p in enumerate(parts) if not p.exists()]
+        bar = tqdm(total=len(urls), initial=len(urls) - len(todo), desc="index", unit="shard", disable=not progress)
+        if todo:
+            ensure_ray(address)
+            limit = max_in_flight or max(4, 4 * int(ray.cluster_resources().get("CPU", 1)))
 
-        def save(j: int, scan) -> None:
-            save_scan(scan, parts[todo[j]])
-            bar.set_postfix_str(f"{scan.name}: {scan.status}", refresh=False)
+            def save(j: int, scan) -> None:
+                save_scan(scan, parts[todo[j]])
+                bar.set_postfix_str(f"{scan.name}: {scan.status}", refresh=False)
 
-        bounded_map(lambda i: _scan_task.remote(urls[i], names[i], ident), todo, limit, save, bar)
-    bar.close()
-    idx = write_index(out / "index", parts, root_path, spec)
-    shutil.rmtree(parts_dir)
-    return idx
+            bounded_map(lambda i: _scan_task.remote(urls[i], names[i], ident), todo, limit, save, bar)
+        bar.close()
+        idx = write_index(out / "index", parts, root_path, spec)
+        shutil.rmtree(parts_dir)
+        return idx

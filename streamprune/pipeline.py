@@ -102,7 +102,7 @@ def _record(cfg: Config, run: Path, progress: bool, log) -> None:
     log(record_line(record(run, r.epochs, workers=r.workers, gpus_per_worker=r.gpus_per_worker, model=r.model,
                            address=cfg.address, batch_size=r.batch_size, lr=r.lr, schedule_epochs=r.schedule_epochs,
                            seed=r.seed, num_classes=r.num_classes, loader_workers=r.loader_workers,
-                           max_failures=r.max_failures, progress=progress)))
+                           max_failures=r.max_failures, on_bad_sample=r.on_bad_sample, progress=progress)))
 
 
 def _reduce_settings(cfg: Config, method: str) -> dict:

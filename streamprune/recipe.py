@@ -23,9 +23,10 @@ def set_cosine_lr(opt: torch.optim.Optimizer, base_lr: float, epoch: int, schedu
 
 def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One SGD step on cross-entropy; returns the logits and the mean loss."""
+    """One SGD step on cross-entropy; returns the logits and the mean loss. Labels -1 (skipped
+    samples) are left out; a batch of only those still steps (DDP needs every rank's backward)."""
     logits = model(x)
-    loss = F.cross_entropy(logits, y)
+    loss = F.cross_entropy(logits, y, ignore_index=-1) if bool((y >= 0).any()) else logits.sum() * 0.0
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()

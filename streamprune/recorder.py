@@ -12,6 +12,7 @@ a rerun (or a Ray Train restart after a worker dies) resumes at the first incomp
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import threading
 import time
@@ -27,10 +28,12 @@ from .models import resolve_model
 from .raycluster import ensure_ray
 from .recipe import make_sgd, set_cosine_lr, train_step
 from .shardindex import Index
+from .shardread import ReadStats, read_keys
 from .stats import sample_stats
-from .store import STATS, StatsStore
+from .store import STATS, StatsStore, missing_stats
 from .writers import StoreWriters
 
+BAD_SAMPLES = "bad-samples.jsonl"  # in RUN: one line per skipped sample and epoch
 _TRAINING_KEYS = ("epochs", "schedule_epochs", "batch_size", "lr", "momentum", "weight_decay", "nesterov",
                   "seed", "model", "num_classes", "augment")
 
@@ -55,6 +58,7 @@ class RecordConfig:
     loader_workers: int = 2
     shuffle_buffer: int = 1000
     record: bool = True
+    on_bad_sample: str = "skip"
 
 
 @dataclass
@@ -67,6 +71,7 @@ class RecordSummary:
     epoch_seconds: list[float] = field(default_factory=list)
     samples_per_s_per_worker: list[float] = field(default_factory=list)
     samples: int = 0
+    bad_samples: int = 0  # skipped as undecodable (listed in RUN/bad-samples.jsonl)
 
 
 def assign_shards(counts: np.ndarray, shard_ids: np.ndarray, n_workers: int, seed: int, epoch: int
@@ -89,24 +94,40 @@ class ShardStream(torch.utils.data.IterableDataset):
     """
 
     def __init__(self, index_path: str, shards: list[int], epoch: int, seed: int, do_augment: bool,
-                 shuffle_buffer: int, num_classes: int):
+                 shuffle_buffer: int, num_classes: int, shape: tuple[int, int, int], on_bad_sample: str = "error"):
         self.index_path, self.shards, self.epoch, self.seed = index_path, shards, epoch, seed
         self.do_augment, self.shuffle_buffer, self.num_classes = do_augment, shuffle_buffer, num_classes
+        self.shape, self.on_bad_sample = shape, on_bad_sample
+
+    def _bad(self, idx: Index, shard: int, key: str, row: int, reason: str):
+        """A sample that cannot be decoded: an error, or (skip) logged and yielded with label -1."""
+        if self.on_bad_sample == "error":
+            raise ValueError(f"{reason} (pass --on-bad-sample skip to skip such samples)")
+        with open(Path(self.index_path).parent / BAD_SAMPLES, "a") as f:
+            f.write(json.dumps({"shard": idx.names[shard], "key": key, "row": row, "epoch": self.epoch,
+                                "reason": reason}) + "\n")
+        return torch.zeros(self.shape), -1, row
 
     def _samples(self, idx: Index, shard: int):
-        import webdataset as wds
-
         url, keys, first = idx.shards[shard]["url"], idx.keys(shard), idx.rows(shard).start
         rng = np.random.default_rng([self.seed, self.epoch, shard])
-        stream = wds.WebDataset(url, shardshuffle=False, nodesplitter=None, workersplitter=None,
-                                empty_check=False)
+        stream = ({"__key__": key, "__url__": url, **data}
+                  for key, data, _ in read_keys(url, idx.names[shard], None, ReadStats()))
         pos = -1
         for pos, sample in enumerate(stream):
             if pos >= len(keys) or sample["__key__"] != keys[pos]:
                 raise ValueError(f"shard {idx.names[shard]!r} changed since it was indexed: sample {pos} is "
                                  f"{sample['__key__']!r}, the index has {keys[pos] if pos < len(keys) else None!r}"
                                  f"; run `streamprune index` again")
-            img, label = decode_sample(sample)
+            try:
+                img, label = decode_sample(sample)
+            except ValueError as exc:
+                yield self._bad(idx, shard, sample["__key__"], first + pos, str(exc))
+                continue
+            if img.shape != self.shape:
+                yield self._bad(idx, shard, sample["__key__"], first + pos, f"sample {sample['__key__']!r} of shard "
+                                f"{idx.names[shard]!r}: image shape {img.shape}, the run's images are {self.shape}")
+                continue
             if not 0 <= label < self.num_classes:
                 raise ValueError(f"sample {sample['__key__']!r} of shard {idx.names[shard]!r}: label {label} is "
                                  f"outside [0, {self.num_classes}); pass --num-classes")
@@ -210,7 +231,8 @@ def _train_loop(cfg: dict) -> None:
         barrier()
         mine = assign_shards(counts, healthy, world, rc.seed, epoch)[rank].tolist()
         loader = torch.utils.data.DataLoader(
-            ShardStream(str(run / "index"), mine, epoch, rc.seed, rc.augment, rc.shuffle_buffer, rc.num_classes),
+            ShardStream(str(run / "index"), mine, epoch, rc.seed, rc.augment, rc.shuffle_buffer, rc.num_classes,
+                        tuple(cfg["shape"]), rc.on_bad_sample),
             batch_size=per_worker_batch, num_workers=min(rc.loader_workers, len(mine)),
             pin_memory=device.type == "cuda", persistent_workers=False)
         model.train()
@@ -220,12 +242,17 @@ def _train_loop(cfg: dict) -> None:
             for step, (x, y, rows) in enumerate(loader):
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 logits, loss = train_step(model, opt, x, y)
-                seen[0] += len(y)
-                seen[1] += float(loss.detach()) * len(y)
+                good = (y >= 0).cpu().numpy()
+                seen[0] += int(good.sum())
+                seen[1] += float(loss.detach()) * int(good.sum())
                 seen[2] += int((logits.argmax(1) == y).sum())
                 if rc.record:
-                    rows_buf.append(rows.numpy())
-                    stats_buf.append(sample_stats(logits, y))
+                    rows_buf.append(rows.numpy()[good])
+                    stats_buf.append(sample_stats(logits[torch.as_tensor(good, device=logits.device)],
+                                                  y[torch.as_tensor(good, device=y.device)]))
+                    if not good.all():  # skipped samples: given, with missing statistics
+                        rows_buf.append(rows.numpy()[~good])
+                        stats_buf.append(missing_stats(int((~good).sum())))
                     if sum(len(r) for r in rows_buf) >= 4096:
                         pending += _send(writers, rows_buf, stats_buf)
                         rows_buf, stats_buf = [], []
@@ -263,35 +290,44 @@ def _send(writers: StoreWriters, rows_buf: list, stats_buf: list) -> list:
     return writers.add(rows, stats)
 
 
-def _peek(idx: Index, healthy: list[int], want_classes: bool) -> tuple[int, int, int | None]:
-    """Channels and size of the first image; the class count from the labels of the first
-    2,000 samples of up to 4 shards."""
+def _peek(idx: Index, healthy: list[int], want_classes: bool) -> tuple[tuple[int, int, int], int | None]:
+    """Shape `(C, H, W)` of the first decodable image; the class count from the labels of the
+    first 2,000 decodable samples of up to 4 shards."""
     import webdataset as wds
 
-    channels = size = None
-    top, seen = -1, 0
-    for shard in healthy[: 4 if want_classes else 1]:
+    shape, top, seen = None, -1, 0
+    for shard in healthy[: 4 if want_classes else len(healthy)]:
         for sample in wds.WebDataset(idx.shards[shard]["url"], shardshuffle=False, nodesplitter=None,
                                      workersplitter=None, empty_check=False):
-            img, label = decode_sample(sample)
-            channels, size = (img.shape[0], max(img.shape[1:])) if channels is None else (channels, size)
+            try:
+                img, label = decode_sample(sample)
+            except ValueError:
+                continue  # counted when training meets it
+            shape = shape or img.shape
             top, seen = max(top, label), seen + 1
             if not want_classes or seen >= 2000:
-                return channels, size, (top + 1 if want_classes else None)
-    return channels, size, (top + 1 if want_classes else None)
+                return shape, (top + 1 if want_classes else None)
+    if shape is None:
+        raise ValueError(f"no decodable image with a label in the first shards of {str(idx.path)!r}")
+    return shape, (top + 1 if want_classes else None)
 
 
 def record(run: str | os.PathLike, epochs: int, *, workers: int | None = None, gpus_per_worker: float | None = None,
            model: str | None = None, address: str | None = None, batch_size: int = 128, lr: float = 0.1,
            schedule_epochs: int = 200, seed: int = 0, num_classes: int | None = None, loader_workers: int = 2,
            augment_images: bool = True, chunk_rows: int | None = None, max_failures: int = 3,
-           record_stats: bool = True, progress: bool = True) -> RecordSummary:
+           record_stats: bool = True, on_bad_sample: str = "skip", progress: bool = True) -> RecordSummary:
     """Train the proxy for the first `epochs` epochs of a `schedule_epochs` cosine schedule and
     write every sample's statistics per epoch to `run/stats.zarr`; resumes an interrupted run.
 
     `batch_size` is the global batch (split across workers). `record_stats=False` trains
     without recording (the benchmark's baseline) and writes nothing to the store.
+    `on_bad_sample`: a sample that cannot be decoded (not an image, no label, another shape)
+    is `skip`ped (its statistics stay missing; counted, listed in `RUN/bad-samples.jsonl`)
+    or an `error` naming it.
     """
+    if on_bad_sample not in ("skip", "error"):
+        raise ValueError(f"on_bad_sample must be 'skip' or 'error', not {on_bad_sample!r}")
     run = Path(run).resolve()
     idx = Index(run / "index")
     healthy = [s for s, info in enumerate(idx.shards) if info["status"] == "ok"]
@@ -306,11 +342,12 @@ def record(run: str | os.PathLike, epochs: int, *, workers: int | None = None, g
     if workers is None:
         workers = int(resources.get("GPU", 0) // gpus_per_worker) if gpus_per_worker else \
             max(1, min(4, int(resources.get("CPU", 1)) // 2))
-    channels, size, inferred = _peek(idx, healthy, num_classes is None)
+    shape, inferred = _peek(idx, healthy, num_classes is None)
     cfg = RecordConfig(epochs=epochs, schedule_epochs=schedule_epochs, batch_size=batch_size, lr=lr, seed=seed,
                        model=model if isinstance(model, str) or model is None else f"{model.__module__}:"
                        f"{model.__qualname__}", num_classes=num_classes or inferred, augment=augment_images,
                        workers=workers, gpus_per_worker=gpus_per_worker, loader_workers=loader_workers,
+                       on_bad_sample=on_bad_sample,
                        record=record_stats)
     store_path = run / "stats.zarr"
     kwargs = {} if chunk_rows is None else {"chunk_rows": chunk_rows}
@@ -329,14 +366,24 @@ def record(run: str | os.PathLike, epochs: int, *, workers: int | None = None, g
     else:
         writers = None
     tracker = Progress.remote()
-    summary = _fit(run, cfg, writers, tracker, healthy, channels, size, start, max_failures, progress,
+    summary = _fit(run, cfg, writers, tracker, healthy, shape, start, max_failures, progress,
                    int(np.diff(idx.shard_offset)[healthy].sum()))
     for actor in ([] if writers is None else writers.actors) + [tracker]:
         ray.kill(actor)
+    summary.bad_samples = len(bad_samples(run))
     return summary
 
 
-def _fit(run: Path, cfg: RecordConfig, writers, tracker, healthy, channels, size, start, max_failures, progress,
+def bad_samples(run: str | os.PathLike) -> dict[int, dict]:
+    """Samples skipped as undecodable in any epoch of `run`, by row."""
+    path = Path(run) / BAD_SAMPLES
+    if not path.exists():
+        return {}
+    with open(path) as f:
+        return {entry["row"]: entry for entry in map(json.loads, f)}
+
+
+def _fit(run: Path, cfg: RecordConfig, writers, tracker, healthy, shape, start, max_failures, progress,
          n_samples) -> RecordSummary:
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -348,7 +395,8 @@ def _fit(run: Path, cfg: RecordConfig, writers, tracker, healthy, channels, size
     trainer = TorchTrainer(
         _train_loop,
         train_loop_config={"config": asdict(cfg), "run": str(run), "writers": writers, "progress": tracker,
-                           "healthy": healthy, "in_channels": channels, "image_size": size, "threads": 1,
+                           "healthy": healthy, "in_channels": shape[0], "image_size": max(shape[1:]),
+                           "shape": list(shape), "threads": 1,
                            "start": start},
         scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=bool(cfg.gpus_per_worker),
                                      resources_per_worker=per_worker),

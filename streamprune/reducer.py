@@ -20,7 +20,7 @@ import zarr
 from tqdm.auto import tqdm
 
 from . import sampling
-from .atomic import swap_in, temp_sibling
+from .atomic import output_lock, swap_in, temp_sibling
 from .identity import uniforms
 from .keeplist import KeepList, KeepListWriter, new_manifest
 from .raycluster import bounded_map, ensure_ray
@@ -263,60 +263,61 @@ def reduce(run: str | os.PathLike, ratio: float, method: str = "dual-beta", *, s
     if m.score in ("dual", "dyn_unc") or m.sampler == "beta":
         if window < 2 or epochs < window:
             raise ValueError(f"window must satisfy 2 <= window <= T; got window={window}, T={epochs}")
-    ensure_ray(address)
-    workers = workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
-    chunk = store.chunk_rows
-    block_rows = chunk * max(1, -(-(block_rows or 262144) // chunk))
-    n = store.n_samples
-    bounds = [(r0, min(r0 + block_rows, n)) for r0 in range(0, n, block_rows)]
-    blocks = _Blocks(bounds, workers)
     scores_path = str(run / "scores.zarr" if scores_out is None else Path(scores_out).resolve())
-    names = SCORES if which == "all" else tuple(dict.fromkeys(
-        [s for s in (m.score, "dual" if m.sampler == "beta" else None) if s] + ["mean_p"]))
-    summary = _score_all(blocks, store, scores_path, epochs, window, block_rows, names, progress)
-
-    spec = {"sampler": m.sampler, "score": m.score, "seed": seed, "ratio": ratio, "phase": None,
-            "beta": {"c_d": c_d, "C": C, "alpha_plus_beta": alpha_plus_beta}, "excluded": []}
-    n_ok = n if m.sampler == "random" else summary["finite"][m.score if m.sampler != "beta" else "dual"]
-    if m.sampler == "beta":
-        n_ok = min(n_ok, summary["finite"]["mean_p"])
-    dropped = n - n_ok
-    if dropped and missing == "error":
-        raise ValueError(f"{dropped} samples have missing statistics (e.g. rows {summary['missing_rows'][:5]}); "
-                         f"use --missing drop to leave them out")
-    k = sampling.keep_count(n_ok, ratio)
-    params: dict = {"cut": cut} if m.sampler == "ccs" else {}
-    if m.sampler == "beta":
-        top = summary["top"]
-        spec["anchor"] = float(np.mean(top["mean_p"])) if top["mean_p"] else 0.5
-        alpha, beta = sampling.beta_params(ratio, spec["anchor"], **spec["beta"])
-        params.update(anchor=spec["anchor"], alpha=alpha, beta=beta, **spec["beta"])
-    if m.sampler == "ccs":
-        spec["cut_threshold"], spec["lo"], spec["hi"] = _ccs_setup(blocks, scores_path, spec, n_ok, k, cut, progress,
-                                                                   gather_limit)
-    n_groups = CCS_BINS if m.sampler == "ccs" else 1
-    parts = blocks.map(_store_keys, scores_path, spec, n_groups, desc="keys", progress=progress)
-    counts = sum(p[0] for p in parts)
-    if m.sampler == "ccs":
-        needs = sampling.ccs_quotas(counts, k)
-        spec["excluded"] = [int(g) for g in np.flatnonzero(needs == 0)]
-        params.update(lo=spec["lo"], hi=spec["hi"], bins=CCS_BINS, quotas=needs.tolist())
-    else:
-        needs = np.array([k])
-        spec["excluded"] = [0] if k == 0 else []
-    thresholds = _thresholds(blocks, scores_path, spec, np.asarray(needs), np.asarray(counts), progress,
-                             gather_limit)
-    # ES keys rank every positive weight above the zero-weight fill-up.
-    filled = max(0, k - sum(p[1] for p in parts)) if m.sampler == "beta" else 0
-    manifest = new_manifest(method=m.name, ratio=ratio, seed=seed, k=k, N=n_ok, n_rows=n, dropped_missing=dropped,
-                         filled_zero_weight=filled, epochs=epochs, window=window, params=params,
-                         fingerprint=index.fingerprint, index_root=index.root, weights=m.sampler == "random")
     out = Path(out) if out is not None else run / "keep"
-    weight = n_ok / max(k, 1) if m.sampler == "random" else None
-    with KeepListWriter.for_index(out, index, manifest, k, with_weights=weight is not None) as writer:
-        blocks.map(_kept_block, scores_path, spec, thresholds, desc="keep", progress=progress,
-                   sink=_InOrder(lambda rows: writer.add_rows(index, rows, weight)))
-    return KeepList.load(out)
+    with output_lock(out), output_lock(scores_path):
+        ensure_ray(address)
+        workers = workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
+        chunk = store.chunk_rows
+        block_rows = chunk * max(1, -(-(block_rows or 262144) // chunk))
+        n = store.n_samples
+        bounds = [(r0, min(r0 + block_rows, n)) for r0 in range(0, n, block_rows)]
+        blocks = _Blocks(bounds, workers)
+        names = SCORES if which == "all" else tuple(dict.fromkeys(
+            [s for s in (m.score, "dual" if m.sampler == "beta" else None) if s] + ["mean_p"]))
+        summary = _score_all(blocks, store, scores_path, epochs, window, block_rows, names, progress)
+
+        spec = {"sampler": m.sampler, "score": m.score, "seed": seed, "ratio": ratio, "phase": None,
+                "beta": {"c_d": c_d, "C": C, "alpha_plus_beta": alpha_plus_beta}, "excluded": []}
+        n_ok = n if m.sampler == "random" else summary["finite"][m.score if m.sampler != "beta" else "dual"]
+        if m.sampler == "beta":
+            n_ok = min(n_ok, summary["finite"]["mean_p"])
+        dropped = n - n_ok
+        if dropped and missing == "error":
+            raise ValueError(f"{dropped} samples have missing statistics (e.g. rows {summary['missing_rows'][:5]}); "
+                             f"use --missing drop to leave them out")
+        k = sampling.keep_count(n_ok, ratio)
+        params: dict = {"cut": cut} if m.sampler == "ccs" else {}
+        if m.sampler == "beta":
+            top = summary["top"]
+            spec["anchor"] = float(np.mean(top["mean_p"])) if top["mean_p"] else 0.5
+            alpha, beta = sampling.beta_params(ratio, spec["anchor"], **spec["beta"])
+            params.update(anchor=spec["anchor"], alpha=alpha, beta=beta, **spec["beta"])
+        if m.sampler == "ccs":
+            spec["cut_threshold"], spec["lo"], spec["hi"] = _ccs_setup(blocks, scores_path, spec, n_ok, k, cut, progress,
+                                                                       gather_limit)
+        n_groups = CCS_BINS if m.sampler == "ccs" else 1
+        parts = blocks.map(_store_keys, scores_path, spec, n_groups, desc="keys", progress=progress)
+        counts = sum(p[0] for p in parts)
+        if m.sampler == "ccs":
+            needs = sampling.ccs_quotas(counts, k)
+            spec["excluded"] = [int(g) for g in np.flatnonzero(needs == 0)]
+            params.update(lo=spec["lo"], hi=spec["hi"], bins=CCS_BINS, quotas=needs.tolist())
+        else:
+            needs = np.array([k])
+            spec["excluded"] = [0] if k == 0 else []
+        thresholds = _thresholds(blocks, scores_path, spec, np.asarray(needs), np.asarray(counts), progress,
+                                 gather_limit)
+        # ES keys rank every positive weight above the zero-weight fill-up.
+        filled = max(0, k - sum(p[1] for p in parts)) if m.sampler == "beta" else 0
+        manifest = new_manifest(method=m.name, ratio=ratio, seed=seed, k=k, N=n_ok, n_rows=n, dropped_missing=dropped,
+                             filled_zero_weight=filled, epochs=epochs, window=window, params=params,
+                             fingerprint=index.fingerprint, index_root=index.root, weights=m.sampler == "random")
+        weight = n_ok / max(k, 1) if m.sampler == "random" else None
+        with KeepListWriter.for_index(out, index, manifest, k, with_weights=weight is not None) as writer:
+            blocks.map(_kept_block, scores_path, spec, thresholds, desc="keep", progress=progress,
+                       sink=_InOrder(lambda rows: writer.add_rows(index, rows, weight)))
+        return KeepList.load(out)
 
 
 def _score_all(blocks: _Blocks, store: StatsStore, scores_path: str, epochs: int, window: int, block_rows: int,

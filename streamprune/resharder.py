@@ -17,6 +17,7 @@ import numpy as np
 import ray
 from tqdm.auto import tqdm
 
+from .atomic import output_lock
 from .keeplist import KeepList
 from .raycluster import bounded_map, ensure_ray
 from .shardindex import Index
@@ -66,27 +67,28 @@ def reshard(run: str | os.PathLike, out: str | os.PathLike, shard_size: int | No
     plan = {"format": "streamprune-reshard", "fingerprint": index.fingerprint, "keep_created": keep.manifest.get("created"),
             "method": keep.manifest.get("method"), "ratio": keep.manifest.get("ratio"), "k": len(keep),
             "shard_size": shard_size, "prefix": prefix, "shards": n_out}
-    out.mkdir(parents=True, exist_ok=True)
-    plan_path = out / PLAN
-    if plan_path.exists():
-        found = json.loads(plan_path.read_text())
-        if {k: found.get(k) for k in plan} != plan:
-            raise ValueError(f"{str(out)!r} holds shards of another reshard ({found.get('method')}, k={found.get('k')}, "
-                             f"shard size {found.get('shard_size')}): choose an empty output directory")
-    else:
-        plan_path.write_text(json.dumps(plan, indent=1))
-    for leftover in out.glob(f"{prefix}-*.tar.tmp-*"):  # from a killed run
-        leftover.unlink()
-    paths = [out / f"{prefix}-{j:06d}.tar" for j in range(n_out)]
-    todo = [j for j in range(n_out) if not paths[j].exists()]
-    bar = tqdm(total=n_out, initial=n_out - len(todo), desc="reshard", unit="shard", disable=not progress)
-    if todo:
-        ensure_ray(address)
-        limit = max_in_flight or max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
-        bounded_map(lambda j: _write_shard.remote(str(paths[j]), _parts(index, keep, j, shard_size)), todo, limit,
-                    lambda i, result: None, bar)
-    bar.close()
-    return paths
+    with output_lock(out):
+        out.mkdir(parents=True, exist_ok=True)
+        plan_path = out / PLAN
+        if plan_path.exists():
+            found = json.loads(plan_path.read_text())
+            if {k: found.get(k) for k in plan} != plan:
+                raise ValueError(f"{str(out)!r} holds shards of another reshard ({found.get('method')}, k={found.get('k')}, "
+                                 f"shard size {found.get('shard_size')}): choose an empty output directory")
+        else:
+            plan_path.write_text(json.dumps(plan, indent=1))
+        for leftover in out.glob(f"{prefix}-*.tar.tmp-*"):  # from a killed run
+            leftover.unlink()
+        paths = [out / f"{prefix}-{j:06d}.tar" for j in range(n_out)]
+        todo = [j for j in range(n_out) if not paths[j].exists()]
+        bar = tqdm(total=n_out, initial=n_out - len(todo), desc="reshard", unit="shard", disable=not progress)
+        if todo:
+            ensure_ray(address)
+            limit = max_in_flight or max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
+            bounded_map(lambda j: _write_shard.remote(str(paths[j]), _parts(index, keep, j, shard_size)), todo, limit,
+                        lambda i, result: None, bar)
+        bar.close()
+        return paths
 
 
 def _parts(index: Index, keep: KeepList, j: int, shard_size: int) -> list[tuple[str, str, np.ndarray, list[str], int]]:

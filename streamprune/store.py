@@ -29,6 +29,11 @@ def fill_value(name: str):
     return CORRECT_MISSING if name == "correct" else np.nan
 
 
+def missing_stats(n: int) -> dict[str, np.ndarray]:
+    """Statistics of `n` rows that have none (skipped samples): the missing marker of each."""
+    return {name: np.full(n, fill_value(name), dtype=stat_dtype(name)) for name in STATS}
+
+
 def stat_dtype(name: str) -> np.dtype:
     return np.dtype(np.uint8 if name == "correct" else np.float32)
 

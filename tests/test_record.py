@@ -149,3 +149,58 @@ def test_assign_shards_balances_counts_and_covers_each_shard_once():
         assert max(loads) - min(loads) <= 2 * counts.max()
     assert not np.array_equal(np.concatenate(assign_shards(counts, ids, 3, 1, 0)),
                               np.concatenate(assign_shards(counts, ids, 3, 1, 1)))
+
+
+def _shards_with_bad_samples(out, fmnist) -> tuple[list[str], dict[str, str]]:
+    """Two real shards with three bad samples: not an image, no label, another image shape."""
+    import webdataset as wds
+
+    from streamprune.datasets import encode_png
+
+    images, labels = fmnist
+    out.mkdir()
+    bad = {"00000005": "cannot decode", "00000012": "no cls label", "00000031": "image shape"}
+    paths = []
+    for s in range(2):
+        path = str(out / f"bad-{s:06d}.tar")
+        with wds.TarWriter(path) as w:
+            for i in range(s * 30, s * 30 + 30):
+                key = f"{i:08d}"
+                sample = {"__key__": key, "png": encode_png(images[i]), "cls": str(int(labels[i])).encode()}
+                if key == "00000005":
+                    sample["png"] = b"this is not a PNG"
+                elif key == "00000012":
+                    del sample["cls"]
+                elif key == "00000031":
+                    sample["png"] = encode_png(np.zeros((14, 14), np.uint8))
+                w.write(sample)
+        paths.append(path)
+    return paths, bad
+
+
+def test_undecodable_samples_are_skipped_counted_and_listed_or_refused(ray_session, tmp_path, fmnist):
+    import json
+
+    from streamprune import reduce
+
+    paths, bad = _shards_with_bad_samples(tmp_path / "shards", fmnist)
+    run = tmp_path / "run"
+    idx = index(paths, run, progress=False)
+    with pytest.raises(Exception, match="00000005.*bad-000000.tar.*cannot decode.*--on-bad-sample skip"):
+        record(run, 2, workers=2, schedule_epochs=10, num_classes=10, on_bad_sample="error", max_failures=0,
+               progress=False)
+    shutil.rmtree(run / "stats.zarr")
+    shutil.rmtree(run / "checkpoints", ignore_errors=True)
+    summary = record(run, 2, workers=2, schedule_epochs=10, num_classes=10, max_failures=0, progress=False)
+    assert summary.bad_samples == 3
+    listed = [json.loads(line) for line in (run / "bad-samples.jsonl").open()]
+    assert {e["key"] for e in listed} == set(bad) and all(bad[e["key"]] in e["reason"] for e in listed)
+    assert {e["shard"] for e in listed} == {"bad-000000.tar", "bad-000001.tar"}
+    store = StatsStore.open(run / "stats.zarr", mode="r")
+    assert store.complete_epochs() == 2  # skipped samples do not leave the epoch incomplete
+    rows = sorted(e["row"] for e in listed)
+    p = store.read("p_true")
+    assert np.isnan(p[rows]).all() and np.isfinite(np.delete(p, rows, axis=0)).all()
+    assert (store.read("correct")[rows] == 255).all()
+    keep = reduce(run, 0.5, "dual-beta", window=2, progress=False)
+    assert keep.manifest["dropped_missing"] == 3 and idx.n_samples == 60

@@ -129,6 +129,14 @@ def test_missing_statistics_dropped_or_refused(run, tmp_path):
     assert not set(range(64)) & set(_kept_rows(keep, idx).tolist())
     with pytest.raises(ValueError, match=r"64 samples have missing statistics \(e.g. rows \[0, 1, 2, 3, 4\]\)"):
         reduce(copy, 0.5, "dual-beta", window=5, missing="error", out=tmp_path / "x", progress=False)
+    # infinite statistics (a corrupted store) count as missing too, for every score
+    for name, value in (("p_true", np.inf), ("margin", -np.inf), ("el2n", np.inf), ("entropy", np.inf)):
+        for t in range(T):
+            store.group[name][64:128, t:t + 1] = np.full((64, 1), value, np.float32)
+    for method, dropped in (("dual-beta", 128), ("dyn-unc", 128), ("aum", 64), ("el2n", 64), ("entropy", 64)):
+        keep = reduce(copy, 0.5, method, window=5, out=tmp_path / method, progress=False)
+        assert keep.manifest["dropped_missing"] == dropped, method
+        assert not set(range(64, 128)) & set(_kept_rows(keep, idx).tolist()), method
 
 
 def test_bad_arguments_are_refused(run, tmp_path):
