@@ -16,7 +16,7 @@ from urllib.parse import urlparse
 
 import numpy as np
 import webdataset as wds
-from webdataset import cache, shardlists
+from webdataset import autodecode, cache, shardlists
 from webdataset.handlers import reraise_exception
 from webdataset.utils import pytorch_worker_info
 
@@ -255,6 +255,13 @@ class PrunedWebDataset(wds.WebDataset):
         self.pipeline = [*head, _KeptShards(selection, self.stats), *file_cache, reader,
                          *self.pipeline[opener + 3:]]
 
+    def decode(self, *args, pre=None, post=None, only=None, partial=False, handler=reraise_exception):
+        """webdataset's `decode`, except that by default nothing is unpickled: pickle members
+        (`.pyd`, `.pkl`, `.pickle`, `.pth`) stay bytes. Pass `post=[webdataset.autodecode.basichandlers]`
+        to unpickle data you trust."""
+        return super().decode(*args, pre=pre, post=[safe_basichandlers] if post is None else post, only=only,
+                              partial=partial, handler=handler)
+
     def set_epoch(self, epoch: int) -> None:
         """Set the epoch the next iteration starts with (the shard order under even_epochs)."""
         if self.slots is None:
@@ -267,6 +274,16 @@ class PrunedWebDataset(wds.WebDataset):
             raise ValueError("epoch_length applies to even_epochs=True")
         workers = max(1, num_workers)
         return workers * (int(self.slots.counts.sum()) // (world_size * workers))
+
+
+UNSAFE_EXTENSIONS = frozenset({"pyd", "pkl", "pickle", "pth"})  # pickle, torch.load
+
+
+def safe_basichandlers(key: str, data: bytes):
+    """webdataset's basic decoders without the ones that unpickle (shard content is untrusted)."""
+    if key.rsplit(".", 1)[-1].lower() in UNSAFE_EXTENSIONS:
+        return None
+    return autodecode.basichandlers(key, data)
 
 
 def _url_list(urls) -> list[str] | None:
