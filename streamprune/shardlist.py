@@ -75,12 +75,23 @@ class OpenShard:
     size: int | None
     process: subprocess.Popen | None = None
 
-    def close(self, url: str) -> None:
-        """Close the stream; a failed `pipe:` command raises naming the URL."""
+    def close(self, url: str, drain: bool = True) -> None:
+        """Close the stream; a failed `pipe:` command raises naming the URL.
+
+        `drain`: read a `pipe:` command's output to its end first (a tar's trailing padding),
+        so that it is not killed by a closed pipe; `False` when the reader stopped early on
+        purpose: the command is then stopped and its status ignored.
+        """
+        if self.process is not None:
+            if drain:
+                while self.stream.read(1 << 20):
+                    pass
+            else:
+                self.process.kill()
         self.stream.close()
         if self.process is not None:
             rc = self.process.wait()
-            if rc != 0:
+            if drain and rc != 0:
                 err = self.process.stderr.read().decode(errors="replace").strip() if self.process.stderr else ""
                 raise OSError(f"shard {url!r}: pipe command exited with status {rc}: {err}")
 

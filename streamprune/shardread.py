@@ -84,7 +84,7 @@ def iter_ranges(url: str, shard: str, ranges: np.ndarray, keys: list[str], stats
                 stats.samples += 1
                 yield got[0], buf[a:b]
     finally:
-        opened.close(url)
+        opened.close(url, drain=False)  # everything wanted was read (or reading failed)
 
 
 def read_keys(url: str, shard: str, keys: set[str] | None, stats: ReadStats,
@@ -94,6 +94,7 @@ def read_keys(url: str, shard: str, keys: set[str] | None, stats: ReadStats,
     stats.shards_opened += 1
     stats.bytes_total += opened.size or 0
     reader = CountingReader(opened.stream, opened.seekable, opened.size, shard)
+    to_the_end = False
     try:
         wanted = None if keys is None else keys.__contains__
         left = None if keys is None else len(keys)
@@ -106,9 +107,10 @@ def read_keys(url: str, shard: str, keys: set[str] | None, stats: ReadStats,
                 left -= 1
                 if left == 0:
                     return
+        to_the_end = True
     finally:
         stats.bytes_read += reader.bytes_read
-        opened.close(url)
+        opened.close(url, drain=to_the_end)
 
 
 def _coalesce(ranges: np.ndarray) -> Iterator[tuple[int, int]]:

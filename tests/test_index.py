@@ -111,7 +111,7 @@ def test_reindex_replaces_atomically_and_reload(ray_session, uneven_shards, tmp_
     assert a.n_shards == 3 and b.n_shards == 6 and a.fingerprint != b.fingerprint
     assert Index(tmp_path).n_samples == b.n_samples
     assert not (tmp_path / ".index-parts").exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["index"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".index.lock", "index"]  # no temporary left
 
 
 def test_cli_index_and_errors(ray_session, uneven_shards, tmp_path, capsys):
