@@ -123,3 +123,12 @@ def test_cli_index_and_errors(ray_session, uneven_shards, tmp_path, capsys):
     assert "no shard matches" in capsys.readouterr().err
     with pytest.raises(FileNotFoundError, match="no shard index"):
         Index(tmp_path / "elsewhere")
+
+
+def test_a_pipe_still_writing_padding_after_the_archive_is_read_whole(ray_session, uneven_shards, tmp_path):
+    # tar writers pad to whole records; a reader that stops at the end-of-archive marker and
+    # closes the pipe kills the command (EPIPE, curl exit 23) unless it drains the rest
+    paths, sizes = uneven_shards
+    url = f"pipe:sh -c 'cat {paths[0]}; sleep 0.3; head -c 20480 /dev/zero' {paths[0]}"
+    idx = index([url], tmp_path, progress=False)
+    assert idx.manifest["broken"] == [] and idx.n_samples == sizes[0]
