@@ -258,3 +258,10 @@ def test_the_ddp_example_runs_under_torchrun(setup):
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "epoch 0: samples, steps per rank = [(180, 4), (180, 4)] (expected 180 samples each)" in done.stdout
+
+
+def test_reshard_refuses_a_keep_list_of_another_index(setup, tmp_path):
+    other = index(setup["paths"][:3], tmp_path / "other", progress=False)
+    foreign = KeepList.from_rows(other, [0, 1, 2], tmp_path / "foreign")
+    with pytest.raises(ValueError, match="made for another index"):
+        reshard(setup["work"] / "run", tmp_path / "out", 10, keep=foreign, progress=False)

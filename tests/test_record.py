@@ -204,3 +204,20 @@ def test_undecodable_samples_are_skipped_counted_and_listed_or_refused(ray_sessi
     assert (store.read("correct")[rows] == 255).all()
     keep = reduce(run, 0.5, "dual-beta", window=2, progress=False)
     assert keep.manifest["dropped_missing"] == 3 and idx.n_samples == 60
+
+
+def test_a_label_outside_the_class_range_stops_the_run_naming_it(ray_session, tmp_path, fmnist):
+    import webdataset as wds
+
+    from streamprune.datasets import encode_png
+
+    images, labels = fmnist
+    (tmp_path / "shards").mkdir()
+    path = str(tmp_path / "shards" / "labels-000000.tar")
+    with wds.TarWriter(path) as w:
+        for i in range(40):
+            w.write({"__key__": f"{i:08d}", "png": encode_png(images[i]),
+                     "cls": b"12" if i == 7 else str(int(labels[i])).encode()})
+    index([path], tmp_path / "run", progress=False)
+    with pytest.raises(Exception, match=r"00000007.*labels-000000.tar.*label 12 is outside \[0, 10\).*--num-classes"):
+        record(tmp_path / "run", 1, workers=1, schedule_epochs=5, num_classes=10, max_failures=0, progress=False)
