@@ -159,7 +159,7 @@ def markdown(r: dict) -> str:
     cell = {(row["method"], row["ratio"]): row for row in r["rows"]}
     full = np.array(r["full"])
     rec = r["recipe"]
-    lines = [f"# Quality: keep-lists against random at the same budget", "",
+    lines = ["# Quality: keep-lists against random at the same budget", "",
              f"`{r['command']}` — {r['date']}, {r['machine']}, wall time {r['wall_s'] / 60:.0f} min.", "",
              f"Fashion-MNIST: first {r['train_samples']:,} training images, all {r['test_samples']:,} test images. "
              f"Proxy: `{rec['model']}`, {rec['proxy_epochs']} recorded epochs of the default 200-epoch cosine "

@@ -9,7 +9,6 @@ import os
 import time
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 import webdataset as wds
 from tqdm.auto import tqdm

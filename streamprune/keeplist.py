@@ -240,7 +240,8 @@ class KeepListWriter:
         if self.n + m > self.k:
             raise ValueError(f"more kept samples than the {self.k} the shard counts announce")
         self.ids[self.n : self.n + m] = ids
-        self.key_offset[self.n + 1 : self.n + m + 1] = self.key_offset[self.n] + np.asarray(key_offset[1:]) - key_offset[0]
+        base = self.key_offset[self.n] - key_offset[0]
+        self.key_offset[self.n + 1 : self.n + m + 1] = base + np.asarray(key_offset[1:])
         self.keys.write(key_blob)
         if self.positions is not None:
             self.positions[self.n : self.n + m] = positions

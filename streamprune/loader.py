@@ -209,7 +209,8 @@ class PrunedWebDataset(wds.WebDataset):
     `keep`: a keep-list directory or `KeepList`. `root`: the dataset root when shard names
     are not trailing parts of the URLs. `unknown_shards`: 'error' or 'keep' (read whole) for
     URLs the keep-list does not know. `allow_mismatch`: apply a keep-list whose shards differ
-    from these (none known, or rewritten since indexing), matching samples by key only. `weights`: add `__weight__` (keep-lists that carry weights).
+    from these (none known, or rewritten since indexing), matching samples by key only.
+    `weights`: add `__weight__` (keep-lists that carry weights).
     `even_epochs`: give every DDP rank and DataLoader worker exactly the same number of
     samples per epoch (replaces `nodesplitter`/`workersplitter`; call `set_epoch` per epoch).
     `ds.stats` counts shards opened and skipped, samples and bytes read in this process.
@@ -225,7 +226,8 @@ class PrunedWebDataset(wds.WebDataset):
         if even_epochs and (resampled or mode == "resampled"):
             raise ValueError("even_epochs=True needs a fixed shard list, not resampled=True")
         listed = _url_list(urls)  # our expansion also takes globs and fsspec globs
-        super().__init__(urls if listed is None else listed, handler=handler, mode=mode, resampled=resampled, repeat=repeat,
+        super().__init__(urls if listed is None else listed, handler=handler, mode=mode, resampled=resampled,
+                         repeat=repeat,
                          shardshuffle=shardshuffle, cache_size=cache_size, cache_dir=cache_dir,
                          url_to_name=url_to_name, detshuffle=detshuffle, nodesplitter=nodesplitter,
                          workersplitter=workersplitter, empty_check=empty_check, verbose=verbose, seed=seed)

@@ -64,7 +64,8 @@ def reshard(run: str | os.PathLike, out: str | os.PathLike, shard_size: int | No
     if shard_size < 1:
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
     n_out = -(-len(keep) // shard_size)
-    plan = {"format": "streamprune-reshard", "fingerprint": index.fingerprint, "keep_created": keep.manifest.get("created"),
+    plan = {"format": "streamprune-reshard", "fingerprint": index.fingerprint,
+            "keep_created": keep.manifest.get("created"),
             "method": keep.manifest.get("method"), "ratio": keep.manifest.get("ratio"), "k": len(keep),
             "shard_size": shard_size, "prefix": prefix, "shards": n_out}
     with output_lock(out):
@@ -73,7 +74,8 @@ def reshard(run: str | os.PathLike, out: str | os.PathLike, shard_size: int | No
         if plan_path.exists():
             found = json.loads(plan_path.read_text())
             if {k: found.get(k) for k in plan} != plan:
-                raise ValueError(f"{str(out)!r} holds shards of another reshard ({found.get('method')}, k={found.get('k')}, "
+                raise ValueError(f"{str(out)!r} holds shards of another reshard ({found.get('method')}, "
+                                 f"k={found.get('k')}, "
                                  f"shard size {found.get('shard_size')}): choose an empty output directory")
         else:
             plan_path.write_text(json.dumps(plan, indent=1))
