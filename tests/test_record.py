@@ -75,6 +75,15 @@ def test_interrupted_run_resumes_at_first_incomplete_epoch(recorded, tmp_path):
     after = _check_complete(run, EPOCHS)
     for n in STATS:
         assert np.array_equal(after[n][:, : EPOCHS - 1], before[n][:, : EPOCHS - 1]), n
+    # the resumed epoch starts from rank 0's checkpoint, which every rank also holds after an
+    # uninterrupted epoch: the same statistics, so the same keep-list
+    for n in STATS:
+        assert np.array_equal(after[n], before[n], equal_nan=True), n
+    from streamprune import reduce
+
+    a = reduce(recorded[0], 0.5, "dual-beta", window=3, out=tmp_path / "a", progress=False)
+    b = reduce(run, 0.5, "dual-beta", window=3, out=tmp_path / "b", progress=False)
+    assert np.array_equal(np.asarray(a.id_pairs), np.asarray(b.id_pairs))
 
 
 def _train_worker_pids() -> list[int]:
