@@ -58,15 +58,35 @@ def kept_indices(keep: KeepList) -> np.ndarray:
     return np.array([int(k) for n in keep.names for k in keep.shard_keys(n)], dtype=np.int64)
 
 
-def proxy_run(work: Path, name: str, images, labels, r: dict, gpus: float) -> tuple[Path, list[str], float]:
-    shards = write_shards(images, labels, work / name / "shards",
+def proxy_run(folder: Path, images, labels, r: dict, gpus: float) -> float:
+    """Shards, index and T recorded proxy epochs under `folder`; returns the recording seconds."""
+    shards = write_shards(images, labels, folder / "shards",
                           sizes=shard_sizes(len(images), max(4, len(images) // 2000), uneven=True), progress=False)
-    run = work / name / "run"
-    index(shards, run, progress=False)
+    index(shards, folder / "run", progress=False)
     t = time.perf_counter()
-    record(run, r["proxy_epochs"], workers=r["workers"], gpus_per_worker=gpus, model=r["model"], num_classes=10,
-           progress=False)
-    return run, shards, time.perf_counter() - t
+    record(folder / "run", r["proxy_epochs"], workers=r["workers"], gpus_per_worker=gpus, model=r["model"],
+           num_classes=10, progress=False)
+    return time.perf_counter() - t
+
+
+class _Done:
+    """Finished steps of the run, one JSON line each, so that a rerun picks up where it stopped."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.values = {}
+        if path.exists():
+            for line in path.read_text().splitlines():
+                entry = json.loads(line)
+                self.values[entry["step"]] = entry["value"]
+
+    def get(self, step: str, compute):
+        """The saved value of `step`, or `compute()`, saved now."""
+        if step not in self.values:
+            self.values[step] = compute()
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"step": step, "value": self.values[step]}, default=float) + "\n")
+        return self.values[step]
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -105,29 +125,35 @@ def main(argv: list[str] | None = None) -> dict:
                                                     progress=False)
 
     window = min(10, recipe["proxy_epochs"])
-    run, shards, record_s = proxy_run(work, "clean", images, labels, recipe, gpus)
+    done = _Done(work / "finished.jsonl")  # a rerun with the same --work skips what finished
+    record_s = done.get("record clean", lambda: proxy_run(work / "clean", images, labels, recipe, gpus))
+    run, shards = work / "clean" / "run", sorted(str(p) for p in (work / "clean" / "shards").glob("*.tar"))
     print(f"clean proxy: {recipe['proxy_epochs']} epochs recorded in {record_s:.0f} s", flush=True)
-    full = [train(shards, None, seed) for seed in range(args.seeds)]
-    full_s = float(np.mean([f.seconds for f in full]))
-    print(f"full data: {[round(f.test_accuracy, 4) for f in full]} ({full_s:.0f} s per run)", flush=True)
+    full = [done.get(f"full {seed}", lambda: vars(train(shards, None, seed))) for seed in range(args.seeds)]
+    full_s = float(np.mean([f["seconds"] for f in full]))
+    print(f"full data: {[round(f['test_accuracy'], 4) for f in full]} ({full_s:.0f} s per run)", flush=True)
     rows = []
     for method in args.methods:
         for ratio in args.ratios:
             accs, kept = [], None
             for seed in range(args.seeds):
                 out = work / "keeps" / f"{method.replace(':', '-')}-{ratio}-{seed}"
-                keep = reduce(run, ratio, method, seed=seed, window=window, out=out,
-                              scores_out=work / "scores.zarr", which="method", progress=False)
-                res = train(shards, keep, seed)
-                accs.append(res.test_accuracy)
-                kept = len(keep)
+
+                def fresh():
+                    keep = reduce(run, ratio, method, seed=seed, window=window, out=out,
+                                  scores_out=work / "scores.zarr", which="method", progress=False)
+                    return {"kept": len(keep), "acc": train(shards, keep, seed).test_accuracy}
+                got = done.get(f"train {method} {ratio} {seed}", fresh)
+                accs.append(got["acc"])
+                kept = got["kept"]
             rows.append({"method": method, "ratio": ratio, "kept": kept, "acc": accs,
                          "mean": float(np.mean(accs)), "std": float(np.std(accs, ddof=1)) if len(accs) > 1 else 0.0})
             print(f"  {method:>10} r={ratio}: {kept} kept, test accuracy {rows[-1]['mean']:.4f} "
                   f"+- {rows[-1]['std']:.4f}", flush=True)
 
     noisy_labels, noisy = flip_labels(labels, args.noise, seed=123)
-    nrun, _, nrecord_s = proxy_run(work, "noisy", images, noisy_labels, recipe, gpus)
+    nrecord_s = done.get("record noisy", lambda: proxy_run(work / "noisy", images, noisy_labels, recipe, gpus))
+    nrun = work / "noisy" / "run"
     noise_rows = []
     for method in args.methods:
         for ratio in args.ratios:
@@ -141,7 +167,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = {"command": command, "date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, "
               f"{os.cpu_count()} CPUs, {args.device}, python {platform.python_version()}",
               "wall_s": round(time.time() - t0), "recipe": recipe, "seeds": args.seeds, "train_samples": n,
-              "test_samples": len(test_images), "full": [f.test_accuracy for f in full], "rows": rows,
+              "test_samples": len(test_images), "full": [f["test_accuracy"] for f in full], "rows": rows,
               "noise": args.noise, "noise_rows": noise_rows,
               "cost": {"record_s": record_s, "full_train_s": full_s, "ratio": record_s / full_s,
                        "noisy_record_s": nrecord_s}}
