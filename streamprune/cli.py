@@ -162,8 +162,14 @@ def cmd_reshard(args) -> None:
     print(f"reshard: {len(paths)} shards in {args.out} ({args.prefix}-000000.tar ...)")
 
 
-class _Help(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    pass
+class _Help(argparse.RawDescriptionHelpFormatter):
+    """Examples kept as written; "(default: X)" added where a default means something and the help does not say it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default in (None, False, argparse.SUPPRESS) or "default" in text:
+            return text
+        return f"{text} (default: %(default)s)"
 
 
 def build_parser() -> argparse.ArgumentParser:
