@@ -1,4 +1,4 @@
-"""The one-command performance benchmarks run (quick sizes), so that they never rot."""
+"""The one-command benchmarks run (quick sizes), so that they never rot."""
 
 from __future__ import annotations
 
@@ -9,11 +9,15 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_benchmarks_run_quick(ray_session, tmp_path):
-    spec = importlib.util.spec_from_file_location("bench_run", BENCH / "run.py")
-    run = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(run)
-    result = run.main(["--quick", "--json", str(tmp_path / "figures.json")])
+    result = _load("run").main(["--quick", "--json", str(tmp_path / "figures.json")])
     saved = json.loads((tmp_path / "figures.json").read_text())
     assert saved["figures"] == result["figures"] and saved["quick"] is True
     names = [f["figure"] for f in result["figures"]]
@@ -26,3 +30,19 @@ def test_benchmarks_run_quick(ray_session, tmp_path):
         assert 0 < row["bytes_read_keep10"] < 0.2  # kept bytes plus small gaps, never a full read
     for row in sections["index"]:
         assert 0 < row["read_fraction"] < 0.5
+
+
+def test_quality_quick_writes_its_tables(ray_session, tmp_path):
+    result = _load("quality").main(["--quick", "--out", str(tmp_path), "--work", str(tmp_path / "work")])
+    saved = json.loads((tmp_path / "quality-quick.json").read_text())
+    assert saved["rows"] == result["rows"]
+    assert {(r["method"], r["ratio"]) for r in result["rows"]} == {(m, x) for m in ("random", "dual-beta")
+                                                                    for x in (0.5, 0.9)}
+    n = result["train_samples"]
+    for row in result["rows"]:
+        assert row["kept"] == round((1 - row["ratio"]) * n) and 0.1 < row["mean"] <= 1
+    for row in result["noise_rows"]:
+        assert 0 <= row["noisy_kept_fraction"] <= 1 and row["kept"] == round((1 - row["ratio"]) * n)
+    assert result["cost"]["record_s"] > 0 and result["cost"]["full_train_s"] > 0
+    text = (tmp_path / "QUALITY-quick.md").read_text()
+    assert "| dual-beta |" in text and "mislabelled" in text and "Cost:" in text
