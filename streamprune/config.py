@@ -48,6 +48,10 @@ class ReduceSection:
     epochs: int | None = None
     missing: str = "drop"
     scores: str = "all"
+    c_d: float = 4.0
+    C: float = 15.0
+    alpha_plus_beta: float | None = None
+    cut: float = 0.2
 
 
 @dataclass
@@ -204,6 +208,10 @@ reduce:                   # scores and the keep-list (RUN/keep)
   epochs: null            # T used (null: all recorded)
   missing: drop           # drop | error: samples with missing statistics
   scores: all             # all | method: which scores go to RUN/scores.zarr
+  c_d: 4.0                # DUAL+Beta: how fast the Beta mode moves to easy samples as the ratio grows
+  C: 15.0                 # DUAL+Beta: concentration of the Beta weight
+  alpha_plus_beta: null   # DUAL+Beta: alpha + beta (null: C + 1, as the reference code)
+  cut: 0.2                # CCS: hardest fraction dropped first
 
 evaluate:                 # optional: train fresh models and compare test accuracy
   test_shards: null       # e.g. "data/test-{000000..000001}.tar"; null skips this stage

@@ -120,7 +120,15 @@ def _keep_matches(cfg: Config, run: Path, method: str, out: Path) -> bool:
     except (FileNotFoundError, json.JSONDecodeError):
         return False
     want = {**_reduce_settings(cfg, method), "fingerprint": fingerprint}
-    return all(manifest.get(k) == v for k, v in want.items())
+    params = manifest.get("params", {})
+    return (all(manifest.get(k) == v for k, v in want.items())
+            and all(params[k] == v for k, v in _sampler_settings(cfg).items() if k in params))
+
+
+def _sampler_settings(cfg: Config) -> dict:
+    """The samplers' parameters (each method's keep-list manifest records the ones it used)."""
+    r = cfg.reduce
+    return {"c_d": r.c_d, "C": r.C, "alpha_plus_beta": r.alpha_plus_beta, "cut": r.cut}
 
 
 def _reduce(cfg: Config, run: Path, method: str, out: Path, scores_out: Path | None, progress: bool, log) -> None:
@@ -130,7 +138,7 @@ def _reduce(cfg: Config, run: Path, method: str, out: Path, scores_out: Path | N
     s = _reduce_settings(cfg, method)
     keep = reduce(run, s["ratio"], method, seed=s["seed"], epochs=s["epochs"], window=s["window"], out=out,
                   missing=cfg.reduce.missing, address=cfg.address, which=cfg.reduce.scores,
-                  scores_out=scores_out, progress=progress)
+                  scores_out=scores_out, progress=progress, **_sampler_settings(cfg))
     log(reduce_line(keep, out))
 
 

@@ -83,6 +83,15 @@ def test_run_resumes_after_a_kill_then_report_and_inspect(ray_session, tmp_path,
     assert main(["run", str(cfg), "--quiet"]) == 0  # nothing left to do
     again = capsys.readouterr().out
     assert all(f"{s}: already complete, skipped" in again for s in ("index", "record", "reduce", "evaluate"))
+
+    settings = yaml.safe_load(cfg.read_text())
+    settings["reduce"]["c_d"] = 2.0  # a sampler setting changed: the keep-list is redrawn, the proxy kept
+    cfg.write_text(yaml.safe_dump(settings))
+    assert main(["run", str(cfg), "--quiet"]) == 0
+    changed = capsys.readouterr().out
+    assert "record: already complete, skipped" in changed and "reduce: already complete" not in changed
+    params = json.loads((run / "keep" / "manifest.json").read_text())["params"]
+    assert params["c_d"] == 2.0 and params["beta"] == pytest.approx(15 * (1 - params["anchor"]) * (1 - 0.5 ** 2))
     _render_if_possible(report / "index.html", tmp_path / "page.png")
 
 
@@ -103,7 +112,7 @@ def test_init_config_writes_an_example_that_loads(tmp_path):
     path = tmp_path / "sp.yaml"
     assert main(["init-config", str(path)]) == 0
     cfg = load_config(path)
-    assert cfg.reduce.method == "dual-beta" and cfg.shards == str(tmp_path / "data/train-{000000..000009}.tar")
+    assert cfg.reduce.method == "dual-beta" and cfg.reduce.c_d == 4.0 and cfg.shards == str(tmp_path / "data/train-{000000..000009}.tar")
     assert main(["init-config", str(path)]) == 2  # refuses to overwrite
     toml = tmp_path / "sp.toml"
     toml.write_text('shards = ["a.tar"]\n[reduce]\nratio = 0.7\n')
