@@ -250,6 +250,9 @@ def reduce(run: str | os.PathLike, ratio: float, method: str = "dual-beta", *, s
         raise ValueError(f"cut must be in [0, 1), not {cut}")
     if which not in ("all", "method"):
         raise ValueError(f"scores must be 'all' or 'method', not {which!r}")
+    if m.sampler == "beta" and not (c_d > 0 and C > 0 and (alpha_plus_beta is None or alpha_plus_beta > 0)):
+        raise ValueError(f"c_d, C and alpha_plus_beta must be positive; got c_d={c_d}, C={C}, "
+                         f"alpha_plus_beta={alpha_plus_beta}")
     run = Path(run).resolve()
     index = Index(run / "index")
     store = StatsStore.open(run / "stats.zarr", mode="r", index=index)

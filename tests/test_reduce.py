@@ -151,6 +151,9 @@ def test_bad_arguments_are_refused(run, tmp_path):
         reduce(path, 0.5, "ccs:loss", progress=False)
     with pytest.raises(ValueError, match="scores must be 'all' or 'method'"):
         reduce(path, 0.5, which="some", progress=False)
+    with pytest.raises(ValueError, match="c_d, C and alpha_plus_beta must be positive; got c_d=0"):
+        reduce(path, 0.5, window=5, c_d=0, out=tmp_path / "never", progress=False)
+    assert not (tmp_path / "never").exists()  # refused before any work
     assert main(["reduce", str(path), "--ratio", "2"]) == 2
 
 
