@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from streamprune import KeepList, index, reduce, reshard
+from streamprune import KeepList, reduce, reshard
 from streamprune.atomic import output_lock
-from streamprune.store import STATS, ChunkWriter, StatsStore
-from test_reduce import T, _synthetic_stats
+from streamprune.store import StatsStore
+from test_reduce import _synthetic_run
 
 
 @pytest.fixture(scope="module")
@@ -24,14 +24,7 @@ def run(ray_session, uneven_shards, tmp_path_factory):
     """An index of the uneven shards with synthetic statistics (as test_reduce's run)."""
     paths, _ = uneven_shards
     run = tmp_path_factory.mktemp("faults-run")
-    idx = index(paths, run, progress=False)
-    store = StatsStore.create(run / "stats.zarr", idx, epochs=T, chunk_rows=64)
-    stats = _synthetic_stats(idx.n_samples, np.random.default_rng(5))
-    for t in range(T):
-        w = ChunkWriter(store, range(store.n_chunks), t)
-        w.add(np.arange(idx.n_samples), {n: stats[n][:, t] for n in STATS})
-        w.flush()
-        store.mark_done(t, np.arange(idx.n_shards))
+    _synthetic_run(run, paths, seed=5)
     return run
 
 

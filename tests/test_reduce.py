@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -28,19 +29,25 @@ def _synthetic_stats(n: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
             "loss": -np.log(p).astype(np.float32)}
 
 
-@pytest.fixture(scope="module")
-def run(ray_session, uneven_shards, tmp_path_factory):
-    paths, _ = uneven_shards
-    run = tmp_path_factory.mktemp("reduce-run")
+def _synthetic_run(run: Path, paths: list[str], seed: int):
+    """An index of `paths` under `run` and a complete store of T epochs of synthetic statistics."""
     idx = index(paths, run, progress=False)
     store = StatsStore.create(run / "stats.zarr", idx, epochs=T, chunk_rows=64)
-    stats = _synthetic_stats(idx.n_samples, np.random.default_rng(11))
+    stats = _synthetic_stats(idx.n_samples, np.random.default_rng(seed))
     rows = np.arange(idx.n_samples)
     for t in range(T):
         w = ChunkWriter(store, range(store.n_chunks), t)
         w.add(rows, {n: stats[n][:, t] for n in STATS})
         w.flush()
         store.mark_done(t, np.arange(idx.n_shards))
+    return idx, stats
+
+
+@pytest.fixture(scope="module")
+def run(ray_session, uneven_shards, tmp_path_factory):
+    paths, _ = uneven_shards
+    run = tmp_path_factory.mktemp("reduce-run")
+    idx, stats = _synthetic_run(run, paths, seed=11)
     return run, idx, stats
 
 
