@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> dict:
     rows = []
     for ratio in args.ratios:
         for label, method, settings in CONFIGS:
-            accs, classes = [], None
+            accs, classes = [], []
             for seed in range(args.seeds):
                 name = f"{label} r={ratio} seed={seed}"
 
@@ -83,11 +83,11 @@ def main(argv: list[str] | None = None) -> dict:
                     return {"acc": acc, "per_class": per_class.tolist()}
                 got = done.get(name, fresh)
                 accs.append(got["acc"])
-                classes = got["per_class"]
+                classes.append(got["per_class"])
             rows.append({"config": label, "method": method, "settings": settings, "ratio": ratio, "acc": accs,
-                         "mean": float(np.mean(accs)), "per_class_seed0": classes})
+                         "mean": float(np.mean(accs)), "per_class": classes})
             print(f"  r={ratio} {label:>36}: validation accuracy {rows[-1]['mean']:.4f} {accs}; kept per class "
-                  f"{np.round(classes, 2).tolist()}", flush=True)
+                  f"(seed 0) {np.round(classes[0], 2).tolist()}", flush=True)
     result = {"command": "python benchmarks/investigate_beta.py " + " ".join(argv if argv is not None else
                                                                              sys.argv[1:]),
               "date": time.strftime("%Y-%m-%d"), "wall_s": round(time.time() - t0), "seeds": args.seeds,
@@ -110,7 +110,7 @@ def markdown(r: dict) -> str:
              "|---|---|---|---|---|"]
     base = {row["ratio"]: row["mean"] for row in r["rows"] if row["method"] == "random"}
     for row in r["rows"]:
-        pc = row["per_class_seed0"]
+        pc = row["per_class"][0]
         lines.append(f"| {row['ratio']:.0%} | {row['config']} | {row['mean']:.4f} | "
                      f"{100 * (row['mean'] - base[row['ratio']]):+.2f} | {min(pc):.2f}-{max(pc):.2f} |")
     return "\n".join(lines) + "\n"
