@@ -205,8 +205,8 @@ def _train_loop(cfg: dict) -> None:
     idx = Index(run / "index")
     start = StatsStore.open(run / "stats.zarr", mode="r").complete_epochs() if rc.record else cfg["start"]
     torch.manual_seed(rc.seed)
-    net = resolve_model(rc.model, cfg["image_size"])(num_classes=rc.num_classes, in_channels=cfg["in_channels"],
-                                                     image_size=cfg["image_size"])
+    channels, size = cfg["shape"][0], max(cfg["shape"][1:])
+    net = resolve_model(rc.model, size)(num_classes=rc.num_classes, in_channels=channels, image_size=size)
     opt_state = None
     if start > 0:
         ckpt = torch.load(_checkpoint_path(run, start), map_location="cpu", weights_only=True)
@@ -242,17 +242,18 @@ def _train_loop(cfg: dict) -> None:
             for step, (x, y, rows) in enumerate(loader):
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 logits, loss = train_step(model, opt, x, y)
-                good = (y >= 0).cpu().numpy()
-                seen[0] += int(good.sum())
-                seen[1] += float(loss.detach()) * int(good.sum())
+                mask = y >= 0  # label -1: a skipped sample
+                good = mask.cpu().numpy()
+                n_good = int(good.sum())
+                seen[0] += n_good
+                seen[1] += float(loss.detach()) * n_good
                 seen[2] += int((logits.argmax(1) == y).sum())
                 if rc.record:
                     rows_buf.append(rows.numpy()[good])
-                    stats_buf.append(sample_stats(logits[torch.as_tensor(good, device=logits.device)],
-                                                  y[torch.as_tensor(good, device=y.device)]))
-                    if not good.all():  # skipped samples: given, with missing statistics
+                    stats_buf.append(sample_stats(logits[mask], y[mask]))
+                    if n_good < len(good):  # skipped samples: given, with missing statistics
                         rows_buf.append(rows.numpy()[~good])
-                        stats_buf.append(missing_stats(int((~good).sum())))
+                        stats_buf.append(missing_stats(len(good) - n_good))
                     if sum(len(r) for r in rows_buf) >= 4096:
                         pending += _send(writers, rows_buf, stats_buf)
                         rows_buf, stats_buf = [], []
@@ -416,9 +417,7 @@ def _fit(run: Path, cfg: RecordConfig, writers, tracker, healthy, shape, start, 
     trainer = TorchTrainer(
         _train_loop,
         train_loop_config={"config": asdict(cfg), "run": str(run), "writers": writers, "progress": tracker,
-                           "healthy": healthy, "in_channels": shape[0], "image_size": max(shape[1:]),
-                           "shape": list(shape), "threads": 1,
-                           "start": start},
+                           "healthy": healthy, "shape": list(shape), "threads": 1, "start": start},
         scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=bool(cfg.gpus_per_worker),
                                      resources_per_worker=per_worker),
         run_config=RunConfig(name="record", storage_path=str(run / "ray-train"),
