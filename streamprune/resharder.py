@@ -75,8 +75,8 @@ def reshard(run: str | os.PathLike, out: str | os.PathLike, shard_size: int | No
             found = json.loads(plan_path.read_text())
             if {k: found.get(k) for k in plan} != plan:
                 raise ValueError(f"{str(out)!r} holds shards of another reshard ({found.get('method')}, "
-                                 f"k={found.get('k')}, "
-                                 f"shard size {found.get('shard_size')}): choose an empty output directory")
+                                 f"k={found.get('k')}, shard size {found.get('shard_size')}): "
+                                 "choose an empty output directory")
         else:
             plan_path.write_text(json.dumps(plan, indent=1))
         for leftover in out.glob(f"{prefix}-*.tar.tmp-*"):  # from a killed run
