@@ -29,7 +29,7 @@ import ray
 from streamprune import scores
 from streamprune.raycluster import ensure_ray
 from streamprune.reducer import reduce
-from streamprune.store import StatsStore
+from streamprune.store import LABEL, StatsStore
 
 T, ROWS_PER_SHARD, CHUNK = 30, 10_000, 65_536
 
@@ -74,6 +74,7 @@ def _fill(store_path: str, r0: int, r1: int, seed: int) -> None:
     a, b = rng.normal(-1, 1, n), rng.uniform(0, 0.3, n)
     logit = a[:, None] + b[:, None] * np.arange(T) + rng.normal(0, 0.5, (n, T))
     store.group["p_true"][r0:r1, :] = (1 / (1 + np.exp(-logit))).astype(np.float32)
+    store.group[LABEL][r0:r1] = rng.integers(0, 10, n, dtype=np.int32)  # for the class-balanced default
 
 
 def synthetic_run(root: Path, n: int) -> Path:

@@ -7,6 +7,8 @@ import sys
 import time
 from pathlib import Path
 
+from .sampling import BALANCES, DEFAULT_BALANCE
+
 DESCRIPTION = """Prune WebDataset training sets while they stream: index shards, record a proxy's
 per-sample statistics on Ray, reduce them to a DUAL+Beta keep-list, apply it at load time."""
 
@@ -58,20 +60,21 @@ def record_line(s) -> str:
 
 def reduce_line(keep, out) -> str:
     m = keep.manifest
-    return (f"reduce: {m['method']} at ratio {m['ratio']}: kept {m['k']:,} of {m['N']:,} samples "
+    balanced = " (class-balanced)" if m.get("balance") == "classes" else ""
+    return (f"reduce: {m['method']}{balanced} at ratio {m['ratio']}: kept {m['k']:,} of {m['N']:,} samples "
             f"({m['dropped_missing']:,} with missing statistics left out"
             + (f", {m['filled_zero_weight']:,} filled uniformly from zero weights" if m["filled_zero_weight"] else "")
             + f"); keep-list: {out}")
 
 
-def demo_config(out: Path, samples: int, epochs: int, ratio: float, train_epochs: int,
+def demo_config(out: Path, samples: int, epochs: int, ratio: float, train_epochs: int, seeds: int,
                 address: str | None) -> dict:
     """The demo's `streamprune run` config (paths relative to OUT, where it is written)."""
     return {"shards": "shards/train-*.tar", "out": "run", "address": address,
             "record": {"epochs": epochs, "schedule_epochs": 3 * epochs, "num_classes": 10},
-            "reduce": {"ratio": ratio, "method": "dual-beta", "window": min(10, epochs)},
-            "evaluate": {"test_shards": "test-shards/test-*.tar", "epochs": train_epochs, "baseline": "random",
-                         "full": True}}
+            "reduce": {"ratio": ratio, "method": "dual-beta", "window": min(10, epochs), "balance": DEFAULT_BALANCE},
+            "evaluate": {"test_shards": "test-shards/test-*.tar", "epochs": train_epochs, "budget": "steps",
+                         "seeds": seeds, "baseline": "random", "full": True}}
 
 
 def cmd_demo(args) -> None:
@@ -92,7 +95,7 @@ def cmd_demo(args) -> None:
     config = out / "streamprune.yaml"
     config.write_text("# written by `streamprune demo`; rerun with `streamprune run` to resume or change it\n"
                       + yaml.safe_dump(demo_config(out, args.samples, args.epochs, args.ratio, args.train_epochs,
-                                                   args.address), sort_keys=False))
+                                                   args.seeds, args.address), sort_keys=False))
     result = run_pipeline(load_config(config), progress=not args.quiet)
     print("\n" + format_table(result))
     print(f"\nreport: {result.report}\nconfig: {config} (rerun: streamprune run {config})\n"
@@ -150,7 +153,7 @@ def cmd_reduce(args) -> None:
     keep = reduce(args.run, args.ratio, args.method, seed=args.seed, epochs=args.epochs, window=args.window,
                   workers=args.workers, block_rows=args.block_rows, out=args.out, missing=args.missing,
                   c_d=args.c_d, C=args.C, alpha_plus_beta=args.alpha_plus_beta, cut=args.cut, address=args.address,
-                  which=args.scores, progress=not args.quiet)
+                  which=args.scores, balance=args.balance, progress=not args.quiet)
     print(reduce_line(keep, args.out or Path(args.run) / "keep"))
 
 
@@ -198,7 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--test-samples", type=int, default=2000, help="test images to evaluate on")
     s.add_argument("--epochs", type=int, default=10, help="proxy epochs to record (T)")
     s.add_argument("--ratio", type=float, default=0.5, help="pruning ratio")
-    s.add_argument("--train-epochs", type=int, default=10, help="epochs of each fresh model")
+    s.add_argument("--train-epochs", type=int, default=10,
+                   help="epochs of the full-data fresh model; each subset gets as many SGD steps")
+    s.add_argument("--seeds", type=int, default=3, help="fresh models per subset (keep-list and training seeds)")
     s.add_argument("--address", help="Ray cluster address (default: start a local Ray instance)")
 
     s = command("run", "every stage from one config file (YAML or TOML), resumable",
@@ -254,6 +259,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--C", dest="C", type=float, default=15.0, help="Beta sampler C")
     s.add_argument("--alpha-plus-beta", type=float, help="alpha + beta (default C + 1, as the reference code)")
     s.add_argument("--cut", type=float, default=0.2, help="CCS: hardest fraction dropped first")
+    s.add_argument("--balance", default=DEFAULT_BALANCE, choices=list(BALANCES),
+                   help="classes: split the budget across the recorded labels by class size, each class kept "
+                        "by the method; none: the method over all samples (SCORING.md exactly)")
     s.add_argument("--scores", default="all", choices=["all", "method"],
                    help="write every score to RUN/scores.zarr, or only what the method needs (faster)")
     s.add_argument("--address", help="Ray cluster address (default: start a local Ray instance)")

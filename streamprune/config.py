@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .identity import has_scheme
+from .sampling import DEFAULT_BALANCE
 
 
 @dataclass
@@ -52,12 +53,15 @@ class ReduceSection:
     C: float = 15.0
     alpha_plus_beta: float | None = None
     cut: float = 0.2
+    balance: str = DEFAULT_BALANCE
 
 
 @dataclass
 class EvaluateSection:
     test_shards: str | list[str] | None = None
     epochs: int = 10
+    budget: str = "steps"
+    seeds: int = 3
     baseline: str | None = "random"
     full: bool = True
     model: str | None = None
@@ -212,12 +216,15 @@ reduce:                   # scores and the keep-list (RUN/keep)
   C: 15.0                 # DUAL+Beta: concentration of the Beta weight
   alpha_plus_beta: null   # DUAL+Beta: alpha + beta (null: C + 1, as the reference code)
   cut: 0.2                # CCS: hardest fraction dropped first
+  balance: classes        # classes: split the budget across the recorded labels by class size | none
 
 evaluate:                 # optional: train fresh models and compare test accuracy
   test_shards: null       # e.g. "data/test-{000000..000001}.tar"; null skips this stage
-  epochs: 10              # the same for every subset (fewer steps on smaller subsets)
-  baseline: random        # a second method at the same ratio (null: none)
-  full: true              # also train on all samples
+  epochs: 10              # epochs of the full-data run
+  budget: steps           # steps: every subset gets the full run's SGD steps | epochs: its epochs
+  seeds: 3                # fresh models per subset (keep-list seed and training seed vary together)
+  baseline: random        # a second method at the same ratio, without class balance (null: none)
+  full: true              # also train on all samples (one seed)
   model: null
   num_classes: 10
   batch_size: 128

@@ -1,6 +1,12 @@
 """Training a fresh model on a keep-list's samples and measuring its test accuracy: the
 evidence that a keep-list is good. Reads through `PrunedWebDataset`, in one process (CPU
-or one GPU), with the proxy's recipe and a cosine schedule over the given epochs.
+or one GPU), with the proxy's recipe and a cosine schedule over the run's epochs.
+
+The budget rule (`budget`): `steps` (default) trains every subset for as many SGD steps as
+the full-data run of `epochs` epochs, i.e. `round(epochs * N / kept)` epochs of the subset,
+so a pruned set is judged near the convergence its size allows and not by how few steps it
+got; `epochs` trains every subset for `epochs` epochs (fewer steps on smaller subsets, the
+cheaper protocol that favours easy samples).
 """
 
 from __future__ import annotations
@@ -9,6 +15,7 @@ import os
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import webdataset as wds
 from tqdm.auto import tqdm
@@ -27,7 +34,7 @@ class TrainResult:
 
     test_accuracy: float
     train_samples: int  # per epoch
-    epochs: int
+    epochs: int  # epochs run (more than asked on a subset under the `steps` budget)
     seconds: float
     history: list[dict] = field(default_factory=list)  # per epoch: loss, accuracy (training)
 
@@ -35,10 +42,14 @@ class TrainResult:
 def train_subset(train_urls: str | list[str], test_urls: str | list[str], keep: KeepList | str | os.PathLike | None,
                  *, epochs: int = 10, model: str | None = None, num_classes: int = 10, batch_size: int = 128,
                  lr: float = 0.1, seed: int = 0, device: str | None = None, loader_workers: int = 1,
-                 augment_images: bool = True, desc: str = "train", progress: bool = True) -> TrainResult:
-    """Train a fresh model for `epochs` on the kept samples (all when `keep` is None) and
-    return its accuracy on `test_urls`. Fewer samples mean fewer steps, as in the reference."""
+                 augment_images: bool = True, budget: str = "steps", desc: str = "train",
+                 progress: bool = True) -> TrainResult:
+    """Train a fresh model on the kept samples (all when `keep` is None) and return its
+    accuracy on `test_urls`. `epochs` is the full-data run's length; `budget` (`steps` or
+    `epochs`) says how a subset's run is sized (see the module)."""
     train_urls, test_urls = expand_urls(train_urls), expand_urls(test_urls)
+    keep = keep if keep is None or isinstance(keep, KeepList) else KeepList.load(keep)
+    epochs = subset_epochs(epochs, keep, budget)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(seed)
     first = next(iter(wds.WebDataset(test_urls, shardshuffle=False, nodesplitter=None, workersplitter=None)))
@@ -46,7 +57,6 @@ def train_subset(train_urls: str | list[str], test_urls: str | list[str], keep: 
     size = max(img.shape[1:])
     net = resolve_model(model, size)(num_classes=num_classes, in_channels=img.shape[0], image_size=size).to(device)
     opt = make_sgd(net, lr)
-    keep = keep if keep is None or isinstance(keep, KeepList) else KeepList.load(keep)
     t0, history, n = time.perf_counter(), [], 0
     for epoch in range(epochs):
         s = seed * 100003 + epoch  # a new shard and sample order each epoch
@@ -67,6 +77,24 @@ def train_subset(train_urls: str | list[str], test_urls: str | list[str], keep: 
         history.append({"epoch": epoch, "loss": loss_sum / max(n, 1), "accuracy": correct / max(n, 1)})
     seconds = time.perf_counter() - t0
     return TrainResult(accuracy_on(net, test_urls, device, batch_size), n, epochs, seconds, history)
+
+
+BUDGETS = ("steps", "epochs")
+
+
+def subset_epochs(epochs: int, keep: KeepList | None, budget: str = "steps") -> int:
+    """Epochs to train on `keep`'s samples: `epochs` for all samples or the `epochs` budget,
+    `round(epochs * N / kept)` (as many steps as the full run) for the `steps` budget."""
+    if budget not in BUDGETS:
+        raise ValueError(f"budget must be one of {list(BUDGETS)}, not {budget!r}")
+    if epochs < 1:
+        raise ValueError(f"epochs must be >= 1, not {epochs}")
+    if keep is None or budget == "epochs":
+        return epochs
+    total = int(keep.samples.sum()) if keep.samples is not None else int(keep.manifest.get("n_rows", 0))
+    if len(keep) == 0 or total <= 0:
+        raise ValueError(f"cannot size a steps budget for a keep-list of {len(keep)} of {total} samples")
+    return max(epochs, int(np.floor(epochs * total / len(keep) + 0.5)))
 
 
 @torch.no_grad()

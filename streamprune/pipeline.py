@@ -12,6 +12,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from .config import Config
 from .keeplist import KeepList
 from .shardlist import absolute, expand_urls
@@ -29,6 +31,7 @@ class PipelineResult:
     evaluation: list[dict] = field(default_factory=list)
     keep: KeepList | None = None
     report: Path | None = None
+    verdict: str | None = None  # the keep-list against the baseline, when both were evaluated
 
 
 def run_pipeline(cfg: Config, progress: bool = True, log=print) -> PipelineResult:
@@ -48,12 +51,15 @@ def run_pipeline(cfg: Config, progress: bool = True, log=print) -> PipelineResul
 
     stage("index", lambda: _index(cfg, run, progress, log), _index_done(cfg, run))
     stage("record", lambda: _record(cfg, run, progress, log), _record_done(cfg, run))
-    stage("reduce", lambda: _reduce(cfg, run, cfg.reduce.method, run / "keep", None, progress, log),
-          _keep_matches(cfg, run, cfg.reduce.method, run / "keep"))
+    main = _Subset(cfg.reduce.method, cfg.reduce.balance, cfg.reduce.seed)
+    stage("reduce", lambda: _reduce(cfg, run, main, run / "keep", None, progress, log),
+          _keep_matches(cfg, run, main, run / "keep"))
     result.keep = KeepList.load(run / "keep")
     if cfg.evaluate.test_shards is not None:
         stage("evaluate", lambda: _evaluate(cfg, run, progress, log), _evaluation_done(cfg, run))
         result.evaluation = _load_evaluation(run)["rows"]
+        if cfg.evaluate.baseline:
+            result.verdict = verdict(result.evaluation, main.label, cfg.evaluate.baseline)
     if cfg.report.enabled:
         from .report import build_report
 
@@ -105,13 +111,26 @@ def _record(cfg: Config, run: Path, progress: bool, log) -> None:
                            max_failures=r.max_failures, on_bad_sample=r.on_bad_sample, progress=progress)))
 
 
-def _reduce_settings(cfg: Config, method: str) -> dict:
+@dataclass(frozen=True)
+class _Subset:
+    """One keep-list of the run: a method, its class balance and its seed."""
+
+    method: str
+    balance: str
+    seed: int
+
+    @property
+    def label(self) -> str:
+        return self.method + ("+classes" if self.balance == "classes" else "")
+
+
+def _reduce_settings(cfg: Config, subset: _Subset) -> dict:
     r = cfg.reduce
-    return {"method": method, "ratio": r.ratio, "seed": r.seed, "window": r.window,
-            "epochs": r.epochs or cfg.record.epochs}
+    return {"method": subset.method, "balance": subset.balance, "ratio": r.ratio, "seed": subset.seed,
+            "window": r.window, "epochs": r.epochs or cfg.record.epochs}
 
 
-def _keep_matches(cfg: Config, run: Path, method: str, out: Path) -> bool:
+def _keep_matches(cfg: Config, run: Path, subset: _Subset, out: Path) -> bool:
     from .shardindex import Index
 
     try:
@@ -119,7 +138,7 @@ def _keep_matches(cfg: Config, run: Path, method: str, out: Path) -> bool:
         fingerprint = Index(run / "index").fingerprint
     except (FileNotFoundError, json.JSONDecodeError):
         return False
-    want = {**_reduce_settings(cfg, method), "fingerprint": fingerprint}
+    want = {**_reduce_settings(cfg, subset), "fingerprint": fingerprint}
     params = manifest.get("params", {})
     return (all(manifest.get(k) == v for k, v in want.items())
             and all(params[k] == v for k, v in _sampler_settings(cfg).items() if k in params))
@@ -131,13 +150,14 @@ def _sampler_settings(cfg: Config) -> dict:
     return {"c_d": r.c_d, "C": r.C, "alpha_plus_beta": r.alpha_plus_beta, "cut": r.cut}
 
 
-def _reduce(cfg: Config, run: Path, method: str, out: Path, scores_out: Path | None, progress: bool, log) -> None:
+def _reduce(cfg: Config, run: Path, subset: _Subset, out: Path, scores_out: Path | None, progress: bool,
+            log) -> None:
     from .cli import reduce_line
     from .reducer import reduce
 
-    s = _reduce_settings(cfg, method)
-    keep = reduce(run, s["ratio"], method, seed=s["seed"], epochs=s["epochs"], window=s["window"], out=out,
-                  missing=cfg.reduce.missing, address=cfg.address, which=cfg.reduce.scores,
+    s = _reduce_settings(cfg, subset)
+    keep = reduce(run, s["ratio"], subset.method, seed=s["seed"], epochs=s["epochs"], window=s["window"], out=out,
+                  missing=cfg.reduce.missing, address=cfg.address, which=cfg.reduce.scores, balance=subset.balance,
                   scores_out=scores_out, progress=progress, **_sampler_settings(cfg))
     log(reduce_line(keep, out))
 
@@ -158,36 +178,78 @@ def _evaluation_done(cfg: Config, run: Path) -> bool:
     return saved.get("key") == _evaluation_key(cfg, run) and len(saved["rows"]) == len(_subsets(cfg))
 
 
-def _subsets(cfg: Config) -> list[str]:
-    e = cfg.evaluate
-    return [cfg.reduce.method, *([e.baseline] if e.baseline else []), *(["full"] if e.full else [])]
+def _subsets(cfg: Config) -> list[tuple[_Subset | None, int]]:
+    """Every fresh model to train: `(keep-list, seed index)`, `None` for all samples (one seed).
+    Seed index `i` draws the keep-lists with seed `reduce.seed + i` and trains with `evaluate.seed + i`."""
+    e, r = cfg.evaluate, cfg.reduce
+    out: list[tuple[_Subset | None, int]] = []
+    for i in range(e.seeds):
+        out.append((_Subset(r.method, r.balance, r.seed + i), i))
+        if e.baseline:
+            out.append((_Subset(e.baseline, "none", r.seed + i), i))
+    return out + ([(None, 0)] if e.full else [])
+
+
+def _keep_dir(cfg: Config, run: Path, subset: _Subset) -> Path:
+    if subset == _Subset(cfg.reduce.method, cfg.reduce.balance, cfg.reduce.seed):
+        return run / "keep"
+    name = subset.label.replace(":", "-") + (f"-seed{subset.seed}" if subset.seed != cfg.reduce.seed else "")
+    return run / BASELINE_DIR / name / "keep"
 
 
 def _evaluate(cfg: Config, run: Path, progress: bool, log) -> None:
-    """Train a fresh model per subset (the keep-list, the baseline at the same ratio, all data);
-    each finished row is saved at once so that an interrupted evaluation resumes."""
+    """Train a fresh model per subset and seed (the keep-list, the baseline at the same ratio,
+    all data); each finished row is saved at once so that an interrupted evaluation resumes."""
     from .evaluate import train_subset
 
     e, key = cfg.evaluate, _evaluation_key(cfg, run)
     saved = _load_evaluation(run)
     rows = saved["rows"] if saved.get("key") == key else []
-    for method in _subsets(cfg)[len(rows):]:
-        keep_dir = run / "keep"
-        if method == "full":
-            keep_dir = None
-        elif method != cfg.reduce.method:
-            keep_dir = run / BASELINE_DIR / method.replace(":", "-") / "keep"
-            if not _keep_matches(cfg, run, method, keep_dir):
-                _reduce(cfg, run, method, keep_dir, keep_dir.parent / "scores.zarr", progress, log)
+    for subset, i in _subsets(cfg)[len(rows):]:
+        keep_dir = None
+        if subset is not None:
+            keep_dir = _keep_dir(cfg, run, subset)
+            if not _keep_matches(cfg, run, subset, keep_dir):
+                _reduce(cfg, run, subset, keep_dir, keep_dir.parent / "scores.zarr", progress, log)
+        name = "full" if subset is None else subset.label
         res = train_subset(cfg.shards, e.test_shards, keep_dir, epochs=e.epochs, model=e.model,
-                           num_classes=e.num_classes, batch_size=e.batch_size, lr=e.lr, seed=e.seed,
-                           device=e.device, desc=f"train on {method}", progress=progress)
-        rows.append({"method": method, "ratio": 0.0 if method == "full" else cfg.reduce.ratio,
+                           num_classes=e.num_classes, batch_size=e.batch_size, lr=e.lr, seed=e.seed + i,
+                           device=e.device, budget=e.budget, desc=f"train on {name} (seed {i})", progress=progress)
+        rows.append({"method": name, "ratio": 0.0 if subset is None else cfg.reduce.ratio, "seed": i,
                      "kept": res.train_samples, "test_accuracy": res.test_accuracy, "epochs": res.epochs,
                      "seconds": res.seconds, "history": res.history})
-        log(f"evaluate: {method}: {res.train_samples:,} samples, test accuracy {res.test_accuracy:.4f} "
-            f"({res.seconds:.1f} s)")
+        log(f"evaluate: {name} (seed {i}): {res.train_samples:,} samples, {res.epochs} epochs, test accuracy "
+            f"{res.test_accuracy:.4f} ({res.seconds:.1f} s)")
         _save_evaluation(run, key, rows)
+
+
+def summarize_evaluation(rows: list[dict]) -> list[dict]:
+    """Evaluation rows grouped by subset, in first-seen order: `method`, `ratio`, `kept`,
+    `epochs`, `seeds`, `accuracies`, `mean`, `std` (sample std; 0 for one seed)."""
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(r["method"], []).append(r)
+    out = []
+    for method, rs in groups.items():
+        acc = np.array([r["test_accuracy"] for r in rs])
+        out.append({"method": method, "ratio": rs[0]["ratio"], "kept": rs[0]["kept"], "epochs": rs[0]["epochs"],
+                    "seeds": len(rs), "accuracies": acc.tolist(), "mean": float(acc.mean()),
+                    "std": float(acc.std(ddof=1)) if len(acc) > 1 else 0.0})
+    return out
+
+
+def verdict(rows: list[dict], method: str, baseline: str = "random") -> str | None:
+    """`METHOD vs BASELINE: +x.x points (n seeds; per seed ...)`: the mean accuracy difference of
+    the seeds both were trained with, in percentage points; None without both."""
+    acc = {(r["method"], r.get("seed", 0)): r["test_accuracy"] for r in rows}
+    seeds = sorted(s for m, s in acc if m == method and (baseline, s) in acc)
+    if not seeds:
+        return None
+    diff = np.array([100 * (acc[(method, s)] - acc[(baseline, s)]) for s in seeds])
+    spread = f", std {diff.std(ddof=1):.1f}" if len(diff) > 1 else ""
+    word = "ahead of" if diff.mean() > 0 else "behind" if diff.mean() < 0 else "level with"
+    return (f"{method} vs {baseline}: {diff.mean():+.1f} points ({len(seeds)} seed{'s' * (len(seeds) > 1)}; "
+            f"per seed {', '.join(f'{d:+.1f}' for d in diff)}{spread}): {word} {baseline}")
 
 
 def _save_evaluation(run: Path, key: dict, rows: list[dict]) -> None:
@@ -200,9 +262,12 @@ def format_table(result: PipelineResult) -> str:
     """The results as a small text table: subsets, then stage times."""
     lines = []
     if result.evaluation:
-        lines += [f"{'method':<14}{'ratio':>7}{'kept':>9}{'test acc':>10}{'train s':>9}"]
-        lines += [f"{r['method']:<14}{r['ratio']:>7.2f}{r['kept']:>9,}{r['test_accuracy']:>10.4f}{r['seconds']:>9.1f}"
-                  for r in result.evaluation]
+        lines += [f"{'method':<20}{'ratio':>6}{'kept':>8}{'epochs':>8}{'seeds':>6}  test accuracy"]
+        lines += [f"{g['method']:<20}{g['ratio']:>6.2f}{g['kept']:>8,}{g['epochs']:>8}{g['seeds']:>6}  "
+                  f"{g['mean']:.4f}" + (f" +- {g['std']:.4f}" if g["seeds"] > 1 else "")
+                  for g in summarize_evaluation(result.evaluation)]
+        if result.verdict:
+            lines += ["", result.verdict]
         lines.append("")
     lines.append("  ".join(f"{k} {v:.1f} s" + (" (done before)" if k in result.skipped else "")
                            for k, v in result.stage_seconds.items()))

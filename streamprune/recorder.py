@@ -30,7 +30,7 @@ from .recipe import make_sgd, set_cosine_lr, train_step
 from .shardindex import Index
 from .shardread import ReadStats, read_keys
 from .stats import sample_stats
-from .store import STATS, StatsStore, missing_stats
+from .store import LABEL, LABEL_MISSING, STATS, StatsStore, missing_stats
 from .writers import StoreWriters
 
 BAD_SAMPLES = "bad-samples.jsonl"  # in RUN: one line per skipped sample and epoch
@@ -250,10 +250,11 @@ def _train_loop(cfg: dict) -> None:
                 seen[2] += int((logits.argmax(1) == y).sum())
                 if rc.record:
                     rows_buf.append(rows.numpy()[good])
-                    stats_buf.append(sample_stats(logits[mask], y[mask]))
+                    stats_buf.append({**sample_stats(logits[mask], y[mask]), LABEL: y[mask].cpu().numpy()})
                     if n_good < len(good):  # skipped samples: given, with missing statistics
                         rows_buf.append(rows.numpy()[~good])
-                        stats_buf.append(missing_stats(len(good) - n_good))
+                        stats_buf.append({**missing_stats(len(good) - n_good),
+                                          LABEL: np.full(len(good) - n_good, LABEL_MISSING)})
                     if sum(len(r) for r in rows_buf) >= 4096:
                         pending += _send(writers, rows_buf, stats_buf)
                         rows_buf, stats_buf = [], []
@@ -308,7 +309,7 @@ def _sync_from_rank0(model: torch.nn.Module, opt: torch.optim.Optimizer) -> None
 
 def _send(writers: StoreWriters, rows_buf: list, stats_buf: list) -> list:
     rows = np.concatenate(rows_buf)
-    stats = {n: np.concatenate([s[n] for s in stats_buf]) for n in STATS}
+    stats = {n: np.concatenate([s[n] for s in stats_buf]) for n in (*STATS, LABEL)}
     return writers.add(rows, stats)
 
 

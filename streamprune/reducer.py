@@ -26,7 +26,7 @@ from .keeplist import KeepList, KeepListWriter, new_manifest
 from .raycluster import bounded_map, ensure_ray
 from .scores import NEEDS, SCORES, all_scores
 from .shardindex import Index
-from .store import StatsStore
+from .store import LABEL, LABEL_MISSING, StatsStore
 
 METHOD_SCORE = {"dual-beta": "dual", "dual": "dual", "dyn-unc": "dyn_unc", "el2n": "el2n",
                 "forgetting": "forgetting", "entropy": "entropy", "aum": "aum", "random": None}
@@ -68,10 +68,11 @@ def _score_block(r0: int, r1: int, stats_path: str, scores_path: str, epochs: in
     stats = {n: store.read(n, slice(r0, r1), slice(0, epochs)) for n in {NEEDS[s] for s in names}}
     sc = all_scores(stats, window, names)
     hi, lo = store.read("id_hi", slice(r0, r1)), store.read("id_lo", slice(r0, r1))
+    labels = store.labels(slice(r0, r1)) if store.has_labels else np.full(r1 - r0, LABEL_MISSING, np.int32)
     g = _scores_group(scores_path, "r+")
     for name, values in sc.items():
         g[name][r0:r1] = values
-    g["id_hi"][r0:r1], g["id_lo"][r0:r1] = hi, lo
+    g["id_hi"][r0:r1], g["id_lo"][r0:r1], g[LABEL][r0:r1] = hi, lo, labels
     nan = np.full(r1 - r0, np.nan)
     ok = np.isfinite(sc.get("dual", nan)) & np.isfinite(sc["mean_p"])
     best = sampling.top_rows(sc.get("dual", nan)[ok], hi[ok], lo[ok], 10)
@@ -80,7 +81,10 @@ def _score_block(r0: int, r1: int, stats_path: str, scores_path: str, epochs: in
             "max": {n: float(np.nanmax(v)) if np.isfinite(v).any() else None for n, v in sc.items()},
             "top": {"dual": sc.get("dual", nan)[ok][best].tolist(), "hi": hi[ok][best].tolist(), "lo": lo[ok][best].tolist(),
                     "mean_p": sc["mean_p"][ok][best].tolist()},
-            "missing_rows": (np.flatnonzero(~np.isfinite(sc["mean_p"]))[:10] + r0).tolist()}
+            "missing_rows": (np.flatnonzero(~np.isfinite(sc["mean_p"]))[:10] + r0).tolist(),
+            "max_label": int(labels.max(initial=LABEL_MISSING)),
+            "labelled": {"rows": int((labels >= 0).sum()),
+                         **{n: int((np.isfinite(v) & (labels >= 0)).sum()) for n, v in sc.items()}}}
 
 
 def block_keys(sc: dict[str, np.ndarray], r0: int, spec: dict) -> tuple[np.ndarray, np.ndarray]:
@@ -90,6 +94,8 @@ def block_keys(sc: dict[str, np.ndarray], r0: int, spec: dict) -> tuple[np.ndarr
     u = uniforms(spec["seed"], hi, lo)
     sampler, score = spec["sampler"], spec["score"]
     valid = np.ones(len(hi), dtype=bool) if sampler == "random" else np.isfinite(sc[score])
+    if spec.get("balance"):
+        valid &= sc[LABEL] >= 0
     if sampler == "beta":
         valid &= np.isfinite(sc["mean_p"])
         w = np.zeros(len(hi))
@@ -103,7 +109,7 @@ def block_keys(sc: dict[str, np.ndarray], r0: int, spec: dict) -> tuple[np.ndarr
     else:  # ccs, after the cut: uniform within bins
         keys = sampling.uniform_keys(u)
     words = sampling.key_words(keys, hi, lo, rows)
-    groups = np.where(valid, 0, -1)
+    groups = np.where(valid, sc[LABEL] if spec.get("balance") else 0, -1)
     if sampler == "ccs" and spec.get("phase") != "cut":
         harder = np.zeros(len(hi), dtype=bool)
         if spec["cut_threshold"] is not None:
@@ -122,20 +128,23 @@ def _read_block(scores_path: str, r0: int, r1: int, spec: dict) -> dict[str, np.
     names = {"id_hi", "id_lo", "mean_p", "dual"} if spec["sampler"] == "beta" else {"id_hi", "id_lo"}
     if spec["score"]:
         names.add(spec["score"])
+    if spec.get("balance"):
+        names.add(LABEL)
     return {n: np.asarray(g[n][r0:r1]) for n in names}
 
 
 @ray.remote(num_cpus=1)
-def _store_keys(r0: int, r1: int, scores_path: str, spec: dict, n_groups: int) -> tuple[np.ndarray, int]:
-    """Compute the block's selection keys once into `sel_key`/`sel_group`; return group counts
-    and, for DUAL+Beta, how many weights are positive."""
+def _store_keys(r0: int, r1: int, scores_path: str, spec: dict, n_groups: int) -> tuple[np.ndarray, np.ndarray]:
+    """Compute the block's selection keys once into `sel_key`/`sel_group`; return the rows per
+    group and, for DUAL+Beta, the positive weights per group."""
     sc = _read_block(scores_path, r0, r1, spec)
     words, groups = block_keys(sc, r0, spec)
     g = _scores_group(scores_path, "r+")
     g["sel_key"][r0:r1], g["sel_group"][r0:r1] = words[0], groups
-    positive = 0
+    positive = np.zeros(n_groups, dtype=np.int64)
     if spec["sampler"] == "beta":  # ES keys of positive weights are > the zero-weight base
-        positive = int(((groups >= 0) & (words[0] > np.uint64(sampling.POSITIVE_WEIGHT_BITS))).sum())
+        pos = (groups >= 0) & (words[0] > np.uint64(sampling.POSITIVE_WEIGHT_BITS))
+        positive = np.bincount(groups[pos], minlength=n_groups)
     return np.bincount(groups[groups >= 0], minlength=n_groups), positive
 
 
@@ -230,7 +239,7 @@ def reduce(run: str | os.PathLike, ratio: float, method: str = "dual-beta", *, s
            out: str | os.PathLike | None = None, missing: str = "drop", c_d: float = 4.0, C: float = 15.0,
            alpha_plus_beta: float | None = None, cut: float = 0.2, address: str | None = None,
            which: str = "all", gather_limit: int = GATHER_LIMIT, scores_out: str | os.PathLike | None = None,
-           progress: bool = True) -> KeepList:
+           balance: str = sampling.DEFAULT_BALANCE, progress: bool = True) -> KeepList:
     """Score every sample of `run` and write the keep-list of `method` at pruning `ratio`.
 
     Writes `run/scores.zarr` and the keep-list (default `run/keep`); returns the `KeepList`.
@@ -241,6 +250,10 @@ def reduce(run: str | os.PathLike, ratio: float, method: str = "dual-beta", *, s
     `scores_out`: where the scores go (default `run/scores.zarr`).
     `gather_limit`: the most candidate rows the driver gathers to finish the exact selection;
     radix refinement over blocks narrows the candidates until they fit.
+    `balance`: `classes` (default): the budget `k` is split across the recorded labels in
+    proportion to class size (`sampling.class_quotas`) and each class keeps its quota by the
+    method's keys (samples without a label are left out); `none`: SCORING.md's samplers
+    exactly, over all samples.
     """
     sampling.check_ratio(ratio)
     m = Method.parse(method)
@@ -248,6 +261,10 @@ def reduce(run: str | os.PathLike, ratio: float, method: str = "dual-beta", *, s
         raise ValueError(f"missing must be 'drop' or 'error', not {missing!r}")
     if not 0 <= cut < 1:
         raise ValueError(f"cut must be in [0, 1), not {cut}")
+    if balance not in sampling.BALANCES:
+        raise ValueError(f"balance must be one of {list(sampling.BALANCES)}, not {balance!r}")
+    if balance == "classes" and m.sampler == "ccs":
+        raise ValueError(f"method {method!r} stratifies by score bins; it cannot also balance classes")
     if which not in ("all", "method"):
         raise ValueError(f"scores must be 'all' or 'method', not {which!r}")
     if m.sampler == "beta" and not (c_d > 0 and C > 0 and (alpha_plus_beta is None or alpha_plus_beta > 0)):
@@ -256,6 +273,8 @@ def reduce(run: str | os.PathLike, ratio: float, method: str = "dual-beta", *, s
     run = Path(run).resolve()
     index = Index(run / "index")
     store = StatsStore.open(run / "stats.zarr", mode="r", index=index)
+    if balance == "classes":
+        store.labels(slice(0, 0))  # refuses a store without labels before any work
     complete = store.complete_epochs()
     epochs = complete if epochs is None else epochs
     if not 1 <= epochs <= store.epochs:
@@ -281,14 +300,24 @@ def reduce(run: str | os.PathLike, ratio: float, method: str = "dual-beta", *, s
         summary = _score_all(blocks, store, scores_path, epochs, window, block_rows, names, progress)
 
         spec = {"sampler": m.sampler, "score": m.score, "seed": seed, "ratio": ratio, "phase": None,
-                "beta": {"c_d": c_d, "C": C, "alpha_plus_beta": alpha_plus_beta}, "excluded": []}
+                "beta": {"c_d": c_d, "C": C, "alpha_plus_beta": alpha_plus_beta}, "excluded": [],
+                "balance": balance == "classes"}
         n_ok = n if m.sampler == "random" else summary["finite"][m.score if m.sampler != "beta" else "dual"]
         if m.sampler == "beta":
             n_ok = min(n_ok, summary["finite"]["mean_p"])
+        n_classes = summary["max_label"] + 1
+        if balance == "classes":  # rows without a label are not selectable
+            if n_classes < 1:
+                raise ValueError(f"no sample of {run} has a recorded label: nothing to balance")
+            counted = summary["labelled"]
+            n_ok = counted["rows"] if m.sampler == "random" else counted[m.score if m.sampler != "beta" else "dual"]
+            if m.sampler == "beta":
+                n_ok = min(n_ok, counted["mean_p"])
+        n_groups = CCS_BINS if m.sampler == "ccs" else n_classes if balance == "classes" else 1
         dropped = n - n_ok
         if dropped and missing == "error":
-            raise ValueError(f"{dropped} samples have missing statistics (e.g. rows {summary['missing_rows'][:5]}); "
-                             f"use --missing drop to leave them out")
+            raise ValueError(f"{dropped} samples have missing statistics{' or labels' if balance == 'classes' else ''} "
+                             f"(e.g. rows {summary['missing_rows'][:5]}); use --missing drop to leave them out")
         k = sampling.keep_count(n_ok, ratio)
         params: dict = {"cut": cut} if m.sampler == "ccs" else {}
         if m.sampler == "beta":
@@ -299,21 +328,25 @@ def reduce(run: str | os.PathLike, ratio: float, method: str = "dual-beta", *, s
         if m.sampler == "ccs":
             spec["cut_threshold"], spec["lo"], spec["hi"] = _ccs_setup(blocks, scores_path, spec, n_ok, k, cut, progress,
                                                                        gather_limit)
-        n_groups = CCS_BINS if m.sampler == "ccs" else 1
         parts = blocks.map(_store_keys, scores_path, spec, n_groups, desc="keys", progress=progress)
         counts = sum(p[0] for p in parts)
         if m.sampler == "ccs":
             needs = sampling.ccs_quotas(counts, k)
             spec["excluded"] = [int(g) for g in np.flatnonzero(needs == 0)]
             params.update(lo=spec["lo"], hi=spec["hi"], bins=CCS_BINS, quotas=needs.tolist())
+        elif balance == "classes":
+            needs = sampling.class_quotas(counts, k)
+            spec["excluded"] = [int(g) for g in np.flatnonzero(needs == 0)]
+            params.update(class_counts=counts.tolist(), class_quotas=needs.tolist())
         else:
             needs = np.array([k])
             spec["excluded"] = [0] if k == 0 else []
         thresholds = _thresholds(blocks, scores_path, spec, np.asarray(needs), np.asarray(counts), progress,
                                  gather_limit)
         # ES keys rank every positive weight above the zero-weight fill-up.
-        filled = max(0, k - sum(p[1] for p in parts)) if m.sampler == "beta" else 0
-        manifest = new_manifest(method=m.name, ratio=ratio, seed=seed, k=k, N=n_ok, n_rows=n, dropped_missing=dropped,
+        filled = int(np.maximum(0, needs - sum(p[1] for p in parts)).sum()) if m.sampler == "beta" else 0
+        manifest = new_manifest(method=m.name, balance=balance, ratio=ratio, seed=seed, k=k, N=n_ok, n_rows=n,
+                                dropped_missing=dropped,
                              filled_zero_weight=filled, epochs=epochs, window=window, params=params,
                              fingerprint=index.fingerprint, index_root=index.root, weights=m.sampler == "random")
         weight = n_ok / max(k, 1) if m.sampler == "random" else None
@@ -333,13 +366,16 @@ def _score_all(blocks: _Blocks, store: StatsStore, scores_path: str, epochs: int
         g.create_array(name, shape=(n,), chunks=(block_rows,), dtype=np.float64, fill_value=np.nan)
     for name in ("id_hi", "id_lo", "sel_key"):
         g.create_array(name, shape=(n,), chunks=(block_rows,), dtype=np.uint64, fill_value=0)
-    g.create_array("sel_group", shape=(n,), chunks=(block_rows,), dtype=np.int16, fill_value=-1)
+    g.create_array(LABEL, shape=(n,), chunks=(block_rows,), dtype=np.int32, fill_value=LABEL_MISSING)
+    g.create_array("sel_group", shape=(n,), chunks=(block_rows,), dtype=np.int32, fill_value=-1)
     parts = blocks.map(_score_block, store.path.as_posix(), str(tmp), epochs, window, names, desc="score",
                        progress=progress)
     summary = {"finite": {s: sum(p["finite"][s] for p in parts) for s in names},
                "min": {s: min((p["min"][s] for p in parts if p["min"][s] is not None), default=None) for s in names},
                "max": {s: max((p["max"][s] for p in parts if p["max"][s] is not None), default=None) for s in names},
-               "missing_rows": sum((p["missing_rows"] for p in parts), [])[:10]}
+               "missing_rows": sum((p["missing_rows"] for p in parts), [])[:10],
+               "max_label": max(p["max_label"] for p in parts),
+               "labelled": {s: sum(p["labelled"][s] for p in parts) for s in ("rows", *names)}}
     top = [(d, h, l, mp) for p in parts for d, h, l, mp in zip(*p["top"].values())]
     top.sort(key=lambda t: (-t[0], t[1], t[2]))
     summary["top"] = {"dual": [t[0] for t in top[:10]], "hi": [t[1] for t in top[:10]],

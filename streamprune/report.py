@@ -5,6 +5,7 @@ the chosen ratio, kept fraction per class and per shard, image grids of the easi
 hardest and the most uncertain samples (kept and pruned), and the proxy's training curves
 (mean loss and accuracy per recorded epoch, from the stats store). On large runs the
 figures use whole score chunks drawn at random, up to `max_rows` rows (said on the page).
+A warning at the top names the classes kept far below the overall fraction (`STARVED`).
 """
 
 from __future__ import annotations
@@ -22,9 +23,10 @@ from .decode import decode_sample
 from .keeplist import KeepList
 from .shardindex import Index
 from .shardread import ReadStats, iter_ranges
-from .store import StatsStore
+from .store import LABEL, StatsStore
 
 GRID = 8  # images per grid row
+STARVED = 1 / 3  # a class is starved when its kept fraction is below this share of the overall one
 
 
 def build_report(run: str | os.PathLike, out: str | os.PathLike | None = None, *, max_rows: int = 1_000_000,
@@ -45,16 +47,16 @@ def build_report(run: str | os.PathLike, out: str | os.PathLike | None = None, *
     rows = _sample_rows(index.n_samples, int(scores.attrs.get("block_rows", 65536)), max_rows, rng)
     kept = _kept_mask(index, keep, rows)
     values = {name: _gather(scores[name].__getitem__, rows) for name in scores.attrs["scores"]}
-    sections = [_overview(run, index, keep, len(rows))]
+    labels, labelled_kept = _class_labels(scores, index, rows, kept, label_rows, rng)
+    fractions = class_kept_fractions(labels, labelled_kept)[0]
+    sections = [_overview(run, index, keep, len(rows)),
+                _starvation_warning(*starved_classes(labels, labelled_kept), keep.manifest)]
     sections.append(_figure(out, "scores", "Score distributions (all samples vs kept)", _plot_scores(values, kept)))
     if "alpha" in keep.manifest.get("params", {}):
         sections.append(_figure(out, "beta", "Beta sampling weight over mean p_true",
                                 _plot_beta(keep.manifest, values.get("mean_p"), kept)))
-    label_pick = np.sort(rng.choice(len(rows), min(label_rows, len(rows)), replace=False))
-    labels = {r: int(s["cls"]) for r, s in _samples(index, rows[label_pick], members=("cls",)).items()
-              if "cls" in s}
     sections.append(_figure(out, "kept-fraction", "Kept fraction per class and per shard",
-                            _plot_fractions(keep, labels, set(rows[kept].tolist()))))
+                            _plot_fractions(keep, fractions, int((labels >= 0).sum()))))
     sections.append(_figure(out, "grids", "Easiest, hardest and most uncertain samples: kept and pruned",
                             _plot_grids(index, rows, kept, values)))
     store = StatsStore.open(run / "stats.zarr", mode="r")
@@ -62,7 +64,9 @@ def build_report(run: str | os.PathLike, out: str | os.PathLike | None = None, *
                             _plot_training(store, rows)))
     evaluation = run / "evaluate.json"
     if evaluation.exists():
-        sections.append(_evaluation_section(json.loads(evaluation.read_text())["rows"]))
+        saved = json.loads(evaluation.read_text())
+        budget = saved.get("key", {}).get("settings", {}).get("budget", "epochs")  # files of 0.1.0: epochs
+        sections.append(_evaluation_section(saved["rows"], _main_method(keep.manifest), budget))
     page = out / "index.html"
     page.write_text(_PAGE.format(title=html.escape(f"streamprune report: {run.name}"), body="\n".join(sections)))
     return page
@@ -101,6 +105,55 @@ def _kept_mask(index: Index, keep: KeepList, rows: np.ndarray) -> np.ndarray:
     return mask
 
 
+def _class_labels(scores, index: Index, rows: np.ndarray, kept: np.ndarray, label_rows: int,
+                  rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Labels (-1 unknown) and kept flags for the per-class figures: every sampled row from
+    `scores.zarr`'s `label` when it has any, else the `cls` member of up to `label_rows` rows read
+    from the shards (runs reduced before labels were recorded)."""
+    if LABEL in scores:
+        labels = _gather(scores[LABEL].__getitem__, rows)
+        if (labels >= 0).any():
+            return labels, kept
+    pick = np.sort(rng.choice(len(rows), min(label_rows, len(rows)), replace=False))
+    found = _samples(index, rows[pick], members=("cls",))
+    labels = np.fromiter((int(found[int(r)]["cls"]) if "cls" in found.get(int(r), {}) else -1 for r in rows[pick]),
+                         dtype=np.int64, count=len(pick))
+    return labels, kept[pick]
+
+
+def class_kept_fractions(labels: np.ndarray, kept: np.ndarray) -> tuple[np.ndarray, float]:
+    """Kept fraction per class id (nan for ids without samples) and overall, over the labelled rows."""
+    ok = labels >= 0
+    ids = labels[ok].astype(np.int64)
+    total = np.bincount(ids)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        fractions = np.bincount(ids, weights=kept[ok], minlength=len(total)) / total
+    return fractions, float(kept[ok].mean()) if ok.any() else float("nan")
+
+
+def starved_classes(labels: np.ndarray, kept: np.ndarray) -> tuple[list[tuple[int, float]], float]:
+    """`(class, kept fraction)` of each class kept below `STARVED` times the overall fraction, and
+    that overall fraction: such classes are nearly pruned away and the subset loses them."""
+    fractions, overall = class_kept_fractions(labels, kept)
+    return [(int(c), float(fractions[c])) for c in np.flatnonzero(fractions < STARVED * overall)], overall
+
+
+def _starvation_warning(starved: list[tuple[int, float]], overall: float, manifest: dict) -> str:
+    """A red paragraph naming the starved classes ("" when none), suggesting class balance when off."""
+    if not starved:
+        return ""
+    named = ", ".join(f"class {c} kept {f:.1%}" for c, f in starved)
+    advice = ("" if manifest.get("balance") == "classes" else
+              " Reduce again with <code>--balance classes</code> to give every class its share of the budget.")
+    return (f'<p class="warn">Starved classes: {named}, against {overall:.1%} overall (below '
+            f'{STARVED:.0%} of it).{advice}</p>')
+
+
+def _main_method(manifest: dict) -> str:
+    """The keep-list's name in the evaluation rows: its method, plus `+classes` when class-balanced."""
+    return manifest.get("method", "") + ("+classes" if manifest.get("balance") == "classes" else "")
+
+
 def _samples(index: Index, rows: np.ndarray, members: tuple[str, ...] | None = None) -> dict[int, dict]:
     """Member bytes of the samples at `rows`, read by byte range from their shards."""
     out: dict[int, dict] = {}
@@ -133,11 +186,12 @@ def _figure(out: Path, name: str, title: str, fig) -> str:
 def _overview(run: Path, index: Index, keep: KeepList, n_rows: int) -> str:
     m = keep.manifest
     facts = [("run", str(run)), ("shards", f"{index.n_shards:,}"), ("samples", f"{index.n_samples:,}"),
-             ("fingerprint", index.fingerprint), ("method", m.get("method")), ("ratio (pruned)", m.get("ratio")),
+             ("fingerprint", index.fingerprint), ("method", m.get("method")), ("balance", m.get("balance", "none")),
+             ("ratio (pruned)", m.get("ratio")),
              ("kept", f"{len(keep):,} of {m.get('N', index.n_samples):,}"), ("epochs (T)", m.get("epochs")),
              ("window (J)", m.get("window")),
              ("parameters", ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                                      for k, v in m.get("params", {}).items() if k != "quotas") or "-"),
+                                      for k, v in m.get("params", {}).items() if not isinstance(v, list)) or "-"),
              ("figures drawn from", f"{n_rows:,} samples" + ("" if n_rows == index.n_samples else
                                                               " (whole score chunks drawn at random)"))]
     body = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in facts)
@@ -192,18 +246,17 @@ def _plot_beta(manifest: dict, mean_p: np.ndarray | None, kept: np.ndarray):
     return fig
 
 
-def _plot_fractions(keep: KeepList, labels: dict[int, int], kept_rows: set[int]):
+def _plot_fractions(keep: KeepList, fractions: np.ndarray, n_labelled: int):
     import matplotlib.pyplot as plt
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4))
-    if labels:
-        classes = sorted(set(labels.values()))
-        frac = [np.mean([r in kept_rows for r, c in labels.items() if c == k]) for k in classes]
-        a.bar([str(c) for c in classes], frac, color="#2a7ab9")
-        a.set_title(f"per class (labels of {len(labels):,} samples)")
+    if n_labelled:
+        classes = np.flatnonzero(np.isfinite(fractions))
+        a.bar([str(c) for c in classes], fractions[classes], color="#2a7ab9")
+        a.set_title(f"per class (labels of {n_labelled:,} samples)")
         a.set_xlabel("class")
     else:
-        a.text(0.5, 0.5, "no cls labels", ha="center")
+        a.text(0.5, 0.5, "no labels", ha="center")
     a.axhline(len(keep) / max(1, int(keep.manifest.get("N") or len(keep))), color="#d62728", ls=":",
               label="overall")
     a.set_ylabel("kept fraction")
@@ -278,12 +331,22 @@ def _plot_training(store: StatsStore, rows: np.ndarray):
     return fig
 
 
-def _evaluation_section(rows: list[dict]) -> str:
-    head = "<tr><th>subset</th><th>ratio</th><th>kept</th><th>test accuracy</th><th>training s</th></tr>"
-    body = "".join(f"<tr><td>{html.escape(r['method'])}</td><td>{r['ratio']:.2f}</td><td>{r['kept']:,}</td>"
-                   f"<td>{r['test_accuracy']:.4f}</td><td>{r['seconds']:.1f}</td></tr>" for r in rows)
+def _evaluation_section(rows: list[dict], main: str, budget: str = "steps") -> str:
+    """One row per subset (test accuracy mean +- std over seeds), then `main` against `random`."""
+    from .pipeline import summarize_evaluation, verdict
+
+    head = ("<tr><th>subset</th><th>ratio</th><th>kept</th><th>epochs</th><th>seeds</th>"
+            "<th>test accuracy</th></tr>")
+    body = "".join(f"<tr><td>{html.escape(g['method'])}</td><td>{g['ratio']:.2f}</td><td>{g['kept']:,}</td>"
+                   f"<td>{g['epochs']}</td><td>{g['seeds']}</td><td>{g['mean']:.4f}"
+                   + (f" +- {g['std']:.4f}" if g["seeds"] > 1 else "") + "</td></tr>"
+                   for g in summarize_evaluation(rows))
+    line = verdict(rows, main)
     return (f"<section><h2>Fresh models trained on each subset</h2><table>{head}{body}</table>"
-            "<p>Same recipe and number of epochs for every subset (fewer steps on smaller ones).</p></section>")
+            + (f"<p><strong>{html.escape(line)}</strong></p>" if line else "")
+            + ("<p>Every subset trained for as many SGD steps as the full-data run (its epochs column); "
+               if budget == "steps" else "<p>Every subset trained for the same epochs (fewer steps on smaller "
+               "subsets); ") + "mean +- std over seeds.</p></section>")
 
 
 _PAGE = """<!DOCTYPE html>
@@ -293,6 +356,7 @@ body {{ font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px;
 h1 {{ font-size: 1.6em; }} h2 {{ font-size: 1.2em; border-bottom: 1px solid #ddd; padding-bottom: .2em; }}
 table {{ border-collapse: collapse; }} th, td {{ padding: .25em .8em; border-bottom: 1px solid #eee; text-align: left; }}
 img {{ max-width: 100%; }}
+p.warn {{ color: #c00; font-weight: bold; border: 2px solid #c00; padding: .5em .8em; }}
 </style></head>
 <body><h1>{title}</h1>
 {body}

@@ -41,7 +41,8 @@ def run_state(run: str | os.PathLike) -> dict:
     baselines = sorted((run / "baseline").glob("*/keep")) if (run / "baseline").exists() else []
     out["baselines"] = {p.parent.name: _keep_state(p, fingerprint, p.parent / "scores.zarr") for p in baselines}
     ev = run / "evaluate.json"
-    out["evaluate"] = ({"state": "done", "rows": [{k: r[k] for k in ("method", "ratio", "kept", "test_accuracy")}
+    out["evaluate"] = ({"state": "done", "rows": [{"method": r["method"], "seed": r.get("seed", 0),
+                                                   **{k: r[k] for k in ("ratio", "kept", "test_accuracy")}}
                                                   for r in json.loads(ev.read_text())["rows"]]}
                        if ev.exists() else {"state": "missing"})
     page = run / "report" / "index.html"

@@ -14,6 +14,8 @@ import numpy as np
 from scipy import stats as _stats
 
 ZERO_WEIGHT_BASE = -1e300  # zero-weight samples rank below every positive-weight key
+BALANCES = ("none", "classes")  # how the budget is spread: over all samples, or by class quotas
+DEFAULT_BALANCE = "classes"
 
 
 def check_ratio(ratio: float) -> float:
@@ -173,6 +175,23 @@ def select_top(words: np.ndarray, k: int) -> np.ndarray:
     if k > 0:
         mask[np.lexsort(words[::-1])[::-1][:k]] = True
     return mask
+
+
+def class_quotas(counts: np.ndarray, k: int) -> np.ndarray:
+    """Split the budget `k` across classes in proportion to their sizes `counts`, exactly:
+    `floor(k n_c / N)` each, then one more to the classes with the largest remainders (ties to
+    the lower class). Sums to `k`; no class gets more than it has."""
+    counts = [int(c) for c in np.asarray(counts, dtype=np.int64)]
+    n = sum(counts)
+    if not 0 <= k <= n:
+        raise ValueError(f"budget {k} outside [0, {n}] (the samples in all classes)")
+    if n == 0:
+        return np.zeros(len(counts), dtype=np.int64)
+    quotas = [k * c // n for c in counts]  # Python ints: k * c can exceed 2**63
+    order = sorted(range(len(counts)), key=lambda c: (-(k * counts[c] % n), c))
+    for c in order[: k - sum(quotas)]:
+        quotas[c] += 1
+    return np.array(quotas, dtype=np.int64)
 
 
 def ccs_bin(score: np.ndarray, lo: float, hi: float, n_bins: int = 50) -> np.ndarray:

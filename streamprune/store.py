@@ -19,6 +19,8 @@ import zarr
 
 STATS = ("p_true", "correct", "margin", "el2n", "entropy", "loss")
 CORRECT_MISSING = 255
+LABEL = "label"  # int32 (N,): each sample's class as trained on; -1 unknown
+LABEL_MISSING = -1
 FORMAT = "streamprune-stats"
 FORMAT_VERSION = 1
 DEFAULT_CHUNK_ROWS = 65536
@@ -86,6 +88,7 @@ class StatsStore:
         for name in STATS:  # float statistics barely compress (~13%) and read ~1.6x faster raw
             group.create_array(name, shape=(n, epochs), chunks=(chunk_rows, 1), dtype=stat_dtype(name),
                                fill_value=fill_value(name), **({} if name == "correct" else {"compressors": None}))
+        group.create_array(LABEL, shape=(n,), chunks=(chunk_rows,), dtype=np.int32, fill_value=LABEL_MISSING)
         for name, arr in (("id_hi", index.id_hi), ("id_lo", index.id_lo)):
             a = group.create_array(name, shape=(n,), chunks=(chunk_rows,), dtype=np.uint64, fill_value=0)
             a[:] = np.asarray(arr)
@@ -118,6 +121,18 @@ class StatsStore:
     @property
     def n_chunks(self) -> int:
         return -(-self.n_samples // self.chunk_rows)
+
+    @property
+    def has_labels(self) -> bool:
+        """Whether the store keeps each sample's label (stores of streamprune 0.1.0 do not)."""
+        return LABEL in self.group
+
+    def labels(self, rows: slice = slice(None)) -> np.ndarray:
+        """The recorded labels of `rows` (-1: never recorded); refuses a store without labels."""
+        if not self.has_labels:
+            raise ValueError(f"stats store {str(self.path)!r} has no labels (recorded by an older streamprune); "
+                             f"record it again in a new run directory")
+        return self.read(LABEL, rows)
 
     @property
     def config(self) -> dict:
@@ -183,6 +198,8 @@ class ChunkWriter:
 
     `add` refuses rows outside the owned chunks and rows already given this epoch;
     `flush` writes every owned chunk not yet written (rows never given stay missing).
+    With a `label` entry among the statistics, the given rows' labels are written with
+    their chunk (the label array shares the chunk boundaries, so ownership carries over).
     """
 
     def __init__(self, store: StatsStore, chunks: range, epoch: int):
@@ -215,6 +232,7 @@ class ChunkWriter:
             r0, r1 = self.store.chunk_rows_range(c)
             if c not in self._buf:
                 self._buf[c] = {n: np.full(r1 - r0, fill_value(n), dtype=stat_dtype(n)) for n in STATS}
+                self._buf[c][LABEL] = np.full(r1 - r0, LABEL_MISSING, dtype=np.int32)
                 self._seen[c] = np.zeros(r1 - r0, dtype=bool)
             local = rows[part] - r0
             seen = self._seen[c]
@@ -224,6 +242,8 @@ class ChunkWriter:
             seen[local] = True
             for n in STATS:
                 self._buf[c][n][local] = np.asarray(stats[n])[part]
+            if LABEL in stats:
+                self._buf[c][LABEL][local] = np.asarray(stats[LABEL])[part]
             if seen.all():
                 self._write(c)
 
@@ -235,6 +255,10 @@ class ChunkWriter:
             buf = {n: np.full(r1 - r0, fill_value(n), dtype=stat_dtype(n)) for n in STATS}
         for n in STATS:
             self.store.group[n][r0:r1, self.epoch : self.epoch + 1] = buf[n][:, None]
+        given = buf.get(LABEL, np.full(0, LABEL_MISSING))
+        if self.store.has_labels and (given != LABEL_MISSING).any():  # rows not given keep their label
+            labels = self.store.read(LABEL, slice(r0, r1))
+            self.store.group[LABEL][r0:r1] = np.where(given != LABEL_MISSING, given, labels)
         self._written.add(c)
         self.rows_written += int(seen.sum()) if seen is not None else 0
 

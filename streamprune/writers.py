@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import ray
 
-from .store import STATS, ChunkWriter, StatsStore, owner_of
+from .store import ChunkWriter, StatsStore, owner_of
 
 
 @ray.remote(num_cpus=0)
@@ -50,13 +50,14 @@ class StoreWriters:
         ray.get([a.begin.remote(epoch) for a in self.actors])
 
     def add(self, rows: np.ndarray, stats: dict[str, np.ndarray]) -> list:
-        """Route rows to their owners; returns the pending refs (wait on them for backpressure)."""
+        """Route rows (and their statistics, with `label` when known) to their owners; returns the
+        pending refs (wait on them for backpressure)."""
         rows = np.asarray(rows, dtype=np.int64)
         owner = owner_of(rows, self.chunk_rows, self.n_chunks, self.n_writers)
         refs = []
         for w in np.unique(owner):
             sel = owner == w
-            refs.append(self.actors[w].add.remote(rows[sel], {n: np.asarray(stats[n])[sel] for n in STATS}))
+            refs.append(self.actors[w].add.remote(rows[sel], {n: np.asarray(v)[sel] for n, v in stats.items()}))
         return refs
 
     def flush(self) -> np.ndarray:

@@ -36,7 +36,7 @@ def test_quality_quick_writes_its_tables(ray_session, tmp_path):
     result = _load("quality").main(["--quick", "--out", str(tmp_path), "--work", str(tmp_path / "work")])
     saved = json.loads((tmp_path / "quality-quick.json").read_text())
     assert saved["rows"] == result["rows"]
-    assert {(r["method"], r["ratio"]) for r in result["rows"]} == {(m, x) for m in ("random", "dual-beta")
+    assert {(r["method"], r["ratio"]) for r in result["rows"]} == {(m, x) for m in ("random", "dual-beta+classes")
                                                                     for x in (0.5, 0.9)}
     n = result["train_samples"]
     for row in result["rows"]:
@@ -45,4 +45,7 @@ def test_quality_quick_writes_its_tables(ray_session, tmp_path):
         assert 0 <= row["noisy_kept_fraction"] <= 1 and row["kept"] == round((1 - row["ratio"]) * n)
     assert result["cost"]["record_s"] > 0 and result["cost"]["full_train_s"] > 0
     text = (tmp_path / "QUALITY-quick.md").read_text()
-    assert "| dual-beta |" in text and "mislabelled" in text and "Cost:" in text
+    assert "| dual-beta+classes |" in text and "mislabelled" in text and "Cost:" in text
+    assert "as many SGD steps as the full-data run" in text
+    for row in result["rows"]:  # the steps budget: epochs scale with N / k
+        assert row["epochs"] == max(1, round(n / row["kept"])) and len(row["per_class_seed0"]) == 10

@@ -31,7 +31,7 @@ def _config(tmp: Path, address: str) -> Path:
     cfg = {"shards": "data/train-*.tar", "out": "run", "address": address,
            "record": {"epochs": 4, "schedule_epochs": 12, "num_classes": 10, "loader_workers": 1},
            "reduce": {"ratio": 0.5, "window": 3},
-           "evaluate": {"test_shards": "data/test-*.tar", "epochs": 1, "baseline": "random", "full": False}}
+           "evaluate": {"test_shards": "data/test-*.tar", "epochs": 1, "seeds": 2, "baseline": "random", "full": False}}
     path = tmp / "cfg.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -68,8 +68,15 @@ def test_run_resumes_after_a_kill_then_report_and_inspect(ray_session, tmp_path,
     assert store.complete_epochs() == 4
     assert np.array_equal(store.read("p_true", slice(None), slice(0, 1)), first_epoch, equal_nan=True)
     rows = json.loads((run / "evaluate.json").read_text())["rows"]
-    assert [r["method"] for r in rows] == ["dual-beta", "random"]
-    assert rows[0]["kept"] == rows[1]["kept"] == 300 and all(0 < r["test_accuracy"] <= 1 for r in rows)
+    assert [(r["method"], r["seed"]) for r in rows] == [("dual-beta+classes", 0), ("random", 0),
+                                                         ("dual-beta+classes", 1), ("random", 1)]
+    assert all(r["kept"] == 300 and r["epochs"] == 2 for r in rows)  # the full run's steps: 1 epoch x 600 / 300
+    assert all(0 < r["test_accuracy"] <= 1 for r in rows)
+    diffs = [100 * (rows[i]["test_accuracy"] - rows[i + 1]["test_accuracy"]) for i in (0, 2)]
+    assert f"dual-beta+classes vs random: {np.mean(diffs):+.1f} points (2 seeds; per seed " in out
+    keep = json.loads((run / "keep" / "manifest.json").read_text())
+    assert keep["balance"] == "classes" and sum(keep["params"]["class_quotas"]) == 300
+    assert json.loads((run / "baseline" / "random-seed1" / "keep" / "manifest.json").read_text())["seed"] == 1
     report = run / "report"
     page = (report / "index.html").read_text()
     assert page.count('src="data:image/png;base64,') == 5 and "dual-beta" in page
@@ -112,6 +119,7 @@ def test_init_config_writes_an_example_that_loads(tmp_path):
     path = tmp_path / "sp.yaml"
     assert main(["init-config", str(path)]) == 0
     cfg = load_config(path)
+    assert cfg.reduce.balance == "classes" and cfg.evaluate.budget == "steps" and cfg.evaluate.seeds == 3
     assert cfg.reduce.method == "dual-beta" and cfg.reduce.c_d == 4.0 and cfg.shards == str(tmp_path / "data/train-{000000..000009}.tar")
     assert main(["init-config", str(path)]) == 2  # refuses to overwrite
     toml = tmp_path / "sp.toml"

@@ -12,7 +12,7 @@ import pytest
 from streamprune import KeepList, PrunedWebDataset, index, reduce, sampling, scores
 from streamprune.cli import main
 from streamprune.identity import id128, uniforms
-from streamprune.store import STATS, ChunkWriter, StatsStore
+from streamprune.store import LABEL, STATS, ChunkWriter, StatsStore
 
 T = 12
 
@@ -29,15 +29,22 @@ def _synthetic_stats(n: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
             "loss": -np.log(p).astype(np.float32)}
 
 
+def _synthetic_labels(n: int) -> np.ndarray:
+    """Ten uneven classes: class 9 holds about 4/13 of the samples, the others 1/13 each."""
+    return np.minimum(np.arange(n) % 13, 9).astype(np.int32)
+
+
 def _synthetic_run(run: Path, paths: list[str], seed: int):
-    """An index of `paths` under `run` and a complete store of T epochs of synthetic statistics."""
+    """An index of `paths` under `run` and a complete store of T epochs of synthetic statistics
+    (labels from `_synthetic_labels`)."""
     idx = index(paths, run, progress=False)
     store = StatsStore.create(run / "stats.zarr", idx, epochs=T, chunk_rows=64)
     stats = _synthetic_stats(idx.n_samples, np.random.default_rng(seed))
     rows = np.arange(idx.n_samples)
+    labels = _synthetic_labels(idx.n_samples)
     for t in range(T):
         w = ChunkWriter(store, range(store.n_chunks), t)
-        w.add(rows, {n: stats[n][:, t] for n in STATS})
+        w.add(rows, {**{n: stats[n][:, t] for n in STATS}, LABEL: labels})
         w.flush()
         store.mark_done(t, np.arange(idx.n_shards))
     return idx, stats
@@ -55,10 +62,11 @@ def _kept_rows(keep: KeepList, idx) -> np.ndarray:
     return np.concatenate([idx.rows(idx.shard(n)).start + keep.shard_positions(n) for n in keep.names])
 
 
-@pytest.mark.parametrize("method", ["dual-beta", "forgetting", "ccs:dual", "random", "aum"])
-def test_keep_list_identical_across_workers_and_block_sizes(run, tmp_path, method):
+@pytest.mark.parametrize("method,balance", [("dual-beta", "none"), ("dual-beta", "classes"), ("forgetting", "none"),
+                                            ("ccs:dual", "none"), ("random", "classes"), ("aum", "none")])
+def test_keep_list_identical_across_workers_and_block_sizes(run, tmp_path, method, balance):
     path, idx, _ = run
-    lists = [reduce(path, 0.7, method, seed=3, window=5, workers=w, block_rows=b, gather_limit=g,
+    lists = [reduce(path, 0.7, method, seed=3, window=5, workers=w, block_rows=b, gather_limit=g, balance=balance,
                     out=tmp_path / f"k{w}-{b}-{g}", progress=False)
              for w, b, g in ((1, 64, 1 << 20), (2, 128, 16), (4, 300, 3))]
     for other in lists[1:]:
@@ -68,10 +76,12 @@ def test_keep_list_identical_across_workers_and_block_sizes(run, tmp_path, metho
 
 
 @pytest.mark.parametrize("ratio", [0, 0.3, 0.9, 0.99])
-@pytest.mark.parametrize("method", ["dual-beta", "ccs:el2n", "dual"])
-def test_exactly_k_kept(run, tmp_path, ratio, method):
+@pytest.mark.parametrize("method,balance", [("dual-beta", "classes"), ("dual-beta", "none"), ("ccs:el2n", "none"),
+                                            ("dual", "classes")])
+def test_exactly_k_kept(run, tmp_path, ratio, method, balance):
     path, idx, _ = run
-    keep = reduce(path, ratio, method, window=5, out=tmp_path / "keep", gather_limit=8, progress=False)
+    keep = reduce(path, ratio, method, window=5, out=tmp_path / "keep", gather_limit=8, balance=balance,
+                  progress=False)
     k = sampling.keep_count(idx.n_samples, ratio)
     assert len(keep) == keep.manifest["k"] == k and keep.kept.sum() == k
     assert len(set(_kept_rows(keep, idx).tolist())) == k
@@ -93,7 +103,8 @@ def test_distributed_selection_equals_in_memory_reference(run, tmp_path):
         "random": sampling.select_top(sampling.key_words(-u, hi, lo, rows), k),
     }
     for method, mask in expected.items():
-        keep = reduce(path, 0.8, method, seed=9, window=5, out=tmp_path / method, gather_limit=10, progress=False)
+        keep = reduce(path, 0.8, method, seed=9, window=5, out=tmp_path / method, gather_limit=10, balance="none",
+                      progress=False)
         assert np.array_equal(np.sort(_kept_rows(keep, idx)), np.flatnonzero(mask)), method
     dual_keep = KeepList.load(tmp_path / "dual-beta")
     assert dual_keep.manifest["params"]["anchor"] == pytest.approx(anchor)
@@ -104,6 +115,58 @@ def test_distributed_selection_equals_in_memory_reference(run, tmp_path):
     g = zarr.open_group(str(path / "scores.zarr"), mode="r")
     for name in scores.SCORES:
         np.testing.assert_allclose(g[name][:], sc[name], rtol=1e-12, equal_nan=True)
+
+
+def test_class_balanced_selection_keeps_each_class_its_quota(run, tmp_path):
+    """Class quotas: exact k, each class its share by size, and inside each class the same
+    keys as the unbalanced sampler (the in-memory reference per class)."""
+    path, idx, stats = run
+    hi, lo = np.asarray(idx.id_hi), np.asarray(idx.id_lo)
+    rows = np.arange(idx.n_samples)
+    labels = _synthetic_labels(idx.n_samples)
+    sc = scores.all_scores(stats, window=5)
+    u = uniforms(4, hi, lo)
+    anchor = sampling.anchor_of(sc["dual"], sc["mean_p"], hi, lo)
+    for method, keys in (("dual-beta", sampling.weighted_keys(sampling.beta_weights(sc["dual"], sc["mean_p"], 0.8,
+                                                                                     anchor=anchor), u)),
+                         ("random", -u), ("el2n", sc["el2n"])):
+        keep = reduce(path, 0.8, method, seed=4, window=5, out=tmp_path / method, gather_limit=7, balance="classes",
+                      progress=False)
+        counts = np.bincount(labels, minlength=10)
+        quotas = sampling.class_quotas(counts, sampling.keep_count(idx.n_samples, 0.8))
+        kept = np.sort(_kept_rows(keep, idx))
+        assert len(keep) == quotas.sum() == sampling.keep_count(idx.n_samples, 0.8)
+        assert np.bincount(labels[kept], minlength=10).tolist() == quotas.tolist()
+        assert keep.manifest["balance"] == "classes" and keep.manifest["params"]["class_quotas"] == quotas.tolist()
+        expected = []
+        for c in range(10):
+            members = np.flatnonzero(labels == c)
+            words = sampling.key_words(keys[members], hi[members], lo[members], rows[members])
+            expected += members[sampling.select_top(words, int(quotas[c]))].tolist()
+        assert kept.tolist() == sorted(expected), method
+    # the unbalanced list of the same scores starves no class here only by chance: the balanced one by design
+    plain = reduce(path, 0.8, "el2n", window=5, out=tmp_path / "plain", balance="none", progress=False)
+    assert plain.manifest["balance"] == "none" and "class_quotas" not in plain.manifest["params"]
+
+
+def test_balance_needs_recorded_labels(ray_session, uneven_shards, tmp_path):
+    paths, _ = uneven_shards
+    idx = index(paths, tmp_path / "run", progress=False)
+    store = StatsStore.create(tmp_path / "run" / "stats.zarr", idx, epochs=2, chunk_rows=64)
+    stats = _synthetic_stats(idx.n_samples, np.random.default_rng(0))
+    for t in range(2):
+        w = ChunkWriter(store, range(store.n_chunks), t)
+        w.add(np.arange(idx.n_samples), {n: stats[n][:, t] for n in STATS})  # no labels given
+        w.flush()
+        store.mark_done(t, np.arange(idx.n_shards))
+    with pytest.raises(ValueError, match="no sample of .* has a recorded label"):
+        reduce(tmp_path / "run", 0.5, "random", balance="classes", progress=False)
+    keep = reduce(tmp_path / "run", 0.5, "random", balance="none", out=tmp_path / "keep", progress=False)
+    assert len(keep) == sampling.keep_count(idx.n_samples, 0.5)
+    with pytest.raises(ValueError, match="balance must be one of"):
+        reduce(tmp_path / "run", 0.5, "random", balance="class", progress=False)
+    with pytest.raises(ValueError, match="cannot also balance classes"):
+        reduce(tmp_path / "run", 0.5, "ccs:aum", balance="classes", progress=False)
 
 
 def test_zero_weight_fill_up_is_counted(run, tmp_path):

@@ -161,3 +161,18 @@ def test_grouped_radix_selection_equals_sorting():
     assert sampling.ccs_quotas(np.array([5, 0, 100, 2, 40]), 60).tolist() == [5, 0, 26, 2, 27]
     with pytest.raises(ValueError, match="exceeds"):
         sampling.ccs_quotas(np.array([1, 2]), 4)
+
+
+def test_class_quotas_split_the_budget_exactly_by_class_size():
+    counts = np.array([400, 40, 0, 7, 553])
+    for k in range(0, int(counts.sum()) + 1, 7):
+        q = sampling.class_quotas(counts, k)
+        exact = k * counts / counts.sum()
+        assert q.sum() == k and (q <= counts).all() and (np.abs(q - exact) < 1).all()
+        assert (q >= np.floor(exact)).all()
+    assert sampling.class_quotas(counts, 500).tolist() == [200, 20, 0, 4, 276]  # 3.5 and 276.5: a tie, to class 3
+    assert sampling.class_quotas([3, 3, 3], 4).tolist() == [2, 1, 1]  # equal remainders: the lower class first
+    big = np.array([3 * 10**12, 10**12])  # k * n_c exceeds 2**63
+    assert sampling.class_quotas(big, 3 * 10**12).tolist() == [2_250_000_000_000, 750_000_000_000]
+    with pytest.raises(ValueError, match="budget 11 outside"):
+        sampling.class_quotas([4, 6], 11)
