@@ -46,7 +46,7 @@ METHODS = ["random", "random+classes", "dual-beta", "dual-beta+classes"]
 RATIOS = [0.3, 0.5, 0.7, 0.9]
 VALIDATION = slice(50_000, 55_000)  # training images no recipe trains on
 RECIPES = {  # documented recipes; train_epochs: the full-data run, every subset gets its steps
-    "cpu": {"train_samples": 12000, "proxy_epochs": 10, "schedule_epochs": 200, "train_epochs": 10,
+    "cpu": {"train_samples": 8000, "proxy_epochs": 10, "schedule_epochs": 200, "train_epochs": 10,
             "model": "small-cnn", "workers": 2},
     "demo": {"train_samples": 4000, "proxy_epochs": 10, "schedule_epochs": 30, "train_epochs": 10,
              "model": "small-cnn", "workers": 2},
@@ -57,10 +57,13 @@ RECIPES = {  # documented recipes; train_epochs: the full-data run, every subset
 }
 
 
-def parse_method(name: str) -> tuple[str, str]:
-    """`dual-beta+classes` -> (`dual-beta`, `classes`); a plain name has balance `none`."""
+def parse_method(name: str) -> tuple[str, str, dict]:
+    """`dual-beta+classes@c_d=2` -> (`dual-beta`, `classes`, {"c_d": 2.0}): a method, its class
+    balance (`none` without `+`) and sampler settings after `@` (comma-separated)."""
+    name, _, settings = name.partition("@")
     method, _, balance = name.partition("+")
-    return method, balance or "none"
+    values = dict(item.split("=", 1) for item in settings.split(",") if item)
+    return method, balance or "none", {k: float(v) for k, v in values.items()}
 
 
 def flip_labels(labels: np.ndarray, fraction: float, seed: int, classes: int = 10) -> tuple[np.ndarray, np.ndarray]:
@@ -109,6 +112,26 @@ class _Done:
         return self.values[step]
 
 
+def noise_setting(args, recipe: dict, images, labels, done: "_Done", work: Path, gpus: float, window: int
+                  ) -> tuple[list[dict], float]:
+    """Flip `args.noise` of the labels, record a proxy on them, and measure the mislabelled
+    fraction of every method's keep-list at every ratio; returns the rows and the recording seconds."""
+    noisy_labels, noisy = flip_labels(labels, args.noise, seed=123)
+    nrecord_s = done.get("record noisy", lambda: proxy_run(work / "noisy", images, noisy_labels, recipe, gpus))
+    nrun = work / "noisy" / "run"
+    noise_rows = []
+    for method in args.methods:
+        for ratio in args.ratios:
+            name, balance, settings = parse_method(method)
+            keep = reduce(nrun, ratio, name, seed=0, window=window, balance=balance, **settings,
+                          out=work / "noisy-keeps" / f"{method.replace(':', '-')}-{ratio}",
+                          scores_out=work / "noisy-scores.zarr", which="method", progress=False)
+            frac = float(noisy[kept_indices(keep)].mean())
+            noise_rows.append({"method": method, "ratio": ratio, "kept": len(keep), "noisy_kept_fraction": frac})
+            print(f"  noisy {method:>10} r={ratio}: {frac:.1%} of the kept samples are mislabelled", flush=True)
+    return noise_rows, nrecord_s
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -122,7 +145,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--ratios", type=float, nargs="+", default=RATIOS)
     p.add_argument("--methods", nargs="+", default=METHODS)
-    p.add_argument("--noise", type=float, default=0.2)
+    p.add_argument("--noise", type=float, default=0.2, help="fraction of labels flipped (0: skip that setting)")
     p.add_argument("--data-dir", help="Fashion-MNIST IDX folder (default: ../shared/datasets/fashion-mnist)")
     p.add_argument("--out", default=str(HERE), help="where QUALITY.md and quality.json go")
     p.add_argument("--work", default=None, help="working folder (default: a temporary one)")
@@ -170,9 +193,9 @@ def main(argv: list[str] | None = None) -> dict:
                 out = work / "keeps" / f"{method.replace(':', '-')}-{ratio}-{seed}"
 
                 def fresh():
-                    name, balance = parse_method(method)
+                    name, balance, settings = parse_method(method)
                     keep = reduce(run, ratio, name, seed=seed, window=window, out=out, balance=balance,
-                                  scores_out=work / "scores.zarr", which="method", progress=False)
+                                  scores_out=work / "scores.zarr", which="method", progress=False, **settings)
                     per_class = np.bincount(labels[kept_indices(keep)], minlength=10) / np.bincount(labels,
                                                                                                  minlength=10)
                     res = train(shards, keep, seed)
@@ -187,20 +210,9 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"  {method:>10} r={ratio}: {kept} kept, test accuracy {rows[-1]['mean']:.4f} "
                   f"+- {rows[-1]['std']:.4f}", flush=True)
 
-    noisy_labels, noisy = flip_labels(labels, args.noise, seed=123)
-    nrecord_s = done.get("record noisy", lambda: proxy_run(work / "noisy", images, noisy_labels, recipe, gpus))
-    nrun = work / "noisy" / "run"
-    noise_rows = []
-    for method in args.methods:
-        for ratio in args.ratios:
-            name, balance = parse_method(method)
-            keep = reduce(nrun, ratio, name, seed=0, window=window, balance=balance,
-                          out=work / "noisy-keeps" / f"{method.replace(':', '-')}-{ratio}",
-                          scores_out=work / "noisy-scores.zarr", which="method", progress=False)
-            frac = float(noisy[kept_indices(keep)].mean())
-            noise_rows.append({"method": method, "ratio": ratio, "kept": len(keep), "noisy_kept_fraction": frac})
-            print(f"  noisy {method:>10} r={ratio}: {frac:.1%} of the kept samples are mislabelled", flush=True)
-
+    noise_rows, nrecord_s = [], None
+    if args.noise > 0:  # --noise 0 skips the label-noise setting
+        noise_rows, nrecord_s = noise_setting(args, recipe, images, labels, done, work, gpus, window)
     result = {"command": command, "date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, "
               f"{os.cpu_count()} CPUs, {args.device}, python {platform.python_version()}",
               "wall_s": round(time.time() - t0), "recipe": recipe, "seeds": args.seeds, "train_samples": n,
@@ -237,8 +249,9 @@ def markdown(r: dict) -> str:
              f"Proxy: `{rec['model']}`, {rec['proxy_epochs']} recorded epochs of a {rec['schedule_epochs']}-epoch "
              f"cosine schedule, {rec['workers']} Ray Train workers. Fresh models: `{rec['model']}`, batch 128, "
              f"lr 0.1; {rule}. {r['seeds']} seeds: seed s draws the keep-list and initialises the model. "
-             f"DUAL window min(10, T), DUAL+Beta defaults (C=15, c_d=4). `+classes`: class-balanced quotas "
-             f"(`--balance classes`); plain names: SCORING.md's samplers over all samples.", "",
+             f"DUAL window min(10, T), DUAL+Beta defaults (C=15; c_d=4 over all samples, 8 with class balance; "
+             f"`@c_d=4` overrides). `+classes`: class-balanced quotas (`--balance classes`); plain names: "
+             f"SCORING.md's samplers over all samples.", "",
              f"Full data: accuracy {full.mean():.4f} +- {full.std(ddof=1) if len(full) > 1 else 0:.4f}.", "",
              "Accuracy, mean +- std over seeds (pruning ratio = fraction removed):", "", header, rule_row]
     for m in methods:
@@ -267,11 +280,14 @@ def markdown(r: dict) -> str:
     lines += ["", "Epochs each subset trained: " + ", ".join(
         f"r={x:.0%}: {cell[(methods[0], x)]['epochs']}" for x in ratios if (methods[0], x) in cell) + "."]
     nc = {(row["method"], row["ratio"]): row for row in r["noise_rows"]}
-    lines += ["", f"Label noise: {r['noise']:.0%} of the training labels flipped to another class at random; "
+    if not nc:
+        lines += ["", "Label noise: not run here (`--noise 0`)."]
+    lines += [] if not nc else ["", f"Label noise: {r['noise']:.0%} of the training labels flipped to another class at random; "
               "a separate proxy recorded on the noisy labels. Fraction of the kept samples that are mislabelled "
               f"(random keeps about {r['noise']:.0%}):", "", header, rule_row]
-    for m in methods:
-        lines.append(f"| {m} | " + " | ".join(f"{nc[(m, x)]['noisy_kept_fraction']:.1%}" for x in ratios) + " |")
+    for m in methods if nc else []:
+        lines.append(f"| {m} | " + " | ".join(f"{nc[(m, x)]['noisy_kept_fraction']:.1%}" if (m, x) in nc else ""
+                                              for x in ratios) + " |")
     c = r["cost"]
     rec_epoch, train_epoch = c["record_s"] / rec["proxy_epochs"], c["full_train_s"] / rec["train_epochs"]
     lines += ["", f"Cost: recording the proxy ({rec['proxy_epochs']} epochs on Ray, with statistics, Ray Train "

@@ -255,7 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", help="keep-list directory (default RUN/keep)")
     s.add_argument("--missing", default="drop", choices=["drop", "error"],
                    help="samples with missing statistics: leave out (counted) or refuse")
-    s.add_argument("--c-d", dest="c_d", type=float, default=4.0, help="Beta sampler c_d")
+    s.add_argument("--c-d", dest="c_d", type=float,
+                   help="Beta sampler c_d (default: 8 with --balance classes, 4 with none, as SCORING.md)")
     s.add_argument("--C", dest="C", type=float, default=15.0, help="Beta sampler C")
     s.add_argument("--alpha-plus-beta", type=float, help="alpha + beta (default C + 1, as the reference code)")
     s.add_argument("--cut", type=float, default=0.2, help="CCS: hardest fraction dropped first")

@@ -49,7 +49,7 @@ class ReduceSection:
     epochs: int | None = None
     missing: str = "drop"
     scores: str = "all"
-    c_d: float = 4.0
+    c_d: float | None = None
     C: float = 15.0
     alpha_plus_beta: float | None = None
     cut: float = 0.2
@@ -212,7 +212,8 @@ reduce:                   # scores and the keep-list (RUN/keep)
   epochs: null            # T used (null: all recorded)
   missing: drop           # drop | error: samples with missing statistics
   scores: all             # all | method: which scores go to RUN/scores.zarr
-  c_d: 4.0                # DUAL+Beta: how fast the Beta mode moves to easy samples as the ratio grows
+  c_d: null               # DUAL+Beta: how fast the Beta mode moves to easy samples as the ratio grows
+                          # (null: 8 with balance classes, chosen on validation data; 4 with none, the paper's)
   C: 15.0                 # DUAL+Beta: concentration of the Beta weight
   alpha_plus_beta: null   # DUAL+Beta: alpha + beta (null: C + 1, as the reference code)
   cut: 0.2                # CCS: hardest fraction dropped first

@@ -16,6 +16,7 @@ import numpy as np
 
 from .config import Config
 from .keeplist import KeepList
+from .sampling import DEFAULT_C_D
 from .shardlist import absolute, expand_urls
 
 BASELINE_DIR = "baseline"
@@ -141,13 +142,14 @@ def _keep_matches(cfg: Config, run: Path, subset: _Subset, out: Path) -> bool:
     want = {**_reduce_settings(cfg, subset), "fingerprint": fingerprint}
     params = manifest.get("params", {})
     return (all(manifest.get(k) == v for k, v in want.items())
-            and all(params[k] == v for k, v in _sampler_settings(cfg).items() if k in params))
+            and all(params[k] == v for k, v in _sampler_settings(cfg, subset).items() if k in params))
 
 
-def _sampler_settings(cfg: Config) -> dict:
+def _sampler_settings(cfg: Config, subset: _Subset) -> dict:
     """The samplers' parameters (each method's keep-list manifest records the ones it used)."""
     r = cfg.reduce
-    return {"c_d": r.c_d, "C": r.C, "alpha_plus_beta": r.alpha_plus_beta, "cut": r.cut}
+    c_d = DEFAULT_C_D[subset.balance] if r.c_d is None else r.c_d
+    return {"c_d": c_d, "C": r.C, "alpha_plus_beta": r.alpha_plus_beta, "cut": r.cut}
 
 
 def _reduce(cfg: Config, run: Path, subset: _Subset, out: Path, scores_out: Path | None, progress: bool,
@@ -158,7 +160,7 @@ def _reduce(cfg: Config, run: Path, subset: _Subset, out: Path, scores_out: Path
     s = _reduce_settings(cfg, subset)
     keep = reduce(run, s["ratio"], subset.method, seed=s["seed"], epochs=s["epochs"], window=s["window"], out=out,
                   missing=cfg.reduce.missing, address=cfg.address, which=cfg.reduce.scores, balance=subset.balance,
-                  scores_out=scores_out, progress=progress, **_sampler_settings(cfg))
+                  scores_out=scores_out, progress=progress, **_sampler_settings(cfg, subset))
     log(reduce_line(keep, out))
 
 

@@ -236,7 +236,7 @@ def _thresholds(blocks: _Blocks, scores_path: str, spec: dict, needs: np.ndarray
 
 def reduce(run: str | os.PathLike, ratio: float, method: str = "dual-beta", *, seed: int = 0,
            epochs: int | None = None, window: int = 10, workers: int | None = None, block_rows: int | None = None,
-           out: str | os.PathLike | None = None, missing: str = "drop", c_d: float = 4.0, C: float = 15.0,
+           out: str | os.PathLike | None = None, missing: str = "drop", c_d: float | None = None, C: float = 15.0,
            alpha_plus_beta: float | None = None, cut: float = 0.2, address: str | None = None,
            which: str = "all", gather_limit: int = GATHER_LIMIT, scores_out: str | os.PathLike | None = None,
            balance: str = sampling.DEFAULT_BALANCE, progress: bool = True) -> KeepList:
@@ -253,7 +253,7 @@ def reduce(run: str | os.PathLike, ratio: float, method: str = "dual-beta", *, s
     `balance`: `classes` (default): the budget `k` is split across the recorded labels in
     proportion to class size (`sampling.class_quotas`) and each class keeps its quota by the
     method's keys (samples without a label are left out); `none`: SCORING.md's samplers
-    exactly, over all samples.
+    exactly, over all samples. `c_d` defaults by balance (`sampling.DEFAULT_C_D`).
     """
     sampling.check_ratio(ratio)
     m = Method.parse(method)
@@ -263,6 +263,7 @@ def reduce(run: str | os.PathLike, ratio: float, method: str = "dual-beta", *, s
         raise ValueError(f"cut must be in [0, 1), not {cut}")
     if balance not in sampling.BALANCES:
         raise ValueError(f"balance must be one of {list(sampling.BALANCES)}, not {balance!r}")
+    c_d = sampling.DEFAULT_C_D[balance] if c_d is None else c_d
     if balance == "classes" and m.sampler == "ccs":
         raise ValueError(f"method {method!r} stratifies by score bins; it cannot also balance classes")
     if which not in ("all", "method"):

@@ -16,6 +16,9 @@ from scipy import stats as _stats
 ZERO_WEIGHT_BASE = -1e300  # zero-weight samples rank below every positive-weight key
 BALANCES = ("none", "classes")  # how the budget is spread: over all samples, or by class quotas
 DEFAULT_BALANCE = "classes"
+# c_d by balance: SCORING.md's 4 over all samples; 8 with class quotas, chosen on a validation
+# split of Fashion-MNIST (benchmarks/VALIDATION.md): the mode stays at mid-difficulty longer.
+DEFAULT_C_D = {"none": 4.0, "classes": 8.0}
 
 
 def check_ratio(ratio: float) -> float:

@@ -73,13 +73,19 @@ def test_written_shards_read_back_with_webdataset(fmnist, tmp_path, fmt):
 def test_demo_runs_every_stage_on_real_shards(ray_session, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path.parent)  # a relative --out, as a new user types it
     assert main(["demo", "--out", tmp_path.name, "--samples", "1200", "--test-samples", "300", "--epochs", "3",
-                 "--ratio", "0.25", "--train-epochs", "1", "--quiet"]) == 0
+                 "--ratio", "0.25", "--train-epochs", "1", "--seeds", "2", "--quiet"]) == 0
     out = capsys.readouterr().out
     assert "samples 1200" in out and "3 epochs recorded" in out and "kept 900 of 1,200 samples" in out
     assert len(list((tmp_path / "shards").glob("train-*.tar"))) == 4
-    table = [line.split() for line in out.splitlines() if line.split()[:1] in (["dual-beta"], ["random"], ["full"])]
-    assert [(r[0], r[2]) for r in table] == [("dual-beta", "900"), ("random", "900"), ("full", "1,200")]
-    assert all(0 < float(r[3]) <= 1 for r in table)
+    table = [line.split() for line in out.splitlines()
+             if line.split()[:1] in (["dual-beta+classes"], ["random"], ["full"]) and "vs" not in line.split()]
+    # method, ratio, kept, epochs (the full run's steps: round(1 x 1200 / 900) = 1), seeds, accuracy
+    assert [tuple(r[:5]) for r in table] == [("dual-beta+classes", "0.25", "900", "1", "2"),
+                                             ("random", "0.25", "900", "1", "2"), ("full", "0.00", "1,200", "1", "1")]
+    assert all(0 < float(r[5]) <= 1 for r in table)
+    rows = json.loads((tmp_path / "run" / "evaluate.json").read_text())["rows"]
+    diffs = [100 * (a["test_accuracy"] - b["test_accuracy"]) for a, b in zip(rows[0:4:2], rows[1:4:2])]
+    assert f"dual-beta+classes vs random: {sum(diffs) / 2:+.1f} points (2 seeds; per seed " in out
     assert (tmp_path / "run" / "report" / "index.html").stat().st_size > 10000
     assert "streamprune run " + tmp_path.name + "/streamprune.yaml" in out
     urls = [json.loads(line)["url"] for line in (tmp_path / "run" / "index" / "shards.jsonl").open()]

@@ -42,8 +42,9 @@ def recorded(ray_session, uneven_shards, tmp_path_factory):
     return run, summary, sizes
 
 
-def test_every_sample_recorded_once_per_epoch_and_learning(recorded):
+def test_every_sample_recorded_once_per_epoch_and_learning(recorded, fmnist):
     run, summary, sizes = recorded
+    fmnist_labels = fmnist[1]
     assert summary.epochs_run == list(range(EPOCHS)) and summary.samples == EPOCHS * sum(sizes)
     assert len(summary.samples_per_s_per_worker) == 2 * EPOCHS
     got = _check_complete(run, EPOCHS)
@@ -51,6 +52,8 @@ def test_every_sample_recorded_once_per_epoch_and_learning(recorded):
     means = got["p_true"].mean(axis=0)
     assert means[-1] > means[0] + 0.1, means
     assert got["correct"][:, -1].mean() > 0.5  # 10 classes: well above chance after 3 epochs
+    store = StatsStore.open(run / "stats.zarr", mode="r")  # each row's label, as trained on
+    assert np.array_equal(store.labels(), fmnist_labels[: sum(sizes)].astype(np.int32))
 
 
 def test_rerun_of_a_finished_run_does_nothing(recorded):

@@ -127,8 +127,8 @@ def test_class_balanced_selection_keeps_each_class_its_quota(run, tmp_path):
     sc = scores.all_scores(stats, window=5)
     u = uniforms(4, hi, lo)
     anchor = sampling.anchor_of(sc["dual"], sc["mean_p"], hi, lo)
-    for method, keys in (("dual-beta", sampling.weighted_keys(sampling.beta_weights(sc["dual"], sc["mean_p"], 0.8,
-                                                                                     anchor=anchor), u)),
+    w = sampling.beta_weights(sc["dual"], sc["mean_p"], 0.8, anchor=anchor, c_d=sampling.DEFAULT_C_D["classes"])
+    for method, keys in (("dual-beta", sampling.weighted_keys(w, u)),
                          ("random", -u), ("el2n", sc["el2n"])):
         keep = reduce(path, 0.8, method, seed=4, window=5, out=tmp_path / method, gather_limit=7, balance="classes",
                       progress=False)
