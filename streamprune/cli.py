@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from .sampling import BALANCES, DEFAULT_BALANCE
+from .sampling import BALANCES
 
 DESCRIPTION = """Prune WebDataset training sets while they stream: index shards, record a proxy's
 per-sample statistics on Ray, reduce them to a DUAL+Beta keep-list, apply it at load time."""
@@ -72,7 +72,7 @@ def demo_config(out: Path, samples: int, epochs: int, ratio: float, train_epochs
     """The demo's `streamprune run` config (paths relative to OUT, where it is written)."""
     return {"shards": "shards/train-*.tar", "out": "run", "address": address,
             "record": {"epochs": epochs, "schedule_epochs": 3 * epochs, "num_classes": 10},
-            "reduce": {"ratio": ratio, "method": "dual-beta", "window": min(10, epochs), "balance": DEFAULT_BALANCE},
+            "reduce": {"ratio": ratio, "method": "dual-beta", "window": min(10, epochs), "balance": "classes"},
             "evaluate": {"test_shards": "test-shards/test-*.tar", "epochs": train_epochs, "budget": "steps",
                          "seeds": seeds, "baseline": "random", "full": True}}
 
@@ -260,9 +260,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--C", dest="C", type=float, default=15.0, help="Beta sampler C")
     s.add_argument("--alpha-plus-beta", type=float, help="alpha + beta (default C + 1, as the reference code)")
     s.add_argument("--cut", type=float, default=0.2, help="CCS: hardest fraction dropped first")
-    s.add_argument("--balance", default=DEFAULT_BALANCE, choices=list(BALANCES),
-                   help="classes: split the budget across the recorded labels by class size, each class kept "
-                        "by the method; none: the method over all samples (SCORING.md exactly)")
+    s.add_argument("--balance", choices=list(BALANCES),
+                   help="classes (default; none for ccs: methods): split the budget across the recorded labels by "
+                        "class size, each class kept by the method; none: the method over all samples (SCORING.md)")
     s.add_argument("--scores", default="all", choices=["all", "method"],
                    help="write every score to RUN/scores.zarr, or only what the method needs (faster)")
     s.add_argument("--address", help="Ray cluster address (default: start a local Ray instance)")

@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .identity import has_scheme
-from .sampling import DEFAULT_BALANCE
 
 
 @dataclass
@@ -53,7 +52,7 @@ class ReduceSection:
     C: float = 15.0
     alpha_plus_beta: float | None = None
     cut: float = 0.2
-    balance: str = DEFAULT_BALANCE
+    balance: str | None = None
 
 
 @dataclass
@@ -217,7 +216,8 @@ reduce:                   # scores and the keep-list (RUN/keep)
   C: 15.0                 # DUAL+Beta: concentration of the Beta weight
   alpha_plus_beta: null   # DUAL+Beta: alpha + beta (null: C + 1, as the reference code)
   cut: 0.2                # CCS: hardest fraction dropped first
-  balance: classes        # classes: split the budget across the recorded labels by class size | none
+  balance: null           # classes: split the budget across the recorded labels by class size | none
+                          # (null: classes, or none for ccs: methods, which stratify by score)
 
 evaluate:                 # optional: train fresh models and compare test accuracy
   test_shards: null       # e.g. "data/test-{000000..000001}.tar"; null skips this stage

@@ -16,7 +16,7 @@ import numpy as np
 
 from .config import Config
 from .keeplist import KeepList
-from .sampling import DEFAULT_C_D
+from .sampling import DEFAULT_C_D, resolve_balance
 from .shardlist import absolute, expand_urls
 
 BASELINE_DIR = "baseline"
@@ -52,7 +52,7 @@ def run_pipeline(cfg: Config, progress: bool = True, log=print) -> PipelineResul
 
     stage("index", lambda: _index(cfg, run, progress, log), _index_done(cfg, run))
     stage("record", lambda: _record(cfg, run, progress, log), _record_done(cfg, run))
-    main = _Subset(cfg.reduce.method, cfg.reduce.balance, cfg.reduce.seed)
+    main = _Subset(cfg.reduce.method, resolve_balance(cfg.reduce.balance, cfg.reduce.method), cfg.reduce.seed)
     stage("reduce", lambda: _reduce(cfg, run, main, run / "keep", None, progress, log),
           _keep_matches(cfg, run, main, run / "keep"))
     result.keep = KeepList.load(run / "keep")
@@ -186,14 +186,14 @@ def _subsets(cfg: Config) -> list[tuple[_Subset | None, int]]:
     e, r = cfg.evaluate, cfg.reduce
     out: list[tuple[_Subset | None, int]] = []
     for i in range(e.seeds):
-        out.append((_Subset(r.method, r.balance, r.seed + i), i))
+        out.append((_Subset(r.method, resolve_balance(r.balance, r.method), r.seed + i), i))
         if e.baseline:
             out.append((_Subset(e.baseline, "none", r.seed + i), i))
     return out + ([(None, 0)] if e.full else [])
 
 
 def _keep_dir(cfg: Config, run: Path, subset: _Subset) -> Path:
-    if subset == _Subset(cfg.reduce.method, cfg.reduce.balance, cfg.reduce.seed):
+    if subset == _Subset(cfg.reduce.method, resolve_balance(cfg.reduce.balance, cfg.reduce.method), cfg.reduce.seed):
         return run / "keep"
     name = subset.label.replace(":", "-") + (f"-seed{subset.seed}" if subset.seed != cfg.reduce.seed else "")
     return run / BASELINE_DIR / name / "keep"

@@ -239,7 +239,7 @@ def reduce(run: str | os.PathLike, ratio: float, method: str = "dual-beta", *, s
            out: str | os.PathLike | None = None, missing: str = "drop", c_d: float | None = None, C: float = 15.0,
            alpha_plus_beta: float | None = None, cut: float = 0.2, address: str | None = None,
            which: str = "all", gather_limit: int = GATHER_LIMIT, scores_out: str | os.PathLike | None = None,
-           balance: str = sampling.DEFAULT_BALANCE, progress: bool = True) -> KeepList:
+           balance: str | None = None, progress: bool = True) -> KeepList:
     """Score every sample of `run` and write the keep-list of `method` at pruning `ratio`.
 
     Writes `run/scores.zarr` and the keep-list (default `run/keep`); returns the `KeepList`.
@@ -250,7 +250,7 @@ def reduce(run: str | os.PathLike, ratio: float, method: str = "dual-beta", *, s
     `scores_out`: where the scores go (default `run/scores.zarr`).
     `gather_limit`: the most candidate rows the driver gathers to finish the exact selection;
     radix refinement over blocks narrows the candidates until they fit.
-    `balance`: `classes` (default): the budget `k` is split across the recorded labels in
+    `balance`: `classes` (default, except for `ccs:` methods): the budget `k` is split across the recorded labels in
     proportion to class size (`sampling.class_quotas`) and each class keeps its quota by the
     method's keys (samples without a label are left out); `none`: SCORING.md's samplers
     exactly, over all samples. `c_d` defaults by balance (`sampling.DEFAULT_C_D`).
@@ -261,8 +261,7 @@ def reduce(run: str | os.PathLike, ratio: float, method: str = "dual-beta", *, s
         raise ValueError(f"missing must be 'drop' or 'error', not {missing!r}")
     if not 0 <= cut < 1:
         raise ValueError(f"cut must be in [0, 1), not {cut}")
-    if balance not in sampling.BALANCES:
-        raise ValueError(f"balance must be one of {list(sampling.BALANCES)}, not {balance!r}")
+    balance = sampling.resolve_balance(balance, method)
     c_d = sampling.DEFAULT_C_D[balance] if c_d is None else c_d
     if balance == "classes" and m.sampler == "ccs":
         raise ValueError(f"method {method!r} stratifies by score bins; it cannot also balance classes")

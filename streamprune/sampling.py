@@ -21,6 +21,16 @@ DEFAULT_BALANCE = "classes"
 DEFAULT_C_D = {"none": 4.0, "classes": 8.0}
 
 
+def resolve_balance(balance: str | None, method: str) -> str:
+    """The balance a method runs with: the one asked for, else `classes`, except for `ccs:`
+    methods, which stratify by score bins instead (`none`)."""
+    if balance is None:
+        return "none" if method.startswith("ccs:") else DEFAULT_BALANCE
+    if balance not in BALANCES:
+        raise ValueError(f"balance must be one of {list(BALANCES)}, not {balance!r}")
+    return balance
+
+
 def check_ratio(ratio: float) -> float:
     """The pruning ratio `r` (fraction removed), which must lie in [0, 1)."""
     if not (isinstance(ratio, (int, float)) and 0.0 <= ratio < 1.0):

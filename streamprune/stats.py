@@ -23,12 +23,11 @@ def sample_stats(logits, labels) -> dict[str, np.ndarray]:
     p_true = logp_true.exp()
     z_true = z.gather(1, y[:, None])[:, 0]
     others = z.scatter(1, y[:, None], float("-inf"))
-    # ||softmax - onehot||^2 = sum_{c != y} p_c^2 + (1 - p_y)^2, with 1 - p_y = -expm1(log p_y):
-    # expanding it as sum p^2 - 2 p_y + 1 cancels for confident samples. float64 keeps the
-    # squares of tiny probabilities from underflowing.
-    logp64 = logp.double()
-    rest = logp64.exp().scatter(1, y[:, None], 0.0)
-    el2n = ((rest * rest).sum(1) + torch.expm1(logp64.gather(1, y[:, None])[:, 0]) ** 2).sqrt()
+    # ||softmax - onehot||^2 = sum_{c != y} p_c^2 + (1 - p_y)^2 with 1 - p_y = sum_{c != y} p_c:
+    # sums of positive terms, where `sum p^2 - 2 p_y + 1` cancels for confident samples.
+    # float64 keeps tiny probabilities and their squares from underflowing.
+    rest = torch.log_softmax(z.double(), dim=1).exp().scatter(1, y[:, None], 0.0)
+    el2n = ((rest * rest).sum(1) + rest.sum(1) ** 2).sqrt()
     out = {
         "p_true": p_true,
         "correct": (z.argmax(1) == y).to(torch.uint8),

@@ -119,7 +119,7 @@ def test_init_config_writes_an_example_that_loads(tmp_path):
     path = tmp_path / "sp.yaml"
     assert main(["init-config", str(path)]) == 0
     cfg = load_config(path)
-    assert cfg.reduce.balance == "classes" and cfg.evaluate.budget == "steps" and cfg.evaluate.seeds == 3
+    assert cfg.reduce.balance is None and cfg.evaluate.budget == "steps" and cfg.evaluate.seeds == 3
     assert cfg.reduce.method == "dual-beta" and cfg.reduce.c_d is None and cfg.shards == str(tmp_path / "data/train-{000000..000009}.tar")
     assert main(["init-config", str(path)]) == 2  # refuses to overwrite
     toml = tmp_path / "sp.toml"
