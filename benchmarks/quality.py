@@ -14,7 +14,7 @@ time against one full training run.
 `--eval validation` measures on 5,000 training images the proxy never sees (50,000-54,999):
 the split every setting is chosen on, never the test set.
 
-    python benchmarks/quality.py                           # CPU recipe, about 50 minutes on 2 cores
+    python benchmarks/quality.py                           # CPU recipe, 60-80 minutes on 2 cores
     python benchmarks/quality.py --recipe demo --eval validation   # the demo's sizes, on validation
     python benchmarks/quality.py --device cuda             # the larger recipe on a GPU
     python benchmarks/quality.py --quick                   # a smoke run
