@@ -16,7 +16,7 @@ import numpy as np
 
 from .config import Config
 from .keeplist import KeepList
-from .sampling import DEFAULT_C_D, resolve_balance
+from .sampling import resolve_balance, resolve_c_d
 from .shardlist import absolute, expand_urls
 
 BASELINE_DIR = "baseline"
@@ -52,7 +52,7 @@ def run_pipeline(cfg: Config, progress: bool = True, log=print) -> PipelineResul
 
     stage("index", lambda: _index(cfg, run, progress, log), _index_done(cfg, run))
     stage("record", lambda: _record(cfg, run, progress, log), _record_done(cfg, run))
-    main = _Subset(cfg.reduce.method, resolve_balance(cfg.reduce.balance, cfg.reduce.method), cfg.reduce.seed)
+    main = _main_subset(cfg)
     stage("reduce", lambda: _reduce(cfg, run, main, run / "keep", None, progress, log),
           _keep_matches(cfg, run, main, run / "keep"))
     result.keep = KeepList.load(run / "keep")
@@ -122,7 +122,18 @@ class _Subset:
 
     @property
     def label(self) -> str:
-        return self.method + ("+classes" if self.balance == "classes" else "")
+        return subset_label(self.method, self.balance)
+
+
+def subset_label(method: str, balance: str | None) -> str:
+    """A keep-list's name in evaluation rows: its method, plus `+classes` when class-balanced."""
+    return method + ("+classes" if balance == "classes" else "")
+
+
+def _main_subset(cfg: Config, i: int = 0) -> _Subset:
+    """The run's own keep-list drawn with seed `reduce.seed + i`."""
+    r = cfg.reduce
+    return _Subset(r.method, resolve_balance(r.balance, r.method), r.seed + i)
 
 
 def _reduce_settings(cfg: Config, subset: _Subset) -> dict:
@@ -148,8 +159,7 @@ def _keep_matches(cfg: Config, run: Path, subset: _Subset, out: Path) -> bool:
 def _sampler_settings(cfg: Config, subset: _Subset) -> dict:
     """The samplers' parameters (each method's keep-list manifest records the ones it used)."""
     r = cfg.reduce
-    c_d = DEFAULT_C_D[subset.balance] if r.c_d is None else r.c_d
-    return {"c_d": c_d, "C": r.C, "alpha_plus_beta": r.alpha_plus_beta, "cut": r.cut}
+    return {"c_d": resolve_c_d(r.c_d, subset.balance), "C": r.C, "alpha_plus_beta": r.alpha_plus_beta, "cut": r.cut}
 
 
 def _reduce(cfg: Config, run: Path, subset: _Subset, out: Path, scores_out: Path | None, progress: bool,
@@ -186,14 +196,14 @@ def _subsets(cfg: Config) -> list[tuple[_Subset | None, int]]:
     e, r = cfg.evaluate, cfg.reduce
     out: list[tuple[_Subset | None, int]] = []
     for i in range(e.seeds):
-        out.append((_Subset(r.method, resolve_balance(r.balance, r.method), r.seed + i), i))
+        out.append((_main_subset(cfg, i), i))
         if e.baseline:
             out.append((_Subset(e.baseline, "none", r.seed + i), i))
     return out + ([(None, 0)] if e.full else [])
 
 
 def _keep_dir(cfg: Config, run: Path, subset: _Subset) -> Path:
-    if subset == _Subset(cfg.reduce.method, resolve_balance(cfg.reduce.balance, cfg.reduce.method), cfg.reduce.seed):
+    if subset == _main_subset(cfg):
         return run / "keep"
     name = subset.label.replace(":", "-") + (f"-seed{subset.seed}" if subset.seed != cfg.reduce.seed else "")
     return run / BASELINE_DIR / name / "keep"

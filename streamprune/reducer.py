@@ -262,7 +262,7 @@ def reduce(run: str | os.PathLike, ratio: float, method: str = "dual-beta", *, s
     if not 0 <= cut < 1:
         raise ValueError(f"cut must be in [0, 1), not {cut}")
     balance = sampling.resolve_balance(balance, method)
-    c_d = sampling.DEFAULT_C_D[balance] if c_d is None else c_d
+    c_d = sampling.resolve_c_d(c_d, balance)
     if balance == "classes" and m.sampler == "ccs":
         raise ValueError(f"method {method!r} stratifies by score bins; it cannot also balance classes")
     if which not in ("all", "method"):
@@ -302,17 +302,14 @@ def reduce(run: str | os.PathLike, ratio: float, method: str = "dual-beta", *, s
         spec = {"sampler": m.sampler, "score": m.score, "seed": seed, "ratio": ratio, "phase": None,
                 "beta": {"c_d": c_d, "C": C, "alpha_plus_beta": alpha_plus_beta}, "excluded": [],
                 "balance": balance == "classes"}
-        n_ok = n if m.sampler == "random" else summary["finite"][m.score if m.sampler != "beta" else "dual"]
-        if m.sampler == "beta":
-            n_ok = min(n_ok, summary["finite"]["mean_p"])
         n_classes = summary["max_label"] + 1
-        if balance == "classes":  # rows without a label are not selectable
-            if n_classes < 1:
-                raise ValueError(f"no sample of {run} has a recorded label: nothing to balance")
-            counted = summary["labelled"]
-            n_ok = counted["rows"] if m.sampler == "random" else counted[m.score if m.sampler != "beta" else "dual"]
-            if m.sampler == "beta":
-                n_ok = min(n_ok, counted["mean_p"])
+        if balance == "classes" and n_classes < 1:
+            raise ValueError(f"no sample of {run} has a recorded label: nothing to balance")
+        # selectable rows: finite scores, and with class balance a label too
+        counted = summary["labelled"] if balance == "classes" else {"rows": n, **summary["finite"]}
+        n_ok = counted["rows"] if m.sampler == "random" else counted[m.score if m.sampler != "beta" else "dual"]
+        if m.sampler == "beta":
+            n_ok = min(n_ok, counted["mean_p"])
         n_groups = CCS_BINS if m.sampler == "ccs" else n_classes if balance == "classes" else 1
         dropped = n - n_ok
         if dropped and missing == "error":

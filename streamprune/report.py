@@ -48,9 +48,9 @@ def build_report(run: str | os.PathLike, out: str | os.PathLike | None = None, *
     kept = _kept_mask(index, keep, rows)
     values = {name: _gather(scores[name].__getitem__, rows) for name in scores.attrs["scores"]}
     labels, labelled_kept = _class_labels(scores, index, rows, kept, label_rows, rng)
-    fractions = class_kept_fractions(labels, labelled_kept)[0]
+    fractions, overall = class_kept_fractions(labels, labelled_kept)
     sections = [_overview(run, index, keep, len(rows)),
-                _starvation_warning(*starved_classes(labels, labelled_kept), keep.manifest)]
+                _starvation_warning(_below_share(fractions, overall), overall, keep.manifest)]
     sections.append(_figure(out, "scores", "Score distributions (all samples vs kept)", _plot_scores(values, kept)))
     if "alpha" in keep.manifest.get("params", {}):
         sections.append(_figure(out, "beta", "Beta sampling weight over mean p_true",
@@ -135,7 +135,11 @@ def starved_classes(labels: np.ndarray, kept: np.ndarray) -> tuple[list[tuple[in
     """`(class, kept fraction)` of each class kept below `STARVED` times the overall fraction, and
     that overall fraction: such classes are nearly pruned away and the subset loses them."""
     fractions, overall = class_kept_fractions(labels, kept)
-    return [(int(c), float(fractions[c])) for c in np.flatnonzero(fractions < STARVED * overall)], overall
+    return _below_share(fractions, overall), overall
+
+
+def _below_share(fractions: np.ndarray, overall: float) -> list[tuple[int, float]]:
+    return [(int(c), float(fractions[c])) for c in np.flatnonzero(fractions < STARVED * overall)]
 
 
 def _starvation_warning(starved: list[tuple[int, float]], overall: float, manifest: dict) -> str:
@@ -150,8 +154,10 @@ def _starvation_warning(starved: list[tuple[int, float]], overall: float, manife
 
 
 def _main_method(manifest: dict) -> str:
-    """The keep-list's name in the evaluation rows: its method, plus `+classes` when class-balanced."""
-    return manifest.get("method", "") + ("+classes" if manifest.get("balance") == "classes" else "")
+    """The keep-list's name in the evaluation rows."""
+    from .pipeline import subset_label
+
+    return subset_label(manifest.get("method", ""), manifest.get("balance"))
 
 
 def _samples(index: Index, rows: np.ndarray, members: tuple[str, ...] | None = None) -> dict[int, dict]:

@@ -31,6 +31,11 @@ def resolve_balance(balance: str | None, method: str) -> str:
     return balance
 
 
+def resolve_c_d(c_d: float | None, balance: str) -> float:
+    """The Beta sampler's c_d: the one asked for, else the default of the balance (`DEFAULT_C_D`)."""
+    return DEFAULT_C_D[balance] if c_d is None else c_d
+
+
 def check_ratio(ratio: float) -> float:
     """The pruning ratio `r` (fraction removed), which must lie in [0, 1)."""
     if not (isinstance(ratio, (int, float)) and 0.0 <= ratio < 1.0):

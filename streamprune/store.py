@@ -64,6 +64,7 @@ class StatsStore:
         self.chunk_rows: int = attrs["chunk_rows"]
         self.fingerprint: str = attrs["fingerprint"]
         self.shard_offset = np.asarray(group["shard_offset"][:])
+        self.has_labels: bool = LABEL in group  # stores of streamprune 0.1.0 keep no labels
 
     @classmethod
     def create(cls, path: str | Path, index, epochs: int, *, chunk_rows: int = DEFAULT_CHUNK_ROWS,
@@ -121,11 +122,6 @@ class StatsStore:
     @property
     def n_chunks(self) -> int:
         return -(-self.n_samples // self.chunk_rows)
-
-    @property
-    def has_labels(self) -> bool:
-        """Whether the store keeps each sample's label (stores of streamprune 0.1.0 do not)."""
-        return LABEL in self.group
 
     def labels(self, rows: slice = slice(None)) -> np.ndarray:
         """The recorded labels of `rows` (-1: never recorded); refuses a store without labels."""
@@ -256,9 +252,11 @@ class ChunkWriter:
         for n in STATS:
             self.store.group[n][r0:r1, self.epoch : self.epoch + 1] = buf[n][:, None]
         given = buf.get(LABEL, np.full(0, LABEL_MISSING))
-        if self.store.has_labels and (given != LABEL_MISSING).any():  # rows not given keep their label
-            labels = self.store.read(LABEL, slice(r0, r1))
-            self.store.group[LABEL][r0:r1] = np.where(given != LABEL_MISSING, given, labels)
+        known = given != LABEL_MISSING
+        if self.store.has_labels and known.any():  # rows not given keep their label
+            if not known.all():
+                given = np.where(known, given, self.store.read(LABEL, slice(r0, r1)))
+            self.store.group[LABEL][r0:r1] = given
         self._written.add(c)
         self.rows_written += int(seen.sum()) if seen is not None else 0
 
