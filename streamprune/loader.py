@@ -1,9 +1,10 @@
 """`PrunedWebDataset`: `webdataset.WebDataset` that drops pruned samples before reading them.
 
 Shards with nothing kept are never opened; on local tars (and object stores that serve
-ranges) the bytes of pruned samples are never read. Imports webdataset, NumPy and the
-keep-list only, no Ray and no stats store, so a training job that applies a keep-list
-stays light.
+ranges) the bytes of pruned samples are never read. Compressed shards (gzip, bz2, xz) and
+`pipe:` streams cannot seek: they are read through up to their last kept sample. Imports
+webdataset, NumPy and the keep-list only, no Ray and no stats store, so a training job
+that applies a keep-list stays light.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from webdataset.utils import pytorch_worker_info
 
 from .identity import ShardMatcher
 from .keeplist import KeepList
-from .shardlist import OpenShard, expand_urls, open_shard
+from .shardlist import OpenShard, expand_urls, from_stream, open_shard
 from .shardread import ReadStats, read_keys, read_ranges
 from .tarscan import split_name
 
@@ -137,7 +138,7 @@ def _cached(item: dict) -> OpenShard | None:
     if item.get("local_path"):
         item["stream"].close()
         return open_shard(item["local_path"])
-    return OpenShard(item["stream"], False, None)
+    return from_stream(item["stream"])
 
 
 def _local_path(item: dict) -> str | None:
@@ -213,7 +214,8 @@ class PrunedWebDataset(wds.WebDataset):
     `weights`: add `__weight__` (keep-lists that carry weights).
     `even_epochs`: give every DDP rank and DataLoader worker exactly the same number of
     samples per epoch (replaces `nodesplitter`/`workersplitter`; call `set_epoch` per epoch).
-    `ds.stats` counts shards opened and skipped, samples and bytes read in this process.
+    `ds.stats` counts shards opened and skipped, samples and bytes read in this process (compressed
+    bytes for compressed shards), and shards read through because they cannot seek.
     """
 
     def __init__(self, urls, handler=reraise_exception, mode=None, resampled=False, repeat=False,

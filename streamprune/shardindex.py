@@ -35,8 +35,9 @@ class ShardScan:
     status: str = "ok"  # ok | empty | broken
     error: str | None = None
     error_offset: int | None = None
-    size: int | None = None
-    bytes_read: int = 0
+    size: int | None = None  # stored size: the compressed file's for compressed shards
+    bytes_read: int = 0  # read from storage (compressed bytes for compressed shards)
+    compression: str | None = None  # "gzip", "bz2", "xz"; None: a plain tar
     keys: list[str] = field(default_factory=list)
     arrays: dict[str, np.ndarray] = field(default_factory=dict)
 
@@ -48,6 +49,8 @@ class ShardScan:
         """The JSON-able part (everything but keys and arrays)."""
         d = asdict(self)
         del d["keys"], d["arrays"]
+        if d["compression"] is None:  # plain tars: shard metadata as before compression was supported
+            del d["compression"]
         d["samples"] = self.n
         return d
 
@@ -56,7 +59,8 @@ def scan_shard(url: str, name: str, identity: SampleIdentity | None = None) -> S
     """Scan one shard. Corruption is recorded (status `broken`, no rows), never raised.
 
     With the default identity only tar headers are read; a custom identity reads the
-    members it names.
+    members it names. Compressed shards are read through, to the end of the compressed stream
+    (its checksum is checked there); offsets are in the decompressed tar.
     """
     scan = ShardScan(name=name, url=url, arrays={k: np.zeros(0, _DTYPES[k]) for k in _ARRAYS})
     try:
@@ -64,8 +68,8 @@ def scan_shard(url: str, name: str, identity: SampleIdentity | None = None) -> S
     except OSError as exc:
         scan.status, scan.error = "broken", str(exc)
         return scan
-    scan.size = opened.size
-    reader = CountingReader(opened.stream, opened.seekable, opened.size, name)
+    scan.size, scan.compression = opened.size, opened.compression
+    reader = CountingReader(opened.stream, opened.seekable, opened.tar_size, name)
     read_exts = () if identity is None else identity.members
     cols: dict[str, list] = {k: [] for k in _ARRAYS}
     try:
@@ -82,6 +86,9 @@ def scan_shard(url: str, name: str, identity: SampleIdentity | None = None) -> S
             cols["member_count"].append(len(sample.members))
             cols["member_offset"].extend(m.header_offset for m in sample.members)
             cols["member_size"].extend(m.size for m in sample.members)
+        if opened.compression is not None:  # the rest (padding) too: the stream's checksum is at its end
+            while reader.read(1 << 20):
+                pass
         opened.close(url)
     except (TarFormatError, ValueError, OSError) as exc:
         error: Exception = exc
@@ -94,11 +101,8 @@ def scan_shard(url: str, name: str, identity: SampleIdentity | None = None) -> S
         scan.error_offset = getattr(error, "offset", None)
         scan.keys = []
     finally:
-        scan.bytes_read = reader.bytes_read
-        try:
-            opened.stream.close()
-        except OSError:
-            pass
+        scan.bytes_read = opened.stored_read(reader.bytes_read)
+        opened.release()
     if scan.status == "ok":
         scan.arrays = {k: np.array(v, dtype=_DTYPES[k]) for k, v in cols.items()}
         scan.status = "ok" if scan.keys else "empty"

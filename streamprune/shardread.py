@@ -2,8 +2,9 @@
 
 Two ways in: by byte range (the keep-list carries each kept sample's `[start, end)` from
 the index: coalesced positioned reads on local tars, read-through on streams), or by key
-(a header scan that skips pruned members' data). Both yield `(key, {ext: bytes}, names)`
-grouped exactly as webdataset groups members.
+(a header scan that skips pruned members' data). Compressed shards are opened as their
+decompressed tar and read forward (byte ranges are offsets in it). Both yield
+`(key, {ext: bytes}, names)` grouped exactly as webdataset groups members.
 """
 
 from __future__ import annotations
@@ -28,13 +29,18 @@ class ShardChangedError(ValueError):
 
 @dataclass
 class ReadStats:
-    """What the loader read in this process: shards opened and skipped, samples, bytes."""
+    """What the loader read in this process: shards opened and skipped, samples, bytes.
+
+    Bytes are those read from storage: for a compressed shard, the compressed bytes, which
+    the decompressor reads from the start up to the last sample wanted (no skipping).
+    """
 
     shards_opened: int = 0
     shards_skipped: int = 0
     samples: int = 0
     bytes_read: int = 0
-    bytes_total: int = 0  # sizes of the opened shards, where known
+    bytes_total: int = 0  # sizes of the opened shards, where known (compressed sizes for compressed shards)
+    shards_read_through: int = 0  # opened shards that cannot seek (compressed, `pipe:`): read from the start
 
     @property
     def fraction_read(self) -> float:
@@ -68,8 +74,13 @@ def iter_ranges(url: str, shard: str, ranges: np.ndarray, keys: list[str], stats
             raise ShardChangedError(f"shard {url!r} has {opened.size} bytes, the keep-list was made from one of "
                                     f"{expected_size}: re-index and reduce again, or pass allow_mismatch=True "
                                     "to match samples by key")
-        fetch = (_pread if opened.seekable else _seek_read if _range_readable(opened) else _read_forward)(
-            opened, shard, stats)
+        if opened.seekable:
+            fetch = _pread(opened, shard, stats)
+        elif _range_readable(opened):
+            fetch = _seek_read(opened, shard, stats)
+        else:
+            fetch = _read_forward(opened, shard, stats)
+            stats.shards_read_through += 1
         for first, stop in _coalesce(ranges):
             base = int(ranges[first, 0])
             buf = memoryview(fetch(base, int(ranges[stop - 1, 1]) - base))
@@ -93,7 +104,9 @@ def read_keys(url: str, shard: str, keys: set[str] | None, stats: ReadStats,
     opened = source or open_shard(url)
     stats.shards_opened += 1
     stats.bytes_total += opened.size or 0
-    reader = CountingReader(opened.stream, opened.seekable, opened.size, shard)
+    reader = CountingReader(opened.stream, opened.seekable, opened.tar_size, shard)
+    if not opened.seekable:
+        stats.shards_read_through += 1
     to_the_end = False
     try:
         wanted = None if keys is None else keys.__contains__
@@ -109,7 +122,7 @@ def read_keys(url: str, shard: str, keys: set[str] | None, stats: ReadStats,
                     return
         to_the_end = True
     finally:
-        stats.bytes_read += reader.bytes_read
+        stats.bytes_read += opened.stored_read(reader.bytes_read)
         opened.close(url, drain=to_the_end)
 
 
@@ -130,7 +143,8 @@ def _coalesce(ranges: np.ndarray) -> Iterator[tuple[int, int]]:
 
 def _range_readable(opened: OpenShard) -> bool:
     """Object-store files (fsspec) seek by issuing range requests; pipes cannot seek."""
-    return opened.process is None and getattr(opened.stream, "seekable", lambda: False)()
+    return (opened.process is None and opened.compression is None
+            and getattr(opened.stream, "seekable", lambda: False)())
 
 
 def _pread(opened: OpenShard, shard: str, stats: ReadStats):
@@ -160,13 +174,16 @@ def _seek_read(opened: OpenShard, shard: str, stats: ReadStats):
 
 
 def _read_forward(opened: OpenShard, shard: str, stats: ReadStats):
-    reader = CountingReader(opened.stream, False, opened.size, shard)
+    """Streams (`pipe:`, compressed shards): read through to each range; bytes counted as stored."""
+    reader = CountingReader(opened.stream, False, opened.tar_size, shard)
 
     def fetch(offset: int, length: int) -> bytes:
-        before = reader.bytes_read
-        reader.skip(offset - reader.pos)
-        data = reader.read(length)
-        stats.bytes_read += reader.bytes_read - before
+        before = opened.stored_read(reader.bytes_read)
+        try:
+            reader.skip(offset - reader.pos)
+            data = reader.read(length)
+        finally:
+            stats.bytes_read += opened.stored_read(reader.bytes_read) - before
         if len(data) < length:
             raise TarFormatError(reader.shard, reader.pos, "truncated: data ends early")
         return data

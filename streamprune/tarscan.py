@@ -25,6 +25,11 @@ class TarFormatError(ValueError):
         super().__init__(f"shard {shard!r}: {message} at byte {offset}")
 
 
+class StreamDataError(ValueError):
+    """Compressed shard data that is cut or corrupt (raised by the decompressing stream; a
+    `CountingReader` turns it into a `TarFormatError` naming the shard and the tar offset)."""
+
+
 @dataclass
 class Member:
     """A regular file in a tar: where its headers start, where its data starts, its size."""
@@ -75,7 +80,10 @@ class CountingReader:
     def read(self, n: int) -> bytes:
         chunks, got = [], 0
         while got < n:
-            chunk = self.stream.read(n - got)
+            try:
+                chunk = self.stream.read(n - got)
+            except StreamDataError as exc:
+                raise TarFormatError(self.shard, self.pos + got, str(exc)) from None
             if not chunk:
                 break
             chunks.append(chunk)
