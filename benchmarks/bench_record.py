@@ -2,7 +2,9 @@
 
 Both runs use the same shards, model, workers and recipe, in one process and one Ray
 instance; the ratio (goal >= 0.97) is what counts on a shared, noisy machine. Runs
-alternate (without, with, without, with) and each mode's best is kept.
+alternate (without, with, without, with) and each mode's best is kept. The same holds for the
+logging overhead in your own loop: one plain loop (IndexedShards, small CNN, SGD) with and
+without a StatsLogger (goal >= 0.97, i.e. at most 3% slower).
 
     python benchmarks/bench_record.py [--quick] [--samples N] [--epochs T] [--workers W] [--device cpu|cuda]
 """
@@ -59,7 +61,77 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"record overhead: {args.samples} samples from {source}, {args.workers} workers on {args.device}, "
               f"{args.epochs} epochs x {args.repeats} runs each | with recording {best['with']:,.0f} samples/s, "
               f"without {best['without']:,.0f} samples/s | ratio {ratio:.3f} (goal >= 0.97)")
-        return {"ratio": ratio, **best, "per_worker_with": per_worker["with"]}
+        own = own_loop(tmp, args)
+        return {"ratio": ratio, **best, "per_worker_with": per_worker["with"], "own_loop": own}
+
+
+def own_loop(tmp: Path, args) -> dict:
+    """Logging overhead in your own loop: samples/s of one plain single-process loop over the indexed
+    shards in `tmp/base` (IndexedShards, small CNN, SGD, batch 128, one torch thread and one DataLoader
+    worker) with
+    and without `StatsLogger` (begin_epoch, log per step, end_epoch: all timed), alternating."""
+    import torch
+    import torch.nn.functional as F
+
+    from streamprune import IndexedShards, StatsLogger
+    from streamprune.decode import ToTensors
+    from streamprune.models import small_cnn
+
+    device = torch.device(args.device)
+    best = {"without": 0.0, "with": 0.0}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as record's workers: one core trains, the DataLoader worker decodes
+    for rep in range(args.repeats):
+        for mode in ("without", "with"):
+            run = tmp / f"own-{mode}-{rep}"
+            shutil.copytree(tmp / "base", run)
+            torch.manual_seed(0)
+            net = small_cnn(10, in_channels=1, image_size=28).to(device)
+            opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+            data = IndexedShards(run, ToTensors(seed=0))
+            logger = StatsLogger(run, args.epochs) if mode == "with" else None
+            n, seconds, in_logger = 0, 0.0, 0.0
+            for epoch in range(args.epochs):
+                data.set_epoch(epoch)
+                loader = torch.utils.data.DataLoader(data, batch_size=128, num_workers=1,
+                                                     pin_memory=device.type == "cuda")
+                t0 = time.perf_counter()
+                if logger:
+                    logger.begin_epoch(epoch)
+                    in_logger += time.perf_counter() - t0
+                for x, y, rows in loader:
+                    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                    logits = net(x)
+                    loss = F.cross_entropy(logits, y)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    if logger:
+                        t1 = time.perf_counter()
+                        logger.log(rows, logits, y)
+                        in_logger += time.perf_counter() - t1
+                    n += len(y)
+                if logger:
+                    t1 = time.perf_counter()
+                    logger.end_epoch()
+                    in_logger += time.perf_counter() - t1
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                seconds += time.perf_counter() - t0
+            rate = n / seconds
+            print(f"  {mode:>7} StatsLogger, run {rep}: {rate:,.0f} samples/s"
+                  + (f", {in_logger / seconds:.1%} of the time in its calls" if logger else ""), flush=True)
+            if rate > best[mode]:
+                best[mode] = rate
+                if logger:
+                    share = in_logger / seconds
+    torch.set_num_threads(threads)
+    ratio = best["with"] / best["without"]
+    print(f"own-loop logging overhead: {args.samples} samples, 1 process on {args.device}, {args.epochs} epochs x "
+          f"{args.repeats} runs each | with StatsLogger {best['with']:,.0f} samples/s, without "
+          f"{best['without']:,.0f} samples/s | ratio {ratio:.3f} (goal >= 0.97: at most 3% overhead); "
+          f"{share:.1%} of the time in StatsLogger calls")
+    return {"ratio": ratio, **best, "logger_share": share}
 
 
 if __name__ == "__main__":

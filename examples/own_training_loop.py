@@ -1,0 +1,155 @@
+"""Record per-sample statistics from your own PyTorch training loop (no Ray), then `reduce` as usual.
+
+    python examples/own_training_loop.py --shards 'data/train-*.tar' --run-dir run --epochs 3
+    torchrun --standalone --nproc_per_node 2 examples/own_training_loop.py --shards 'data/train-*.tar' --run-dir run --epochs 3
+    streamprune reduce run --ratio 0.5 --window 3
+
+A plain loop: a small CNN, SGD, cross-entropy, one `logger.log(rows, logits, labels)` after
+each step. Single process, or DDP under torchrun (gloo on CPUs, nccl on GPUs, one per process);
+ranks that run out of data first are joined (`Join`), so uneven shards never hang. RUN is
+indexed in this process (rank 0, no Ray) when it has no index. Rerunning resumes at the
+first incomplete epoch from the checkpoint saved after each epoch (`RUN/checkpoints/`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.distributed.algorithms.join import Join
+from torch.nn.parallel import DistributedDataParallel
+
+from streamprune import IndexedShards, StatsLogger, index_in_process
+from streamprune.decode import ToTensors
+from streamprune.models import small_cnn
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shards", required=True, help="shard spec (braces, globs, ...); used to index RUN if needed")
+    p.add_argument("--run-dir", required=True, metavar="RUN", help="run directory: RUN/index, RUN/stats.zarr "
+                   "(not --run: torchrun would take that for its own --run-path)")
+    p.add_argument("--epochs", type=int, required=True, help="epochs to record")
+    p.add_argument("--label", default=None, help="label spec for ToTensors (default: cls)")
+    p.add_argument("--image-size", type=int, default=None, help="square training size (default: the images' own)")
+    p.add_argument("--num-classes", type=int, default=10)
+    p.add_argument("--batch-size", type=int, default=64, help="per rank")
+    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--chunk-rows", type=int, default=None, help="rows per store chunk (default 65,536)")
+    p.add_argument("--loader-workers", type=int, default=2, help="DataLoader processes per rank")
+    args = p.parse_args(argv)
+    run = Path(args.run_dir)
+
+    distributed = "RANK" in os.environ  # set by torchrun
+    cuda = torch.cuda.is_available()
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
+    if cuda:
+        torch.cuda.set_device(device)  # also the device of the logger's object collectives under nccl
+    if distributed:
+        dist.init_process_group("nccl" if cuda else "gloo")
+    rank = dist.get_rank() if distributed else 0
+
+    def barrier() -> None:
+        if distributed:
+            dist.barrier(**({"device_ids": [device.index]} if cuda else {}))
+
+    if rank == 0 and not (run / "index" / "manifest.json").exists():
+        index_in_process(args.shards, run)  # serial, no Ray: for small jobs (else `streamprune index`)
+    barrier()
+
+    options = {k: v for k, v in (("label", args.label), ("image_size", args.image_size)) if v is not None}
+    data = IndexedShards(run, ToTensors(seed=args.seed + rank, do_augment=True, **options), seed=args.seed,
+                         shuffle_buffer=1000)
+    sample, _, _ = next(iter(IndexedShards(run, ToTensors(do_augment=False, **options), rank=0, world_size=1,
+                                             shuffle_buffer=1)))
+    torch.manual_seed(args.seed)
+    net = small_cnn(args.num_classes, in_channels=sample.shape[0], image_size=sample.shape[-1]).to(device)
+    opt = torch.optim.SGD(net.parameters(), lr=args.lr, momentum=0.9, weight_decay=5e-4)
+    logger = StatsLogger(run, args.epochs, config={"lr": args.lr, "batch_size": args.batch_size, "seed": args.seed,
+                                                   "model": "small-cnn", "num_classes": args.num_classes, **options},
+                         chunk_rows=args.chunk_rows)
+    start = logger.start_epoch
+    if start == args.epochs:
+        if rank == 0:
+            print(f"all {args.epochs} epochs of {run} are recorded already")
+        return _finish(distributed)
+    if start > 0:  # every rank resumes from the model and optimizer saved after epoch `start`
+        ckpt = torch.load(_checkpoint(run, start), map_location=device, weights_only=True)
+        net.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+    model = DistributedDataParallel(net, device_ids=[device.index] if cuda else None) if distributed else net
+
+    for epoch in range(start, args.epochs):
+        t0 = time.time()
+        data.set_epoch(epoch)  # the same cut of shards on every rank, a new one each epoch
+        loader = torch.utils.data.DataLoader(data, batch_size=args.batch_size, num_workers=args.loader_workers,
+                                             pin_memory=cuda)
+        logger.begin_epoch(epoch)
+        model.train()
+        totals = torch.zeros(3, device=device)  # samples, loss sum, correct
+        with Join([model]) if distributed else contextlib.nullcontext():
+            for x, y, rows in loader:
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                logits = model(x)
+                loss = F.cross_entropy(logits, y)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                logger.log(rows, logits, y)  # the statistics of this forward pass, per sample
+                totals[0] += len(y)
+                totals[1] += loss.detach() * len(y)
+                totals[2] += (logits.argmax(1) == y).sum()
+        if distributed:
+            _sync_from_rank0(net, opt)
+            dist.all_reduce(totals)
+        if rank == 0:  # saved before the epoch is marked: a complete epoch always has its checkpoint
+            path = _checkpoint(run, epoch + 1)
+            path.parent.mkdir(exist_ok=True)
+            torch.save({"model": net.state_dict(), "optimizer": opt.state_dict(), "epochs_done": epoch + 1},
+                       str(path) + ".tmp")
+            os.replace(str(path) + ".tmp", path)
+        missing = logger.end_epoch()  # every rank: chunks written by their owners, shards marked
+        if rank == 0:
+            stale = _checkpoint(run, epoch - 1)
+            if stale.exists():
+                stale.unlink()
+            n, loss_sum, correct = totals.tolist()
+            print(f"epoch {epoch}: {int(n)} samples, loss {loss_sum / max(n, 1):.3f}, accuracy "
+                  f"{correct / max(n, 1):.3f}, {len(missing)} rows missing, {time.time() - t0:.1f} s", flush=True)
+    if rank == 0:
+        print(f"recorded epochs {start}..{args.epochs - 1}; complete epochs: {logger.complete_epochs()} "
+              f"of {args.epochs}")
+    _finish(distributed)
+
+
+def _checkpoint(run: Path, epochs_done: int) -> Path:
+    return run / "checkpoints" / f"epoch-{epochs_done:04d}.pt"
+
+
+def _sync_from_rank0(net: torch.nn.Module, opt: torch.optim.Optimizer) -> None:
+    """Every rank takes rank 0's weights, buffers and momentum: a rank that ran out of data
+    first skipped optimizer steps under Join, and rank 0's state is what the checkpoint holds."""
+    tensors = [p.data for p in net.parameters()] + list(net.buffers())
+    for p in net.parameters():
+        state = opt.state[p]
+        if state.get("momentum_buffer") is None:
+            state["momentum_buffer"] = torch.zeros_like(p.data)
+        tensors.append(state["momentum_buffer"])
+    for t in tensors:
+        dist.broadcast(t, 0)
+
+
+def _finish(distributed: bool) -> None:
+    if distributed:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
