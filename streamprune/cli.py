@@ -37,6 +37,12 @@ def cmd_index(args) -> None:
     idx = index(args.shards, args.out, root=args.root, identity=args.identity, address=args.address,
                 progress=not args.quiet)
     print(index_summary(idx))
+    if args.label:
+        from .labelscan import build_classes
+
+        classes = build_classes(args.out, args.label, address=args.address, progress=not args.quiet)
+        kind = "class names" if classes.names else "integer classes"
+        print(f"labels ({args.label}): {classes.num_classes:,} {kind}, written to {args.out}/classes.json")
 
 
 def cmd_make_shards(args) -> None:
@@ -48,14 +54,20 @@ def cmd_make_shards(args) -> None:
     print(f"wrote {len(paths)} shards of Fashion-MNIST {args.split} from {source} to {args.out}")
 
 
+LABEL_HELP = ("where the label is: cls (default), another member extension (txt, label, ...), json:FIELD "
+              "(dotted paths allowed, e.g. json:meta.label) or package.module:function on the sample dict; "
+              "integers or class names")
+
+
 def record_line(s) -> str:
     if not s.epochs_run:
         return f"record: all {s.epochs_done} epochs of {s.run} were already recorded"
     rate = s.samples / max(sum(s.epoch_seconds), 1e-9)
     bad = f"; {s.bad_samples:,} undecodable samples skipped (listed in {s.run}/bad-samples.jsonl)" \
         if s.bad_samples else ""
+    inputs = f"\n  inputs: {s.inputs}" if s.inputs else ""
     return (f"record: epochs {s.epochs_run[0]}..{s.epochs_run[-1]} of {s.run} done in {sum(s.epoch_seconds):.1f} s "
-            f"({rate:,.0f} samples/s); {s.epochs_done} epochs recorded{bad}")
+            f"({rate:,.0f} samples/s); {s.epochs_done} epochs recorded{bad}{inputs}")
 
 
 def reduce_line(keep, out) -> str:
@@ -144,7 +156,8 @@ def cmd_record(args) -> None:
                               model=args.model, address=args.address, batch_size=args.batch_size, lr=args.lr,
                               schedule_epochs=args.schedule_epochs, seed=args.seed, num_classes=args.num_classes,
                               loader_workers=args.loader_workers, max_failures=args.max_failures,
-                              on_bad_sample=args.on_bad_sample, progress=not args.quiet)))
+                              on_bad_sample=args.on_bad_sample, label=args.label, decode=args.decode,
+                              image_size=args.image_size, classes=args.classes, progress=not args.quiet)))
 
 
 def cmd_reduce(args) -> None:
@@ -222,6 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--root", help="dataset root that shard names are relative to (default: common directory)")
     s.add_argument("--identity", default=None,
                    help="'shard-key' (default), 'json:FIELD' (e.g. json:uid) or 'package.module:function'")
+    s.add_argument("--label", help="also count every sample's label and write the class list RUN/classes.json "
+                                   "(what `record --label` uses); " + LABEL_HELP.split("; ", 1)[0])
     s.add_argument("--address", help="Ray cluster address (default: start a local Ray instance)")
 
     s = command("record", "train the proxy on Ray and record per-sample statistics",
@@ -236,7 +251,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--lr", type=float, default=0.1)
     s.add_argument("--schedule-epochs", type=int, default=200, help="length of the full cosine schedule")
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--num-classes", type=int, help="default: from the labels of the first shards")
+    s.add_argument("--num-classes", type=int,
+                   help="default: the class list's length for class names, else the largest label of the first "
+                        "2,000 samples plus one")
+    s.add_argument("--label", default="cls", help=LABEL_HELP)
+    s.add_argument("--classes", help="class names, one per line or a JSON list (string labels; default: every "
+                                     "label found, sorted, kept in RUN/classes.json)")
+    s.add_argument("--image-size", type=int, help="train on random resized crops of S x S (default: the images' "
+                                                  "own size when the first ones agree and are <= 256 px, else 224)")
+    s.add_argument("--decode", help="package.module:function turning a sample dict into (tensor, label), for "
+                                    "data that is not an image (pair it with --model package.module:factory)")
     s.add_argument("--loader-workers", type=int, default=2, help="DataLoader processes per training worker")
     s.add_argument("--max-failures", type=int, default=3, help="worker failures to recover from")
     s.add_argument("--on-bad-sample", default="skip", choices=["skip", "error"],
@@ -249,7 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dual-beta, dual, dyn-unc, el2n, forgetting, entropy, aum, ccs:SCORE, random")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--epochs", type=int, help="recorded epochs to use (T; default: all complete ones)")
-    s.add_argument("--window", type=int, default=10, help="window length J of DUAL and Dyn-Unc")
+    s.add_argument("--window", type=int, help="window length J of DUAL and Dyn-Unc (default: 10, or T when fewer "
+                                               "epochs were recorded)")
     s.add_argument("--workers", type=int, help="reducer tasks in flight (default: the cluster's CPUs)")
     s.add_argument("--block-rows", type=int, help="rows per task (rounded to whole store chunks; default 262144)")
     s.add_argument("--out", help="keep-list directory (default RUN/keep)")

@@ -37,6 +37,10 @@ class RecordSection:
     loader_workers: int = 2
     max_failures: int = 3
     on_bad_sample: str = "skip"
+    label: str = "cls"
+    classes: str | None = None
+    image_size: int | None = None
+    decode: str | None = None
 
 
 @dataclass
@@ -44,7 +48,7 @@ class ReduceSection:
     ratio: float = 0.5
     method: str = "dual-beta"
     seed: int = 0
-    window: int = 10
+    window: int | None = None
     epochs: int | None = None
     missing: str = "drop"
     scores: str = "all"
@@ -64,7 +68,7 @@ class EvaluateSection:
     baseline: str | None = "random"
     full: bool = True
     model: str | None = None
-    num_classes: int = 10
+    num_classes: int | None = None
     batch_size: int = 128
     lr: float = 0.1
     seed: int = 0
@@ -172,6 +176,8 @@ def _resolve_paths(cfg: Config, base: Path) -> Config:
     cfg.evaluate.test_shards = listed(cfg.evaluate.test_shards)
     if cfg.index.root is not None:
         cfg.index.root = local(cfg.index.root)
+    if cfg.record.classes is not None:
+        cfg.record.classes = local(cfg.record.classes)
     return cfg
 
 
@@ -198,16 +204,20 @@ record:                   # the proxy run
   lr: 0.1
   schedule_epochs: 200    # length of the cosine schedule the T epochs are the start of
   seed: 0
-  num_classes: null       # null: from the labels of the first shards
+  num_classes: null       # null: the class list's length, or the largest label of the first samples + 1
   loader_workers: 2
   max_failures: 3
   on_bad_sample: skip     # skip (counted, listed in RUN/bad-samples.jsonl) | error
+  label: cls              # cls | a member extension | json:FIELD (json:a.b) | package.module:function
+  classes: null           # class-name list file for string labels (null: every label found, RUN/classes.json)
+  image_size: null        # S: random resized S x S crops (null: the images' size if they agree and are small, else 224)
+  decode: null            # package.module:function -> (tensor, label), for data that is not an image
 
 reduce:                   # scores and the keep-list (RUN/keep)
   ratio: 0.5              # fraction pruned, in [0, 1)
   method: dual-beta       # dual-beta | dual | dyn-unc | el2n | forgetting | entropy | aum | ccs:SCORE | random
   seed: 0
-  window: 10              # J for DUAL and Dyn-Unc (<= T)
+  window: null            # J for DUAL and Dyn-Unc (<= T; null: 10, or T when smaller)
   epochs: null            # T used (null: all recorded)
   missing: drop           # drop | error: samples with missing statistics
   scores: all             # all | method: which scores go to RUN/scores.zarr
@@ -227,7 +237,7 @@ evaluate:                 # optional: train fresh models and compare test accura
   baseline: random        # a second method at the same ratio, without class balance (null: none)
   full: true              # also train on all samples (one seed)
   model: null
-  num_classes: 10
+  num_classes: null       # null: the recorded run's classes
   batch_size: 128
   lr: 0.1
   seed: 0

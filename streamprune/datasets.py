@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -134,6 +135,59 @@ def write_shards(images: np.ndarray, labels: np.ndarray, out_dir: str | os.PathL
                     sample["npy"] = buf.getvalue()
                 sink.write(sample)
         os.replace(tmp, path)
+        paths.append(str(path))
+        start += size
+    return paths
+
+
+def weblike_sample(image: np.ndarray, label: int, key: str, rng: np.random.Generator) -> dict:
+    """A real greyscale image dressed as a web-scraped sample: resized to 48-96 px with its aspect
+    jittered, tinted, stored as JPEG (RGB, greyscale, CMYK or with an EXIF rotation) or PNG (RGBA,
+    palette), with its label as a class name in a JSON member."""
+    from PIL import Image
+
+    w, h = (int(v) for v in rng.integers(48, 97, size=2))
+    grey = Image.fromarray(np.asarray(image, dtype=np.uint8)).resize((w, h), Image.BILINEAR)
+    tint = rng.uniform(0.5, 1.0, size=3)
+    rgb = Image.fromarray((np.asarray(grey, dtype=np.float32)[..., None] * tint).astype(np.uint8))
+    kind = ("rgb", "rgb", "rgb", "grey", "cmyk", "exif", "rgba", "palette")[int(rng.integers(8))]
+    buf = io.BytesIO()
+    if kind == "grey":
+        grey.save(buf, format="JPEG", quality=90)
+    elif kind == "cmyk":
+        rgb.convert("CMYK").save(buf, format="JPEG", quality=90)
+    elif kind == "exif":  # stored turned a quarter, with the EXIF tag that turns it back
+        exif = Image.Exif()
+        exif[0x0112] = 6
+        rgb.transpose(Image.ROTATE_90).save(buf, format="JPEG", quality=90, exif=exif)
+    elif kind == "rgba":
+        rgba = rgb.convert("RGBA")
+        rgba.putalpha(Image.fromarray(np.where(np.asarray(grey) > 0, 255, 0).astype(np.uint8)))
+        rgba.save(buf, format="PNG", compress_level=1)
+    elif kind == "palette":
+        rgb.convert("P", palette=Image.ADAPTIVE, colors=64).save(buf, format="PNG", compress_level=1)
+    else:
+        rgb.save(buf, format="JPEG", quality=90)
+    ext = "png" if kind in ("rgba", "palette") else "jpg"
+    meta = {"label": CLASSES[int(label)], "width": w, "height": h, "caption": f"a photo of a {CLASSES[int(label)]}"}
+    return {"__key__": key, ext: buf.getvalue(), "json": json.dumps(meta).encode()}
+
+
+def weblike_shards(images: np.ndarray, labels: np.ndarray, out_dir: str | os.PathLike, *, n_shards: int = 4,
+                   seed: int = 0, prefix: str = "web") -> list[str]:
+    """Write real images as web-like shards (see `weblike_sample`): varying sizes and modes, JSON labels."""
+    import webdataset as wds
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    paths, start = [], 0
+    for s, size in enumerate(shard_sizes(len(images), n_shards)):
+        path = out_dir / f"{prefix}-{s:06d}.tar"
+        with wds.TarWriter(str(path.with_suffix(".tar.tmp")), mtime=0) as sink:
+            for i in range(start, start + size):
+                sink.write(weblike_sample(images[i], labels[i], f"{i:08d}", rng))
+        os.replace(path.with_suffix(".tar.tmp"), path)
         paths.append(str(path))
         start += size
     return paths

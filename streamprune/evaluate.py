@@ -20,10 +20,10 @@ import torch
 import webdataset as wds
 from tqdm.auto import tqdm
 
-from .decode import ToTensors, decode_sample
+from .decode import SampleDecoder, ToTensors
 from .keeplist import KeepList
 from .loader import PrunedWebDataset
-from .models import resolve_model
+from .models import build_model
 from .recipe import make_sgd, set_cosine_lr, train_step
 from .shardlist import expand_urls
 
@@ -42,27 +42,28 @@ class TrainResult:
 def train_subset(train_urls: str | list[str], test_urls: str | list[str], keep: KeepList | str | os.PathLike | None,
                  *, epochs: int = 10, model: str | None = None, num_classes: int = 10, batch_size: int = 128,
                  lr: float = 0.1, seed: int = 0, device: str | None = None, loader_workers: int = 1,
-                 augment_images: bool = True, budget: str = "steps", desc: str = "train",
-                 progress: bool = True) -> TrainResult:
+                 augment_images: bool = True, budget: str = "steps", decoder: SampleDecoder | None = None,
+                 desc: str = "train", progress: bool = True) -> TrainResult:
     """Train a fresh model on the kept samples (all when `keep` is None) and return its
     accuracy on `test_urls`. `epochs` is the full-data run's length; `budget` (`steps` or
-    `epochs`) says how a subset's run is sized (see the module)."""
+    `epochs`) says how a subset's run is sized (see the module). `decoder`: how samples become
+    examples (default: `cls` labels, images at their own size; `recorder.run_decoder` gives a
+    recorded run's)."""
     train_urls, test_urls = expand_urls(train_urls), expand_urls(test_urls)
     keep = keep if keep is None or isinstance(keep, KeepList) else KeepList.load(keep)
     epochs = subset_epochs(epochs, keep, budget)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(seed)
+    decoder = decoder or SampleDecoder()
     first = next(iter(wds.WebDataset(test_urls, shardshuffle=False, nodesplitter=None, workersplitter=None)))
-    img, _ = decode_sample(first)
-    size = max(img.shape[1:])
-    net = resolve_model(model, size)(num_classes=num_classes, in_channels=img.shape[0], image_size=size).to(device)
+    net = build_model(model, tuple(decoder(first)[0].shape), num_classes).to(device)
     opt = make_sgd(net, lr)
     t0, history, n = time.perf_counter(), [], 0
     for epoch in range(epochs):
         s = seed * 100003 + epoch  # a new shard and sample order each epoch
         base = (wds.WebDataset(train_urls, shardshuffle=100, seed=s) if keep is None
                 else PrunedWebDataset(train_urls, keep=keep, shardshuffle=100, seed=s))
-        train = base.shuffle(1000, seed=s).map(ToTensors(s, augment_images)).batched(batch_size)
+        train = base.shuffle(1000, seed=s).map(ToTensors(s, augment_images, decoder=decoder)).batched(batch_size)
         set_cosine_lr(opt, lr, epoch, epochs)
         net.train()
         n, loss_sum, correct = 0, 0.0, 0
@@ -76,7 +77,7 @@ def train_subset(train_urls: str | list[str], test_urls: str | list[str], keep: 
             correct += int((logits.argmax(1) == y).sum())
         history.append({"epoch": epoch, "loss": loss_sum / max(n, 1), "accuracy": correct / max(n, 1)})
     seconds = time.perf_counter() - t0
-    return TrainResult(accuracy_on(net, test_urls, device, batch_size), n, epochs, seconds, history)
+    return TrainResult(accuracy_on(net, test_urls, device, batch_size, decoder), n, epochs, seconds, history)
 
 
 BUDGETS = ("steps", "epochs")
@@ -98,12 +99,12 @@ def subset_epochs(epochs: int, keep: KeepList | None, budget: str = "steps") -> 
 
 
 @torch.no_grad()
-def accuracy_on(net: torch.nn.Module, test_urls: str | list[str], device: torch.device, batch_size: int = 256
-                  ) -> float:
-    """Top-1 accuracy of `net` on every sample of `test_urls`."""
+def accuracy_on(net: torch.nn.Module, test_urls: str | list[str], device: torch.device, batch_size: int = 256,
+                decoder: SampleDecoder | None = None) -> float:
+    """Top-1 accuracy of `net` on every sample of `test_urls` (decoded by `decoder`, unaugmented)."""
     net.eval()
-    data = (wds.WebDataset(expand_urls(test_urls), shardshuffle=False, nodesplitter=None).map(ToTensors(0, False))
-            .batched(batch_size))
+    data = (wds.WebDataset(expand_urls(test_urls), shardshuffle=False, nodesplitter=None)
+            .map(ToTensors(0, False, decoder=decoder)).batched(batch_size))
     right = total = 0
     for x, y in data:
         pred = net(x.to(device)).argmax(1).cpu()

@@ -8,7 +8,6 @@ local disk, `file://`, `pipe:curl ...` and object storage.
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
 import os
 import posixpath
@@ -19,6 +18,8 @@ from typing import Any, Callable
 from urllib.parse import urlparse
 
 import numpy as np
+
+from .plugins import import_function
 
 _HEX128 = re.compile(r"^[0-9a-fA-F]{32}$")
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
@@ -188,14 +189,9 @@ def parse_identity(spec: str | SampleIdentity | Callable | None) -> SampleIdenti
         return SampleIdentity(spec, None, getattr(spec, "__qualname__", "custom"))
     if spec.startswith("json:"):
         return json_field(spec[len("json:"):])
-    module, sep, name = spec.partition(":")
-    if not sep:
+    if ":" not in spec:
         raise ValueError(f"identity {spec!r}: expected 'shard-key', 'json:FIELD' or 'module:function'")
-    try:
-        fn = getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError) as exc:
-        raise ValueError(f"identity {spec!r}: cannot import: {exc}") from None
-    return SampleIdentity(fn, None, spec)
+    return SampleIdentity(import_function(spec, "identity"), None, spec)
 
 
 def ids_array(pairs: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:

@@ -1,15 +1,17 @@
 """Default proxy models: a small CNN for small images, ResNet-18 (CIFAR or standard stem).
 
-A model factory is called as `factory(num_classes=..., in_channels=..., image_size=...)`.
+A model factory is called as `factory(num_classes=..., in_channels=..., image_size=...)`, plus
+`input_shape=...` when it accepts it (see `build_model`).
 """
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 
 import torch
 from torch import nn
+
+from .plugins import import_function
 
 
 def small_cnn(num_classes: int, in_channels: int = 1, image_size: int = 28) -> nn.Module:
@@ -39,8 +41,9 @@ class _Block(nn.Module):
 
 
 def resnet18(num_classes: int, in_channels: int = 3, image_size: int = 32) -> nn.Module:
-    """ResNet-18; a CIFAR-style stem (3x3 conv, no max-pool) for images up to 64 px."""
-    if image_size <= 64:
+    """ResNet-18; a CIFAR-style stem (3x3 conv, no max-pool) for images up to 32 px, the
+    ImageNet stem (7x7 stride-2 conv, max-pool) above, so that 64 px inputs stay cheap."""
+    if image_size <= 32:
         stem = [nn.Conv2d(in_channels, 64, 3, 1, 1, bias=False), nn.BatchNorm2d(64), nn.ReLU(inplace=True)]
     else:
         stem = [nn.Conv2d(in_channels, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64), nn.ReLU(inplace=True),
@@ -64,10 +67,27 @@ def resolve_model(spec: str | Callable | None, image_size: int) -> Callable[...,
         return spec
     if spec in MODELS:
         return MODELS[spec]
-    module, sep, name = spec.partition(":")
-    if not sep:
+    if ":" not in spec:
         raise ValueError(f"model {spec!r}: expected one of {sorted(MODELS)} or 'package.module:factory'")
+    return import_function(spec, "model")
+
+
+def build_model(spec: str | Callable | None, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """The proxy for inputs of `input_shape` (one example, e.g. `(C, H, W)`): the factory is called with
+    `num_classes`, `in_channels` (the first dimension), `image_size` (the largest other one), and
+    `input_shape` too when it takes that argument (models for data that is not an image)."""
+    import inspect
+
+    shape = tuple(int(d) for d in input_shape)
+    image_size = max(shape[1:], default=1)
+    if spec is None and len(shape) != 3:
+        raise ValueError(f"inputs of shape {shape} are not images: name a model factory for them")
+    factory = resolve_model(spec, image_size)
+    kwargs = {"num_classes": num_classes, "in_channels": shape[0] if shape else 1, "image_size": image_size}
     try:
-        return getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError) as exc:
-        raise ValueError(f"model {spec!r}: cannot import: {exc}") from None
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        params = {}
+    if "input_shape" in params or any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        kwargs["input_shape"] = shape
+    return factory(**kwargs)

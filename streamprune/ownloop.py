@@ -39,6 +39,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from .runshards import (
+    assign_shards,
+    bad_samples,
+    healthy_shards,
+    indexed_samples,
+    log_bad_sample,
+    shuffled,
+)
 from .shardindex import Index
 from .store import LABEL, STATS, OwnershipError, StatsStore, owner_of
 
@@ -89,15 +97,11 @@ class IndexedShards(torch.utils.data.IterableDataset):
     def __init__(self, run: str | os.PathLike, transform: Transform | None = None, *, epoch: int = 0,
                  rank: int | None = None, world_size: int | None = None, seed: int = 0,
                  shuffle_buffer: int = 1000, on_bad_sample: str = "skip"):
-        from .recorder import BAD_SAMPLES, assign_shards  # the same cut as `record`
-
         if on_bad_sample not in ("skip", "error"):
             raise ValueError(f"on_bad_sample must be 'skip' or 'error', not {on_bad_sample!r}")
         self.run = Path(run).resolve()
         idx = Index(self.run / "index")
-        self.healthy = np.array([s for s, info in enumerate(idx.shards) if info["status"] == "ok"], dtype=np.int64)
-        if not len(self.healthy):
-            raise ValueError(f"the index at {str(idx.path)!r} has no readable, non-empty shard")
+        self.healthy = healthy_shards(idx)
         self.counts = np.diff(idx.shard_offset)[self.healthy]
         self.rank, self.world_size = _rank_world(rank, world_size)
         if transform is None:
@@ -105,15 +109,14 @@ class IndexedShards(torch.utils.data.IterableDataset):
 
             transform = ToTensors(seed=seed, do_augment=True)
         self.transform, self.seed, self.shuffle_buffer = transform, seed, max(1, shuffle_buffer)
-        self.on_bad_sample, self._bad_path = on_bad_sample, self.run / BAD_SAMPLES
-        self._assign = assign_shards
+        self.on_bad_sample = on_bad_sample
         self.set_epoch(epoch)
 
     def set_epoch(self, epoch: int) -> None:
         """Read epoch `epoch`'s shards from now on (the cut depends on the epoch)."""
         self.epoch = int(epoch)
-        self.shards: list[int] = self._assign(self.counts, self.healthy, self.world_size, self.seed,
-                                              self.epoch)[self.rank].tolist()
+        self.shards: list[int] = assign_shards(self.counts, self.healthy, self.world_size, self.seed,
+                                               self.epoch)[self.rank].tolist()
 
     @property
     def num_samples(self) -> int:
@@ -125,42 +128,19 @@ class IndexedShards(torch.utils.data.IterableDataset):
         wid, n_workers = (0, 1) if info is None else (info.id, info.num_workers)
         idx = Index(self.run / "index")
         rng = np.random.default_rng([self.seed, self.epoch, 1 << 20, self.rank, wid])
-        buf: list = []
-        for shard in self.shards[wid::n_workers]:
-            for item in self._samples(idx, shard):
-                if len(buf) < self.shuffle_buffer:
-                    buf.append(item)
-                    continue
-                j = rng.integers(len(buf))
-                buf[j], item = item, buf[j]
-                yield item
-        rng.shuffle(buf)
-        yield from buf
+        mine = self.shards[wid::n_workers]
+        yield from shuffled((item for shard in mine for item in self._samples(idx, shard)), self.shuffle_buffer, rng)
 
     def _samples(self, idx: Index, shard: int) -> Iterator[tuple[Any, int, int]]:
-        from .shardread import ReadStats, read_keys
-
-        url, name, keys, first = idx.shards[shard]["url"], idx.names[shard], idx.keys(shard), idx.rows(shard).start
-        pos = -1
-        for pos, (key, data, _) in enumerate(read_keys(url, name, None, ReadStats())):
-            if pos >= len(keys) or key != keys[pos]:
-                raise ValueError(f"shard {name!r} changed since it was indexed: sample {pos} is {key!r}, the index "
-                                 f"has {keys[pos] if pos < len(keys) else None!r}; run `streamprune index` again")
+        for sample, row in indexed_samples(idx, shard):
             try:
-                x, label = self.transform({"__key__": key, "__url__": url, **data})
+                x, label = self.transform(sample)
             except ValueError as exc:
                 if self.on_bad_sample == "error":
                     raise
-                self._bad(name, key, first + pos, str(exc))
+                log_bad_sample(self.run, idx.names[shard], sample["__key__"], row, self.epoch, str(exc))
                 continue
-            yield x, label, first + pos
-        if pos + 1 != len(keys):
-            raise ValueError(f"shard {name!r} has {pos + 1} samples, the index {len(keys)}; "
-                             f"run `streamprune index` again")
-
-    def _bad(self, shard: str, key: str, row: int, reason: str) -> None:
-        with open(self._bad_path, "a") as f:  # one short append per line, as `record` writes them
-            f.write(json.dumps({"shard": shard, "key": key, "row": row, "epoch": self.epoch, "reason": reason}) + "\n")
+            yield x, label, row
 
 
 class _Ranks:
@@ -401,7 +381,6 @@ class StatsLogger:
     def _write_owned(self, epoch: int, parts_from: list[int]) -> np.ndarray:
         """Write this rank's chunks of `epoch` from the parts addressed to it; the owned rows
         neither logged nor skipped as undecodable."""
-        from .recorder import bad_samples
         from .store import ChunkWriter
 
         writer = ChunkWriter(self.store, self.owned, epoch)

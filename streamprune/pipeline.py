@@ -17,6 +17,7 @@ import numpy as np
 from .config import Config
 from .keeplist import KeepList
 from .sampling import resolve_balance, resolve_c_d
+from .scores import resolve_window
 from .shardlist import absolute, expand_urls
 
 BASELINE_DIR = "baseline"
@@ -109,7 +110,8 @@ def _record(cfg: Config, run: Path, progress: bool, log) -> None:
     log(record_line(record(run, r.epochs, workers=r.workers, gpus_per_worker=r.gpus_per_worker, model=r.model,
                            address=cfg.address, batch_size=r.batch_size, lr=r.lr, schedule_epochs=r.schedule_epochs,
                            seed=r.seed, num_classes=r.num_classes, loader_workers=r.loader_workers,
-                           max_failures=r.max_failures, on_bad_sample=r.on_bad_sample, progress=progress)))
+                           max_failures=r.max_failures, on_bad_sample=r.on_bad_sample, label=r.label,
+                           classes=r.classes, image_size=r.image_size, decode=r.decode, progress=progress)))
 
 
 @dataclass(frozen=True)
@@ -139,7 +141,7 @@ def _main_subset(cfg: Config, i: int = 0) -> _Subset:
 def _reduce_settings(cfg: Config, subset: _Subset) -> dict:
     r = cfg.reduce
     return {"method": subset.method, "balance": subset.balance, "ratio": r.ratio, "seed": subset.seed,
-            "window": r.window, "epochs": r.epochs or cfg.record.epochs}
+            "window": resolve_window(r.window, r.epochs or cfg.record.epochs), "epochs": r.epochs or cfg.record.epochs}
 
 
 def _keep_matches(cfg: Config, run: Path, subset: _Subset, out: Path) -> bool:
@@ -212,9 +214,11 @@ def _keep_dir(cfg: Config, run: Path, subset: _Subset) -> Path:
 def _evaluate(cfg: Config, run: Path, progress: bool, log) -> None:
     """Train a fresh model per subset and seed (the keep-list, the baseline at the same ratio,
     all data); each finished row is saved at once so that an interrupted evaluation resumes."""
+    from .decode import run_decoder
     from .evaluate import train_subset
 
     e, key = cfg.evaluate, _evaluation_key(cfg, run)
+    decoder = run_decoder(run)
     saved = _load_evaluation(run)
     rows = saved["rows"] if saved.get("key") == key else []
     for subset, i in _subsets(cfg)[len(rows):]:
@@ -225,8 +229,9 @@ def _evaluate(cfg: Config, run: Path, progress: bool, log) -> None:
                 _reduce(cfg, run, subset, keep_dir, keep_dir.parent / "scores.zarr", progress, log)
         name = "full" if subset is None else subset.label
         res = train_subset(cfg.shards, e.test_shards, keep_dir, epochs=e.epochs, model=e.model,
-                           num_classes=e.num_classes, batch_size=e.batch_size, lr=e.lr, seed=e.seed + i,
-                           device=e.device, budget=e.budget, desc=f"train on {name} (seed {i})", progress=progress)
+                           num_classes=e.num_classes or decoder.classes.num_classes, batch_size=e.batch_size, lr=e.lr,
+                           seed=e.seed + i, device=e.device, budget=e.budget, decoder=decoder,
+                           desc=f"train on {name} (seed {i})", progress=progress)
         rows.append({"method": name, "ratio": 0.0 if subset is None else cfg.reduce.ratio, "seed": i,
                      "kept": res.train_samples, "test_accuracy": res.test_accuracy, "epochs": res.epochs,
                      "seconds": res.seconds, "history": res.history})

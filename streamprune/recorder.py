@@ -12,7 +12,6 @@ a rerun (or a Ray Train restart after a worker dies) resumes at the first incomp
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import threading
 import time
@@ -23,19 +22,26 @@ import numpy as np
 import ray
 import torch
 
-from .decode import augment, decode_sample, to_tensor
-from .models import resolve_model
+from .decode import SampleDecoder, View, probe_view
+from .labels import BadSample, Classes, LabelSpec
+from .models import build_model
 from .raycluster import ensure_ray
 from .recipe import make_sgd, set_cosine_lr, train_step
+from .runshards import (
+    assign_shards,
+    bad_samples,
+    healthy_shards,
+    indexed_samples,
+    log_bad_sample,
+    shuffled,
+)
 from .shardindex import Index
-from .shardread import ReadStats, read_keys
 from .stats import sample_stats
 from .store import LABEL, LABEL_MISSING, STATS, StatsStore, missing_stats
 from .writers import StoreWriters
 
-BAD_SAMPLES = "bad-samples.jsonl"  # in RUN: one line per skipped sample and epoch
 _TRAINING_KEYS = ("epochs", "schedule_epochs", "batch_size", "lr", "momentum", "weight_decay", "nesterov",
-                  "seed", "model", "num_classes", "augment")
+                  "seed", "model", "num_classes", "augment", "label", "decode", "view", "classes")
 
 
 @dataclass
@@ -59,6 +65,12 @@ class RecordConfig:
     shuffle_buffer: int = 1000
     record: bool = True
     on_bad_sample: str = "skip"
+    label: str = "cls"
+    decode: str | None = None
+    image_size: int | None = None  # as asked; `view` is what the run uses
+    view: list | None = None  # [channels, height, width, resized]; None with a decode function
+    input_shape: list | None = None  # one example's shape as the model sees it
+    classes: str | None = None  # digest of RUN/classes.json, when the labels are names or were scanned
 
 
 @dataclass
@@ -72,71 +84,43 @@ class RecordSummary:
     samples_per_s_per_worker: list[float] = field(default_factory=list)
     samples: int = 0
     bad_samples: int = 0  # skipped as undecodable (listed in RUN/bad-samples.jsonl)
-
-
-def assign_shards(counts: np.ndarray, shard_ids: np.ndarray, n_workers: int, seed: int, epoch: int
-                  ) -> list[np.ndarray]:
-    """Shuffle shards with `(seed, epoch)` and cut them into `n_workers` contiguous runs of
-    about equal sample counts (each run within one shard of the mean)."""
-    order = np.random.default_rng([seed, epoch]).permutation(len(shard_ids))
-    ids, c = shard_ids[order], counts[order]
-    ends = np.cumsum(c)
-    total = ends[-1] if len(ends) else 0
-    cuts = np.searchsorted(ends - c / 2, np.arange(1, n_workers) * total / n_workers)
-    return np.split(ids, cuts)
+    inputs: str = ""  # what the model saw, e.g. "64x64 RGB, random resized crop"
 
 
 class ShardStream(torch.utils.data.IterableDataset):
-    """Streams the samples of some shards as `(image, label, row)`, split across DataLoader workers.
+    """Streams the samples of some shards as `(example, label, row)`, split across DataLoader workers.
 
     The row of a sample is its shard's first row plus its position in the tar, checked
     against the index's key so that a shard changed since indexing is caught.
     """
 
     def __init__(self, index_path: str, shards: list[int], epoch: int, seed: int, do_augment: bool,
-                 shuffle_buffer: int, num_classes: int, shape: tuple[int, int, int], on_bad_sample: str = "error"):
+                 shuffle_buffer: int, decoder: SampleDecoder, shape: tuple[int, ...], on_bad_sample: str = "error"):
         self.index_path, self.shards, self.epoch, self.seed = index_path, shards, epoch, seed
-        self.do_augment, self.shuffle_buffer, self.num_classes = do_augment, shuffle_buffer, num_classes
-        self.shape, self.on_bad_sample = shape, on_bad_sample
+        self.do_augment, self.shuffle_buffer, self.decoder = do_augment, shuffle_buffer, decoder
+        self.shape, self.on_bad_sample = tuple(shape), on_bad_sample
 
     def _bad(self, idx: Index, shard: int, key: str, row: int, reason: str):
         """A sample that cannot be decoded: an error, or (skip) logged and yielded with label -1."""
         if self.on_bad_sample == "error":
-            raise ValueError(f"{reason} (pass --on-bad-sample skip to skip such samples)")
-        with open(Path(self.index_path).parent / BAD_SAMPLES, "a") as f:
-            f.write(json.dumps({"shard": idx.names[shard], "key": key, "row": row, "epoch": self.epoch,
-                                "reason": reason}) + "\n")
+            raise BadSample(f"{reason} (on_bad_sample='skip' skips such samples)")
+        log_bad_sample(Path(self.index_path).parent, idx.names[shard], key, row, self.epoch, reason)
         return torch.zeros(self.shape), -1, row
 
     def _samples(self, idx: Index, shard: int):
-        url, keys, first = idx.shards[shard]["url"], idx.keys(shard), idx.rows(shard).start
-        rng = np.random.default_rng([self.seed, self.epoch, shard])
-        stream = ({"__key__": key, "__url__": url, **data}
-                  for key, data, _ in read_keys(url, idx.names[shard], None, ReadStats()))
-        pos = -1
-        for pos, sample in enumerate(stream):
-            if pos >= len(keys) or sample["__key__"] != keys[pos]:
-                raise ValueError(f"shard {idx.names[shard]!r} changed since it was indexed: sample {pos} is "
-                                 f"{sample['__key__']!r}, the index has {keys[pos] if pos < len(keys) else None!r}"
-                                 f"; run `streamprune index` again")
+        rng = np.random.default_rng([self.seed, self.epoch, shard]) if self.do_augment else None
+        for sample, row in indexed_samples(idx, shard):
             try:
-                img, label = decode_sample(sample)
-            except ValueError as exc:
-                yield self._bad(idx, shard, sample["__key__"], first + pos, str(exc))
+                x, label = self.decoder(sample, rng)
+            except BadSample as exc:
+                yield self._bad(idx, shard, sample["__key__"], row, str(exc))
                 continue
-            if img.shape != self.shape:
-                yield self._bad(idx, shard, sample["__key__"], first + pos, f"sample {sample['__key__']!r} of shard "
-                                f"{idx.names[shard]!r}: image shape {img.shape}, the run's images are {self.shape}")
+            if tuple(x.shape) != self.shape:
+                yield self._bad(idx, shard, sample["__key__"], row, f"sample {sample['__key__']!r} of shard "
+                                f"{idx.names[shard]!r}: decoded to shape {tuple(x.shape)}, the run's inputs are "
+                                f"{self.shape}")
                 continue
-            if not 0 <= label < self.num_classes:
-                raise ValueError(f"sample {sample['__key__']!r} of shard {idx.names[shard]!r}: label {label} is "
-                                 f"outside [0, {self.num_classes}); pass --num-classes")
-            if self.do_augment:
-                img = augment(img, rng)
-            yield to_tensor(img), label, first + pos
-        if pos + 1 != len(keys):
-            raise ValueError(f"shard {idx.names[shard]!r} has {pos + 1} samples, the index {len(keys)}; "
-                             f"run `streamprune index` again")
+            yield x, label, row
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
@@ -144,17 +128,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         idx = Index(self.index_path)
         wid = 0 if info is None else info.id
         rng = np.random.default_rng([self.seed, self.epoch, 1 << 20, *mine[:1], wid])
-        buf: list = []
-        for shard in mine:
-            for item in self._samples(idx, shard):
-                if len(buf) < self.shuffle_buffer:
-                    buf.append(item)
-                    continue
-                j = rng.integers(len(buf))
-                buf[j], item = item, buf[j]
-                yield item
-        rng.shuffle(buf)
-        yield from buf
+        yield from shuffled((item for shard in mine for item in self._samples(idx, shard)), self.shuffle_buffer, rng)
 
 
 @ray.remote(num_cpus=0)
@@ -188,12 +162,11 @@ def _checkpoint_path(run: Path, epochs_done: int) -> Path:
 
 
 def _train_loop(cfg: dict) -> None:
+    import ray.train
+    import ray.train.torch
     import torch.distributed as dist
     from torch.distributed.algorithms.join import Join
     from torch.nn.parallel import DistributedDataParallel
-
-    import ray.train
-    import ray.train.torch
 
     rc = RecordConfig(**cfg["config"])
     run = Path(cfg["run"])
@@ -205,8 +178,8 @@ def _train_loop(cfg: dict) -> None:
     idx = Index(run / "index")
     start = StatsStore.open(run / "stats.zarr", mode="r").complete_epochs() if rc.record else cfg["start"]
     torch.manual_seed(rc.seed)
-    channels, size = cfg["shape"][0], max(cfg["shape"][1:])
-    net = resolve_model(rc.model, size)(num_classes=rc.num_classes, in_channels=channels, image_size=size)
+    net = build_model(rc.model, rc.input_shape, rc.num_classes)
+    decoder = SampleDecoder(None if rc.view is None else View(*rc.view), rc.label, cfg["classes"], rc.decode)
     opt_state = None
     if start > 0:
         ckpt = torch.load(_checkpoint_path(run, start), map_location="cpu", weights_only=True)
@@ -231,8 +204,8 @@ def _train_loop(cfg: dict) -> None:
         barrier()
         mine = assign_shards(counts, healthy, world, rc.seed, epoch)[rank].tolist()
         loader = torch.utils.data.DataLoader(
-            ShardStream(str(run / "index"), mine, epoch, rc.seed, rc.augment, rc.shuffle_buffer, rc.num_classes,
-                        tuple(cfg["shape"]), rc.on_bad_sample),
+            ShardStream(str(run / "index"), mine, epoch, rc.seed, rc.augment, rc.shuffle_buffer, decoder,
+                        tuple(rc.input_shape), rc.on_bad_sample),
             batch_size=per_worker_batch, num_workers=min(rc.loader_workers, len(mine)),
             pin_memory=device.type == "cuda", persistent_workers=False)
         model.train()
@@ -313,49 +286,90 @@ def _send(writers: StoreWriters, rows_buf: list, stats_buf: list) -> list:
     return writers.add(rows, stats)
 
 
-def _peek(idx: Index, healthy: list[int], want_classes: bool) -> tuple[tuple[int, int, int], int | None]:
-    """Shape `(C, H, W)` of the first decodable image; the class count from the labels of the
-    first 2,000 decodable samples of up to 4 shards."""
-    import webdataset as wds
+def _first_samples(idx: Index, healthy: list[int], limit: int = 2000):
+    """Raw sample dicts of the first `limit` samples of the first shards (at most 4)."""
+    seen = 0
+    for shard in healthy[:4]:
+        for sample, _ in indexed_samples(idx, shard):
+            yield sample
+            seen += 1
+            if seen >= limit:
+                return
 
-    shape, top, seen = None, -1, 0
-    for shard in healthy[: 4 if want_classes else len(healthy)]:
-        for sample in wds.WebDataset(idx.shards[shard]["url"], shardshuffle=False, nodesplitter=None,
-                                     workersplitter=None, empty_check=False):
-            try:
-                img, label = decode_sample(sample)
-            except ValueError:
-                continue  # counted when training meets it
-            shape = shape or img.shape
-            top, seen = max(top, label), seen + 1
-            if not want_classes or seen >= 2000:
-                return shape, (top + 1 if want_classes else None)
-    if shape is None:
-        raise ValueError(f"no decodable image with a label in the first shards of {str(idx.path)!r}")
-    return shape, (top + 1 if want_classes else None)
+
+def _inputs(run: Path, idx: Index, healthy: list[int], label: str, decode: str | None, image_size: int | None,
+            classes: Classes | str | os.PathLike | None, num_classes: int | None, address: str | None,
+            progress: bool) -> tuple[View | None, tuple[int, ...], Classes, bool]:
+    """What the run trains on, from its first samples: the image view (None with a decode function),
+    one example's shape and the classes; True when the classes are a list of names.
+
+    Class names (string labels) come from `classes` (a list file or Classes), else `RUN/classes.json`
+    made for the same label, else a scan of every label (saved there). Integer labels need no list:
+    their count is `num_classes`, else the largest label among the first 2,000 samples plus one."""
+    spec = LabelSpec(label)
+    if decode and label != "cls":
+        raise ValueError(f"a decode function ({decode}) returns the label itself: label {label!r} does not apply")
+    key = decode or spec.spec
+    first = list(_first_samples(idx, healthy))
+    view = None if decode else probe_view(first, image_size)
+    probe = SampleDecoder(view, spec, None, decode)
+    raw, shape = [], view.shape if view is not None else None
+    for sample in first:
+        try:
+            if decode:
+                x, lab = probe.user_decode(sample)
+                shape = shape or tuple(torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x).shape)
+                raw.append(lab)
+            else:
+                raw.append(probe.raw_label(sample))
+        except BadSample:
+            continue
+    if not raw:
+        raise ValueError(f"no sample among the first of {str(idx.path)!r} has a usable label ({key})")
+    if isinstance(classes, (str, os.PathLike)):
+        classes = Classes.from_file(classes, key)
+    named = any(isinstance(r, str) for r in raw)
+    if classes is None:
+        stored = Classes.load(run)
+        if stored is not None and stored.label == key:
+            classes = stored
+        elif named:
+            from .labelscan import build_classes
+
+            classes = build_classes(run, label, decode=decode, address=address, progress=progress)
+    if classes is not None and classes.names is not None:
+        if num_classes is not None and num_classes != classes.num_classes:
+            raise ValueError(f"num_classes {num_classes} differs from the {classes.num_classes} class names of "
+                             f"the run's class list")
+        return view, shape, classes, True
+    n = num_classes or (classes.num_classes if classes is not None else max(r for r in raw if isinstance(r, int)) + 1)
+    return view, shape, Classes(n, label=key), False
 
 
 def record(run: str | os.PathLike, epochs: int, *, workers: int | None = None, gpus_per_worker: float | None = None,
            model: str | None = None, address: str | None = None, batch_size: int = 128, lr: float = 0.1,
            schedule_epochs: int = 200, seed: int = 0, num_classes: int | None = None, loader_workers: int = 2,
            augment_images: bool = True, chunk_rows: int | None = None, max_failures: int = 3,
-           record_stats: bool = True, on_bad_sample: str = "skip", progress: bool = True) -> RecordSummary:
+           record_stats: bool = True, on_bad_sample: str = "skip", label: str = "cls", decode: str | None = None,
+           image_size: int | None = None, classes: Classes | str | os.PathLike | None = None,
+           progress: bool = True) -> RecordSummary:
     """Train the proxy for the first `epochs` epochs of a `schedule_epochs` cosine schedule and
     write every sample's statistics per epoch to `run/stats.zarr`; resumes an interrupted run.
 
     `batch_size` is the global batch (split across workers). `record_stats=False` trains
     without recording (the benchmark's baseline) and writes nothing to the store.
-    `on_bad_sample`: a sample that cannot be decoded (not an image, no label, another shape)
-    is `skip`ped (its statistics stay missing; counted, listed in `RUN/bad-samples.jsonl`)
-    or an `error` naming it.
+    `on_bad_sample`: a sample that cannot be decoded (not an image, a decompression bomb, no
+    label) is `skip`ped (its statistics stay missing; counted, listed in `RUN/bad-samples.jsonl`)
+    or an `error` naming it. Inputs: `label` spec (labels.LabelSpec), `image_size` (S: random
+    resized crops of S x S; default: the images' own size when the first ones agree and are small,
+    else 224), or a `decode` function `package.module:function` (sample -> (tensor, label));
+    `classes`: a class-name list file for string labels (default: scanned, `RUN/classes.json`).
     """
     if on_bad_sample not in ("skip", "error"):
         raise ValueError(f"on_bad_sample must be 'skip' or 'error', not {on_bad_sample!r}")
     run = Path(run).resolve()
     idx = Index(run / "index")
-    healthy = [s for s, info in enumerate(idx.shards) if info["status"] == "ok"]
-    if not healthy:
-        raise ValueError(f"the index at {str(idx.path)!r} has no readable, non-empty shard")
+    healthy = healthy_shards(idx).tolist()
     if epochs < 1 or schedule_epochs < epochs:
         raise ValueError(f"need 1 <= epochs <= schedule_epochs, got epochs={epochs}, schedule_epochs={schedule_epochs}")
     ensure_ray(address)
@@ -365,13 +379,15 @@ def record(run: str | os.PathLike, epochs: int, *, workers: int | None = None, g
     if workers is None:
         workers = int(resources.get("GPU", 0) // gpus_per_worker) if gpus_per_worker else \
             max(1, min(4, int(resources.get("CPU", 1)) // 2))
-    shape, inferred = _peek(idx, healthy, num_classes is None)
+    view, shape, run_classes, named = _inputs(run, idx, healthy, label, decode, image_size, classes, num_classes,
+                                              address, progress)
     cfg = RecordConfig(epochs=epochs, schedule_epochs=schedule_epochs, batch_size=batch_size, lr=lr, seed=seed,
                        model=model if isinstance(model, str) or model is None else f"{model.__module__}:"
-                       f"{model.__qualname__}", num_classes=num_classes or inferred, augment=augment_images,
+                       f"{model.__qualname__}", num_classes=run_classes.num_classes, augment=augment_images,
                        workers=workers, gpus_per_worker=gpus_per_worker, loader_workers=loader_workers,
-                       on_bad_sample=on_bad_sample,
-                       record=record_stats)
+                       on_bad_sample=on_bad_sample, record=record_stats, label=label, decode=decode,
+                       image_size=image_size, view=None if view is None else [*view.shape, view.resized],
+                       input_shape=list(shape), classes=run_classes.digest if named else None)
     store_path = run / "stats.zarr"
     kwargs = {} if chunk_rows is None else {"chunk_rows": chunk_rows}
     start = 0
@@ -389,24 +405,22 @@ def record(run: str | os.PathLike, epochs: int, *, workers: int | None = None, g
     else:
         writers = None
     tracker = Progress.remote()
-    summary = _fit(run, cfg, writers, tracker, healthy, shape, start, max_failures, progress,
+    summary = _fit(run, cfg, writers, tracker, healthy, run_classes, start, max_failures, progress,
                    int(np.diff(idx.shard_offset)[healthy].sum()))
     for actor in ([] if writers is None else writers.actors) + [tracker]:
         ray.kill(actor)
     summary.bad_samples = len(bad_samples(run))
+    summary.inputs = _describe(view, shape, decode, run_classes, named)
     return summary
 
 
-def bad_samples(run: str | os.PathLike) -> dict[int, dict]:
-    """Samples skipped as undecodable in any epoch of `run`, by row."""
-    path = Path(run) / BAD_SAMPLES
-    if not path.exists():
-        return {}
-    with open(path) as f:
-        return {entry["row"]: entry for entry in map(json.loads, f)}
+def _describe(view: View | None, shape: tuple[int, ...], decode: str | None, classes: Classes, named: bool) -> str:
+    """One line on what the proxy trained on, for the summary."""
+    what = view.describe() if view is not None else f"{decode} -> {tuple(shape)}"
+    return f"{what}; {classes.num_classes} classes" + (f" ({classes.label}, names in classes.json)" if named else "")
 
 
-def _fit(run: Path, cfg: RecordConfig, writers, tracker, healthy, shape, start, max_failures, progress,
+def _fit(run: Path, cfg: RecordConfig, writers, tracker, healthy, classes: Classes, start, max_failures, progress,
          n_samples) -> RecordSummary:
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -418,7 +432,7 @@ def _fit(run: Path, cfg: RecordConfig, writers, tracker, healthy, shape, start, 
     trainer = TorchTrainer(
         _train_loop,
         train_loop_config={"config": asdict(cfg), "run": str(run), "writers": writers, "progress": tracker,
-                           "healthy": healthy, "shape": list(shape), "threads": 1, "start": start},
+                           "healthy": healthy, "classes": classes, "threads": 1, "start": start},
         scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=bool(cfg.gpus_per_worker),
                                      resources_per_worker=per_worker),
         run_config=RunConfig(name="record", storage_path=str(run / "ray-train"),

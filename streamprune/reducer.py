@@ -24,7 +24,7 @@ from .atomic import output_lock, swap_in, temp_sibling
 from .identity import uniforms
 from .keeplist import KeepList, KeepListWriter, new_manifest
 from .raycluster import bounded_map, ensure_ray
-from .scores import NEEDS, SCORES, all_scores
+from .scores import NEEDS, SCORES, all_scores, resolve_window
 from .shardindex import Index
 from .store import LABEL, LABEL_MISSING, StatsStore
 
@@ -235,7 +235,7 @@ def _thresholds(blocks: _Blocks, scores_path: str, spec: dict, needs: np.ndarray
 
 
 def reduce(run: str | os.PathLike, ratio: float, method: str = "dual-beta", *, seed: int = 0,
-           epochs: int | None = None, window: int = 10, workers: int | None = None, block_rows: int | None = None,
+           epochs: int | None = None, window: int | None = None, workers: int | None = None, block_rows: int | None = None,
            out: str | os.PathLike | None = None, missing: str = "drop", c_d: float | None = None, C: float = 15.0,
            alpha_plus_beta: float | None = None, cut: float = 0.2, address: str | None = None,
            which: str = "all", gather_limit: int = GATHER_LIMIT, scores_out: str | os.PathLike | None = None,
@@ -282,6 +282,7 @@ def reduce(run: str | os.PathLike, ratio: float, method: str = "dual-beta", *, s
     if epochs > complete:
         raise ValueError(f"only {complete} epochs of {run} are completely recorded; run `streamprune record` "
                          f"to finish, or pass --epochs {complete}")
+    window = resolve_window(window, epochs)
     if m.score in ("dual", "dyn_unc") or m.sampler == "beta":
         if window < 2 or epochs < window:
             raise ValueError(f"window must satisfy 2 <= window <= T; got window={window}, T={epochs}")

@@ -15,12 +15,14 @@ import html
 import io
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
-from .decode import decode_sample
+from .decode import decode_image
 from .keeplist import KeepList
+from .labels import BadSample, Classes, LabelSpec
 from .shardindex import Index
 from .shardread import ReadStats, iter_ranges
 from .store import LABEL, StatsStore
@@ -47,18 +49,21 @@ def build_report(run: str | os.PathLike, out: str | os.PathLike | None = None, *
     rows = _sample_rows(index.n_samples, int(scores.attrs.get("block_rows", 65536)), max_rows, rng)
     kept = _kept_mask(index, keep, rows)
     values = {name: _gather(scores[name].__getitem__, rows) for name in scores.attrs["scores"]}
-    labels, labelled_kept = _class_labels(scores, index, rows, kept, label_rows, rng)
+    row_labels = _gather(scores[LABEL].__getitem__, rows) if LABEL in scores else None
+    labels, labelled_kept = _class_labels(row_labels, index, rows, kept, label_rows, rng)
     fractions, overall = class_kept_fractions(labels, labelled_kept)
+    classes = Classes.load(run)
+    name = classes.name if classes is not None else str
     sections = [_overview(run, index, keep, len(rows)),
-                _starvation_warning(_below_share(fractions, overall), overall, keep.manifest)]
+                _starvation_warning(_below_share(fractions, overall), overall, keep.manifest, name)]
     sections.append(_figure(out, "scores", "Score distributions (all samples vs kept)", _plot_scores(values, kept)))
     if "alpha" in keep.manifest.get("params", {}):
         sections.append(_figure(out, "beta", "Beta sampling weight over mean p_true",
                                 _plot_beta(keep.manifest, values.get("mean_p"), kept)))
     sections.append(_figure(out, "kept-fraction", "Kept fraction per class and per shard",
-                            _plot_fractions(keep, fractions, int((labels >= 0).sum()))))
+                            _plot_fractions(keep, fractions, int((labels >= 0).sum()), name)))
     sections.append(_figure(out, "grids", "Easiest, hardest and most uncertain samples: kept and pruned",
-                            _plot_grids(index, rows, kept, values)))
+                            _plot_grids(index, rows, kept, values, row_labels, name)))
     store = StatsStore.open(run / "stats.zarr", mode="r")
     sections.append(_figure(out, "training", "Proxy training curves (recorded statistics)",
                             _plot_training(store, rows)))
@@ -105,19 +110,16 @@ def _kept_mask(index: Index, keep: KeepList, rows: np.ndarray) -> np.ndarray:
     return mask
 
 
-def _class_labels(scores, index: Index, rows: np.ndarray, kept: np.ndarray, label_rows: int,
-                  rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Labels (-1 unknown) and kept flags for the per-class figures: every sampled row from
-    `scores.zarr`'s `label` when it has any, else the `cls` member of up to `label_rows` rows read
+def _class_labels(row_labels: np.ndarray | None, index: Index, rows: np.ndarray, kept: np.ndarray,
+                  label_rows: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Labels (-1 unknown) and kept flags for the per-class figures: every sampled row's label
+    from `scores.zarr` when it has any, else the `cls` member of up to `label_rows` rows read
     from the shards (runs reduced before labels were recorded)."""
-    if LABEL in scores:
-        labels = _gather(scores[LABEL].__getitem__, rows)
-        if (labels >= 0).any():
-            return labels, kept
+    if row_labels is not None and (row_labels >= 0).any():
+        return row_labels, kept
     pick = np.sort(rng.choice(len(rows), min(label_rows, len(rows)), replace=False))
     found = _samples(index, rows[pick], members=("cls",))
-    labels = np.fromiter((int(found[int(r)]["cls"]) if "cls" in found.get(int(r), {}) else -1 for r in rows[pick]),
-                         dtype=np.int64, count=len(pick))
+    labels = np.fromiter((_cls(found.get(int(r), {})) for r in rows[pick]), dtype=np.int64, count=len(pick))
     return labels, kept[pick]
 
 
@@ -142,11 +144,12 @@ def _below_share(fractions: np.ndarray, overall: float) -> list[tuple[int, float
     return [(int(c), float(fractions[c])) for c in np.flatnonzero(fractions < STARVED * overall)]
 
 
-def _starvation_warning(starved: list[tuple[int, float]], overall: float, manifest: dict) -> str:
+def _starvation_warning(starved: list[tuple[int, float]], overall: float, manifest: dict,
+                        name: Callable[[int], str] = str) -> str:
     """A red paragraph naming the starved classes ("" when none), suggesting class balance when off."""
     if not starved:
         return ""
-    named = ", ".join(f"class {c} kept {f:.1%}" for c, f in starved)
+    named = ", ".join(f"class {html.escape(name(c))} kept {f:.1%}" for c, f in starved)
     advice = ("" if manifest.get("balance") == "classes" else
               " Reduce again with <code>--balance classes</code> to give every class its share of the budget.")
     return (f'<p class="warn">Starved classes: {named}, against {overall:.1%} overall (below '
@@ -252,13 +255,15 @@ def _plot_beta(manifest: dict, mean_p: np.ndarray | None, kept: np.ndarray):
     return fig
 
 
-def _plot_fractions(keep: KeepList, fractions: np.ndarray, n_labelled: int):
+def _plot_fractions(keep: KeepList, fractions: np.ndarray, n_labelled: int, name: Callable[[int], str] = str):
     import matplotlib.pyplot as plt
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4))
     if n_labelled:
         classes = np.flatnonzero(np.isfinite(fractions))
-        a.bar([str(c) for c in classes], fractions[classes], color="#2a7ab9")
+        a.bar([name(int(c)) for c in classes], fractions[classes], color="#2a7ab9")
+        if len(classes) > 10 or max((len(name(int(c))) for c in classes), default=0) > 3:
+            a.tick_params(axis="x", labelrotation=90, labelsize=7 if len(classes) <= 40 else 4)
         a.set_title(f"per class (labels of {n_labelled:,} samples)")
         a.set_xlabel("class")
     else:
@@ -282,7 +287,8 @@ def _plot_fractions(keep: KeepList, fractions: np.ndarray, n_labelled: int):
     return fig
 
 
-def _plot_grids(index: Index, rows: np.ndarray, kept: np.ndarray, values: dict[str, np.ndarray]):
+def _plot_grids(index: Index, rows: np.ndarray, kept: np.ndarray, values: dict[str, np.ndarray],
+                labels: np.ndarray | None, name: Callable[[int], str] = str):
     import matplotlib.pyplot as plt
 
     mean_p = values["mean_p"]
@@ -308,14 +314,28 @@ def _plot_grids(index: Index, rows: np.ndarray, kept: np.ndarray, values: dict[s
             if j >= len(pick):
                 ax.axis("off")
                 continue
-            img, label = decode_sample(samples[int(rows[pick[j]])])
+            sample = samples[int(rows[pick[j]])]
+            try:
+                img = decode_image(sample)
+            except BadSample:
+                img = np.zeros((1, 8, 8), np.uint8)
             ax.imshow(img[0] if img.shape[0] == 1 else img.transpose(1, 2, 0), cmap="gray")
-            ax.set_xlabel(f"y={label} p={mean_p[pick[j]]:.2f}", fontsize=7)
+            label = int(labels[pick[j]]) if labels is not None else _cls(sample)
+            ax.set_xlabel(f"{name(label) if label >= 0 else '?'} p={mean_p[pick[j]]:.2f}", fontsize=7)
             for spine in ax.spines.values():
                 spine.set_color("#2ca02c" if "kept" in title else "#d62728")
                 spine.set_linewidth(2)
     fig.tight_layout()
     return fig
+
+
+def _cls(sample: dict) -> int:
+    """The integer `cls` label of a sample, -1 when it has none (runs recorded without labels)."""
+    try:
+        label = LabelSpec("cls")(sample)
+    except BadSample:
+        return -1
+    return label if isinstance(label, int) else -1
 
 
 def _plot_training(store: StatsStore, rows: np.ndarray):

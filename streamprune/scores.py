@@ -14,6 +14,14 @@ DUAL_SCALE = 10.0  # the reference implementation's constant; changes no ranking
 _BLOCK = 8192  # rows per pass: keeps the temporaries in cache
 
 
+DEFAULT_WINDOW = 10  # J of DUAL and Dyn-Unc; capped at the recorded epochs T when not given
+
+
+def resolve_window(window: int | None, epochs: int) -> int:
+    """The window J used: `window` as given, else DEFAULT_WINDOW capped at the `epochs` used."""
+    return min(DEFAULT_WINDOW, epochs) if window is None else window
+
+
 def _check_window(p: np.ndarray, window: int) -> np.ndarray:
     p = np.asarray(p)
     if p.ndim != 2:

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from streamprune import index
-from streamprune.recorder import assign_shards, record
+from streamprune.recorder import record
+from streamprune.runshards import assign_shards
 from streamprune.stats import sample_stats
 from streamprune.store import STATS, StatsStore
 
@@ -185,15 +186,29 @@ def test_assign_shards_balances_counts_and_covers_each_shard_once():
                               np.concatenate(assign_shards(counts, ids, 3, 1, 1)))
 
 
+def png_claiming(width: int, height: int) -> bytes:
+    """A small PNG whose header claims `width x height` greyscale pixels (a decompression bomb's shape)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(bytes(1024))) + \
+        chunk(b"IEND", b"")
+
+
 def _shards_with_bad_samples(out, fmnist) -> tuple[list[str], dict[str, str]]:
-    """Two real shards with three bad samples: not an image, no label, another image shape."""
+    """Two real shards with three bad samples (not an image, no label, a decompression bomb) and one
+    image of another size, which is resized, not skipped."""
     import webdataset as wds
 
     from streamprune.datasets import encode_png
 
     images, labels = fmnist
     out.mkdir()
-    bad = {"00000005": "cannot decode", "00000012": "no cls label", "00000031": "image shape"}
+    bad = {"00000005": "cannot decode", "00000012": "no .cls member", "00000031": "decompression bomb"}
     paths = []
     for s in range(2):
         path = str(out / f"bad-{s:06d}.tar")
@@ -206,6 +221,8 @@ def _shards_with_bad_samples(out, fmnist) -> tuple[list[str], dict[str, str]]:
                 elif key == "00000012":
                     del sample["cls"]
                 elif key == "00000031":
+                    sample["png"] = png_claiming(100_000, 100_000)
+                elif key == "00000040":
                     sample["png"] = encode_png(np.zeros((14, 14), np.uint8))
                 w.write(sample)
         paths.append(path)
@@ -222,7 +239,7 @@ def test_undecodable_samples_are_skipped_counted_and_listed_or_refused(ray_sessi
     idx = index(paths, run, progress=False)
     # whichever rank meets its bad sample first stops the run, naming sample, shard and reason
     with pytest.raises(Exception, match=r"sample '(00000005|00000012|00000031)' of .*bad-00000[01]\.tar.*"
-                                        r"(cannot decode|no cls label|image shape).*--on-bad-sample skip"):
+                                        r"(cannot decode|no .cls member|decompression bomb).*on_bad_sample='skip'"):
         record(run, 2, workers=2, schedule_epochs=10, num_classes=10, on_bad_sample="error", max_failures=0,
                progress=False)
     shutil.rmtree(run / "stats.zarr")
@@ -237,6 +254,7 @@ def test_undecodable_samples_are_skipped_counted_and_listed_or_refused(ray_sessi
     rows = sorted(e["row"] for e in listed)
     p = store.read("p_true")
     assert np.isnan(p[rows]).all() and np.isfinite(np.delete(p, rows, axis=0)).all()
+    assert np.isfinite(p[40]).all()  # the 14 x 14 image was resized to the run's 28 x 28
     assert (store.read("correct")[rows] == 255).all()
     keep = reduce(run, 0.5, "dual-beta", window=2, progress=False)
     assert keep.manifest["dropped_missing"] == 3 and idx.n_samples == 60
@@ -255,5 +273,5 @@ def test_a_label_outside_the_class_range_stops_the_run_naming_it(ray_session, tm
             w.write({"__key__": f"{i:08d}", "png": encode_png(images[i]),
                      "cls": b"12" if i == 7 else str(int(labels[i])).encode()})
     index([path], tmp_path / "run", progress=False)
-    with pytest.raises(Exception, match=r"00000007.*labels-000000.tar.*label 12 is outside \[0, 10\).*--num-classes"):
+    with pytest.raises(Exception, match=r"00000007.*labels-000000.tar.*label 12 is outside \[0, 10\)"):
         record(tmp_path / "run", 1, workers=1, schedule_epochs=5, num_classes=10, max_failures=0, progress=False)

@@ -14,7 +14,7 @@ import pytest
 import webdataset as wds
 
 from streamprune import KeepList, PrunedWebDataset, index, reshard
-from streamprune.decode import decode_sample
+from streamprune.decode import decode_image
 from streamprune.shardindex import Index
 
 
@@ -49,7 +49,7 @@ def test_pickle_members_are_never_unpickled(tmp_path):
     buf = io.BytesIO()
     np.save(buf, np.array([_Payload(str(marker))], dtype=object), allow_pickle=True)
     with pytest.raises(ValueError, match="cannot decode"):  # streamprune's decoding: allow_pickle=False
-        decode_sample({"__key__": "a", "npy": buf.getvalue(), "cls": b"1"})
+        decode_image({"__key__": "a", "npy": buf.getvalue(), "cls": b"1"})
     assert not marker.exists()
     with contextlib.suppress(Exception):  # webdataset's default decoders do unpickle (then fail on .pth)
         next(iter(wds.WebDataset(shard, shardshuffle=False).decode()))
