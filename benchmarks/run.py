@@ -64,6 +64,13 @@ def summary(s: dict, device: str) -> list[dict]:
                      "goal": "header-only reads"})
     rows.append({"figure": f"record on {device}: samples/s with / without recording",
                  "value": f"{s['record']['ratio']:.3f}", "goal": ">= 0.97"})
+    rows.append({"figure": "own loop: samples/s with / without StatsLogger",
+                 "value": f"{s['record']['own_loop']['ratio']:.3f}", "goal": ">= 0.97"})
+    web = s["record"]["web"]
+    rows.append({"figure": "web-like JPEG decode to 64 px: streamprune / wds+PIL resize",
+                 "value": f"{web['decode_ratio']:.2f} ({web['decode']['streamprune']:,.0f}/s)", "goal": ">= 1"})
+    rows.append({"figure": f"web-like record on {device}: samples/s (skipped)",
+                 "value": f"{web['record_samples_per_s']:,.0f} ({web['bad_samples']})", "goal": "0 skipped"})
     sizes = [k for k in s["reduce"] if k != "dual"]
     for k in sizes:
         r = s["reduce"][k]

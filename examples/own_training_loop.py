@@ -27,6 +27,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from streamprune import IndexedShards, StatsLogger, index_in_process
 from streamprune.decode import ToTensors
+from streamprune.labels import Classes, scan_classes
 from streamprune.models import small_cnn
 
 
@@ -36,9 +37,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--run-dir", required=True, metavar="RUN", help="run directory: RUN/index, RUN/stats.zarr "
                    "(not --run: torchrun would take that for its own --run-path)")
     p.add_argument("--epochs", type=int, required=True, help="epochs to record")
-    p.add_argument("--label", default=None, help="label spec for ToTensors (default: cls)")
+    p.add_argument("--label", default="cls", help="label spec: cls, an extension, json:FIELD, module:function")
     p.add_argument("--image-size", type=int, default=None, help="square training size (default: the images' own)")
-    p.add_argument("--num-classes", type=int, default=10)
+    p.add_argument("--num-classes", type=int, default=None,
+                   help="default: from the run's class list (counted once into RUN/classes.json)")
     p.add_argument("--batch-size", type=int, default=64, help="per rank")
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--seed", type=int, default=0)
@@ -62,9 +64,13 @@ def main(argv: list[str] | None = None) -> None:
 
     if rank == 0 and not (run / "index" / "manifest.json").exists():
         index_in_process(args.shards, run)  # serial, no Ray: for small jobs (else `streamprune index`)
+    if rank == 0 and (Classes.load(run) is None or Classes.load(run).label != args.label):
+        scan_classes(run, args.label)  # every label counted once (`streamprune index --label` does it on Ray)
     barrier()
+    classes = Classes.load(run)
+    args.num_classes = args.num_classes or classes.num_classes
 
-    options = {k: v for k, v in (("label", args.label), ("image_size", args.image_size)) if v is not None}
+    options = {"label": args.label, "classes": classes, "image_size": args.image_size}
     data = IndexedShards(run, ToTensors(seed=args.seed + rank, do_augment=True, **options), seed=args.seed,
                          shuffle_buffer=1000)
     sample, _, _ = next(iter(IndexedShards(run, ToTensors(do_augment=False, **options), rank=0, world_size=1,
@@ -73,7 +79,9 @@ def main(argv: list[str] | None = None) -> None:
     net = small_cnn(args.num_classes, in_channels=sample.shape[0], image_size=sample.shape[-1]).to(device)
     opt = torch.optim.SGD(net.parameters(), lr=args.lr, momentum=0.9, weight_decay=5e-4)
     logger = StatsLogger(run, args.epochs, config={"lr": args.lr, "batch_size": args.batch_size, "seed": args.seed,
-                                                   "model": "small-cnn", "num_classes": args.num_classes, **options},
+                                                   "model": "small-cnn", "num_classes": args.num_classes,
+                                                   "label": args.label, "image_size": args.image_size,
+                                                   "classes": classes.digest},
                          chunk_rows=args.chunk_rows)
     start = logger.start_epoch
     if start == args.epochs:

@@ -140,13 +140,14 @@ def write_shards(images: np.ndarray, labels: np.ndarray, out_dir: str | os.PathL
     return paths
 
 
-def weblike_sample(image: np.ndarray, label: int, key: str, rng: np.random.Generator) -> dict:
-    """A real greyscale image dressed as a web-scraped sample: resized to 48-96 px with its aspect
-    jittered, tinted, stored as JPEG (RGB, greyscale, CMYK or with an EXIF rotation) or PNG (RGBA,
+def weblike_sample(image: np.ndarray, label: int, key: str, rng: np.random.Generator,
+                   sizes: tuple[int, int] = (48, 96)) -> dict:
+    """A real greyscale image dressed as a web-scraped sample: resized to `sizes` px (48-96) with its
+    aspect jittered, tinted, stored as JPEG (RGB, greyscale, CMYK or with an EXIF rotation) or PNG (RGBA,
     palette), with its label as a class name in a JSON member."""
     from PIL import Image
 
-    w, h = (int(v) for v in rng.integers(48, 97, size=2))
+    w, h = (int(v) for v in rng.integers(sizes[0], sizes[1] + 1, size=2))
     grey = Image.fromarray(np.asarray(image, dtype=np.uint8)).resize((w, h), Image.BILINEAR)
     tint = rng.uniform(0.5, 1.0, size=3)
     rgb = Image.fromarray((np.asarray(grey, dtype=np.float32)[..., None] * tint).astype(np.uint8))
@@ -174,7 +175,7 @@ def weblike_sample(image: np.ndarray, label: int, key: str, rng: np.random.Gener
 
 
 def weblike_shards(images: np.ndarray, labels: np.ndarray, out_dir: str | os.PathLike, *, n_shards: int = 4,
-                   seed: int = 0, prefix: str = "web") -> list[str]:
+                   seed: int = 0, prefix: str = "web", sizes: tuple[int, int] = (48, 96)) -> list[str]:
     """Write real images as web-like shards (see `weblike_sample`): varying sizes and modes, JSON labels."""
     import webdataset as wds
 
@@ -186,7 +187,7 @@ def weblike_shards(images: np.ndarray, labels: np.ndarray, out_dir: str | os.Pat
         path = out_dir / f"{prefix}-{s:06d}.tar"
         with wds.TarWriter(str(path.with_suffix(".tar.tmp")), mtime=0) as sink:
             for i in range(start, start + size):
-                sink.write(weblike_sample(images[i], labels[i], f"{i:08d}", rng))
+                sink.write(weblike_sample(images[i], labels[i], f"{i:08d}", rng, sizes))
         os.replace(path.with_suffix(".tar.tmp"), path)
         paths.append(str(path))
         start += size

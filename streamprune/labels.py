@@ -14,7 +14,7 @@ import json
 import os
 import re
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -265,3 +265,30 @@ def scan_labels(url: str, name: str, label_of: Callable[[dict], Label], members:
     finally:
         opened.stream.close()
     return counts, bad, reasons
+
+
+def count_classes(parts: "Iterable[tuple[Counter, int, list[str]]]", label: str, where: str) -> Classes:
+    """The class list from per-shard `scan_labels` results (any order); an error when no label was usable."""
+    counts: Counter = Counter()
+    reasons: list[str] = []
+    for part, _, why in parts:
+        counts.update(part)
+        reasons.extend(why[: 3 - len(reasons)])
+    if not counts:
+        raise ValueError(f"no sample of {where} has a usable label ({label})" + (f": {reasons[0]}" if reasons else ""))
+    return Classes.from_labels(counts, label)
+
+
+def scan_classes(run: str | os.PathLike, label: str = "cls") -> Classes:
+    """`RUN/classes.json` from every indexed sample's label, counted here in one process (no Ray;
+    `labelscan.build_classes` spreads the same over Ray tasks), saved and returned."""
+    from .shardindex import Index
+
+    spec = LabelSpec(label)
+    idx = Index(Path(run) / "index")
+    parts = (scan_labels(info["url"], idx.names[s], spec, spec.members)
+             for s, info in enumerate(idx.shards) if info["status"] == "ok")
+    classes = count_classes(parts, label, repr(str(run)))
+    classes.save(run)
+    return classes
+

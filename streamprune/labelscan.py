@@ -4,15 +4,15 @@ each shard and count the labels; the driver merges the counts into `RUN/classes.
 from __future__ import annotations
 
 import os
-from collections import Counter
 from pathlib import Path
 
 import ray
 from tqdm.auto import tqdm
 
 from .decode import SampleDecoder
-from .labels import Classes, scan_labels
+from .labels import Classes, count_classes, scan_labels
 from .raycluster import bounded_map, ensure_ray
+from .runshards import healthy_shards
 from .shardindex import Index
 
 
@@ -27,24 +27,15 @@ def build_classes(run: str | os.PathLike, label: str = "cls", *, decode: str | N
     of `run`, write `RUN/classes.json` and return it: sorted class names, or 0..max for integers."""
     run = Path(run)
     idx = Index(run / "index")
-    healthy = [s for s, info in enumerate(idx.shards) if info["status"] == "ok"]
+    healthy = healthy_shards(idx).tolist()
     decoder = SampleDecoder(None, "cls" if decode else label, None, decode)
     ensure_ray(address)
-    counts: Counter = Counter()
-    reasons: list[str] = []
     bar = tqdm(total=len(healthy), desc="labels", unit="shard", disable=not progress)
-
-    def add(_: int, result) -> None:
-        part, _, why = result
-        counts.update(part)
-        reasons.extend(why[: 3 - len(reasons)])
-
+    parts: list = []
     limit = max(4, 4 * int(ray.cluster_resources().get("CPU", 1)))
-    bounded_map(lambda s: _count_task.remote(idx.shards[s]["url"], idx.names[s], decoder), healthy, limit, add, bar)
+    bounded_map(lambda s: _count_task.remote(idx.shards[s]["url"], idx.names[s], decoder), healthy, limit,
+                lambda _, part: parts.append(part), bar)
     bar.close()
-    if not counts:
-        raise ValueError(f"no sample of {str(run)!r} has a usable label ({decode or label})"
-                         + (f": {reasons[0]}" if reasons else ""))
-    classes = Classes.from_labels(counts, decode or label)
+    classes = count_classes(parts, decode or label, repr(str(run)))
     classes.save(run)
     return classes

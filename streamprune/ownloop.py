@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .labels import BadSample
 from .runshards import (
     assign_shards,
     bad_samples,
@@ -84,10 +85,11 @@ class IndexedShards(torch.utils.data.IterableDataset):
 
     `transform(sample)` gets a webdataset-style dict (`__key__`, `__url__`, member bytes by
     lower-cased extension) and returns `(x, label)`; default
-    `streamprune.decode.ToTensors(seed, do_augment=True)`. A transform raising ValueError marks
-    the sample undecodable: with `on_bad_sample="skip"` (as `record`) it is left out, listed in
+    `streamprune.decode.ToTensors(seed, do_augment=True)`. A transform raising
+    `streamprune.BadSample` (a ValueError) marks the sample undecodable: with `on_bad_sample="skip"` (as `record`) it is left out, listed in
     `RUN/bad-samples.jsonl` (shard, key, row, epoch, reason) and the logger counts its row as
-    given with missing statistics; `"error"` raises.
+    given with missing statistics; `"error"` raises. Other errors (e.g. a label outside the
+    classes) stop the loop.
 
     `rank`/`world_size` default to torch.distributed's (or `RANK`/`WORLD_SIZE`). Call
     `set_epoch(epoch)` before each epoch and make the DataLoader (non-persistent workers)
@@ -135,7 +137,7 @@ class IndexedShards(torch.utils.data.IterableDataset):
         for sample, row in indexed_samples(idx, shard):
             try:
                 x, label = self.transform(sample)
-            except ValueError as exc:
+            except BadSample as exc:
                 if self.on_bad_sample == "error":
                     raise
                 log_bad_sample(self.run, idx.names[shard], sample["__key__"], row, self.epoch, str(exc))

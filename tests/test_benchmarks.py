@@ -25,6 +25,8 @@ def test_benchmarks_run_quick(ray_session, tmp_path):
     assert sum(n.startswith("reduce dual-beta") for n in names) == 2
     sections = result["sections"]
     assert 0 < sections["record"]["ratio"] < 10
+    web = sections["record"]["web"]
+    assert web["bad_samples"] == 0 and web["record_samples_per_s"] > 0 and web["decode_ratio"] > 0
     for row in sections["loader"]:
         assert row["ratio_keep100"] > 0 and row["ratio_keep10_vs_select"] > 1
         assert 0 < row["bytes_read_keep10"] < 0.2  # kept bytes plus small gaps, never a full read

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from streamprune import IndexedShards, StatsLogger, index_in_process
 from streamprune.decode import ToTensors
+from streamprune.labels import BadSample
 from streamprune.models import small_cnn
 from streamprune.sampling import keep_count
 from streamprune.shardindex import Index
@@ -199,7 +200,7 @@ def test_an_interrupted_epoch_is_redone_and_the_result_is_complete(single, fmnis
 def _bad_sevens(sample: dict):
     """ToTensors, except that samples whose key ends in 7 cannot be decoded."""
     if sample["__key__"].endswith("7"):
-        raise ValueError(f"sample {sample['__key__']!r}: cannot decode (test)")
+        raise BadSample(f"sample {sample['__key__']!r}: cannot decode (test)")
     return ToTensors(do_augment=False)(sample)
 
 
