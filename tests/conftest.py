@@ -1,4 +1,5 @@
-"""Shared fixtures: one real local Ray instance per test session, real Fashion-MNIST shards."""
+"""Shared fixtures: one real local Ray instance per test session, real Fashion-MNIST shards,
+a real local HTTP file server."""
 
 from __future__ import annotations
 
@@ -39,3 +40,23 @@ def uneven_shards(tmp_path_factory, fmnist):
     out = tmp_path_factory.mktemp("shards")
     sizes = shard_sizes(len(images), 6, uneven=True, seed=1)
     return write_shards(images, labels, out, sizes=sizes), sizes
+
+
+@pytest.fixture(scope="session")
+def http_server(tmp_path_factory):
+    """A real HTTP file server on 127.0.0.1 (tests/http_server.py: aiohttp's static files,
+    HEAD, GET and `Range: bytes=a-b` -> 206), one per session, serving `server.root`, a
+    per-session tmp dir. Copy files into `server.root` and read `f"{server.url}/<name>"`.
+
+    Failures by URL: `/flaky/<name>` (first request per method, name and Range header: 503),
+    `/fail-after/<N>/<name>` (ranges from byte N: 500; longer transfers cut at byte N),
+    `/cut-once/<N>/<name>` (the first transfer past byte N is cut there, once per name).
+    Counters since the last `server.reset()`: `requests`, `range_requests`, `bytes_sent`
+    (response body bytes), and `log`. Shared by the session: call `server.reset()` first
+    (it also forgets seen flaky/cut-once requests), use file names of your own, and put
+    `server.latency` (seconds per request) back to 0 if you change it.
+    """
+    from http_server import serve
+
+    with serve(tmp_path_factory.mktemp("www")) as server:
+        yield server
