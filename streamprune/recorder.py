@@ -12,6 +12,7 @@ a rerun (or a Ray Train restart after a worker dies) resumes at the first incomp
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import threading
 import time
@@ -22,7 +23,7 @@ import numpy as np
 import ray
 import torch
 
-from .decode import SampleDecoder, View, probe_view
+from .decode import PROBE_SAMPLES, SampleDecoder, View, probe_view
 from .labels import BadSample, Classes, LabelSpec
 from .models import build_model
 from .raycluster import ensure_ray
@@ -310,11 +311,12 @@ def _inputs(run: Path, idx: Index, healthy: list[int], label: str, decode: str |
     if decode and label != "cls":
         raise ValueError(f"a decode function ({decode}) returns the label itself: label {label!r} does not apply")
     key = decode or spec.spec
-    first = list(_first_samples(idx, healthy))
-    view = None if decode else probe_view(first, image_size)
+    samples = _first_samples(idx, healthy)
+    head = list(itertools.islice(samples, PROBE_SAMPLES))  # the rest is streamed: memory stays small
+    view = None if decode else probe_view(head, image_size)
     probe = SampleDecoder(view, spec, None, decode)
     raw, shape = [], view.shape if view is not None else None
-    for sample in first:
+    for sample in itertools.chain(head, samples):
         try:
             if decode:
                 x, lab = probe.user_decode(sample)

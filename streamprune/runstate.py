@@ -7,6 +7,8 @@ import json
 import os
 from pathlib import Path
 
+from .labels import Classes
+
 
 def _size(path: Path) -> int:
     if path.is_file():
@@ -32,6 +34,14 @@ def run_state(run: str | os.PathLike) -> dict:
                         "broken": len(m["broken"]), "empty": len(m["empty"]), "duplicates": m["duplicates"]["rows"],
                         "fingerprint": fingerprint, "root": m["root"], "identity": m["identity"],
                         "size": _mb(index_dir)}
+        with open(index_dir / "shards.jsonl") as f:
+            compressed = sum(bool(json.loads(line).get("compression")) for line in f)
+        if compressed:
+            out["index"]["compressed_shards"] = compressed  # read through: no byte skipping inside
+        classes = Classes.load(run)
+        if classes is not None:
+            out["index"]["classes"] = (f"{classes.num_classes} ({classes.label}"
+                                       + (", names in classes.json)" if classes.names else ", integers)"))
     elif (run / ".index-parts").exists():
         out["index"] = {"state": "partial", "shards_scanned": len(list((run / ".index-parts").glob("*.npz")))}
     else:

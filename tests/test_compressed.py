@@ -176,3 +176,23 @@ def test_reshard_from_gzip_shards_writes_the_kept_samples(gz, tmp_path):
     assert len(paths) == 3 and all(p.read_bytes()[:2] != b"\x1f\x8b" for p in paths)  # plain tars
     written = list(wds.WebDataset([str(p) for p in paths], shardshuffle=False))
     assert _content(written) == _content(_kept(gz["ref"], gz["k10"]))
+
+
+def test_record_and_reduce_over_gzip_shards(gz, tmp_path):
+    import shutil
+
+    from streamprune import record, reduce
+    from streamprune.store import StatsStore
+
+    run = tmp_path / "run"
+    shutil.copytree(gz["work"] / "run" / "index", run / "index")
+    summary = record(run, 2, workers=2, schedule_epochs=6, loader_workers=1, progress=False)
+    assert summary.bad_samples == 0 and summary.samples == 2 * 1200
+    store = StatsStore.open(run / "stats.zarr", mode="r")
+    assert store.complete_epochs() == 2 and np.isfinite(store.read("p_true")).all()
+    labels = np.concatenate([[int(s["cls"]) for s in wds.WebDataset(p, shardshuffle=False)] for p in gz["paths"]])
+    assert (store.labels() == labels).all()
+    assert len(reduce(run, 0.7, "dual-beta", progress=False)) == 360
+    from streamprune.runstate import run_state
+
+    assert run_state(run)["index"]["compressed_shards"] == 6

@@ -183,6 +183,9 @@ def test_weblike_shards_with_json_labels_record_without_skips_and_reduce_exactly
     assert classes.names == tuple(sorted(CLASSES)) and sum(classes.counts) == 400
     assert main(["index", *paths, "--out", str(tmp_path / "other"), "--label", "json:label", "--quiet"]) == 0
     assert Classes.load(tmp_path / "other") == classes
+    from streamprune.runstate import run_state
+
+    assert run_state(run)["index"]["classes"] == "10 (json:label, names in classes.json)"
     store = StatsStore.open(run / "stats.zarr", mode="r")
     assert store.complete_epochs() == 2 and np.isfinite(store.read("p_true")).all()
     want = np.array([classes.index_of(CLASSES[y]) for y in labels])
