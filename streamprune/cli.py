@@ -21,6 +21,12 @@ def index_summary(idx) -> str:
     if m["bytes_total"]:
         lines.append(f"  read {m['bytes_read']:,} of {m['bytes_total']:,} bytes "
                      f"({m['bytes_read'] / m['bytes_total']:.1%}: tar headers only where seekable)")
+    through = sum(s.get("access") == "through" for s in idx.shards)
+    ranged = sum(s.get("access") == "headers" and "://" in s["url"] for s in idx.shards)
+    if through:
+        lines.append(f"  {through} shards read through (remote with small members, compressed or pipe:)")
+    if ranged:
+        lines.append(f"  {ranged} remote shards scanned by header range requests (large members)")
     for b in m["broken"]:
         lines.append(f"  BROKEN {b['shard']}: {b['error']}")
     if m["empty"]:

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from .atomic import output_lock
 from .identity import SampleIdentity, parse_identity, shard_names
 from .raycluster import bounded_map, ensure_ray
-from .shardindex import Index, save_scan, scan_shard, write_index
+from .shardindex import Index, load_scan_meta, save_scan, scan_shard, write_index
 from .shardlist import absolute, expand_urls
 
 
@@ -46,7 +46,7 @@ def index(shards: str | Iterable[str], out: str | Path, *, root: str | None = No
         parts_dir.mkdir(exist_ok=True)
         tag = lambda i: hashlib.blake2b(f"{urls[i]}\0{names[i]}\0{spec}".encode(), digest_size=8).hexdigest()
         parts = [parts_dir / f"{i:08d}-{tag(i)}.npz" for i in range(len(urls))]
-        todo = [i for i, p in enumerate(parts) if not p.exists()]
+        todo = [i for i, p in enumerate(parts) if not p.exists() or load_scan_meta(p)["status"] == "broken"]
         bar = tqdm(total=len(urls), initial=len(urls) - len(todo), desc="index", unit="shard", disable=not progress)
         if todo:
             ensure_ray(address)
@@ -58,6 +58,11 @@ def index(shards: str | Iterable[str], out: str | Path, *, root: str | None = No
 
             bounded_map(lambda i: _scan_task.remote(urls[i], names[i], ident), todo, limit, save, bar)
         bar.close()
+        metas = [load_scan_meta(p) for p in parts]
+        if all(m["status"] == "broken" for m in metas):  # kept for a rerun, which scans them again
+            shown = "; ".join(f"{m['name']}: {m['error']}" for m in metas[:3])
+            raise ValueError(f"every shard is broken ({len(metas)}), nothing was indexed: {shown}"
+                             + (" ..." if len(metas) > 3 else ""))
         idx = write_index(out / "index", parts, root_path, spec)
         shutil.rmtree(parts_dir)
         return idx

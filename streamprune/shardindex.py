@@ -17,8 +17,9 @@ import numpy as np
 
 from .atomic import swap_in, temp_sibling
 from .identity import SampleIdentity, find_duplicates, id128
+from .remote import RangedReader
 from .shardlist import open_shard
-from .tarscan import CountingReader, TarFormatError, iter_samples
+from .tarscan import BLOCK, CountingReader, TarFormatError, _octal, iter_samples
 
 FORMAT = "streamprune-index"
 FORMAT_VERSION = 1
@@ -35,6 +36,7 @@ class ShardScan:
     status: str = "ok"  # ok | empty | broken
     error: str | None = None
     error_offset: int | None = None
+    access: str | None = None  # headers (seeking past data) | through (every byte read)
     size: int | None = None  # stored size: the compressed file's for compressed shards
     bytes_read: int = 0  # read from storage (compressed bytes for compressed shards)
     compression: str | None = None  # "gzip", "bz2", "xz"; None: a plain tar
@@ -69,7 +71,11 @@ def scan_shard(url: str, name: str, identity: SampleIdentity | None = None) -> S
         scan.status, scan.error = "broken", str(exc)
         return scan
     scan.size, scan.compression = opened.size, opened.compression
-    reader = CountingReader(opened.stream, opened.seekable, opened.tar_size, name)
+    stream, seekable = opened.stream, opened.seekable
+    if opened.remote is not None and identity is None and _ranges_cheaper(opened.remote):
+        stream, seekable = RangedReader(opened.remote), True
+    scan.access = "headers" if seekable else "through"
+    reader = CountingReader(stream, seekable, opened.tar_size, name)
     read_exts = () if identity is None else identity.members
     cols: dict[str, list] = {k: [] for k in _ARRAYS}
     try:
@@ -101,12 +107,27 @@ def scan_shard(url: str, name: str, identity: SampleIdentity | None = None) -> S
         scan.error_offset = getattr(error, "offset", None)
         scan.keys = []
     finally:
-        scan.bytes_read = opened.stored_read(reader.bytes_read)
+        scan.bytes_read = (opened.transfer.bytes_received if opened.transfer is not None
+                           else opened.stored_read(reader.bytes_read))
         opened.release()
     if scan.status == "ok":
         scan.arrays = {k: np.array(v, dtype=_DTYPES[k]) for k, v in cols.items()}
         scan.status = "ok" if scan.keys else "empty"
     return scan
+
+
+RANGED_SCAN_MIN = 1 << 20  # remote shards: read headers by ranges when the first member is at least this big
+
+
+def _ranges_cheaper(remote) -> bool:
+    """Whether a remote shard's headers are cheaper to read by range requests (one per member)
+    than the whole file through one stream: when its first member holds RANGED_SCAN_MIN bytes or
+    more (the first header tells), a request saves more bytes than its latency costs."""
+    try:
+        header = remote.fetch(0, min(BLOCK, remote.size))
+        return len(header) == BLOCK and _octal(header[124:136], "", 0) >= RANGED_SCAN_MIN
+    except (OSError, TarFormatError):
+        return False  # the read-through scan meets the same problem and reports it
 
 
 def save_scan(scan: ShardScan, path: Path) -> None:

@@ -175,6 +175,8 @@ class OpenShard:
     process: subprocess.Popen | None = None
     compression: str | None = None
     raw: Any = None
+    remote: Any = None  # a remote.RemoteFile when byte ranges can be fetched (remote, uncompressed)
+    transfer: Any = None  # a remote shard's remote.TransferStats (requests, bytes received)
 
     @property
     def tar_size(self) -> int | None:
@@ -237,7 +239,9 @@ def open_shard(url: str) -> OpenShard:
     """Open a shard for reading; local files unbuffered so that reads are counted exactly.
 
     Compressed shards (gzip, bz2, xz: told by their first bytes, as webdataset's tarfile does)
-    are opened as a forward-only stream of the decompressed tar.
+    are opened as a forward-only stream of the decompressed tar. Remote shards (`http(s)://`,
+    other fsspec URLs) get a resuming read-through stream and, when uncompressed and the server
+    takes byte ranges, `remote` for fetching ranges without read-ahead.
     `pipe:` URLs are shell commands (they come only from the user's own arguments).
     """
     if url.startswith("pipe:"):
@@ -256,26 +260,11 @@ def open_shard(url: str) -> OpenShard:
             f.close()
             raise
         return from_stream(f, True, size, head=head)
-    import fsspec
+    from .remote import open_remote
 
-    try:
-        f = fsspec.open(url, "rb").open()
-    except Exception as exc:
-        raise FileNotFoundError(f"shard {url!r}: cannot open: {exc}") from None
-    return from_stream(f, False, getattr(f, "size", None), head=_fsspec_head(f))
-
-
-def _fsspec_head(f) -> bytes | None:
-    """The first bytes of an fsspec file, leaving it at its start; None when only reading them would tell."""
-    from fsspec.spec import AbstractBufferedFile
-
-    if isinstance(f, AbstractBufferedFile):  # object stores: one small ranged request, the file's cache untouched
-        try:
-            return f.fs.cat_file(f.path, start=0, end=MAGIC_BYTES)
-        except Exception:
-            pass
-    if getattr(f, "seekable", lambda: False)():
-        head = f.read(MAGIC_BYTES)
-        f.seek(0)
-        return head
-    return None
+    remote = open_remote(url)  # FileNotFoundError / OSError naming the shard
+    opened = from_stream(remote.stream(), False, remote.size, head=remote.head)
+    opened.transfer = remote.stats
+    if opened.compression is None and remote.ranges:
+        opened.remote = remote
+    return opened

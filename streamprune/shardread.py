@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .remote import fetch_in_order
 from .shardlist import OpenShard, open_shard
 from .tarscan import CountingReader, Sample, TarFormatError, iter_samples, split_name
 
@@ -41,6 +42,17 @@ class ReadStats:
     bytes_read: int = 0
     bytes_total: int = 0  # sizes of the opened shards, where known (compressed sizes for compressed shards)
     shards_read_through: int = 0  # opened shards that cannot seek (compressed, `pipe:`): read from the start
+    requests: int = 0  # remote shards: HTTP / object-store requests made, retries included
+    retries: int = 0
+    bytes_requested: int = 0  # remote shards: bytes asked for by range requests
+    bytes_received: int = 0  # remote shards: bytes that crossed the network (ranges and streams)
+
+    def add_transfer(self, t) -> None:
+        """Count a remote shard's transfer (`remote.TransferStats`)."""
+        self.requests += t.requests
+        self.retries += t.retries
+        self.bytes_requested += t.bytes_requested
+        self.bytes_received += t.bytes_received
 
     @property
     def fraction_read(self) -> float:
@@ -74,16 +86,19 @@ def iter_ranges(url: str, shard: str, ranges: np.ndarray, keys: list[str], stats
             raise ShardChangedError(f"shard {url!r} has {opened.size} bytes, the keep-list was made from one of "
                                     f"{expected_size}: re-index and reduce again, or pass allow_mismatch=True "
                                     "to match samples by key")
-        if opened.seekable:
-            fetch = _pread(opened, shard, stats)
-        elif _range_readable(opened):
-            fetch = _seek_read(opened, shard, stats)
+        runs = list(_coalesce(ranges))
+        spans = [(int(ranges[first, 0]), int(ranges[stop - 1, 1])) for first, stop in runs]
+        if opened.remote is not None:  # range requests without read-ahead, several in flight
+            buffers = fetch_in_order(opened.remote, spans)
         else:
-            fetch = _read_forward(opened, shard, stats)
-            stats.shards_read_through += 1
-        for first, stop in _coalesce(ranges):
-            base = int(ranges[first, 0])
-            buf = memoryview(fetch(base, int(ranges[stop - 1, 1]) - base))
+            if opened.seekable:
+                fetch = _pread(opened, shard, stats)
+            else:
+                fetch = _read_forward(opened, shard, stats)
+                stats.shards_read_through += 1
+            buffers = (fetch(start, end - start) for start, end in spans)
+        for (first, stop), (base, _), data in zip(runs, spans, buffers):
+            buf = memoryview(data)
             for i in range(first, stop):
                 a, b = int(ranges[i, 0]) - base, int(ranges[i, 1]) - base
                 reader = CountingReader(io.BytesIO(buf[a:b]), True, None, shard, pos=base + a)
@@ -95,6 +110,10 @@ def iter_ranges(url: str, shard: str, ranges: np.ndarray, keys: list[str], stats
                 stats.samples += 1
                 yield got[0], buf[a:b]
     finally:
+        if opened.transfer is not None:
+            if opened.remote is not None:
+                stats.bytes_read += opened.transfer.bytes_received
+            stats.add_transfer(opened.transfer)
         opened.close(url, drain=False)  # everything wanted was read (or reading failed)
 
 
@@ -123,6 +142,8 @@ def read_keys(url: str, shard: str, keys: set[str] | None, stats: ReadStats,
         to_the_end = True
     finally:
         stats.bytes_read += opened.stored_read(reader.bytes_read)
+        if opened.transfer is not None:
+            stats.add_transfer(opened.transfer)
         opened.close(url, drain=to_the_end)
 
 
@@ -141,12 +162,6 @@ def _coalesce(ranges: np.ndarray) -> Iterator[tuple[int, int]]:
             first = i
 
 
-def _range_readable(opened: OpenShard) -> bool:
-    """Object-store files (fsspec) seek by issuing range requests; pipes cannot seek."""
-    return (opened.process is None and opened.compression is None
-            and getattr(opened.stream, "seekable", lambda: False)())
-
-
 def _pread(opened: OpenShard, shard: str, stats: ReadStats):
     fd = opened.stream.fileno()
 
@@ -157,17 +172,6 @@ def _pread(opened: OpenShard, shard: str, stats: ReadStats):
             if not more:
                 raise TarFormatError(shard, offset + len(data), "truncated: data ends early")
             data += more
-        stats.bytes_read += length
-        return data
-    return fetch
-
-
-def _seek_read(opened: OpenShard, shard: str, stats: ReadStats):
-    def fetch(offset: int, length: int) -> bytes:
-        opened.stream.seek(offset)
-        data = opened.stream.read(length)
-        if len(data) < length:
-            raise TarFormatError(shard, offset + len(data), "truncated: data ends early")
         stats.bytes_read += length
         return data
     return fetch

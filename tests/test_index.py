@@ -94,14 +94,21 @@ def test_truncated_and_corrupt_shards_named_and_healthy_ones_kept(ray_session, u
 
 def test_repeated_extension_in_a_sample_is_broken(ray_session, tmp_path):
     path = _tar(tmp_path / "rep.tar", ["a.cls", "a.cls"])
-    idx = index([path], tmp_path / "run", progress=False)
-    assert "repeats extension .cls of sample 'a'" in idx.manifest["broken"][0]["error"]
+    good = _tar(tmp_path / "good.tar", ["a.cls", "a.png"])
+    idx = index([path, good], tmp_path / "run", progress=False)
+    assert "repeats extension .cls of sample 'a'" in idx.manifest["broken"][0]["error"] and idx.n_samples == 1
+
+
+def test_an_index_whose_every_shard_is_broken_is_an_error_and_writes_nothing(ray_session, tmp_path):
+    path = _tar(tmp_path / "rep.tar", ["a.cls", "a.cls"])
+    with pytest.raises(ValueError, match=r"every shard is broken \(1\).*rep.tar: .*repeats extension .cls"):
+        index([path], tmp_path / "run", progress=False)
+    assert not (tmp_path / "run" / "index").exists()
 
 
 def test_failing_pipe_command_is_broken(ray_session, tmp_path):
-    idx = index(["pipe:cat /nonexistent/dir/x.tar"], tmp_path / "run", progress=False)
-    err = idx.manifest["broken"][0]["error"]
-    assert "pipe:cat /nonexistent/dir/x.tar" in err and "status 1" in err
+    with pytest.raises(ValueError, match=r"every shard is broken.*pipe:cat /nonexistent/dir/x.tar.*status 1"):
+        index(["pipe:cat /nonexistent/dir/x.tar"], tmp_path / "run", progress=False)
 
 
 def test_reindex_replaces_atomically_and_reload(ray_session, uneven_shards, tmp_path):

@@ -1,0 +1,114 @@
+"""Shards over HTTP from a real local server (aiohttp's static file server on 127.0.0.1): index,
+the loader's ranged reads without read-ahead, retries, errors naming shard and range."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import numpy as np
+import pytest
+import webdataset as wds
+
+from streamprune import PrunedWebDataset, index, reshard
+from streamprune.keeplist import KeepList
+from test_loader import _content
+
+
+@pytest.fixture(scope="module")
+def served(ray_session, http_server, uneven_shards, tmp_path_factory):
+    """The six uneven shards served over HTTP (also under the failure-injecting paths), their
+    index over HTTP and the local one, and keep-all / keep-10% lists made from the HTTP index."""
+    paths, _ = uneven_shards
+    names = [os.path.basename(p) for p in paths]
+    data = http_server.root / "data"
+    data.mkdir(exist_ok=True)
+    for p in paths:
+        shutil.copy(p, data)
+    urls = [f"{http_server.url}/data/{n}" for n in names]
+    work = tmp_path_factory.mktemp("remote")
+    local = index(paths, work / "local", progress=False)
+    http_server.reset()
+    idx = index(urls, work / "run", progress=False)
+    rows = np.sort(np.random.default_rng(5).choice(idx.n_samples, idx.n_samples // 10, replace=False))
+    return {"urls": urls, "names": names, "paths": paths, "server": http_server, "work": work, "local": local,
+            "index": idx, "index_bytes_sent": http_server.bytes_sent, "rows": rows,
+            "all": KeepList.from_rows(idx, np.arange(idx.n_samples), work / "keep-all"),
+            "k10": KeepList.from_rows(idx, rows, work / "keep-10"),
+            "ref": list(wds.WebDataset(paths, shardshuffle=False)),
+            "total": sum(os.path.getsize(p) for p in paths)}
+
+
+def test_index_over_http_gives_the_local_fingerprint(served):
+    idx, local = served["index"], served["local"]
+    assert idx.manifest["broken"] == [] and idx.n_samples == 1200
+    assert idx.fingerprint == local.fingerprint and idx.names == local.names
+    for s in range(idx.n_shards):
+        assert idx.keys(s) == local.keys(s)
+    assert np.array_equal(np.asarray(idx.sample_start), np.asarray(local.sample_start))
+    assert all(s["access"] == "through" for s in idx.shards)  # small members: one stream beats a request each
+    assert served["index_bytes_sent"] <= served["total"] * 1.01
+
+
+def test_keep_all_over_http_yields_webdatasets_samples_in_order(served):
+    got = list(PrunedWebDataset(served["urls"], keep=served["all"], shardshuffle=False))
+    assert _content(got) == _content(served["ref"]) and len(got) == 1200
+    over_http = list(wds.WebDataset(served["urls"], shardshuffle=False))  # webdataset reads http through curl
+    assert [s["__key__"] for s in got] == [s["__key__"] for s in over_http]
+
+
+def test_keep_10_percent_over_http_transfers_only_the_kept_bytes(served):
+    server = served["server"]
+    server.reset()
+    ds = PrunedWebDataset(served["urls"], keep=served["k10"], shardshuffle=False)
+    got = list(ds)
+    want = [s for s in served["ref"] if (os.path.basename(s["__url__"]), s["__key__"]) in served["k10"]]
+    assert _content(got) == _content(want) and len(got) == 120
+    assert server.bytes_sent <= 0.15 * served["total"]  # what the server sent: kept samples and small gaps
+    st = ds.stats
+    assert st.bytes_received == pytest.approx(server.bytes_sent, abs=100)
+    assert st.bytes_requested <= st.bytes_received and st.requests >= 6 and st.shards_read_through == 0
+
+
+def test_transient_server_errors_are_retried(served):
+    urls = [u.replace("/data/", "/flaky/data/") for u in served["urls"]]
+    ds = PrunedWebDataset(urls, keep=served["k10"], shardshuffle=False)
+    got = list(ds)
+    assert len(got) == 120 and ds.stats.retries >= 6  # every first request of a range answered 503
+
+
+def test_a_server_error_mid_shard_names_the_shard_and_range(served):
+    url = served["urls"][0].replace("/data/", "/fail-after/20000/data/")
+    keep = served["all"]
+    ds = PrunedWebDataset([url], keep=keep, shardshuffle=False)
+    with pytest.raises(OSError, match=rf"{served['names'][0]}': bytes \d+\.\.\d+: (HTTP 500|IncompleteRead).*gave up "
+                                      r"after 5 tries"):
+        list(ds)  # the first range runs past byte 20,000: its transfer is cut there, every time
+    late = PrunedWebDataset([url], keep=served["k10"], shardshuffle=False)
+    with pytest.raises(OSError, match=rf"{served['names'][0]}': bytes \d+\.\.\d+: HTTP 500"):
+        list(late)
+
+
+def test_a_transfer_cut_mid_stream_is_resumed_by_index(served, tmp_path):
+    url = served["urls"][1].replace("/data/", "/cut-once/30000/data/")
+    idx = index([url], tmp_path / "run", progress=False)
+    assert idx.manifest["broken"] == [] and idx.keys(0) == served["local"].keys(1)
+
+
+def test_a_404_shard_is_broken_in_the_index_and_all_broken_is_an_error(served, tmp_path, capsys):
+    from streamprune.cli import main
+
+    missing = f"{served['server'].url}/data/no-such-shard.tar"
+    idx = index([served["urls"][0], missing], tmp_path / "run", progress=False)
+    assert [b["shard"] for b in idx.manifest["broken"]] == ["no-such-shard.tar"]
+    assert "404" in idx.manifest["broken"][0]["error"]
+    assert main(["index", missing, "--out", str(tmp_path / "none"), "--quiet"]) == 2
+    assert "every shard is broken" in capsys.readouterr().err
+    assert not (tmp_path / "none" / "index").exists()
+
+
+def test_reshard_reads_kept_ranges_over_http(served, tmp_path):
+    paths = reshard(served["work"] / "run", tmp_path / "out", 50, keep=served["work"] / "keep-10", progress=False)
+    got = [s["__key__"] for s in wds.WebDataset([str(p) for p in paths], shardshuffle=False)]
+    want = [s["__key__"] for s in served["ref"] if (os.path.basename(s["__url__"]), s["__key__"]) in served["k10"]]
+    assert len(got) == 120 and set(got) == set(want)
