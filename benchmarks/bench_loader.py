@@ -173,9 +173,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         server = None
         if args.http:
             sys.path.insert(0, str(TESTS))
-            from http_server import serve
+            from http_server import serve_process  # its own process: the client does not share its GIL
 
-            server = stack.enter_context(serve(work))
+            server = stack.enter_context(serve_process(work))
         return [bench(name, paths, work, repeat, server=server, latencies=latencies)
                 for name, paths in sets.items()]
 

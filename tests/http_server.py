@@ -219,3 +219,80 @@ def serve(root: str | Path, *, latency: float = 0.0) -> Iterator[Server]:
             thread.join(_JOIN_TIMEOUT)
             if not thread.is_alive():
                 loop.close()
+
+
+class ProcessServer:
+    """A `Server` running in a child process (so that a benchmark's client does not share the
+    server's interpreter lock): the same `url`, `root`, `latency`, counters and `reset()`,
+    each a round trip over a pipe."""
+
+    def __init__(self, conn, url: str, root: Path):
+        self._conn, self.url, self.root = conn, url, root
+
+    def _ask(self, *message):
+        self._conn.send(message)
+        return self._conn.recv()
+
+    def reset(self) -> None:
+        self._ask("reset")
+
+    @property
+    def latency(self) -> float:
+        return self._ask("get", "latency")
+
+    @latency.setter
+    def latency(self, value: float) -> None:
+        self._ask("latency", float(value))
+
+    @property
+    def requests(self) -> int:
+        return self._ask("get", "requests")
+
+    @property
+    def range_requests(self) -> int:
+        return self._ask("get", "range_requests")
+
+    @property
+    def bytes_sent(self) -> int:
+        return self._ask("get", "bytes_sent")
+
+
+def _child(root: str, latency: float, conn) -> None:
+    with serve(root, latency=latency) as server:
+        conn.send(server.url)
+        while True:
+            message = conn.recv()
+            if message[0] == "stop":
+                conn.send(None)
+                return
+            if message[0] == "reset":
+                server.reset()
+                conn.send(None)
+            elif message[0] == "latency":
+                server.latency = message[1]
+                conn.send(None)
+            else:
+                conn.send(getattr(server, message[1]))
+
+
+@contextlib.contextmanager
+def serve_process(root: str | Path, *, latency: float = 0.0) -> Iterator[ProcessServer]:
+    """`serve` in a child process; yields a ProcessServer."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=_child, args=(str(Path(root).resolve()), latency, child), daemon=True)
+    proc.start()
+    try:
+        if not parent.poll(_STARTUP_TIMEOUT * 3):
+            raise RuntimeError("the HTTP server process did not start")
+        yield ProcessServer(parent, parent.recv(), Path(root).resolve())
+    finally:
+        try:
+            parent.send(("stop",))
+            parent.poll(_JOIN_TIMEOUT)
+        finally:
+            proc.join(_JOIN_TIMEOUT)
+            if proc.is_alive():
+                proc.kill()
