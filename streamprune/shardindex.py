@@ -7,6 +7,7 @@ shard is `scan_shard`; building the index in parallel lives in `indexer`.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import time
@@ -17,9 +18,9 @@ import numpy as np
 
 from .atomic import swap_in, temp_sibling
 from .identity import SampleIdentity, find_duplicates, id128
-from .remote import RangedReader
+from .remote import HEADER_BLOCK, RangedReader
 from .shardlist import open_shard
-from .tarscan import BLOCK, CountingReader, TarFormatError, _octal, iter_samples
+from .tarscan import CountingReader, TarFormatError, iter_members, iter_samples
 
 FORMAT = "streamprune-index"
 FORMAT_VERSION = 1
@@ -122,11 +123,13 @@ RANGED_SCAN_MIN = 1 << 20  # remote shards: read headers by ranges when the firs
 def _ranges_cheaper(remote) -> bool:
     """Whether a remote shard's headers are cheaper to read by range requests (one per member)
     than the whole file through one stream: when its first member holds RANGED_SCAN_MIN bytes or
-    more (the first header tells), a request saves more bytes than its latency costs."""
+    more (its headers, pax ones included, are in the first HEADER_BLOCK bytes), a request saves
+    more bytes than its latency costs."""
     try:
-        header = remote.fetch(0, min(BLOCK, remote.size))
-        return len(header) == BLOCK and _octal(header[124:136], "", 0) >= RANGED_SCAN_MIN
-    except (OSError, TarFormatError):
+        head = remote.fetch(0, min(HEADER_BLOCK, remote.size))
+        member, _ = next(iter_members(CountingReader(io.BytesIO(head), True, None, ""), require_end=False))
+        return member.size >= RANGED_SCAN_MIN
+    except (OSError, TarFormatError, StopIteration):
         return False  # the read-through scan meets the same problem and reports it
 
 

@@ -112,3 +112,21 @@ def test_reshard_reads_kept_ranges_over_http(served, tmp_path):
     got = [s["__key__"] for s in wds.WebDataset([str(p) for p in paths], shardshuffle=False)]
     want = [s["__key__"] for s in served["ref"] if (os.path.basename(s["__url__"]), s["__key__"]) in served["k10"]]
     assert len(got) == 120 and set(got) == set(want)
+
+
+def test_index_reads_large_members_headers_by_ranges(ray_session, http_server, tmp_path):
+    rng = np.random.default_rng(0)
+    big = http_server.root / "big"
+    big.mkdir(exist_ok=True)
+    paths = []
+    for s in range(2):
+        paths.append(str(big / f"big-{s:06d}.tar"))
+        with wds.TarWriter(paths[-1]) as w:
+            for i in range(3):
+                w.write({"__key__": f"{s}-{i}", "bin": rng.bytes(1_200_000 + i), "cls": i})
+    local = index(paths, tmp_path / "local", progress=False)
+    http_server.reset()
+    idx = index([f"{http_server.url}/big/{os.path.basename(p)}" for p in paths], tmp_path / "run", progress=False)
+    assert idx.fingerprint == local.fingerprint and all(s["access"] == "headers" for s in idx.shards)
+    total = sum(os.path.getsize(p) for p in paths)
+    assert http_server.bytes_sent < 0.02 * total  # one 4 KiB block per member header, not the 1.2 MB members
