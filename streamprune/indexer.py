@@ -1,12 +1,15 @@
 """`streamprune index`: scan shards in parallel Ray tasks and write `RUN/index`.
 
 Each finished shard is saved as a part under `RUN/.index-parts/`, so an interrupted
-index resumes where it stopped; the final merge is atomic.
+index resumes where it stopped; a part is named after the shard's URL, name, identity and
+(local shards) size and modification time, so a shard rewritten since is scanned again, and
+broken shards are always scanned again. The final merge is atomic.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -18,12 +21,31 @@ from .atomic import output_lock
 from .identity import SampleIdentity, parse_identity, shard_names
 from .raycluster import bounded_map, ensure_ray
 from .shardindex import Index, load_scan_meta, save_scan, scan_shard, write_index
-from .shardlist import absolute, expand_urls
+from .shardlist import absolute, expand_urls, is_local, local_path
 
 
 @ray.remote(num_cpus=1, max_retries=3)
 def _scan_task(url: str, name: str, identity: SampleIdentity | None):
     return scan_shard(url, name, identity)
+
+
+def _stamp(url: str) -> str:
+    """A local shard's size and modification time: a part scanned from other bytes is not reused.
+    Remote and `pipe:` shards: empty (their parts are reused while they exist)."""
+    if not is_local(url):
+        return ""
+    try:
+        st = os.stat(local_path(url))
+    except OSError:
+        return "missing"
+    return f"{st.st_size}:{st.st_mtime_ns}"
+
+
+def part_path(parts_dir: Path, i: int, url: str, name: str, spec: str) -> Path:
+    """Where shard `i`'s finished scan is kept until the merge: named after its URL, name, identity
+    spec and stamp, so that a resumed index reuses it only for the same bytes."""
+    tag = hashlib.blake2b(f"{url}\0{name}\0{spec}\0{_stamp(url)}".encode(), digest_size=8).hexdigest()
+    return parts_dir / f"{i:08d}-{tag}.npz"
 
 
 def index(shards: str | Iterable[str], out: str | Path, *, root: str | None = None,
@@ -44,8 +66,7 @@ def index(shards: str | Iterable[str], out: str | Path, *, root: str | None = No
     with output_lock(out / "index"):
         parts_dir = out / ".index-parts"
         parts_dir.mkdir(exist_ok=True)
-        tag = lambda i: hashlib.blake2b(f"{urls[i]}\0{names[i]}\0{spec}".encode(), digest_size=8).hexdigest()
-        parts = [parts_dir / f"{i:08d}-{tag(i)}.npz" for i in range(len(urls))]
+        parts = [part_path(parts_dir, i, urls[i], names[i], spec) for i in range(len(urls))]
         todo = [i for i, p in enumerate(parts) if not p.exists() or load_scan_meta(p)["status"] == "broken"]
         bar = tqdm(total=len(urls), initial=len(urls) - len(todo), desc="index", unit="shard", disable=not progress)
         if todo:

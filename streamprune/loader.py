@@ -69,17 +69,32 @@ class _Selection:
 
 
 class _KeptShards:
-    """Pipeline stage: URL dicts of shards with something kept; the others are counted, never opened."""
+    """Pipeline stage: URL dicts of shards with something kept; the others are counted, never opened.
+
+    An endless shard stream (`resampled=True`) in which nothing is kept would skip forever:
+    after MAX_SKIPPED shards in a row without a kept one (and each URL seen skipped), it stops
+    with an error instead."""
+
+    MAX_SKIPPED = 10_000
 
     def __init__(self, selection: _Selection, stats: ReadStats):
         self.selection, self.stats = selection, stats
 
     def __call__(self, src: Iterable[dict]) -> Iterator[dict]:
+        skipped: set[str] = set()
+        run = 0
         for item in src:
             name = self.selection.shard(item["url"])
             if name is not None and self.selection.keep.kept_count(name) == 0:
                 self.stats.shards_skipped += 1
+                skipped.add(item["url"])
+                run += 1
+                if run >= max(self.MAX_SKIPPED, 10 * len(skipped)):
+                    raise ValueError(f"nothing is kept in any of the {len(skipped)} shards this stream repeats "
+                                     f"(e.g. {next(iter(skipped))!r}): {run} shards in a row skipped")
                 continue
+            run = 0
+            skipped.clear()
             yield {**item, "__shard__": name}
 
 
@@ -238,6 +253,9 @@ class PrunedWebDataset(wds.WebDataset):
         selection = _Selection(self.keep, root, unknown_shards)
         if listed is not None:
             selection.check(listed, allow_mismatch)
+            names = [selection.shard(u) for u in listed]
+            if listed and all(n is not None and self.keep.kept_count(n) == 0 for n in names):
+                raise ValueError(f"the keep-list keeps no sample of these {len(listed)} shards (e.g. {listed[0]!r})")
         opener = next((i for i, stage in enumerate(self.pipeline)
                        if isinstance(stage, (cache.StreamingOpen, cache.FileCache))), None)
         if opener is None or len(self.pipeline) < opener + 3:

@@ -422,6 +422,22 @@ def _describe(view: View | None, shape: tuple[int, ...], decode: str | None, cla
     return f"{what}; {classes.num_classes} classes" + (f" ({classes.label}, names in classes.json)" if named else "")
 
 
+def _user_error(exc: BaseException) -> BaseException:
+    """The ValueError (bad input or settings: a user's error) a Ray Train failure wraps, so that it
+    is reported as such (exit 2); the failure itself when it wraps none."""
+    stack, seen = [exc], set()
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, ValueError):
+            return e
+        stack += [e.__cause__, e.__context__, getattr(e, "cause", None), getattr(e, "controller_failure", None),
+                  *getattr(e, "worker_failures", {}).values()]
+    return exc
+
+
 def _fit(run: Path, cfg: RecordConfig, writers, tracker, healthy, classes: Classes, start, max_failures, progress,
          n_samples) -> RecordSummary:
     from ray.train import FailureConfig, RunConfig, ScalingConfig
@@ -470,7 +486,7 @@ def _fit(run: Path, cfg: RecordConfig, writers, tracker, healthy, classes: Class
     for bar in bars.values():
         bar.close()
     if error:
-        raise error[0]
+        raise _user_error(error[0]) from None
     summary = RecordSummary(str(run), max(epochs, default=start - 1) + 1, sorted(epochs),
                             [epochs[e] for e in sorted(epochs)])
     for epoch, sec in zip(summary.epochs_run, summary.epoch_seconds):

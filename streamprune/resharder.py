@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -52,6 +53,8 @@ def reshard(run: str | os.PathLike, out: str | os.PathLike, shard_size: int | No
             max_in_flight: int | None = None, progress: bool = True) -> list[Path]:
     """Write `keep` (default `RUN/keep`) as shards `OUT/PREFIX-NNNNNN.tar` of `shard_size` samples
     (default: the input's mean shard size); returns their paths. Resumes an interrupted run."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", prefix):
+        raise ValueError(f"prefix {prefix!r}: use letters, digits, '.', '_' and '-' only (a file name, not a path)")
     run, out = Path(run), Path(out)
     index = Index(run / "index")
     keep = KeepList.load(run / "keep" if keep is None else keep) if not isinstance(keep, KeepList) else keep

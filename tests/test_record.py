@@ -238,7 +238,7 @@ def test_undecodable_samples_are_skipped_counted_and_listed_or_refused(ray_sessi
     run = tmp_path / "run"
     idx = index(paths, run, progress=False)
     # whichever rank meets its bad sample first stops the run, naming sample, shard and reason
-    with pytest.raises(Exception, match=r"sample '(00000005|00000012|00000031)' of .*bad-00000[01]\.tar.*"
+    with pytest.raises(ValueError, match=r"sample '(00000005|00000012|00000031)' of .*bad-00000[01]\.tar.*"
                                         r"(cannot decode|no .cls member|decompression bomb).*on_bad_sample='skip'"):
         record(run, 2, workers=2, schedule_epochs=10, num_classes=10, on_bad_sample="error", max_failures=0,
                progress=False)
@@ -273,5 +273,5 @@ def test_a_label_outside_the_class_range_stops_the_run_naming_it(ray_session, tm
             w.write({"__key__": f"{i:08d}", "png": encode_png(images[i]),
                      "cls": b"12" if i == 7 else str(int(labels[i])).encode()})
     index([path], tmp_path / "run", progress=False)
-    with pytest.raises(Exception, match=r"00000007.*labels-000000.tar.*label 12 is outside \[0, 10\)"):
+    with pytest.raises(ValueError, match=r"00000007.*labels-000000.tar.*label 12 is outside \[0, 10\)"):
         record(tmp_path / "run", 1, workers=1, schedule_epochs=5, num_classes=10, max_failures=0, progress=False)

@@ -1,0 +1,70 @@
+"""Guards against silent wrong answers and endless loops: a stale index part, an endless shard
+stream in which nothing is kept, an output prefix that leaves the output folder."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import numpy as np
+import pytest
+import webdataset as wds
+
+from streamprune import PrunedWebDataset, index, reshard
+from streamprune.keeplist import KeepList
+from streamprune.loader import _KeptShards, _Selection
+from streamprune.shardread import ReadStats
+
+
+@pytest.fixture
+def two_shards(uneven_shards, tmp_path):
+    paths, _ = uneven_shards
+    copies = []
+    for p in paths[:2]:
+        copies.append(str(tmp_path / os.path.basename(p)))
+        shutil.copy(p, copies[-1])
+    return copies
+
+
+def test_a_shard_rewritten_after_an_interrupted_index_is_scanned_again(ray_session, two_shards, tmp_path, fmnist):
+    from streamprune.datasets import write_shards
+    from streamprune.identity import shard_names
+    from streamprune.indexer import part_path
+    from streamprune.shardindex import save_scan, scan_shard
+
+    run = tmp_path / "run"
+    parts = run / ".index-parts"
+    parts.mkdir(parents=True)
+    names, _ = shard_names(two_shards)
+    for i, (url, name) in enumerate(zip(two_shards, names)):  # what an index killed before its merge leaves
+        save_scan(scan_shard(url, name), part_path(parts, i, url, name, "shard-key"))
+    images, labels = fmnist
+    write_shards(images[:7], labels[:7], tmp_path / "new", sizes=[7], prefix="x")
+    os.replace(tmp_path / "new" / "x-000000.tar", two_shards[0])  # then the shard is rewritten
+    idx = index(two_shards, run, progress=False)
+    assert idx.keys(0) == [s["__key__"] for s in wds.WebDataset(two_shards[0], shardshuffle=False)]
+    assert idx.n_samples == 7 + len(idx.keys(1)) and not parts.exists()
+
+
+def test_resampled_streams_over_shards_with_nothing_kept_stop_with_an_error(ray_session, uneven_shards, tmp_path):
+    paths, sizes = uneven_shards
+    idx = index(paths, tmp_path / "run", progress=False)
+    keep = KeepList.from_rows(idx, np.arange(idx.rows(0).start, idx.rows(0).stop), tmp_path / "keep")  # shard 0 only
+    with pytest.raises(ValueError, match="keeps no sample of these 2 shards"):
+        PrunedWebDataset(paths[1:3], keep=keep, resampled=True)
+    stage = _KeptShards(_Selection(keep, None, "error"), ReadStats())
+    endless = ({"url": paths[1 + i % 2]} for i in range(10**9))
+    with pytest.raises(ValueError, match=r"nothing is kept in any of the 2 shards this stream repeats"):
+        next(stage(endless))
+    got = list(PrunedWebDataset(paths[:2], keep=keep, shardshuffle=False))
+    assert len(got) == sizes[0]
+
+
+def test_reshard_refuses_a_prefix_that_is_a_path(ray_session, uneven_shards, tmp_path):
+    paths, _ = uneven_shards
+    idx = index(paths, tmp_path / "run", progress=False)
+    KeepList.from_rows(idx, np.arange(10), tmp_path / "run" / "keep")
+    for prefix in ("../../x", "a/b", "", ".hidden", "x\ny"):
+        with pytest.raises(ValueError, match="prefix .*a file name, not a path"):
+            reshard(tmp_path / "run", tmp_path / "out", 5, prefix=prefix, progress=False)
+    assert not (tmp_path / "out").exists() and not (tmp_path.parent / "x-000000.tar").exists()
