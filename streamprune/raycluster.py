@@ -12,22 +12,28 @@ import ray
 def ensure_ray(address: str | None = None) -> None:
     """Start a local Ray instance (no address) or join the cluster at `address`, once per process.
 
-    An already initialised Ray (a test session, a notebook) is reused as it is.
+    An already initialised Ray (a test session, a notebook) is reused as it is. Without an
+    address a new local instance is started even when others run on the machine (Ray's own
+    default would join the latest one, warning "Found multiple active Ray instances").
     """
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    ray.init(address=address, include_dashboard=False, logging_level="WARNING",
+    ray.init(address=address or "local", include_dashboard=False, logging_level="WARNING",
              configure_logging=True, log_to_driver=True,
              runtime_env={"worker_process_setup_hook": "streamprune.raycluster.quiet_worker_logs"})
 
 
 def quiet_worker_logs() -> None:
-    """Ray worker setup: without the dashboard, Ray Train's placement-group cleaner warns every
-    second that the state API is unavailable; it keeps working, so silence that logger."""
+    """Ray worker setup: silence Ray Train's warnings that are not failures: without the dashboard
+    its placement-group cleaner warns every second that the state API is unavailable."""
     import logging
 
     logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
+    # A resource request to Ray's autoscaling coordinator that times out on a busy machine is
+    # retried by Ray Train; its warning (with a traceback) reads like a failure, and is not one.
+    logging.getLogger("ray.train.v2._internal.execution.scaling_policy.autoscaling_coordinator_client"
+                      ).setLevel(logging.ERROR)
 
 
 def bounded_map(submit: Callable[[Any], ray.ObjectRef], items: Sequence, limit: int,
