@@ -19,6 +19,10 @@ def ensure_ray(address: str | None = None) -> None:
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    import logging
+
+    # An embedded instance gets a token (safe); saying so on every run reads like a problem.
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     ray.init(address=address or "local", include_dashboard=False, logging_level="WARNING",
              configure_logging=True, log_to_driver=True,
              runtime_env={"worker_process_setup_hook": "streamprune.raycluster.quiet_worker_logs"})
