@@ -68,3 +68,22 @@ def test_reshard_refuses_a_prefix_that_is_a_path(ray_session, uneven_shards, tmp
         with pytest.raises(ValueError, match="prefix .*a file name, not a path"):
             reshard(tmp_path / "run", tmp_path / "out", 5, prefix=prefix, progress=False)
     assert not (tmp_path / "out").exists() and not (tmp_path.parent / "x-000000.tar").exists()
+
+
+def test_what_a_rewritten_shard_check_detects_and_what_it_does_not(ray_session, two_shards, tmp_path):
+    from streamprune.shardread import ShardChangedError
+
+    idx = index(two_shards, tmp_path / "run", progress=False)
+    keep = KeepList.from_rows(idx, np.arange(idx.n_samples), tmp_path / "keep")
+    original = next(iter(wds.WebDataset(two_shards[0], shardshuffle=False)))["png"]
+    data = bytearray(open(two_shards[0], "rb").read())
+    start, end = int(idx.sample_start[0]), int(idx.sample_end[0])
+    pos = data.index(b"IHDR", start, end) + 8  # a byte of the first image's header chunk
+    data[pos] ^= 0xFF
+    open(two_shards[0], "wb").write(bytes(data))  # same size, same keys: served as it now is
+    first = next(iter(PrunedWebDataset(two_shards, keep=keep, shardshuffle=False)))
+    now = next(iter(wds.WebDataset(two_shards[0], shardshuffle=False)))
+    assert first["__key__"] == idx.keys(0)[0] and first["png"] == now["png"] != original
+    open(two_shards[0], "ab").write(bytes(512))  # another size: refused
+    with pytest.raises(ShardChangedError, match="re-index"):
+        list(PrunedWebDataset(two_shards, keep=keep, shardshuffle=False))
