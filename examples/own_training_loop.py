@@ -29,6 +29,7 @@ from streamprune import IndexedShards, StatsLogger, index_in_process
 from streamprune.decode import ToTensors
 from streamprune.labels import Classes, scan_classes
 from streamprune.models import small_cnn
+from streamprune.recipe import sync_from_rank0
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -115,7 +116,7 @@ def main(argv: list[str] | None = None) -> None:
                 totals[1] += loss.detach() * len(y)
                 totals[2] += (logits.argmax(1) == y).sum()
         if distributed:
-            _sync_from_rank0(net, opt)
+            sync_from_rank0(net, opt)
             dist.all_reduce(totals)
         if rank == 0:  # saved before the epoch is marked: a complete epoch always has its checkpoint
             path = _checkpoint(run, epoch + 1)
@@ -139,19 +140,6 @@ def main(argv: list[str] | None = None) -> None:
 
 def _checkpoint(run: Path, epochs_done: int) -> Path:
     return run / "checkpoints" / f"epoch-{epochs_done:04d}.pt"
-
-
-def _sync_from_rank0(net: torch.nn.Module, opt: torch.optim.Optimizer) -> None:
-    """Every rank takes rank 0's weights, buffers and momentum: a rank that ran out of data
-    first skipped optimizer steps under Join, and rank 0's state is what the checkpoint holds."""
-    tensors = [p.data for p in net.parameters()] + list(net.buffers())
-    for p in net.parameters():
-        state = opt.state[p]
-        if state.get("momentum_buffer") is None:
-            state["momentum_buffer"] = torch.zeros_like(p.data)
-        tensors.append(state["momentum_buffer"])
-    for t in tensors:
-        dist.broadcast(t, 0)
 
 
 def _finish(distributed: bool) -> None:

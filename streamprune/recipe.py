@@ -31,3 +31,22 @@ def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tens
     loss.backward()
     opt.step()
     return logits, loss
+
+
+def sync_from_rank0(model: torch.nn.Module, opt: torch.optim.Optimizer) -> None:
+    """Give every rank rank 0's weights, buffers and momentum after an epoch.
+
+    With uneven inputs, `Join` shadows the all-reduces of a rank that ran out of data but
+    does not step its optimizer, so ranks drift apart; rank 0's state is also what the
+    checkpoint holds, so this makes a resumed run continue exactly as an uninterrupted one.
+    """
+    import torch.distributed as dist
+
+    tensors = [p.data for p in model.parameters()] + list(model.buffers())
+    for p in model.parameters():
+        state = opt.state[p]
+        if state.get("momentum_buffer") is None:
+            state["momentum_buffer"] = torch.zeros_like(p.data)
+        tensors.append(state["momentum_buffer"])
+    for t in tensors:
+        dist.broadcast(t, 0)

@@ -27,7 +27,7 @@ from .decode import PROBE_SAMPLES, SampleDecoder, View, probe_view
 from .labels import BadSample, Classes, LabelSpec
 from .models import build_model
 from .raycluster import ensure_ray
-from .recipe import make_sgd, set_cosine_lr, train_step
+from .recipe import make_sgd, set_cosine_lr, sync_from_rank0, train_step
 from .runshards import (
     assign_shards,
     bad_samples,
@@ -243,7 +243,7 @@ def _train_loop(cfg: dict) -> None:
         ray.get(pending)
         progress.update.remote(rank, epoch, *seen)
         if distributed:
-            _sync_from_rank0(model, opt)
+            sync_from_rank0(model, opt)
         barrier()
         if rank == 0:
             missing = writers.flush() if rc.record else None
@@ -260,25 +260,6 @@ def _train_loop(cfg: dict) -> None:
                 stale.unlink()
             ray.get(progress.epoch_done.remote(epoch, time.time() - t0))
         barrier()
-
-
-def _sync_from_rank0(model: torch.nn.Module, opt: torch.optim.Optimizer) -> None:
-    """Give every rank rank 0's weights, buffers and momentum after an epoch.
-
-    With uneven inputs, `Join` shadows the all-reduces of a rank that ran out of data but
-    does not step its optimizer, so ranks drift apart; rank 0's state is also what the
-    checkpoint holds, so this makes a resumed run continue exactly as an uninterrupted one.
-    """
-    import torch.distributed as dist
-
-    tensors = [p.data for p in model.parameters()] + list(model.buffers())
-    for p in model.parameters():
-        state = opt.state[p]
-        if state.get("momentum_buffer") is None:
-            state["momentum_buffer"] = torch.zeros_like(p.data)
-        tensors.append(state["momentum_buffer"])
-    for t in tensors:
-        dist.broadcast(t, 0)
 
 
 def _send(writers: StoreWriters, rows_buf: list, stats_buf: list) -> list:
