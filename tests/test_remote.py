@@ -130,3 +130,16 @@ def test_index_reads_large_members_headers_by_ranges(ray_session, http_server, t
     assert idx.fingerprint == local.fingerprint and all(s["access"] == "headers" for s in idx.shards)
     total = sum(os.path.getsize(p) for p in paths)
     assert http_server.bytes_sent < 0.02 * total  # one 4 KiB block per member header, not the 1.2 MB members
+
+
+def test_record_and_reduce_over_http(served, tmp_path):
+    from streamprune import record, reduce
+    from streamprune.store import StatsStore
+
+    run = tmp_path / "run"
+    shutil.copytree(served["work"] / "run" / "index", run / "index")
+    summary = record(run, 2, workers=1, schedule_epochs=6, loader_workers=1, progress=False)
+    assert summary.bad_samples == 0 and summary.samples == 2 * 1200
+    store = StatsStore.open(run / "stats.zarr", mode="r")
+    assert store.complete_epochs() == 2 and np.isfinite(store.read("p_true")).all()
+    assert len(reduce(run, 0.5, "dual-beta", progress=False)) == 600
