@@ -1,4 +1,5 @@
-"""Per-sample scores of SCORING.md, pure NumPy and vectorised; inputs are `(N, T)` = samples x epochs.
+"""Per-sample scores (docs/scoring.md, section 2), pure NumPy and vectorised; inputs are `(N, T)` =
+samples x epochs.
 
 Windowed scores use stride-1 windows `W_k = [k, k+J)`, `k = 0..T-J`, with the window mean
 and the sample standard deviation (ddof = 1). All windows are summed at once in float64,

@@ -1,4 +1,4 @@
-"""Per-sample statistics of one training forward pass (SCORING.md, "What is recorded")."""
+"""Per-sample statistics of one training forward pass (docs/scoring.md, section 1)."""
 
 from __future__ import annotations
 
