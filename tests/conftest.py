@@ -9,6 +9,18 @@ import pytest
 
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
+SLOW_MODULES = {"test_benchmarks", "test_record", "test_evaluate", "test_cli", "test_own_loop", "test_inputs"}
+
+
+def pytest_collection_modifyitems(items):
+    """Mark `ray` every test that uses the Ray session, and `slow` those of the training and
+    benchmark modules, so that `pytest -m "not ray"` runs the pure tests alone in seconds."""
+    for item in items:
+        if "ray_session" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.ray)
+        if item.module.__name__.rpartition(".")[2] in SLOW_MODULES:
+            item.add_marker(pytest.mark.slow)
+
 
 @pytest.fixture(scope="session")
 def ray_session():
