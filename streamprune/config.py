@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import types
 import typing
@@ -116,7 +117,118 @@ def load_config(path: str | os.PathLike) -> Config:
     if not isinstance(data, dict):
         raise ConfigError(f"config {str(path)!r}: expected a mapping of fields, got {type(data).__name__}")
     cfg = _build(Config, data, f"config {str(path)!r}", "")
+    problems = config_problems(cfg)
+    if problems:
+        raise ConfigError(f"config {str(path)!r} has {len(problems)} problem(s), nothing was run:\n  "
+                          + "\n  ".join(problems))
     return _resolve_paths(cfg, path.parent.resolve())
+
+
+SEED_LIMIT = 1 << 63  # seeds are hashed as 64-bit numbers: larger (or negative) ones would alias
+
+
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def record_problems(r: RecordSection, prefix: str = "record.") -> list[str]:
+    """Every value of a record section that cannot work, one line each (the field named)."""
+    from .labels import LabelSpec
+    from .plugins import is_function_spec
+
+    out = []
+    check = lambda ok, field_, msg: None if ok else out.append(f"{prefix}{field_}: {msg}")
+    check(r.epochs >= 1, "epochs", f"must be >= 1, not {r.epochs}")
+    check(r.schedule_epochs >= r.epochs, "schedule_epochs",
+          f"must be >= epochs ({r.epochs}): the recorded epochs are the start of the schedule, not {r.schedule_epochs}")
+    check(r.workers is None or r.workers >= 1, "workers", f"must be >= 1, not {r.workers}")
+    check(r.gpus_per_worker is None or (_finite(r.gpus_per_worker) and r.gpus_per_worker >= 0), "gpus_per_worker",
+          f"must be >= 0, not {r.gpus_per_worker}")
+    check(r.batch_size >= 1, "batch_size", f"must be >= 1, not {r.batch_size}")
+    check(_finite(r.lr) and r.lr > 0, "lr", f"must be a finite number > 0, not {r.lr}")
+    check(0 <= r.seed < SEED_LIMIT, "seed", f"must be in [0, 2^63), not {r.seed}")
+    check(r.num_classes is None or r.num_classes >= 1, "num_classes", f"must be >= 1, not {r.num_classes}")
+    check(r.loader_workers >= 0, "loader_workers", f"must be >= 0, not {r.loader_workers}")
+    check(r.max_failures >= 0, "max_failures", f"must be >= 0, not {r.max_failures}")
+    check(r.on_bad_sample in ("skip", "error"), "on_bad_sample", f"must be skip or error, not {r.on_bad_sample!r}")
+    check(r.image_size is None or r.image_size >= 8, "image_size", f"must be >= 8 pixels, not {r.image_size}")
+    check(r.decode is None or is_function_spec(r.decode), "decode",
+          f"must be package.module:function, not {r.decode!r}")
+    check(r.decode is None or r.label == "cls", "label", "does not apply with a decode function (it returns the label)")
+    check(r.model is None or r.model in ("small-cnn", "resnet18") or is_function_spec(r.model), "model",
+          f"must be small-cnn, resnet18 or package.module:factory, not {r.model!r}")
+    try:
+        LabelSpec(r.label)
+    except ValueError as exc:
+        out.append(f"{prefix}label: {exc}")
+    return out
+
+
+def reduce_problems(r: ReduceSection, prefix: str = "reduce.") -> list[str]:
+    """Every value of a reduce section that cannot work, one line each."""
+    from .reducer import Method
+    from .sampling import resolve_balance
+
+    out = []
+    check = lambda ok, field_, msg: None if ok else out.append(f"{prefix}{field_}: {msg}")
+    check(_finite(r.ratio) and 0 <= r.ratio < 1, "ratio", f"must be in [0, 1) (the fraction removed), not {r.ratio}")
+    try:
+        Method.parse(r.method)
+    except ValueError as exc:
+        out.append(f"{prefix}method: {exc}")
+    check(0 <= r.seed < SEED_LIMIT, "seed", f"must be in [0, 2^63), not {r.seed}")
+    check(r.window is None or r.window >= 2, "window", f"must be >= 2, not {r.window}")
+    check(r.epochs is None or r.epochs >= 1, "epochs", f"must be >= 1, not {r.epochs}")
+    check(r.missing in ("drop", "error"), "missing", f"must be drop or error, not {r.missing!r}")
+    check(r.scores in ("all", "method"), "scores", f"must be all or method, not {r.scores!r}")
+    check(r.c_d is None or (_finite(r.c_d) and r.c_d > 0), "c_d", f"must be > 0, not {r.c_d}")
+    check(_finite(r.C) and r.C > 0, "C", f"must be > 0, not {r.C}")
+    check(r.alpha_plus_beta is None or (_finite(r.alpha_plus_beta) and r.alpha_plus_beta > r.C), "alpha_plus_beta",
+          f"must be > C ({r.C}) so that alpha stays positive, not {r.alpha_plus_beta}")
+    check(_finite(r.cut) and 0 <= r.cut < 1, "cut", f"must be in [0, 1), not {r.cut}")
+    try:
+        balance = resolve_balance(r.balance, r.method)
+        check(not (balance == "classes" and r.method.startswith("ccs:")), "balance",
+              "classes cannot be combined with ccs: methods (they stratify by score)")
+    except ValueError as exc:
+        out.append(f"{prefix}balance: {exc}")
+    return out
+
+
+def evaluate_problems(e: EvaluateSection, prefix: str = "evaluate.") -> list[str]:
+    """Every value of an evaluate section that cannot work, one line each."""
+    from .evaluate import BUDGETS
+    from .reducer import Method
+
+    out = []
+    check = lambda ok, field_, msg: None if ok else out.append(f"{prefix}{field_}: {msg}")
+    check(e.epochs >= 1, "epochs", f"must be >= 1, not {e.epochs}")
+    check(e.budget in BUDGETS, "budget", f"must be one of {list(BUDGETS)}, not {e.budget!r}")
+    check(e.seeds >= 1, "seeds", f"must be >= 1, not {e.seeds}")
+    check(e.batch_size >= 1, "batch_size", f"must be >= 1, not {e.batch_size}")
+    check(_finite(e.lr) and e.lr > 0, "lr", f"must be a finite number > 0, not {e.lr}")
+    check(e.num_classes is None or e.num_classes >= 1, "num_classes", f"must be >= 1, not {e.num_classes}")
+    check(0 <= e.seed < SEED_LIMIT, "seed", f"must be in [0, 2^63), not {e.seed}")
+    if e.baseline is not None:
+        try:
+            Method.parse(e.baseline)
+        except ValueError as exc:
+            out.append(f"{prefix}baseline: {exc}")
+    return out
+
+
+def config_problems(cfg: Config) -> list[str]:
+    """Every problem of a whole config, so that `run` refuses it before any work."""
+    out = [] if cfg.shards else ["shards: no shard given"]
+    out += record_problems(cfg.record) + reduce_problems(cfg.reduce)
+    if cfg.evaluate.test_shards is not None:
+        out += evaluate_problems(cfg.evaluate)
+    if cfg.reduce.epochs is not None and cfg.reduce.epochs > cfg.record.epochs:
+        out.append(f"reduce.epochs: {cfg.reduce.epochs} is more than the {cfg.record.epochs} recorded epochs")
+    window, t = cfg.reduce.window, cfg.reduce.epochs or cfg.record.epochs
+    if window is not None and window > t:
+        out.append(f"reduce.window: {window} is longer than the {t} epochs used (T)")
+    return out
 
 
 def _build(cls, data: dict, where: str, prefix: str):

@@ -348,13 +348,18 @@ def record(run: str | os.PathLike, epochs: int, *, workers: int | None = None, g
     else 224), or a `decode` function `package.module:function` (sample -> (tensor, label));
     `classes`: a class-name list file for string labels (default: scanned, `RUN/classes.json`).
     """
-    if on_bad_sample not in ("skip", "error"):
-        raise ValueError(f"on_bad_sample must be 'skip' or 'error', not {on_bad_sample!r}")
+    from .config import RecordSection, record_problems
+
+    problems = record_problems(RecordSection(
+        epochs=epochs, workers=workers, gpus_per_worker=gpus_per_worker, model=model if isinstance(model, str) else None,
+        batch_size=batch_size, lr=lr, schedule_epochs=schedule_epochs, seed=seed, num_classes=num_classes,
+        loader_workers=loader_workers, max_failures=max_failures, on_bad_sample=on_bad_sample, label=label,
+        image_size=image_size, decode=decode), prefix="")
+    if problems:
+        raise ValueError("record settings: " + "; ".join(problems))
     run = Path(run).resolve()
     idx = Index(run / "index")
     healthy = healthy_shards(idx).tolist()
-    if epochs < 1 or schedule_epochs < epochs:
-        raise ValueError(f"need 1 <= epochs <= schedule_epochs, got epochs={epochs}, schedule_epochs={schedule_epochs}")
     ensure_ray(address)
     resources = ray.cluster_resources()
     if gpus_per_worker is None:
