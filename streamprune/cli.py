@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import time
 from pathlib import Path
@@ -344,8 +345,20 @@ def _reason(exc: BaseException) -> str:
     return lines[-1].strip() if any(line.startswith("Traceback") for line in lines) else lines[0]
 
 
+def _log_to_stderr(quiet: bool) -> None:
+    """The library's `logging` records (per-epoch lines, ...) on stderr, plainly; none with --quiet."""
+    logger = logging.getLogger("streamprune")
+    if not any(getattr(h, "streamprune_cli", False) for h in logger.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler.streamprune_cli = True
+        logger.addHandler(handler)
+    logger.setLevel(logging.WARNING if quiet else logging.INFO)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _log_to_stderr(getattr(args, "quiet", False))
     try:
         args.fn(args)
     except KeyboardInterrupt:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import logging
 import os
 import threading
 import time
@@ -41,6 +42,7 @@ from .stats import sample_stats
 from .store import LABEL, LABEL_MISSING, STATS, StatsStore, missing_stats
 from .writers import StoreWriters
 
+log = logging.getLogger(__name__)
 _TRAINING_KEYS = ("epochs", "schedule_epochs", "batch_size", "lr", "momentum", "weight_decay", "nesterov",
                   "seed", "model", "num_classes", "augment", "label", "decode", "view", "classes")
 
@@ -480,6 +482,5 @@ def _fit(run: Path, cfg: RecordConfig, writers, tracker, healthy, classes: Class
         rates = [n / max(sec, 1e-9) for n in counts]
         summary.samples_per_s_per_worker += rates
         summary.samples += sum(counts)
-        if progress:
-            print(f"epoch {epoch}: {sec:.1f} s, samples/s per worker: {', '.join(f'{r:,.0f}' for r in rates)}")
+        log.info("epoch %d: %.1f s, samples/s per worker: %s", epoch, sec, ", ".join(f"{r:,.0f}" for r in rates))
     return summary
