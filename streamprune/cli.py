@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+from .errors import StreamPruneError
 from .sampling import BALANCES
 
 DESCRIPTION = """Prune WebDataset training sets while they stream: index shards, record a proxy's
@@ -332,7 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-USER_ERRORS = (ValueError, KeyError, LookupError, OSError)
+USER_ERRORS = (StreamPruneError, ValueError, KeyError, LookupError, OSError)
 
 
 def _reason(exc: BaseException) -> str:

@@ -15,6 +15,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .errors import SettingsError
 from .identity import has_scheme
 
 
@@ -93,7 +94,7 @@ class Config:
     report: ReportSection = field(default_factory=ReportSection)
 
 
-class ConfigError(ValueError):
+class ConfigError(SettingsError):
     """A config file that cannot be used; names the file and the field."""
 
 

@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .errors import InputError, check_format
 from .plugins import import_function, is_function_spec
 
 CLASSES_FILE = "classes.json"
@@ -28,7 +29,7 @@ _EXT = re.compile(r"^[a-z0-9_][a-z0-9_.-]*$")
 Label = int | str
 
 
-class BadSample(ValueError):
+class BadSample(InputError):
     """A sample that cannot become a training example (undecodable, a bomb, no usable label)."""
 
 
@@ -231,10 +232,7 @@ class Classes:
 
     @classmethod
     def _from_doc(cls, doc: dict, path: Path) -> "Classes":
-        if not isinstance(doc, dict) or doc.get("format") != FORMAT:
-            raise ValueError(f"{str(path)!r} is not a streamprune class list")
-        if doc.get("version", 0) > FORMAT_VERSION:
-            raise ValueError(f"{str(path)!r} was written by a newer streamprune (format version {doc['version']})")
+        check_format(doc, FORMAT, FORMAT_VERSION, repr(str(path)))
         names, counts = doc.get("names"), doc.get("counts")
         return cls(int(doc["num_classes"]), None if names is None else tuple(names), doc.get("label", "cls"),
                    None if counts is None else tuple(counts))

@@ -25,6 +25,7 @@ import ray
 import torch
 
 from .decode import PROBE_SAMPLES, SampleDecoder, View, probe_view
+from .errors import SettingsError
 from .labels import BadSample, Classes, LabelSpec
 from .models import build_model
 from .raycluster import ensure_ray
@@ -358,7 +359,7 @@ def record(run: str | os.PathLike, epochs: int, *, workers: int | None = None, g
         loader_workers=loader_workers, max_failures=max_failures, on_bad_sample=on_bad_sample, label=label,
         image_size=image_size, decode=decode), prefix="")
     if problems:
-        raise ValueError("record settings: " + "; ".join(problems))
+        raise SettingsError("record settings: " + "; ".join(problems))
     run = Path(run).resolve()
     idx = Index(run / "index")
     healthy = healthy_shards(idx).tolist()
