@@ -134,11 +134,18 @@ def _ranges_cheaper(remote) -> bool:
 
 
 def save_scan(scan: ShardScan, path: Path) -> None:
-    """Write a scan as an `.npz` part (no pickle), atomically."""
+    """Write a scan as an `.npz` part (no pickle), atomically.
+
+    Keys are a UTF-8 blob `keys` and int64 offsets `key_offset` (n+1) into it, as in the index:
+    no separator, so any key (newlines included) reads back as it was.
+    """
     meta = np.frombuffer(json.dumps(scan.meta()).encode(), dtype=np.uint8)
-    keys = np.frombuffer("\n".join(scan.keys).encode(), dtype=np.uint8)
+    encoded = [key.encode() for key in scan.keys]
+    key_offset = np.zeros(len(encoded) + 1, dtype=np.int64)
+    np.cumsum([len(e) for e in encoded], out=key_offset[1:])
+    keys = np.frombuffer(b"".join(encoded), dtype=np.uint8)
     tmp = path.with_suffix(".tmp.npz")
-    np.savez(tmp, meta=meta, keys=keys, **scan.arrays)
+    np.savez(tmp, meta=meta, keys=keys, key_offset=key_offset, **scan.arrays)
     os.replace(tmp, path)
 
 
@@ -149,14 +156,31 @@ def load_scan_meta(path: Path) -> dict:
 
 
 def load_scan(path: Path) -> ShardScan:
-    """Read a part written by `save_scan`."""
+    """Read a part written by `save_scan`; a damaged one is refused (`ValueError` naming it)."""
     meta = load_scan_meta(path)
     with np.load(path, allow_pickle=False) as z:
-        keys_blob = z["keys"].tobytes().decode()
+        blob = z["keys"].tobytes()
+        key_offset = z["key_offset"] if "key_offset" in z.files else None
         arrays = {k: z[k] for k in _ARRAYS}
     meta.pop("samples")
-    scan = ShardScan(**meta, keys=keys_blob.split("\n") if keys_blob else [], arrays=arrays)
-    return scan
+    n = len(arrays["id_hi"])
+    if key_offset is None:  # a part of an older streamprune: keys joined by newlines
+        keys = blob.decode().split("\n") if blob else []
+        if len(keys) != n:
+            raise ValueError(f"index part {str(path)!r} (of an older streamprune) holds a key with a newline, "
+                             "which its format cannot tell apart: delete it and index again")
+    else:
+        key_offset = key_offset.astype(np.int64, copy=False)
+        if (key_offset.shape != (n + 1,) or key_offset[0] != 0 or key_offset[-1] != len(blob)
+                or (np.diff(key_offset) < 0).any()):
+            raise ValueError(f"index part {str(path)!r} is damaged: its key offsets do not fit its {n} rows "
+                             f"and {len(blob)} key bytes")
+        cuts = key_offset.tolist()
+        try:
+            keys = [blob[a:b].decode() for a, b in zip(cuts[:-1], cuts[1:])]
+        except UnicodeDecodeError:
+            raise ValueError(f"index part {str(path)!r} is damaged: its keys are not UTF-8") from None
+    return ShardScan(**meta, keys=keys, arrays=arrays)
 
 
 def write_index(out: Path, scans: list[ShardScan] | list[Path], root: str, identity_spec: str) -> "Index":

@@ -101,7 +101,7 @@ def iter_ranges(url: str, shard: str, ranges: np.ndarray, keys: list[str], stats
             buf = memoryview(data)
             for i in range(first, stop):
                 a, b = int(ranges[i, 0]) - base, int(ranges[i, 1]) - base
-                reader = CountingReader(io.BytesIO(buf[a:b]), True, None, shard, pos=base + a)
+                reader = CountingReader(io.BytesIO(buf[a:b]), True, base + b, shard, pos=base + a)
                 got = list(iter_samples(reader, read_exts=None, require_end=False))
                 if len(got) != 1 or got[0].key != keys[i]:
                     found = [s.key for s in got]

@@ -6,23 +6,61 @@ extensions, `__*__` metadata skipped), so index rows line up with what a loader 
 
 from __future__ import annotations
 
+import ast
 import io
 import re
+import tarfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 BLOCK = 512
 _SKIP_META = re.compile(r"__[^/]*__($|/)")
 _BASE_EXT = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
-_REGULAR = (b"0", b"\0", b"7")
+_ZERO_BLOCK = bytes(BLOCK)
+_REGULAR = (b"0", b"\0", b"7")  # tarfile's regular types (but GNU sparse "S", refused)
+_NO_DATA = (b"1", b"2", b"3", b"4", b"5", b"6")  # links, devices, directories: tarfile reads no data after them
+_EXTENDED = (b"L", b"K", b"x", b"X", b"g")  # GNU long name / link, pax (and Solaris) extended, pax global
+MAX_EXTENDED = 1 << 20  # largest extended header (pax records, GNU long name) read into memory
+READ_CHUNK = 16 << 20  # largest single read: a size field claims more than a stream may hold
+_HIGH = bytes(range(128, 256))
+_PAX_RECORD = re.compile(rb"\d+ [^=]+=")  # where tarfile parses a pax record
+# mode, uid, gid, size, mtime, checksum as tarfile and GNU tar write them (and devmajor, devminor)
+_PLAIN = re.compile(rb"[0-7]{7}\0[0-7]{7}\0[0-7]{7}\0([0-7]{11})\0[0-7]{11}\0([0-7]{6})\0 ")
+_PLAIN_DEVICES = (b"0000000\x000000000\x00", bytes(16))
+_SHARD_AT = re.compile(r"""shard ('(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*"): .*? at byte (\d+)""")
 
 
-class TarFormatError(ValueError):
-    """A corrupt or truncated tar; names the shard and the byte offset of the problem."""
+class TarFormatError(tarfile.ReadError, ValueError):
+    """A corrupt or truncated tar; names the shard and the byte offset of the problem.
 
-    def __init__(self, shard: str, offset: int, message: str):
-        self.shard, self.offset = shard, offset
+    A `tarfile.ReadError` (what webdataset raises on such tars) and a `ValueError`; picklable.
+    Built from one preformatted message (as torch's DataLoader re-raises a worker's error), it
+    takes `shard` and `offset` from the message when it names them.
+    """
+
+    def __init__(self, shard: str | None, offset: int | None = None, message: str | None = None):
+        if offset is None and message is None:
+            text = str(shard)
+            self.shard, self.offset = _shard_at(text)
+            self.message, self._args = text, (text,)
+            super().__init__(text)
+            return
+        self.shard, self.offset, self.message = shard, offset, message
+        self._args = (shard, offset, message)
         super().__init__(f"shard {shard!r}: {message} at byte {offset}")
+
+    def __reduce__(self):
+        return type(self), self._args
+
+
+def _shard_at(text: str) -> tuple[str | None, int | None]:
+    """The shard and offset the last `shard NAME: ... at byte N` in `text` names (None, None: none)."""
+    for found in reversed(list(_SHARD_AT.finditer(text))):
+        try:
+            return ast.literal_eval(found[1]), int(found[2])
+        except (ValueError, SyntaxError):
+            continue
+    return None, None
 
 
 class StreamDataError(ValueError):
@@ -81,7 +119,7 @@ class CountingReader:
         chunks, got = [], 0
         while got < n:
             try:
-                chunk = self.stream.read(n - got)
+                chunk = self.stream.read(min(n - got, READ_CHUNK))
             except StreamDataError as exc:
                 raise TarFormatError(self.shard, self.pos + got, str(exc)) from None
             if not chunk:
@@ -98,7 +136,10 @@ class CountingReader:
         if self.seekable:
             if self.size is not None and self.pos + n > self.size:
                 raise TarFormatError(self.shard, self.size, "truncated: data ends early")
-            self.stream.seek(n, io.SEEK_CUR)
+            try:
+                self.stream.seek(n, io.SEEK_CUR)
+            except (OverflowError, ValueError, OSError):
+                raise TarFormatError(self.shard, self.pos, f"cannot skip {n} bytes: data ends early") from None
             self.pos += n
             return
         end = self.pos + n
@@ -107,24 +148,90 @@ class CountingReader:
                 raise TarFormatError(self.shard, self.pos, "truncated: data ends early")
 
 
-def _octal(field_: bytes, shard: str, offset: int) -> int:
-    if field_[:1] and field_[0] & 0x80:  # GNU base-256 for large sizes
-        return int.from_bytes(field_[1:], "big")
-    text = field_.split(b"\0", 1)[0].strip()
+def _number(field_: bytes, shard: str, offset: int, what: str) -> int:
+    """A numeric header field as tarfile reads it: octal text up to a NUL (spaces stripped), or
+    GNU base-256 after a first byte 0x80 (0xff: negative)."""
+    first = field_[0]
+    if first == 0x80 or first == 0xFF:
+        n = int.from_bytes(field_[1:], "big")
+        return n - (1 << 8 * (len(field_) - 1)) if first == 0xFF else n
+    text = field_.split(b"\0", 1)[0]
     try:
-        return int(text, 8) if text else 0
-    except ValueError:
-        raise TarFormatError(shard, offset, f"corrupt tar header (bad number {text!r})") from None
+        return int(text.decode("ascii").strip() or "0", 8)
+    except ValueError:  # UnicodeDecodeError included
+        raise TarFormatError(shard, offset, f"corrupt tar header (bad number {text!r} in the {what} field)") from None
 
 
-def _pax_records(data: bytes) -> dict[str, str]:
-    out, pos = {}, 0
-    while pos < len(data):
-        space = data.index(b" ", pos)
-        length = int(data[pos:space])
-        key, _, value = data[space + 1 : pos + length - 1].partition(b"=")
-        out[key.decode("utf-8", "replace")] = value.decode("utf-8", "replace")
-        pos += length
+def _check_header(header: bytes, shard: str, offset: int) -> int:
+    """Check a header block as tarfile does (checksum, unsigned or signed; every numeric field);
+    return its size field."""
+    plain = _PLAIN.match(header, 100, 156)
+    if plain is not None and header[329:345] in _PLAIN_DEVICES:  # the usual layout: every field a number
+        stored, size = int(plain[2], 8), int(plain[1], 8)
+    else:
+        stored = _number(header[148:156], shard, offset, "checksum")
+        size = None
+    unsigned = sum(header) - sum(header[148:156]) + 8 * 32
+    if stored != unsigned:
+        rest = header[:148] + header[156:]
+        if stored != unsigned - 256 * (len(rest) - len(rest.translate(None, _HIGH))):
+            raise TarFormatError(shard, offset, "corrupt tar header (checksum mismatch)")
+    if size is not None:
+        return size
+    for a, b, what in ((100, 108, "mode"), (108, 116, "uid"), (116, 124, "gid"), (136, 148, "mtime"),
+                       (329, 337, "devmajor"), (337, 345, "devminor")):
+        _number(header[a:b], shard, offset, what)
+    size = _number(header[124:136], shard, offset, "size")
+    if size < 0:
+        raise TarFormatError(shard, offset, f"corrupt tar header (negative size {size})")
+    return size
+
+
+def _text(raw: bytes) -> str:
+    """Bytes of a name as tarfile decodes them (UTF-8; other bytes kept as surrogates)."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return raw.decode("utf-8", "surrogateescape")
+
+
+def _is_utf8(name: str) -> bool:
+    if name.isascii():
+        return True
+    try:
+        name.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+def _pax_records(block: bytes, size: int, shard: str, offset: int) -> dict[str, bytes]:
+    """The records of a pax header at `offset` (its first `size` bytes of `block`, its padded data).
+
+    Strictly POSIX: each record is `LENGTH KEYWORD=VALUE\n`, LENGTH its length in bytes, the
+    records fill the data exactly, and the padding holds nothing tarfile would read as one.
+    Anything else is a `TarFormatError` naming the shard and the pax header's offset.
+    """
+    def bad(why: str) -> TarFormatError:
+        return TarFormatError(shard, offset, f"corrupt pax header ({why})")
+
+    out: dict[str, bytes] = {}
+    pos = 0
+    while pos < size:
+        space = block.find(b" ", pos, size)
+        digits = block[pos:space] if space > pos else b""
+        if not digits.isdigit() or len(digits) > 18:
+            raise bad(f"record at {pos} does not start with its length")
+        end = pos + int(digits)
+        if end > size:
+            raise bad(f"record at {pos} of {int(digits)} bytes runs past the header's {size}")
+        eq = block.find(b"=", space + 2, end - 1)  # a keyword of one byte or more
+        if eq < 0 or block[end - 1] != 0x0A:
+            raise bad(f"record at {pos} is not 'LENGTH KEYWORD=VALUE\\n'")
+        out[block[space + 1 : eq].decode("utf-8", "surrogateescape")] = block[eq + 1 : end - 1]
+        pos = end
+    if _PAX_RECORD.match(block, size):
+        raise bad(f"a record in the padding past its {size} bytes")
     return out
 
 
@@ -132,57 +239,93 @@ def iter_members(reader: CountingReader, want: Callable[[str], bool] = lambda na
                  require_end: bool = True) -> Iterator[tuple[Member, bytes | None]]:
     """Yield each regular member and, when `want(name)`, its data; headers only otherwise.
 
+    Names, sizes and where data follows are as Python's tarfile (so webdataset) reads them;
+    what it reads differently or loosely (a corrupt header, a malformed pax record, a name that
+    is not UTF-8, GNU sparse members, a global pax header setting path or size) is a
+    `TarFormatError`. Every step moves forward by at least a block or raises.
     `require_end=False` reads a slice of a tar: a clean end of stream ends it.
     """
     shard = reader.shard
-    long_name: str | None = None
-    pax: dict[str, str] = {}
-    first_header: int | None = None
+    chain: int | None = None  # offset of the first extended header of the coming member
+    first_header: int | None = None  # the member's first header (pax global headers excluded)
+    ext_name: str | None = None  # set by the first extended header that names the member (as tarfile)
+    ext_size: int | None = None
     while True:
         offset = reader.pos
         header = reader.read(BLOCK)
         if len(header) == 0:
-            if not require_end and first_header is None:
+            if not require_end and first_header is None and chain is None:
                 return
             raise TarFormatError(shard, offset, "truncated: no end-of-archive marker")
         if len(header) < BLOCK:
             raise TarFormatError(shard, offset, "truncated tar header")
-        if header == bytes(BLOCK):
+        if header == _ZERO_BLOCK:
+            if chain is not None:
+                raise TarFormatError(shard, chain, "extended header with no member after it")
             return
-        stored = _octal(header[148:156], shard, offset)
-        computed = sum(header[:148]) + 8 * 32 + sum(header[156:])
-        if stored != computed:
-            raise TarFormatError(shard, offset, "corrupt tar header (checksum mismatch)")
-        size = _octal(header[124:136], shard, offset)
+        size = _check_header(header, shard, offset)
         kind = header[156:157]
         data_offset = offset + BLOCK
+        if first_header is None:
+            first_header = offset
+        if kind in _EXTENDED:
+            if chain is None:
+                chain = offset
+            if kind == b"g" and first_header == offset:  # global: not part of the next sample
+                first_header = None
+            if reader.size is not None and data_offset + size > reader.size:
+                raise TarFormatError(shard, offset, f"truncated: member claims {size} bytes, file has "
+                                                   f"{reader.size - data_offset}")
+            if size > MAX_EXTENDED:
+                raise TarFormatError(shard, offset, f"extended header of {size} bytes (at most {MAX_EXTENDED})")
+            block = reader.read(_padded(size))  # tarfile reads the padded blocks
+            if len(block) < _padded(size):
+                raise TarFormatError(shard, data_offset, "truncated extended header")
+            if kind == b"L":
+                if ext_name is None:
+                    ext_name = _text(block.split(b"\0", 1)[0])
+            elif kind != b"K":
+                records = _pax_records(block, size, shard, offset)
+                if any(k.startswith("GNU.sparse.") for k in records):
+                    raise TarFormatError(shard, offset, "GNU sparse member in a pax header (not supported)")
+                if kind == b"g":
+                    if "path" in records or "size" in records:
+                        raise TarFormatError(shard, offset, "global pax header sets a member's path or size "
+                                                            "(not supported)")
+                else:
+                    if ext_name is None and "path" in records:
+                        ext_name = _text(records["path"]).rstrip("/")
+                    if ext_size is None and "size" in records:
+                        value = records["size"]
+                        if not value.isdigit() or len(value) > 18:
+                            raise TarFormatError(shard, offset, f"corrupt pax header (size {value[:40]!r})")
+                        ext_size = int(value)
+            continue
+        if kind == b"S":
+            raise TarFormatError(shard, offset, "GNU sparse member (not supported)")
+        name = _text(header[:100].split(b"\0", 1)[0])
+        if kind == b"\0" and name.endswith("/"):  # an old-style directory
+            kind = b"5"
+        prefix = header[345:500].split(b"\0", 1)[0]
+        if ext_name is not None:
+            name = ext_name
+        elif prefix:
+            name = _text(prefix) + "/" + name
+        if ext_size is not None:
+            size = ext_size
+        start = first_header
+        chain, first_header, ext_name, ext_size = None, None, None, None
+        if kind in _NO_DATA:
+            continue
         if reader.size is not None and data_offset + size > reader.size:
             raise TarFormatError(shard, offset, f"truncated: member claims {size} bytes, file has "
                                                f"{reader.size - data_offset}")
-        if first_header is None:
-            first_header = offset
-        if kind in (b"L", b"x", b"g"):
-            data = reader.read(size)
-            reader.skip(_padded(size) - size)
-            if len(data) < size:
-                raise TarFormatError(shard, data_offset, "truncated extended header")
-            if kind == b"L":
-                long_name = data.rstrip(b"\0").decode("utf-8", "replace")
-            elif kind == b"x":
-                pax.update(_pax_records(data))
-            if kind == b"g":
-                first_header = None
-            continue
-        name = header[:100].split(b"\0", 1)[0].decode("utf-8", "replace")
-        if header[257:262] == b"ustar" and header[345:500].strip(b"\0"):
-            name = header[345:500].split(b"\0", 1)[0].decode("utf-8", "replace") + "/" + name
-        name = pax.get("path", long_name or name)
-        size = int(pax.get("size", size))
-        member = Member(name, first_header, data_offset, size)
-        long_name, pax, first_header = None, {}, None
         if kind not in _REGULAR:
             reader.skip(_padded(size))
             continue
+        if not _is_utf8(name):
+            raise TarFormatError(shard, offset, f"member name {name!r} is not UTF-8")
+        member = Member(name, start, data_offset, size)
         data = None
         if want(name):
             data = reader.read(size)
@@ -218,6 +361,7 @@ def iter_samples(reader: CountingReader, read_exts: tuple[str, ...] | None = (),
                 and (keep is None or keep(parts[0])))
 
     current: Sample | None = None
+    exts: set[str] = set()  # the current sample's (a set: linear in members, however many)
     for member, data in _kept_members(iter_members(reader, want, require_end), keep):
         parts = split_name(member.name)
         if parts is None:
@@ -226,10 +370,11 @@ def iter_samples(reader: CountingReader, read_exts: tuple[str, ...] | None = (),
         if current is None or key != current.key:
             if current is not None:
                 yield current
-            current = Sample(key)
-        if any(split_name(m.name)[1] == ext for m in current.members):
+            current, exts = Sample(key), set()
+        if ext in exts:
             raise TarFormatError(reader.shard, member.header_offset,
                                  f"member {member.name!r} repeats extension .{ext} of sample {key!r}")
+        exts.add(ext)
         current.members.append(member)
         if data is not None:
             current.data[ext] = data
