@@ -248,7 +248,7 @@ def scan_labels(url: str, name: str, label_of: Callable[[dict], Label], members:
     from .tarscan import CountingReader, iter_samples
 
     opened = open_shard(url)
-    reader = CountingReader(opened.stream, opened.seekable, opened.size, name)
+    reader = CountingReader(opened.stream, opened.seekable, opened.tar_size, name)
     counts: Counter = Counter()
     bad, reasons = 0, []
     try:
@@ -261,7 +261,7 @@ def scan_labels(url: str, name: str, label_of: Callable[[dict], Label], members:
                     reasons.append(str(exc))
         opened.close(url)
     finally:
-        opened.stream.close()
+        opened.release()
     return counts, bad, reasons
 
 

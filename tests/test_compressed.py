@@ -196,3 +196,15 @@ def test_record_and_reduce_over_gzip_shards(gz, tmp_path):
     from streamprune.runstate import run_state
 
     assert run_state(run)["index"]["compressed_shards"] == 6
+
+
+def test_index_label_counts_classes_of_gzip_shards(gz, tmp_path):
+    import shutil
+
+    from streamprune.labels import scan_classes
+
+    run = tmp_path / "run"
+    shutil.copytree(gz["work"] / "run" / "index", run / "index")
+    classes = scan_classes(run, "cls")
+    labels = np.concatenate([[int(s["cls"]) for s in wds.WebDataset(p, shardshuffle=False)] for p in gz["paths"]])
+    assert classes.names is None and classes.counts == tuple(np.bincount(labels, minlength=classes.num_classes))
