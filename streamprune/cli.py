@@ -154,7 +154,17 @@ def cmd_inspect(args) -> None:
     from .runstate import format_state, run_state
 
     state = run_state(args.run)
+    report = None
+    if args.verify:
+        from .verify import format_report, verify_run
+
+        report = verify_run(args.run, progress=not args.quiet)
+        state["verify"] = report
     print(json.dumps(state, indent=1) if args.json else format_state(state))
+    if report is not None and not args.json:
+        print(format_report(report))
+    if report is not None and report["damaged"]:  # exit status 2
+        raise ValueError(f"run {args.run} is damaged: {len(report['problems'])} problems (listed above)")
 
 
 def cmd_record(args) -> None:
@@ -319,6 +329,9 @@ def build_parser() -> argparse.ArgumentParser:
                 cmd_inspect)
     s.add_argument("run", help="run directory")
     s.add_argument("--json", action="store_true", help="print JSON")
+    s.add_argument("--verify", action="store_true",
+                   help="also read every chunk and file of the run and check it against the index: one line per "
+                        "damaged file or chunk, exit status 2 when anything is damaged")
 
     s = command("make-shards", "write Fashion-MNIST as WebDataset shards",
                 "streamprune make-shards --out data --uneven", cmd_make_shards)

@@ -8,6 +8,7 @@ NumPy + JSON only, read without pickle, so the loader can import it without Ray 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -17,12 +18,20 @@ from pathlib import Path
 
 import numpy as np
 
-from .atomic import swap_in, temp_sibling
+from .atomic import (
+    clean_stale_temps,
+    named_os_error,
+    output_lock,
+    swap_in,
+    temp_sibling,
+)
 from .identity import id128
 
 FORMAT = "streamprune-keep"
 FORMAT_VERSION = 1
 ID_DTYPE = np.dtype("u8,u8")  # DataComp's subset format: (hi, lo) pairs
+ARRAY_DTYPES = {"key_offset": np.dtype(np.int64), "ids": ID_DTYPE, "positions": np.dtype(np.int64),
+                "weights": np.dtype(np.float64), "ranges": np.dtype(np.int64)}
 
 
 class KeepList:
@@ -171,17 +180,28 @@ class KeepList:
             raise FileNotFoundError(f"no keep-list at {str(path)!r} (no manifest.json)")
         try:
             manifest = json.loads(mpath.read_text())
-            if manifest.get("format") != FORMAT:
+            if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
                 raise ValueError("not a streamprune keep-list")
+            version = manifest.get("version", FORMAT_VERSION)
+            if not isinstance(version, int) or version > FORMAT_VERSION:
+                raise ValueError(f"format version {version!r} was written by a newer streamprune "
+                                 f"(this one reads up to {FORMAT_VERSION}); upgrade streamprune")
             shards = json.loads((path / "shards.json").read_text())
             arr = {n: np.load(path / f"{n}.npy", mmap_mode="r", allow_pickle=False) if (path / f"{n}.npy").exists()
                    else None for n in ("key_offset", "ids", "positions", "weights", "ranges")}
+            if arr["key_offset"] is None or arr["ids"] is None:
+                raise ValueError(f"{'key_offset.npy' if arr['key_offset'] is None else 'ids.npy'} is missing")
+            for name, a in arr.items():
+                if a is not None and (a.dtype != ARRAY_DTYPES[name] or a.ndim != (2 if name == "ranges" else 1)
+                                      or (name == "ranges" and a.shape[1] != 2)):
+                    shape = "(k, 2)" if name == "ranges" else "(k+1,)" if name == "key_offset" else "(k,)"
+                    raise ValueError(f"{name}.npy is {a.dtype} {a.shape}, not {ARRAY_DTYPES[name]} {shape}")
             blob = np.memmap(path / "keys.bin", dtype=np.uint8, mode="r") if arr["key_offset"][-1] else b""
             column = lambda field: np.array([s[field] for s in shards]) if shards and field in shards[0] else None
             keep = cls(manifest, [s["name"] for s in shards], [s["kept"] for s in shards], blob, arr["key_offset"],
                        arr["ids"], arr["positions"], arr["weights"], column("samples"), arr["ranges"],
                        column("bytes"))
-        except (OSError, ValueError, KeyError, TypeError, json.JSONDecodeError) as exc:
+        except (OSError, ValueError, KeyError, TypeError, IndexError, json.JSONDecodeError) as exc:
             raise ValueError(f"keep-list {str(path)!r} is damaged or incomplete: {exc}") from None
         if manifest.get("k") != len(keep) or len(blob) != keep.key_offset[-1]:
             raise ValueError(f"keep-list {str(path)!r} is damaged: manifest says k={manifest.get('k')}, "
@@ -190,8 +210,60 @@ class KeepList:
         return keep
 
 
+class _NpyOut:
+    """An `.npy` file of a known shape written front to back with ordinary buffered writes.
+
+    Never memory-mapped: a write into a mapped sparse file that finds the disk full kills the
+    process with SIGBUS; a buffered write fails with an `OSError` naming the file instead.
+    """
+
+    def __init__(self, path: Path, dtype, shape: tuple[int, ...]):
+        self.path, self.dtype = path, np.dtype(dtype)
+        self.size = int(np.prod(shape))
+        self.written = 0
+        self.file = open(path, "wb")
+        np.lib.format.write_array_header_1_0(self.file, {"descr": np.lib.format.dtype_to_descr(self.dtype),
+                                                         "fortran_order": False, "shape": tuple(shape)})
+
+    def write(self, values) -> None:
+        values = np.ascontiguousarray(values, dtype=self.dtype)
+        if self.written + values.size > self.size:
+            raise ValueError(f"{self.path.name}: more values than the {self.size} announced")
+        self.file.write(memoryview(values).cast("B"))
+        self.written += values.size
+
+    def close(self, sync: bool = True) -> None:
+        if self.file.closed:
+            return
+        try:
+            if sync:
+                self.file.flush()
+                os.fsync(self.file.fileno())
+        finally:
+            self.file.close()
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some file systems cannot sync a directory
+    finally:
+        os.close(fd)
+
+
 class KeepListWriter:
-    """Writes a keep-list directory block by block (rows in index order), then swaps it in atomically."""
+    """Writes a keep-list directory block by block (rows in index order), then swaps it in atomically.
+
+    The new list is built in a hidden sibling with ordinary buffered writes (a full disk is an
+    `OSError` naming the file, never SIGBUS) and synced before the swap; on any error the
+    sibling is removed and the previous list stays as it was. The writer holds the output's
+    lock and removes temporaries of killed writers of the same output first.
+    """
 
     def __init__(self, path: str | os.PathLike, manifest: dict, names: list[str], k: int,
                  samples: np.ndarray | None = None, shard_bytes: np.ndarray | None = None,
@@ -202,6 +274,8 @@ class KeepListWriter:
         self.samples, self.shard_bytes = samples, shard_bytes
         self.kept = np.zeros(len(names), dtype=np.int64)
         self.with_positions, self.with_weights, self.with_ranges = with_positions, with_weights, with_ranges
+        self._files: list[_NpyOut] = []
+        self._stack: contextlib.ExitStack | None = None
 
     @classmethod
     def for_index(cls, path: str | os.PathLike, index, manifest: dict, k: int,
@@ -211,20 +285,44 @@ class KeepListWriter:
         return cls(path, manifest, index.names, k, np.diff(index.shard_offset), sizes, with_weights=with_weights)
 
     def __enter__(self) -> "KeepListWriter":
-        self.tmp.mkdir(parents=True)
-        mm = lambda name, dtype: np.lib.format.open_memmap(self.tmp / f"{name}.npy", mode="w+", dtype=dtype,
-                                                            shape=(self.k,))
-        self.ids = mm("ids", ID_DTYPE)
-        self.positions = mm("positions", np.int64) if self.with_positions else None
-        self.weights = mm("weights", np.float64) if self.with_weights else None
-        self.ranges = np.lib.format.open_memmap(self.tmp / "ranges.npy", mode="w+", dtype=np.int64,
-                                                shape=(self.k, 2)) if self.with_ranges else None
-        self.key_offset = np.lib.format.open_memmap(self.tmp / "key_offset.npy", mode="w+", dtype=np.int64,
-                                                    shape=(self.k + 1,))
-        self.key_offset[0] = 0
-        self.keys = open(self.tmp / "keys.bin", "wb")
-        self.n, self._last_shard = 0, 0
+        self._stack = contextlib.ExitStack()
+        self._stack.enter_context(output_lock(self.path, reentrant=True))
+        try:
+            clean_stale_temps(self.path)
+            self.tmp.mkdir(parents=True)
+            def out(name, dtype, shape=(self.k,)):
+                return self._open(_NpyOut, self.tmp / f"{name}.npy", dtype, shape)
+
+            self.ids = out("ids", ID_DTYPE)
+            self.positions = out("positions", np.int64) if self.with_positions else None
+            self.weights = out("weights", np.float64) if self.with_weights else None
+            self.ranges = out("ranges", np.int64, (self.k, 2)) if self.with_ranges else None
+            self.key_offset = out("key_offset", np.int64, (self.k + 1,))
+            self._guard(self.key_offset, self.key_offset.write, np.zeros(1, np.int64))
+            self.keys = self._open(open, self.tmp / "keys.bin", "wb")
+        except BaseException as exc:
+            self._abort()
+            if isinstance(exc, OSError):
+                raise named_os_error(exc, getattr(exc, "filename", None) or self.tmp) from None
+            raise
+        self.n, self._last_shard, self._key_end = 0, 0, 0
         return self
+
+    def _open(self, opener, path: Path, *args):
+        try:
+            f = opener(path, *args)
+        except OSError as exc:
+            raise named_os_error(exc, path) from None
+        self._files.append(f)
+        return f
+
+    @staticmethod
+    def _guard(out, fn, *args) -> None:
+        """`fn(*args)`; an `OSError` (a full disk) names the file being written."""
+        try:
+            fn(*args)
+        except OSError as exc:
+            raise named_os_error(exc, out.path if isinstance(out, _NpyOut) else out.name) from None
 
     def add(self, shards: np.ndarray, ids: np.ndarray, key_offset: np.ndarray, key_blob: bytes,
             positions: np.ndarray | None = None, weights: np.ndarray | None = None,
@@ -235,20 +333,19 @@ class KeepListWriter:
         if m:
             if (np.diff(shards) < 0).any() or shards[0] < self._last_shard:
                 raise ValueError("kept samples must be added in shard order")
-            self.kept += np.bincount(shards, minlength=len(self.kept))
-            self._last_shard = int(shards[-1])
         if self.n + m > self.k:
             raise ValueError(f"more kept samples than the {self.k} the shard counts announce")
-        self.ids[self.n : self.n + m] = ids
-        base = self.key_offset[self.n] - key_offset[0]
-        self.key_offset[self.n + 1 : self.n + m + 1] = base + np.asarray(key_offset[1:])
-        self.keys.write(key_blob)
-        if self.positions is not None:
-            self.positions[self.n : self.n + m] = positions
-        if self.weights is not None:
-            self.weights[self.n : self.n + m] = weights
-        if self.ranges is not None:
-            self.ranges[self.n : self.n + m] = ranges
+        if m:
+            self.kept += np.bincount(shards, minlength=len(self.kept))
+            self._last_shard = int(shards[-1])
+        key_offset = np.asarray(key_offset, dtype=np.int64)
+        self._guard(self.ids, self.ids.write, ids)
+        self._guard(self.key_offset, self.key_offset.write, self._key_end + key_offset[1:] - key_offset[0])
+        self._guard(self.keys, self.keys.write, key_blob)
+        self._key_end += int(key_offset[-1] - key_offset[0])
+        for out, values in ((self.positions, positions), (self.weights, weights), (self.ranges, ranges)):
+            if out is not None:
+                self._guard(out, out.write, values)
         self.n += m
 
     def add_rows(self, index, rows: np.ndarray, weight: float | None = None) -> None:
@@ -269,27 +366,53 @@ class KeepListWriter:
                  None if self.weights is None else np.full(len(rows), weight),
                  np.stack([index.sample_start[rows], index.sample_end[rows]], axis=1))
 
+    def _abort(self) -> None:
+        for f in self._files:
+            with contextlib.suppress(OSError):
+                f.close(sync=False) if isinstance(f, _NpyOut) else f.close()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        if self._stack is not None:
+            self._stack.close()
+
     def __exit__(self, exc_type, exc, tb) -> None:
-        self.keys.close()
+        if exc_type is not None:
+            self._abort()
+            return
         try:
-            if exc_type is not None:
-                return
             if self.n != self.k:
                 raise ValueError(f"keep-list got {self.n} samples, the shard counts announce {self.k}")
-            for arr in (self.ids, self.positions, self.weights, self.ranges, self.key_offset):
-                if arr is not None:
-                    arr.flush()
+            for f in self._files:
+                self._guard(f, f.close) if isinstance(f, _NpyOut) else self._guard(f, self._sync_close, f)
             shards = [{"name": n, "kept": int(c)} for n, c in zip(self.names, self.kept)]
             for field, values in (("samples", self.samples), ("bytes", self.shard_bytes)):
                 if values is not None:
                     for entry, v in zip(shards, values):
                         entry[field] = int(v)
-            (self.tmp / "shards.json").write_text(json.dumps(shards))
-            (self.tmp / "manifest.json").write_text(json.dumps({**self.manifest, "k": self.k}, indent=1))
-            del self.ids, self.positions, self.weights, self.ranges, self.key_offset
+            self._write_text(self.tmp / "shards.json", json.dumps(shards))
+            self._write_text(self.tmp / "manifest.json", json.dumps({**self.manifest, "k": self.k}, indent=1))
+            _fsync_dir(self.tmp)
             swap_in(self.tmp, self.path)
-        finally:
-            shutil.rmtree(self.tmp, ignore_errors=True)
+            _fsync_dir(self.path.parent)
+        except BaseException:
+            self._abort()
+            raise
+        self._abort()  # nothing left to remove: releases the lock
+
+    @staticmethod
+    def _sync_close(f) -> None:
+        f.flush()
+        os.fsync(f.fileno())
+        f.close()
+
+    @staticmethod
+    def _write_text(path: Path, text: str) -> None:
+        try:
+            with open(path, "w") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as exc:
+            raise named_os_error(exc, path) from None
 
 
 def new_manifest(**fields) -> dict:

@@ -11,6 +11,7 @@ number of workers or the block size. Memory per task is bounded by the block siz
 from __future__ import annotations
 
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +21,7 @@ import zarr
 from tqdm.auto import tqdm
 
 from . import sampling
-from .atomic import output_lock, swap_in, temp_sibling
+from .atomic import clean_stale_temps, named_os_error, output_lock, swap_in, temp_sibling
 from .identity import uniforms
 from .keeplist import KeepList, KeepListWriter, new_manifest
 from .raycluster import bounded_map, ensure_ray
@@ -33,6 +34,7 @@ METHOD_SCORE = {"dual-beta": "dual", "dual": "dual", "dyn-unc": "dyn_unc", "el2n
 LOWER_IS_HARDER = {"aum"}
 CCS_BINS = 50
 GATHER_LIMIT = 1 << 20
+SEED_LIMIT = 1 << 63  # seeds are hashed modulo 2^64: [0, 2^63) keeps every seed distinct and non-negative
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,24 @@ def _scores_group(path: str, mode: str = "r") -> zarr.Group:
     return zarr.open_group(path, mode=mode, zarr_format=3)
 
 
+def _write_block(g: zarr.Group, path: str, r0: int, r1: int, values: dict[str, np.ndarray]) -> None:
+    """Write rows `[r0, r1)` (one chunk) of several score arrays; a full disk names the chunk file."""
+    for name, v in values.items():
+        try:
+            g[name][r0:r1] = v
+        except OSError as exc:
+            raise named_os_error(exc, f"{path}/{name}/c/{r0 // g[name].chunks[0]}") from None
+
+
+def check_seed(seed) -> int:
+    """`seed` as an int in [0, 2^63), else a ValueError naming `--seed` (larger or negative seeds
+    would alias others modulo 2^64 and give another seed's keep-list)."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= int(seed) < SEED_LIMIT:
+        raise ValueError(f"--seed must be an integer in [0, 2**63), not {seed!r}: seeds are hashed modulo 2**64, "
+                         f"so a negative or larger one would silently give another seed's keep-list")
+    return int(seed)
+
+
 @ray.remote(num_cpus=1)
 def _score_block(r0: int, r1: int, stats_path: str, scores_path: str, epochs: int, window: int,
                  names: tuple[str, ...]) -> dict:
@@ -70,9 +90,7 @@ def _score_block(r0: int, r1: int, stats_path: str, scores_path: str, epochs: in
     hi, lo = store.read("id_hi", slice(r0, r1)), store.read("id_lo", slice(r0, r1))
     labels = store.labels(slice(r0, r1)) if store.has_labels else np.full(r1 - r0, LABEL_MISSING, np.int32)
     g = _scores_group(scores_path, "r+")
-    for name, values in sc.items():
-        g[name][r0:r1] = values
-    g["id_hi"][r0:r1], g["id_lo"][r0:r1], g[LABEL][r0:r1] = hi, lo, labels
+    _write_block(g, scores_path, r0, r1, {**sc, "id_hi": hi, "id_lo": lo, LABEL: labels})
     nan = np.full(r1 - r0, np.nan)
     ok = np.isfinite(sc.get("dual", nan)) & np.isfinite(sc["mean_p"])
     best = sampling.top_rows(sc.get("dual", nan)[ok], hi[ok], lo[ok], 10)
@@ -140,7 +158,7 @@ def _store_keys(r0: int, r1: int, scores_path: str, spec: dict, n_groups: int) -
     sc = _read_block(scores_path, r0, r1, spec)
     words, groups = block_keys(sc, r0, spec)
     g = _scores_group(scores_path, "r+")
-    g["sel_key"][r0:r1], g["sel_group"][r0:r1] = words[0], groups
+    _write_block(g, scores_path, r0, r1, {"sel_key": words[0], "sel_group": groups})
     positive = np.zeros(n_groups, dtype=np.int64)
     if spec["sampler"] == "beta":  # ES keys of positive weights are > the zero-weight base
         pos = (groups >= 0) & (words[0] > np.uint64(sampling.POSITIVE_WEIGHT_BITS))
@@ -256,6 +274,7 @@ def reduce(run: str | os.PathLike, ratio: float, method: str = "dual-beta", *, s
     exactly, over all samples. `c_d` defaults by balance (`sampling.DEFAULT_C_D`).
     """
     sampling.check_ratio(ratio)
+    seed = check_seed(seed)
     m = Method.parse(method)
     if missing not in ("drop", "error"):
         raise ValueError(f"missing must be 'drop' or 'error', not {missing!r}")
@@ -282,6 +301,7 @@ def reduce(run: str | os.PathLike, ratio: float, method: str = "dual-beta", *, s
     if epochs > complete:
         raise ValueError(f"only {complete} epochs of {run} are completely recorded; run `streamprune record` "
                          f"to finish, or pass --epochs {complete}")
+    store.check_chunks(epochs)  # a deleted chunk would read as NaN: its samples silently "missing"
     window = resolve_window(window, epochs)
     if m.score in ("dual", "dyn_unc") or m.sampler == "beta":
         if window < 2 or epochs < window:
@@ -289,6 +309,8 @@ def reduce(run: str | os.PathLike, ratio: float, method: str = "dual-beta", *, s
     scores_path = str(run / "scores.zarr" if scores_out is None else Path(scores_out).resolve())
     out = Path(out) if out is not None else run / "keep"
     with output_lock(out), output_lock(scores_path):
+        clean_stale_temps(Path(scores_path))  # of killed runs: we hold the locks, no one else writes them
+        clean_stale_temps(out)
         ensure_ray(address)
         workers = workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
         chunk = store.chunk_rows
@@ -317,6 +339,11 @@ def reduce(run: str | os.PathLike, ratio: float, method: str = "dual-beta", *, s
             raise ValueError(f"{dropped} samples have missing statistics{' or labels' if balance == 'classes' else ''} "
                              f"(e.g. rows {summary['missing_rows'][:5]}); use --missing drop to leave them out")
         k = sampling.keep_count(n_ok, ratio)
+        if k == 0 and sampling.keep_count(n, ratio) > 0:  # nothing kept because (nearly) every sample is missing
+            what = "statistics" + (" or labels" if balance == "classes" else "")
+            raise ValueError(f"no sample of {run} can be kept: {dropped:,} of {n:,} samples have missing {what} "
+                             f"(e.g. rows {summary['missing_rows'][:5]}), so the keep-list would keep nothing; "
+                             f"{str(out)!r} is left as it is. Record the statistics again (`streamprune record`)")
         params: dict = {"cut": cut} if m.sampler == "ccs" else {}
         if m.sampler == "beta":
             top = summary["top"]
@@ -358,14 +385,26 @@ def _score_all(blocks: _Blocks, store: StatsStore, scores_path: str, epochs: int
                names: tuple[str, ...], progress: bool) -> dict:
     """Pass 1: every score of every row into a new `scores.zarr`, swapped in when complete."""
     tmp = temp_sibling(Path(scores_path))
-    g = _scores_group(str(tmp), "w")
+    try:
+        return _score_into(tmp, blocks, store, scores_path, epochs, window, block_rows, names, progress)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a failed run leaves no temporary behind
+        raise
+
+
+def _score_into(tmp: Path, blocks: _Blocks, store: StatsStore, scores_path: str, epochs: int, window: int,
+                block_rows: int, names: tuple[str, ...], progress: bool) -> dict:
     n = store.n_samples
-    for name in SCORES:
-        g.create_array(name, shape=(n,), chunks=(block_rows,), dtype=np.float64, fill_value=np.nan)
-    for name in ("id_hi", "id_lo", "sel_key"):
-        g.create_array(name, shape=(n,), chunks=(block_rows,), dtype=np.uint64, fill_value=0)
-    g.create_array(LABEL, shape=(n,), chunks=(block_rows,), dtype=np.int32, fill_value=LABEL_MISSING)
-    g.create_array("sel_group", shape=(n,), chunks=(block_rows,), dtype=np.int32, fill_value=-1)
+    try:
+        g = _scores_group(str(tmp), "w")
+        for name in SCORES:
+            g.create_array(name, shape=(n,), chunks=(block_rows,), dtype=np.float64, fill_value=np.nan)
+        for name in ("id_hi", "id_lo", "sel_key"):
+            g.create_array(name, shape=(n,), chunks=(block_rows,), dtype=np.uint64, fill_value=0)
+        g.create_array(LABEL, shape=(n,), chunks=(block_rows,), dtype=np.int32, fill_value=LABEL_MISSING)
+        g.create_array("sel_group", shape=(n,), chunks=(block_rows,), dtype=np.int32, fill_value=-1)
+    except OSError as exc:
+        raise named_os_error(exc, tmp) from None
     parts = blocks.map(_score_block, store.path.as_posix(), str(tmp), epochs, window, names, desc="score",
                        progress=progress)
     summary = {"finite": {s: sum(p["finite"][s] for p in parts) for s in names},
@@ -378,8 +417,11 @@ def _score_all(blocks: _Blocks, store: StatsStore, scores_path: str, epochs: int
     top.sort(key=lambda t: (-t[0], t[1], t[2]))
     summary["top"] = {"dual": [t[0] for t in top[:10]], "hi": [t[1] for t in top[:10]],
                       "lo": [t[2] for t in top[:10]], "mean_p": [t[3] for t in top[:10]]}
-    g.attrs.update({"fingerprint": store.fingerprint, "epochs": epochs, "window": window, "block_rows": block_rows,
-                    "scores": list(names), "summary": summary})
+    try:
+        g.attrs.update({"fingerprint": store.fingerprint, "epochs": epochs, "window": window,
+                        "block_rows": block_rows, "scores": list(names), "summary": summary})
+    except OSError as exc:
+        raise named_os_error(exc, tmp / "zarr.json") from None
     swap_in(tmp, Path(scores_path))
     return summary
 

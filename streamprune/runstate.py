@@ -27,6 +27,43 @@ def run_state(run: str | os.PathLike) -> dict:
         raise FileNotFoundError(f"no run directory {str(run)!r}")
     out: dict = {"run": str(run.resolve())}
     index_dir, fingerprint = run / "index", None
+    try:
+        out["index"], fingerprint = _index_state(run, index_dir)
+    except Exception as exc:  # damaged: `inspect --verify` tells what
+        out["index"] = _damaged(exc)
+    out["record"] = _guarded(_record_state, run, fingerprint)
+    out["reduce"] = _guarded(_keep_state, run / "keep", fingerprint, run / "scores.zarr")
+    baselines = sorted((run / "baseline").glob("*/keep")) if (run / "baseline").exists() else []
+    out["baselines"] = {p.parent.name: _guarded(_keep_state, p, fingerprint, p.parent / "scores.zarr")
+                        for p in baselines}
+    ev = run / "evaluate.json"
+    try:
+        out["evaluate"] = ({"state": "done", "rows": [{"method": r["method"], "seed": r.get("seed", 0),
+                                                       **{k: r[k] for k in ("ratio", "kept", "test_accuracy")}}
+                                                      for r in json.loads(ev.read_text())["rows"]]}
+                           if ev.exists() else {"state": "missing"})
+    except Exception as exc:
+        out["evaluate"] = _damaged(exc)
+    page = run / "report" / "index.html"
+    out["report"] = {"state": "done", "path": str(page), "size": _mb(page.parent)} if page.exists() \
+        else {"state": "missing"}
+    return out
+
+
+def _damaged(exc: Exception) -> dict:
+    return {"state": "damaged", "error": f"{exc}", "hint": "`streamprune inspect RUN --verify` lists the damage"}
+
+
+def _guarded(fn, *args) -> dict:
+    try:
+        return fn(*args)
+    except Exception as exc:
+        return _damaged(exc)
+
+
+def _index_state(run: Path, index_dir: Path) -> tuple[dict, str | None]:
+    out: dict = {}
+    fingerprint = None
     if (index_dir / "manifest.json").exists():
         m = json.loads((index_dir / "manifest.json").read_text())
         fingerprint = m["fingerprint"]
@@ -43,22 +80,11 @@ def run_state(run: str | os.PathLike) -> dict:
             out["index"]["classes"] = (f"{classes.num_classes} ({classes.label}"
                                        + (", names in classes.json)" if classes.names else ", integers)"))
     elif (run / ".index-parts").exists():
-        out["index"] = {"state": "partial", "shards_scanned": len(list((run / ".index-parts").glob("*.npz")))}
+        out["index"] = {"state": "partial", "shards_scanned": len([p for p in (run / ".index-parts").glob("*.npz")
+                                                                   if not p.name.endswith(".tmp.npz")])}
     else:
         out["index"] = {"state": "missing"}
-    out["record"] = _record_state(run, fingerprint)
-    out["reduce"] = _keep_state(run / "keep", fingerprint, run / "scores.zarr")
-    baselines = sorted((run / "baseline").glob("*/keep")) if (run / "baseline").exists() else []
-    out["baselines"] = {p.parent.name: _keep_state(p, fingerprint, p.parent / "scores.zarr") for p in baselines}
-    ev = run / "evaluate.json"
-    out["evaluate"] = ({"state": "done", "rows": [{"method": r["method"], "seed": r.get("seed", 0),
-                                                   **{k: r[k] for k in ("ratio", "kept", "test_accuracy")}}
-                                                  for r in json.loads(ev.read_text())["rows"]]}
-                       if ev.exists() else {"state": "missing"})
-    page = run / "report" / "index.html"
-    out["report"] = {"state": "done", "path": str(page), "size": _mb(page.parent)} if page.exists() \
-        else {"state": "missing"}
-    return out
+    return out["index"], fingerprint
 
 
 def _record_state(run: Path, fingerprint: str | None) -> dict:
