@@ -17,7 +17,7 @@ from pathlib import Path
 import ray
 from tqdm.auto import tqdm
 
-from .atomic import output_lock
+from .atomic import clean_stale_temps, output_lock
 from .identity import SampleIdentity, parse_identity, shard_names
 from .raycluster import bounded_map, ensure_ray
 from .shardindex import Index, load_scan_meta, save_scan, scan_shard, write_index
@@ -64,8 +64,11 @@ def index(shards: str | Iterable[str], out: str | Path, *, root: str | None = No
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     with output_lock(out / "index"):
+        clean_stale_temps(out / "index")  # an index swap-in of a killed `index`
         parts_dir = out / ".index-parts"
         parts_dir.mkdir(exist_ok=True)
+        for stale in parts_dir.glob("*.tmp.npz"):  # a part being written when `index` was killed
+            stale.unlink()
         parts = [part_path(parts_dir, i, urls[i], names[i], spec) for i in range(len(urls))]
         todo = [i for i, p in enumerate(parts) if not p.exists() or load_scan_meta(p)["status"] == "broken"]
         bar = tqdm(total=len(urls), initial=len(urls) - len(todo), desc="index", unit="shard", disable=not progress)

@@ -87,3 +87,12 @@ def test_what_a_rewritten_shard_check_detects_and_what_it_does_not(ray_session, 
     open(two_shards[0], "ab").write(bytes(512))  # another size: refused
     with pytest.raises(ShardChangedError, match="re-index"):
         list(PrunedWebDataset(two_shards, keep=keep, shardshuffle=False))
+
+
+def test_index_removes_what_a_killed_index_left(ray_session, two_shards, tmp_path):
+    run = tmp_path / "run"
+    (run / ".index-parts").mkdir(parents=True)
+    (run / ".index-parts" / "00000000-abc.tmp.npz").write_bytes(b"half a part")
+    (run / ".index.tmp-999999-1").mkdir()  # a merge being written by a killed process
+    index(two_shards, run, progress=False)
+    assert sorted(p.name for p in run.iterdir() if not p.name.endswith(".lock")) == ["index"]
