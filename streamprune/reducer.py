@@ -301,7 +301,10 @@ def reduce(run: str | os.PathLike, ratio: float, method: str = "dual-beta", *, s
     if epochs > complete:
         raise ValueError(f"only {complete} epochs of {run} are completely recorded; run `streamprune record` "
                          f"to finish, or pass --epochs {complete}")
-    store.check_chunks(epochs)  # a deleted chunk would read as NaN: its samples silently "missing"
+    names = SCORES if which == "all" else tuple(dict.fromkeys(
+        [s for s in (m.score, "dual" if m.sampler == "beta" else None) if s] + ["mean_p"]))
+    # a deleted chunk would read as NaN: its samples silently "missing"
+    store.check_chunks(epochs, tuple(dict.fromkeys(NEEDS[s] for s in names)))
     window = resolve_window(window, epochs)
     if m.score in ("dual", "dyn_unc") or m.sampler == "beta":
         if window < 2 or epochs < window:
@@ -318,8 +321,6 @@ def reduce(run: str | os.PathLike, ratio: float, method: str = "dual-beta", *, s
         n = store.n_samples
         bounds = [(r0, min(r0 + block_rows, n)) for r0 in range(0, n, block_rows)]
         blocks = _Blocks(bounds, workers)
-        names = SCORES if which == "all" else tuple(dict.fromkeys(
-            [s for s in (m.score, "dual" if m.sampler == "beta" else None) if s] + ["mean_p"]))
         summary = _score_all(blocks, store, scores_path, epochs, window, block_rows, names, progress)
 
         spec = {"sampler": m.sampler, "score": m.score, "seed": seed, "ratio": ratio, "phase": None,

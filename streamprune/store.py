@@ -263,23 +263,24 @@ class StatsStore:
                 pass
         return have
 
-    def missing_chunks(self, epochs: int | None = None) -> list[tuple[str, int, int | None]]:
-        """Chunks that must exist and do not: every statistic's chunk of each row block of a shard
+    def missing_chunks(self, epochs: int | None = None, stats: tuple[str, ...] = STATS
+                       ) -> list[tuple[str, int, int | None]]:
+        """Chunks that must exist and do not: each of `stats`' chunks of each row block of a shard
         marked complete, for the first `epochs`; every identity chunk. `(array, chunk, epoch)`."""
         epochs = self.epochs if epochs is None else epochs
         need = self.needed_chunks(epochs)
         out: list[tuple[str, int, int | None]] = []
         for name in ("id_hi", "id_lo"):
             out += [(name, int(i), None) for i in np.flatnonzero(~self.present_chunks(name))]
-        for name in STATS:
+        for name in stats:
             missing = need & ~self.present_chunks(name)[:, :epochs]
             out += [(name, int(i), int(t)) for t, i in zip(*np.nonzero(missing.T))]
         return out
 
-    def check_chunks(self, epochs: int | None = None) -> None:
-        """Refuse a store missing a chunk it must have (`missing_chunks`): zarr would read the fill
-        value, NaN, and the samples would silently count as having no statistics."""
-        missing = self.missing_chunks(epochs)
+    def check_chunks(self, epochs: int | None = None, stats: tuple[str, ...] = STATS) -> None:
+        """Refuse a store missing a chunk it must have (`missing_chunks`, of the `stats` to be read):
+        zarr would read the fill value, NaN, and the samples would silently count as having none."""
+        missing = self.missing_chunks(epochs, stats)
         if not missing:
             return
         name, chunk, epoch = missing[0]

@@ -227,7 +227,7 @@ def test_a_decode_function_and_model_factory_record_feature_vectors(ray_session,
     assert p[:, -1].mean() > 0.5  # it learned: separable clusters
     keep = reduce(run, 0.5, "dual-beta", progress=False)
     assert len(keep) == 120
-    with pytest.raises(ValueError, match="returns the label itself"):
+    with pytest.raises(ValueError, match="does not apply with a decode function"):
         record(run, 3, decode="feature_plugins:decode_features", label="json:y", progress=False)
 
 
