@@ -18,13 +18,12 @@ import time
 from pathlib import Path
 
 import webdataset as wds
+from shardsets import shard_sets
 
 from streamprune import index
-from streamprune.raycluster import ensure_ray
 from streamprune.datasets import fashion_mnist_dir
+from streamprune.raycluster import ensure_ray
 from streamprune.shardindex import scan_shard
-
-from shardsets import shard_sets
 
 
 def webdataset_full_read(paths: list[str]) -> tuple[int, float]:

@@ -29,13 +29,12 @@ from pathlib import Path
 
 import numpy as np
 import webdataset as wds
+from shardsets import shard_sets
 
 from streamprune import PrunedWebDataset, index
 from streamprune.datasets import fashion_mnist_dir
 from streamprune.keeplist import KeepList
 from streamprune.raycluster import ensure_ray
-
-from shardsets import shard_sets
 
 TESTS = Path(__file__).resolve().parents[1] / "tests"
 

@@ -126,7 +126,8 @@ def web(tmp: Path, args) -> dict:
           f"samples/s | ratio {ratio:.2f}")
     index(paths, tmp / "web-run", progress=False)
     model = args.model or ("small-cnn" if args.quick else None)
-    s = record(tmp / "web-run", args.epochs, workers=args.workers, gpus_per_worker=1.0 if args.device == "cuda" else 0.0,
+    gpus = 1.0 if args.device == "cuda" else 0.0
+    s = record(tmp / "web-run", args.epochs, workers=args.workers, gpus_per_worker=gpus,
                model=model, schedule_epochs=max(10, args.epochs), loader_workers=1, label="json:label",
                image_size=64, progress=False)
     rate = s.samples / sum(s.epoch_seconds)

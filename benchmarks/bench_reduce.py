@@ -106,7 +106,8 @@ class PeakMemory(threading.Thread):
                     cmd = open(f"/proc/{pid}/cmdline", "rb").read()
                     if int(pid) != os.getpid() and not cmd.startswith(b"ray::_"):
                         continue
-                    rss = next(int(l.split()[1]) for l in open(f"/proc/{pid}/status") if l.startswith("RssAnon"))
+                    rss = next(int(line.split()[1]) for line in open(f"/proc/{pid}/status")
+                               if line.startswith("RssAnon"))
                 except (OSError, StopIteration, ValueError):
                     continue
                 total += rss * 1024

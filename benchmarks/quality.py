@@ -216,7 +216,8 @@ def main(argv: list[str] | None = None) -> dict:
     result = {"command": command, "date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, "
               f"{os.cpu_count()} CPUs, {args.device}, python {platform.python_version()}",
               "wall_s": round(time.time() - t0), "recipe": recipe, "seeds": args.seeds, "train_samples": n,
-              "eval": args.eval, "budget": args.budget, "test_samples": len(test_images), "full": [f["test_accuracy"] for f in full], "rows": rows,
+              "eval": args.eval, "budget": args.budget, "test_samples": len(test_images),
+              "full": [f["test_accuracy"] for f in full], "rows": rows,
               "noise": args.noise, "noise_rows": noise_rows,
               "cost": {"record_s": record_s, "full_train_s": full_s, "ratio": record_s / full_s,
                        "noisy_record_s": nrecord_s}}
@@ -282,7 +283,8 @@ def markdown(r: dict) -> str:
     nc = {(row["method"], row["ratio"]): row for row in r["noise_rows"]}
     if not nc:
         lines += ["", "Label noise: not run here (`--noise 0`)."]
-    lines += [] if not nc else ["", f"Label noise: {r['noise']:.0%} of the training labels flipped to another class at random; "
+    lines += [] if not nc else ["", f"Label noise: {r['noise']:.0%} of the training labels flipped to another class "
+                                    "at random; "
               "a separate proxy recorded on the noisy labels. Fraction of the kept samples that are mislabelled "
               f"(random keeps about {r['noise']:.0%}):", "", header, rule_row]
     for m in methods if nc else []:

@@ -80,7 +80,8 @@ def summary(s: dict, device: str) -> list[dict]:
         a, b = s["reduce"][sizes[0]], s["reduce"][sizes[-1]]
         rows.append({"figure": "reduce: peak memory at the larger / the smaller size",
                      "value": f"{b['peak_total_gb'] / a['peak_total_gb']:.2f}", "goal": "~1 (flat in N)"})
-    rows.append({"figure": "scores.dual / loop over windows (same rows)", "value": f"x{s['reduce']['dual']['speedup']:.1f}",
+    rows.append({"figure": "scores.dual / loop over windows (same rows)",
+                 "value": f"x{s['reduce']['dual']['speedup']:.1f}",
                  "goal": "> 1"})
     for r in s["loader"]:
         rows += [{"figure": f"loader {r['set']} keep 100%: / webdataset", "value": f"{r['ratio_keep100']:.2f}",

@@ -1,7 +1,8 @@
 """Record per-sample statistics from your own PyTorch training loop (no Ray), then `reduce` as usual.
 
     python examples/own_training_loop.py --shards 'data/train-*.tar' --run-dir run --epochs 3
-    torchrun --standalone --nproc_per_node 2 examples/own_training_loop.py --shards 'data/train-*.tar' --run-dir run --epochs 3
+    torchrun --standalone --nproc_per_node 2 examples/own_training_loop.py \
+        --shards 'data/train-*.tar' --run-dir run --epochs 3
     streamprune reduce run --ratio 0.5 --window 3
 
 A plain loop: a small CNN, SGD, cross-entropy, one `logger.log(rows, logits, labels)` after

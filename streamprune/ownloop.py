@@ -86,7 +86,8 @@ class IndexedShards(torch.utils.data.IterableDataset):
     `transform(sample)` gets a webdataset-style dict (`__key__`, `__url__`, member bytes by
     lower-cased extension) and returns `(x, label)`; default
     `streamprune.decode.ToTensors(seed, do_augment=True)`. A transform raising
-    `streamprune.BadSample` (a ValueError) marks the sample undecodable: with `on_bad_sample="skip"` (as `record`) it is left out, listed in
+    `streamprune.BadSample` (a ValueError) marks the sample undecodable: with
+    `on_bad_sample="skip"` (as `record`) it is left out, listed in
     `RUN/bad-samples.jsonl` (shard, key, row, epoch, reason) and the logger counts its row as
     given with missing statistics; `"error"` raises. Other errors (e.g. a label outside the
     classes) stop the loop.

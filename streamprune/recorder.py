@@ -352,7 +352,8 @@ def record(run: str | os.PathLike, epochs: int, *, workers: int | None = None, g
     from .config import RecordSection, record_problems
 
     problems = record_problems(RecordSection(
-        epochs=epochs, workers=workers, gpus_per_worker=gpus_per_worker, model=model if isinstance(model, str) else None,
+        epochs=epochs, workers=workers, gpus_per_worker=gpus_per_worker,
+        model=model if isinstance(model, str) else None,
         batch_size=batch_size, lr=lr, schedule_epochs=schedule_epochs, seed=seed, num_classes=num_classes,
         loader_workers=loader_workers, max_failures=max_failures, on_bad_sample=on_bad_sample, label=label,
         image_size=image_size, decode=decode), prefix="")

@@ -97,7 +97,8 @@ def _score_block(r0: int, r1: int, stats_path: str, scores_path: str, epochs: in
     return {"finite": {n: int(np.isfinite(v).sum()) for n, v in sc.items()},
             "min": {n: float(np.nanmin(v)) if np.isfinite(v).any() else None for n, v in sc.items()},
             "max": {n: float(np.nanmax(v)) if np.isfinite(v).any() else None for n, v in sc.items()},
-            "top": {"dual": sc.get("dual", nan)[ok][best].tolist(), "hi": hi[ok][best].tolist(), "lo": lo[ok][best].tolist(),
+            "top": {"dual": sc.get("dual", nan)[ok][best].tolist(), "hi": hi[ok][best].tolist(),
+                    "lo": lo[ok][best].tolist(),
                     "mean_p": sc["mean_p"][ok][best].tolist()},
             "missing_rows": (np.flatnonzero(~np.isfinite(sc["mean_p"]))[:10] + r0).tolist(),
             "max_label": int(labels.max(initial=LABEL_MISSING)),
@@ -253,7 +254,8 @@ def _thresholds(blocks: _Blocks, scores_path: str, spec: dict, needs: np.ndarray
 
 
 def reduce(run: str | os.PathLike, ratio: float, method: str = "dual-beta", *, seed: int = 0,
-           epochs: int | None = None, window: int | None = None, workers: int | None = None, block_rows: int | None = None,
+           epochs: int | None = None, window: int | None = None, workers: int | None = None,
+           block_rows: int | None = None,
            out: str | os.PathLike | None = None, missing: str = "drop", c_d: float | None = None, C: float = 15.0,
            alpha_plus_beta: float | None = None, cut: float = 0.2, address: str | None = None,
            which: str = "all", gather_limit: int = GATHER_LIMIT, scores_out: str | os.PathLike | None = None,
@@ -352,8 +354,8 @@ def reduce(run: str | os.PathLike, ratio: float, method: str = "dual-beta", *, s
             alpha, beta = sampling.beta_params(ratio, spec["anchor"], **spec["beta"])
             params.update(anchor=spec["anchor"], alpha=alpha, beta=beta, **spec["beta"])
         if m.sampler == "ccs":
-            spec["cut_threshold"], spec["lo"], spec["hi"] = _ccs_setup(blocks, scores_path, spec, n_ok, k, cut, progress,
-                                                                       gather_limit)
+            spec["cut_threshold"], spec["lo"], spec["hi"] = _ccs_setup(blocks, scores_path, spec, n_ok, k, cut,
+                                                                       progress, gather_limit)
         parts = blocks.map(_store_keys, scores_path, spec, n_groups, desc="keys", progress=progress)
         counts = sum(p[0] for p in parts)
         if m.sampler == "ccs":
@@ -414,7 +416,7 @@ def _score_into(tmp: Path, blocks: _Blocks, store: StatsStore, scores_path: str,
                "missing_rows": sum((p["missing_rows"] for p in parts), [])[:10],
                "max_label": max(p["max_label"] for p in parts),
                "labelled": {s: sum(p["labelled"][s] for p in parts) for s in ("rows", *names)}}
-    top = [(d, h, l, mp) for p in parts for d, h, l, mp in zip(*p["top"].values())]
+    top = [(d, h, lo, mp) for p in parts for d, h, lo, mp in zip(*p["top"].values())]
     top.sort(key=lambda t: (-t[0], t[1], t[2]))
     summary["top"] = {"dual": [t[0] for t in top[:10]], "hi": [t[1] for t in top[:10]],
                       "lo": [t[2] for t in top[:10]], "mean_p": [t[3] for t in top[:10]]}

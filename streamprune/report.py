@@ -380,7 +380,8 @@ _PAGE = """<!DOCTYPE html>
 <style>
 body {{ font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }}
 h1 {{ font-size: 1.6em; }} h2 {{ font-size: 1.2em; border-bottom: 1px solid #ddd; padding-bottom: .2em; }}
-table {{ border-collapse: collapse; }} th, td {{ padding: .25em .8em; border-bottom: 1px solid #eee; text-align: left; }}
+table {{ border-collapse: collapse; }}
+th, td {{ padding: .25em .8em; border-bottom: 1px solid #eee; text-align: left; }}
 img {{ max-width: 100%; }}
 p.warn {{ color: #c00; font-weight: bold; border: 2px solid #c00; padding: .5em .8em; }}
 </style></head>

@@ -5,7 +5,8 @@ largest keys. Ties break on the identity (smaller first), then on the row, so th
 total. Keys are mapped to four uint64 words `(key bits, ~id_hi, ~id_lo, ~row)` whose
 lexicographic order is that total order; the k-th largest is found by radix refinement
 over digits (`radix_histogram` per block, `refine` to combine), per group when a sampler
-needs several thresholds (CCS: one per bin), which the distributed reducer runs blockwise. Pure NumPy: no Ray or Zarr here.
+needs several thresholds (CCS: one per bin), which the distributed reducer runs blockwise.
+Pure NumPy: no Ray or Zarr here.
 """
 
 from __future__ import annotations

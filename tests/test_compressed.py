@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import webdataset as wds
+from test_loader import _content, _kept
 
 from streamprune import PrunedWebDataset, reshard
 from streamprune.datasets import encode_png
@@ -23,7 +24,6 @@ from streamprune.indexer import index
 from streamprune.keeplist import KeepList
 from streamprune.shardindex import scan_shard
 from streamprune.tarscan import TarFormatError
-from test_loader import _content, _kept
 
 
 def _gzip(src: str, dest: Path) -> str:

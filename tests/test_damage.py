@@ -15,13 +15,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_faults import _python
+from test_reduce import T, _synthetic_run
 
 from streamprune import KeepList, reduce
 from streamprune.cli import main
 from streamprune.shardindex import Index
 from streamprune.store import STATS, ChunkWriter, StatsStore, missing_stats
-from test_faults import _python
-from test_reduce import T, _synthetic_run
 
 CHUNK = 64  # the synthetic run's chunk rows
 

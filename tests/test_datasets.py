@@ -10,8 +10,16 @@ import pytest
 import webdataset as wds
 
 from streamprune.cli import main
-from streamprune.datasets import (BUNDLED, SHARED, fashion_mnist_dir, load_fashion_mnist, read_idx, shard_sizes,
-                                  write_idx, write_shards)
+from streamprune.datasets import (
+    BUNDLED,
+    SHARED,
+    fashion_mnist_dir,
+    load_fashion_mnist,
+    read_idx,
+    shard_sizes,
+    write_idx,
+    write_shards,
+)
 
 
 def test_bundled_subset_is_real_and_balanced():

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_reduce import _synthetic_run
 
 from streamprune import KeepList, reduce, reshard
 from streamprune.atomic import output_lock
 from streamprune.store import StatsStore
-from test_reduce import _synthetic_run
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,6 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-
 from http_server import serve
 
 DATA = bytes(range(256)) * 40  # 10,240 bytes

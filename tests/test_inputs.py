@@ -10,12 +10,22 @@ import numpy as np
 import pytest
 import webdataset as wds
 from PIL import Image
+from test_record import png_claiming
 
 from streamprune.datasets import CLASSES, weblike_sample, weblike_shards
-from streamprune.decode import (DEFAULT_SIZE, RATIO, SCALE, SampleDecoder, View, decode_image, open_image,
-                                probe_view, resized_crop_box, view_image)
+from streamprune.decode import (
+    DEFAULT_SIZE,
+    RATIO,
+    SCALE,
+    SampleDecoder,
+    View,
+    decode_image,
+    open_image,
+    probe_view,
+    resized_crop_box,
+    view_image,
+)
 from streamprune.labels import BadSample, Classes, LabelError, LabelSpec
-from test_record import png_claiming
 
 
 def _png(array: np.ndarray, mode: str | None = None, **save) -> bytes:

@@ -198,7 +198,8 @@ def test_missing_statistics_dropped_or_refused(run, tmp_path):
     assert keep.manifest["dropped_missing"] == 64 and keep.manifest["N"] == idx.n_samples - 64
     assert len(keep) == sampling.keep_count(idx.n_samples - 64, 0.5)
     assert not set(range(64)) & set(_kept_rows(keep, idx).tolist())
-    with pytest.raises(ValueError, match=r"64 samples have missing statistics( or labels)? \(e.g. rows \[0, 1, 2, 3, 4\]\)"):
+    with pytest.raises(ValueError,
+                       match=r"64 samples have missing statistics( or labels)? \(e.g. rows \[0, 1, 2, 3, 4\]\)"):
         reduce(copy, 0.5, "dual-beta", window=5, missing="error", out=tmp_path / "x", progress=False)
     # infinite statistics (a corrupted store) count as missing too, for every score
     for name, value in (("p_true", np.inf), ("margin", -np.inf), ("el2n", np.inf), ("entropy", np.inf)):

@@ -9,10 +9,10 @@ import shutil
 import numpy as np
 import pytest
 import webdataset as wds
+from test_loader import _content
 
 from streamprune import PrunedWebDataset, index, reshard
 from streamprune.keeplist import KeepList
-from test_loader import _content
 
 
 @pytest.fixture(scope="module")
