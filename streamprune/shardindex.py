@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from .atomic import swap_in, temp_sibling
+from .errors import DamagedRunError, check_format
 from .identity import SampleIdentity, find_duplicates, id128
 from .remote import HEADER_BLOCK, RangedReader
 from .shardlist import open_shard
@@ -263,9 +264,11 @@ class Index:
         if not manifest_path.exists():
             raise FileNotFoundError(f"no shard index at {str(path)!r} (run `streamprune index` first)")
         self.path = path
-        self.manifest = json.loads(manifest_path.read_text())
-        if self.manifest.get("format") != FORMAT:
-            raise ValueError(f"{str(manifest_path)!r} is not a streamprune index")
+        try:
+            self.manifest = json.loads(manifest_path.read_text())
+        except ValueError as exc:
+            raise DamagedRunError(f"{str(manifest_path)!r} is damaged: {exc}") from None
+        check_format(self.manifest, FORMAT, FORMAT_VERSION, repr(str(manifest_path)))
         with open(path / "shards.jsonl") as f:
             self.shards = [json.loads(line) for line in f]
         self.names = [s["name"] for s in self.shards]

@@ -96,3 +96,19 @@ def test_index_removes_what_a_killed_index_left(ray_session, two_shards, tmp_pat
     (run / ".index.tmp-999999-1").mkdir()  # a merge being written by a killed process
     index(two_shards, run, progress=False)
     assert sorted(p.name for p in run.iterdir() if not p.name.endswith(".lock")) == ["index"]
+
+
+def test_an_index_written_by_a_newer_streamprune_is_refused(ray_session, two_shards, tmp_path):
+    import json
+
+    from streamprune import Index
+    from streamprune.errors import NewerFormatError
+
+    index(two_shards, tmp_path / "run", progress=False)
+    manifest = tmp_path / "run" / "index" / "manifest.json"
+    manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "version": 99}))
+    with pytest.raises(NewerFormatError, match="written by a newer streamprune.*version 99"):
+        Index(tmp_path / "run" / "index")
+    manifest.write_text("{not json")
+    with pytest.raises(ValueError, match="manifest.json' is damaged"):
+        Index(tmp_path / "run" / "index")
