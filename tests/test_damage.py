@@ -131,25 +131,6 @@ sys.exit(main(['reduce', {str(run)!r}, '--ratio', '0.2', '--window', '5', '--sco
     assert not [p for p in run.iterdir() if ".tmp-" in p.name or ".old-" in p.name]
 
 
-def test_a_full_disk_while_writing_the_store_names_the_chunk(run):
-    copy = run / "stats.zarr"
-    code = f"""
-import resource, signal
-import numpy as np
-from streamprune.store import STATS, ChunkWriter, StatsStore
-signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-store = StatsStore.open({str(copy)!r})
-resource.setrlimit(resource.RLIMIT_FSIZE, (64, 64))
-w = ChunkWriter(store, range(store.n_chunks), 1)
-w.add(np.arange(store.n_samples), {{n: np.zeros(store.n_samples, np.uint8 if n == 'correct' else np.float32)
-                                     for n in STATS}})
-w.flush()
-"""
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert done.returncode != 0 and "File too large" in done.stderr
-    assert f"{copy}/p_true/c/0/1" in done.stderr, done.stderr[-2000:]
-
-
 # -- 2. deleted chunks, and a keep-list that keeps nothing ------------------------------------------
 
 def test_a_deleted_chunk_of_a_complete_epoch_is_refused_naming_it(run, capsys):

@@ -117,6 +117,7 @@ w.flush()
 """
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode != 0 and "File too large" in done.stderr
+    assert f"{copy}/p_true/c/0/1" in done.stderr, done.stderr[-2000:]  # the message names the chunk
     again = StatsStore.open(copy, mode="r")
     assert np.array_equal(again.read("p_true", slice(None), slice(0, 1)), before, equal_nan=True)
 
