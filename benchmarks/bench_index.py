@@ -22,8 +22,8 @@ from shardsets import shard_sets
 
 from streamprune import index
 from streamprune.datasets import fashion_mnist_dir
-from streamprune.raycluster import ensure_ray
-from streamprune.shardindex import scan_shard
+from streamprune.formats.index import scan_shard
+from streamprune.stages.ray_cluster import ensure_ray
 
 
 def webdataset_full_read(paths: list[str]) -> tuple[int, float]:
@@ -47,13 +47,24 @@ def bench(name: str, paths: list[str], work: Path) -> dict:
     idx = index(paths, work / name, progress=False)
     t_index = time.perf_counter() - t
     assert n_wds == n_scan == idx.n_samples
-    row = {"set": name, "shards": len(paths), "samples": n_scan, "MB": total / 1e6,
-           "read_fraction": read / total, "scan_sps": n_scan / t_scan, "wds_sps": n_wds / t_wds,
-           "scan_vs_wds": (n_scan / t_scan) / (n_wds / t_wds), "index_ray_sps": idx.n_samples / t_index}
-    print(f"{name:>10}: {row['shards']} shards, {row['samples']} samples, {row['MB']:.1f} MB | "
-          f"bytes read {read / total:.1%} of total | header scan {row['scan_sps']:,.0f} samples/s vs "
-          f"webdataset full read {row['wds_sps']:,.0f} samples/s = x{row['scan_vs_wds']:.1f} | "
-          f"`index` on Ray (tasks + merge) {row['index_ray_sps']:,.0f} samples/s", flush=True)
+    row = {
+        "set": name,
+        "shards": len(paths),
+        "samples": n_scan,
+        "MB": total / 1e6,
+        "read_fraction": read / total,
+        "scan_sps": n_scan / t_scan,
+        "wds_sps": n_wds / t_wds,
+        "scan_vs_wds": (n_scan / t_scan) / (n_wds / t_wds),
+        "index_ray_sps": idx.n_samples / t_index,
+    }
+    print(
+        f"{name:>10}: {row['shards']} shards, {row['samples']} samples, {row['MB']:.1f} MB | "
+        f"bytes read {read / total:.1%} of total | header scan {row['scan_sps']:,.0f} samples/s vs "
+        f"webdataset full read {row['wds_sps']:,.0f} samples/s = x{row['scan_vs_wds']:.1f} | "
+        f"`index` on Ray (tasks + merge) {row['index_ray_sps']:,.0f} samples/s",
+        flush=True,
+    )
     return row
 
 
@@ -63,8 +74,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--data-dir", help="Fashion-MNIST IDX folder (default: found or bundled)")
     args = p.parse_args(argv)
     n = 2000 if args.quick else None
-    print(f"data: {n or 'all'} Fashion-MNIST images from {fashion_mnist_dir(args.data_dir)}; "
-          f"{os.cpu_count()} CPUs; python {sys.version.split()[0]}")
+    print(
+        f"data: {n or 'all'} Fashion-MNIST images from {fashion_mnist_dir(args.data_dir)}; "
+        f"{os.cpu_count()} CPUs; python {sys.version.split()[0]}"
+    )
     ensure_ray()  # started before timing: the figures are for indexing, not for Ray's start-up
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)

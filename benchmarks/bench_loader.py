@@ -33,8 +33,8 @@ from shardsets import shard_sets
 
 from streamprune import PrunedWebDataset, index
 from streamprune.datasets import fashion_mnist_dir
-from streamprune.keeplist import KeepList
-from streamprune.raycluster import ensure_ray
+from streamprune.formats.keeplist import KeepList
+from streamprune.stages.ray_cluster import ensure_ray
 
 TESTS = Path(__file__).resolve().parents[1] / "tests"
 
@@ -45,8 +45,9 @@ def _run(ds) -> tuple[int, float]:
     return n, time.perf_counter() - t
 
 
-def bench(name: str, paths: list[str], work: Path, repeat: int, seed: int = 0, server=None,
-          latencies: tuple[float, ...] = ()) -> dict:
+def bench(
+    name: str, paths: list[str], work: Path, repeat: int, seed: int = 0, server=None, latencies: tuple[float, ...] = ()
+) -> dict:
     idx = index(paths, work / name, progress=False)
     rng = np.random.default_rng(seed)
     keep_all = KeepList.from_rows(idx, np.arange(idx.n_samples), work / name / "keep-all")
@@ -59,10 +60,15 @@ def bench(name: str, paths: list[str], work: Path, repeat: int, seed: int = 0, s
     pipelines = {
         "wds": lambda: decode(wds.WebDataset(paths, shardshuffle=False)),
         "pruned-100": lambda: decode(PrunedWebDataset(paths, keep=keep_all, shardshuffle=False)),
-        "wds-select": lambda: wds.WebDataset(paths, shardshuffle=False).decode(*handlers)
-        .select(lambda s: s["__key__"] in kept_keys).to_tuple(ext, "cls"),
-        "wds-select_files": lambda: decode(wds.WebDataset(
-            paths, shardshuffle=False, select_files=lambda f: f.split(".", 1)[0] in kept_keys)),
+        "wds-select": lambda: (
+            wds.WebDataset(paths, shardshuffle=False)
+            .decode(*handlers)
+            .select(lambda s: s["__key__"] in kept_keys)
+            .to_tuple(ext, "cls")
+        ),
+        "wds-select_files": lambda: decode(
+            wds.WebDataset(paths, shardshuffle=False, select_files=lambda f: f.split(".", 1)[0] in kept_keys)
+        ),
         "pruned-10": lambda: decode(PrunedWebDataset(paths, keep=keep10, shardshuffle=False)),
     }
     best = {k: float("inf") for k in pipelines}
@@ -76,33 +82,71 @@ def bench(name: str, paths: list[str], work: Path, repeat: int, seed: int = 0, s
     probe = PrunedWebDataset(paths, keep=keep10, shardshuffle=False)
     _run(probe)
     sps = {k: counts[k] / best[k] for k in pipelines}
-    row = {"set": name, "samples": idx.n_samples, "kept10": len(keep10),
-           "MB": sum(os.path.getsize(p) for p in paths) / 1e6,
-           **{f"{k}_sps": v for k, v in sps.items()},
-           "ratio_keep100": sps["pruned-100"] / sps["wds"],
-           "ratio_keep10_vs_select": sps["pruned-10"] / sps["wds-select"],
-           "ratio_keep10_vs_select_files": sps["pruned-10"] / sps["wds-select_files"],
-           "bytes_read_keep10": probe.stats.bytes_read / sum(os.path.getsize(p) for p in paths)}
-    print(f"{name:>10}: {row['samples']} samples, {row['MB']:.0f} MB | keep 100%: pruned {sps['pruned-100']:,.0f} "
-          f"vs webdataset {sps['wds']:,.0f} samples/s = x{row['ratio_keep100']:.3f} | keep 10%: pruned "
-          f"{sps['pruned-10']:,.0f} samples/s (kept), vs decode+select x{row['ratio_keep10_vs_select']:.1f}, "
-          f"vs select_files x{row['ratio_keep10_vs_select_files']:.1f}; bytes read "
-          f"{row['bytes_read_keep10']:.1%} of total", flush=True)
+    row = {
+        "set": name,
+        "samples": idx.n_samples,
+        "kept10": len(keep10),
+        "MB": sum(os.path.getsize(p) for p in paths) / 1e6,
+        **{f"{k}_sps": v for k, v in sps.items()},
+        "ratio_keep100": sps["pruned-100"] / sps["wds"],
+        "ratio_keep10_vs_select": sps["pruned-10"] / sps["wds-select"],
+        "ratio_keep10_vs_select_files": sps["pruned-10"] / sps["wds-select_files"],
+        "bytes_read_keep10": probe.stats.bytes_read / sum(os.path.getsize(p) for p in paths),
+    }
+    print(
+        f"{name:>10}: {row['samples']} samples, {row['MB']:.0f} MB | keep 100%: pruned {sps['pruned-100']:,.0f} "
+        f"vs webdataset {sps['wds']:,.0f} samples/s = x{row['ratio_keep100']:.3f} | keep 10%: pruned "
+        f"{sps['pruned-10']:,.0f} samples/s (kept), vs decode+select x{row['ratio_keep10_vs_select']:.1f}, "
+        f"vs select_files x{row['ratio_keep10_vs_select_files']:.1f}; bytes read "
+        f"{row['bytes_read_keep10']:.1%} of total",
+        flush=True,
+    )
     if server is not None:
         urls = [f"{server.url}/{Path(p).relative_to(work).as_posix()}" for p in paths]
-        row["http"] = [bench_http(name, urls, server, latency, keep_all, keep10, kept_keys, ext, handlers,
-                                  repeat, idx.n_samples, row["MB"] * 1e6) for latency in latencies]
+        row["http"] = [
+            bench_http(
+                name,
+                urls,
+                server,
+                latency,
+                keep_all,
+                keep10,
+                kept_keys,
+                ext,
+                handlers,
+                repeat,
+                idx.n_samples,
+                row["MB"] * 1e6,
+            )
+            for latency in latencies
+        ]
         base = row["http"][0]
         for r in row["http"][1:]:  # what the latency cost each reader: samples/s against its own at 0 ms
-            r["speed_vs_no_latency"] = {k: r[f"{k}_sps"] / base[f"{k}_sps"]
-                                        for k in ("wds", "pruned-100", "wds-select", "pruned-10")}
-            print(f"{name:>10} http, {r['latency'] * 1000:.0f} ms/request against 0 ms: " + ", ".join(
-                f"{k} x{v:.2f}" for k, v in r["speed_vs_no_latency"].items()), flush=True)
+            r["speed_vs_no_latency"] = {
+                k: r[f"{k}_sps"] / base[f"{k}_sps"] for k in ("wds", "pruned-100", "wds-select", "pruned-10")
+            }
+            print(
+                f"{name:>10} http, {r['latency'] * 1000:.0f} ms/request against 0 ms: "
+                + ", ".join(f"{k} x{v:.2f}" for k, v in r["speed_vs_no_latency"].items()),
+                flush=True,
+            )
     return row
 
 
-def bench_http(name: str, urls: list[str], server, latency: float, keep_all: KeepList, keep10: KeepList,
-               kept_keys: set[str], ext: str, handlers: tuple, repeat: int, n_samples: int, total: float) -> dict:
+def bench_http(
+    name: str,
+    urls: list[str],
+    server,
+    latency: float,
+    keep_all: KeepList,
+    keep10: KeepList,
+    kept_keys: set[str],
+    ext: str,
+    handlers: tuple,
+    repeat: int,
+    n_samples: int,
+    total: float,
+) -> dict:
     """The loader over http URLs served by `server` with `latency` seconds per request: speed
     against webdataset (curl) in the same run, and the bytes the server sent."""
     server.latency = latency
@@ -110,8 +154,12 @@ def bench_http(name: str, urls: list[str], server, latency: float, keep_all: Kee
     pipelines = {
         "wds": lambda: decode(wds.WebDataset(urls, shardshuffle=False)),
         "pruned-100": lambda: decode(PrunedWebDataset(urls, keep=keep_all, shardshuffle=False)),
-        "wds-select": lambda: wds.WebDataset(urls, shardshuffle=False).decode(*handlers)
-        .select(lambda s: s["__key__"] in kept_keys).to_tuple(ext, "cls"),
+        "wds-select": lambda: (
+            wds.WebDataset(urls, shardshuffle=False)
+            .decode(*handlers)
+            .select(lambda s: s["__key__"] in kept_keys)
+            .to_tuple(ext, "cls")
+        ),
         "pruned-10": lambda: decode(PrunedWebDataset(urls, keep=keep10, shardshuffle=False)),
     }
     best = {k: float("inf") for k in pipelines}
@@ -131,22 +179,35 @@ def bench_http(name: str, urls: list[str], server, latency: float, keep_all: Kee
     probe_sent, probe_requests = server.bytes_sent, server.requests
     exact = len(keys) == len(keep10) and set(keys) == kept_keys
     sps = {k: counts[k] / best[k] for k in pipelines}
-    row = {"set": name, "latency": latency, "samples": n_samples, "kept10": len(keep10), "kept10_came": len(keys),
-           "kept10_exact": exact, **{f"{k}_sps": v for k, v in sps.items()},
-           "ratio_keep100": sps["pruned-100"] / sps["wds"],
-           "ratio_keep10_vs_select": sps["pruned-10"] / sps["wds-select"],
-           "bytes_sent_keep10": probe_sent / total, "requests_keep10": probe_requests,
-           "bytes_sent_keep100": sent["pruned-100"] / total, "requests_keep100": requests["pruned-100"],
-           "bytes_sent_wds": sent["wds"] / total, "requests_wds": requests["wds"],
-           # the loader's own counts, where its remote reader keeps them
-           "bytes_requested_keep10": getattr(probe.stats, "bytes_requested", 0) / total,
-           "bytes_received_keep10": getattr(probe.stats, "bytes_received", 0) / total}
-    print(f"{name:>10} http, {latency * 1000:.0f} ms/request: keep 100%: pruned {sps['pruned-100']:,.0f} vs "
-          f"webdataset (curl) {sps['wds']:,.0f} samples/s = x{row['ratio_keep100']:.3f} | keep 10%: pruned "
-          f"{sps['pruned-10']:,.0f} samples/s (kept), vs decode+select x{row['ratio_keep10_vs_select']:.1f}; "
-          f"server sent {row['bytes_sent_keep10']:.1%} of total in {probe_requests} requests "
-          f"(webdataset {row['bytes_sent_wds']:.1%} in {requests['wds']}); {len(keys)}/{len(keep10)} kept samples "
-          f"came{'' if exact else ', NOT exactly the kept ones'}", flush=True)
+    row = {
+        "set": name,
+        "latency": latency,
+        "samples": n_samples,
+        "kept10": len(keep10),
+        "kept10_came": len(keys),
+        "kept10_exact": exact,
+        **{f"{k}_sps": v for k, v in sps.items()},
+        "ratio_keep100": sps["pruned-100"] / sps["wds"],
+        "ratio_keep10_vs_select": sps["pruned-10"] / sps["wds-select"],
+        "bytes_sent_keep10": probe_sent / total,
+        "requests_keep10": probe_requests,
+        "bytes_sent_keep100": sent["pruned-100"] / total,
+        "requests_keep100": requests["pruned-100"],
+        "bytes_sent_wds": sent["wds"] / total,
+        "requests_wds": requests["wds"],
+        # the loader's own counts, where its remote reader keeps them
+        "bytes_requested_keep10": getattr(probe.stats, "bytes_requested", 0) / total,
+        "bytes_received_keep10": getattr(probe.stats, "bytes_received", 0) / total,
+    }
+    print(
+        f"{name:>10} http, {latency * 1000:.0f} ms/request: keep 100%: pruned {sps['pruned-100']:,.0f} vs "
+        f"webdataset (curl) {sps['wds']:,.0f} samples/s = x{row['ratio_keep100']:.3f} | keep 10%: pruned "
+        f"{sps['pruned-10']:,.0f} samples/s (kept), vs decode+select x{row['ratio_keep10_vs_select']:.1f}; "
+        f"server sent {row['bytes_sent_keep10']:.1%} of total in {probe_requests} requests "
+        f"(webdataset {row['bytes_sent_wds']:.1%} in {requests['wds']}); {len(keys)}/{len(keep10)} kept samples "
+        f"came{'' if exact else ', NOT exactly the kept ones'}",
+        flush=True,
+    )
     return row
 
 
@@ -155,28 +216,36 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--quick", action="store_true", help="a few thousand samples, for a smoke run")
     p.add_argument("--data-dir", help="Fashion-MNIST IDX folder (default: found or bundled)")
     p.add_argument("--repeat", type=int, default=None, help="timings per pipeline, best kept (default 3; 1 quick)")
-    p.add_argument("--http", action="store_true",
-                   help="also read the shards over http from a local server (tests/http_server.py)")
-    p.add_argument("--latency", type=float, default=0.0, metavar="SECONDS",
-                   help="with --http: also run with this delay per request, server-side (default 0: none)")
+    p.add_argument(
+        "--http", action="store_true", help="also read the shards over http from a local server (tests/http_server.py)"
+    )
+    p.add_argument(
+        "--latency",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="with --http: also run with this delay per request, server-side (default 0: none)",
+    )
     args = p.parse_args(argv)
     repeat = args.repeat or (1 if args.quick else 3)
-    print(f"data: Fashion-MNIST from {fashion_mnist_dir(args.data_dir)}; {os.cpu_count()} CPUs; "
-          f"python {sys.version.split()[0]}; webdataset {wds.__version__}")
+    print(
+        f"data: Fashion-MNIST from {fashion_mnist_dir(args.data_dir)}; {os.cpu_count()} CPUs; "
+        f"python {sys.version.split()[0]}; webdataset {wds.__version__}"
+    )
     ensure_ray()
     latencies = (0.0, args.latency) if args.latency > 0 else (0.0,)
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         work = Path(tmp)
-        sets = shard_sets(work, 2000 if args.quick else None, n_big=500 if args.quick else 10000,
-                          data_dir=args.data_dir)
+        sets = shard_sets(
+            work, 2000 if args.quick else None, n_big=500 if args.quick else 10000, data_dir=args.data_dir
+        )
         server = None
         if args.http:
             sys.path.insert(0, str(TESTS))
             from http_server import serve_process  # its own process: the client does not share its GIL
 
             server = stack.enter_context(serve_process(work))
-        return [bench(name, paths, work, repeat, server=server, latencies=latencies)
-                for name, paths in sets.items()]
+        return [bench(name, paths, work, repeat, server=server, latencies=latencies) for name, paths in sets.items()]
 
 
 if __name__ == "__main__":

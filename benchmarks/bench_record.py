@@ -24,8 +24,8 @@ from pathlib import Path
 
 from streamprune import index
 from streamprune.datasets import fashion_mnist_shards
-from streamprune.raycluster import ensure_ray
-from streamprune.recorder import record
+from streamprune.stages.ray_cluster import ensure_ray
+from streamprune.stages.record import record
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -44,8 +44,9 @@ def main(argv: list[str] | None = None) -> dict:
     ensure_ray()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        paths, source = fashion_mnist_shards(tmp / "shards", n_shards=max(4, args.samples // 1000), uneven=True,
-                                             limit=args.samples, progress=False)
+        paths, source = fashion_mnist_shards(
+            tmp / "shards", n_shards=max(4, args.samples // 1000), uneven=True, limit=args.samples, progress=False
+        )
         index(paths, tmp / "base", progress=False)
         out: dict = {}
         if args.only in (None, "overhead"):
@@ -66,18 +67,32 @@ def overhead(tmp: Path, args, source) -> dict:
         for mode in ("without", "with"):
             run = tmp / f"{mode}-{rep}"
             shutil.copytree(tmp / "base", run)
-            s = record(run, args.epochs, workers=args.workers, gpus_per_worker=gpus, model=args.model,
-                       schedule_epochs=max(10, args.epochs), loader_workers=1, record_stats=mode == "with",
-                       progress=False, num_classes=10)
+            s = record(
+                run,
+                args.epochs,
+                workers=args.workers,
+                gpus_per_worker=gpus,
+                model=args.model,
+                schedule_epochs=max(10, args.epochs),
+                loader_workers=1,
+                record_stats=mode == "with",
+                progress=False,
+                num_classes=10,
+            )
             rate = s.samples / sum(s.epoch_seconds)
-            print(f"  {mode:>7} recording, run {rep}: {rate:,.0f} samples/s "
-                  f"({', '.join(f'{x:,.0f}' for x in s.samples_per_s_per_worker)} per worker-epoch)", flush=True)
+            print(
+                f"  {mode:>7} recording, run {rep}: {rate:,.0f} samples/s "
+                f"({', '.join(f'{x:,.0f}' for x in s.samples_per_s_per_worker)} per worker-epoch)",
+                flush=True,
+            )
             if rate > best[mode]:
                 best[mode], per_worker[mode] = rate, s.samples_per_s_per_worker
     ratio = best["with"] / best["without"]
-    print(f"record overhead: {args.samples} samples from {source}, {args.workers} workers on {args.device}, "
-          f"{args.epochs} epochs x {args.repeats} runs each | with recording {best['with']:,.0f} samples/s, "
-          f"without {best['without']:,.0f} samples/s | ratio {ratio:.3f} (goal >= 0.97)")
+    print(
+        f"record overhead: {args.samples} samples from {source}, {args.workers} workers on {args.device}, "
+        f"{args.epochs} epochs x {args.repeats} runs each | with recording {best['with']:,.0f} samples/s, "
+        f"without {best['without']:,.0f} samples/s | ratio {ratio:.3f} (goal >= 0.97)"
+    )
     return {"ratio": ratio, **best, "per_worker_with": per_worker["with"]}
 
 
@@ -91,8 +106,8 @@ def web(tmp: Path, args) -> dict:
     import webdataset as wds
 
     from streamprune.datasets import load_fashion_mnist, weblike_shards
-    from streamprune.decode import SampleDecoder, View
-    from streamprune.labels import Classes, LabelSpec
+    from streamprune.shards.labels import Classes, LabelSpec
+    from streamprune.training.decode import SampleDecoder, View
 
     images, labels = load_fashion_mnist("train")
     n = min(args.samples, len(images)) // 4
@@ -121,22 +136,40 @@ def web(tmp: Path, args) -> dict:
             best[name] = max(best[name], n / (time.perf_counter() - t))
     torch.set_num_threads(threads)
     ratio = best["streamprune"] / best["webdataset"]
-    print(f"web-like decoding: {n} JPEG/PNG samples of 256-512 px to 64 x 64, one process | streamprune "
-          f"{best['streamprune']:,.0f} samples/s, webdataset .decode('pil') + resize {best['webdataset']:,.0f} "
-          f"samples/s | ratio {ratio:.2f}")
+    print(
+        f"web-like decoding: {n} JPEG/PNG samples of 256-512 px to 64 x 64, one process | streamprune "
+        f"{best['streamprune']:,.0f} samples/s, webdataset .decode('pil') + resize {best['webdataset']:,.0f} "
+        f"samples/s | ratio {ratio:.2f}"
+    )
     index(paths, tmp / "web-run", progress=False)
     model = args.model or ("small-cnn" if args.quick else None)
     gpus = 1.0 if args.device == "cuda" else 0.0
-    s = record(tmp / "web-run", args.epochs, workers=args.workers, gpus_per_worker=gpus,
-               model=model, schedule_epochs=max(10, args.epochs), loader_workers=1, label="json:label",
-               image_size=64, progress=False)
+    s = record(
+        tmp / "web-run",
+        args.epochs,
+        workers=args.workers,
+        gpus_per_worker=gpus,
+        model=model,
+        schedule_epochs=max(10, args.epochs),
+        loader_workers=1,
+        label="json:label",
+        image_size=64,
+        progress=False,
+    )
     rate = s.samples / sum(s.epoch_seconds)
-    print(f"web-like record: {n} samples, --label json:label --image-size 64 ({s.inputs}), model "
-          f"{model or 'default (resnet18)'}, {args.workers} workers on {args.device}: {rate:,.0f} samples/s "
-          f"({', '.join(f'{x:,.0f}' for x in s.samples_per_s_per_worker)} per worker-epoch), "
-          f"{s.bad_samples} skipped")
-    return {"decode": best, "decode_ratio": ratio, "record_samples_per_s": rate, "bad_samples": s.bad_samples,
-            "per_worker": s.samples_per_s_per_worker}
+    print(
+        f"web-like record: {n} samples, --label json:label --image-size 64 ({s.inputs}), model "
+        f"{model or 'default (resnet18)'}, {args.workers} workers on {args.device}: {rate:,.0f} samples/s "
+        f"({', '.join(f'{x:,.0f}' for x in s.samples_per_s_per_worker)} per worker-epoch), "
+        f"{s.bad_samples} skipped"
+    )
+    return {
+        "decode": best,
+        "decode_ratio": ratio,
+        "record_samples_per_s": rate,
+        "bad_samples": s.bad_samples,
+        "per_worker": s.samples_per_s_per_worker,
+    }
 
 
 def own_loop(tmp: Path, args) -> dict:
@@ -148,8 +181,8 @@ def own_loop(tmp: Path, args) -> dict:
     import torch.nn.functional as F
 
     from streamprune import IndexedShards, StatsLogger
-    from streamprune.decode import ToTensors
-    from streamprune.models import small_cnn
+    from streamprune.training.decode import ToTensors
+    from streamprune.training.models import small_cnn
 
     device = torch.device(args.device)
     best = {"without": 0.0, "with": 0.0}
@@ -167,8 +200,9 @@ def own_loop(tmp: Path, args) -> dict:
             n, seconds, in_logger = 0, 0.0, 0.0
             for epoch in range(args.epochs):
                 data.set_epoch(epoch)
-                loader = torch.utils.data.DataLoader(data, batch_size=128, num_workers=1,
-                                                     pin_memory=device.type == "cuda")
+                loader = torch.utils.data.DataLoader(
+                    data, batch_size=128, num_workers=1, pin_memory=device.type == "cuda"
+                )
                 t0 = time.perf_counter()
                 if logger:
                     logger.begin_epoch(epoch)
@@ -193,18 +227,23 @@ def own_loop(tmp: Path, args) -> dict:
                     torch.cuda.synchronize()
                 seconds += time.perf_counter() - t0
             rate = n / seconds
-            print(f"  {mode:>7} StatsLogger, run {rep}: {rate:,.0f} samples/s"
-                  + (f", {in_logger / seconds:.1%} of the time in its calls" if logger else ""), flush=True)
+            print(
+                f"  {mode:>7} StatsLogger, run {rep}: {rate:,.0f} samples/s"
+                + (f", {in_logger / seconds:.1%} of the time in its calls" if logger else ""),
+                flush=True,
+            )
             if rate > best[mode]:
                 best[mode] = rate
                 if logger:
                     share = in_logger / seconds
     torch.set_num_threads(threads)
     ratio = best["with"] / best["without"]
-    print(f"own-loop logging overhead: {args.samples} samples, 1 process on {args.device}, {args.epochs} epochs x "
-          f"{args.repeats} runs each | with StatsLogger {best['with']:,.0f} samples/s, without "
-          f"{best['without']:,.0f} samples/s | ratio {ratio:.3f} (goal >= 0.97: at most 3% overhead); "
-          f"{share:.1%} of the time in StatsLogger calls")
+    print(
+        f"own-loop logging overhead: {args.samples} samples, 1 process on {args.device}, {args.epochs} epochs x "
+        f"{args.repeats} runs each | with StatsLogger {best['with']:,.0f} samples/s, without "
+        f"{best['without']:,.0f} samples/s | ratio {ratio:.3f} (goal >= 0.97: at most 3% overhead); "
+        f"{share:.1%} of the time in StatsLogger calls"
+    )
     return {"ratio": ratio, **best, "logger_share": share}
 
 

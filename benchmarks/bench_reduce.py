@@ -26,10 +26,10 @@ from pathlib import Path
 import numpy as np
 import ray
 
-from streamprune import scores
-from streamprune.raycluster import ensure_ray
-from streamprune.reducer import reduce
-from streamprune.store import LABEL, StatsStore
+from streamprune.formats.stats_store import LABEL, StatsStore
+from streamprune.scoring import scores
+from streamprune.stages.ray_cluster import ensure_ray
+from streamprune.stages.reduce import reduce
 
 T, ROWS_PER_SHARD, CHUNK = 30, 10_000, 65_536
 
@@ -45,25 +45,58 @@ def write_synthetic_index(path: Path, n: int, seed: int = 0) -> None:
         for a in range(0, n, 1 << 24):
             mm[a : a + (1 << 24)] = rng.integers(0, 2**64 - 1, min(1 << 24, n - a), dtype=np.uint64)
         mm.flush()
-    np.lib.format.open_memmap(path / "key_offset.npy", mode="w+", dtype=np.int64, shape=(n + 1,))[:] = \
+    np.lib.format.open_memmap(path / "key_offset.npy", mode="w+", dtype=np.int64, shape=(n + 1,))[:] = (
         np.arange(n + 1, dtype=np.int64) * 9
+    )
     with open(path / "keys.bin", "wb") as f:
         for a in range(0, n, 1 << 22):
             f.write(np.char.zfill(np.arange(a, min(n, a + (1 << 22))).astype("S9"), 9).tobytes())
-    for name, dtype, size in (("sample_start", np.int64, n), ("sample_end", np.int64, n),
-                              ("member_count", np.int32, n), ("member_offset", np.int64, 0),
-                              ("member_size", np.int64, 0)):
+    for name, dtype, size in (
+        ("sample_start", np.int64, n),
+        ("sample_end", np.int64, n),
+        ("member_count", np.int32, n),
+        ("member_offset", np.int64, 0),
+        ("member_size", np.int64, 0),
+    ):
         np.lib.format.open_memmap(path / f"{name}.npy", mode="w+", dtype=dtype, shape=(size,)).flush()
     with open(path / "shards.jsonl", "w") as f:
         for i in range(s):
             rows = [int(offsets[i]), int(offsets[i + 1])]
-            f.write(json.dumps({"name": f"train-{i:06d}.tar", "url": f"train-{i:06d}.tar", "status": "ok",
-                                "error": None, "error_offset": None, "size": None, "bytes_read": 0,
-                                "samples": rows[1] - rows[0], "rows": rows}) + "\n")
-    (path / "manifest.json").write_text(json.dumps({
-        "format": "streamprune-index", "version": 1, "root": "/synthetic", "identity": "synthetic", "n_shards": s,
-        "n_samples": n, "n_members": 0, "fingerprint": f"synthetic-{n}-{seed}", "bytes_total": 0, "bytes_read": 0,
-        "broken": [], "empty": [], "duplicates": {"rows": 0, "examples": []}}))
+            f.write(
+                json.dumps(
+                    {
+                        "name": f"train-{i:06d}.tar",
+                        "url": f"train-{i:06d}.tar",
+                        "status": "ok",
+                        "error": None,
+                        "error_offset": None,
+                        "size": None,
+                        "bytes_read": 0,
+                        "samples": rows[1] - rows[0],
+                        "rows": rows,
+                    }
+                )
+                + "\n"
+            )
+    (path / "manifest.json").write_text(
+        json.dumps(
+            {
+                "format": "streamprune-index",
+                "version": 1,
+                "root": "/synthetic",
+                "identity": "synthetic",
+                "n_shards": s,
+                "n_samples": n,
+                "n_members": 0,
+                "fingerprint": f"synthetic-{n}-{seed}",
+                "bytes_total": 0,
+                "bytes_read": 0,
+                "broken": [],
+                "empty": [],
+                "duplicates": {"rows": 0, "examples": []},
+            }
+        )
+    )
 
 
 @ray.remote(num_cpus=1)
@@ -78,7 +111,7 @@ def _fill(store_path: str, r0: int, r1: int, seed: int) -> None:
 
 
 def synthetic_run(root: Path, n: int) -> Path:
-    from streamprune.shardindex import Index
+    from streamprune.formats.index import Index
 
     run = root / f"run-{n}"
     write_synthetic_index(run / "index", n)
@@ -106,8 +139,9 @@ class PeakMemory(threading.Thread):
                     cmd = open(f"/proc/{pid}/cmdline", "rb").read()
                     if int(pid) != os.getpid() and not cmd.startswith(b"ray::_"):
                         continue
-                    rss = next(int(line.split()[1]) for line in open(f"/proc/{pid}/status")
-                               if line.startswith("RssAnon"))
+                    rss = next(
+                        int(line.split()[1]) for line in open(f"/proc/{pid}/status") if line.startswith("RssAnon")
+                    )
                 except (OSError, StopIteration, ValueError):
                     continue
                 total += rss * 1024
@@ -119,8 +153,10 @@ class PeakMemory(threading.Thread):
 
 def loop_dual(p: np.ndarray, window: int = 10) -> np.ndarray:
     """The straightforward implementation: a loop over windows with NumPy's std (ddof=1)."""
-    out = [10 * p[:, k : k + window].std(axis=1, ddof=1) * (1 - p[:, k : k + window].mean(axis=1))
-           for k in range(p.shape[1] - window + 1)]
+    out = [
+        10 * p[:, k : k + window].std(axis=1, ddof=1) * (1 - p[:, k : k + window].mean(axis=1))
+        for k in range(p.shape[1] - window + 1)
+    ]
     return np.mean(out, axis=0)
 
 
@@ -133,9 +169,11 @@ def bench_dual(n: int) -> dict:
     ref = loop_dual(p.astype(np.float64))
     t_loop = time.perf_counter() - t
     assert np.allclose(ours, ref, rtol=1e-9, atol=1e-12)
-    print(f"scores.dual on {n:,} x {T}: {n / t_ours:,.0f} samples/s; loop over windows {n / t_loop:,.0f} "
-          f"samples/s; speed-up x{t_loop / t_ours:.1f} (max abs difference {np.abs(ours - ref).max():.1e})",
-          flush=True)
+    print(
+        f"scores.dual on {n:,} x {T}: {n / t_ours:,.0f} samples/s; loop over windows {n / t_loop:,.0f} "
+        f"samples/s; speed-up x{t_loop / t_ours:.1f} (max abs difference {np.abs(ours - ref).max():.1e})",
+        flush=True,
+    )
     return {"n": n, "dual_sps": n / t_ours, "loop_sps": n / t_loop, "speedup": t_loop / t_ours}
 
 
@@ -167,20 +205,31 @@ def main(argv: list[str] | None = None) -> dict:
             mem.stop = True
             mem.join()
             assert len(keep) == round((1 - args.ratio) * n)
-            r = {"n": n, "seconds": t_reduce, "sps": n / t_reduce, "peak_total_gb": mem.peak / 1e9,
-                 "peak_task_gb": mem.peak_task / 1e9, "setup_s": t_make}
+            r = {
+                "n": n,
+                "seconds": t_reduce,
+                "sps": n / t_reduce,
+                "peak_total_gb": mem.peak / 1e9,
+                "peak_task_gb": mem.peak_task / 1e9,
+                "setup_s": t_make,
+            }
             results[str(n)] = r
-            print(f"reduce dual-beta r={args.ratio} on {n:,} rows x {T} epochs: {t_reduce:.1f} s = {r['sps']:,.0f} "
-                  f"samples/s | peak memory {r['peak_total_gb']:.2f} GB in all (largest task "
-                  f"{r['peak_task_gb']:.2f} GB) | synthetic data written in {t_make:.0f} s", flush=True)
+            print(
+                f"reduce dual-beta r={args.ratio} on {n:,} rows x {T} epochs: {t_reduce:.1f} s = {r['sps']:,.0f} "
+                f"samples/s | peak memory {r['peak_total_gb']:.2f} GB in all (largest task "
+                f"{r['peak_task_gb']:.2f} GB) | synthetic data written in {t_make:.0f} s",
+                flush=True,
+            )
     finally:
         if not args.keep_data:
             shutil.rmtree(root, ignore_errors=True)
     sizes = [k for k in results if k != "dual"]
     if len(sizes) >= 2:
         a, b = results[sizes[0]], results[sizes[-1]]
-        print(f"scaling {a['n']:,} -> {b['n']:,} rows: samples/s x{b['sps'] / a['sps']:.2f}, "
-              f"peak memory x{b['peak_total_gb'] / a['peak_total_gb']:.2f}")
+        print(
+            f"scaling {a['n']:,} -> {b['n']:,} rows: samples/s x{b['sps'] / a['sps']:.2f}, "
+            f"peak memory x{b['peak_total_gb'] / a['peak_total_gb']:.2f}"
+        )
     return results
 
 

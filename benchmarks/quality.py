@@ -3,7 +3,7 @@
 Real Fashion-MNIST through the real pipeline (shards, Ray, the stats store): record T proxy
 epochs, reduce with each method at each pruning ratio, train a fresh model on each kept
 subset on several seeds and measure its accuracy. The fair protocol: every subset trains
-for as many SGD steps as the full-data run (`streamprune.evaluate`'s `steps` budget), so a
+for as many SGD steps as the full-data run (`streamprune.stages.evaluate`'s `steps` budget), so a
 subset is judged near the convergence its size allows. A method name with `+classes`
 (`dual-beta+classes`) is that method with class-balanced quotas (`reduce(balance="classes")`).
 A second setting flips 20% of the training labels at random (symmetric noise) and reports
@@ -37,23 +37,47 @@ import numpy as np
 
 from streamprune import index, record, reduce
 from streamprune.datasets import fashion_mnist_dir, load_fashion_mnist, shard_sizes, write_shards
-from streamprune.evaluate import train_subset
-from streamprune.keeplist import KeepList
-from streamprune.raycluster import ensure_ray
+from streamprune.formats.keeplist import KeepList
+from streamprune.stages.evaluate import train_subset
+from streamprune.stages.ray_cluster import ensure_ray
 
 HERE = Path(__file__).resolve().parent
 METHODS = ["random", "random+classes", "dual-beta", "dual-beta+classes"]
 RATIOS = [0.3, 0.5, 0.7, 0.9]
 VALIDATION = slice(50_000, 55_000)  # training images no recipe trains on
 RECIPES = {  # documented recipes; train_epochs: the full-data run, every subset gets its steps
-    "cpu": {"train_samples": 8000, "proxy_epochs": 10, "schedule_epochs": 200, "train_epochs": 10,
-            "model": "small-cnn", "workers": 2},
-    "demo": {"train_samples": 4000, "proxy_epochs": 10, "schedule_epochs": 30, "train_epochs": 10,
-             "model": "small-cnn", "workers": 2},
-    "cuda": {"train_samples": 50000, "proxy_epochs": 20, "schedule_epochs": 200, "train_epochs": 30,
-             "model": "resnet18", "workers": 1},
-    "quick": {"train_samples": 1200, "proxy_epochs": 3, "schedule_epochs": 200, "train_epochs": 1,
-              "model": "small-cnn", "workers": 2},
+    "cpu": {
+        "train_samples": 8000,
+        "proxy_epochs": 10,
+        "schedule_epochs": 200,
+        "train_epochs": 10,
+        "model": "small-cnn",
+        "workers": 2,
+    },
+    "demo": {
+        "train_samples": 4000,
+        "proxy_epochs": 10,
+        "schedule_epochs": 30,
+        "train_epochs": 10,
+        "model": "small-cnn",
+        "workers": 2,
+    },
+    "cuda": {
+        "train_samples": 50000,
+        "proxy_epochs": 20,
+        "schedule_epochs": 200,
+        "train_epochs": 30,
+        "model": "resnet18",
+        "workers": 1,
+    },
+    "quick": {
+        "train_samples": 1200,
+        "proxy_epochs": 3,
+        "schedule_epochs": 200,
+        "train_epochs": 1,
+        "model": "small-cnn",
+        "workers": 2,
+    },
 }
 
 
@@ -83,12 +107,25 @@ def kept_indices(keep: KeepList) -> np.ndarray:
 
 def proxy_run(folder: Path, images, labels, r: dict, gpus: float) -> float:
     """Shards, index and T recorded proxy epochs under `folder`; returns the recording seconds."""
-    shards = write_shards(images, labels, folder / "shards",
-                          sizes=shard_sizes(len(images), max(4, len(images) // 2000), uneven=True), progress=False)
+    shards = write_shards(
+        images,
+        labels,
+        folder / "shards",
+        sizes=shard_sizes(len(images), max(4, len(images) // 2000), uneven=True),
+        progress=False,
+    )
     index(shards, folder / "run", progress=False)
     t = time.perf_counter()
-    record(folder / "run", r["proxy_epochs"], workers=r["workers"], gpus_per_worker=gpus, model=r["model"],
-           schedule_epochs=r["schedule_epochs"], num_classes=10, progress=False)
+    record(
+        folder / "run",
+        r["proxy_epochs"],
+        workers=r["workers"],
+        gpus_per_worker=gpus,
+        model=r["model"],
+        schedule_epochs=r["schedule_epochs"],
+        num_classes=10,
+        progress=False,
+    )
     return time.perf_counter() - t
 
 
@@ -112,8 +149,9 @@ class _Done:
         return self.values[step]
 
 
-def noise_setting(args, recipe: dict, images, labels, done: "_Done", work: Path, gpus: float, window: int
-                  ) -> tuple[list[dict], float]:
+def noise_setting(
+    args, recipe: dict, images, labels, done: "_Done", work: Path, gpus: float, window: int
+) -> tuple[list[dict], float]:
     """Flip `args.noise` of the labels, record a proxy on them, and measure the mislabelled
     fraction of every method's keep-list at every ratio; returns the rows and the recording seconds."""
     noisy_labels, noisy = flip_labels(labels, args.noise, seed=123)
@@ -123,9 +161,19 @@ def noise_setting(args, recipe: dict, images, labels, done: "_Done", work: Path,
     for method in args.methods:
         for ratio in args.ratios:
             name, balance, settings = parse_method(method)
-            keep = reduce(nrun, ratio, name, seed=0, window=window, balance=balance, **settings,
-                          out=work / "noisy-keeps" / f"{method.replace(':', '-')}-{ratio}",
-                          scores_out=work / "noisy-scores.zarr", which="method", progress=False)
+            keep = reduce(
+                nrun,
+                ratio,
+                name,
+                seed=0,
+                window=window,
+                balance=balance,
+                **settings,
+                out=work / "noisy-keeps" / f"{method.replace(':', '-')}-{ratio}",
+                scores_out=work / "noisy-scores.zarr",
+                which="method",
+                progress=False,
+            )
             frac = float(noisy[kept_indices(keep)].mean())
             noise_rows.append({"method": method, "ratio": ratio, "kept": len(keep), "noisy_kept_fraction": frac})
             print(f"  noisy {method:>10} r={ratio}: {frac:.1%} of the kept samples are mislabelled", flush=True)
@@ -133,15 +181,24 @@ def noise_setting(args, recipe: dict, images, labels, done: "_Done", work: Path,
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__
+    )
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--quick", action="store_true", help="a smoke run (minutes)")
     p.add_argument("--recipe", choices=sorted(RECIPES), help="default: the --device one")
-    p.add_argument("--eval", default="test", choices=["test", "validation"],
-                   help="measure on the test set, or on held-out training images (for choosing settings)")
-    p.add_argument("--budget", default="steps", choices=["steps", "epochs"],
-                   help="fresh runs: the full run's SGD steps on every subset, or its epochs")
+    p.add_argument(
+        "--eval",
+        default="test",
+        choices=["test", "validation"],
+        help="measure on the test set, or on held-out training images (for choosing settings)",
+    )
+    p.add_argument(
+        "--budget",
+        default="steps",
+        choices=["steps", "epochs"],
+        help="fresh runs: the full run's SGD steps on every subset, or its epochs",
+    )
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--ratios", type=float, nargs="+", default=RATIOS)
     p.add_argument("--methods", nargs="+", default=METHODS)
@@ -164,18 +221,30 @@ def main(argv: list[str] | None = None) -> dict:
         test_images, test_labels = load_fashion_mnist("test", args.data_dir)
     n = min(recipe["train_samples"], len(images))
     images, labels = images[:n], labels[:n]
-    print(f"quality: {n} training and {len(test_images)} {args.eval} images from {fashion_mnist_dir(args.data_dir)}; "
-          f"recipe {recipe}; {args.seeds} seeds", flush=True)
+    print(
+        f"quality: {n} training and {len(test_images)} {args.eval} images from {fashion_mnist_dir(args.data_dir)}; "
+        f"recipe {recipe}; {args.seeds} seeds",
+        flush=True,
+    )
     ensure_ray()
     import tempfile
 
     work = Path(args.work or tempfile.mkdtemp(prefix="sp-quality-"))
     gpus = 1.0 if args.device == "cuda" else 0.0
-    test = write_shards(test_images, test_labels, work / args.eval, samples_per_shard=2500, prefix=args.eval,
-                        progress=False)
-    train = lambda shards, keep, seed: train_subset(shards, test, keep, epochs=recipe["train_epochs"],
-                                                    model=recipe["model"], seed=seed, device=args.device,
-                                                    budget=args.budget, progress=False)
+    test = write_shards(
+        test_images, test_labels, work / args.eval, samples_per_shard=2500, prefix=args.eval, progress=False
+    )
+    train = lambda shards, keep, seed: train_subset(
+        shards,
+        test,
+        keep,
+        epochs=recipe["train_epochs"],
+        model=recipe["model"],
+        seed=seed,
+        device=args.device,
+        budget=args.budget,
+        progress=False,
+    )
 
     window = min(10, recipe["proxy_epochs"])
     done = _Done(work / f"finished-{args.eval}-{args.budget}.jsonl")  # a rerun with the same --work resumes
@@ -194,33 +263,70 @@ def main(argv: list[str] | None = None) -> dict:
 
                 def fresh():
                     name, balance, settings = parse_method(method)
-                    keep = reduce(run, ratio, name, seed=seed, window=window, out=out, balance=balance,
-                                  scores_out=work / "scores.zarr", which="method", progress=False, **settings)
-                    per_class = np.bincount(labels[kept_indices(keep)], minlength=10) / np.bincount(labels,
-                                                                                                 minlength=10)
+                    keep = reduce(
+                        run,
+                        ratio,
+                        name,
+                        seed=seed,
+                        window=window,
+                        out=out,
+                        balance=balance,
+                        scores_out=work / "scores.zarr",
+                        which="method",
+                        progress=False,
+                        **settings,
+                    )
+                    per_class = np.bincount(labels[kept_indices(keep)], minlength=10) / np.bincount(
+                        labels, minlength=10
+                    )
                     res = train(shards, keep, seed)
-                    return {"kept": len(keep), "acc": res.test_accuracy, "epochs": res.epochs,
-                            "per_class": per_class.tolist()}
+                    return {
+                        "kept": len(keep),
+                        "acc": res.test_accuracy,
+                        "epochs": res.epochs,
+                        "per_class": per_class.tolist(),
+                    }
+
                 got = done.get(f"train {method} {ratio} {seed}", fresh)
                 accs.append(got["acc"])
                 kept, epochs, per_class = got["kept"], got["epochs"], got["per_class"]
-            rows.append({"method": method, "ratio": ratio, "kept": kept, "acc": accs, "epochs": epochs,
-                         "per_class_seed0": per_class,
-                         "mean": float(np.mean(accs)), "std": float(np.std(accs, ddof=1)) if len(accs) > 1 else 0.0})
-            print(f"  {method:>10} r={ratio}: {kept} kept, test accuracy {rows[-1]['mean']:.4f} "
-                  f"+- {rows[-1]['std']:.4f}", flush=True)
+            rows.append(
+                {
+                    "method": method,
+                    "ratio": ratio,
+                    "kept": kept,
+                    "acc": accs,
+                    "epochs": epochs,
+                    "per_class_seed0": per_class,
+                    "mean": float(np.mean(accs)),
+                    "std": float(np.std(accs, ddof=1)) if len(accs) > 1 else 0.0,
+                }
+            )
+            print(
+                f"  {method:>10} r={ratio}: {kept} kept, test accuracy {rows[-1]['mean']:.4f} +- {rows[-1]['std']:.4f}",
+                flush=True,
+            )
 
     noise_rows, nrecord_s = [], None
     if args.noise > 0:  # --noise 0 skips the label-noise setting
         noise_rows, nrecord_s = noise_setting(args, recipe, images, labels, done, work, gpus, window)
-    result = {"command": command, "date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, "
-              f"{os.cpu_count()} CPUs, {args.device}, python {platform.python_version()}",
-              "wall_s": round(time.time() - t0), "recipe": recipe, "seeds": args.seeds, "train_samples": n,
-              "eval": args.eval, "budget": args.budget, "test_samples": len(test_images),
-              "full": [f["test_accuracy"] for f in full], "rows": rows,
-              "noise": args.noise, "noise_rows": noise_rows,
-              "cost": {"record_s": record_s, "full_train_s": full_s, "ratio": record_s / full_s,
-                       "noisy_record_s": nrecord_s}}
+    result = {
+        "command": command,
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {args.device}, python {platform.python_version()}",
+        "wall_s": round(time.time() - t0),
+        "recipe": recipe,
+        "seeds": args.seeds,
+        "train_samples": n,
+        "eval": args.eval,
+        "budget": args.budget,
+        "test_samples": len(test_images),
+        "full": [f["test_accuracy"] for f in full],
+        "rows": rows,
+        "noise": args.noise,
+        "noise_rows": noise_rows,
+        "cost": {"record_s": record_s, "full_train_s": full_s, "ratio": record_s / full_s, "noisy_record_s": nrecord_s},
+    }
     out = Path(args.out)
     stem = ("quality" if args.eval == "test" else "validation") + ("-quick" if args.quick else "")
     (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
@@ -236,31 +342,56 @@ def markdown(r: dict) -> str:
     cell = {(row["method"], row["ratio"]): row for row in r["rows"]}
     full = np.array(r["full"])
     rec = r["recipe"]
-    where = ("the 10,000 test images" if r["eval"] == "test" else
-             f"{r['test_samples']:,} held-out training images (validation: never trained on, not the test set)")
-    rule = (f"every subset trains for as many SGD steps as the full-data run of {rec['train_epochs']} epochs "
-            f"(`round({rec['train_epochs']} N / k)` epochs of the subset, cosine over them)"
-            if r["budget"] == "steps" else
-            f"every subset trains for {rec['train_epochs']} epochs (fewer steps on smaller subsets)")
+    where = (
+        "the 10,000 test images"
+        if r["eval"] == "test"
+        else f"{r['test_samples']:,} held-out training images (validation: never trained on, not the test set)"
+    )
+    rule = (
+        f"every subset trains for as many SGD steps as the full-data run of {rec['train_epochs']} epochs "
+        f"(`round({rec['train_epochs']} N / k)` epochs of the subset, cosine over them)"
+        if r["budget"] == "steps"
+        else f"every subset trains for {rec['train_epochs']} epochs (fewer steps on smaller subsets)"
+    )
     header = "| method | " + " | ".join(f"r={x:.0%}" for x in ratios) + " |"
     rule_row = "|---|" + "---|" * len(ratios)
-    lines = [f"# Quality: keep-lists against random at the same budget ({r['eval']} split)", "",
-             f"`{r['command']}` — {r['date']}, {r['machine']}, wall time {r['wall_s'] / 60:.0f} min.", "",
-             f"Fashion-MNIST: first {r['train_samples']:,} training images; accuracy on {where}. "
-             f"Proxy: `{rec['model']}`, {rec['proxy_epochs']} recorded epochs of a {rec['schedule_epochs']}-epoch "
-             f"cosine schedule, {rec['workers']} Ray Train workers. Fresh models: `{rec['model']}`, batch 128, "
-             f"lr 0.1; {rule}. {r['seeds']} seeds: seed s draws the keep-list and initialises the model. "
-             f"DUAL window min(10, T), DUAL+Beta defaults (C=15; c_d=4 over all samples, 8 with class balance; "
-             f"`@c_d=4` overrides). `+classes`: class-balanced quotas (`--balance classes`); plain names: "
-             f"SCORING.md's samplers over all samples.", "",
-             f"Full data: accuracy {full.mean():.4f} +- {full.std(ddof=1) if len(full) > 1 else 0:.4f}.", "",
-             "Accuracy, mean +- std over seeds (pruning ratio = fraction removed):", "", header, rule_row]
+    lines = [
+        f"# Quality: keep-lists against random at the same budget ({r['eval']} split)",
+        "",
+        f"`{r['command']}` — {r['date']}, {r['machine']}, wall time {r['wall_s'] / 60:.0f} min.",
+        "",
+        f"Fashion-MNIST: first {r['train_samples']:,} training images; accuracy on {where}. "
+        f"Proxy: `{rec['model']}`, {rec['proxy_epochs']} recorded epochs of a {rec['schedule_epochs']}-epoch "
+        f"cosine schedule, {rec['workers']} Ray Train workers. Fresh models: `{rec['model']}`, batch 128, "
+        f"lr 0.1; {rule}. {r['seeds']} seeds: seed s draws the keep-list and initialises the model. "
+        f"DUAL window min(10, T), DUAL+Beta defaults (C=15; c_d=4 over all samples, 8 with class balance; "
+        f"`@c_d=4` overrides). `+classes`: class-balanced quotas (`--balance classes`); plain names: "
+        f"SCORING.md's samplers over all samples.",
+        "",
+        f"Full data: accuracy {full.mean():.4f} +- {full.std(ddof=1) if len(full) > 1 else 0:.4f}.",
+        "",
+        "Accuracy, mean +- std over seeds (pruning ratio = fraction removed):",
+        "",
+        header,
+        rule_row,
+    ]
     for m in methods:
-        lines.append(f"| {m} | " + " | ".join(f"{cell[(m, x)]['mean']:.4f} +- {cell[(m, x)]['std']:.4f}"
-                                              if (m, x) in cell else "" for x in ratios) + " |")
+        lines.append(
+            f"| {m} | "
+            + " | ".join(
+                f"{cell[(m, x)]['mean']:.4f} +- {cell[(m, x)]['std']:.4f}" if (m, x) in cell else "" for x in ratios
+            )
+            + " |"
+        )
     if "random" in methods:
-        lines += ["", "Difference to random, percentage points: mean over seeds +- std of the per-seed "
-                  "differences (seed s against random's seed s):", "", header, rule_row]
+        lines += [
+            "",
+            "Difference to random, percentage points: mean over seeds +- std of the per-seed "
+            "differences (seed s against random's seed s):",
+            "",
+            header,
+            rule_row,
+        ]
         for m in methods:
             if m == "random":
                 continue
@@ -272,33 +403,66 @@ def markdown(r: dict) -> str:
                 d = 100 * (np.array(cell[(m, x)]["acc"]) - np.array(cell[("random", x)]["acc"]))
                 parts.append(f"{d.mean():+.2f} +- {d.std(ddof=1) if len(d) > 1 else 0:.2f}")
             lines.append(f"| {m} | " + " | ".join(parts) + " |")
-    lines += ["", "Kept fraction per class (seed 0), least and most kept class (random keeps about 1 - r of "
-              "each):", "", header, rule_row]
+    lines += [
+        "",
+        "Kept fraction per class (seed 0), least and most kept class (random keeps about 1 - r of each):",
+        "",
+        header,
+        rule_row,
+    ]
     for m in methods:
-        lines.append(f"| {m} | " + " | ".join(
-            f"{min(cell[(m, x)]['per_class_seed0']):.2f}-{max(cell[(m, x)]['per_class_seed0']):.2f}"
-            if (m, x) in cell else "" for x in ratios) + " |")
-    lines += ["", "Epochs each subset trained: " + ", ".join(
-        f"r={x:.0%}: {cell[(methods[0], x)]['epochs']}" for x in ratios if (methods[0], x) in cell) + "."]
+        lines.append(
+            f"| {m} | "
+            + " | ".join(
+                f"{min(cell[(m, x)]['per_class_seed0']):.2f}-{max(cell[(m, x)]['per_class_seed0']):.2f}"
+                if (m, x) in cell
+                else ""
+                for x in ratios
+            )
+            + " |"
+        )
+    lines += [
+        "",
+        "Epochs each subset trained: "
+        + ", ".join(f"r={x:.0%}: {cell[(methods[0], x)]['epochs']}" for x in ratios if (methods[0], x) in cell)
+        + ".",
+    ]
     nc = {(row["method"], row["ratio"]): row for row in r["noise_rows"]}
     if not nc:
         lines += ["", "Label noise: not run here (`--noise 0`)."]
-    lines += [] if not nc else ["", f"Label noise: {r['noise']:.0%} of the training labels flipped to another class "
-                                    "at random; "
-              "a separate proxy recorded on the noisy labels. Fraction of the kept samples that are mislabelled "
-              f"(random keeps about {r['noise']:.0%}):", "", header, rule_row]
+    lines += (
+        []
+        if not nc
+        else [
+            "",
+            f"Label noise: {r['noise']:.0%} of the training labels flipped to another class "
+            "at random; "
+            "a separate proxy recorded on the noisy labels. Fraction of the kept samples that are mislabelled "
+            f"(random keeps about {r['noise']:.0%}):",
+            "",
+            header,
+            rule_row,
+        ]
+    )
     for m in methods if nc else []:
-        lines.append(f"| {m} | " + " | ".join(f"{nc[(m, x)]['noisy_kept_fraction']:.1%}" if (m, x) in nc else ""
-                                              for x in ratios) + " |")
+        lines.append(
+            f"| {m} | "
+            + " | ".join(f"{nc[(m, x)]['noisy_kept_fraction']:.1%}" if (m, x) in nc else "" for x in ratios)
+            + " |"
+        )
     c = r["cost"]
     rec_epoch, train_epoch = c["record_s"] / rec["proxy_epochs"], c["full_train_s"] / rec["train_epochs"]
-    lines += ["", f"Cost: recording the proxy ({rec['proxy_epochs']} epochs on Ray, with statistics, Ray Train "
-              f"start-up included) took {c['record_s']:.0f} s; one full training run ({rec['train_epochs']} epochs "
-              f"on all samples, in one process) took {c['full_train_s']:.0f} s: ratio {c['ratio']:.2f}. Per epoch: "
-              f"{rec_epoch:.1f} s recording, {train_epoch:.1f} s training (ratio {rec_epoch / train_epoch:.2f}). "
-              f"Against one run of the {rec['schedule_epochs']}-epoch schedule the proxy follows, "
-              f"{rec['proxy_epochs']} recorded epochs cost "
-              f"{rec['proxy_epochs'] * rec_epoch / (rec['schedule_epochs'] * train_epoch):.1%} of it.", ""]
+    lines += [
+        "",
+        f"Cost: recording the proxy ({rec['proxy_epochs']} epochs on Ray, with statistics, Ray Train "
+        f"start-up included) took {c['record_s']:.0f} s; one full training run ({rec['train_epochs']} epochs "
+        f"on all samples, in one process) took {c['full_train_s']:.0f} s: ratio {c['ratio']:.2f}. Per epoch: "
+        f"{rec_epoch:.1f} s recording, {train_epoch:.1f} s training (ratio {rec_epoch / train_epoch:.2f}). "
+        f"Against one run of the {rec['schedule_epochs']}-epoch schedule the proxy follows, "
+        f"{rec['proxy_epochs']} recorded epochs cost "
+        f"{rec['proxy_epochs'] * rec_epoch / (rec['schedule_epochs'] * train_epoch):.1%} of it.",
+        "",
+    ]
     return "\n".join(lines)
 
 

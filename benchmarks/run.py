@@ -36,8 +36,12 @@ def main(argv: list[str] | None = None) -> dict:
     data = ["--data-dir", args.data_dir] if args.data_dir else []
     t0 = time.time()
     sections = {}
-    for name, fn, extra in (("index", bench_index.main, data), ("record", bench_record.main, ["--device", args.device]),
-                            ("reduce", bench_reduce.main, []), ("loader", bench_loader.main, data)):
+    for name, fn, extra in (
+        ("index", bench_index.main, data),
+        ("record", bench_record.main, ["--device", args.device]),
+        ("reduce", bench_reduce.main, []),
+        ("loader", bench_loader.main, data),
+    ):
         print(f"== {name}", flush=True)
         t = time.time()
         sections[name] = fn(quick + extra)
@@ -46,9 +50,15 @@ def main(argv: list[str] | None = None) -> dict:
     print("\n== summary (each figure against its baseline in this run)")
     for f in figures:
         print(f"{f['figure']:<58} {f['value']:>12}   goal {f['goal']}")
-    result = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, "
-              f"python {platform.python_version()}", "quick": args.quick, "device": args.device,
-              "wall_s": round(time.time() - t0), "figures": figures, "sections": sections}
+    result = {
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, python {platform.python_version()}",
+        "quick": args.quick,
+        "device": args.device,
+        "wall_s": round(time.time() - t0),
+        "figures": figures,
+        "sections": sections,
+    }
     print(f"wall {result['wall_s']} s on {result['machine']}")
     if args.json:
         with open(args.json, "w") as f:
@@ -60,38 +70,91 @@ def summary(s: dict, device: str) -> list[dict]:
     """The headline figures, one row each."""
     rows = []
     for r in s["index"]:
-        rows.append({"figure": f"index {r['set']}: bytes read / total", "value": f"{r['read_fraction']:.1%}",
-                     "goal": "header-only reads"})
-    rows.append({"figure": f"record on {device}: samples/s with / without recording",
-                 "value": f"{s['record']['ratio']:.3f}", "goal": ">= 0.97"})
-    rows.append({"figure": "own loop: samples/s with / without StatsLogger",
-                 "value": f"{s['record']['own_loop']['ratio']:.3f}", "goal": ">= 0.97"})
+        rows.append(
+            {
+                "figure": f"index {r['set']}: bytes read / total",
+                "value": f"{r['read_fraction']:.1%}",
+                "goal": "header-only reads",
+            }
+        )
+    rows.append(
+        {
+            "figure": f"record on {device}: samples/s with / without recording",
+            "value": f"{s['record']['ratio']:.3f}",
+            "goal": ">= 0.97",
+        }
+    )
+    rows.append(
+        {
+            "figure": "own loop: samples/s with / without StatsLogger",
+            "value": f"{s['record']['own_loop']['ratio']:.3f}",
+            "goal": ">= 0.97",
+        }
+    )
     web = s["record"]["web"]
-    rows.append({"figure": "web-like JPEG decode to 64 px: streamprune / wds+PIL resize",
-                 "value": f"{web['decode_ratio']:.2f} ({web['decode']['streamprune']:,.0f}/s)", "goal": ">= 1"})
-    rows.append({"figure": f"web-like record on {device}: samples/s (skipped)",
-                 "value": f"{web['record_samples_per_s']:,.0f} ({web['bad_samples']})", "goal": "0 skipped"})
+    rows.append(
+        {
+            "figure": "web-like JPEG decode to 64 px: streamprune / wds+PIL resize",
+            "value": f"{web['decode_ratio']:.2f} ({web['decode']['streamprune']:,.0f}/s)",
+            "goal": ">= 1",
+        }
+    )
+    rows.append(
+        {
+            "figure": f"web-like record on {device}: samples/s (skipped)",
+            "value": f"{web['record_samples_per_s']:,.0f} ({web['bad_samples']})",
+            "goal": "0 skipped",
+        }
+    )
     sizes = [k for k in s["reduce"] if k != "dual"]
     for k in sizes:
         r = s["reduce"][k]
-        rows.append({"figure": f"reduce dual-beta {int(k):,} rows: samples/s (peak GB)",
-                     "value": f"{r['sps']:,.0f} ({r['peak_total_gb']:.2f})", "goal": "5M/s, flat memory"})
+        rows.append(
+            {
+                "figure": f"reduce dual-beta {int(k):,} rows: samples/s (peak GB)",
+                "value": f"{r['sps']:,.0f} ({r['peak_total_gb']:.2f})",
+                "goal": "5M/s, flat memory",
+            }
+        )
     if len(sizes) >= 2:
         a, b = s["reduce"][sizes[0]], s["reduce"][sizes[-1]]
-        rows.append({"figure": "reduce: peak memory at the larger / the smaller size",
-                     "value": f"{b['peak_total_gb'] / a['peak_total_gb']:.2f}", "goal": "~1 (flat in N)"})
-    rows.append({"figure": "scores.dual / loop over windows (same rows)",
-                 "value": f"x{s['reduce']['dual']['speedup']:.1f}",
-                 "goal": "> 1"})
+        rows.append(
+            {
+                "figure": "reduce: peak memory at the larger / the smaller size",
+                "value": f"{b['peak_total_gb'] / a['peak_total_gb']:.2f}",
+                "goal": "~1 (flat in N)",
+            }
+        )
+    rows.append(
+        {
+            "figure": "scores.dual / loop over windows (same rows)",
+            "value": f"x{s['reduce']['dual']['speedup']:.1f}",
+            "goal": "> 1",
+        }
+    )
     for r in s["loader"]:
-        rows += [{"figure": f"loader {r['set']} keep 100%: / webdataset", "value": f"{r['ratio_keep100']:.2f}",
-                  "goal": ">= 0.98"},
-                 {"figure": f"loader {r['set']} keep 10%: / webdataset decode+select",
-                  "value": f"x{r['ratio_keep10_vs_select']:.1f}", "goal": ">= 6"},
-                 {"figure": f"loader {r['set']} keep 10%: / webdataset select_files",
-                  "value": f"x{r['ratio_keep10_vs_select_files']:.1f}", "goal": "> 1, growing with member size"},
-                 {"figure": f"loader {r['set']} keep 10%: bytes read / total",
-                  "value": f"{r['bytes_read_keep10']:.1%}", "goal": "<= 15%"}]
+        rows += [
+            {
+                "figure": f"loader {r['set']} keep 100%: / webdataset",
+                "value": f"{r['ratio_keep100']:.2f}",
+                "goal": ">= 0.98",
+            },
+            {
+                "figure": f"loader {r['set']} keep 10%: / webdataset decode+select",
+                "value": f"x{r['ratio_keep10_vs_select']:.1f}",
+                "goal": ">= 6",
+            },
+            {
+                "figure": f"loader {r['set']} keep 10%: / webdataset select_files",
+                "value": f"x{r['ratio_keep10_vs_select_files']:.1f}",
+                "goal": "> 1, growing with member size",
+            },
+            {
+                "figure": f"loader {r['set']} keep 10%: bytes read / total",
+                "value": f"{r['bytes_read_keep10']:.1%}",
+                "goal": "<= 15%",
+            },
+        ]
     return rows
 
 

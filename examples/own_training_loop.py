@@ -27,22 +27,30 @@ from torch.distributed.algorithms.join import Join
 from torch.nn.parallel import DistributedDataParallel
 
 from streamprune import IndexedShards, StatsLogger, index_in_process
-from streamprune.decode import ToTensors
-from streamprune.labels import Classes, scan_classes
-from streamprune.models import small_cnn
-from streamprune.recipe import sync_from_rank0
+from streamprune.shards.labels import Classes, scan_classes
+from streamprune.training.decode import ToTensors
+from streamprune.training.models import small_cnn
+from streamprune.training.recipe import sync_from_rank0
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shards", required=True, help="shard spec (braces, globs, ...); used to index RUN if needed")
-    p.add_argument("--run-dir", required=True, metavar="RUN", help="run directory: RUN/index, RUN/stats.zarr "
-                   "(not --run: torchrun would take that for its own --run-path)")
+    p.add_argument(
+        "--run-dir",
+        required=True,
+        metavar="RUN",
+        help="run directory: RUN/index, RUN/stats.zarr (not --run: torchrun would take that for its own --run-path)",
+    )
     p.add_argument("--epochs", type=int, required=True, help="epochs to record")
     p.add_argument("--label", default="cls", help="label spec: cls, an extension, json:FIELD, module:function")
     p.add_argument("--image-size", type=int, default=None, help="square training size (default: the images' own)")
-    p.add_argument("--num-classes", type=int, default=None,
-                   help="default: from the run's class list (counted once into RUN/classes.json)")
+    p.add_argument(
+        "--num-classes",
+        type=int,
+        default=None,
+        help="default: from the run's class list (counted once into RUN/classes.json)",
+    )
     p.add_argument("--batch-size", type=int, default=64, help="per rank")
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--seed", type=int, default=0)
@@ -73,18 +81,30 @@ def main(argv: list[str] | None = None) -> None:
     args.num_classes = args.num_classes or classes.num_classes
 
     options = {"label": args.label, "classes": classes, "image_size": args.image_size}
-    data = IndexedShards(run, ToTensors(seed=args.seed + rank, do_augment=True, **options), seed=args.seed,
-                         shuffle_buffer=1000)
-    sample, _, _ = next(iter(IndexedShards(run, ToTensors(do_augment=False, **options), rank=0, world_size=1,
-                                             shuffle_buffer=1)))
+    data = IndexedShards(
+        run, ToTensors(seed=args.seed + rank, do_augment=True, **options), seed=args.seed, shuffle_buffer=1000
+    )
+    sample, _, _ = next(
+        iter(IndexedShards(run, ToTensors(do_augment=False, **options), rank=0, world_size=1, shuffle_buffer=1))
+    )
     torch.manual_seed(args.seed)
     net = small_cnn(args.num_classes, in_channels=sample.shape[0], image_size=sample.shape[-1]).to(device)
     opt = torch.optim.SGD(net.parameters(), lr=args.lr, momentum=0.9, weight_decay=5e-4)
-    logger = StatsLogger(run, args.epochs, config={"lr": args.lr, "batch_size": args.batch_size, "seed": args.seed,
-                                                   "model": "small-cnn", "num_classes": args.num_classes,
-                                                   "label": args.label, "image_size": args.image_size,
-                                                   "classes": classes.digest},
-                         chunk_rows=args.chunk_rows)
+    logger = StatsLogger(
+        run,
+        args.epochs,
+        config={
+            "lr": args.lr,
+            "batch_size": args.batch_size,
+            "seed": args.seed,
+            "model": "small-cnn",
+            "num_classes": args.num_classes,
+            "label": args.label,
+            "image_size": args.image_size,
+            "classes": classes.digest,
+        },
+        chunk_rows=args.chunk_rows,
+    )
     start = logger.start_epoch
     if start == args.epochs:
         if rank == 0:
@@ -99,8 +119,9 @@ def main(argv: list[str] | None = None) -> None:
     for epoch in range(start, args.epochs):
         t0 = time.time()
         data.set_epoch(epoch)  # the same cut of shards on every rank, a new one each epoch
-        loader = torch.utils.data.DataLoader(data, batch_size=args.batch_size, num_workers=args.loader_workers,
-                                             pin_memory=cuda)
+        loader = torch.utils.data.DataLoader(
+            data, batch_size=args.batch_size, num_workers=args.loader_workers, pin_memory=cuda
+        )
         logger.begin_epoch(epoch)
         model.train()
         totals = torch.zeros(3, device=device)  # samples, loss sum, correct
@@ -122,8 +143,9 @@ def main(argv: list[str] | None = None) -> None:
         if rank == 0:  # saved before the epoch is marked: a complete epoch always has its checkpoint
             path = _checkpoint(run, epoch + 1)
             path.parent.mkdir(exist_ok=True)
-            torch.save({"model": net.state_dict(), "optimizer": opt.state_dict(), "epochs_done": epoch + 1},
-                       str(path) + ".tmp")
+            torch.save(
+                {"model": net.state_dict(), "optimizer": opt.state_dict(), "epochs_done": epoch + 1}, str(path) + ".tmp"
+            )
             os.replace(str(path) + ".tmp", path)
         missing = logger.end_epoch()  # every rank: chunks written by their owners, shards marked
         if rank == 0:
@@ -131,11 +153,15 @@ def main(argv: list[str] | None = None) -> None:
             if stale.exists():
                 stale.unlink()
             n, loss_sum, correct = totals.tolist()
-            print(f"epoch {epoch}: {int(n)} samples, loss {loss_sum / max(n, 1):.3f}, accuracy "
-                  f"{correct / max(n, 1):.3f}, {len(missing)} rows missing, {time.time() - t0:.1f} s", flush=True)
+            print(
+                f"epoch {epoch}: {int(n)} samples, loss {loss_sum / max(n, 1):.3f}, accuracy "
+                f"{correct / max(n, 1):.3f}, {len(missing)} rows missing, {time.time() - t0:.1f} s",
+                flush=True,
+            )
     if rank == 0:
-        print(f"recorded epochs {start}..{args.epochs - 1}; complete epochs: {logger.complete_epochs()} "
-              f"of {args.epochs}")
+        print(
+            f"recorded epochs {start}..{args.epochs - 1}; complete epochs: {logger.complete_epochs()} of {args.epochs}"
+        )
     _finish(distributed)
 
 

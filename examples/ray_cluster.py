@@ -17,8 +17,9 @@ import streamprune
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__
+    )
     p.add_argument("--address", required=True, help="Ray cluster address: auto (on a node) or ray://HEAD:10001")
     p.add_argument("--shards", required=True, help="shard URLs (braces, globs, s3://, pipe:)")
     p.add_argument("--run", required=True, help="run directory on a filesystem every node sees")

@@ -17,8 +17,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from streamprune import PrunedWebDataset
-from streamprune.decode import ToTensors
-from streamprune.models import small_cnn
+from streamprune.training.decode import ToTensors
+from streamprune.training.models import small_cnn
 
 
 def main() -> None:
@@ -56,8 +56,10 @@ def main() -> None:
         gathered = [torch.zeros_like(counts) for _ in range(world)]
         dist.all_gather(gathered, counts)
         if rank == 0:
-            print(f"epoch {epoch}: samples, steps per rank = {[tuple(g.tolist()) for g in gathered]} "
-                  f"(expected {ds.epoch_length(world, args.num_workers)} samples each)")
+            print(
+                f"epoch {epoch}: samples, steps per rank = {[tuple(g.tolist()) for g in gathered]} "
+                f"(expected {ds.epoch_length(world, args.num_workers)} samples each)"
+            )
     dist.destroy_process_group()
 
 

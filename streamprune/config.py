@@ -15,8 +15,8 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import SettingsError
-from .identity import has_scheme
+from streamprune.errors import SettingsError
+from streamprune.shards.identity import has_scheme
 
 
 @dataclass
@@ -120,8 +120,9 @@ def load_config(path: str | os.PathLike) -> Config:
     cfg = _build(Config, data, f"config {str(path)!r}", "")
     problems = config_problems(cfg)
     if problems:
-        raise ConfigError(f"config {str(path)!r} has {len(problems)} problem(s), nothing was run:\n  "
-                          + "\n  ".join(problems))
+        raise ConfigError(
+            f"config {str(path)!r} has {len(problems)} problem(s), nothing was run:\n  " + "\n  ".join(problems)
+        )
     return _resolve_paths(cfg, path.parent.resolve())
 
 
@@ -134,17 +135,23 @@ def _finite(x) -> bool:
 
 def record_problems(r: RecordSection, prefix: str = "record.") -> list[str]:
     """Every value of a record section that cannot work, one line each (the field named)."""
-    from .labels import LabelSpec
-    from .plugins import is_function_spec
+    from streamprune.plugins import is_function_spec
+    from streamprune.shards.labels import LabelSpec
 
     out = []
     check = lambda ok, field_, msg: None if ok else out.append(f"{prefix}{field_}: {msg}")
     check(r.epochs >= 1, "epochs", f"must be >= 1, not {r.epochs}")
-    check(r.schedule_epochs >= r.epochs, "schedule_epochs",
-          f"must be >= epochs ({r.epochs}): the recorded epochs are the start of the schedule, not {r.schedule_epochs}")
+    check(
+        r.schedule_epochs >= r.epochs,
+        "schedule_epochs",
+        f"must be >= epochs ({r.epochs}): the recorded epochs are the start of the schedule, not {r.schedule_epochs}",
+    )
     check(r.workers is None or r.workers >= 1, "workers", f"must be >= 1, not {r.workers}")
-    check(r.gpus_per_worker is None or (_finite(r.gpus_per_worker) and r.gpus_per_worker >= 0), "gpus_per_worker",
-          f"must be >= 0, not {r.gpus_per_worker}")
+    check(
+        r.gpus_per_worker is None or (_finite(r.gpus_per_worker) and r.gpus_per_worker >= 0),
+        "gpus_per_worker",
+        f"must be >= 0, not {r.gpus_per_worker}",
+    )
     check(r.batch_size >= 1, "batch_size", f"must be >= 1, not {r.batch_size}")
     check(_finite(r.lr) and r.lr > 0, "lr", f"must be a finite number > 0, not {r.lr}")
     check(0 <= r.seed < SEED_LIMIT, "seed", f"must be in [0, 2^63), not {r.seed}")
@@ -153,11 +160,15 @@ def record_problems(r: RecordSection, prefix: str = "record.") -> list[str]:
     check(r.max_failures >= 0, "max_failures", f"must be >= 0, not {r.max_failures}")
     check(r.on_bad_sample in ("skip", "error"), "on_bad_sample", f"must be skip or error, not {r.on_bad_sample!r}")
     check(r.image_size is None or r.image_size >= 8, "image_size", f"must be >= 8 pixels, not {r.image_size}")
-    check(r.decode is None or is_function_spec(r.decode), "decode",
-          f"must be package.module:function, not {r.decode!r}")
+    check(
+        r.decode is None or is_function_spec(r.decode), "decode", f"must be package.module:function, not {r.decode!r}"
+    )
     check(r.decode is None or r.label == "cls", "label", "does not apply with a decode function (it returns the label)")
-    check(r.model is None or r.model in ("small-cnn", "resnet18") or is_function_spec(r.model), "model",
-          f"must be small-cnn, resnet18 or package.module:factory, not {r.model!r}")
+    check(
+        r.model is None or r.model in ("small-cnn", "resnet18") or is_function_spec(r.model),
+        "model",
+        f"must be small-cnn, resnet18 or package.module:factory, not {r.model!r}",
+    )
     try:
         LabelSpec(r.label)
     except ValueError as exc:
@@ -167,8 +178,8 @@ def record_problems(r: RecordSection, prefix: str = "record.") -> list[str]:
 
 def reduce_problems(r: ReduceSection, prefix: str = "reduce.") -> list[str]:
     """Every value of a reduce section that cannot work, one line each."""
-    from .reducer import Method
-    from .sampling import resolve_balance
+    from streamprune.scoring.sampling import resolve_balance
+    from streamprune.stages.reduce import Method
 
     out = []
     check = lambda ok, field_, msg: None if ok else out.append(f"{prefix}{field_}: {msg}")
@@ -184,13 +195,19 @@ def reduce_problems(r: ReduceSection, prefix: str = "reduce.") -> list[str]:
     check(r.scores in ("all", "method"), "scores", f"must be all or method, not {r.scores!r}")
     check(r.c_d is None or (_finite(r.c_d) and r.c_d > 0), "c_d", f"must be > 0, not {r.c_d}")
     check(_finite(r.C) and r.C > 0, "C", f"must be > 0, not {r.C}")
-    check(r.alpha_plus_beta is None or (_finite(r.alpha_plus_beta) and r.alpha_plus_beta > r.C), "alpha_plus_beta",
-          f"must be > C ({r.C}) so that alpha stays positive, not {r.alpha_plus_beta}")
+    check(
+        r.alpha_plus_beta is None or (_finite(r.alpha_plus_beta) and r.alpha_plus_beta > r.C),
+        "alpha_plus_beta",
+        f"must be > C ({r.C}) so that alpha stays positive, not {r.alpha_plus_beta}",
+    )
     check(_finite(r.cut) and 0 <= r.cut < 1, "cut", f"must be in [0, 1), not {r.cut}")
     try:
         balance = resolve_balance(r.balance, r.method)
-        check(not (balance == "classes" and r.method.startswith("ccs:")), "balance",
-              "classes cannot be combined with ccs: methods (they stratify by score)")
+        check(
+            not (balance == "classes" and r.method.startswith("ccs:")),
+            "balance",
+            "classes cannot be combined with ccs: methods (they stratify by score)",
+        )
     except ValueError as exc:
         out.append(f"{prefix}balance: {exc}")
     return out
@@ -198,8 +215,8 @@ def reduce_problems(r: ReduceSection, prefix: str = "reduce.") -> list[str]:
 
 def evaluate_problems(e: EvaluateSection, prefix: str = "evaluate.") -> list[str]:
     """Every value of an evaluate section that cannot work, one line each."""
-    from .evaluate import BUDGETS
-    from .reducer import Method
+    from streamprune.stages.evaluate import BUDGETS
+    from streamprune.stages.reduce import Method
 
     out = []
     check = lambda ok, field_, msg: None if ok else out.append(f"{prefix}{field_}: {msg}")
@@ -239,8 +256,10 @@ def _build(cls, data: dict, where: str, prefix: str):
     if unknown:
         k = unknown[0]
         close = difflib.get_close_matches(str(k), names, n=1)
-        raise ConfigError(f"{where}: unknown field {prefix + str(k)!r}" + (f" (did you mean {prefix + close[0]!r}?)"
-                                                                         if close else f"; known: {names}"))
+        raise ConfigError(
+            f"{where}: unknown field {prefix + str(k)!r}"
+            + (f" (did you mean {prefix + close[0]!r}?)" if close else f"; known: {names}")
+        )
     values = {}
     for f in dataclasses.fields(cls):
         name, hint = f.name, hints[f.name]

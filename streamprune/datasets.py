@@ -17,10 +17,11 @@ import numpy as np
 
 BUNDLED = Path(__file__).parent / "data" / "fashion-mnist-subset"
 SHARED = Path("../shared/datasets/fashion-mnist")
-CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-           "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
-_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
-          "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
+_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
 _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
 
@@ -61,8 +62,10 @@ def fashion_mnist_dir(data_dir: str | os.PathLike | None = None) -> Path:
     return BUNDLED
 
 
-def load_fashion_mnist(split: str = "train", data_dir: str | os.PathLike | None = None,
-                       ) -> tuple[np.ndarray, np.ndarray]:
+def load_fashion_mnist(
+    split: str = "train",
+    data_dir: str | os.PathLike | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
     """Images `(n, 28, 28)` uint8 and labels `(n,)` uint8 of a split ("train" or "test")."""
     if split not in _FILES:
         raise ValueError(f"split must be 'train' or 'test', not {split!r}")
@@ -96,10 +99,18 @@ def encode_png(image: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def write_shards(images: np.ndarray, labels: np.ndarray, out_dir: str | os.PathLike, *,
-                 samples_per_shard: int | None = None, sizes: Sequence[int] | None = None,
-                 prefix: str = "train", image_format: str = "png", key_offset: int = 0,
-                 progress: bool = False) -> list[str]:
+def write_shards(
+    images: np.ndarray,
+    labels: np.ndarray,
+    out_dir: str | os.PathLike,
+    *,
+    samples_per_shard: int | None = None,
+    sizes: Sequence[int] | None = None,
+    prefix: str = "train",
+    image_format: str = "png",
+    key_offset: int = 0,
+    progress: bool = False,
+) -> list[str]:
     """Write labelled arrays as WebDataset shards `{prefix}-{i:06d}.tar`; returns their paths.
 
     Each sample has key `{index:08d}`, an image member (`png`, or raw `npy`) and `cls`.
@@ -140,8 +151,9 @@ def write_shards(images: np.ndarray, labels: np.ndarray, out_dir: str | os.PathL
     return paths
 
 
-def weblike_sample(image: np.ndarray, label: int, key: str, rng: np.random.Generator,
-                   sizes: tuple[int, int] = (48, 96)) -> dict:
+def weblike_sample(
+    image: np.ndarray, label: int, key: str, rng: np.random.Generator, sizes: tuple[int, int] = (48, 96)
+) -> dict:
     """A real greyscale image dressed as a web-scraped sample: resized to `sizes` px (48-96) with its
     aspect jittered, tinted, stored as JPEG (RGB, greyscale, CMYK or with an EXIF rotation) or PNG (RGBA,
     palette), with its label as a class name in a JSON member."""
@@ -174,8 +186,16 @@ def weblike_sample(image: np.ndarray, label: int, key: str, rng: np.random.Gener
     return {"__key__": key, ext: buf.getvalue(), "json": json.dumps(meta).encode()}
 
 
-def weblike_shards(images: np.ndarray, labels: np.ndarray, out_dir: str | os.PathLike, *, n_shards: int = 4,
-                   seed: int = 0, prefix: str = "web", sizes: tuple[int, int] = (48, 96)) -> list[str]:
+def weblike_shards(
+    images: np.ndarray,
+    labels: np.ndarray,
+    out_dir: str | os.PathLike,
+    *,
+    n_shards: int = 4,
+    seed: int = 0,
+    prefix: str = "web",
+    sizes: tuple[int, int] = (48, 96),
+) -> list[str]:
     """Write real images as web-like shards (see `weblike_sample`): varying sizes and modes, JSON labels."""
     import webdataset as wds
 
@@ -194,16 +214,25 @@ def weblike_shards(images: np.ndarray, labels: np.ndarray, out_dir: str | os.Pat
     return paths
 
 
-def fashion_mnist_shards(out_dir: str | os.PathLike, *, split: str = "train", data_dir=None,
-                         n_shards: int | None = None, uneven: bool = False, limit: int | None = None,
-                         image_format: str = "png", seed: int = 0, progress: bool = True,
-                         ) -> tuple[list[str], Path]:
+def fashion_mnist_shards(
+    out_dir: str | os.PathLike,
+    *,
+    split: str = "train",
+    data_dir=None,
+    n_shards: int | None = None,
+    uneven: bool = False,
+    limit: int | None = None,
+    image_format: str = "png",
+    seed: int = 0,
+    progress: bool = True,
+) -> tuple[list[str], Path]:
     """Write a Fashion-MNIST split as shards (default: one per ~1000 samples); returns (paths, source dir)."""
     images, labels = load_fashion_mnist(split, data_dir)
     if limit:
         images, labels = images[:limit], labels[:limit]
     n_shards = n_shards or max(4, len(images) // 1000)
     sizes = shard_sizes(len(images), n_shards, uneven=uneven, seed=seed)
-    paths = write_shards(images, labels, out_dir, sizes=sizes, prefix=split, image_format=image_format,
-                         progress=progress)
+    paths = write_shards(
+        images, labels, out_dir, sizes=sizes, prefix=split, image_format=image_format, progress=progress
+    )
     return paths, fashion_mnist_dir(data_dir)

@@ -33,6 +33,8 @@ def check_format(doc: dict, fmt: str, version: int, where: str) -> dict:
         raise DamagedRunError(f"{where} is not a {fmt} file")
     found = doc.get("version", 0)
     if not isinstance(found, int) or found > version:
-        raise NewerFormatError(f"{where} was written by a newer streamprune (format {fmt} version {found}; this "
-                               f"one reads up to {version}): upgrade streamprune")
+        raise NewerFormatError(
+            f"{where} was written by a newer streamprune (format {fmt} version {found}; this "
+            f"one reads up to {version}): upgrade streamprune"
+        )
     return doc

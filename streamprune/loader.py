@@ -21,11 +21,11 @@ from webdataset import autodecode, cache, shardlists
 from webdataset.handlers import reraise_exception
 from webdataset.utils import pytorch_worker_info
 
-from .identity import ShardMatcher
-from .keeplist import KeepList
-from .shardlist import OpenShard, expand_urls, from_stream, open_shard
-from .shardread import ReadStats, read_keys, read_ranges
-from .tarscan import split_name
+from streamprune.formats.keeplist import KeepList
+from streamprune.shards.identity import ShardMatcher
+from streamprune.shards.reader import ReadStats, read_keys, read_ranges
+from streamprune.shards.tarscan import split_name
+from streamprune.shards.urls import OpenShard, expand_urls, from_stream, open_shard
 
 UNKNOWN = ("error", "keep")
 
@@ -48,18 +48,22 @@ class _Selection:
         """The keep-list's name for `url`; None for an unknown shard kept whole; error otherwise."""
         name = self.match(url)
         if name is None and self.unknown == "error":
-            raise ValueError(f"shard {url!r} is not in the keep-list (it knows {len(self.keep.names)} shards, "
-                             f"e.g. {self.keep.names[:3]}): pass unknown_shards='keep' to read it whole")
+            raise ValueError(
+                f"shard {url!r} is not in the keep-list (it knows {len(self.keep.names)} shards, "
+                f"e.g. {self.keep.names[:3]}): pass unknown_shards='keep' to read it whole"
+            )
         return name
 
     def check(self, urls: list[str], allow_mismatch: bool) -> None:
         """Refuse a URL list that is not the keep-list's dataset, before anything is read."""
         names = [self.match(u) for u in urls]
         if urls and all(n is None for n in names) and not allow_mismatch:
-            raise ValueError(f"the keep-list was made for another dataset: none of the {len(urls)} shards "
-                             f"(e.g. {urls[0]!r}) is among its {len(self.keep.names)} shards "
-                             f"(e.g. {self.keep.names[:3]}); pass root= if the names differ only by a prefix, "
-                             "or allow_mismatch=True to apply it anyway")
+            raise ValueError(
+                f"the keep-list was made for another dataset: none of the {len(urls)} shards "
+                f"(e.g. {urls[0]!r}) is among its {len(self.keep.names)} shards "
+                f"(e.g. {self.keep.names[:3]}); pass root= if the names differ only by a prefix, "
+                "or allow_mismatch=True to apply it anyway"
+            )
         for url in urls:
             self.shard(url)
 
@@ -90,8 +94,10 @@ class _KeptShards:
                 skipped.add(item["url"])
                 run += 1
                 if run >= max(self.MAX_SKIPPED, 10 * len(skipped)):
-                    raise ValueError(f"nothing is kept in any of the {len(skipped)} shards this stream repeats "
-                                     f"(e.g. {next(iter(skipped))!r}): {run} shards in a row skipped")
+                    raise ValueError(
+                        f"nothing is kept in any of the {len(skipped)} shards this stream repeats "
+                        f"(e.g. {next(iter(skipped))!r}): {run} shards in a row skipped"
+                    )
                 continue
             run = 0
             skipped.clear()
@@ -101,11 +107,20 @@ class _KeptShards:
 class _ReadKept:
     """Pipeline stage: shard dicts in, kept samples out as webdataset sample dicts."""
 
-    def __init__(self, keep: KeepList, stats: ReadStats, handler: Callable, allow_mismatch: bool, weights: bool,
-                 select_files: Callable | None, rename_files: Callable | None):
+    def __init__(
+        self,
+        keep: KeepList,
+        stats: ReadStats,
+        handler: Callable,
+        allow_mismatch: bool,
+        weights: bool,
+        select_files: Callable | None,
+        rename_files: Callable | None,
+    ):
         if weights and keep.weights is None:
-            raise ValueError(f"weights=True: this keep-list (method {keep.manifest.get('method')!r}) carries no "
-                             "importance weights")
+            raise ValueError(
+                f"weights=True: this keep-list (method {keep.manifest.get('method')!r}) carries no importance weights"
+            )
         self.keep, self.stats, self.handler = keep, stats, handler
         self.allow_mismatch, self.weights = allow_mismatch, weights
         self.select_files, self.rename_files = select_files, rename_files
@@ -164,8 +179,15 @@ def _local_path(item: dict) -> str | None:
     return parsed.path if parsed.scheme in ("", "file") else None
 
 
-def _sample(url: str, local: str | None, key: str, data: dict[str, bytes], names: dict[str, str],
-            select_files: Callable | None, rename_files: Callable | None) -> dict | None:
+def _sample(
+    url: str,
+    local: str | None,
+    key: str,
+    data: dict[str, bytes],
+    names: dict[str, str],
+    select_files: Callable | None,
+    rename_files: Callable | None,
+) -> dict | None:
     """A webdataset sample dict; `rename_files`/`select_files` act on member names as in webdataset."""
     head = {"__url__": url} if local is None else {"__url__": url, "__local_path__": local}
     if select_files is None and rename_files is None:
@@ -189,8 +211,10 @@ def even_slice(counts: np.ndarray, n_slots: int, slot: int) -> list[tuple[int, i
     lo, hi = slot * per, (slot + 1) * per
     ends = np.cumsum(counts)
     starts = ends - counts
-    return [(int(s), int(max(lo, starts[s]) - starts[s]), int(min(hi, ends[s]) - starts[s]))
-            for s in np.nonzero((ends > lo) & (starts < hi))[0]]
+    return [
+        (int(s), int(max(lo, starts[s]) - starts[s]), int(min(hi, ends[s]) - starts[s]))
+        for s in np.nonzero((ends > lo) & (starts < hi))[0]
+    ]
 
 
 class _EvenSlots:
@@ -211,8 +235,11 @@ class _EvenSlots:
         rank, world, worker, workers = pytorch_worker_info()
         if world == 1:
             rank, world = self.node
-        order = (np.random.default_rng([self.seed, self.epoch]).permutation(len(self.urls)) if self.shuffle
-                 else np.arange(len(self.urls)))
+        order = (
+            np.random.default_rng([self.seed, self.epoch]).permutation(len(self.urls))
+            if self.shuffle
+            else np.arange(len(self.urls))
+        )
         for s, first, stop in even_slice(self.counts[order], world * workers, rank * workers + worker):
             yield {"url": self.urls[order[s]], "__slice__": (first, stop)}
 
@@ -233,21 +260,53 @@ class PrunedWebDataset(wds.WebDataset):
     bytes for compressed shards), and shards read through because they cannot seek.
     """
 
-    def __init__(self, urls, handler=reraise_exception, mode=None, resampled=False, repeat=False,
-                 shardshuffle=None, cache_size=-1, cache_dir=None, url_to_name=cache.pipe_cleaner,
-                 detshuffle=False, nodesplitter=shardlists.single_node_only,
-                 workersplitter=shardlists.split_by_worker, select_files=None, rename_files=None,
-                 empty_check=True, verbose=False, seed=None, *, keep: KeepList | str | os.PathLike,
-                 root: str | None = None, unknown_shards: str = "error", allow_mismatch: bool = False,
-                 weights: bool = False, even_epochs: bool = False):
+    def __init__(
+        self,
+        urls,
+        handler=reraise_exception,
+        mode=None,
+        resampled=False,
+        repeat=False,
+        shardshuffle=None,
+        cache_size=-1,
+        cache_dir=None,
+        url_to_name=cache.pipe_cleaner,
+        detshuffle=False,
+        nodesplitter=shardlists.single_node_only,
+        workersplitter=shardlists.split_by_worker,
+        select_files=None,
+        rename_files=None,
+        empty_check=True,
+        verbose=False,
+        seed=None,
+        *,
+        keep: KeepList | str | os.PathLike,
+        root: str | None = None,
+        unknown_shards: str = "error",
+        allow_mismatch: bool = False,
+        weights: bool = False,
+        even_epochs: bool = False,
+    ):
         if even_epochs and (resampled or mode == "resampled"):
             raise ValueError("even_epochs=True needs a fixed shard list, not resampled=True")
         listed = _url_list(urls)  # our expansion also takes globs and fsspec globs
-        super().__init__(urls if listed is None else listed, handler=handler, mode=mode, resampled=resampled,
-                         repeat=repeat,
-                         shardshuffle=shardshuffle, cache_size=cache_size, cache_dir=cache_dir,
-                         url_to_name=url_to_name, detshuffle=detshuffle, nodesplitter=nodesplitter,
-                         workersplitter=workersplitter, empty_check=empty_check, verbose=verbose, seed=seed)
+        super().__init__(
+            urls if listed is None else listed,
+            handler=handler,
+            mode=mode,
+            resampled=resampled,
+            repeat=repeat,
+            shardshuffle=shardshuffle,
+            cache_size=cache_size,
+            cache_dir=cache_dir,
+            url_to_name=url_to_name,
+            detshuffle=detshuffle,
+            nodesplitter=nodesplitter,
+            workersplitter=workersplitter,
+            empty_check=empty_check,
+            verbose=verbose,
+            seed=seed,
+        )
         self.keep = as_keep_list(keep)
         self.stats = ReadStats()
         selection = _Selection(self.keep, root, unknown_shards)
@@ -256,8 +315,10 @@ class PrunedWebDataset(wds.WebDataset):
             names = [selection.shard(u) for u in listed]
             if listed and all(n is not None and self.keep.kept_count(n) == 0 for n in names):
                 raise ValueError(f"the keep-list keeps no sample of these {len(listed)} shards (e.g. {listed[0]!r})")
-        opener = next((i for i, stage in enumerate(self.pipeline)
-                       if isinstance(stage, (cache.StreamingOpen, cache.FileCache))), None)
+        opener = next(
+            (i for i, stage in enumerate(self.pipeline) if isinstance(stage, (cache.StreamingOpen, cache.FileCache))),
+            None,
+        )
         if opener is None or len(self.pipeline) < opener + 3:
             raise RuntimeError(f"unsupported webdataset {wds.__version__}: no opener stage to replace")
         reader = _ReadKept(self.keep, self.stats, handler, allow_mismatch, weights, select_files, rename_files)
@@ -269,20 +330,27 @@ class PrunedWebDataset(wds.WebDataset):
                 raise ValueError("even_epochs=True needs the shard URLs as a string or list")
             names = [selection.shard(u) for u in listed]
             if None in names:
-                raise ValueError(f"even_epochs=True needs kept counts for every shard; "
-                                 f"{listed[names.index(None)]!r} is not in the keep-list")
+                raise ValueError(
+                    f"even_epochs=True needs kept counts for every shard; "
+                    f"{listed[names.index(None)]!r} is not in the keep-list"
+                )
             counts = np.array([self.keep.kept_count(n) for n in names], dtype=np.int64)
             self.slots = _EvenSlots(listed, counts, 0 if seed is None else int(seed), bool(shardshuffle))
             head = [self.slots]
-        self.pipeline = [*head, _KeptShards(selection, self.stats), *file_cache, reader,
-                         *self.pipeline[opener + 3:]]
+        self.pipeline = [*head, _KeptShards(selection, self.stats), *file_cache, reader, *self.pipeline[opener + 3 :]]
 
     def decode(self, *args, pre=None, post=None, only=None, partial=False, handler=reraise_exception):
         """webdataset's `decode`, except that by default nothing is unpickled: pickle members
         (`.pyd`, `.pkl`, `.pickle`, `.pth`) stay bytes. Pass `post=[webdataset.autodecode.basichandlers]`
         to unpickle data you trust."""
-        return super().decode(*args, pre=pre, post=[safe_basichandlers] if post is None else post, only=only,
-                              partial=partial, handler=handler)
+        return super().decode(
+            *args,
+            pre=pre,
+            post=[safe_basichandlers] if post is None else post,
+            only=only,
+            partial=partial,
+            handler=handler,
+        )
 
     def set_epoch(self, epoch: int) -> None:
         """Set the epoch the next iteration starts with (the shard order under even_epochs)."""
@@ -327,8 +395,15 @@ class KeepFilter:
     `(__url__, __key__)`, before any decoder runs.
     """
 
-    def __init__(self, keep: KeepList | str | os.PathLike, root: str | None = None, unknown_shards: str = "error",
-                 allow_mismatch: bool = False, weights: bool = False, handler: Callable = reraise_exception):
+    def __init__(
+        self,
+        keep: KeepList | str | os.PathLike,
+        root: str | None = None,
+        unknown_shards: str = "error",
+        allow_mismatch: bool = False,
+        weights: bool = False,
+        handler: Callable = reraise_exception,
+    ):
         self.keep = as_keep_list(keep)
         self.stats = ReadStats()
         self.selection = _Selection(self.keep, root, unknown_shards)

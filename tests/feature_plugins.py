@@ -20,8 +20,7 @@ def decode_features(sample: dict) -> tuple[torch.Tensor, int]:
 
 def mlp(num_classes: int, input_shape: tuple[int, ...], **_) -> nn.Module:
     """Two linear layers over a flat feature vector."""
-    return nn.Sequential(nn.Flatten(), nn.Linear(int(np.prod(input_shape)), 64), nn.ReLU(),
-                         nn.Linear(64, num_classes))
+    return nn.Sequential(nn.Flatten(), nn.Linear(int(np.prod(input_shape)), 64), nn.ReLU(), nn.Linear(64, num_classes))
 
 
 def label_from_key(sample: dict) -> str:

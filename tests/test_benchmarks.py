@@ -38,8 +38,9 @@ def test_quality_quick_writes_its_tables(ray_session, tmp_path):
     result = _load("quality").main(["--quick", "--out", str(tmp_path), "--work", str(tmp_path / "work")])
     saved = json.loads((tmp_path / "quality-quick.json").read_text())
     assert saved["rows"] == result["rows"]
-    assert {(r["method"], r["ratio"]) for r in result["rows"]} == {(m, x) for m in ("random", "dual-beta+classes")
-                                                                    for x in (0.5, 0.9)}
+    assert {(r["method"], r["ratio"]) for r in result["rows"]} == {
+        (m, x) for m in ("random", "dual-beta+classes") for x in (0.5, 0.9)
+    }
     n = result["train_samples"]
     for row in result["rows"]:
         assert row["kept"] == round((1 - row["ratio"]) * n) and 0.1 < row["mean"] <= 1

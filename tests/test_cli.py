@@ -16,11 +16,11 @@ import numpy as np
 import pytest
 import yaml
 
-from streamprune.cli import build_parser, main
+from streamprune.cli.main import build_parser, main
 from streamprune.config import ConfigError, load_config
 from streamprune.datasets import fashion_mnist_shards
-from streamprune.runstate import run_state
-from streamprune.store import StatsStore
+from streamprune.formats.run_state import run_state
+from streamprune.formats.stats_store import StatsStore
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -28,10 +28,14 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 def _config(tmp: Path, address: str) -> Path:
     fashion_mnist_shards(tmp / "data", limit=600, n_shards=4, uneven=True, progress=False)
     fashion_mnist_shards(tmp / "data", split="test", limit=200, n_shards=2, progress=False)
-    cfg = {"shards": "data/train-*.tar", "out": "run", "address": address,
-           "record": {"epochs": 4, "schedule_epochs": 12, "num_classes": 10, "loader_workers": 1},
-           "reduce": {"ratio": 0.5, "window": 3},
-           "evaluate": {"test_shards": "data/test-*.tar", "epochs": 1, "seeds": 2, "baseline": "random", "full": False}}
+    cfg = {
+        "shards": "data/train-*.tar",
+        "out": "run",
+        "address": address,
+        "record": {"epochs": 4, "schedule_epochs": 12, "num_classes": 10, "loader_workers": 1},
+        "reduce": {"ratio": 0.5, "window": 3},
+        "evaluate": {"test_shards": "data/test-*.tar", "epochs": 1, "seeds": 2, "baseline": "random", "full": False},
+    }
     path = tmp / "cfg.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -41,8 +45,12 @@ def test_run_resumes_after_a_kill_then_report_and_inspect(ray_session, tmp_path,
     address = ray_session.get_runtime_context().gcs_address
     cfg = _config(tmp_path, address)
     run = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "streamprune.cli", "run", str(cfg), "--quiet"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "streamprune.cli.main", "run", str(cfg), "--quiet"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     deadline = time.time() + 240
     while time.time() < deadline:
         try:
@@ -68,8 +76,12 @@ def test_run_resumes_after_a_kill_then_report_and_inspect(ray_session, tmp_path,
     assert store.complete_epochs() == 4
     assert np.array_equal(store.read("p_true", slice(None), slice(0, 1)), first_epoch, equal_nan=True)
     rows = json.loads((run / "evaluate.json").read_text())["rows"]
-    assert [(r["method"], r["seed"]) for r in rows] == [("dual-beta+classes", 0), ("random", 0),
-                                                         ("dual-beta+classes", 1), ("random", 1)]
+    assert [(r["method"], r["seed"]) for r in rows] == [
+        ("dual-beta+classes", 0),
+        ("random", 0),
+        ("dual-beta+classes", 1),
+        ("random", 1),
+    ]
     assert all(r["kept"] == 300 and r["epochs"] == 2 for r in rows)  # the full run's steps: 1 epoch x 600 / 300
     assert all(0 < r["test_accuracy"] <= 1 for r in rows)
     diffs = [100 * (rows[i]["test_accuracy"] - rows[i + 1]["test_accuracy"]) for i in (0, 2)]
@@ -98,7 +110,7 @@ def test_run_resumes_after_a_kill_then_report_and_inspect(ray_session, tmp_path,
     changed = capsys.readouterr().out
     assert "record: already complete, skipped" in changed and "reduce: already complete" not in changed
     params = json.loads((run / "keep" / "manifest.json").read_text())["params"]
-    assert params["c_d"] == 2.0 and params["beta"] == pytest.approx(15 * (1 - params["anchor"]) * (1 - 0.5 ** 2))
+    assert params["c_d"] == 2.0 and params["beta"] == pytest.approx(15 * (1 - params["anchor"]) * (1 - 0.5**2))
     _render_if_possible(report / "index.html", tmp_path / "page.png")
 
 
@@ -107,8 +119,20 @@ def _render_if_possible(page: Path, png: Path) -> None:
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
     if browser is None:
         return
-    subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", f"--screenshot={png}",
-                    "--window-size=1200,4000", page.as_uri()], check=True, capture_output=True, timeout=120)
+    subprocess.run(
+        [
+            browser,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            f"--screenshot={png}",
+            "--window-size=1200,4000",
+            page.as_uri(),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
     from PIL import Image
 
     pixels = np.asarray(Image.open(png).convert("L"))
@@ -126,19 +150,25 @@ def test_init_config_writes_an_example_that_loads(tmp_path):
     toml = tmp_path / "sp.toml"
     toml.write_text('shards = ["a.tar"]\n[reduce]\nratio = 0.7\n')
     assert load_config(toml).reduce.ratio == 0.7
-    for text, match in [("shards: a.tar\nrecord: {epoch: 3}\n", "unknown field 'record.epoch'.*'record.epochs'"),
-                        ("shards: a.tar\nreduce: {ratio: high}\n", "'reduce.ratio' must be float"),
-                        ("out: x\n", "missing required field 'shards'"),
-                        ("shards: a.tar\nrecord: 3\n", "'record' must be a section"),
-                        ("shards: [a.tar\n", "cannot parse")]:
+    for text, match in [
+        ("shards: a.tar\nrecord: {epoch: 3}\n", "unknown field 'record.epoch'.*'record.epochs'"),
+        ("shards: a.tar\nreduce: {ratio: high}\n", "'reduce.ratio' must be float"),
+        ("out: x\n", "missing required field 'shards'"),
+        ("shards: a.tar\nrecord: 3\n", "'record' must be a section"),
+        ("shards: [a.tar\n", "cannot parse"),
+    ]:
         path.write_text(text)
         with pytest.raises(ConfigError, match=match):
             load_config(path)
 
 
 def test_errors_are_one_line_without_traceback(tmp_path, capsys):
-    cases = [["reduce", str(tmp_path), "--ratio", "0.5"], ["inspect", str(tmp_path / "none")],
-             ["run", str(tmp_path / "missing.yaml")], ["report", str(tmp_path)]]
+    cases = [
+        ["reduce", str(tmp_path), "--ratio", "0.5"],
+        ["inspect", str(tmp_path / "none")],
+        ["run", str(tmp_path / "missing.yaml")],
+        ["report", str(tmp_path)],
+    ]
     for argv in cases:
         assert main([*argv, "--quiet"]) == 2
         err = capsys.readouterr().err

@@ -20,10 +20,10 @@ from test_loader import _content, _kept
 
 from streamprune import PrunedWebDataset, reshard
 from streamprune.datasets import encode_png
-from streamprune.indexer import index
-from streamprune.keeplist import KeepList
-from streamprune.shardindex import scan_shard
-from streamprune.tarscan import TarFormatError
+from streamprune.formats.index import scan_shard
+from streamprune.formats.keeplist import KeepList
+from streamprune.shards.tarscan import TarFormatError
+from streamprune.stages.index import index
 
 
 def _gzip(src: str, dest: Path) -> str:
@@ -42,11 +42,19 @@ def gz(ray_session, uneven_shards, tmp_path_factory):
     plain = index(paths, work / "plain", progress=False)
     idx = index(gz_paths, work / "run", progress=False)
     rows = np.sort(np.random.default_rng(3).choice(idx.n_samples, idx.n_samples // 10, replace=False))
-    return {"paths": paths, "sizes": sizes, "gz": gz_paths, "work": work, "plain": plain, "index": idx,
-            "rows": rows, "all": KeepList.from_rows(idx, np.arange(idx.n_samples), work / "keep-all"),
-            "k10": KeepList.from_rows(idx, rows, work / "keep-10"),
-            "plain10": KeepList.from_rows(plain, rows, work / "plain-keep-10"),
-            "ref": list(wds.WebDataset(gz_paths, shardshuffle=False))}
+    return {
+        "paths": paths,
+        "sizes": sizes,
+        "gz": gz_paths,
+        "work": work,
+        "plain": plain,
+        "index": idx,
+        "rows": rows,
+        "all": KeepList.from_rows(idx, np.arange(idx.n_samples), work / "keep-all"),
+        "k10": KeepList.from_rows(idx, rows, work / "keep-10"),
+        "plain10": KeepList.from_rows(plain, rows, work / "plain-keep-10"),
+        "ref": list(wds.WebDataset(gz_paths, shardshuffle=False)),
+    }
 
 
 def test_index_of_gzip_shards_matches_the_plain_set_and_webdataset(gz):
@@ -155,8 +163,7 @@ def test_truncated_and_corrupt_gzip_shards_are_named(gz, tmp_path):
     flipped = bytearray(data)
     flipped[-6] ^= 0xFF  # the stored CRC-32: decompresses, but the checksum fails at the end
     (tmp_path / "crc.tar.gz").write_bytes(bytes(flipped))
-    idx = index([good, str(cut), str(tmp_path / "crc.tar.gz")], tmp_path / "run", root=str(tmp_path),
-                progress=False)
+    idx = index([good, str(cut), str(tmp_path / "crc.tar.gz")], tmp_path / "run", root=str(tmp_path), progress=False)
     broken = {b["shard"]: b["error"] for b in idx.manifest["broken"]}
     name = f"cut/{cut.name}"
     assert set(broken) == {name, "crc.tar.gz"}
@@ -182,7 +189,7 @@ def test_record_and_reduce_over_gzip_shards(gz, tmp_path):
     import shutil
 
     from streamprune import record, reduce
-    from streamprune.store import StatsStore
+    from streamprune.formats.stats_store import StatsStore
 
     run = tmp_path / "run"
     shutil.copytree(gz["work"] / "run" / "index", run / "index")
@@ -193,7 +200,7 @@ def test_record_and_reduce_over_gzip_shards(gz, tmp_path):
     labels = np.concatenate([[int(s["cls"]) for s in wds.WebDataset(p, shardshuffle=False)] for p in gz["paths"]])
     assert (store.labels() == labels).all()
     assert len(reduce(run, 0.7, "dual-beta", progress=False)) == 360
-    from streamprune.runstate import run_state
+    from streamprune.formats.run_state import run_state
 
     assert run_state(run)["index"]["compressed_shards"] == 6
 
@@ -201,7 +208,7 @@ def test_record_and_reduce_over_gzip_shards(gz, tmp_path):
 def test_index_label_counts_classes_of_gzip_shards(gz, tmp_path):
     import shutil
 
-    from streamprune.labels import scan_classes
+    from streamprune.shards.labels import scan_classes
 
     run = tmp_path / "run"
     shutil.copytree(gz["work"] / "run" / "index", run / "index")

@@ -19,9 +19,9 @@ from test_faults import _python
 from test_reduce import T, _synthetic_run
 
 from streamprune import KeepList, reduce
-from streamprune.cli import main
-from streamprune.shardindex import Index
-from streamprune.store import STATS, ChunkWriter, StatsStore, missing_stats
+from streamprune.cli.main import main
+from streamprune.formats.index import Index
+from streamprune.formats.stats_store import STATS, ChunkWriter, StatsStore, missing_stats
 
 CHUNK = 64  # the synthetic run's chunk rows
 
@@ -56,21 +56,22 @@ def _edit_json(path: Path, fn) -> None:
 
 # -- 1. a full disk while the keep-list is written ------------------------------------------------
 
+
 def _tmpfs_command() -> list[str] | None:
     """`unshare` arguments giving a private mount namespace where a tmpfs may be mounted, or None."""
     if sys.platform != "linux" or shutil.which("unshare") is None or shutil.which("mount") is None:
         return None
     for cmd in (["unshare", "-m", "--propagation", "private"], ["unshare", "-rm", "--propagation", "private"]):
-        probe = subprocess.run(cmd + ["sh", "-c", "d=$(mktemp -d) && mount -t tmpfs -o size=64k tmpfs $d"],
-                               capture_output=True)
+        probe = subprocess.run(
+            cmd + ["sh", "-c", "d=$(mktemp -d) && mount -t tmpfs -o size=64k tmpfs $d"], capture_output=True
+        )
         if probe.returncode == 0:
             return cmd
     return None
 
 
 @pytest.mark.parametrize("free", [8 << 10, 36 << 10])
-def test_a_really_full_disk_while_writing_the_keep_list_is_an_error_naming_the_file(ray_session, run, tmp_path,
-                                                                                    free):
+def test_a_really_full_disk_while_writing_the_keep_list_is_an_error_naming_the_file(ray_session, run, tmp_path, free):
     """A small tmpfs, filled up but `free` bytes: the keep-list's new arrays do not fit. Before the
     fix the process died by SIGBUS (writes into memory-mapped sparse files) and left its temp dir."""
     unshare = _tmpfs_command()
@@ -82,9 +83,9 @@ def test_a_really_full_disk_while_writing_the_keep_list_is_an_error_naming_the_f
     code = f"""
 import json, os, shutil, sys
 from pathlib import Path
-from streamprune.cli import main
+from streamprune.cli.main import main
 small = Path({str(small)!r})
-shutil.copytree({str(run / 'keep')!r}, small / 'keep')
+shutil.copytree({str(run / "keep")!r}, small / 'keep')
 before = {{p.name: p.read_bytes() for p in (small / 'keep').iterdir()}}
 fd = os.open(small / 'filler', os.O_WRONLY | os.O_CREAT)
 try:
@@ -102,9 +103,12 @@ print(json.dumps({{'rc': rc, 'same': after == before, 'left': sorted(os.listdir(
     prelude = f"import ray; ray.init(address={address!r}, logging_level='ERROR')\n"
     script = tmp_path / "full_disk.py"
     script.write_text(prelude + code)
-    done = subprocess.run(unshare + ["sh", "-c", f"mount -t tmpfs -o size=256k tmpfs '{small}' && "
-                                                 f"exec '{sys.executable}' '{script}'"],
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        unshare + ["sh", "-c", f"mount -t tmpfs -o size=256k tmpfs '{small}' && exec '{sys.executable}' '{script}'"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, (done.returncode, done.stderr[-3000:])  # not 135 (SIGBUS)
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["rc"] == 2
@@ -117,13 +121,16 @@ def test_a_file_size_limit_while_writing_the_keep_list_names_the_file(ray_sessio
     address = ray_session.get_runtime_context().gcs_address
     out = run / "keep"
     before = _files(out)
-    proc = _python(f"""
+    proc = _python(
+        f"""
 import resource, signal, sys
-from streamprune.cli import main
+from streamprune.cli.main import main
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 resource.setrlimit(resource.RLIMIT_FSIZE, (8000, 8000))
 sys.exit(main(['reduce', {str(run)!r}, '--ratio', '0.2', '--window', '5', '--scores', 'method', '--quiet']))
-""", address)
+""",
+        address,
+    )
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 2 and "File too large" in err, err[-2000:]
     assert str(run) in err, err[-2000:]  # the file that could not be written
@@ -132,6 +139,7 @@ sys.exit(main(['reduce', {str(run)!r}, '--ratio', '0.2', '--window', '5', '--sco
 
 
 # -- 2. deleted chunks, and a keep-list that keeps nothing ------------------------------------------
+
 
 def test_a_deleted_chunk_of_a_complete_epoch_is_refused_naming_it(run, capsys):
     before = _files(run / "keep")
@@ -164,22 +172,28 @@ def test_every_statistic_missing_never_replaces_the_keep_list_with_an_empty_one(
 
 # -- 3. edited metadata, garbage chunks -----------------------------------------------------------
 
+
 def _set_attr(key, value):
     def edit(run: Path):
         _edit_json(run / "stats.zarr" / "zarr.json", lambda m: m["attributes"].__setitem__(key, value))
+
     return edit
 
 
 def _array_meta(name, key, value):
     def edit(run: Path):
         _edit_json(run / "stats.zarr" / name / "zarr.json", lambda m: m.__setitem__(key, value))
+
     return edit
 
 
 def _chunk_shape(name, shape):
     def edit(run: Path):
-        _edit_json(run / "stats.zarr" / name / "zarr.json",
-                   lambda m: m["chunk_grid"]["configuration"].__setitem__("chunk_shape", shape))
+        _edit_json(
+            run / "stats.zarr" / name / "zarr.json",
+            lambda m: m["chunk_grid"]["configuration"].__setitem__("chunk_shape", shape),
+        )
+
     return edit
 
 
@@ -200,8 +214,7 @@ EDITS = {
     "dtype": (_array_meta("p_true", "data_type", "float64"), r"p_true.*(dtype|data type)"),
     "correct_dtype": (_array_meta("correct", "data_type", "int8"), r"correct.*(dtype|data type)"),
     "chunks": (_chunk_shape("loss", [32, 1]), r"loss.*chunk"),
-    "zarr_json_garbage": (lambda run: (run / "stats.zarr" / "el2n" / "zarr.json").write_text("{not json"),
-                          r"el2n"),
+    "zarr_json_garbage": (lambda run: (run / "stats.zarr" / "el2n" / "zarr.json").write_text("{not json"), r"el2n"),
     "array_deleted": (lambda run: shutil.rmtree(run / "stats.zarr" / "margin"), r"margin"),
     "shard_offset_chunk": (_delete("stats.zarr/shard_offset/c/0"), r"shard_offset"),
     "id_chunk": (_delete("stats.zarr/id_lo/c/4"), r"id_lo/c/4"),
@@ -243,6 +256,7 @@ def test_random_values_in_a_chunk_of_the_right_size_are_refused(run, capsys):
 
 # -- 4. stale temporaries of killed processes ------------------------------------------------------
 
+
 def _dead_pid() -> int:
     proc = subprocess.Popen([sys.executable, "-c", "pass"])
     proc.wait()
@@ -251,8 +265,12 @@ def _dead_pid() -> int:
 
 def test_temporaries_of_a_killed_reduce_are_removed_by_the_next_reduce(run):
     pid = _dead_pid()
-    stale = [run / f".keep.tmp-{pid}-123", run / f".keep.old-{pid}-124", run / f".scores.zarr.tmp-{pid}-125",
-             run / f".scores.zarr.old-{pid}-126"]
+    stale = [
+        run / f".keep.tmp-{pid}-123",
+        run / f".keep.old-{pid}-124",
+        run / f".scores.zarr.tmp-{pid}-125",
+        run / f".scores.zarr.old-{pid}-126",
+    ]
     for p in stale:
         p.mkdir()
         (p / "ids.npy").write_bytes(b"half-written")
@@ -265,7 +283,7 @@ def test_temporaries_of_a_killed_reduce_are_removed_by_the_next_reduce(run):
 
 
 def test_temporaries_of_a_live_writer_holding_the_lock_are_kept(run):
-    from streamprune.atomic import clean_stale_temps, output_lock
+    from streamprune.formats.atomic import clean_stale_temps, output_lock
 
     mine = run / f".keep.tmp-{os.getpid()}-1"
     mine.mkdir()
@@ -276,17 +294,18 @@ def test_temporaries_of_a_live_writer_holding_the_lock_are_kept(run):
 
 # -- 6. seeds -----------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("seed", [-1, 2**63, 2**64, 2**64 + 3, 1.5])
 def test_seeds_outside_the_hashed_range_are_refused(run, seed, capsys):
     with pytest.raises((ValueError, TypeError), match="seed"):
         reduce(run, 0.5, "random", seed=seed, progress=False)
     if isinstance(seed, int):
-        assert main(["reduce", str(run), "--ratio", "0.5", "--method", "random", "--seed", str(seed),
-                     "--quiet"]) == 2
+        assert main(["reduce", str(run), "--ratio", "0.5", "--method", "random", "--seed", str(seed), "--quiet"]) == 2
         assert "--seed" in capsys.readouterr().err
 
 
 # -- 5. inspect --verify ----------------------------------------------------------------------------
+
 
 def _verify(run: Path, capsys, *extra: str) -> tuple[int, str]:
     rc = main(["inspect", str(run), "--verify", "--quiet", *extra])
@@ -299,7 +318,7 @@ def test_verify_a_clean_run(run, capsys):
     assert rc == 0 and "verify: clean" in text, text
     rc, text = _verify(run, capsys, "--json")
     assert rc == 0
-    report = json.loads(text[text.index("{"):])["verify"]
+    report = json.loads(text[text.index("{") :])["verify"]
     assert report["damaged"] is False and report["problems"] == [] and report["chunks_checked"] > 0
 
 
@@ -312,6 +331,7 @@ def _keep_array(name, fn):
         a = np.load(run / "keep" / f"{name}.npy")
         fn(a)
         np.save(run / "keep" / f"{name}.npy", a)
+
     return edit
 
 
@@ -323,29 +343,39 @@ DAMAGE = {
     "shape": (_array_meta("p_true", "shape", [1190, T]), "stats.zarr/p_true/zarr.json", "shape"),
     "dtype": (_array_meta("entropy", "data_type", "float64"), "stats.zarr/entropy/zarr.json", "data type"),
     "ids": (_delete("stats.zarr/id_hi/c/2"), "stats.zarr/id_hi/c/2", "missing"),
-    "keep_fingerprint": (lambda run: _edit_json(run / "keep" / "manifest.json",
-                                                lambda m: m.__setitem__("fingerprint", "0" * 32)),
-                         "keep/manifest.json", "fingerprint"),
-    "keep_k": (lambda run: _edit_json(run / "keep" / "manifest.json", lambda m: m.__setitem__("k", 5)),
-               "keep", "k=5"),
-    "keep_positions": (_keep_array("positions", lambda a: a.__setitem__(3, 10**6)), "keep/positions.npy",
-                       "position"),
-    "keep_ranges": (_keep_array("ranges", lambda a: a.__setitem__((5, 1), a[5, 1] + 512)), "keep/ranges.npy",
-                    "range"),
+    "keep_fingerprint": (
+        lambda run: _edit_json(run / "keep" / "manifest.json", lambda m: m.__setitem__("fingerprint", "0" * 32)),
+        "keep/manifest.json",
+        "fingerprint",
+    ),
+    "keep_k": (lambda run: _edit_json(run / "keep" / "manifest.json", lambda m: m.__setitem__("k", 5)), "keep", "k=5"),
+    "keep_positions": (_keep_array("positions", lambda a: a.__setitem__(3, 10**6)), "keep/positions.npy", "position"),
+    "keep_ranges": (_keep_array("ranges", lambda a: a.__setitem__((5, 1), a[5, 1] + 512)), "keep/ranges.npy", "range"),
     "keep_ids": (_keep_array("ids", lambda a: a.__setitem__(7, (1, 2))), "keep/ids.npy", "identit"),
-    "keep_truncated": (lambda run: (run / "keep" / "ranges.npy").write_bytes(
-        (run / "keep" / "ranges.npy").read_bytes()[:200]), "keep", "damaged"),
+    "keep_truncated": (
+        lambda run: (run / "keep" / "ranges.npy").write_bytes((run / "keep" / "ranges.npy").read_bytes()[:200]),
+        "keep",
+        "damaged",
+    ),
     "scores_chunk": (_delete("scores.zarr/id_hi/c/0"), "scores.zarr/id_hi/c/0", "missing"),
     "scores_garbage": (_garbage("scores.zarr/dual/c/0"), "scores.zarr/dual/c/0", "unreadable"),
-    "scores_fingerprint": (lambda run: _edit_json(run / "scores.zarr" / "zarr.json",
-                                                  lambda m: m["attributes"].__setitem__("fingerprint", "x")),
-                           "scores.zarr/zarr.json", "fingerprint"),
-    "scores_shape": (lambda run: _edit_json(run / "scores.zarr" / "mean_p" / "zarr.json",
-                                            lambda m: m.__setitem__("shape", [7])),
-                     "scores.zarr/mean_p/zarr.json", "shape"),
-    "index_offsets": (lambda run: np.save(run / "index" / "shard_offset.npy",
-                                          np.load(run / "index" / "shard_offset.npy")[:-1]),
-                      "index/shard_offset.npy", ""),
+    "scores_fingerprint": (
+        lambda run: _edit_json(
+            run / "scores.zarr" / "zarr.json", lambda m: m["attributes"].__setitem__("fingerprint", "x")
+        ),
+        "scores.zarr/zarr.json",
+        "fingerprint",
+    ),
+    "scores_shape": (
+        lambda run: _edit_json(run / "scores.zarr" / "mean_p" / "zarr.json", lambda m: m.__setitem__("shape", [7])),
+        "scores.zarr/mean_p/zarr.json",
+        "shape",
+    ),
+    "index_offsets": (
+        lambda run: np.save(run / "index" / "shard_offset.npy", np.load(run / "index" / "shard_offset.npy")[:-1]),
+        "index/shard_offset.npy",
+        "",
+    ),
 }
 
 
@@ -359,7 +389,7 @@ def test_verify_reports_each_damage_naming_the_file(run, kind, capsys):
     assert lines, text
     rc, text = _verify(run, capsys, "--json")
     assert rc == 2
-    report = json.loads(text[text.index("{"):text.rindex("}") + 1])["verify"]
+    report = json.loads(text[text.index("{") : text.rindex("}") + 1])["verify"]
     assert report["damaged"] and any(file in p["file"] for p in report["problems"]), report
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import webdataset as wds
 
-from streamprune.cli import main
+from streamprune.cli.main import main
 from streamprune.datasets import (
     BUNDLED,
     SHARED,
@@ -80,16 +80,43 @@ def test_written_shards_read_back_with_webdataset(fmnist, tmp_path, fmt):
 
 def test_demo_runs_every_stage_on_real_shards(ray_session, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path.parent)  # a relative --out, as a new user types it
-    assert main(["demo", "--out", tmp_path.name, "--samples", "1200", "--test-samples", "300", "--epochs", "3",
-                 "--ratio", "0.25", "--train-epochs", "1", "--seeds", "2", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "demo",
+                "--out",
+                tmp_path.name,
+                "--samples",
+                "1200",
+                "--test-samples",
+                "300",
+                "--epochs",
+                "3",
+                "--ratio",
+                "0.25",
+                "--train-epochs",
+                "1",
+                "--seeds",
+                "2",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "samples 1200" in out and "3 epochs recorded" in out and "kept 900 of 1,200 samples" in out
     assert len(list((tmp_path / "shards").glob("train-*.tar"))) == 4
-    table = [line.split() for line in out.splitlines()
-             if line.split()[:1] in (["dual-beta+classes"], ["random"], ["full"]) and "vs" not in line.split()]
+    table = [
+        line.split()
+        for line in out.splitlines()
+        if line.split()[:1] in (["dual-beta+classes"], ["random"], ["full"]) and "vs" not in line.split()
+    ]
     # method, ratio, kept, epochs (the full run's steps: round(1 x 1200 / 900) = 1), seeds, accuracy
-    assert [tuple(r[:5]) for r in table] == [("dual-beta+classes", "0.25", "900", "1", "2"),
-                                             ("random", "0.25", "900", "1", "2"), ("full", "0.00", "1,200", "1", "1")]
+    assert [tuple(r[:5]) for r in table] == [
+        ("dual-beta+classes", "0.25", "900", "1", "2"),
+        ("random", "0.25", "900", "1", "2"),
+        ("full", "0.00", "1,200", "1", "1"),
+    ]
     assert all(0 < float(r[5]) <= 1 for r in table)
     rows = json.loads((tmp_path / "run" / "evaluate.json").read_text())["rows"]
     diffs = [100 * (a["test_accuracy"] - b["test_accuracy"]) for a, b in zip(rows[0:4:2], rows[1:4:2])]

@@ -5,16 +5,23 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from streamprune.evaluate import subset_epochs
-from streamprune.keeplist import KeepList
+from streamprune.formats.keeplist import KeepList
+from streamprune.stages.evaluate import subset_epochs
 
 
 def _keep(kept: list[int], samples: list[int] | None) -> KeepList:
     """A keep-list of `sum(kept)` keys over shards holding `samples` samples each."""
     pairs = [(f"s{i}.tar", f"{j:04d}") for i, n in enumerate(kept) for j in range(n)]
     base = KeepList.from_keys(pairs)
-    return KeepList(base.manifest, base.names, base.kept, base.key_blob, base.key_offset, base.id_pairs,
-                    samples=None if samples is None else np.array(samples))
+    return KeepList(
+        base.manifest,
+        base.names,
+        base.kept,
+        base.key_blob,
+        base.key_offset,
+        base.id_pairs,
+        samples=None if samples is None else np.array(samples),
+    )
 
 
 def test_steps_budget_gives_every_subset_the_full_runs_steps():

@@ -15,8 +15,8 @@ import pytest
 from test_reduce import _synthetic_run
 
 from streamprune import KeepList, reduce, reshard
-from streamprune.atomic import output_lock
-from streamprune.store import StatsStore
+from streamprune.formats.atomic import output_lock
+from streamprune.formats.stats_store import StatsStore
 
 
 @pytest.fixture(scope="module")
@@ -30,14 +30,16 @@ def run(ray_session, uneven_shards, tmp_path_factory):
 
 def _python(code: str, address: str, **kwargs) -> subprocess.Popen:
     prelude = f"import ray, streamprune; ray.init(address={address!r}, logging_level='ERROR')\n"
-    return subprocess.Popen([sys.executable, "-c", prelude + code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, **kwargs)
+    return subprocess.Popen(
+        [sys.executable, "-c", prelude + code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs
+    )
 
 
 def _same_keep_list(a: Path, b: Path) -> None:
     ka, kb = KeepList.load(a), KeepList.load(b)
-    assert {k: v for k, v in ka.manifest.items() if k != "created"} == \
-           {k: v for k, v in kb.manifest.items() if k != "created"}
+    assert {k: v for k, v in ka.manifest.items() if k != "created"} == {
+        k: v for k, v in kb.manifest.items() if k != "created"
+    }
     for name in ("ids.npy", "positions.npy", "ranges.npy", "key_offset.npy", "keys.bin", "shards.json"):
         assert (a / name).read_bytes() == (b / name).read_bytes(), name
 
@@ -48,8 +50,11 @@ def test_reduce_killed_anywhere_then_rerun_gives_the_same_keep_list(ray_session,
     reference = tmp_path / "reference"
     reduce(run, 0.5, "dual-beta", window=5, out=reference, scores_out=tmp_path / "ref-scores.zarr", progress=False)
     out, scores = tmp_path / "keep", tmp_path / "scores.zarr"
-    proc = _python(f"streamprune.reduce({str(run)!r}, 0.5, 'dual-beta', window=5, out={str(out)!r}, "
-                   f"scores_out={str(scores)!r}, progress=False)", address)
+    proc = _python(
+        f"streamprune.reduce({str(run)!r}, 0.5, 'dual-beta', window=5, out={str(out)!r}, "
+        f"scores_out={str(scores)!r}, progress=False)",
+        address,
+    )
     time.sleep(delay)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -64,8 +69,11 @@ def test_reshard_killed_then_rerun_gives_the_same_shards(ray_session, run, tmp_p
     keep = reduce(run, 0.3, "random", out=tmp_path / "keep", progress=False)
     reference = reshard(run, tmp_path / "reference", 50, keep=keep, progress=False)
     out = tmp_path / "out"
-    proc = _python(f"streamprune.reshard({str(run)!r}, {str(out)!r}, 50, keep={str(tmp_path / 'keep')!r}, "
-                   "progress=False, max_in_flight=1)", address)
+    proc = _python(
+        f"streamprune.reshard({str(run)!r}, {str(out)!r}, 50, keep={str(tmp_path / 'keep')!r}, "
+        "progress=False, max_in_flight=1)",
+        address,
+    )
     deadline = time.time() + 120
     while time.time() < deadline and len(list(out.glob("pruned-*.tar"))) < 3:
         time.sleep(0.05)
@@ -82,13 +90,16 @@ def test_a_full_disk_while_writing_the_keep_list_leaves_the_previous_one(ray_ses
     out = tmp_path / "keep"
     reduce(run, 0.5, "dual-beta", window=5, out=out, progress=False)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
-    proc = _python(f"""
+    proc = _python(
+        f"""
 import resource, signal, sys
-from streamprune.cli import main
+from streamprune.cli.main import main
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)   # a write past the limit fails with EFBIG, as on a full disk
 resource.setrlimit(resource.RLIMIT_FSIZE, (2048, 2048))
 sys.exit(main(['reduce', {str(run)!r}, '--ratio', '0.2', '--window', '5', '--out', {str(out)!r}, '--quiet']))
-""", address)
+""",
+        address,
+    )
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 2 and "streamprune: error:" in err and "File too large" in err
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
@@ -106,7 +117,7 @@ def test_a_full_disk_while_writing_the_store_leaves_earlier_epochs(run, tmp_path
     code = f"""
 import resource, signal
 import numpy as np
-from streamprune.store import STATS, ChunkWriter, StatsStore
+from streamprune.formats.stats_store import STATS, ChunkWriter, StatsStore
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 store = StatsStore.open({str(copy)!r})
 resource.setrlimit(resource.RLIMIT_FSIZE, (64, 64))
@@ -129,10 +140,14 @@ def test_two_reduces_writing_one_keep_list_never_mix(ray_session, run, tmp_path)
         with pytest.raises(ValueError, match="another process is writing"):
             reduce(run, 0.5, "random", out=out, progress=False)
     assert not out.exists()
-    refs = {r: reduce(run, r, "random", out=tmp_path / f"ref-{r}", scores_out=tmp_path / f"s-{r}.zarr",
-                      progress=False) for r in (0.3, 0.6)}
-    procs = [_python(f"streamprune.reduce({str(run)!r}, {r}, 'random', out={str(out)!r}, progress=False)", address)
-             for r in (0.3, 0.6)]
+    refs = {
+        r: reduce(run, r, "random", out=tmp_path / f"ref-{r}", scores_out=tmp_path / f"s-{r}.zarr", progress=False)
+        for r in (0.3, 0.6)
+    }
+    procs = [
+        _python(f"streamprune.reduce({str(run)!r}, {r}, 'random', out={str(out)!r}, progress=False)", address)
+        for r in (0.3, 0.6)
+    ]
     results = [p.communicate(timeout=300) for p in procs]
     codes = [p.returncode for p in procs]
     assert 0 in codes and all(c == 0 or "another process is writing" in err for c, (_, err) in zip(codes, results))

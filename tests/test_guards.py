@@ -11,9 +11,9 @@ import pytest
 import webdataset as wds
 
 from streamprune import PrunedWebDataset, index, reshard
-from streamprune.keeplist import KeepList
+from streamprune.formats.keeplist import KeepList
 from streamprune.loader import _KeptShards, _Selection
-from streamprune.shardread import ReadStats
+from streamprune.shards.reader import ReadStats
 
 
 @pytest.fixture
@@ -28,9 +28,9 @@ def two_shards(uneven_shards, tmp_path):
 
 def test_a_shard_rewritten_after_an_interrupted_index_is_scanned_again(ray_session, two_shards, tmp_path, fmnist):
     from streamprune.datasets import write_shards
-    from streamprune.identity import shard_names
-    from streamprune.indexer import part_path
-    from streamprune.shardindex import save_scan, scan_shard
+    from streamprune.formats.index import save_scan, scan_shard
+    from streamprune.shards.identity import shard_names
+    from streamprune.stages.index import part_path
 
     run = tmp_path / "run"
     parts = run / ".index-parts"
@@ -71,7 +71,7 @@ def test_reshard_refuses_a_prefix_that_is_a_path(ray_session, uneven_shards, tmp
 
 
 def test_what_a_rewritten_shard_check_detects_and_what_it_does_not(ray_session, two_shards, tmp_path):
-    from streamprune.shardread import ShardChangedError
+    from streamprune.shards.reader import ShardChangedError
 
     idx = index(two_shards, tmp_path / "run", progress=False)
     keep = KeepList.from_rows(idx, np.arange(idx.n_samples), tmp_path / "keep")

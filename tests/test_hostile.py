@@ -23,16 +23,17 @@ import webdataset as wds
 
 from streamprune import KeepList, PrunedWebDataset
 from streamprune.datasets import encode_png, write_shards
-from streamprune.shardindex import Index, load_scan, save_scan, scan_shard, write_index
-from streamprune.shardlist import open_shard
-from streamprune.shardread import ReadStats, read_keys
-from streamprune.tarscan import CountingReader, TarFormatError, iter_samples
+from streamprune.formats.index import Index, load_scan, save_scan, scan_shard, write_index
+from streamprune.shards.reader import ReadStats, read_keys
+from streamprune.shards.tarscan import CountingReader, TarFormatError, iter_samples
+from streamprune.shards.urls import open_shard
 
 BLOCK = 512
 END = bytes(2 * BLOCK)
 
 
 # ---- tars byte by byte ------------------------------------------------------------------------
+
 
 def _fix_checksum(h: bytearray, signed: bool = False) -> bytearray:
     h[148:156] = b" " * 8
@@ -41,8 +42,17 @@ def _fix_checksum(h: bytearray, signed: bool = False) -> bytearray:
     return h
 
 
-def _header(name: bytes, size: int, kind: bytes = b"0", *, size_field: bytes | None = None, prefix: bytes = b"",
-            magic: bytes = b"ustar\x0000", mode: bytes = b"0000644\0", signed: bool = False) -> bytes:
+def _header(
+    name: bytes,
+    size: int,
+    kind: bytes = b"0",
+    *,
+    size_field: bytes | None = None,
+    prefix: bytes = b"",
+    magic: bytes = b"ustar\x0000",
+    mode: bytes = b"0000644\0",
+    signed: bool = False,
+) -> bytes:
     h = bytearray(BLOCK)
     h[: len(name)] = name
     h[100:108] = mode
@@ -156,30 +166,54 @@ def test_records_in_the_padding_of_a_pax_header_are_an_error(tmp_path):
 _MINUS_16 = b"\xff" * 11 + b"\xf0"
 HOSTILE_HEADERS = {  # case: (bytes after HEAD, what the error says, offset relative to AT)
     "negative base-256 size": (_header(b"k1.cls", 0, size_field=_MINUS_16) + END, "negative size", 0),
-    "huge base-256 size": (_header(b"k1.cls", 0, size_field=b"\x80" + (1 << 80).to_bytes(11, "big")) + END,
-                           "truncated", 0),
+    "huge base-256 size": (
+        _header(b"k1.cls", 0, size_field=b"\x80" + (1 << 80).to_bytes(11, "big")) + END,
+        "truncated",
+        0,
+    ),
     "huge octal size": (_header(b"k1.cls", 0, size_field=b"77777777777\0") + END, "truncated", 0),
-    "size past the end of the file": (_header(b"k1.cls", 10 ** 6) + END, "truncated", 0),
-    "base-256 marker that tarfile refuses": (_header(b"k1.cls", 0, size_field=b"\x81" + bytes(11)) + END,
-                                             "bad number", 0),
+    "size past the end of the file": (_header(b"k1.cls", 10**6) + END, "truncated", 0),
+    "base-256 marker that tarfile refuses": (
+        _header(b"k1.cls", 0, size_field=b"\x81" + bytes(11)) + END,
+        "bad number",
+        0,
+    ),
     "bad number in the mode field": (_member(b"k1.cls", mode=b"rw-r--r-") + END, "bad number", 0),
-    "checksum that is not a number": (bytes(_header(b"k1.cls", 1)[:148]) + b"zzzzzz\0 "
-                                      + _header(b"k1.cls", 1)[156:] + _pad(b"1") + END, "bad number", 0),
+    "checksum that is not a number": (
+        bytes(_header(b"k1.cls", 1)[:148]) + b"zzzzzz\0 " + _header(b"k1.cls", 1)[156:] + _pad(b"1") + END,
+        "bad number",
+        0,
+    ),
     "name that is not UTF-8": (_member(b"k1\xff.cls") + END, "not UTF-8", 0),
     "GNU long name that is not UTF-8": (_long(b"k1\xff.cls\0") + _member(b"k1.cls") + END, "not UTF-8", BLOCK * 2),
-    "pax path that is not UTF-8": (_pax(_record("path", b"k1\xff.cls")) + _member(b"zz.cls") + END, "not UTF-8",
-                                   BLOCK * 2),
+    "pax path that is not UTF-8": (
+        _pax(_record("path", b"k1\xff.cls")) + _member(b"zz.cls") + END,
+        "not UTF-8",
+        BLOCK * 2,
+    ),
     "huge GNU long name": (_header(b"././@LongLink", 1 << 40, b"L") + END, "truncated", 0),
-    "GNU long name larger than the limit": (_header(b"././@LongLink", 2 << 20, b"L") + bytes(2 << 20) + END,
-                                            "extended header", 0),
+    "GNU long name larger than the limit": (
+        _header(b"././@LongLink", 2 << 20, b"L") + bytes(2 << 20) + END,
+        "extended header",
+        0,
+    ),
     "extended header followed by the end-of-archive marker": (_pax(_GOOD) + END, "no member after", 0),
-    "global header followed by the end-of-archive marker": (_pax(_record("comment", b"x"), b"g") + END,
-                                                            "no member after", 0),
+    "global header followed by the end-of-archive marker": (
+        _pax(_record("comment", b"x"), b"g") + END,
+        "no member after",
+        0,
+    ),
     "GNU sparse member": (_member(b"k1.cls", kind=b"S") + END, "sparse", 0),
-    "global pax header that sets path": (_pax(_record("path", b"k9.cls"), b"g") + _member(b"k1.cls") + END,
-                                         "global pax header", 0),
-    "pax size past the end of the file": (_pax(_record("size", b"9" * 15)) + _member(b"k1.cls") + END,
-                                          "truncated", BLOCK * 2),
+    "global pax header that sets path": (
+        _pax(_record("path", b"k9.cls"), b"g") + _member(b"k1.cls") + END,
+        "global pax header",
+        0,
+    ),
+    "pax size past the end of the file": (
+        _pax(_record("size", b"9" * 15)) + _member(b"k1.cls") + END,
+        "truncated",
+        BLOCK * 2,
+    ),
 }
 
 
@@ -216,33 +250,49 @@ AGREE = {  # case: (bytes after HEAD, the keys after k0)
     "GNU long name with a NUL inside": (_long(b"k1.cls\0junk.txt\0") + _member(b"zz.bin") + END, ["k1"]),
     "GNU long name without its NUL, padding not zero": (  # tarfile reads the name up to a NUL in the blocks
         _header(b"././@LongLink", 2, b"L") + b"k1" + b"2.cls" + bytes(BLOCK - 7) + _member(b"zz.bin") + END,
-        ["k12"]),
+        ["k12"],
+    ),
     "empty GNU long name": (_long(b"") + _member(b"k1.cls") + END, []),
     "GNU long name, then pax path: the first wins": (
-        _long(b"k1.cls\0") + _pax(_record("path", b"k2.cls")) + _member(b"k3.cls") + END, ["k1"]),
+        _long(b"k1.cls\0") + _pax(_record("path", b"k2.cls")) + _member(b"k3.cls") + END,
+        ["k1"],
+    ),
     "pax path, then GNU long name: the first wins": (
-        _pax(_record("path", b"k2.cls")) + _long(b"k1.cls\0") + _member(b"k3.cls") + END, ["k2"]),
+        _pax(_record("path", b"k2.cls")) + _long(b"k1.cls\0") + _member(b"k3.cls") + END,
+        ["k2"],
+    ),
     "two pax headers: the first wins": (
-        _pax(_record("path", b"k2.cls")) + _pax(_record("path", b"k1.cls")) + _member(b"k3.cls") + END, ["k2"]),
+        _pax(_record("path", b"k2.cls")) + _pax(_record("path", b"k1.cls")) + _member(b"k3.cls") + END,
+        ["k2"],
+    ),
     "two pax sizes: the first wins": (
-        _pax(_record("size", b"600")) + _pax(_record("size", b"1")) + _header(b"k1.cls", 1) + _pad(b"y" * 600)
-        + _member(b"k1.txt") + END, ["k1"]),
+        _pax(_record("size", b"600"))
+        + _pax(_record("size", b"1"))
+        + _header(b"k1.cls", 1)
+        + _pad(b"y" * 600)
+        + _member(b"k1.txt")
+        + END,
+        ["k1"],
+    ),
     "empty pax path": (_pax(_record("path", b"")) + _member(b"k1.cls") + END, []),
     "GNU long link between long name and member": (
-        _long(b"k1.cls\0") + _long(b"target\0", b"K") + _member(b"zz.cls") + END, ["k1"]),
+        _long(b"k1.cls\0") + _long(b"target\0", b"K") + _member(b"zz.cls") + END,
+        ["k1"],
+    ),
     "pax path with a trailing slash": (_pax(_record("path", b"k1.cls/")) + _member(b"zz.cls") + END, ["k1"]),
     "Solaris extended header": (_pax(_record("path", b"k1.cls"), b"X") + _member(b"zz.cls") + END, ["k1"]),
     "global pax header with a comment": (_pax(_record("comment", b"hi"), b"g") + _member(b"k1.cls") + END, ["k1"]),
-    "old-style directory with a size: no data follows": (_header(b"d/", 1024, b"\0") + _member(b"k1.cls") + END,
-                                                         ["k1"]),
+    "old-style directory with a size: no data follows": (
+        _header(b"d/", 1024, b"\0") + _member(b"k1.cls") + END,
+        ["k1"],
+    ),
     "symlink with a size: no data follows": (_header(b"k1.lnk", 512, b"2") + _member(b"k1.cls") + END, ["k1"]),
     "unknown type: data skipped": (_member(b"k1.zz", b"data", b"Z") + _member(b"k1.cls") + END, ["k1"]),
     "contiguous file": (_member(b"k1.cls", kind=b"7") + END, ["k1"]),
     "signed checksum": (_member("k1é.cls".encode(), signed=True) + END, ["k1é"]),
     "prefix without ustar magic": (_member(b"k1.cls", prefix=b"dir", magic=b"") + END, ["dir/k1"]),
     "size with a sign and spaces": (_member(b"k1.cls", size_field=b" +1        \0") + END, ["k1"]),
-    "key with a newline": (_member(b"k1\nx.cls") + _member(b"k1\nx.txt") + _member(b"k2.cls") + END,
-                           ["k1\nx", "k2"]),
+    "key with a newline": (_member(b"k1\nx.cls") + _member(b"k1\nx.txt") + _member(b"k2.cls") + END, ["k1\nx", "k2"]),
     "garbage after the end-of-archive marker": (_member(b"k1.cls") + END + b"\x13garbage" * 100, ["k1"]),
     "no second zero block": (_member(b"k1.cls") + bytes(BLOCK), ["k1"]),
 }
@@ -262,6 +312,7 @@ def test_members_are_named_and_found_as_webdataset_finds_them(tmp_path, case):
 
 
 # ---- 2. a key with a newline no longer shifts the keys after it ---------------------------------
+
 
 def _newline_shard(tmp_path, fmnist) -> str:
     images, labels = fmnist
@@ -312,16 +363,21 @@ def test_index_parts_of_older_versions_are_read_or_refused(tmp_path, fmnist):
 
 # ---- 3. error types: picklable, a tarfile.ReadError, through DataLoader workers -----------------
 
+
 def test_tar_format_error_pickles_and_is_a_read_error_and_a_value_error():
     err = TarFormatError("a.tar", 1024, "corrupt tar header (checksum mismatch)")
     back = pickle.loads(pickle.dumps(err))
-    assert type(back) is TarFormatError and str(back) == str(err) == \
-        "shard 'a.tar': corrupt tar header (checksum mismatch) at byte 1024"
+    assert (
+        type(back) is TarFormatError
+        and str(back) == str(err) == "shard 'a.tar': corrupt tar header (checksum mismatch) at byte 1024"
+    )
     assert (back.shard, back.offset) == ("a.tar", 1024)
     assert isinstance(err, tarfile.ReadError) and isinstance(err, ValueError)
     # torch's DataLoader re-raises a worker's error as its type built from one message
-    again = TarFormatError(f"Caught TarFormatError in DataLoader worker process 0.\nOriginal Traceback:\n"
-                           f"streamprune.tarscan.TarFormatError: {(str(err), '/data/a.tar')}")
+    again = TarFormatError(
+        f"Caught TarFormatError in DataLoader worker process 0.\nOriginal Traceback:\n"
+        f"streamprune.shards.tarscan.TarFormatError: {(str(err), '/data/a.tar')}"
+    )
     assert (again.shard, again.offset) == ("a.tar", 1024) and "at byte 1024" in str(again)
     assert str(pickle.loads(pickle.dumps(again))) == str(again)
     assert (TarFormatError("shard '\\N': odd at byte 5").shard, TarFormatError("no shard named").offset) == (None, None)
@@ -335,10 +391,12 @@ def test_a_dataloader_worker_raises_tar_format_error_naming_shard_and_offset(tmp
     bad[AT + 3] ^= 0x01  # a name byte of the second sample's header: its checksum breaks
     path = _shard(tmp_path, bytes(bad), "bad.tar")
     keep = KeepList.from_keys([("bad.tar", "k0"), ("bad.tar", "k1")])
-    loader = torch.utils.data.DataLoader(PrunedWebDataset(path, keep=keep, shardshuffle=False), batch_size=None,
-                                         num_workers=1)
-    with pytest.raises(TarFormatError, match=r"shard 'bad.tar': corrupt tar header \(checksum mismatch\) at byte 2048"
-                       ) as err:
+    loader = torch.utils.data.DataLoader(
+        PrunedWebDataset(path, keep=keep, shardshuffle=False), batch_size=None, num_workers=1
+    )
+    with pytest.raises(
+        TarFormatError, match=r"shard 'bad.tar': corrupt tar header \(checksum mismatch\) at byte 2048"
+    ) as err:
         list(loader)
     assert (err.value.shard, err.value.offset) == ("bad.tar", AT)
 
@@ -356,6 +414,7 @@ def test_a_truncated_shard_raises_tarfile_read_error_as_webdataset_does(tmp_path
 
 
 # ---- 4. fuzz: real shards mutated at random --------------------------------------------------------
+
 
 class _Base:
     def __init__(self, path: str):
@@ -431,18 +490,41 @@ def _mutate(base: _Base, rng: random.Random) -> tuple[str, bytes]:
     """One random mutation of a clean shard; header mutations get a correct checksum most of the time."""
     b = bytearray(base.raw)
     pos, _, size = rng.choice(base.members)
-    op = rng.choice(["flip", "name", "size", "type", "checksum", "number", "prefix", "extended", "truncate",
-                     "append", "data", "splice"])
+    op = rng.choice(
+        [
+            "flip",
+            "name",
+            "size",
+            "type",
+            "checksum",
+            "number",
+            "prefix",
+            "extended",
+            "truncate",
+            "append",
+            "data",
+            "splice",
+        ]
+    )
     fix = rng.random() < 0.75
     if op == "flip":
         for _ in range(rng.randint(1, 4)):
             b[pos + rng.randrange(BLOCK)] ^= 1 << rng.randrange(8)
     elif op == "name":
         old = bytes(b[pos : pos + 100]).split(b"\0")[0]
-        new = rng.choice([old[: rng.randrange(len(old) + 1)], old + rng.choice([b"/", b".x", b"\n.y", b"\xff"]),
-                          old.replace(b".", rng.choice([b"", b"..", b"/", b"\0"]), 1),
-                          bytes(rng.randrange(1, 256) for _ in range(rng.randint(1, 99))),
-                          b"__meta__", b"k\n" + old, b"a.cls", b"a.CLS", b".cls"])
+        new = rng.choice(
+            [
+                old[: rng.randrange(len(old) + 1)],
+                old + rng.choice([b"/", b".x", b"\n.y", b"\xff"]),
+                old.replace(b".", rng.choice([b"", b"..", b"/", b"\0"]), 1),
+                bytes(rng.randrange(1, 256) for _ in range(rng.randint(1, 99))),
+                b"__meta__",
+                b"k\n" + old,
+                b"a.cls",
+                b"a.CLS",
+                b".cls",
+            ]
+        )
         b[pos : pos + 100] = new[:100].ljust(100, b"\0")
     elif op == "size":
         b[pos + 124 : pos + 136] = _field_value(rng, 12, size)
@@ -491,9 +573,13 @@ def _mutate(base: _Base, rng: random.Random) -> tuple[str, bytes]:
         del b[cut:]
     elif op == "append":
         at = base.end if rng.random() < 0.5 else rng.randrange(base.end, len(b))
-        tail = rng.choice([bytes(rng.randrange(256) for _ in range(rng.randint(1, 2000))),
-                           bytes(base.raw[base.members[0][0] : base.members[0][0] + BLOCK]),
-                           bytes(BLOCK) + bytes(rng.randrange(256) for _ in range(700))])
+        tail = rng.choice(
+            [
+                bytes(rng.randrange(256) for _ in range(rng.randint(1, 2000))),
+                bytes(base.raw[base.members[0][0] : base.members[0][0] + BLOCK]),
+                bytes(BLOCK) + bytes(rng.randrange(256) for _ in range(700)),
+            ]
+        )
         b[at:] = tail
         fix = False
     elif op == "data":
@@ -523,6 +609,7 @@ class _Slow(BaseException):
 @contextlib.contextmanager
 def _time_limit(seconds: float, what: str):
     """Interrupt the main thread after `seconds` (a hang in a Python loop becomes a failure)."""
+
     def alarm(signum, frame):
         raise _Slow(f"{what} took over {seconds} s")
 
@@ -570,8 +657,9 @@ def test_fuzz_mutated_shards_give_webdatasets_samples_or_a_clear_error(tmp_path,
                 results = [("error", None)]
             else:
                 results = [("ok", scan.keys)]
-            results.append(_outcome(lambda p=path, n=name: [k for k, _, _ in read_keys(p, n, None, ReadStats())],
-                                    name, len(blob)))
+            results.append(
+                _outcome(lambda p=path, n=name: [k for k, _, _ in read_keys(p, n, None, ReadStats())], name, len(blob))
+            )
             results.append(_outcome(lambda p=path, n=name: _stream_keys(p, n), name, len(blob)))
             reference = None
             if any(status == "ok" for status, _ in results):

@@ -93,7 +93,10 @@ def test_cut_once_then_resume_with_range(server):
     assert status == 206 and e.value.partial + rest == DATA
     assert _get(url)[2] == DATA  # cut once only
     assert [(e[0], e[2], e[3], e[4]) for e in server.log] == [
-        ("GET", None, 200, 4096), ("GET", "bytes=4096-", 206, len(DATA) - 4096), ("GET", None, 200, len(DATA))]
+        ("GET", None, 200, 4096),
+        ("GET", "bytes=4096-", 206, len(DATA) - 4096),
+        ("GET", None, 200, len(DATA)),
+    ]
 
 
 def test_latency_is_hidden_by_concurrent_requests(server):
@@ -103,7 +106,7 @@ def test_latency_is_hidden_by_concurrent_requests(server):
     with ThreadPoolExecutor(8) as pool:
         bodies = list(pool.map(lambda i: _get(url, f"bytes={i * 10}-{i * 10 + 9}")[2], range(8)))
     took = time.perf_counter() - t
-    assert bodies == [DATA[i * 10:i * 10 + 10] for i in range(8)]
+    assert bodies == [DATA[i * 10 : i * 10 + 10] for i in range(8)]
     assert 0.2 <= took < 1.0  # eight 0.2 s requests overlapped, not 1.6 s in series
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from streamprune import index
-from streamprune.identity import id128, shard_names, url_path, value_to_id128
+from streamprune.shards.identity import id128, shard_names, url_path, value_to_id128
 
 
 def test_url_path_strips_pipe_scheme_and_host():
@@ -75,8 +75,9 @@ def test_json_uid_identity_and_cross_shard_duplicates(ray_session, tmp_path):
     hexes = [f"{i:032x}" for i in (7, 2**70 + 3, 11)]
     _json_shard(tmp_path / "a.tar", hexes[:2])
     _json_shard(tmp_path / "b.tar", [hexes[2], hexes[0]])  # hexes[0] again: a duplicate identity
-    idx = index([str(tmp_path / "a.tar"), str(tmp_path / "b.tar")], tmp_path / "run", identity="json:uid",
-                progress=False)
+    idx = index(
+        [str(tmp_path / "a.tar"), str(tmp_path / "b.tar")], tmp_path / "run", identity="json:uid", progress=False
+    )
     assert (int(idx.id_hi[1]), int(idx.id_lo[1])) == (2**6, 3)  # DataComp convention: hex uid is the identity
     dup = idx.manifest["duplicates"]
     assert dup["rows"] == 2

@@ -11,7 +11,7 @@ import pytest
 import webdataset as wds
 
 from streamprune import Index, index
-from streamprune.cli import main
+from streamprune.cli.main import main
 
 
 def _tar(path, names, payload=b"x"):
@@ -37,8 +37,12 @@ def test_index_matches_webdataset_on_uneven_shards(ray_session, uneven_shards, t
         for j in (0, len(samples) // 2, len(samples) - 1):
             row = idx.rows(s).start + j
             offsets, lengths = idx.members(row)
-            got = {tarfile.TarInfo.frombuf(raw[o:o + 512], "utf-8", "strict").name.split(".", 1)[1]:
-                   raw[o + 512:o + 512 + n] for o, n in zip(offsets, lengths)}
+            got = {
+                tarfile.TarInfo.frombuf(raw[o : o + 512], "utf-8", "strict").name.split(".", 1)[1]: raw[
+                    o + 512 : o + 512 + n
+                ]
+                for o, n in zip(offsets, lengths)
+            }
             assert got == {k: v for k, v in samples[j].items() if not k.startswith("__")}
             assert idx.sample_start[row] == offsets[0]
             assert idx.sample_end[row] >= offsets[-1] + 512 + lengths[-1]
@@ -65,8 +69,10 @@ def test_empty_shard_and_duplicate_keys_reported(ray_session, tmp_path):
     assert idx.keys(1) == ["a", "b", "a"]
     assert idx.member_count.tolist() == [2, 1, 1]
     dup = idx.manifest["duplicates"]
-    assert dup["rows"] == 2 and {(e["shard"], e["key"], e["row"]) for e in dup["examples"]} == \
-        {("dups.tar", "a", 0), ("dups.tar", "a", 2)}
+    assert dup["rows"] == 2 and {(e["shard"], e["key"], e["row"]) for e in dup["examples"]} == {
+        ("dups.tar", "a", 0),
+        ("dups.tar", "a", 2),
+    }
 
 
 def test_truncated_and_corrupt_shards_named_and_healthy_ones_kept(ray_session, uneven_shards, tmp_path):
@@ -78,8 +84,13 @@ def test_truncated_and_corrupt_shards_named_and_healthy_ones_kept(ray_session, u
     bad[2 * 2560 + 10] ^= 0xFF  # a name byte of the 3rd sample's first header: checksum breaks
     (tmp_path / "corrupt.tar").write_bytes(bytes(bad))
     (tmp_path / "noend.tar").write_bytes(raw[:5120])  # cut exactly at a sample boundary
-    urls = [*map(str, good), str(tmp_path / "cut.tar"), str(tmp_path / "corrupt.tar"), str(tmp_path / "noend.tar"),
-            str(tmp_path / "missing.tar")]
+    urls = [
+        *map(str, good),
+        str(tmp_path / "cut.tar"),
+        str(tmp_path / "corrupt.tar"),
+        str(tmp_path / "noend.tar"),
+        str(tmp_path / "missing.tar"),
+    ]
     idx = index(urls, tmp_path / "run", progress=False)
     broken = {b["shard"]: b for b in idx.manifest["broken"]}
     assert set(broken) == {"cut.tar", "corrupt.tar", "noend.tar", "missing.tar"}

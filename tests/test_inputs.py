@@ -13,7 +13,8 @@ from PIL import Image
 from test_record import png_claiming
 
 from streamprune.datasets import CLASSES, weblike_sample, weblike_shards
-from streamprune.decode import (
+from streamprune.shards.labels import BadSample, Classes, LabelError, LabelSpec
+from streamprune.training.decode import (
     DEFAULT_SIZE,
     RATIO,
     SCALE,
@@ -25,7 +26,6 @@ from streamprune.decode import (
     resized_crop_box,
     view_image,
 )
-from streamprune.labels import BadSample, Classes, LabelError, LabelSpec
 
 
 def _png(array: np.ndarray, mode: str | None = None, **save) -> bytes:
@@ -36,9 +36,15 @@ def _png(array: np.ndarray, mode: str | None = None, **save) -> bytes:
 
 # --- labels -------------------------------------------------------------------------------------
 
+
 def test_label_specs_read_members_json_paths_and_functions():
-    sample = {"__key__": "k-dog", "__url__": "s.tar", "cls": b" 3\n", "txt": b"cat",
-              "json": json.dumps({"label": "Bag", "meta": {"y": 7}, "flag": True}).encode()}
+    sample = {
+        "__key__": "k-dog",
+        "__url__": "s.tar",
+        "cls": b" 3\n",
+        "txt": b"cat",
+        "json": json.dumps({"label": "Bag", "meta": {"y": 7}, "flag": True}).encode(),
+    }
     assert LabelSpec("cls")(sample) == 3
     assert LabelSpec("txt")(sample) == "cat"
     assert LabelSpec("json:label")(sample) == "Bag"
@@ -90,6 +96,7 @@ def test_class_lists_from_labels_files_and_the_run(tmp_path):
 
 # --- images ---------------------------------------------------------------------------------------
 
+
 def test_image_modes_are_converted_and_exif_orientation_is_applied():
     rgb = np.zeros((20, 30, 3), np.uint8)
     rgb[:, :10] = (255, 0, 0)  # a red stripe on the left
@@ -105,7 +112,7 @@ def test_image_modes_are_converted_and_exif_orientation_is_applied():
     Image.fromarray(rgb).convert("CMYK").save(buf, "JPEG", quality=95)
     cmyk = np.asarray(open_image(buf.getvalue(), where))
     assert cmyk.shape == (20, 30, 3) and cmyk[10, 2, 0] > 200 and cmyk[10, 2, 1] < 60
-    deep = (np.arange(64, dtype=np.uint16).reshape(8, 8) * 1000)
+    deep = np.arange(64, dtype=np.uint16).reshape(8, 8) * 1000
     assert np.asarray(open_image(_png(deep), where)).max() == 245  # round(63000 / 257): 16 bits scaled to 8
     exif = Image.Exif()
     exif[0x0112] = 6  # stored turned a quarter counter-clockwise: viewers turn it back
@@ -116,8 +123,11 @@ def test_image_modes_are_converted_and_exif_orientation_is_applied():
 
 
 def test_decompression_bombs_and_garbage_are_refused_per_sample():
-    for data, reason in ((png_claiming(100_000, 100_000), "decompression bomb"),
-                         (png_claiming(9000, 9000), "over the limit"), (b"GIF89a garbage", "cannot decode")):
+    for data, reason in (
+        (png_claiming(100_000, 100_000), "decompression bomb"),
+        (png_claiming(9000, 9000), "over the limit"),
+        (b"GIF89a garbage", "cannot decode"),
+    ):
         with pytest.raises(BadSample, match=reason):
             decode_image({"__key__": "k", "__url__": "u.tar", "png": data})
     with pytest.raises(BadSample, match="no image member"):
@@ -166,6 +176,7 @@ def test_probe_view_keeps_small_equal_images_and_picks_a_default_for_mixed_sizes
 
 # --- end to end ----------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def weblike(tmp_path_factory, fmnist):
     """400 real Fashion-MNIST images as web-like shards: 48-96 px, mixed modes, JSON class names."""
@@ -174,18 +185,41 @@ def weblike(tmp_path_factory, fmnist):
     return weblike_shards(images[:400], labels[:400], out, n_shards=4), labels[:400]
 
 
-def test_weblike_shards_with_json_labels_record_without_skips_and_reduce_exactly(ray_session, tmp_path, weblike,
-                                                                                  capsys):
+def test_weblike_shards_with_json_labels_record_without_skips_and_reduce_exactly(
+    ray_session, tmp_path, weblike, capsys
+):
     from streamprune import reduce
-    from streamprune.cli import main
-    from streamprune.store import StatsStore
+    from streamprune.cli.main import main
+    from streamprune.formats.stats_store import StatsStore
 
     paths, labels = weblike
     run = tmp_path / "run"
     assert main(["index", *paths, "--out", str(run), "--quiet"]) == 0
     capsys.readouterr()
-    assert main(["record", str(run), "--epochs", "2", "--label", "json:label", "--image-size", "64", "--model",
-                 "small-cnn", "--workers", "1", "--loader-workers", "1", "--schedule-epochs", "6", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "record",
+                str(run),
+                "--epochs",
+                "2",
+                "--label",
+                "json:label",
+                "--image-size",
+                "64",
+                "--model",
+                "small-cnn",
+                "--workers",
+                "1",
+                "--loader-workers",
+                "1",
+                "--schedule-epochs",
+                "6",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "undecodable" not in out and "64x64 RGB, random resized crop; 10 classes" in out
     assert not (run / "bad-samples.jsonl").exists()
@@ -193,7 +227,7 @@ def test_weblike_shards_with_json_labels_record_without_skips_and_reduce_exactly
     assert classes.names == tuple(sorted(CLASSES)) and sum(classes.counts) == 400
     assert main(["index", *paths, "--out", str(tmp_path / "other"), "--label", "json:label", "--quiet"]) == 0
     assert Classes.load(tmp_path / "other") == classes
-    from streamprune.runstate import run_state
+    from streamprune.formats.run_state import run_state
 
     assert run_state(run)["index"]["classes"] == "10 (json:label, names in classes.json)"
     store = StatsStore.open(run / "stats.zarr", mode="r")
@@ -202,7 +236,7 @@ def test_weblike_shards_with_json_labels_record_without_skips_and_reduce_exactly
     assert (store.labels() == want).all()
     keep = reduce(run, 0.3, "dual-beta", progress=False)  # window: T = 2 when fewer than 10 epochs
     assert len(keep) == 280 and keep.manifest["window"] == 2
-    from streamprune.decode import run_decoder
+    from streamprune.training.decode import run_decoder
 
     decoder = run_decoder(run)
     x, y = decoder(next(iter(wds.WebDataset(paths[0], shardshuffle=False))))
@@ -211,7 +245,7 @@ def test_weblike_shards_with_json_labels_record_without_skips_and_reduce_exactly
 
 def test_a_decode_function_and_model_factory_record_feature_vectors(ray_session, tmp_path):
     from streamprune import index, record, reduce
-    from streamprune.store import StatsStore
+    from streamprune.formats.stats_store import StatsStore
 
     rng = np.random.default_rng(0)
     centers = rng.normal(0, 3, (4, 16))
@@ -228,8 +262,17 @@ def test_a_decode_function_and_model_factory_record_feature_vectors(ray_session,
                 w.write({"__key__": f"{i:08d}", "npy": buf.getvalue(), "cls": int(y[i])})
     run = tmp_path / "run"
     index(paths, run, progress=False)
-    summary = record(run, 3, workers=1, schedule_epochs=6, decode="feature_plugins:decode_features",
-                     model="feature_plugins:mlp", loader_workers=1, batch_size=32, progress=False)
+    summary = record(
+        run,
+        3,
+        workers=1,
+        schedule_epochs=6,
+        decode="feature_plugins:decode_features",
+        model="feature_plugins:mlp",
+        loader_workers=1,
+        batch_size=32,
+        progress=False,
+    )
     assert summary.bad_samples == 0 and "(16,)" in summary.inputs and "4 classes" in summary.inputs
     store = StatsStore.open(run / "stats.zarr", mode="r")
     p = store.read("p_true")

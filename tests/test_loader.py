@@ -14,10 +14,10 @@ import webdataset as wds
 
 from streamprune import KeepPredicate, PrunedWebDataset, keep_filter, reshard
 from streamprune.datasets import write_shards
-from streamprune.indexer import index
-from streamprune.keeplist import KeepList
+from streamprune.formats.keeplist import KeepList
 from streamprune.loader import even_slice
-from streamprune.shardread import ShardChangedError
+from streamprune.shards.reader import ShardChangedError
+from streamprune.stages.index import index
 
 
 @pytest.fixture(scope="module")
@@ -30,8 +30,15 @@ def setup(ray_session, uneven_shards, tmp_path_factory):
     keep_all = KeepList.from_rows(idx, np.arange(idx.n_samples), work / "keep-all")
     keep30 = KeepList.from_rows(idx, rows, work / "keep-30")
     reference = list(wds.WebDataset(paths, shardshuffle=False))
-    return {"paths": paths, "sizes": sizes, "work": work, "index": idx, "all": keep_all, "k30": keep30,
-            "ref": reference}
+    return {
+        "paths": paths,
+        "sizes": sizes,
+        "work": work,
+        "index": idx,
+        "all": keep_all,
+        "k30": keep30,
+        "ref": reference,
+    }
 
 
 def _content(samples) -> list[dict]:
@@ -91,8 +98,14 @@ def test_a_shard_with_nothing_kept_is_never_opened(setup, tmp_path):
 
 def test_fluid_methods_keep_the_class_and_decode_only_kept(setup):
     ds = PrunedWebDataset(setup["paths"], keep=setup["k30"], shardshuffle=False)
-    stages = [ds.decode("pil"), ds.decode("pil").to_tuple("png", "cls"), ds.map(lambda s: s), ds.shuffle(10),
-              ds.batched(8), ds.select(lambda s: True)]
+    stages = [
+        ds.decode("pil"),
+        ds.decode("pil").to_tuple("png", "cls"),
+        ds.map(lambda s: s),
+        ds.shuffle(10),
+        ds.batched(8),
+        ds.select(lambda s: True),
+    ]
     assert all(isinstance(s, PrunedWebDataset) for s in stages)
     image, label = next(iter(stages[1]))
     assert image.size == (28, 28) and 0 <= label < 10
@@ -127,8 +140,12 @@ def _ddp_rank(rank: int, world: int, init: str, paths: list[str], keep: str, out
     import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
-    ds = (PrunedWebDataset(paths, keep=keep, shardshuffle=100, nodesplitter=wds.split_by_node, even_epochs=even)
-          .decode().to_tuple("__key__", "cls").batched(10))
+    ds = (
+        PrunedWebDataset(paths, keep=keep, shardshuffle=100, nodesplitter=wds.split_by_node, even_epochs=even)
+        .decode()
+        .to_tuple("__key__", "cls")
+        .batched(10)
+    )
     model = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(1, 10))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     keys, batches = [], 0
@@ -151,8 +168,13 @@ def test_two_ddp_ranks_on_uneven_pruned_shards_get_equal_batches(setup, tmp_path
     keep = str(setup["work"] / "keep-30")
     counts = [setup["k30"].kept_count(os.path.basename(p)) for p in setup["paths"]]
     assert sum(counts[0::2]) != sum(counts[1::2])  # split_by_node alone would give the ranks unequal epochs
-    mp.start_processes(_ddp_rank, args=(2, f"file://{tmp_path}/rendezvous", setup["paths"], keep, str(tmp_path),
-                                        True), nprocs=2, join=True, start_method="spawn")
+    mp.start_processes(
+        _ddp_rank,
+        args=(2, f"file://{tmp_path}/rendezvous", setup["paths"], keep, str(tmp_path), True),
+        nprocs=2,
+        join=True,
+        start_method="spawn",
+    )
     ranks = [(tmp_path / f"rank{r}.txt").read_text().split("\n") for r in range(2)]
     per_slot = 360 // 4
     assert [int(r[0]) for r in ranks] == [2 * 2 * -(-per_slot // 10)] * 2  # 2 epochs x 2 workers x batches
@@ -170,8 +192,9 @@ def test_a_keep_list_for_other_shards_is_refused(setup, tmp_path, fmnist):
     assert len(list(forced)) == 50
     with pytest.raises(ValueError, match="other-000000.tar.*not in the keep-list"):
         PrunedWebDataset([*setup["paths"], other[0]], keep=setup["k30"], shardshuffle=False)
-    mixed = list(PrunedWebDataset([setup["paths"][0], other[0]], keep=setup["k30"], shardshuffle=False,
-                                  unknown_shards="keep"))
+    mixed = list(
+        PrunedWebDataset([setup["paths"][0], other[0]], keep=setup["k30"], shardshuffle=False, unknown_shards="keep")
+    )
     assert len(mixed) == setup["k30"].kept_count(os.path.basename(setup["paths"][0])) + 25
 
 
@@ -179,7 +202,7 @@ def test_a_rewritten_shard_is_refused_unless_allowed(setup, tmp_path, fmnist):
     images, labels = fmnist
     n0 = setup["sizes"][0]
     # same name and keys, other images: byte ranges no longer hold the expected samples
-    rewritten = write_shards(images[n0:2 * n0][::-1][:n0], labels[:n0], tmp_path, sizes=[n0], prefix="train")
+    rewritten = write_shards(images[n0 : 2 * n0][::-1][:n0], labels[:n0], tmp_path, sizes=[n0], prefix="train")
     with pytest.raises(ShardChangedError, match="train-000000.tar"):
         list(PrunedWebDataset(rewritten, keep=setup["k30"], shardshuffle=False))
     got = list(PrunedWebDataset(rewritten, keep=setup["k30"], shardshuffle=False, allow_mismatch=True))
@@ -189,8 +212,19 @@ def test_a_rewritten_shard_is_refused_unless_allowed(setup, tmp_path, fmnist):
 def test_importance_weights_in_samples(setup, tmp_path):
     k = setup["k30"]
     weights = np.linspace(1.0, 2.0, len(k))
-    KeepList(k.manifest, k.names, k.kept, k.key_blob, k.key_offset, k.id_pairs, k.positions, weights, k.samples,
-             k.ranges, k.shard_bytes).save(tmp_path / "weighted")
+    KeepList(
+        k.manifest,
+        k.names,
+        k.kept,
+        k.key_blob,
+        k.key_offset,
+        k.id_pairs,
+        k.positions,
+        weights,
+        k.samples,
+        k.ranges,
+        k.shard_bytes,
+    ).save(tmp_path / "weighted")
     got = list(PrunedWebDataset(setup["paths"], keep=tmp_path / "weighted", shardshuffle=False, weights=True))
     assert [s["__weight__"] for s in got] == pytest.approx(weights.tolist())
     with pytest.raises(ValueError, match="no importance weights"):
@@ -200,8 +234,7 @@ def test_importance_weights_in_samples(setup, tmp_path):
 def test_keep_filter_in_a_custom_pipeline(setup):
     expected = _kept(setup["ref"], setup["k30"])
     in_place = wds.DataPipeline(wds.SimpleShardList(setup["paths"]), keep_filter(setup["k30"]))
-    after = wds.DataPipeline(wds.SimpleShardList(setup["paths"]), wds.tarfile_to_samples(),
-                             keep_filter(setup["k30"]))
+    after = wds.DataPipeline(wds.SimpleShardList(setup["paths"]), wds.tarfile_to_samples(), keep_filter(setup["k30"]))
     assert list(in_place) == expected
     assert _content(after) == _content(expected)
 
@@ -232,30 +265,65 @@ def test_reshard_equals_the_filtered_stream_and_resumes(setup, tmp_path):
 
 
 def test_cli_reshard(setup, tmp_path, capsys):
-    from streamprune.cli import main
+    from streamprune.cli.main import main
 
     run = setup["work"] / "run"
-    assert main(["reshard", str(run), "--out", str(tmp_path / "o"), "--keep", str(setup["work"] / "keep-30"),
-                 "--shard-size", "200", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "reshard",
+                str(run),
+                "--out",
+                str(tmp_path / "o"),
+                "--keep",
+                str(setup["work"] / "keep-30"),
+                "--shard-size",
+                "200",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     assert "2 shards" in capsys.readouterr().out
     assert main(["reshard", str(run), "--out", str(tmp_path / "o2"), "--quiet"]) == 2  # no RUN/keep
     assert "no keep-list" in capsys.readouterr().err
 
 
 def test_importing_the_loader_pulls_in_neither_ray_nor_the_stats_store():
-    code = ("import sys, streamprune; from streamprune import PrunedWebDataset, keep_filter, KeepPredicate; "
-            "bad = [m for m in ('ray', 'zarr', 'streamprune.store', 'streamprune.recorder') if m in sys.modules]; "
-            "sys.exit(f'imported {bad}' if bad else 0)")
+    code = (
+        "import sys, streamprune; from streamprune import PrunedWebDataset, keep_filter, KeepPredicate; "
+        "heavy = ('ray', 'zarr', 'streamprune.formats.stats_store', 'streamprune.stages.record'); "
+        "bad = [m for m in heavy if m in sys.modules]; "
+        "sys.exit(f'imported {bad}' if bad else 0)"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_the_ddp_example_runs_under_torchrun(setup):
     example = Path(__file__).resolve().parents[1] / "examples" / "train_ddp.py"
     shards = os.path.join(os.path.dirname(setup["paths"][0]), "train-*.tar")
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(example), "--shards", shards,
-                           "--keep", str(setup["work"] / "keep-30"), "--epochs", "1", "--num-workers", "2"],
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            str(example),
+            "--shards",
+            shards,
+            "--keep",
+            str(setup["work"] / "keep-30"),
+            "--epochs",
+            "1",
+            "--num-workers",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-12000:]
     assert "epoch 0: samples, steps per rank = [(180, 4), (180, 4)] (expected 180 samples each)" in done.stdout
 

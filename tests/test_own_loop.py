@@ -16,12 +16,12 @@ import torch
 import torch.nn.functional as F
 
 from streamprune import IndexedShards, StatsLogger, index_in_process
-from streamprune.decode import ToTensors
-from streamprune.labels import BadSample
-from streamprune.models import small_cnn
-from streamprune.sampling import keep_count
-from streamprune.shardindex import Index
-from streamprune.store import STATS, OwnershipError, StatsStore
+from streamprune.formats.index import Index
+from streamprune.formats.stats_store import STATS, OwnershipError, StatsStore
+from streamprune.scoring.sampling import keep_count
+from streamprune.shards.labels import BadSample
+from streamprune.training.decode import ToTensors
+from streamprune.training.models import small_cnn
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "own_training_loop.py"
 CHUNK_ROWS = 128  # several chunks, so that two ranks each own some
@@ -52,8 +52,9 @@ def _check_complete(run: Path, epochs: int, labels: np.ndarray) -> dict[str, np.
     return got
 
 
-def _train(run: Path, epochs: int, *, interrupt_at: tuple[int, int] | None = None, spool_rows: int = 100,
-           num_workers: int = 0) -> StatsLogger:
+def _train(
+    run: Path, epochs: int, *, interrupt_at: tuple[int, int] | None = None, spool_rows: int = 100, num_workers: int = 0
+) -> StatsLogger:
     """A plain single-process loop; `interrupt_at=(epoch, step)` returns there, without end_epoch
     (what a killed process leaves)."""
     torch.manual_seed(0)
@@ -87,8 +88,9 @@ def single(shards, tmp_path_factory):
     return run
 
 
-def test_single_process_records_every_row_once_per_epoch_and_reduce_works(single, shards, fmnist, ray_session,
-                                                                          tmp_path):
+def test_single_process_records_every_row_once_per_epoch_and_reduce_works(
+    single, shards, fmnist, ray_session, tmp_path
+):
     import streamprune
 
     run, (paths, n) = single, shards
@@ -111,10 +113,26 @@ def test_two_ranks_under_torchrun(shards, fmnist, ray_session, tmp_path):
     paths, n = shards
     run = tmp_path / "run"
     spec = "::".join(paths)
-    args = ["--shards", spec, "--run-dir", str(run), "--epochs", "2", "--chunk-rows", str(CHUNK_ROWS),
-            "--loader-workers", "1", "--batch-size", "64"]
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(EXAMPLE), *args], capture_output=True, text=True, timeout=300)
+    args = [
+        "--shards",
+        spec,
+        "--run-dir",
+        str(run),
+        "--epochs",
+        "2",
+        "--chunk-rows",
+        str(CHUNK_ROWS),
+        "--loader-workers",
+        "1",
+        "--batch-size",
+        "64",
+    ]
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(EXAMPLE), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-12000:]
     assert f"epoch 1: {n} samples" in done.stdout and "complete epochs: 2 of 2" in done.stdout, done.stdout
     _check_complete(run, 2, _true_labels(run, fmnist[1]))
@@ -139,8 +157,11 @@ def test_a_row_logged_twice_is_refused(single, tmp_path):
     logits = small_cnn(10, 1, 28)(x)
     logger.log(rows, logits, y)
     logger.log(rows[:3], logits[:3], y[:3])  # e.g. a sample read twice
-    with pytest.raises(OwnershipError, match=rf"row {int(rows[:3].min())} \(shard .* key .*\) was logged twice "
-                                             rf"in epoch 1 .*exactly once per epoch"):
+    with pytest.raises(
+        OwnershipError,
+        match=rf"row {int(rows[:3].min())} \(shard .* key .*\) was logged twice "
+        rf"in epoch 1 .*exactly once per epoch",
+    ):
         logger.end_epoch()
     assert logger.complete_epochs() == 1  # unmarked when it began again; nothing marked after the error
 
@@ -171,8 +192,9 @@ def test_distributed_sampler_padding_is_refused_on_every_rank(single, tmp_path):
     shutil.copytree(single, run)
     n = Index(run / "index").n_samples
     assert n % 2 == 1  # DistributedSampler pads rank 1 with row 0, which rank 0 also has
-    torch.multiprocessing.start_processes(_padded_ranks, args=(2, str(run), str(tmp_path / "rdzv"), str(tmp_path)),
-                                          nprocs=2, start_method="fork")
+    torch.multiprocessing.start_processes(
+        _padded_ranks, args=(2, str(run), str(tmp_path / "rdzv"), str(tmp_path)), nprocs=2, start_method="fork"
+    )
     for rank in (0, 1):
         message = (tmp_path / f"rank{rank}.txt").read_text()
         assert message.startswith("OwnershipError") and "row 0 (shard" in message, message
@@ -219,8 +241,9 @@ def test_ranks_and_workers_read_every_row_once_and_undecodable_samples_are_skipp
             seen.append(rows.numpy())
             logger.log(rows, torch.randn(len(rows), 10), y)
     seen = np.concatenate(seen)
-    assert len(seen) == len(np.unique(seen)) and np.array_equal(np.sort(np.concatenate([seen, bad])),
-                                                                np.arange(idx.n_samples))
+    assert len(seen) == len(np.unique(seen)) and np.array_equal(
+        np.sort(np.concatenate([seen, bad])), np.arange(idx.n_samples)
+    )
     assert len(logger.end_epoch()) == 0  # skipped rows count as given: their shards complete
     store = StatsStore.open(run / "stats.zarr", mode="r")
     assert store.done().all()
@@ -234,12 +257,14 @@ def test_ranks_and_workers_read_every_row_once_and_undecodable_samples_are_skipp
 def test_the_api_imports_no_ray_and_an_epoch_starts_none(single, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(single, run)
-    code = ("import sys, torch, streamprune; assert 'streamprune.ownloop' not in sys.modules; "
-            "from streamprune import StatsLogger, IndexedShards; assert 'ray' not in sys.modules, 'imported ray'; "
-            f"logger = StatsLogger({str(run)!r}, 2); logger.begin_epoch(1); "
-            f"data = IndexedShards({str(run)!r}, lambda s: (0, int(s['cls'])), epoch=1); "
-            "rows = torch.tensor([r for _, _, r in data]); "
-            "logger.log(rows, torch.randn(len(rows), 10), torch.zeros(len(rows), dtype=torch.long)); "
-            "assert len(logger.end_epoch()) == 0 and logger.complete_epochs() == 2; "
-            "assert 'ray' not in sys.modules or not sys.modules['ray'].is_initialized(), 'started ray'")
+    code = (
+        "import sys, torch, streamprune; assert 'streamprune.training.own_loop' not in sys.modules; "
+        "from streamprune import StatsLogger, IndexedShards; assert 'ray' not in sys.modules, 'imported ray'; "
+        f"logger = StatsLogger({str(run)!r}, 2); logger.begin_epoch(1); "
+        f"data = IndexedShards({str(run)!r}, lambda s: (0, int(s['cls'])), epoch=1); "
+        "rows = torch.tensor([r for _, _, r in data]); "
+        "logger.log(rows, torch.randn(len(rows), 10), torch.zeros(len(rows), dtype=torch.long)); "
+        "assert len(logger.end_epoch()) == 0 and logger.complete_epochs() == 2; "
+        "assert 'ray' not in sys.modules or not sys.modules['ray'].is_initialized(), 'started ray'"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -13,10 +13,10 @@ import pytest
 import torch
 
 from streamprune import index
-from streamprune.recorder import record
-from streamprune.runshards import assign_shards
-from streamprune.stats import sample_stats
-from streamprune.store import STATS, StatsStore
+from streamprune.formats.stats_store import STATS, StatsStore
+from streamprune.scoring.stats import sample_stats
+from streamprune.stages.record import record
+from streamprune.training.samples import assign_shards
 
 EPOCHS = 3
 
@@ -107,8 +107,11 @@ def test_worker_killed_mid_run_recovers_with_a_full_store(ray_session, uneven_sh
     paths, sizes = uneven_shards
     index(paths, tmp_path, progress=False)
     result: dict = {}
-    thread = threading.Thread(target=lambda: result.update(s=record(
-        tmp_path, 4, workers=2, schedule_epochs=10, loader_workers=1, chunk_rows=256, progress=False)))
+    thread = threading.Thread(
+        target=lambda: result.update(
+            s=record(tmp_path, 4, workers=2, schedule_epochs=10, loader_workers=1, chunk_rows=256, progress=False)
+        )
+    )
     thread.start()
     killed = None
     deadline = time.time() + 300
@@ -161,9 +164,14 @@ def test_sample_stats_matches_definitions():
     q /= q.sum(1, keepdims=True)
     onehot = np.eye(7)[y]
     others = np.where(onehot == 1, -np.inf, z)
-    expected = {"p_true": q[np.arange(64), y], "correct": (z.argmax(1) == y).astype(np.uint8),
-                "margin": z[np.arange(64), y] - others.max(1), "el2n": np.linalg.norm(q - onehot, axis=1),
-                "entropy": -(q * np.log(q)).sum(1), "loss": -np.log(q[np.arange(64), y])}
+    expected = {
+        "p_true": q[np.arange(64), y],
+        "correct": (z.argmax(1) == y).astype(np.uint8),
+        "margin": z[np.arange(64), y] - others.max(1),
+        "el2n": np.linalg.norm(q - onehot, axis=1),
+        "entropy": -(q * np.log(q)).sum(1),
+        "loss": -np.log(q[np.arange(64), y]),
+    }
     for n in STATS:
         np.testing.assert_allclose(got[n], expected[n], rtol=1e-5, atol=1e-5, err_msg=n)
     assert got["correct"].dtype == np.uint8 and got["p_true"].dtype == np.float32
@@ -182,8 +190,9 @@ def test_assign_shards_balances_counts_and_covers_each_shard_once():
         assert sorted(np.concatenate(parts).tolist()) == sorted(ids.tolist())
         loads = [counts[p // 3].sum() for p in parts]
         assert max(loads) - min(loads) <= 2 * counts.max()
-    assert not np.array_equal(np.concatenate(assign_shards(counts, ids, 3, 1, 0)),
-                              np.concatenate(assign_shards(counts, ids, 3, 1, 1)))
+    assert not np.array_equal(
+        np.concatenate(assign_shards(counts, ids, 3, 1, 0)), np.concatenate(assign_shards(counts, ids, 3, 1, 1))
+    )
 
 
 def png_claiming(width: int, height: int) -> bytes:
@@ -195,8 +204,9 @@ def png_claiming(width: int, height: int) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(bytes(1024))) + \
-        chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(bytes(1024))) + chunk(b"IEND", b"")
+    )
 
 
 def _shards_with_bad_samples(out, fmnist) -> tuple[list[str], dict[str, str]]:
@@ -238,10 +248,14 @@ def test_undecodable_samples_are_skipped_counted_and_listed_or_refused(ray_sessi
     run = tmp_path / "run"
     idx = index(paths, run, progress=False)
     # whichever rank meets its bad sample first stops the run, naming sample, shard and reason
-    with pytest.raises(ValueError, match=r"sample '(00000005|00000012|00000031)' of .*bad-00000[01]\.tar.*"
-                                        r"(cannot decode|no .cls member|decompression bomb).*on_bad_sample='skip'"):
-        record(run, 2, workers=2, schedule_epochs=10, num_classes=10, on_bad_sample="error", max_failures=0,
-               progress=False)
+    with pytest.raises(
+        ValueError,
+        match=r"sample '(00000005|00000012|00000031)' of .*bad-00000[01]\.tar.*"
+        r"(cannot decode|no .cls member|decompression bomb).*on_bad_sample='skip'",
+    ):
+        record(
+            run, 2, workers=2, schedule_epochs=10, num_classes=10, on_bad_sample="error", max_failures=0, progress=False
+        )
     shutil.rmtree(run / "stats.zarr")
     shutil.rmtree(run / "checkpoints", ignore_errors=True)
     summary = record(run, 2, workers=2, schedule_epochs=10, num_classes=10, max_failures=0, progress=False)
@@ -270,8 +284,13 @@ def test_a_label_outside_the_class_range_stops_the_run_naming_it(ray_session, tm
     path = str(tmp_path / "shards" / "labels-000000.tar")
     with wds.TarWriter(path) as w:
         for i in range(40):
-            w.write({"__key__": f"{i:08d}", "png": encode_png(images[i]),
-                     "cls": b"12" if i == 7 else str(int(labels[i])).encode()})
+            w.write(
+                {
+                    "__key__": f"{i:08d}",
+                    "png": encode_png(images[i]),
+                    "cls": b"12" if i == 7 else str(int(labels[i])).encode(),
+                }
+            )
     index([path], tmp_path / "run", progress=False)
     with pytest.raises(ValueError, match=r"00000007.*labels-000000.tar.*label 12 is outside \[0, 10\)"):
         record(tmp_path / "run", 1, workers=1, schedule_epochs=5, num_classes=10, max_failures=0, progress=False)

@@ -9,10 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from streamprune import KeepList, PrunedWebDataset, index, reduce, sampling, scores
-from streamprune.cli import main
-from streamprune.identity import id128, uniforms
-from streamprune.store import LABEL, STATS, ChunkWriter, StatsStore
+from streamprune import KeepList, PrunedWebDataset, index, reduce
+from streamprune.cli.main import main
+from streamprune.formats.stats_store import LABEL, STATS, ChunkWriter, StatsStore
+from streamprune.scoring import sampling, scores
+from streamprune.shards.identity import id128, uniforms
 
 T = 12
 
@@ -23,10 +24,14 @@ def _synthetic_stats(n: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
     logit = a[:, None] + b[:, None] * np.arange(T) + rng.normal(0, 0.5, (n, T))
     logit[: n // 10] = 2.0
     p = 1 / (1 + np.exp(-logit))
-    return {"p_true": p.astype(np.float32), "correct": (p > 0.5).astype(np.uint8),
-            "margin": logit.astype(np.float32), "el2n": (1 - p).astype(np.float32) * 1.2,
-            "entropy": (-p * np.log(p) - (1 - p) * np.log(1 - p)).astype(np.float32),
-            "loss": -np.log(p).astype(np.float32)}
+    return {
+        "p_true": p.astype(np.float32),
+        "correct": (p > 0.5).astype(np.uint8),
+        "margin": logit.astype(np.float32),
+        "el2n": (1 - p).astype(np.float32) * 1.2,
+        "entropy": (-p * np.log(p) - (1 - p) * np.log(1 - p)).astype(np.float32),
+        "loss": -np.log(p).astype(np.float32),
+    }
 
 
 def _synthetic_labels(n: int) -> np.ndarray:
@@ -62,13 +67,35 @@ def _kept_rows(keep: KeepList, idx) -> np.ndarray:
     return np.concatenate([idx.rows(idx.shard(n)).start + keep.shard_positions(n) for n in keep.names])
 
 
-@pytest.mark.parametrize("method,balance", [("dual-beta", "none"), ("dual-beta", "classes"), ("forgetting", "none"),
-                                            ("ccs:dual", "none"), ("random", "classes"), ("aum", "none")])
+@pytest.mark.parametrize(
+    "method,balance",
+    [
+        ("dual-beta", "none"),
+        ("dual-beta", "classes"),
+        ("forgetting", "none"),
+        ("ccs:dual", "none"),
+        ("random", "classes"),
+        ("aum", "none"),
+    ],
+)
 def test_keep_list_identical_across_workers_and_block_sizes(run, tmp_path, method, balance):
     path, idx, _ = run
-    lists = [reduce(path, 0.7, method, seed=3, window=5, workers=w, block_rows=b, gather_limit=g, balance=balance,
-                    out=tmp_path / f"k{w}-{b}-{g}", progress=False)
-             for w, b, g in ((1, 64, 1 << 20), (2, 128, 16), (4, 300, 3))]
+    lists = [
+        reduce(
+            path,
+            0.7,
+            method,
+            seed=3,
+            window=5,
+            workers=w,
+            block_rows=b,
+            gather_limit=g,
+            balance=balance,
+            out=tmp_path / f"k{w}-{b}-{g}",
+            progress=False,
+        )
+        for w, b, g in ((1, 64, 1 << 20), (2, 128, 16), (4, 300, 3))
+    ]
     for other in lists[1:]:
         assert np.array_equal(np.asarray(other.id_pairs), np.asarray(lists[0].id_pairs))
         assert np.array_equal(np.asarray(other.positions), np.asarray(lists[0].positions))
@@ -76,12 +103,12 @@ def test_keep_list_identical_across_workers_and_block_sizes(run, tmp_path, metho
 
 
 @pytest.mark.parametrize("ratio", [0, 0.3, 0.9, 0.99])
-@pytest.mark.parametrize("method,balance", [("dual-beta", "classes"), ("dual-beta", "none"), ("ccs:el2n", "none"),
-                                            ("dual", "classes")])
+@pytest.mark.parametrize(
+    "method,balance", [("dual-beta", "classes"), ("dual-beta", "none"), ("ccs:el2n", "none"), ("dual", "classes")]
+)
 def test_exactly_k_kept(run, tmp_path, ratio, method, balance):
     path, idx, _ = run
-    keep = reduce(path, ratio, method, window=5, out=tmp_path / "keep", gather_limit=8, balance=balance,
-                  progress=False)
+    keep = reduce(path, ratio, method, window=5, out=tmp_path / "keep", gather_limit=8, balance=balance, progress=False)
     k = sampling.keep_count(idx.n_samples, ratio)
     assert len(keep) == keep.manifest["k"] == k and keep.kept.sum() == k
     assert len(set(_kept_rows(keep, idx).tolist())) == k
@@ -103,8 +130,9 @@ def test_distributed_selection_equals_in_memory_reference(run, tmp_path):
         "random": sampling.select_top(sampling.key_words(-u, hi, lo, rows), k),
     }
     for method, mask in expected.items():
-        keep = reduce(path, 0.8, method, seed=9, window=5, out=tmp_path / method, gather_limit=10, balance="none",
-                      progress=False)
+        keep = reduce(
+            path, 0.8, method, seed=9, window=5, out=tmp_path / method, gather_limit=10, balance="none", progress=False
+        )
         assert np.array_equal(np.sort(_kept_rows(keep, idx)), np.flatnonzero(mask)), method
     dual_keep = KeepList.load(tmp_path / "dual-beta")
     assert dual_keep.manifest["params"]["anchor"] == pytest.approx(anchor)
@@ -128,10 +156,18 @@ def test_class_balanced_selection_keeps_each_class_its_quota(run, tmp_path):
     u = uniforms(4, hi, lo)
     anchor = sampling.anchor_of(sc["dual"], sc["mean_p"], hi, lo)
     w = sampling.beta_weights(sc["dual"], sc["mean_p"], 0.8, anchor=anchor, c_d=sampling.DEFAULT_C_D["classes"])
-    for method, keys in (("dual-beta", sampling.weighted_keys(w, u)),
-                         ("random", -u), ("el2n", sc["el2n"])):
-        keep = reduce(path, 0.8, method, seed=4, window=5, out=tmp_path / method, gather_limit=7, balance="classes",
-                      progress=False)
+    for method, keys in (("dual-beta", sampling.weighted_keys(w, u)), ("random", -u), ("el2n", sc["el2n"])):
+        keep = reduce(
+            path,
+            0.8,
+            method,
+            seed=4,
+            window=5,
+            out=tmp_path / method,
+            gather_limit=7,
+            balance="classes",
+            progress=False,
+        )
         counts = np.bincount(labels, minlength=10)
         quotas = sampling.class_quotas(counts, sampling.keep_count(idx.n_samples, 0.8))
         kept = np.sort(_kept_rows(keep, idx))
@@ -198,13 +234,14 @@ def test_missing_statistics_dropped_or_refused(run, tmp_path):
     assert keep.manifest["dropped_missing"] == 64 and keep.manifest["N"] == idx.n_samples - 64
     assert len(keep) == sampling.keep_count(idx.n_samples - 64, 0.5)
     assert not set(range(64)) & set(_kept_rows(keep, idx).tolist())
-    with pytest.raises(ValueError,
-                       match=r"64 samples have missing statistics( or labels)? \(e.g. rows \[0, 1, 2, 3, 4\]\)"):
+    with pytest.raises(
+        ValueError, match=r"64 samples have missing statistics( or labels)? \(e.g. rows \[0, 1, 2, 3, 4\]\)"
+    ):
         reduce(copy, 0.5, "dual-beta", window=5, missing="error", out=tmp_path / "x", progress=False)
     # infinite statistics (a corrupted store) count as missing too, for every score
     for name, value in (("p_true", np.inf), ("margin", -np.inf), ("el2n", np.inf), ("entropy", np.inf)):
         for t in range(T):
-            store.group[name][64:128, t:t + 1] = np.full((64, 1), value, np.float32)
+            store.group[name][64:128, t : t + 1] = np.full((64, 1), value, np.float32)
     for method, dropped in (("dual-beta", 128), ("dyn-unc", 128), ("aum", 64), ("el2n", 64), ("entropy", 64)):
         keep = reduce(copy, 0.5, method, window=5, out=tmp_path / method, progress=False)
         assert keep.manifest["dropped_missing"] == dropped, method
@@ -231,8 +268,9 @@ def test_bad_arguments_are_refused(run, tmp_path):
 
 def test_keep_list_api_and_exports(run, tmp_path, capsys):
     path, idx, _ = run
-    assert main(["reduce", str(path), "--ratio", "0.6", "--window", "5", "--out", str(tmp_path / "keep"),
-                 "--quiet"]) == 0
+    assert (
+        main(["reduce", str(path), "--ratio", "0.6", "--window", "5", "--out", str(tmp_path / "keep"), "--quiet"]) == 0
+    )
     assert f"kept {sampling.keep_count(idx.n_samples, 0.6):,} of {idx.n_samples:,}" in capsys.readouterr().out
     keep = KeepList.load(tmp_path / "keep")
     assert keep.fingerprint == idx.fingerprint and keep.manifest["method"] == "dual-beta"
@@ -248,8 +286,9 @@ def test_keep_list_api_and_exports(run, tmp_path, capsys):
     assert np.array_equal(keep.ranges, np.stack([idx.sample_start[rows], idx.sample_end[rows]], axis=1))
     assert [s["size"] for s in idx.shards] == keep.shard_bytes.tolist()
     applied = PrunedWebDataset([s["url"] for s in idx.shards], keep=keep, shardshuffle=False)
-    assert [(os.path.basename(s["__url__"]), s["__key__"]) for s in applied] == \
-           [(n, k) for n in keep.names for k in keep.shard_keys(n)]
+    assert [(os.path.basename(s["__url__"]), s["__key__"]) for s in applied] == [
+        (n, k) for n in keep.names for k in keep.shard_keys(n)
+    ]
     keep.to_datacomp(tmp_path / "subset.npy")
     subset = np.load(tmp_path / "subset.npy", allow_pickle=False)
     assert subset.dtype == np.dtype("u8,u8") and len(subset) == len(keep)

@@ -12,7 +12,7 @@ import webdataset as wds
 from test_loader import _content
 
 from streamprune import PrunedWebDataset, index, reshard
-from streamprune.keeplist import KeepList
+from streamprune.formats.keeplist import KeepList
 
 
 @pytest.fixture(scope="module")
@@ -31,12 +31,21 @@ def served(ray_session, http_server, uneven_shards, tmp_path_factory):
     http_server.reset()
     idx = index(urls, work / "run", progress=False)
     rows = np.sort(np.random.default_rng(5).choice(idx.n_samples, idx.n_samples // 10, replace=False))
-    return {"urls": urls, "names": names, "paths": paths, "server": http_server, "work": work, "local": local,
-            "index": idx, "index_bytes_sent": http_server.bytes_sent, "rows": rows,
-            "all": KeepList.from_rows(idx, np.arange(idx.n_samples), work / "keep-all"),
-            "k10": KeepList.from_rows(idx, rows, work / "keep-10"),
-            "ref": list(wds.WebDataset(paths, shardshuffle=False)),
-            "total": sum(os.path.getsize(p) for p in paths)}
+    return {
+        "urls": urls,
+        "names": names,
+        "paths": paths,
+        "server": http_server,
+        "work": work,
+        "local": local,
+        "index": idx,
+        "index_bytes_sent": http_server.bytes_sent,
+        "rows": rows,
+        "all": KeepList.from_rows(idx, np.arange(idx.n_samples), work / "keep-all"),
+        "k10": KeepList.from_rows(idx, rows, work / "keep-10"),
+        "ref": list(wds.WebDataset(paths, shardshuffle=False)),
+        "total": sum(os.path.getsize(p) for p in paths),
+    }
 
 
 def test_index_over_http_gives_the_local_fingerprint(served):
@@ -81,8 +90,11 @@ def test_a_server_error_mid_shard_names_the_shard_and_range(served):
     url = served["urls"][0].replace("/data/", "/fail-after/20000/data/")
     keep = served["all"]
     ds = PrunedWebDataset([url], keep=keep, shardshuffle=False)
-    with pytest.raises(OSError, match=rf"{served['names'][0]}': bytes \d+\.\.\d+: (HTTP 500|IncompleteRead).*gave up "
-                                      r"after 5 tries"):
+    with pytest.raises(
+        OSError,
+        match=rf"{served['names'][0]}': bytes \d+\.\.\d+: (HTTP 500|IncompleteRead).*gave up "
+        r"after 5 tries",
+    ):
         list(ds)  # the first range runs past byte 20,000: its transfer is cut there, every time
     late = PrunedWebDataset([url], keep=served["k10"], shardshuffle=False)
     with pytest.raises(OSError, match=rf"{served['names'][0]}': bytes \d+\.\.\d+: HTTP 500"):
@@ -96,7 +108,7 @@ def test_a_transfer_cut_mid_stream_is_resumed_by_index(served, tmp_path):
 
 
 def test_a_404_shard_is_broken_in_the_index_and_all_broken_is_an_error(served, tmp_path, capsys):
-    from streamprune.cli import main
+    from streamprune.cli.main import main
 
     missing = f"{served['server'].url}/data/no-such-shard.tar"
     idx = index([served["urls"][0], missing], tmp_path / "run", progress=False)
@@ -134,7 +146,7 @@ def test_index_reads_large_members_headers_by_ranges(ray_session, http_server, t
 
 def test_record_and_reduce_over_http(served, tmp_path):
     from streamprune import record, reduce
-    from streamprune.store import StatsStore
+    from streamprune.formats.stats_store import StatsStore
 
     run = tmp_path / "run"
     shutil.copytree(served["work"] / "run" / "index", run / "index")

@@ -7,8 +7,14 @@ import json
 import numpy as np
 import pytest
 
-from streamprune.report import STARVED, _evaluation_section, _starvation_warning, class_kept_fractions, starved_classes
-from streamprune.runstate import run_state
+from streamprune.formats.run_state import run_state
+from streamprune.stages.report import (
+    STARVED,
+    _evaluation_section,
+    _starvation_warning,
+    class_kept_fractions,
+    starved_classes,
+)
 
 
 def _mask(counts: list[int], kept: list[int]) -> tuple[np.ndarray, np.ndarray]:
@@ -65,14 +71,26 @@ def test_the_warning_names_the_classes_and_suggests_balance_only_when_off():
 
 
 def _row(method: str, seed: int | None, accuracy: float, epochs: int) -> dict:
-    row = {"method": method, "ratio": 0.0 if method == "full" else 0.5, "kept": 1000 if method == "full" else 500,
-           "test_accuracy": accuracy, "epochs": epochs, "seconds": 1.0}
+    row = {
+        "method": method,
+        "ratio": 0.0 if method == "full" else 0.5,
+        "kept": 1000 if method == "full" else 500,
+        "test_accuracy": accuracy,
+        "epochs": epochs,
+        "seconds": 1.0,
+    }
     return row if seed is None else {**row, "seed": seed}
 
 
 def test_evaluation_section_shows_mean_std_seeds_and_the_verdict():
-    rows = [_row("dual-beta+classes", 0, 0.91, 4), _row("random", 0, 0.88, 4), _row("full", 0, 0.95, 2),
-            _row("dual-beta+classes", 1, 0.93, 4), _row("random", 1, 0.89, 4), _row("full", 1, 0.95, 2)]
+    rows = [
+        _row("dual-beta+classes", 0, 0.91, 4),
+        _row("random", 0, 0.88, 4),
+        _row("full", 0, 0.95, 2),
+        _row("dual-beta+classes", 1, 0.93, 4),
+        _row("random", 1, 0.89, 4),
+        _row("full", 1, 0.95, 2),
+    ]
     text = _evaluation_section(rows, "dual-beta+classes")
     assert text.count("<tr><td>") == 3
     assert "<td>4</td><td>2</td><td>0.9200 +- 0.0141</td>" in text
@@ -90,7 +108,8 @@ def test_evaluation_section_reads_old_rows_without_seed_or_baseline():
 
 
 def test_inspect_rows_carry_the_seed(tmp_path):
-    (tmp_path / "evaluate.json").write_text(json.dumps({"rows": [_row("random", None, 0.9, 3),
-                                                                 _row("random", 1, 0.8, 3)]}))
+    (tmp_path / "evaluate.json").write_text(
+        json.dumps({"rows": [_row("random", None, 0.9, 3), _row("random", 1, 0.8, 3)]})
+    )
     rows = run_state(tmp_path)["evaluate"]["rows"]
     assert [(r["method"], r["seed"], r["test_accuracy"]) for r in rows] == [("random", 0, 0.9), ("random", 1, 0.8)]

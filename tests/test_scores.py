@@ -8,8 +8,8 @@ import math
 import numpy as np
 import pytest
 
-from streamprune import sampling, scores
-from streamprune.identity import uniforms
+from streamprune.scoring import sampling, scores
+from streamprune.shards.identity import uniforms
 
 
 def _std1(xs):
@@ -25,22 +25,31 @@ def test_dual_and_dyn_unc_by_hand():
     d = (10 * _std1(w1) * (1 - 0.2) + 10 * _std1(w2) * (1 - sum(w2) / 3)) / 2
     assert d == pytest.approx(1.0591943, abs=1e-6)
     np.testing.assert_allclose(scores.dual(p, window=3), [d, 0.0], rtol=1e-12, atol=1e-15)
-    np.testing.assert_allclose(scores.dyn_unc(p, window=3), [(10 * _std1(w1) + 10 * _std1(w2)) / 2, 0.0],
-                               rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(
+        scores.dyn_unc(p, window=3), [(10 * _std1(w1) + 10 * _std1(w2)) / 2, 0.0], rtol=1e-12, atol=1e-15
+    )
     mean, std = scores.window_stats(p, 3)
     assert mean.shape == std.shape == (2, 2)
     # J = T: one window; J = 2: three windows.
     assert scores.dual(p, window=4)[0] == pytest.approx(10 * _std1(p[0].tolist()) * (1 - p[0].mean()))
     assert scores.dyn_unc(p, window=2)[0] == pytest.approx(
-        np.mean([10 * _std1(p[0, k:k + 2].tolist()) for k in range(3)]))
+        np.mean([10 * _std1(p[0, k : k + 2].tolist()) for k in range(3)])
+    )
 
 
 def test_dual_matches_loop_over_windows_on_random_data():
     rng = np.random.default_rng(3)
     p = rng.random((5000, 30)).astype(np.float32)
     p[:5] = 0.25  # constant rows: exactly zero
-    ref = np.mean([10 * p[:, k:k + 10].astype(np.float64).std(axis=1, ddof=1)
-                   * (1 - p[:, k:k + 10].astype(np.float64).mean(axis=1)) for k in range(21)], axis=0)
+    ref = np.mean(
+        [
+            10
+            * p[:, k : k + 10].astype(np.float64).std(axis=1, ddof=1)
+            * (1 - p[:, k : k + 10].astype(np.float64).mean(axis=1))
+            for k in range(21)
+        ],
+        axis=0,
+    )
     np.testing.assert_allclose(scores.dual(p), ref, rtol=1e-10, atol=1e-13)
     assert (scores.dual(p)[:5] == 0).all()
 
@@ -64,9 +73,13 @@ def test_other_scores_by_hand():
     assert scores.entropy(e).tolist() == [5.0, 11.0] and scores.entropy(e, 0).tolist() == [0.0, 6.0]
     with pytest.raises(ValueError, match="outside the 6 recorded epochs"):
         scores.entropy(e, 6)
-    stats = {"p_true": np.array([[0.2, np.nan, 0.4]]), "correct": np.array([[1, 255, 0]], np.uint8),
-             "margin": np.array([[1.0, 2.0, 3.0]]), "el2n": np.array([[0.1, 0.2, 0.3]]),
-             "entropy": np.array([[1.0, 1.0, 1.0]])}
+    stats = {
+        "p_true": np.array([[0.2, np.nan, 0.4]]),
+        "correct": np.array([[1, 255, 0]], np.uint8),
+        "margin": np.array([[1.0, 2.0, 3.0]]),
+        "el2n": np.array([[0.1, 0.2, 0.3]]),
+        "entropy": np.array([[1.0, 1.0, 1.0]]),
+    }
     sc = scores.all_scores(stats, window=2)
     assert np.isnan(sc["dual"][0]) and np.isnan(sc["mean_p"][0]) and np.isnan(sc["forgetting"][0])
     assert sc["aum"][0] == 2.0 and sc["el2n"][0] == pytest.approx(0.3)
@@ -76,7 +89,7 @@ def test_beta_weights_follow_the_formula():
     dual = np.array([0.5, 1.0, 2.0, 0.0])
     m = np.array([0.3, 0.9, 0.0, 0.6])
     alpha_beta = sampling.beta_params(0.5, 0.8)
-    beta = 15 * (1 - 0.8) * (1 - 0.5 ** 4)
+    beta = 15 * (1 - 0.8) * (1 - 0.5**4)
     assert alpha_beta == pytest.approx((16 - beta, beta))
     a, b = alpha_beta
     lbeta = math.lgamma(a) + math.lgamma(b) - math.lgamma(a + b)
@@ -84,8 +97,9 @@ def test_beta_weights_follow_the_formula():
     expected = [pdf(0.3) * 0.5, pdf(0.9) * 1.0, pdf(1e-6) * 2.0, 0.0]  # m clipped to 1e-6
     np.testing.assert_allclose(sampling.beta_weights(dual, m, 0.5, anchor=0.8), expected, rtol=1e-10)
     # The anchor defaults to the mean m of the 10 highest-DUAL samples (here all 4).
-    np.testing.assert_allclose(sampling.beta_weights(dual, m, 0.5),
-                               sampling.beta_weights(dual, m, 0.5, anchor=float(m.mean())))
+    np.testing.assert_allclose(
+        sampling.beta_weights(dual, m, 0.5), sampling.beta_weights(dual, m, 0.5, anchor=float(m.mean()))
+    )
     a15, b15 = sampling.beta_params(0.5, 0.8, alpha_plus_beta=15)
     assert a15 + b15 == pytest.approx(15)
     with pytest.raises(ValueError, match="ratio must be in"):

@@ -7,16 +7,21 @@ import pytest
 import ray
 
 from streamprune import index
-from streamprune.store import STATS, ChunkWriter, OwnershipError, StatsStore
-from streamprune.writers import StoreWriters
+from streamprune.formats.stats_store import STATS, ChunkWriter, OwnershipError, StatsStore
+from streamprune.stages.record_writers import StoreWriters
 
 
 def _values(rows: np.ndarray, epoch: int) -> dict[str, np.ndarray]:
     """Distinct, checkable values for each (row, epoch)."""
     base = rows.astype(np.float64) * 10 + epoch
-    return {"p_true": (base % 997 / 997).astype(np.float32), "correct": ((rows + epoch) % 2).astype(np.uint8),
-            "margin": (base / 7 - 3).astype(np.float32), "el2n": (base % 13 / 10).astype(np.float32),
-            "entropy": (base % 17 / 5).astype(np.float32), "loss": (base % 19 / 3).astype(np.float32)}
+    return {
+        "p_true": (base % 997 / 997).astype(np.float32),
+        "correct": ((rows + epoch) % 2).astype(np.uint8),
+        "margin": (base / 7 - 3).astype(np.float32),
+        "el2n": (base % 13 / 10).astype(np.float32),
+        "entropy": (base % 17 / 5).astype(np.float32),
+        "loss": (base % 19 / 3).astype(np.float32),
+    }
 
 
 @pytest.fixture

@@ -14,8 +14,8 @@ import pytest
 import webdataset as wds
 
 from streamprune import KeepList, PrunedWebDataset, index, reshard
-from streamprune.decode import decode_image
-from streamprune.shardindex import Index
+from streamprune.formats.index import Index
+from streamprune.training.decode import decode_image
 
 
 class _Payload:
@@ -75,8 +75,14 @@ def test_member_paths_never_reach_the_filesystem(ray_session, tmp_path):
     inside = tmp_path / "work"
     inside.mkdir()
     absolute = str(tmp_path / "absolute-escape")
-    names = [("../../escape.cls", b"1"), ("../../escape.txt", b"x"), (absolute + ".cls", b"2"),
-             (absolute + ".txt", b"y"), ("ok.cls", b"3"), ("ok.txt", b"z")]
+    names = [
+        ("../../escape.cls", b"1"),
+        ("../../escape.txt", b"x"),
+        (absolute + ".cls", b"2"),
+        (absolute + ".txt", b"y"),
+        ("ok.cls", b"3"),
+        ("ok.txt", b"z"),
+    ]
     shard = _tar(inside / "paths.tar", names)
     idx = index([shard], inside / "run", progress=False)
     assert idx.keys(0) == ["../../escape", absolute, "ok"]
@@ -86,8 +92,11 @@ def test_member_paths_never_reach_the_filesystem(ray_session, tmp_path):
     out = inside / "resharded"
     reshard(inside / "run", out, 10, progress=False)
     assert sorted(p.name for p in out.iterdir()) == ["pruned-000000.tar", "reshard.json"]
-    assert [s["__key__"] for s in wds.WebDataset(str(out / "pruned-000000.tar"), shardshuffle=False)] == \
-           ["../../escape", absolute, "ok"]
+    assert [s["__key__"] for s in wds.WebDataset(str(out / "pruned-000000.tar"), shardshuffle=False)] == [
+        "../../escape",
+        absolute,
+        "ok",
+    ]
     assert not list(tmp_path.parent.parent.glob("**/escape*")) and not Path(absolute + ".cls").exists()
 
 

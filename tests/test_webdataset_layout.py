@@ -6,13 +6,15 @@ from __future__ import annotations
 import webdataset as wds
 from webdataset import cache
 
-from streamprune.keeplist import KeepList
+from streamprune.formats.keeplist import KeepList
 from streamprune.loader import PrunedWebDataset, _KeptShards, _ReadKept
 
 
 def _names(pipeline) -> list[str]:
-    return [getattr(getattr(s, "f", None), "__name__", None) or getattr(s, "__name__", None) or type(s).__name__
-            for s in pipeline]
+    return [
+        getattr(getattr(s, "f", None), "__name__", None) or getattr(s, "__name__", None) or type(s).__name__
+        for s in pipeline
+    ]
 
 
 def test_webdataset_opens_shards_then_expands_tars_then_groups_members(uneven_shards, tmp_path):
@@ -25,7 +27,7 @@ def test_webdataset_opens_shards_then_expands_tars_then_groups_members(uneven_sh
 
 
 def test_pruned_webdataset_replaces_exactly_the_opener_expander_and_grouper(uneven_shards, tmp_path):
-    from streamprune.ownloop import index_in_process  # no Ray needed
+    from streamprune.training.own_loop import index_in_process  # no Ray needed
 
     paths, _ = uneven_shards
     idx = index_in_process(paths, tmp_path / "run")

@@ -1,0 +1,569 @@
+"""The `streamprune` command."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+from streamprune.errors import StreamPruneError
+from streamprune.scoring.sampling import BALANCES
+
+DESCRIPTION = """Prune WebDataset training sets while they stream: index shards, record a proxy's
+per-sample statistics on Ray, reduce them to a DUAL+Beta keep-list, apply it at load time."""
+
+
+def index_summary(idx) -> str:
+    m = idx.manifest
+    lines = [
+        f"index: {idx.path}",
+        f"  shards {m['n_shards']}  samples {m['n_samples']}  members {m['n_members']}  fingerprint {m['fingerprint']}",
+    ]
+    if m["bytes_total"]:
+        lines.append(
+            f"  read {m['bytes_read']:,} of {m['bytes_total']:,} bytes "
+            f"({m['bytes_read'] / m['bytes_total']:.1%}: tar headers only where seekable)"
+        )
+    through = sum(s.get("access") == "through" for s in idx.shards)
+    ranged = sum(s.get("access") == "headers" and "://" in s["url"] for s in idx.shards)
+    if through:
+        lines.append(f"  {through} shards read through (remote with small members, compressed or pipe:)")
+    if ranged:
+        lines.append(f"  {ranged} remote shards scanned by header range requests (large members)")
+    for b in m["broken"]:
+        lines.append(f"  BROKEN {b['shard']}: {b['error']}")
+    if m["empty"]:
+        lines.append(f"  empty shards ({len(m['empty'])}): {', '.join(m['empty'][:10])}")
+    if m["duplicates"]["rows"]:
+        ex = ", ".join(f"{e['shard']}:{e['key']}" for e in m["duplicates"]["examples"][:5])
+        lines.append(f"  DUPLICATE identities: {m['duplicates']['rows']} rows share an identity (e.g. {ex})")
+    return "\n".join(lines)
+
+
+def cmd_index(args) -> None:
+    from streamprune.stages.index import index
+
+    idx = index(
+        args.shards, args.out, root=args.root, identity=args.identity, address=args.address, progress=not args.quiet
+    )
+    print(index_summary(idx))
+    if args.label:
+        from streamprune.stages.label_scan import build_classes
+
+        classes = build_classes(args.out, args.label, address=args.address, progress=not args.quiet)
+        kind = "class names" if classes.names else "integer classes"
+        print(f"labels ({args.label}): {classes.num_classes:,} {kind}, written to {args.out}/classes.json")
+
+
+def cmd_make_shards(args) -> None:
+    from streamprune.datasets import fashion_mnist_shards
+
+    paths, source = fashion_mnist_shards(
+        args.out,
+        split=args.split,
+        data_dir=args.data_dir,
+        n_shards=args.shards,
+        uneven=args.uneven,
+        limit=args.limit,
+        image_format=args.format,
+        seed=args.seed,
+    )
+    print(f"wrote {len(paths)} shards of Fashion-MNIST {args.split} from {source} to {args.out}")
+
+
+LABEL_HELP = (
+    "where the label is: cls (default), another member extension (txt, label, ...), json:FIELD "
+    "(dotted paths allowed, e.g. json:meta.label) or package.module:function on the sample dict; "
+    "integers or class names"
+)
+
+
+def record_line(s) -> str:
+    if not s.epochs_run:
+        return f"record: all {s.epochs_done} epochs of {s.run} were already recorded"
+    rate = s.samples / max(sum(s.epoch_seconds), 1e-9)
+    bad = (
+        f"; {s.bad_samples:,} undecodable samples skipped (listed in {s.run}/bad-samples.jsonl)"
+        if s.bad_samples
+        else ""
+    )
+    inputs = f"\n  inputs: {s.inputs}" if s.inputs else ""
+    return (
+        f"record: epochs {s.epochs_run[0]}..{s.epochs_run[-1]} of {s.run} done in {sum(s.epoch_seconds):.1f} s "
+        f"({rate:,.0f} samples/s); {s.epochs_done} epochs recorded{bad}{inputs}"
+    )
+
+
+def reduce_line(keep, out) -> str:
+    m = keep.manifest
+    balanced = " (class-balanced)" if m.get("balance") == "classes" else ""
+    return (
+        f"reduce: {m['method']}{balanced} at ratio {m['ratio']}: kept {m['k']:,} of {m['N']:,} samples "
+        f"({m['dropped_missing']:,} with missing statistics left out"
+        + (f", {m['filled_zero_weight']:,} filled uniformly from zero weights" if m["filled_zero_weight"] else "")
+        + f"); keep-list: {out}"
+    )
+
+
+def demo_config(
+    out: Path, samples: int, epochs: int, ratio: float, train_epochs: int, seeds: int, address: str | None
+) -> dict:
+    """The demo's `streamprune run` config (paths relative to OUT, where it is written)."""
+    return {
+        "shards": "shards/train-*.tar",
+        "out": "run",
+        "address": address,
+        "record": {"epochs": epochs, "schedule_epochs": 3 * epochs, "num_classes": 10},
+        "reduce": {"ratio": ratio, "method": "dual-beta", "window": min(10, epochs), "balance": "classes"},
+        "evaluate": {
+            "test_shards": "test-shards/test-*.tar",
+            "epochs": train_epochs,
+            "budget": "steps",
+            "seeds": seeds,
+            "baseline": "random",
+            "full": True,
+        },
+    }
+
+
+def cmd_demo(args) -> None:
+    import yaml
+
+    from streamprune.config import load_config
+    from streamprune.datasets import fashion_mnist_shards
+    from streamprune.stages.pipeline import format_table, run_pipeline
+
+    out = Path(args.out)
+    t0 = time.perf_counter()
+    paths, source = fashion_mnist_shards(
+        out / "shards", data_dir=args.data_dir, uneven=True, limit=args.samples, progress=not args.quiet
+    )
+    test, _ = fashion_mnist_shards(
+        out / "test-shards", split="test", data_dir=args.data_dir, limit=args.test_samples, progress=not args.quiet
+    )
+    print(
+        f"shards: {len(paths)} uneven training shards and {len(test)} test shards of Fashion-MNIST from {source} "
+        f"({time.perf_counter() - t0:.1f} s)"
+    )
+    config = out / "streamprune.yaml"
+    config.write_text(
+        "# written by `streamprune demo`; rerun with `streamprune run` to resume or change it\n"
+        + yaml.safe_dump(
+            demo_config(out, args.samples, args.epochs, args.ratio, args.train_epochs, args.seeds, args.address),
+            sort_keys=False,
+        )
+    )
+    result = run_pipeline(load_config(config), progress=not args.quiet)
+    print("\n" + format_table(result))
+    print(
+        f"\nreport: {result.report}\nconfig: {config} (rerun: streamprune run {config})\n"
+        f"apply: PrunedWebDataset('{out / 'shards'}/train-*.tar', keep='{result.run / 'keep'}', shardshuffle=100)"
+    )
+
+
+def cmd_run(args) -> None:
+    from streamprune.config import load_config
+    from streamprune.stages.pipeline import format_table, run_pipeline
+
+    result = run_pipeline(load_config(args.config), progress=not args.quiet)
+    print("\n" + format_table(result))
+    if result.report:
+        print(f"report: {result.report}")
+
+
+def cmd_init_config(args) -> None:
+    from streamprune.config import EXAMPLE
+
+    path = Path(args.path)
+    if path.exists() and not args.force:
+        raise FileExistsError(f"{str(path)!r} exists; pass --force to overwrite it")
+    path.write_text(EXAMPLE)
+    print(f"wrote {path}: edit `shards` (and anything else), then run `streamprune run {path}`")
+
+
+def cmd_report(args) -> None:
+    from streamprune.stages.report import build_report
+
+    print(f"report: {build_report(args.run, args.out, max_rows=args.max_rows, progress=not args.quiet)}")
+
+
+def cmd_inspect(args) -> None:
+    import json
+
+    from streamprune.formats.run_state import format_state, run_state
+
+    state = run_state(args.run)
+    report = None
+    if args.verify:
+        from streamprune.formats.verify import format_report, verify_run
+
+        report = verify_run(args.run, progress=not args.quiet)
+        state["verify"] = report
+    print(json.dumps(state, indent=1) if args.json else format_state(state))
+    if report is not None and not args.json:
+        print(format_report(report))
+    if report is not None and report["damaged"]:  # exit status 2
+        raise ValueError(f"run {args.run} is damaged: {len(report['problems'])} problems (listed above)")
+
+
+def cmd_record(args) -> None:
+    from streamprune.stages.record import record
+
+    print(
+        record_line(
+            record(
+                args.run,
+                args.epochs,
+                workers=args.workers,
+                gpus_per_worker=args.gpus_per_worker,
+                model=args.model,
+                address=args.address,
+                batch_size=args.batch_size,
+                lr=args.lr,
+                schedule_epochs=args.schedule_epochs,
+                seed=args.seed,
+                num_classes=args.num_classes,
+                loader_workers=args.loader_workers,
+                max_failures=args.max_failures,
+                on_bad_sample=args.on_bad_sample,
+                label=args.label,
+                decode=args.decode,
+                image_size=args.image_size,
+                classes=args.classes,
+                progress=not args.quiet,
+            )
+        )
+    )
+
+
+def cmd_reduce(args) -> None:
+    from streamprune.stages.reduce import reduce
+
+    keep = reduce(
+        args.run,
+        args.ratio,
+        args.method,
+        seed=args.seed,
+        epochs=args.epochs,
+        window=args.window,
+        workers=args.workers,
+        block_rows=args.block_rows,
+        out=args.out,
+        missing=args.missing,
+        c_d=args.c_d,
+        C=args.C,
+        alpha_plus_beta=args.alpha_plus_beta,
+        cut=args.cut,
+        address=args.address,
+        which=args.scores,
+        balance=args.balance,
+        progress=not args.quiet,
+    )
+    print(reduce_line(keep, args.out or Path(args.run) / "keep"))
+
+
+def cmd_reshard(args) -> None:
+    from streamprune.stages.reshard import reshard
+
+    paths = reshard(
+        args.run,
+        args.out,
+        args.shard_size,
+        keep=args.keep,
+        prefix=args.prefix,
+        address=args.address,
+        progress=not args.quiet,
+    )
+    print(f"reshard: {len(paths)} shards in {args.out} ({args.prefix}-000000.tar ...)")
+
+
+class _Help(argparse.RawDescriptionHelpFormatter):
+    """Examples kept as written; "(default: X)" added where a default means something and the help does not say it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default in (None, False, argparse.SUPPRESS) or "default" in text:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from streamprune import __version__
+
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--quiet", action="store_true", help="no progress bars (for logs of batch jobs)")
+    common.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    p = argparse.ArgumentParser(
+        prog="streamprune",
+        description=DESCRIPTION,
+        formatter_class=_Help,
+        epilog="Start with `streamprune demo`; `streamprune COMMAND --help` for each command.",
+    )
+    p.add_argument("--version", action="version", version=f"streamprune {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def command(name: str, help_: str, example: str, fn) -> argparse.ArgumentParser:
+        s = sub.add_parser(
+            name,
+            help=help_,
+            description=help_,
+            parents=[common],
+            formatter_class=_Help,
+            epilog=f"example:\n  {example}",
+        )
+        s.set_defaults(fn=fn)
+        return s
+
+    s = command(
+        "demo",
+        "the whole job offline on real Fashion-MNIST: shards, index, record, reduce, "
+        "fresh models on the kept and a random subset, report",
+        "streamprune demo --out /tmp/demo",
+        cmd_demo,
+    )
+    s.add_argument("--out", default="streamprune-demo", help="output directory")
+    s.add_argument("--data-dir", help="folder with the Fashion-MNIST IDX files (default: found or bundled)")
+    s.add_argument("--samples", type=int, default=6000, help="training images to use")
+    s.add_argument("--test-samples", type=int, default=2000, help="test images to evaluate on")
+    s.add_argument("--epochs", type=int, default=10, help="proxy epochs to record (T)")
+    s.add_argument("--ratio", type=float, default=0.5, help="pruning ratio")
+    s.add_argument(
+        "--train-epochs",
+        type=int,
+        default=10,
+        help="epochs of the full-data fresh model; each subset gets as many SGD steps",
+    )
+    s.add_argument("--seeds", type=int, default=3, help="fresh models per subset (keep-list and training seeds)")
+    s.add_argument("--address", help="Ray cluster address (default: start a local Ray instance)")
+
+    s = command(
+        "run",
+        "every stage from one config file (YAML or TOML), resumable",
+        "streamprune init-config streamprune.yaml && streamprune run streamprune.yaml",
+        cmd_run,
+    )
+    s.add_argument("config", help="config file (.yaml, .yml or .toml)")
+
+    s = command(
+        "init-config", "write a commented example config", "streamprune init-config streamprune.yaml", cmd_init_config
+    )
+    s.add_argument("path", nargs="?", default="streamprune.yaml")
+    s.add_argument("--force", action="store_true", help="overwrite an existing file")
+
+    s = command(
+        "index",
+        "scan shards in parallel and write RUN/index",
+        "streamprune index 'data/train-{000000..000099}.tar' --out run",
+        cmd_index,
+    )
+    s.add_argument("shards", nargs="+", help="shard URLs: paths, braces, globs, file://, pipe:, fsspec URLs")
+    s.add_argument("--out", required=True, help="run directory (the index goes to OUT/index)")
+    s.add_argument("--root", help="dataset root that shard names are relative to (default: common directory)")
+    s.add_argument(
+        "--identity",
+        default=None,
+        help="'shard-key' (default), 'json:FIELD' (e.g. json:uid) or 'package.module:function'",
+    )
+    s.add_argument(
+        "--label",
+        help="also count every sample's label and write the class list RUN/classes.json "
+        "(what `record --label` uses); " + LABEL_HELP.split("; ", 1)[0],
+    )
+    s.add_argument("--address", help="Ray cluster address (default: start a local Ray instance)")
+
+    s = command(
+        "record",
+        "train the proxy on Ray and record per-sample statistics",
+        "streamprune record run --epochs 10 --workers 2",
+        cmd_record,
+    )
+    s.add_argument("run", help="run directory holding RUN/index")
+    s.add_argument("--epochs", type=int, required=True, help="epochs to run and record (T)")
+    s.add_argument("--workers", type=int, help="training workers (default: one per GPU, else CPUs/2 up to 4)")
+    s.add_argument("--gpus-per-worker", type=float, help="default: 1 when the cluster has GPUs, else 0")
+    s.add_argument("--model", help="small-cnn, resnet18 or package.module:factory (default: by image size)")
+    s.add_argument("--address", help="Ray cluster address (default: start a local Ray instance)")
+    s.add_argument("--batch-size", type=int, default=128, help="global batch size")
+    s.add_argument("--lr", type=float, default=0.1)
+    s.add_argument("--schedule-epochs", type=int, default=200, help="length of the full cosine schedule")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument(
+        "--num-classes",
+        type=int,
+        help="default: the class list's length for class names, else the largest label of the first "
+        "2,000 samples plus one",
+    )
+    s.add_argument("--label", default="cls", help=LABEL_HELP)
+    s.add_argument(
+        "--classes",
+        help="class names, one per line or a JSON list (string labels; default: every "
+        "label found, sorted, kept in RUN/classes.json)",
+    )
+    s.add_argument(
+        "--image-size",
+        type=int,
+        help="train on random resized crops of S x S (default: the images' "
+        "own size when the first ones agree and are <= 256 px, else 224)",
+    )
+    s.add_argument(
+        "--decode",
+        help="package.module:function turning a sample dict into (tensor, label), for "
+        "data that is not an image (pair it with --model package.module:factory)",
+    )
+    s.add_argument("--loader-workers", type=int, default=2, help="DataLoader processes per training worker")
+    s.add_argument("--max-failures", type=int, default=3, help="worker failures to recover from")
+    s.add_argument(
+        "--on-bad-sample",
+        default="skip",
+        choices=["skip", "error"],
+        help="an undecodable sample: skip it (counted, listed in RUN/bad-samples.jsonl) or stop",
+    )
+
+    s = command("reduce", "score samples and write the keep-list", "streamprune reduce run --ratio 0.7", cmd_reduce)
+    s.add_argument("run", help="run directory with RUN/index and RUN/stats.zarr")
+    s.add_argument("--ratio", type=float, required=True, help="pruning ratio r in [0, 1): the fraction removed")
+    s.add_argument(
+        "--method",
+        default="dual-beta",
+        help="dual-beta, dual, dyn-unc, el2n, forgetting, entropy, aum, ccs:SCORE, random",
+    )
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--epochs", type=int, help="recorded epochs to use (T; default: all complete ones)")
+    s.add_argument(
+        "--window",
+        type=int,
+        help="window length J of DUAL and Dyn-Unc (default: 10, or T when fewer epochs were recorded)",
+    )
+    s.add_argument("--workers", type=int, help="reducer tasks in flight (default: the cluster's CPUs)")
+    s.add_argument("--block-rows", type=int, help="rows per task (rounded to whole store chunks; default 262144)")
+    s.add_argument("--out", help="keep-list directory (default RUN/keep)")
+    s.add_argument(
+        "--missing",
+        default="drop",
+        choices=["drop", "error"],
+        help="samples with missing statistics: leave out (counted) or refuse",
+    )
+    s.add_argument(
+        "--c-d",
+        dest="c_d",
+        type=float,
+        help="Beta sampler c_d (default: 8 with --balance classes, 4 with none, as SCORING.md)",
+    )
+    s.add_argument("--C", dest="C", type=float, default=15.0, help="Beta sampler C")
+    s.add_argument("--alpha-plus-beta", type=float, help="alpha + beta (default C + 1, as the reference code)")
+    s.add_argument("--cut", type=float, default=0.2, help="CCS: hardest fraction dropped first")
+    s.add_argument(
+        "--balance",
+        choices=list(BALANCES),
+        help="classes (default; none for ccs: methods): split the budget across the recorded labels by "
+        "class size, each class kept by the method; none: the method over all samples (SCORING.md)",
+    )
+    s.add_argument(
+        "--scores",
+        default="all",
+        choices=["all", "method"],
+        help="write every score to RUN/scores.zarr, or only what the method needs (faster)",
+    )
+    s.add_argument("--address", help="Ray cluster address (default: start a local Ray instance)")
+
+    s = command(
+        "reshard",
+        "write the kept samples as new shards (Ray tasks)",
+        "streamprune reshard run --out pruned-shards --shard-size 10000",
+        cmd_reshard,
+    )
+    s.add_argument("run", help="run directory with RUN/index and RUN/keep")
+    s.add_argument("--out", required=True, help="output directory for the new shards")
+    s.add_argument("--shard-size", type=int, help="samples per output shard (default: the input's mean)")
+    s.add_argument("--keep", help="keep-list directory (default RUN/keep)")
+    s.add_argument("--prefix", default="pruned", help="output shard names PREFIX-NNNNNN.tar")
+    s.add_argument("--address", help="Ray cluster address (default: start a local Ray instance)")
+
+    s = command(
+        "report",
+        "an HTML page with PNGs: scores, Beta weights, kept fractions, image grids, curves",
+        "streamprune report run",
+        cmd_report,
+    )
+    s.add_argument("run", help="run directory with RUN/keep and RUN/scores.zarr")
+    s.add_argument("--out", help="output folder (default RUN/report)")
+    s.add_argument("--max-rows", type=int, default=1_000_000, help="samples the figures are drawn from, at most")
+
+    s = command(
+        "inspect", "the state of each stage, sizes, configuration, fingerprint", "streamprune inspect run", cmd_inspect
+    )
+    s.add_argument("run", help="run directory")
+    s.add_argument("--json", action="store_true", help="print JSON")
+    s.add_argument(
+        "--verify",
+        action="store_true",
+        help="also read every chunk and file of the run and check it against the index: one line per "
+        "damaged file or chunk, exit status 2 when anything is damaged",
+    )
+
+    s = command(
+        "make-shards",
+        "write Fashion-MNIST as WebDataset shards",
+        "streamprune make-shards --out data --uneven",
+        cmd_make_shards,
+    )
+    s.add_argument("--out", required=True)
+    s.add_argument("--data-dir", help="folder with the Fashion-MNIST IDX files (default: found or bundled)")
+    s.add_argument("--split", default="train", choices=["train", "test"])
+    s.add_argument("--shards", type=int, help="number of shards (default: one per ~1000 samples)")
+    s.add_argument("--uneven", action="store_true", help="deliberately uneven shard sizes")
+    s.add_argument("--format", default="png", choices=["png", "npy"])
+    s.add_argument("--limit", type=int, help="only the first N samples")
+    s.add_argument("--seed", type=int, default=0)
+    return p
+
+
+USER_ERRORS = (StreamPruneError, ValueError, KeyError, LookupError, OSError)
+
+
+def _reason(exc: BaseException) -> str:
+    """One line: the original error of a Ray task, without its remote traceback."""
+    while getattr(exc, "cause", None) is not None:
+        exc = exc.cause
+    lines = [line for line in str(exc).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    return lines[-1].strip() if any(line.startswith("Traceback") for line in lines) else lines[0]
+
+
+def _log_to_stderr(quiet: bool) -> None:
+    """The library's `logging` records (per-epoch lines, ...) on stderr, plainly; none with --quiet."""
+    logger = logging.getLogger("streamprune")
+    if not any(getattr(h, "streamprune_cli", False) for h in logger.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler.streamprune_cli = True
+        logger.addHandler(handler)
+    logger.setLevel(logging.WARNING if quiet else logging.INFO)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _log_to_stderr(getattr(args, "quiet", False))
+    try:
+        args.fn(args)
+    except KeyboardInterrupt:
+        print("streamprune: interrupted; rerun the same command to finish what is missing", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if args.debug:
+            raise
+        user = isinstance(exc, USER_ERRORS)
+        print(
+            f"streamprune: error: {_reason(exc)}"
+            + ("" if user else f" ({type(exc).__name__}; --debug shows the traceback)"),
+            file=sys.stderr,
+        )
+        return 2 if user else 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

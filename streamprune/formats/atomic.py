@@ -1,0 +1,191 @@
+"""Atomic replacement of output directories: readers see the old one or the new one, never a mix."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import re
+import shutil
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+TEMP_TAGS = ("tmp", "old")  # `temp_sibling` tags: a new output being built, an old one being removed
+
+
+def temp_sibling(path: Path, tag: str = "tmp") -> Path:
+    """A unique hidden sibling of `path` to build the new directory in."""
+    return path.with_name(f".{path.name}.{tag}-{os.getpid()}-{time.monotonic_ns()}")
+
+
+def temp_pid(temp: Path, path: Path) -> int | None:
+    """The pid in the name of a `temp_sibling` of `path` (None: not one of its temporaries)."""
+    tags = "|".join(TEMP_TAGS)
+    m = re.fullmatch(rf"\.{re.escape(path.name)}\.(?:{tags})-(\d+)-\d+", temp.name)
+    return int(m.group(1)) if m else None
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process `pid` exists on this machine (one we may not signal counts as alive)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True
+
+
+def clean_stale_temps(path: str | os.PathLike) -> list[Path]:
+    """Remove the temporaries (`temp_sibling`s) of output `path` left by killed writers; return them.
+
+    Call it while holding `output_lock(path)`: every writer of `path` holds that lock, so the
+    temporaries of any other process are stale (its process is dead, or gave the lock up).
+    This process's own (being written) are kept. Should `path` itself be missing (a writer
+    killed between the two renames of a swap without `renameat2`), the newest `.old-` sibling
+    (the last complete output) is renamed back first: nothing complete is ever removed.
+    """
+    path = Path(path)
+    if not path.parent.is_dir():
+        return []
+    temps = [(t, pid) for t in path.parent.iterdir() if (pid := temp_pid(t, path)) is not None]
+    if not os.path.lexists(path):
+        olds = [t for t, _ in temps if t.name.startswith(f".{path.name}.old-")]
+        if olds:
+            newest = max(olds, key=lambda t: int(t.name.rsplit("-", 1)[1]))
+            os.rename(newest, path)
+            temps = [(t, pid) for t, pid in temps if t != newest]
+    removed = []
+    for temp, pid in temps:
+        if pid == os.getpid():
+            continue
+        if temp.is_dir() and not temp.is_symlink():
+            shutil.rmtree(temp, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                temp.unlink()
+        removed.append(temp)
+    return removed
+
+
+def stale_temps(path: str | os.PathLike) -> list[Path]:
+    """Temporaries of output `path` whose writer process is gone (for reports; nothing removed)."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        return []
+    return sorted(
+        t
+        for t in path.parent.iterdir()
+        if (pid := temp_pid(t, path)) is not None and pid != os.getpid() and not pid_alive(pid)
+    )
+
+
+def named_os_error(exc: OSError, file: str | os.PathLike) -> OSError:
+    """`exc` naming `file` when it names none (writes into open files report no name)."""
+    if exc.filename is not None:
+        return exc
+    new = OSError(exc.errno, exc.strerror or os.strerror(exc.errno or errno.EIO), str(file))
+    new.__cause__ = exc
+    return new
+
+
+_AT_FDCWD, _RENAME_EXCHANGE = -100, 2
+
+
+def _renameat2():
+    try:
+        import ctypes
+
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_exchange_fn = _renameat2() if os.name == "posix" else None
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap directories `a` and `b` in one atomic step (Linux `renameat2(RENAME_EXCHANGE)`);
+    False where the system or file system cannot."""
+    if _exchange_fn is None:
+        return False
+    import ctypes
+
+    if _exchange_fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def swap_in(tmp: Path, path: Path) -> None:
+    """Replace directory `path` with the complete directory `tmp` by renames only.
+
+    Where the system can, the two are exchanged in one step, so `path` never goes missing
+    (the old contents land under `tmp`'s name and are removed); else `path` is renamed to an
+    `.old-` sibling first, and `clean_stale_temps` renames it back if a kill came in between.
+    """
+    if path.exists():
+        if _exchange(tmp, path):
+            shutil.rmtree(tmp)
+            return
+        old = temp_sibling(path, "old")
+        os.rename(path, old)
+        os.rename(tmp, path)
+        shutil.rmtree(old)
+    else:
+        os.rename(tmp, path)
+
+
+_held: dict[tuple[str, int], int] = {}  # locks this process holds (file, thread), and how many times
+_held_guard = threading.Lock()
+
+
+@contextlib.contextmanager
+def output_lock(path: str | os.PathLike, reentrant: bool = False) -> Iterator[None]:
+    """Hold an exclusive lock on output `path` (a sibling `.NAME.lock` file) while writing it.
+
+    A second writer of the same output is refused at once, naming it, instead of racing (a
+    second holder in this process too). `reentrant=True`: already held by this thread (e.g.
+    `reduce` around its `KeepListWriter`), go on without locking again.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = path.with_name(f".{path.name}.lock")
+    key = (os.path.realpath(lock), threading.get_ident())  # re-entrant per thread: other threads are refused
+    with _held_guard:
+        if reentrant and _held.get(key):
+            _held[key] += 1
+            nested = True
+        else:
+            nested = False
+    if nested:
+        try:
+            yield
+        finally:
+            with _held_guard:
+                _held[key] -= 1
+        return
+    with open(lock, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ValueError(
+                f"another process is writing {str(path)!r} (lock {str(lock)!r}); wait for it to "
+                "finish or choose another output"
+            ) from None
+        with _held_guard:
+            _held[key] = 1
+        try:
+            yield
+        finally:
+            with _held_guard:
+                _held.pop(key, None)
+            fcntl.flock(f, fcntl.LOCK_UN)

@@ -1,0 +1,628 @@
+"""The per-sample statistics store `RUN/stats.zarr` (Zarr v3): layout, ownership, markers.
+
+Row `r` is sample `r` of the index; shard `s` owns rows `[shard_offset[s], shard_offset[s+1])`.
+Each statistic is an `(N, T)` array chunked `(chunk_rows, 1)`, so one epoch of one row
+block is one chunk. Ownership rule: chunk `c` is written only by `owner_of(c)`, and only
+whole; `ChunkWriter` buffers rows and refuses rows it does not own. zarr-python loses
+data silently when two writers touch one chunk, hence the rule.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import zarr
+
+from streamprune.formats.atomic import named_os_error
+
+STATS = ("p_true", "correct", "margin", "el2n", "entropy", "loss")
+CORRECT_MISSING = 255
+LABEL = "label"  # int32 (N,): each sample's class as trained on; -1 unknown
+LABEL_MISSING = -1
+FORMAT = "streamprune-stats"
+FORMAT_VERSION = 1
+DEFAULT_CHUNK_ROWS = 65536
+RECORD_AGAIN = (
+    "record the run again (`streamprune record` into a new run directory, or after removing this "
+    "store), or restore the store's files from a copy"
+)
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+
+def _raw_meta_problem(array_dir: Path, name: str, exc: Exception) -> str:
+    """Why zarr could not open array `name`: its zarr.json's data type or shape where readable."""
+    try:
+        meta = json.loads((array_dir / "zarr.json").read_text())
+        dtype = np.dtype(meta.get("data_type"))
+        expected = (
+            stat_dtype(name)
+            if name in STATS
+            else {"id_hi": np.uint64, "id_lo": np.uint64, LABEL: np.int32, "shard_offset": np.int64, "done": np.uint8}[
+                name
+            ]
+        )
+        if dtype != np.dtype(expected):
+            return f"data type {dtype}, expected {np.dtype(expected)}"
+    except Exception:
+        pass
+    return f"zarr.json is unreadable ({type(exc).__name__}: {exc})"
+
+
+def _same_fill(actual, expected) -> bool:
+    if isinstance(expected, float) and np.isnan(expected):
+        return bool(np.isnan(actual))
+    return bool(actual == expected)
+
+
+def fill_value(name: str):
+    """The missing-value marker of a statistic: NaN, or 255 for `correct`."""
+    return CORRECT_MISSING if name == "correct" else np.nan
+
+
+def missing_stats(n: int) -> dict[str, np.ndarray]:
+    """Statistics of `n` rows that have none (skipped samples): the missing marker of each."""
+    return {name: np.full(n, fill_value(name), dtype=stat_dtype(name)) for name in STATS}
+
+
+def stat_dtype(name: str) -> np.dtype:
+    return np.dtype(np.uint8 if name == "correct" else np.float32)
+
+
+def owner_of(rows: np.ndarray, chunk_rows: int, n_chunks: int, n_writers: int) -> np.ndarray:
+    """The writer (0..n_writers-1) that owns each row: contiguous, disjoint chunk ranges."""
+    return (np.asarray(rows, dtype=np.int64) // chunk_rows) * n_writers // max(n_chunks, 1)
+
+
+class OwnershipError(RuntimeError):
+    """A writer was handed rows of a chunk it does not own, or a row twice in one epoch."""
+
+
+class StatsStore:
+    """A stats store on disk. Create it from an index with `create`, open it with `open`."""
+
+    def __init__(self, group: zarr.Group, path: Path, index=None, strict: bool = True):
+        """Wrap an open group; `strict` (default) refuses damaged or edited metadata (`problems`).
+        With `strict=False` (for `verify`) the problems are kept in `metadata_problems` and the
+        counts are those the arrays agree on (None where unusable)."""
+        self.group, self.path = group, path
+        attrs = dict(group.attrs)
+        if attrs.get("format") != FORMAT:
+            raise ValueError(f"{str(path)!r} is not a streamprune stats store")
+        self.attrs = attrs
+        self._arrays: dict[str, zarr.Array] = {}
+        self._held: dict = {}
+        self._shard_offset = None
+        problems = self.problems(index)
+        self.metadata_problems = problems
+        if problems and strict:
+            if "newer streamprune" in problems[0][1]:
+                raise ValueError(f"stats store {str(path)!r}: {problems[0][1]}")
+            listed = "; ".join(f"{path.name}/{file}: {p}" for file, p in problems[:8])
+            more = f"; and {len(problems) - 8} more" if len(problems) > 8 else ""
+            raise ValueError(f"stats store {str(path)!r} is damaged or was edited: {listed}{more}; {RECORD_AGAIN}")
+        held = self._held
+        self.n_samples: int = held.get("n_samples")
+        self.n_shards: int = held.get("n_shards")
+        self.epochs: int = held.get("epochs")
+        self.chunk_rows: int = held.get("chunk_rows")
+        self.fingerprint: str = attrs.get("fingerprint")
+        self.shard_offset = self._shard_offset
+        self.has_labels: bool = LABEL in self._arrays  # stores of streamprune 0.1.0 keep no labels
+
+    def _open_array(self, name: str) -> zarr.Array:
+        return self._arrays[name] if name in self._arrays else self.group[name]
+
+    def problems(self, index=None) -> list[tuple[str, str]]:
+        """What in the store's metadata disagrees, as `(file, problem)` pairs (empty: sound).
+
+        Attributes against themselves and against each array's zarr.json (shape, data type,
+        chunks, fill value, chunk key layout), `shard_offset` against the attributes and, with
+        `index`, the counts and `shard_offset` against the index. Reads metadata and
+        `shard_offset` only.
+        """
+        out: list[tuple[str, str]] = []
+        attrs, root = self.attrs, "zarr.json"
+        version = attrs.get("version")
+        if not _is_int(version) or version < 1:
+            return [(root, f"attribute version is {version!r}, not a format version")]
+        if version > FORMAT_VERSION:
+            return [
+                (
+                    root,
+                    f"format version {version} was written by a newer streamprune (this one reads up to "
+                    f"{FORMAT_VERSION}); upgrade streamprune to read it",
+                )
+            ]
+        least = {"n_samples": 0, "n_shards": 0, "epochs": 1, "chunk_rows": 1}
+        for key, lo in least.items():
+            v = attrs.get(key)
+            if not _is_int(v) or v < lo:
+                out.append((root, f"attribute {key} is {v!r}, not an integer >= {lo}"))
+        if not isinstance(attrs.get("fingerprint"), str):
+            out.append((root, f"attribute fingerprint is {attrs.get('fingerprint')!r}, not a string"))
+        if out:
+            return out
+        metas: dict[str, object] = {}
+        for name in (*STATS, "id_hi", "id_lo", LABEL, "shard_offset", "done"):
+            try:
+                arr = self.group[name]
+            except KeyError:
+                if name != LABEL:  # stores of 0.1.0 keep no labels
+                    out.append((f"{name}/zarr.json", f"array {name} is missing"))
+                continue
+            except Exception as exc:  # zarr.json edited into something zarr cannot read
+                out.append((f"{name}/zarr.json", f"array {name}: " + _raw_meta_problem(self.path / name, name, exc)))
+                continue
+            if not isinstance(arr, zarr.Array) or arr.ndim not in (1, 2):
+                out.append((f"{name}/zarr.json", f"{name} is not an array of 1 or 2 dimensions"))
+                continue
+            metas[name] = arr
+        # The counts the arrays agree on; an attribute that disagrees with them is what was edited.
+        votes = {
+            "n_samples": [a.shape[0] for k, a in metas.items() if k not in ("shard_offset", "done")],
+            "epochs": [a.shape[1] for k, a in metas.items() if k in STATS and a.ndim == 2]
+            + [a.shape[0] for k, a in metas.items() if k == "done"],
+            "n_shards": [a.shape[0] - 1 for k, a in metas.items() if k == "shard_offset"]
+            + [a.shape[1] for k, a in metas.items() if k == "done" and a.ndim == 2],
+            "chunk_rows": [a.chunks[0] for k, a in metas.items() if k not in ("shard_offset", "done")],
+        }
+        held = {}
+        for key, values in votes.items():  # ties go to the attribute
+            best = max((values.count(v) for v in values), default=0)
+            held[key] = attrs[key] if values.count(attrs[key]) == best else max(set(values), key=values.count)
+            if held[key] != attrs[key]:
+                what = {"n_samples": "rows", "epochs": "epochs", "n_shards": "shards", "chunk_rows": "rows per chunk"}[
+                    key
+                ]
+                out.append((root, f"attribute {key} is {attrs[key]}, but the arrays hold {held[key]} {what}"))
+        self._held = held
+        n, s, t, cr = (held[k] for k in least)
+        expect = {name: ((n, t), stat_dtype(name), (cr, 1), fill_value(name)) for name in STATS}
+        expect.update(
+            {
+                "id_hi": ((n,), np.dtype(np.uint64), (cr,), None),
+                "id_lo": ((n,), np.dtype(np.uint64), (cr,), None),
+                LABEL: ((n,), np.dtype(np.int32), (cr,), LABEL_MISSING),
+                "shard_offset": ((s + 1,), np.dtype(np.int64), None, None),
+                "done": ((t, s), np.dtype(np.uint8), None, 0),
+            }
+        )
+        for name, arr in metas.items():
+            shape, dtype, chunks, fill = expect[name]
+            problems = []
+            if tuple(arr.shape) != shape:
+                problems.append(f"shape {tuple(arr.shape)}, expected {shape}")
+            if arr.dtype != dtype:
+                problems.append(f"data type {arr.dtype}, expected {dtype}")
+            if chunks is not None and tuple(arr.chunks) != chunks:
+                problems.append(f"chunks {tuple(arr.chunks)}, expected {chunks}")
+            if fill is not None and arr.dtype == dtype and not _same_fill(arr.fill_value, fill):
+                problems.append(f"fill value {arr.fill_value!r}, expected {fill!r}")
+            if chunks is not None and arr.ndim == len(shape):
+                key = arr.metadata.encode_chunk_key((0,) * arr.ndim)
+                if key != "c/" + "/".join("0" * arr.ndim):
+                    problems.append(f"chunk keys like {key!r}, expected 'c/0/...'")
+            if problems:
+                out.append((f"{name}/zarr.json", f"array {name}: " + ", ".join(problems)))
+            else:
+                self._arrays[name] = arr
+        if "shard_offset" in self._arrays:
+            try:
+                offsets = np.asarray(self._arrays["shard_offset"][:])
+            except Exception as exc:
+                out.append(("shard_offset/c/0", f"shard_offset is unreadable ({type(exc).__name__}: {exc})"))
+            else:
+                self._shard_offset = offsets
+                if offsets[0] != 0 or offsets[-1] != n or (np.diff(offsets) < 0).any():
+                    out.append(
+                        (
+                            "shard_offset/c/0",
+                            f"shard_offset runs {int(offsets[0])}..{int(offsets[-1])}"
+                            + (" and decreases" if (np.diff(offsets) < 0).any() else "")
+                            + f", expected 0..{n} (n_samples), never decreasing",
+                        )
+                    )
+                elif index is not None and not np.array_equal(offsets, np.asarray(index.shard_offset)):
+                    out.append(("shard_offset/c/0", "shard_offset differs from the index's"))
+        if index is not None:
+            for key, v in (("n_samples", index.n_samples), ("n_shards", index.n_shards)):
+                if attrs[key] != v:
+                    out.append((root, f"attribute {key} is {attrs[key]}, the index has {v}"))
+        return out
+
+    def chunk_path(self, name: str, chunk: int, epoch: int | None = None) -> Path:
+        """The file of chunk `chunk` (and `epoch`, for `(N, T)` arrays) of array `name`."""
+        return self.path / name / "c" / str(chunk) / ("" if epoch is None else str(epoch))
+
+    def _chunk_label(self, name: str, chunk: int, epoch: int | None = None) -> str:
+        r0, r1 = self.chunk_rows_range(chunk)
+        key = f"{name}/c/{chunk}" + ("" if epoch is None else f"/{epoch}")
+        return f"chunk {key} (rows [{r0}, {r1})" + ("" if epoch is None else f", epoch {epoch}") + ")"
+
+    def needed_chunks(self, epochs: int | None = None) -> np.ndarray:
+        """`(n_chunks, epochs)` bool: chunks some shard marked complete in that epoch has rows in."""
+        epochs = self.epochs if epochs is None else epochs
+        done = self.done()[:epochs]
+        offsets = self.shard_offset
+        has_rows = offsets[1:] > offsets[:-1]
+        first = offsets[:-1] // self.chunk_rows
+        last = (offsets[1:] - 1) // self.chunk_rows
+        need = np.zeros((self.n_chunks + 1, epochs), dtype=np.int64)
+        for t in range(epochs):
+            sel = done[t] & has_rows
+            np.add.at(need[:, t], first[sel], 1)
+            np.add.at(need[:, t], last[sel] + 1, -1)
+        return np.cumsum(need, axis=0)[:-1] > 0
+
+    def present_chunks(self, name: str) -> np.ndarray:
+        """Which chunks of array `name` exist on disk (listing only): `(n_chunks, T)` or `(n_chunks,)` bool."""
+        two = name in STATS
+        have = np.zeros((self.n_chunks, self.epochs) if two else self.n_chunks, dtype=bool)
+        base = self.path / name / "c"
+        try:
+            entries = list(os.scandir(base))
+        except FileNotFoundError:
+            return have
+        for entry in entries:
+            if not entry.name.isdigit() or int(entry.name) >= self.n_chunks:
+                continue
+            i = int(entry.name)
+            if not two:
+                have[i] = entry.is_file()
+                continue
+            try:
+                for sub in os.scandir(entry.path):
+                    if sub.name.isdigit() and int(sub.name) < self.epochs and sub.is_file():
+                        have[i, int(sub.name)] = True
+            except NotADirectoryError:
+                pass
+        return have
+
+    def missing_chunks(
+        self, epochs: int | None = None, stats: tuple[str, ...] = STATS
+    ) -> list[tuple[str, int, int | None]]:
+        """Chunks that must exist and do not: each of `stats`' chunks of each row block of a shard
+        marked complete, for the first `epochs`; every identity chunk. `(array, chunk, epoch)`."""
+        epochs = self.epochs if epochs is None else epochs
+        need = self.needed_chunks(epochs)
+        out: list[tuple[str, int, int | None]] = []
+        for name in ("id_hi", "id_lo"):
+            out += [(name, int(i), None) for i in np.flatnonzero(~self.present_chunks(name))]
+        for name in stats:
+            missing = need & ~self.present_chunks(name)[:, :epochs]
+            out += [(name, int(i), int(t)) for t, i in zip(*np.nonzero(missing.T))]
+        return out
+
+    def check_chunks(self, epochs: int | None = None, stats: tuple[str, ...] = STATS) -> None:
+        """Refuse a store missing a chunk it must have (`missing_chunks`, of the `stats` to be read):
+        zarr would read the fill value, NaN, and the samples would silently count as having none."""
+        missing = self.missing_chunks(epochs, stats)
+        if not missing:
+            return
+        name, chunk, epoch = missing[0]
+        where = self._chunk_label(name, chunk, epoch)
+        why = "" if epoch is None else f" of epoch {epoch}, which is marked complete,"
+        more = f" ({len(missing) - 1} more chunks are missing)" if len(missing) > 1 else ""
+        raise ValueError(f"stats store {str(self.path)!r} is damaged: {where}{why} is missing{more}; {RECORD_AGAIN}")
+
+    @classmethod
+    def create(
+        cls, path: str | Path, index, epochs: int, *, chunk_rows: int = DEFAULT_CHUNK_ROWS, config: dict | None = None
+    ) -> "StatsStore":
+        """Create `path` for `index` and `epochs` recorded epochs; reopen it if it exists for the same index.
+
+        An existing store made for another index (fingerprint) or epoch count is refused.
+        """
+        path = Path(path)
+        if epochs < 1:
+            raise ValueError(f"epochs must be >= 1, not {epochs}")
+        if chunk_rows < 1:
+            raise ValueError(f"chunk_rows must be >= 1, not {chunk_rows}")
+        if (path / "zarr.json").exists():
+            store = cls.open(path, index=index)
+            if store.epochs != epochs:
+                raise ValueError(f"stats store {str(path)!r} has {store.epochs} epochs, not {epochs}")
+            return store
+        n, s = index.n_samples, index.n_shards
+        tmp = path.with_name(path.name + ".tmp")
+        try:
+            group = zarr.open_group(str(tmp), mode="w", zarr_format=3)
+            for name in STATS:  # float statistics barely compress (~13%) and read ~1.6x faster raw
+                group.create_array(
+                    name,
+                    shape=(n, epochs),
+                    chunks=(chunk_rows, 1),
+                    dtype=stat_dtype(name),
+                    fill_value=fill_value(name),
+                    **({} if name == "correct" else {"compressors": None}),
+                )
+            group.create_array(LABEL, shape=(n,), chunks=(chunk_rows,), dtype=np.int32, fill_value=LABEL_MISSING)
+            for name, arr in (("id_hi", index.id_hi), ("id_lo", index.id_lo)):
+                a = group.create_array(name, shape=(n,), chunks=(chunk_rows,), dtype=np.uint64, fill_value=0)
+                a[:] = np.asarray(arr)
+            group.create_array("shard_offset", shape=(s + 1,), chunks=(s + 1,), dtype=np.int64, fill_value=0)[:] = (
+                index.shard_offset
+            )
+            group.create_array("done", shape=(epochs, s), chunks=(1, max(s, 1)), dtype=np.uint8, fill_value=0)
+            from streamprune import __version__
+
+            group.attrs.update(
+                {
+                    "format": FORMAT,
+                    "version": FORMAT_VERSION,
+                    "streamprune_version": __version__,
+                    "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                    "n_samples": n,
+                    "n_shards": s,
+                    "epochs": epochs,
+                    "chunk_rows": chunk_rows,
+                    "fingerprint": index.fingerprint,
+                    "config": config or {},
+                }
+            )
+        except OSError as exc:
+            raise named_os_error(exc, tmp) from None
+        tmp.rename(path)
+        return cls.open(path, mode="r+")
+
+    @classmethod
+    def open(cls, path: str | Path, mode: str = "r+", index=None) -> "StatsStore":
+        """Open an existing store; with `index`, refuse a store made for another index."""
+        path = Path(path)
+        if not (path / "zarr.json").exists():
+            raise FileNotFoundError(f"no stats store at {str(path)!r}")
+        try:
+            group = zarr.open_group(str(path), mode=mode, zarr_format=3)
+        except Exception as exc:
+            raise ValueError(
+                f"stats store {str(path)!r} is damaged: {str(path / 'zarr.json')!r} is unreadable "
+                f"({type(exc).__name__}: {exc}); {RECORD_AGAIN}"
+            ) from None
+        fingerprint = dict(group.attrs).get("fingerprint")
+        if index is not None and dict(group.attrs).get("format") == FORMAT and fingerprint != index.fingerprint:
+            raise ValueError(
+                f"stats store {str(path)!r} was made for another index "
+                f"(fingerprint {fingerprint}, index {index.fingerprint})"
+            )
+        return cls(group, path, index)
+
+    @property
+    def n_chunks(self) -> int:
+        return -(-self.n_samples // self.chunk_rows)
+
+    def labels(self, rows: slice = slice(None)) -> np.ndarray:
+        """The recorded labels of `rows` (-1: never recorded); refuses a store without labels."""
+        if not self.has_labels:
+            raise ValueError(
+                f"stats store {str(self.path)!r} has no labels (recorded by an older streamprune); "
+                f"record it again in a new run directory"
+            )
+        return self.read(LABEL, rows)
+
+    @property
+    def config(self) -> dict:
+        return self.attrs.get("config", {})
+
+    def chunk_rows_range(self, chunk: int) -> tuple[int, int]:
+        """Rows `[r0, r1)` of chunk `chunk`."""
+        return chunk * self.chunk_rows, min((chunk + 1) * self.chunk_rows, self.n_samples)
+
+    def owned_chunks(self, writer: int, n_writers: int) -> range:
+        """The chunks writer `writer` of `n_writers` owns (the inverse of `owner_of`)."""
+        c = self.n_chunks
+        first = -(-writer * c // n_writers)
+        last = -(-(writer + 1) * c // n_writers)
+        return range(first, last)
+
+    def mark_done(self, epoch: int, shards: np.ndarray) -> None:
+        """Mark `(epoch, shard)` complete. One process (the run's driver) writes markers."""
+        row = np.asarray(self.group["done"][epoch, :])
+        row[np.asarray(shards, dtype=np.int64)] = 1
+        try:
+            self.group["done"][epoch, :] = row
+        except OSError as exc:
+            raise named_os_error(exc, self.path / "done" / "c" / str(epoch) / "0") from None
+
+    def done(self) -> np.ndarray:
+        """Completion markers, `(T, S)` bool."""
+        return np.asarray(self.group["done"][:], dtype=bool)
+
+    def complete_epochs(self) -> int:
+        """How many leading epochs are complete for every shard."""
+        full = self.done().all(axis=1)
+        return int(np.argmin(full)) if not full.all() else self.epochs
+
+    def read(self, name: str, rows: slice = slice(None), epochs: slice = slice(None)) -> np.ndarray:
+        """Rows (and, for `(N, T)` arrays, epochs) of array `name`.
+
+        A chunk that cannot be decoded, or whose values cannot be statistics (probabilities
+        outside [0, 1], `correct` other than 0, 1, 255, labels below -1), is a `ValueError`
+        naming the array, chunk, rows and epoch.
+        """
+        arr = self._open_array(name)
+        try:
+            data = np.asarray(arr[rows] if arr.ndim == 1 else arr[rows, epochs])
+        except Exception as exc:
+            raise self._unreadable(arr, name, rows, epochs, exc) from None
+        self._check_values(name, data, rows, epochs)
+        return data
+
+    @staticmethod
+    def _index_of(sel, size: int) -> np.ndarray:
+        """The positions a selection (slice, integer, integer or bool array) picks, shaped as it picks them."""
+        if isinstance(sel, slice):
+            return np.arange(*sel.indices(size))
+        sel = np.asarray(sel)
+        return np.flatnonzero(sel) if sel.dtype == bool else np.where(sel < 0, sel + size, sel)
+
+    def _unreadable(self, arr, name: str, rows, epochs, exc: Exception) -> ValueError:
+        """The error for a failed read, naming the first chunk that cannot be read alone."""
+        chunks = np.unique(np.atleast_1d(self._index_of(rows, self.n_samples)) // self.chunk_rows)
+        ts = np.atleast_1d(self._index_of(epochs, self.epochs)) if arr.ndim == 2 else [None]
+        for c in chunks.tolist():
+            r0, r1 = self.chunk_rows_range(c)
+            for t in ts:
+                t = None if t is None else int(t)
+                try:
+                    arr[r0:r1] if t is None else arr[r0:r1, t]
+                except Exception as chunk_exc:
+                    return ValueError(
+                        f"stats store {str(self.path)!r} is damaged: {self._chunk_label(name, c, t)} "
+                        f"is unreadable ({type(chunk_exc).__name__}: {chunk_exc}); {RECORD_AGAIN}"
+                    )
+        return ValueError(f"stats store {str(self.path)!r}: reading {name} failed ({type(exc).__name__}: {exc})")
+
+    def _check_values(self, name: str, data: np.ndarray, rows, epochs) -> None:
+        if name == "p_true":
+            bad = np.isfinite(data) & ((data < 0) | (data > 1))  # NaN, ±inf: missing, not damage
+            what = "probabilities outside [0, 1]"
+        elif name == "correct":
+            bad = (data > 1) & (data != CORRECT_MISSING)
+            what = "values other than 0, 1 and 255"
+        elif name == LABEL:
+            bad = data < LABEL_MISSING
+            what = "labels below -1"
+        else:
+            return
+        if not bad.any():
+            return
+        first = tuple(np.argwhere(bad)[0])
+        r = self._index_of(rows, self.n_samples)
+        if name in STATS:
+            t = self._index_of(epochs, self.epochs)
+            r, t = np.broadcast_arrays(r[:, None] if r.ndim == 1 and t.ndim == 1 else r, t)
+            t = int(t[first])
+        else:
+            t = None
+        row = int(r[first])
+        where = self._chunk_label(name, row // self.chunk_rows, t)
+        raise ValueError(
+            f"stats store {str(self.path)!r} is damaged: {where}"
+            f" holds {what} (row {row}: {data[first]!r}); {RECORD_AGAIN}"
+        )
+
+    def iter_blocks(
+        self, block_rows: int | None = None, names: tuple[str, ...] = STATS, start: int = 0, stop: int | None = None
+    ) -> Iterator["Block"]:
+        """Yield chunk-aligned row blocks `[r0, r1)` with the `(rows, T)` arrays of `names`.
+
+        `block_rows` is rounded up to a multiple of the chunk size; `start` must be chunk-aligned.
+        """
+        step = self.chunk_rows * max(1, -(-(block_rows or self.chunk_rows) // self.chunk_rows))
+        if start % self.chunk_rows:
+            raise ValueError(f"start row {start} is not a multiple of the chunk size {self.chunk_rows}")
+        stop = self.n_samples if stop is None else min(stop, self.n_samples)
+        for r0 in range(start, stop, step):
+            r1 = min(r0 + step, stop)
+            yield Block(r0, r1, {name: self.read(name, slice(r0, r1)) for name in names})
+
+
+@dataclass
+class Block:
+    """Rows `[start, stop)` of the store and their `(rows, T)` statistics."""
+
+    start: int
+    stop: int
+    data: dict[str, np.ndarray]
+
+
+class ChunkWriter:
+    """Buffers one epoch's statistics for the chunks it owns and writes each chunk whole.
+
+    `add` refuses rows outside the owned chunks and rows already given this epoch;
+    `flush` writes every owned chunk not yet written (rows never given stay missing).
+    With a `label` entry among the statistics, the given rows' labels are written with
+    their chunk (the label array shares the chunk boundaries, so ownership carries over).
+    """
+
+    def __init__(self, store: StatsStore, chunks: range, epoch: int):
+        if not 0 <= epoch < store.epochs:
+            raise ValueError(f"epoch {epoch} outside the store's {store.epochs} epochs")
+        self.store, self.chunks, self.epoch = store, chunks, epoch
+        self.row_lo = chunks.start * store.chunk_rows
+        self.row_hi = min(chunks.stop * store.chunk_rows, store.n_samples)
+        self._buf: dict[int, dict[str, np.ndarray]] = {}
+        self._seen: dict[int, np.ndarray] = {}
+        self._written: set[int] = set()
+        self.rows_written = 0
+
+    def add(self, rows: np.ndarray, stats: dict[str, np.ndarray]) -> None:
+        rows = np.asarray(rows, dtype=np.int64)
+        if len(rows) == 0:
+            return
+        outside = rows[(rows < self.row_lo) | (rows >= self.row_hi)]
+        if len(outside):
+            raise OwnershipError(
+                f"rows {outside[:5].tolist()} are not in chunks {self.chunks.start}.."
+                f"{self.chunks.stop - 1} owned by this writer"
+            )
+        chunk_of = rows // self.store.chunk_rows
+        order = np.argsort(chunk_of, kind="stable")
+        bounds = np.flatnonzero(np.diff(chunk_of[order])) + 1
+        for part in np.split(order, bounds):
+            c = int(chunk_of[part[0]])
+            if c in self._written:
+                raise OwnershipError(
+                    f"chunk {c} of epoch {self.epoch} was already written; row {int(rows[part[0]])} came late"
+                )
+            r0, r1 = self.store.chunk_rows_range(c)
+            if c not in self._buf:
+                self._buf[c] = {n: np.full(r1 - r0, fill_value(n), dtype=stat_dtype(n)) for n in STATS}
+                self._buf[c][LABEL] = np.full(r1 - r0, LABEL_MISSING, dtype=np.int32)
+                self._seen[c] = np.zeros(r1 - r0, dtype=bool)
+            local = rows[part] - r0
+            seen = self._seen[c]
+            if seen[local].any() or len(np.unique(local)) != len(local):
+                dup = rows[part][seen[local]] if seen[local].any() else rows[part]
+                raise OwnershipError(f"row {int(dup[0])} recorded twice in epoch {self.epoch}")
+            seen[local] = True
+            for n in STATS:
+                self._buf[c][n][local] = np.asarray(stats[n])[part]
+            if LABEL in stats:
+                self._buf[c][LABEL][local] = np.asarray(stats[LABEL])[part]
+            if seen.all():
+                self._write(c)
+
+    def _write(self, c: int) -> None:
+        r0, r1 = self.store.chunk_rows_range(c)
+        buf = self._buf.pop(c, None)
+        seen = self._seen.pop(c, None)
+        if buf is None:
+            buf = {n: np.full(r1 - r0, fill_value(n), dtype=stat_dtype(n)) for n in STATS}
+        for n in STATS:  # written even when all missing: a chunk of a complete epoch always exists
+            try:
+                arr = self.store._open_array(n).with_config({"write_empty_chunks": True})
+                arr[r0:r1, self.epoch : self.epoch + 1] = buf[n][:, None]
+            except OSError as exc:
+                raise named_os_error(exc, self.store.chunk_path(n, c, self.epoch)) from None
+        given = buf.get(LABEL, np.full(0, LABEL_MISSING))
+        known = given != LABEL_MISSING
+        if self.store.has_labels and known.any():  # rows not given keep their label
+            if not known.all():
+                given = np.where(known, given, self.store.read(LABEL, slice(r0, r1)))
+            try:
+                self.store._open_array(LABEL)[r0:r1] = given
+            except OSError as exc:
+                raise named_os_error(exc, self.store.chunk_path(LABEL, c)) from None
+        self._written.add(c)
+        self.rows_written += int(seen.sum()) if seen is not None else 0
+
+    def flush(self) -> np.ndarray:
+        """Write the remaining owned chunks; return the owned rows left missing this epoch."""
+        missing = [np.flatnonzero(~self._seen[c]) + self.store.chunk_rows_range(c)[0] for c in self._seen]
+        for c in self.chunks:
+            if c not in self._written:
+                if c not in self._seen:
+                    r0, r1 = self.store.chunk_rows_range(c)
+                    missing.append(np.arange(r0, r1))
+                self._write(c)
+        return np.sort(np.concatenate(missing)) if missing else np.zeros(0, dtype=np.int64)

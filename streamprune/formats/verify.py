@@ -1,0 +1,541 @@
+"""`streamprune inspect RUN --verify`: check every file, chunk and metadata field of a run
+against its index and report what is damaged, one problem per line.
+
+Streaming: stores are read chunk by chunk (one row block of every epoch at a time), index
+and keep-list arrays in blocks, so memory stays bounded by a block whatever the run's size.
+Nothing is written or repaired.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from streamprune.formats.atomic import pid_alive
+
+BLOCK = 1 << 20  # index / keep-list rows per step
+LIMIT = 50  # problems listed per file group before "... and N more"
+
+
+@dataclass
+class Problem:
+    file: str  # relative to the run directory
+    problem: str
+
+
+class _Report:
+    def __init__(self, run: Path, progress: bool):
+        self.run = run
+        self.problems: list[Problem] = []
+        self.notes: list[Problem] = []
+        self._counts: dict[str, int] = {}
+        self.chunks_checked = 0
+        self.bar = tqdm(desc="verify", unit="chunk", disable=not progress, leave=False)
+
+    def rel(self, path: Path | str) -> str:
+        try:
+            return str(Path(path).relative_to(self.run))
+        except ValueError:
+            return str(path)
+
+    def add(self, file: Path | str, problem: str, group: str | None = None) -> None:
+        group = group or str(file).split("/c/")[0]
+        self._counts[group] = self._counts.get(group, 0) + 1
+        if self._counts[group] <= LIMIT:
+            self.problems.append(Problem(self.rel(file), problem))
+
+    def note(self, file: Path | str, text: str) -> None:
+        self.notes.append(Problem(self.rel(file), text))
+
+    def tick(self, n: int = 1) -> None:
+        self.chunks_checked += n
+        self.bar.update(n)
+
+    def result(self) -> dict:
+        self.bar.close()
+        problems = [asdict(p) for p in self.problems]
+        for group, count in self._counts.items():
+            if count > LIMIT:
+                problems.append(
+                    {"file": self.rel(group), "problem": f"... and {count - LIMIT} more problems like those above"}
+                )
+        return {
+            "run": str(self.run),
+            "damaged": bool(problems),
+            "problems": problems,
+            "notes": [asdict(n) for n in self.notes],
+            "chunks_checked": self.chunks_checked,
+        }
+
+
+def verify_run(run: str | os.PathLike, progress: bool = True) -> dict:
+    """Check the run directory `run`; returns `run`, `damaged`, `problems` (`file`, `problem`),
+    `notes` (leftover temporaries: not damage) and `chunks_checked`."""
+    run = Path(run).resolve()
+    if not run.is_dir():
+        raise FileNotFoundError(f"no run directory {str(run)!r}")
+    rep = _Report(run, progress)
+    index = _check_index(rep, run / "index")
+    store = _check_stats(rep, run / "stats.zarr", index) if (run / "stats.zarr").exists() else None
+    outputs = [(run / "keep", run / "scores.zarr")]
+    if (run / "baseline").is_dir():
+        outputs += [(p / "keep", p / "scores.zarr") for p in sorted((run / "baseline").iterdir()) if p.is_dir()]
+    for keep, scores in outputs:
+        if scores.exists():
+            _check_scores(rep, scores, index, store)
+        if keep.exists():
+            _check_keep(rep, keep, index)
+    _leftovers(rep, run, outputs)
+    return rep.result()
+
+
+# -- the index --------------------------------------------------------------------------------------
+
+
+def _check_index(rep: _Report, path: Path):
+    """Problems of `RUN/index`; the `Index` when it can be used to check the rest against."""
+    from streamprune.formats.index import Index
+
+    if not (path / "manifest.json").exists():
+        if path.exists():
+            rep.add(path / "manifest.json", "missing: the index is incomplete (run `streamprune index` again)")
+        else:
+            rep.note(path, "no index: nothing is checked against one")
+        return None
+    try:
+        index = Index(path)
+    except Exception as exc:
+        rep.add(
+            path / "manifest.json",
+            f"the index cannot be read ({type(exc).__name__}: {exc}); run `streamprune index` again",
+        )
+        return None
+    m, usable = index.manifest, True
+    s, n = len(index.names), m.get("n_samples")
+    if m.get("n_shards") != s:
+        rep.add(path / "shards.jsonl", f"{s} shards listed, manifest.json says n_shards={m.get('n_shards')}")
+    off = np.asarray(index.shard_offset)
+    if off.ndim != 1 or len(off) != s + 1 or off[0] != 0 or (np.diff(off) < 0).any() or off[-1] != n:
+        rep.add(
+            path / "shard_offset.npy",
+            f"shape {off.shape}: expected ({s + 1},) running 0..{n} (n_samples) without decreasing",
+        )
+        return None  # rows cannot be trusted: nothing else is checked against this index
+    for i, sh in enumerate(index.shards):
+        rows = sh.get("rows")
+        if rows is not None and list(rows) != [int(off[i]), int(off[i + 1])]:
+            rep.add(
+                path / "shards.jsonl",
+                f"shard {sh.get('name')!r}: rows {rows}, shard_offset.npy says [{int(off[i])}, {int(off[i + 1])}]",
+                group="index-rows",
+            )
+    for name in ("id_hi", "id_lo", "sample_start", "sample_end", "member_count"):
+        a = getattr(index, name)
+        if a.shape != (n,):
+            rep.add(path / f"{name}.npy", f"shape {a.shape}, expected ({n},) (n_samples)")
+            usable = False
+    ko = index.key_offset
+    keys_size = (path / "keys.bin").stat().st_size if (path / "keys.bin").exists() else None
+    if ko.shape != (n + 1,) or (n >= 0 and len(ko) and (ko[0] != 0 or ko[-1] != keys_size)):
+        rep.add(
+            path / "key_offset.npy",
+            f"shape {ko.shape}, expected ({n + 1},) running 0..{keys_size} (the size of keys.bin)",
+        )
+        usable = False
+    members = int(np.asarray(index.member_count, dtype=np.int64).sum()) if index.member_count.shape == (n,) else None
+    for name in ("member_offset", "member_size"):
+        a = getattr(index, name)
+        if members is not None and a.shape != (members,):
+            rep.add(path / f"{name}.npy", f"shape {a.shape}, expected ({members},) (the sum of member_count)")
+    if not usable:
+        return None
+    fp = hashlib.blake2b(digest_size=16)  # as `write_index`: names, counts and identities, shard by shard
+    for i, name in enumerate(index.names):
+        a, b = int(off[i]), int(off[i + 1])
+        fp.update(json.dumps([name, b - a]).encode())
+        for c0 in range(a, b, BLOCK):
+            c1 = min(b, c0 + BLOCK)
+            fp.update(np.asarray(index.id_hi[c0:c1]).tobytes())
+        for c0 in range(a, b, BLOCK):
+            c1 = min(b, c0 + BLOCK)
+            fp.update(np.asarray(index.id_lo[c0:c1]).tobytes())
+    if fp.hexdigest() != index.fingerprint:
+        rep.add(
+            path / "id_hi.npy",
+            "the identities, shard names or counts do not give the manifest's fingerprint "
+            f"{index.fingerprint}: index files were edited or damaged",
+        )
+    return index
+
+
+# -- the stats store --------------------------------------------------------------------------------
+
+
+def _check_stats(rep: _Report, path: Path, index):
+    import zarr
+
+    from streamprune.formats.stats_store import CORRECT_MISSING, LABEL, LABEL_MISSING, STATS, StatsStore
+
+    try:
+        group = zarr.open_group(str(path), mode="r", zarr_format=3)
+        store = StatsStore(group, path, index, strict=False)
+    except Exception as exc:
+        rep.add(path / "zarr.json", f"unreadable ({type(exc).__name__}: {exc})")
+        return None
+    for file, problem in store.metadata_problems:
+        rep.add(path / file, problem)
+    if index is not None and store.fingerprint != index.fingerprint:
+        rep.add(
+            path / "zarr.json",
+            f"fingerprint {store.fingerprint} is not the index's {index.fingerprint}: recorded for another index",
+        )
+    if (
+        None in (store.n_samples, store.epochs, store.chunk_rows, store.n_shards)
+        or store.shard_offset is None
+        or "done" not in store._arrays
+    ):
+        rep.add(path / "zarr.json", "chunks not checked: the store's counts cannot be trusted")
+        return None
+    try:
+        done = store.done()
+    except Exception as exc:
+        rep.add(path / "done", f"unreadable ({type(exc).__name__}: {exc})")
+        return None
+    if done.shape == (store.epochs, store.n_shards):
+        raw = store._arrays["done"]
+        for t in range(store.epochs):
+            row = np.asarray(raw[t, :])
+            if ((row != 0) & (row != 1)).any():
+                rep.add(
+                    path / "done" / "c" / str(t) / "0",
+                    f"completion markers of epoch {t} hold values other than 0 and 1",
+                )
+        try:
+            for name, chunk, epoch in store.missing_chunks():
+                r0, r1 = store.chunk_rows_range(chunk)
+                rep.add(
+                    store.chunk_path(name, chunk, epoch),
+                    f"missing (rows [{r0}, {r1})"
+                    + ("" if epoch is None else f", epoch {epoch}, marked complete")
+                    + ")",
+                )
+        except Exception as exc:
+            rep.add(path, f"chunks not listed ({type(exc).__name__}: {exc})")
+    cr, n = store.chunk_rows, store.n_samples
+    names = [x for x in (*STATS, LABEL, "id_hi", "id_lo") if x in store._arrays]
+    rep.bar.total = (rep.bar.total or 0) + store.n_chunks * sum(store.epochs if x in STATS else 1 for x in names)
+    rep.bar.refresh()
+    for name in names:
+        arr = store._arrays[name]
+        two = name in STATS
+        for c in range(store.n_chunks):
+            r0, r1 = c * cr, min((c + 1) * cr, n)
+            try:
+                data = np.asarray(arr[r0:r1, :] if two else arr[r0:r1])
+            except Exception:
+                data = None
+                for t in range(store.epochs) if two else [None]:
+                    try:
+                        arr[r0:r1, t] if two else arr[r0:r1]
+                    except Exception as exc:
+                        rep.add(
+                            store.chunk_path(name, c, t),
+                            f"unreadable (rows [{r0}, {r1})"
+                            + ("" if t is None else f", epoch {t}")
+                            + f": {type(exc).__name__}: {exc})",
+                        )
+            rep.tick(store.epochs if two else 1)
+            if data is None:
+                continue
+            if name == "p_true":
+                bad, what = np.isfinite(data) & ((data < 0) | (data > 1)), "probabilities outside [0, 1]"
+            elif name == "correct":
+                bad, what = (data > 1) & (data != CORRECT_MISSING), "values other than 0, 1 and 255"
+            elif name == LABEL:
+                bad, what = data < LABEL_MISSING, "labels below -1"
+            elif name in ("id_hi", "id_lo") and index is not None:
+                bad, what = data != np.asarray(getattr(index, name)[r0:r1]), "identities other than the index's"
+            else:
+                continue
+            if two:
+                for t in np.flatnonzero(bad.any(axis=0)):
+                    rows = r0 + np.flatnonzero(bad[:, t])
+                    rep.add(
+                        store.chunk_path(name, c, int(t)),
+                        f"holds {what} (rows [{r0}, {r1}), epoch {t}; {len(rows)} values, e.g. row {rows[0]})",
+                    )
+            elif bad.any():
+                rows = r0 + np.flatnonzero(bad)
+                rep.add(
+                    store.chunk_path(name, c),
+                    f"holds {what} (rows [{r0}, {r1}); {len(rows)} values, e.g. row {rows[0]})",
+                )
+    return store
+
+
+# -- scores.zarr ------------------------------------------------------------------------------------
+
+
+def _check_scores(rep: _Report, path: Path, index, store) -> None:
+    import zarr
+
+    from streamprune.formats.stats_store import LABEL, LABEL_MISSING
+    from streamprune.scoring.scores import SCORES
+
+    try:
+        g = zarr.open_group(str(path), mode="r", zarr_format=3)
+        attrs = dict(g.attrs)
+    except Exception as exc:
+        rep.add(path / "zarr.json", f"unreadable ({type(exc).__name__}: {exc})")
+        return
+    root = path / "zarr.json"
+    n = index.n_samples if index is not None else (store.n_samples if store is not None else None)
+    if index is not None and attrs.get("fingerprint") != index.fingerprint:
+        rep.add(root, f"fingerprint {attrs.get('fingerprint')!r} is not the index's {index.fingerprint}")
+    block = attrs.get("block_rows")
+    if not isinstance(block, int) or isinstance(block, bool) or block < 1:
+        rep.add(root, f"attribute block_rows is {block!r}, not an integer >= 1")
+        block = None
+    for key in ("epochs", "window"):
+        v = attrs.get(key)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            rep.add(root, f"attribute {key} is {v!r}, not an integer >= 1")
+    if (
+        store is not None
+        and isinstance(attrs.get("epochs"), int)
+        and store.epochs is not None
+        and attrs["epochs"] > store.epochs
+    ):
+        rep.add(root, f"attribute epochs is {attrs['epochs']}, the stats store records only {store.epochs}")
+    listed = attrs.get("scores")
+    if not isinstance(listed, list) or not set(listed) <= set(SCORES):
+        rep.add(root, f"attribute scores is {listed!r}, not a list of {list(SCORES)}")
+        listed = []
+    dtypes = {
+        **{s: np.dtype(np.float64) for s in SCORES},
+        "id_hi": np.dtype(np.uint64),
+        "id_lo": np.dtype(np.uint64),
+        "sel_key": np.dtype(np.uint64),
+        LABEL: np.dtype(np.int32),
+        "sel_group": np.dtype(np.int32),
+    }
+    arrays = {}
+    for name, dtype in dtypes.items():
+        try:
+            a = g[name]
+        except KeyError:
+            rep.add(path / name / "zarr.json", f"array {name} is missing")
+            continue
+        except Exception as exc:
+            rep.add(path / name / "zarr.json", f"unreadable ({type(exc).__name__}: {exc})")
+            continue
+        problems = []
+        if n is not None and tuple(a.shape) != (n,):
+            problems.append(f"shape {tuple(a.shape)}, expected ({n},)")
+        if a.dtype != dtype:
+            problems.append(f"data type {a.dtype}, expected {dtype}")
+        if block is not None and tuple(a.chunks) != (block,):
+            problems.append(f"chunks {tuple(a.chunks)}, expected ({block},) (block_rows)")
+        if problems:
+            rep.add(path / name / "zarr.json", f"array {name}: " + ", ".join(problems))
+        else:
+            arrays[name] = a
+    if n is None or block is None:
+        return
+    n_chunks = -(-n // block)
+    for name in ("id_hi", "id_lo"):
+        if name in arrays:
+            present = {e.name for e in os.scandir(path / name / "c")} if (path / name / "c").is_dir() else set()
+            for c in range(n_chunks):
+                if str(c) not in present:
+                    rep.add(path / name / "c" / str(c), f"missing (rows [{c * block}, {min(n, (c + 1) * block)}))")
+    finite = {s: 0 for s in listed}
+    check = [x for x in (*SCORES, "id_hi", "id_lo", LABEL) if x in arrays]
+    rep.bar.total = (rep.bar.total or 0) + n_chunks * len(check)
+    rep.bar.refresh()
+    for c in range(n_chunks):
+        r0, r1 = c * block, min(n, (c + 1) * block)
+        for name in check:
+            rep.tick()
+            try:
+                data = np.asarray(arrays[name][r0:r1])
+            except Exception as exc:
+                rep.add(path / name / "c" / str(c), f"unreadable (rows [{r0}, {r1}): {type(exc).__name__}: {exc})")
+                finite.pop(name, None)
+                continue
+            if name in finite:
+                finite[name] += int(np.isfinite(data).sum())
+            bad = None
+            if name == "mean_p":
+                bad, what = np.isfinite(data) & ((data < 0) | (data > 1)), "mean probabilities outside [0, 1]"
+            elif name == LABEL:
+                bad, what = data < LABEL_MISSING, "labels below -1"
+            elif name in ("id_hi", "id_lo") and index is not None:
+                bad, what = data != np.asarray(getattr(index, name)[r0:r1]), "identities other than the index's"
+            if bad is not None and bad.any():
+                rows = r0 + np.flatnonzero(bad)
+                rep.add(
+                    path / name / "c" / str(c),
+                    f"holds {what} (rows [{r0}, {r1}); {len(rows)} values, e.g. row {rows[0]})",
+                )
+    summary = attrs.get("summary", {}).get("finite", {}) if isinstance(attrs.get("summary"), dict) else {}
+    for name, count in finite.items():
+        if name in summary and summary[name] != count:
+            rep.add(
+                path / name,
+                f"holds {count} finite scores, the summary in zarr.json says {summary[name]}: "
+                "a chunk was deleted or edited",
+            )
+
+
+# -- keep-lists -------------------------------------------------------------------------------------
+
+
+def _check_keep(rep: _Report, path: Path, index) -> None:
+    from streamprune.formats.keeplist import KeepList
+
+    try:
+        keep = KeepList.load(path)
+    except Exception as exc:
+        rep.add(path, f"{exc}")
+        return
+    m = keep.manifest
+    if index is None:
+        return
+    mfile = path / "manifest.json"
+    if m.get("fingerprint") != index.fingerprint:
+        rep.add(
+            mfile,
+            f"fingerprint {m.get('fingerprint')!r} is not the index's {index.fingerprint}: a keep-list "
+            "of another index",
+        )
+        return
+    if m.get("n_rows") is not None and m["n_rows"] != index.n_samples:
+        rep.add(mfile, f"n_rows {m['n_rows']}, the index has {index.n_samples} samples")
+    if isinstance(m.get("N"), int) and m["N"] < len(keep):
+        rep.add(mfile, f"N={m['N']} scorable samples but k={len(keep)} kept")
+    sfile = path / "shards.json"
+    counts = np.diff(index.shard_offset)
+    where = {name: i for i, name in enumerate(index.names)}
+    mapped = np.array([where.get(name, -1) for name in keep.names], dtype=np.int64)
+    if (mapped < 0).any():
+        unknown = [keep.names[i] for i in np.flatnonzero(mapped < 0)[:3]]
+        rep.add(sfile, f"shards not in the index: {unknown}")
+        return
+    if keep.samples is not None and not np.array_equal(keep.samples, counts[mapped]):
+        s = int(np.flatnonzero(keep.samples != counts[mapped])[0])
+        rep.add(
+            sfile, f"shard {keep.names[s]!r}: samples {int(keep.samples[s])}, the index has {int(counts[mapped[s]])}"
+        )
+    if (keep.kept > counts[mapped]).any():
+        s = int(np.flatnonzero(keep.kept > counts[mapped])[0])
+        rep.add(sfile, f"shard {keep.names[s]!r}: kept {int(keep.kept[s])} of {int(counts[mapped[s]])} samples")
+        return
+    if keep.weights is not None:
+        w = np.asarray(keep.weights)
+        if not (np.isfinite(w) & (w > 0)).all():
+            rep.add(path / "weights.npy", "weights that are not finite and positive")
+    if keep.positions is None:
+        return
+    k = len(keep)
+    rep.bar.total = (rep.bar.total or 0) + -(-k // BLOCK)
+    rep.bar.refresh()
+    with open(index.path / "keys.bin", "rb") as index_keys:
+        prev_shard, prev_pos = -1, -1
+        for b0 in range(0, k, BLOCK):
+            b1 = min(k, b0 + BLOCK)
+            rep.tick()
+            s = np.searchsorted(keep.offsets, np.arange(b0, b1), side="right") - 1
+            pos = np.asarray(keep.positions[b0:b1])
+            within = (pos >= 0) & (pos < counts[mapped[s]])
+            ps = np.concatenate([[prev_shard], s[:-1]])
+            pp = np.concatenate([[prev_pos], pos[:-1]])
+            ascending = (ps != s) | (pos > pp)
+            if not (within & ascending).all():
+                i = int(np.flatnonzero(~(within & ascending))[0])
+                rep.add(
+                    path / "positions.npy",
+                    f"kept sample {b0 + i}: position {int(pos[i])} in shard "
+                    f"{keep.names[s[i]]!r} is outside [0, {int(counts[mapped[s[i]]])}) "
+                    "or not ascending",
+                )
+                return
+            prev_shard, prev_pos = int(s[-1]), int(pos[-1])
+            rows = np.asarray(index.shard_offset)[mapped[s]] + pos
+            if keep.ranges is not None:
+                got = np.asarray(keep.ranges[b0:b1])
+                want = np.stack([index.sample_start[rows], index.sample_end[rows]], axis=1)
+                if not np.array_equal(got, want):
+                    i = int(np.flatnonzero((got != want).any(axis=1))[0])
+                    rep.add(
+                        path / "ranges.npy",
+                        f"kept sample {b0 + i}: byte range {got[i].tolist()}, the index has {want[i].tolist()}",
+                    )
+            ids = np.asarray(keep.id_pairs[b0:b1])
+            bad = (ids["f0"] != index.id_hi[rows]) | (ids["f1"] != index.id_lo[rows])
+            if bad.any():
+                i = int(np.flatnonzero(bad)[0])
+                rep.add(
+                    path / "ids.npy",
+                    f"kept sample {b0 + i}: identity differs from the index's ({int(bad.sum())} in this block)",
+                )
+            ko = np.asarray(keep.key_offset[b0 : b1 + 1])
+            got_keys = bytes(keep.key_blob[int(ko[0]) : int(ko[-1])])
+            starts, ends = np.asarray(index.key_offset[rows]), np.asarray(index.key_offset[rows + 1])
+            lengths = ends - starts
+            if not np.array_equal(np.diff(ko), lengths):
+                rep.add(path / "key_offset.npy", f"kept samples {b0}..{b1 - 1}: key lengths differ from the index's")
+                continue
+            index_keys.seek(int(starts.min()))
+            span = np.frombuffer(index_keys.read(int(ends.max() - starts.min())), dtype=np.uint8)
+            offsets = np.concatenate([[0], np.cumsum(lengths)])
+            want_keys = span[np.repeat(starts - starts.min() - offsets[:-1], lengths) + np.arange(offsets[-1])]
+            if got_keys != want_keys.tobytes():
+                rep.add(path / "keys.bin", f"kept samples {b0}..{b1 - 1}: keys differ from the index's")
+
+
+# -- leftovers --------------------------------------------------------------------------------------
+
+
+def _leftovers(rep: _Report, run: Path, outputs: list[tuple[Path, Path]]) -> None:
+    from streamprune.formats.atomic import temp_pid
+
+    targets = [run / "index", *(p for pair in outputs for p in pair)]
+    for target in targets:
+        if not target.parent.is_dir():
+            continue
+        for temp in sorted(target.parent.iterdir()):
+            pid = temp_pid(temp, target)
+            if pid is not None:
+                state = (
+                    "its process is still running" if pid != os.getpid() and pid_alive(pid) else "its process is gone"
+                )
+                rep.note(
+                    temp, f"leftover temporary of {target.name} ({state}); the next writer of {target.name} removes it"
+                )
+    if (run / "stats.zarr.tmp").exists():
+        rep.note(run / "stats.zarr.tmp", "leftover of an interrupted store creation; the next `record` replaces it")
+    parts = run / ".index-parts"
+    if parts.is_dir():
+        for p in sorted(parts.glob("*.tmp*")):
+            rep.note(p, "leftover temporary index part of a killed `index`")
+
+
+def format_report(report: dict) -> str:
+    """One line per problem (`DAMAGED file: problem`), leftover notes, then a summary line."""
+    lines = [f"DAMAGED {p['file']}: {p['problem']}" for p in report["problems"]]
+    lines += [f"note {n['file']}: {n['problem']}" for n in report["notes"]]
+    files = len({p["file"] for p in report["problems"]})
+    checked = f"{report['chunks_checked']:,} chunks checked"
+    lines.append(
+        f"verify: {len(report['problems'])} problems in {files} files ({checked})"
+        if report["damaged"]
+        else f"verify: clean ({checked})"
+    )
+    return "\n".join(lines)

@@ -1,0 +1,307 @@
+"""Where a sample's label comes from (`--label SPEC`), and the run's class list `RUN/classes.json`.
+
+A spec is `cls` (the default), any other member extension (`txt`, `label`, ...), `json:FIELD`
+(dotted paths such as `json:meta.label`) or `package.module:function` taking the sample dict.
+A label is an integer class index or a string class name; names are mapped to indices by the
+class list: every distinct name of the dataset, sorted, found by `scan_labels` over all shards
+(or given as a file), stored with the run so that record, reduce and report agree.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from streamprune.errors import InputError, check_format
+from streamprune.plugins import import_function, is_function_spec
+
+CLASSES_FILE = "classes.json"
+FORMAT = "streamprune-classes"
+FORMAT_VERSION = 1
+_EXT = re.compile(r"^[a-z0-9_][a-z0-9_.-]*$")
+
+Label = int | str
+
+
+class BadSample(InputError):
+    """A sample that cannot become a training example (undecodable, a bomb, no usable label)."""
+
+
+class LabelError(BadSample):
+    """A sample's label is missing or unreadable; names the sample."""
+
+
+def _where(sample: dict) -> str:
+    return f"sample {sample.get('__key__')!r} of {sample.get('__url__') or sample.get('__shard__')!r}"
+
+
+def _from_text(raw: bytes | str) -> Label:
+    text = (raw.decode("utf-8") if isinstance(raw, (bytes, bytearray, memoryview)) else str(raw)).strip()
+    try:
+        return int(text)
+    except ValueError:
+        return text
+
+
+def check_label(value, where: str, origin: str) -> Label:
+    """`value` as a label (a non-negative int or a non-empty name), or a LabelError naming the sample."""
+    if isinstance(value, bool) or not isinstance(value, (int, str)) and not hasattr(value, "__index__"):
+        raise LabelError(f"{where}: {origin} is {value!r}, not an integer class or a class name")
+    if isinstance(value, str):
+        if not value:
+            raise LabelError(f"{where}: {origin} is an empty string")
+        return value
+    value = int(value.__index__()) if not isinstance(value, int) else value
+    if value < 0:
+        raise LabelError(f"{where}: {origin} is negative ({value})")
+    return value
+
+
+@dataclass(frozen=True)
+class LabelSpec:
+    """A parsed `--label` spec; picklable (a function spec is imported where it is called)."""
+
+    spec: str = "cls"
+    member: str | None = field(init=False, default=None)  # the member extension read, None for a function
+    path: tuple[str, ...] = field(init=False, default=())  # json field path
+
+    def __post_init__(self):
+        spec = self.spec
+        if spec.startswith("json:"):
+            path = tuple(spec[5:].split("."))
+            if not all(path):
+                raise ValueError(f"label {spec!r}: expected json:FIELD or json:a.b.c")
+            object.__setattr__(self, "member", "json")
+            object.__setattr__(self, "path", path)
+        elif is_function_spec(spec):
+            pass
+        elif _EXT.match(spec):
+            object.__setattr__(self, "member", spec)
+        else:
+            raise ValueError(
+                f"label {spec!r}: expected 'cls', a member extension, 'json:FIELD' or 'package.module:function'"
+            )
+
+    @property
+    def members(self) -> tuple[str, ...] | None:
+        """The member extensions to read for the label; None: all (a function sees the whole sample)."""
+        return None if self.member is None else (self.member,)
+
+    def function(self) -> Callable[[dict], Label]:
+        return import_function(self.spec, "label")
+
+    def __call__(self, sample: dict) -> Label:
+        """The label of a webdataset sample dict (raw member bytes): an int or a class name."""
+        where = _where(sample)
+        if self.member is None:
+            try:
+                value = self.function()(sample)
+            except LabelError:
+                raise
+            except Exception as exc:
+                raise LabelError(f"{where}: label function {self.spec!r} failed: {exc!r}") from None
+            return check_label(value, where, f"the label from {self.spec}")
+        if self.member not in sample:
+            raise LabelError(f"{where}: no .{self.member} member for the label")
+        if self.member != "json":
+            try:
+                return check_label(_from_text(sample[self.member]), where, f"label .{self.member}")
+            except UnicodeDecodeError:
+                raise LabelError(f"{where}: label .{self.member} is not UTF-8 text") from None
+        try:
+            value = json.loads(sample["json"])
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise LabelError(f"{where}: .json member is not valid JSON: {exc}") from None
+        for i, part in enumerate(self.path):
+            if not isinstance(value, dict) or part not in value:
+                raise LabelError(f"{where}: .json has no field {'.'.join(self.path[: i + 1])!r}")
+            value = value[part]
+        return check_label(value, where, f"json field {'.'.join(self.path)!r}")
+
+
+@dataclass(frozen=True)
+class Classes:
+    """The run's classes: `names` (string labels, index = position) or only a count (integer labels)."""
+
+    num_classes: int
+    names: tuple[str, ...] | None = None
+    label: str = "cls"
+    counts: tuple[int, ...] | None = None  # samples per class, when scanned
+
+    def __post_init__(self):
+        if self.num_classes < 1:
+            raise ValueError(f"need at least one class, not {self.num_classes}")
+        if self.names is not None:
+            if len(self.names) != self.num_classes or len(set(self.names)) != len(self.names):
+                raise ValueError(f"class names must be {self.num_classes} distinct strings")
+
+    @property
+    def digest(self) -> str:
+        """A short hash of the class list (kept in the stats store's config, compared on resume)."""
+        blob = json.dumps([self.num_classes, self.names]).encode()
+        return hashlib.blake2b(blob, digest_size=8).hexdigest()
+
+    def index_of(self, label: Label, where: str = "a sample") -> int:
+        """The class index of a label; a name not in the list or an index out of range is a ValueError
+        (the run's classes do not fit the data: stop, do not skip)."""
+        if isinstance(label, str):
+            if self.names is None:
+                raise ValueError(
+                    f"{where}: label {label!r} is a name, but the run's classes are integers 0..{self.num_classes - 1}"
+                )
+            lookup = self.__dict__.get("_lookup")
+            if lookup is None:
+                lookup = {n: i for i, n in enumerate(self.names)}
+                object.__setattr__(self, "_lookup", lookup)
+            if label not in lookup:
+                raise ValueError(f"{where}: label {label!r} is not among the run's {self.num_classes} classes")
+            return lookup[label]
+        if not 0 <= label < self.num_classes:
+            raise ValueError(f"{where}: label {label} is outside [0, {self.num_classes})")
+        return label
+
+    def name(self, index: int) -> str:
+        return self.names[index] if self.names is not None else str(index)
+
+    @classmethod
+    def from_labels(cls, counts: Counter, label: str = "cls") -> "Classes":
+        """Classes of a dataset from its label counts: sorted names, or 0..max for integers."""
+        names = sorted(k for k in counts if isinstance(k, str))
+        ints = [k for k in counts if not isinstance(k, str)]
+        if names and ints:
+            raise ValueError(
+                f"labels ({label}) mix class names ({names[:3]}) and integers ({sorted(ints)[:3]}); make them one kind"
+            )
+        if not counts:
+            raise ValueError(f"no sample has a label ({label})")
+        if names:
+            return cls(len(names), tuple(names), label, tuple(counts[n] for n in names))
+        n = max(ints) + 1
+        return cls(n, None, label, tuple(counts.get(i, 0) for i in range(n)))
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike, label: str = "cls") -> "Classes":
+        """A user's class list: a JSON list of names, a `classes.json` of a run, or one name per line."""
+        path = Path(path)
+        try:
+            text = path.read_text()
+        except OSError as exc:
+            raise ValueError(f"class list {str(path)!r}: cannot read: {exc.strerror}") from None
+        if path.suffix == ".json":
+            try:
+                data = json.loads(text)
+            except ValueError as exc:
+                raise ValueError(f"class list {str(path)!r} is not valid JSON: {exc}") from None
+            if isinstance(data, dict) and data.get("format") == FORMAT:
+                return cls._from_doc(data, path)
+            if not isinstance(data, list) or not all(isinstance(n, str) for n in data):
+                raise ValueError(f"class list {str(path)!r}: expected a JSON list of class names")
+            names = data
+        else:
+            names = [line.strip() for line in text.splitlines() if line.strip()]
+        if len(set(names)) != len(names):
+            dup = next(n for n in names if names.count(n) > 1)
+            raise ValueError(f"class list {str(path)!r} names {dup!r} twice")
+        return cls(len(names), tuple(names), label)
+
+    def save(self, run: str | os.PathLike) -> Path:
+        """Write `RUN/classes.json` atomically."""
+        path = Path(run) / CLASSES_FILE
+        doc = {
+            "format": FORMAT,
+            "version": FORMAT_VERSION,
+            "label": self.label,
+            "num_classes": self.num_classes,
+            "names": None if self.names is None else list(self.names),
+            "counts": None if self.counts is None else list(self.counts),
+        }
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps(doc, indent=1) + "\n")
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def load(cls, run: str | os.PathLike) -> "Classes | None":
+        """`RUN/classes.json`, or None when the run has none."""
+        path = Path(run) / CLASSES_FILE
+        if not path.exists():
+            return None
+        try:
+            doc = json.loads(path.read_text())
+        except ValueError as exc:
+            raise ValueError(f"{str(path)!r} is damaged: {exc}") from None
+        return cls._from_doc(doc, path)
+
+    @classmethod
+    def _from_doc(cls, doc: dict, path: Path) -> "Classes":
+        check_format(doc, FORMAT, FORMAT_VERSION, repr(str(path)))
+        names, counts = doc.get("names"), doc.get("counts")
+        return cls(
+            int(doc["num_classes"]),
+            None if names is None else tuple(names),
+            doc.get("label", "cls"),
+            None if counts is None else tuple(counts),
+        )
+
+
+def scan_labels(
+    url: str, name: str, label_of: Callable[[dict], Label], members: tuple[str, ...] | None
+) -> tuple[Counter, int, list[str]]:
+    """Count the labels of one shard, reading only the label's members (all for a function).
+
+    Returns the counts, the number of samples without a usable label and up to 3 of their reasons.
+    """
+    from streamprune.shards.tarscan import CountingReader, iter_samples
+    from streamprune.shards.urls import open_shard
+
+    opened = open_shard(url)
+    reader = CountingReader(opened.stream, opened.seekable, opened.tar_size, name)
+    counts: Counter = Counter()
+    bad, reasons = 0, []
+    try:
+        for s in iter_samples(reader, members):
+            try:
+                counts[label_of({"__key__": s.key, "__url__": url, **s.data})] += 1
+            except LabelError as exc:
+                bad += 1
+                if len(reasons) < 3:
+                    reasons.append(str(exc))
+        opened.close(url)
+    finally:
+        opened.release()
+    return counts, bad, reasons
+
+
+def count_classes(parts: "Iterable[tuple[Counter, int, list[str]]]", label: str, where: str) -> Classes:
+    """The class list from per-shard `scan_labels` results (any order); an error when no label was usable."""
+    counts: Counter = Counter()
+    reasons: list[str] = []
+    for part, _, why in parts:
+        counts.update(part)
+        reasons.extend(why[: 3 - len(reasons)])
+    if not counts:
+        raise ValueError(f"no sample of {where} has a usable label ({label})" + (f": {reasons[0]}" if reasons else ""))
+    return Classes.from_labels(counts, label)
+
+
+def scan_classes(run: str | os.PathLike, label: str = "cls") -> Classes:
+    """`RUN/classes.json` from every indexed sample's label, counted here in one process (no Ray;
+    `labelscan.build_classes` spreads the same over Ray tasks), saved and returned."""
+    from streamprune.formats.index import Index
+
+    spec = LabelSpec(label)
+    idx = Index(Path(run) / "index")
+    parts = (
+        scan_labels(info["url"], idx.names[s], spec, spec.members)
+        for s, info in enumerate(idx.shards)
+        if info["status"] == "ok"
+    )
+    classes = count_classes(parts, label, repr(str(run)))
+    classes.save(run)
+    return classes

@@ -1,0 +1,52 @@
+"""The class list of a run from every sample's label: Ray tasks read only the label members of
+each shard and count the labels; the driver merges the counts into `RUN/classes.json`."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import ray
+from tqdm.auto import tqdm
+
+from streamprune.formats.index import Index
+from streamprune.shards.labels import Classes, count_classes, scan_labels
+from streamprune.stages.ray_cluster import bounded_map, ensure_ray
+from streamprune.training.decode import SampleDecoder
+from streamprune.training.samples import healthy_shards
+
+
+@ray.remote(num_cpus=1, max_retries=3)
+def _count_task(url: str, name: str, decoder: SampleDecoder):
+    return scan_labels(url, name, decoder.raw_label, decoder.label_members)
+
+
+def build_classes(
+    run: str | os.PathLike,
+    label: str = "cls",
+    *,
+    decode: str | None = None,
+    address: str | None = None,
+    progress: bool = True,
+) -> Classes:
+    """Count the labels (`label` spec, or those a `decode` function returns) of every indexed sample
+    of `run`, write `RUN/classes.json` and return it: sorted class names, or 0..max for integers."""
+    run = Path(run)
+    idx = Index(run / "index")
+    healthy = healthy_shards(idx).tolist()
+    decoder = SampleDecoder(None, "cls" if decode else label, None, decode)
+    ensure_ray(address)
+    bar = tqdm(total=len(healthy), desc="labels", unit="shard", disable=not progress)
+    parts: list = []
+    limit = max(4, 4 * int(ray.cluster_resources().get("CPU", 1)))
+    bounded_map(
+        lambda s: _count_task.remote(idx.shards[s]["url"], idx.names[s], decoder),
+        healthy,
+        limit,
+        lambda _, part: parts.append(part),
+        bar,
+    )
+    bar.close()
+    classes = count_classes(parts, decode or label, repr(str(run)))
+    classes.save(run)
+    return classes

@@ -1,0 +1,381 @@
+"""`streamprune run`: index, record, reduce, evaluate and report from one config, resumably.
+
+Each stage first checks what is already on disk for the same settings and skips it when
+complete (the index, recorded epochs, a keep-list with the same manifest, evaluations in
+`RUN/evaluate.json`), so rerunning after an interruption finishes only what is missing.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from streamprune.config import Config
+from streamprune.formats.keeplist import KeepList
+from streamprune.scoring.sampling import resolve_balance, resolve_c_d
+from streamprune.scoring.scores import resolve_window
+from streamprune.shards.urls import absolute, expand_urls
+
+BASELINE_DIR = "baseline"
+
+
+@dataclass
+class PipelineResult:
+    """What `run_pipeline` did: seconds per stage (skipped stages: 0) and the evaluation rows."""
+
+    run: Path
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    skipped: list[str] = field(default_factory=list)
+    evaluation: list[dict] = field(default_factory=list)
+    keep: KeepList | None = None
+    report: Path | None = None
+    verdict: str | None = None  # the keep-list against the baseline, when both were evaluated
+
+
+def run_pipeline(cfg: Config, progress: bool = True, log=print) -> PipelineResult:
+    """Run every stage of `cfg` that is not already complete on disk."""
+    run = Path(cfg.out).resolve()
+    result = PipelineResult(run)
+
+    def stage(name: str, fn, done: bool) -> None:
+        if done:
+            result.skipped.append(name)
+            result.stage_seconds[name] = 0.0
+            log(f"{name}: already complete, skipped")
+            return
+        t = time.perf_counter()
+        fn()
+        result.stage_seconds[name] = time.perf_counter() - t
+
+    stage("index", lambda: _index(cfg, run, progress, log), _index_done(cfg, run))
+    stage("record", lambda: _record(cfg, run, progress, log), _record_done(cfg, run))
+    main = _main_subset(cfg)
+    stage(
+        "reduce",
+        lambda: _reduce(cfg, run, main, run / "keep", None, progress, log),
+        _keep_matches(cfg, run, main, run / "keep"),
+    )
+    result.keep = KeepList.load(run / "keep")
+    if cfg.evaluate.test_shards is not None:
+        stage("evaluate", lambda: _evaluate(cfg, run, progress, log), _evaluation_done(cfg, run))
+        result.evaluation = _load_evaluation(run)["rows"]
+        if cfg.evaluate.baseline:
+            result.verdict = verdict(result.evaluation, main.label, cfg.evaluate.baseline)
+    if cfg.report.enabled:
+        from streamprune.stages.report import build_report
+
+        t = time.perf_counter()
+        result.report = build_report(run, progress=progress)
+        result.stage_seconds["report"] = time.perf_counter() - t
+    return result
+
+
+def _index_done(cfg: Config, run: Path) -> bool:
+    from streamprune.formats.index import Index
+
+    try:
+        idx = Index(run / "index")
+    except FileNotFoundError:
+        return False
+    return [s["url"] for s in idx.shards] == [absolute(u) for u in expand_urls(cfg.shards)] and idx.manifest[
+        "identity"
+    ] == cfg.index.identity
+
+
+def _index(cfg: Config, run: Path, progress: bool, log) -> None:
+    from streamprune.cli.main.main import index_summary
+    from streamprune.stages.index import index
+
+    idx = index(
+        cfg.shards,
+        run,
+        root=cfg.index.root,
+        identity=None if cfg.index.identity == "shard-key" else cfg.index.identity,
+        address=cfg.address,
+        progress=progress,
+    )
+    log(index_summary(idx))
+
+
+def _record_done(cfg: Config, run: Path) -> bool:
+    from streamprune.formats.stats_store import StatsStore
+
+    try:
+        store = StatsStore.open(run / "stats.zarr", mode="r")
+    except (FileNotFoundError, ValueError):
+        return False
+    return store.epochs == cfg.record.epochs and store.complete_epochs() == cfg.record.epochs
+
+
+def _record(cfg: Config, run: Path, progress: bool, log) -> None:
+    from streamprune.cli.main.main import record_line
+    from streamprune.stages.record import record
+
+    r = cfg.record
+    log(
+        record_line(
+            record(
+                run,
+                r.epochs,
+                workers=r.workers,
+                gpus_per_worker=r.gpus_per_worker,
+                model=r.model,
+                address=cfg.address,
+                batch_size=r.batch_size,
+                lr=r.lr,
+                schedule_epochs=r.schedule_epochs,
+                seed=r.seed,
+                num_classes=r.num_classes,
+                loader_workers=r.loader_workers,
+                max_failures=r.max_failures,
+                on_bad_sample=r.on_bad_sample,
+                label=r.label,
+                classes=r.classes,
+                image_size=r.image_size,
+                decode=r.decode,
+                progress=progress,
+            )
+        )
+    )
+
+
+@dataclass(frozen=True)
+class _Subset:
+    """One keep-list of the run: a method, its class balance and its seed."""
+
+    method: str
+    balance: str
+    seed: int
+
+    @property
+    def label(self) -> str:
+        return subset_label(self.method, self.balance)
+
+
+def subset_label(method: str, balance: str | None) -> str:
+    """A keep-list's name in evaluation rows: its method, plus `+classes` when class-balanced."""
+    return method + ("+classes" if balance == "classes" else "")
+
+
+def _main_subset(cfg: Config, i: int = 0) -> _Subset:
+    """The run's own keep-list drawn with seed `reduce.seed + i`."""
+    r = cfg.reduce
+    return _Subset(r.method, resolve_balance(r.balance, r.method), r.seed + i)
+
+
+def _reduce_settings(cfg: Config, subset: _Subset) -> dict:
+    r = cfg.reduce
+    return {
+        "method": subset.method,
+        "balance": subset.balance,
+        "ratio": r.ratio,
+        "seed": subset.seed,
+        "window": resolve_window(r.window, r.epochs or cfg.record.epochs),
+        "epochs": r.epochs or cfg.record.epochs,
+    }
+
+
+def _keep_matches(cfg: Config, run: Path, subset: _Subset, out: Path) -> bool:
+    from streamprune.formats.index import Index
+
+    try:
+        manifest = json.loads((out / "manifest.json").read_text())
+        fingerprint = Index(run / "index").fingerprint
+    except (FileNotFoundError, json.JSONDecodeError):
+        return False
+    want = {**_reduce_settings(cfg, subset), "fingerprint": fingerprint}
+    params = manifest.get("params", {})
+    return all(manifest.get(k) == v for k, v in want.items()) and all(
+        params[k] == v for k, v in _sampler_settings(cfg, subset).items() if k in params
+    )
+
+
+def _sampler_settings(cfg: Config, subset: _Subset) -> dict:
+    """The samplers' parameters (each method's keep-list manifest records the ones it used)."""
+    r = cfg.reduce
+    return {"c_d": resolve_c_d(r.c_d, subset.balance), "C": r.C, "alpha_plus_beta": r.alpha_plus_beta, "cut": r.cut}
+
+
+def _reduce(cfg: Config, run: Path, subset: _Subset, out: Path, scores_out: Path | None, progress: bool, log) -> None:
+    from streamprune.cli.main.main import reduce_line
+    from streamprune.stages.reduce import reduce
+
+    s = _reduce_settings(cfg, subset)
+    keep = reduce(
+        run,
+        s["ratio"],
+        subset.method,
+        seed=s["seed"],
+        epochs=s["epochs"],
+        window=s["window"],
+        out=out,
+        missing=cfg.reduce.missing,
+        address=cfg.address,
+        which=cfg.reduce.scores,
+        balance=subset.balance,
+        scores_out=scores_out,
+        progress=progress,
+        **_sampler_settings(cfg, subset),
+    )
+    log(reduce_line(keep, out))
+
+
+def _evaluation_key(cfg: Config, run: Path) -> dict:
+    e = cfg.evaluate
+    return {
+        "settings": {k: v for k, v in asdict(e).items()},
+        "keep_created": json.loads((run / "keep" / "manifest.json").read_text())["created"],
+    }
+
+
+def _load_evaluation(run: Path) -> dict:
+    path = run / "evaluate.json"
+    return json.loads(path.read_text()) if path.exists() else {"rows": []}
+
+
+def _evaluation_done(cfg: Config, run: Path) -> bool:
+    saved = _load_evaluation(run)
+    return saved.get("key") == _evaluation_key(cfg, run) and len(saved["rows"]) == len(_subsets(cfg))
+
+
+def _subsets(cfg: Config) -> list[tuple[_Subset | None, int]]:
+    """Every fresh model to train: `(keep-list, seed index)`, `None` for all samples (one seed).
+    Seed index `i` draws the keep-lists with seed `reduce.seed + i` and trains with `evaluate.seed + i`."""
+    e, r = cfg.evaluate, cfg.reduce
+    out: list[tuple[_Subset | None, int]] = []
+    for i in range(e.seeds):
+        out.append((_main_subset(cfg, i), i))
+        if e.baseline:
+            out.append((_Subset(e.baseline, "none", r.seed + i), i))
+    return out + ([(None, 0)] if e.full else [])
+
+
+def _keep_dir(cfg: Config, run: Path, subset: _Subset) -> Path:
+    if subset == _main_subset(cfg):
+        return run / "keep"
+    name = subset.label.replace(":", "-") + (f"-seed{subset.seed}" if subset.seed != cfg.reduce.seed else "")
+    return run / BASELINE_DIR / name / "keep"
+
+
+def _evaluate(cfg: Config, run: Path, progress: bool, log) -> None:
+    """Train a fresh model per subset and seed (the keep-list, the baseline at the same ratio,
+    all data); each finished row is saved at once so that an interrupted evaluation resumes."""
+    from streamprune.stages.evaluate import train_subset
+    from streamprune.training.decode import run_decoder
+
+    e, key = cfg.evaluate, _evaluation_key(cfg, run)
+    decoder = run_decoder(run)
+    saved = _load_evaluation(run)
+    rows = saved["rows"] if saved.get("key") == key else []
+    for subset, i in _subsets(cfg)[len(rows) :]:
+        keep_dir = None
+        if subset is not None:
+            keep_dir = _keep_dir(cfg, run, subset)
+            if not _keep_matches(cfg, run, subset, keep_dir):
+                _reduce(cfg, run, subset, keep_dir, keep_dir.parent / "scores.zarr", progress, log)
+        name = "full" if subset is None else subset.label
+        res = train_subset(
+            cfg.shards,
+            e.test_shards,
+            keep_dir,
+            epochs=e.epochs,
+            model=e.model,
+            num_classes=e.num_classes or decoder.classes.num_classes,
+            batch_size=e.batch_size,
+            lr=e.lr,
+            seed=e.seed + i,
+            device=e.device,
+            budget=e.budget,
+            decoder=decoder,
+            desc=f"train on {name} (seed {i})",
+            progress=progress,
+        )
+        rows.append(
+            {
+                "method": name,
+                "ratio": 0.0 if subset is None else cfg.reduce.ratio,
+                "seed": i,
+                "kept": res.train_samples,
+                "test_accuracy": res.test_accuracy,
+                "epochs": res.epochs,
+                "seconds": res.seconds,
+                "history": res.history,
+            }
+        )
+        log(
+            f"evaluate: {name} (seed {i}): {res.train_samples:,} samples, {res.epochs} epochs, test accuracy "
+            f"{res.test_accuracy:.4f} ({res.seconds:.1f} s)"
+        )
+        _save_evaluation(run, key, rows)
+
+
+def summarize_evaluation(rows: list[dict]) -> list[dict]:
+    """Evaluation rows grouped by subset, in first-seen order: `method`, `ratio`, `kept`,
+    `epochs`, `seeds`, `accuracies`, `mean`, `std` (sample std; 0 for one seed)."""
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(r["method"], []).append(r)
+    out = []
+    for method, rs in groups.items():
+        acc = np.array([r["test_accuracy"] for r in rs])
+        out.append(
+            {
+                "method": method,
+                "ratio": rs[0]["ratio"],
+                "kept": rs[0]["kept"],
+                "epochs": rs[0]["epochs"],
+                "seeds": len(rs),
+                "accuracies": acc.tolist(),
+                "mean": float(acc.mean()),
+                "std": float(acc.std(ddof=1)) if len(acc) > 1 else 0.0,
+            }
+        )
+    return out
+
+
+def verdict(rows: list[dict], method: str, baseline: str = "random") -> str | None:
+    """`METHOD vs BASELINE: +x.x points (n seeds; per seed ...)`: the mean accuracy difference of
+    the seeds both were trained with, in percentage points; None without both."""
+    acc = {(r["method"], r.get("seed", 0)): r["test_accuracy"] for r in rows}
+    seeds = sorted(s for m, s in acc if m == method and (baseline, s) in acc)
+    if not seeds:
+        return None
+    diff = np.array([100 * (acc[(method, s)] - acc[(baseline, s)]) for s in seeds])
+    spread = f", std {diff.std(ddof=1):.1f}" if len(diff) > 1 else ""
+    word = "ahead of" if diff.mean() > 0 else "behind" if diff.mean() < 0 else "level with"
+    return (
+        f"{method} vs {baseline}: {diff.mean():+.1f} points ({len(seeds)} seed{'s' * (len(seeds) > 1)}; "
+        f"per seed {', '.join(f'{d:+.1f}' for d in diff)}{spread}): {word} {baseline}"
+    )
+
+
+def _save_evaluation(run: Path, key: dict, rows: list[dict]) -> None:
+    tmp = run / "evaluate.json.tmp"
+    tmp.write_text(json.dumps({"key": key, "rows": rows}, indent=1))
+    tmp.replace(run / "evaluate.json")
+
+
+def format_table(result: PipelineResult) -> str:
+    """The results as a small text table: subsets, then stage times."""
+    lines = []
+    if result.evaluation:
+        lines += [f"{'method':<20}{'ratio':>6}{'kept':>8}{'epochs':>8}{'seeds':>6}  test accuracy"]
+        lines += [
+            f"{g['method']:<20}{g['ratio']:>6.2f}{g['kept']:>8,}{g['epochs']:>8}{g['seeds']:>6}  "
+            f"{g['mean']:.4f}" + (f" +- {g['std']:.4f}" if g["seeds"] > 1 else "")
+            for g in summarize_evaluation(result.evaluation)
+        ]
+        if result.verdict:
+            lines += ["", result.verdict]
+        lines.append("")
+    lines.append(
+        "  ".join(
+            f"{k} {v:.1f} s" + (" (done before)" if k in result.skipped else "")
+            for k, v in result.stage_seconds.items()
+        )
+    )
+    return "\n".join(lines)

@@ -1,0 +1,626 @@
+"""`streamprune record`: train a proxy model on Ray Train (DDP) and record per-sample statistics.
+
+Each epoch the healthy shards are shuffled with `(seed, epoch)` and cut into contiguous
+runs of about equal sample counts, one per worker; each worker streams its shards through
+webdataset in a multi-process DataLoader, trains, and sends every sample's statistics to
+the writer actor that owns its chunk. Uneven inputs are joined (`torch.distributed`
+`Join`), so no worker hangs and no sample is dropped. After each epoch the driver-side
+rank 0 flushes the writers, saves a checkpoint, then marks the epoch's shards complete;
+a rerun (or a Ray Train restart after a worker dies) resumes at the first incomplete epoch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import os
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import ray
+import torch
+
+from streamprune.errors import SettingsError
+from streamprune.formats.index import Index
+from streamprune.formats.stats_store import LABEL, LABEL_MISSING, STATS, StatsStore, missing_stats
+from streamprune.scoring.stats import sample_stats
+from streamprune.shards.labels import BadSample, Classes, LabelSpec
+from streamprune.stages.ray_cluster import ensure_ray
+from streamprune.stages.record_writers import StoreWriters
+from streamprune.training.decode import PROBE_SAMPLES, SampleDecoder, View, probe_view
+from streamprune.training.models import build_model
+from streamprune.training.recipe import make_sgd, set_cosine_lr, sync_from_rank0, train_step
+from streamprune.training.samples import (
+    assign_shards,
+    bad_samples,
+    healthy_shards,
+    indexed_samples,
+    log_bad_sample,
+    shuffled,
+)
+
+log = logging.getLogger(__name__)
+_TRAINING_KEYS = (
+    "epochs",
+    "schedule_epochs",
+    "batch_size",
+    "lr",
+    "momentum",
+    "weight_decay",
+    "nesterov",
+    "seed",
+    "model",
+    "num_classes",
+    "augment",
+    "label",
+    "decode",
+    "view",
+    "classes",
+)
+
+
+@dataclass
+class RecordConfig:
+    """The run's training recipe; stored in the stats store so that a resume uses the same one."""
+
+    epochs: int
+    schedule_epochs: int = 200
+    batch_size: int = 128
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    nesterov: bool = True
+    seed: int = 0
+    model: str | None = None
+    num_classes: int | None = None
+    augment: bool = True
+    workers: int = 1
+    gpus_per_worker: float = 0.0
+    loader_workers: int = 2
+    shuffle_buffer: int = 1000
+    record: bool = True
+    on_bad_sample: str = "skip"
+    label: str = "cls"
+    decode: str | None = None
+    image_size: int | None = None  # as asked; `view` is what the run uses
+    view: list | None = None  # [channels, height, width, resized]; None with a decode function
+    input_shape: list | None = None  # one example's shape as the model sees it
+    classes: str | None = None  # digest of RUN/classes.json, when the labels are names or were scanned
+
+
+@dataclass
+class RecordSummary:
+    """What `record` did: epochs run now, seconds per epoch, samples/s per worker."""
+
+    run: str
+    epochs_done: int
+    epochs_run: list[int] = field(default_factory=list)
+    epoch_seconds: list[float] = field(default_factory=list)
+    samples_per_s_per_worker: list[float] = field(default_factory=list)
+    samples: int = 0
+    bad_samples: int = 0  # skipped as undecodable (listed in RUN/bad-samples.jsonl)
+    inputs: str = ""  # what the model saw, e.g. "64x64 RGB, random resized crop"
+
+
+class ShardStream(torch.utils.data.IterableDataset):
+    """Streams the samples of some shards as `(example, label, row)`, split across DataLoader workers.
+
+    The row of a sample is its shard's first row plus its position in the tar, checked
+    against the index's key so that a shard changed since indexing is caught.
+    """
+
+    def __init__(
+        self,
+        index_path: str,
+        shards: list[int],
+        epoch: int,
+        seed: int,
+        do_augment: bool,
+        shuffle_buffer: int,
+        decoder: SampleDecoder,
+        shape: tuple[int, ...],
+        on_bad_sample: str = "error",
+    ):
+        self.index_path, self.shards, self.epoch, self.seed = index_path, shards, epoch, seed
+        self.do_augment, self.shuffle_buffer, self.decoder = do_augment, shuffle_buffer, decoder
+        self.shape, self.on_bad_sample = tuple(shape), on_bad_sample
+
+    def _bad(self, idx: Index, shard: int, key: str, row: int, reason: str):
+        """A sample that cannot be decoded: an error, or (skip) logged and yielded with label -1."""
+        if self.on_bad_sample == "error":
+            raise BadSample(f"{reason} (on_bad_sample='skip' skips such samples)")
+        log_bad_sample(Path(self.index_path).parent, idx.names[shard], key, row, self.epoch, reason)
+        return torch.zeros(self.shape), -1, row
+
+    def _samples(self, idx: Index, shard: int):
+        rng = np.random.default_rng([self.seed, self.epoch, shard]) if self.do_augment else None
+        for sample, row in indexed_samples(idx, shard):
+            try:
+                x, label = self.decoder(sample, rng)
+            except BadSample as exc:
+                yield self._bad(idx, shard, sample["__key__"], row, str(exc))
+                continue
+            if tuple(x.shape) != self.shape:
+                yield self._bad(
+                    idx,
+                    shard,
+                    sample["__key__"],
+                    row,
+                    f"sample {sample['__key__']!r} of shard "
+                    f"{idx.names[shard]!r}: decoded to shape {tuple(x.shape)}, the run's inputs are "
+                    f"{self.shape}",
+                )
+                continue
+            yield x, label, row
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        mine = self.shards if info is None else self.shards[info.id :: info.num_workers]
+        idx = Index(self.index_path)
+        wid = 0 if info is None else info.id
+        rng = np.random.default_rng([self.seed, self.epoch, 1 << 20, *mine[:1], wid])
+        yield from shuffled((item for shard in mine for item in self._samples(idx, shard)), self.shuffle_buffer, rng)
+
+
+@ray.remote(num_cpus=0)
+class Progress:
+    """Collects per-rank counts so that the driver can draw a progress bar and a summary."""
+
+    def __init__(self):
+        self.state: dict = {}
+        self.epochs: dict = {}
+
+    def update(self, rank: int, epoch: int, n: int, loss: float, correct: int) -> None:
+        s = self.state.setdefault((epoch, rank), {"n": 0, "loss": 0.0, "correct": 0, "t0": time.time()})
+        s["n"] += n
+        s["loss"] += loss
+        s["correct"] += correct
+        s["t1"] = time.time()
+
+    def reset(self, rank: int, epoch: int) -> None:
+        """Forget a rank's counts for an epoch it (re)starts, e.g. after a worker failure."""
+        self.state.pop((epoch, rank), None)
+
+    def epoch_done(self, epoch: int, seconds: float) -> None:
+        self.epochs[epoch] = seconds
+
+    def get(self) -> tuple[dict, dict]:
+        return self.state, self.epochs
+
+
+def _checkpoint_path(run: Path, epochs_done: int) -> Path:
+    return run / "checkpoints" / f"epoch-{epochs_done:04d}.pt"
+
+
+def _train_loop(cfg: dict) -> None:
+    import ray.train
+    import ray.train.torch
+    import torch.distributed as dist
+    from torch.distributed.algorithms.join import Join
+    from torch.nn.parallel import DistributedDataParallel
+
+    rc = RecordConfig(**cfg["config"])
+    run = Path(cfg["run"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(max(1, cfg["threads"]))
+    distributed = dist.is_available() and dist.is_initialized()
+    barrier = dist.barrier if distributed else (lambda: None)
+    idx = Index(run / "index")
+    start = StatsStore.open(run / "stats.zarr", mode="r").complete_epochs() if rc.record else cfg["start"]
+    torch.manual_seed(rc.seed)
+    net = build_model(rc.model, rc.input_shape, rc.num_classes)
+    decoder = SampleDecoder(None if rc.view is None else View(*rc.view), rc.label, cfg["classes"], rc.decode)
+    opt_state = None
+    if start > 0:
+        ckpt = torch.load(_checkpoint_path(run, start), map_location="cpu", weights_only=True)
+        net.load_state_dict(ckpt["model"])
+        opt_state = ckpt["optimizer"]
+    model = ray.train.torch.prepare_model(net)
+    device = ray.train.torch.get_device()
+    opt = make_sgd(model, rc.lr, rc.momentum, rc.weight_decay, rc.nesterov)
+    if opt_state is not None:
+        opt.load_state_dict(opt_state)
+    writers: StoreWriters = cfg["writers"]
+    progress = cfg["progress"]
+    healthy = np.array(cfg["healthy"], dtype=np.int64)
+    counts = np.diff(idx.shard_offset)[healthy]
+    per_worker_batch = max(1, rc.batch_size // world)
+    for epoch in range(start, rc.epochs):
+        t0 = time.time()
+        progress.reset.remote(rank, epoch)
+        set_cosine_lr(opt, rc.lr, epoch, rc.schedule_epochs)
+        if rank == 0 and rc.record:
+            writers.begin(epoch)
+        barrier()
+        mine = assign_shards(counts, healthy, world, rc.seed, epoch)[rank].tolist()
+        loader = torch.utils.data.DataLoader(
+            ShardStream(
+                str(run / "index"),
+                mine,
+                epoch,
+                rc.seed,
+                rc.augment,
+                rc.shuffle_buffer,
+                decoder,
+                tuple(rc.input_shape),
+                rc.on_bad_sample,
+            ),
+            batch_size=per_worker_batch,
+            num_workers=min(rc.loader_workers, len(mine)),
+            pin_memory=device.type == "cuda",
+            persistent_workers=False,
+        )
+        model.train()
+        pending, rows_buf, stats_buf, seen = [], [], [], [0, 0.0, 0]
+        join = Join([model]) if isinstance(model, DistributedDataParallel) else contextlib.nullcontext()
+        with join:
+            for step, (x, y, rows) in enumerate(loader):
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                logits, loss = train_step(model, opt, x, y)
+                mask = y >= 0  # label -1: a skipped sample
+                good = mask.cpu().numpy()
+                n_good = int(good.sum())
+                seen[0] += n_good
+                seen[1] += float(loss.detach()) * n_good
+                seen[2] += int((logits.argmax(1) == y).sum())
+                if rc.record:
+                    rows_buf.append(rows.numpy()[good])
+                    stats_buf.append({**sample_stats(logits[mask], y[mask]), LABEL: y[mask].cpu().numpy()})
+                    if n_good < len(good):  # skipped samples: given, with missing statistics
+                        rows_buf.append(rows.numpy()[~good])
+                        stats_buf.append(
+                            {**missing_stats(len(good) - n_good), LABEL: np.full(len(good) - n_good, LABEL_MISSING)}
+                        )
+                    if sum(len(r) for r in rows_buf) >= 4096:
+                        pending += _send(writers, rows_buf, stats_buf)
+                        rows_buf, stats_buf = [], []
+                        if len(pending) > 64:
+                            ray.get(pending[:-32])
+                            pending = pending[-32:]
+                if step % 20 == 19:
+                    progress.update.remote(rank, epoch, *seen)
+                    seen = [0, 0.0, 0]
+        if rows_buf:
+            pending += _send(writers, rows_buf, stats_buf)
+        ray.get(pending)
+        progress.update.remote(rank, epoch, *seen)
+        if distributed:
+            sync_from_rank0(model, opt)
+        barrier()
+        if rank == 0:
+            missing = writers.flush() if rc.record else None
+            path = _checkpoint_path(run, epoch + 1)
+            path.parent.mkdir(exist_ok=True)
+            state = {
+                "model": (model.module if isinstance(model, DistributedDataParallel) else model).state_dict(),
+                "optimizer": opt.state_dict(),
+                "epochs_done": epoch + 1,
+            }
+            torch.save(state, str(path) + ".tmp")
+            os.replace(str(path) + ".tmp", path)
+            if rc.record:
+                writers.mark_done(epoch, missing)
+            stale = _checkpoint_path(run, epoch - 1)
+            if stale.exists():
+                stale.unlink()
+            ray.get(progress.epoch_done.remote(epoch, time.time() - t0))
+        barrier()
+
+
+def _send(writers: StoreWriters, rows_buf: list, stats_buf: list) -> list:
+    rows = np.concatenate(rows_buf)
+    stats = {n: np.concatenate([s[n] for s in stats_buf]) for n in (*STATS, LABEL)}
+    return writers.add(rows, stats)
+
+
+def _first_samples(idx: Index, healthy: list[int], limit: int = 2000):
+    """Raw sample dicts of the first `limit` samples of the first shards (at most 4)."""
+    seen = 0
+    for shard in healthy[:4]:
+        for sample, _ in indexed_samples(idx, shard):
+            yield sample
+            seen += 1
+            if seen >= limit:
+                return
+
+
+def _inputs(
+    run: Path,
+    idx: Index,
+    healthy: list[int],
+    label: str,
+    decode: str | None,
+    image_size: int | None,
+    classes: Classes | str | os.PathLike | None,
+    num_classes: int | None,
+    address: str | None,
+    progress: bool,
+) -> tuple[View | None, tuple[int, ...], Classes, bool]:
+    """What the run trains on, from its first samples: the image view (None with a decode function),
+    one example's shape and the classes; True when the classes are a list of names.
+
+    Class names (string labels) come from `classes` (a list file or Classes), else `RUN/classes.json`
+    made for the same label, else a scan of every label (saved there). Integer labels need no list:
+    their count is `num_classes`, else the largest label among the first 2,000 samples plus one."""
+    spec = LabelSpec(label)
+    key = decode or spec.spec
+    samples = _first_samples(idx, healthy)
+    head = list(itertools.islice(samples, PROBE_SAMPLES))  # the rest is streamed: memory stays small
+    view = None if decode else probe_view(head, image_size)
+    probe = SampleDecoder(view, spec, None, decode)
+    raw, shape = [], view.shape if view is not None else None
+    for sample in itertools.chain(head, samples):
+        try:
+            if decode:
+                x, lab = probe.user_decode(sample)
+                shape = shape or tuple(torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x).shape)
+                raw.append(lab)
+            else:
+                raw.append(probe.raw_label(sample))
+        except BadSample:
+            continue
+    if not raw:
+        raise ValueError(f"no sample among the first of {str(idx.path)!r} has a usable label ({key})")
+    if isinstance(classes, (str, os.PathLike)):
+        classes = Classes.from_file(classes, key)
+    named = any(isinstance(r, str) for r in raw)
+    if classes is None:
+        stored = Classes.load(run)
+        if stored is not None and stored.label == key:
+            classes = stored
+        elif named:
+            from streamprune.stages.label_scan import build_classes
+
+            classes = build_classes(run, label, decode=decode, address=address, progress=progress)
+    if classes is not None and classes.names is not None:
+        if num_classes is not None and num_classes != classes.num_classes:
+            raise ValueError(
+                f"num_classes {num_classes} differs from the {classes.num_classes} class names of the run's class list"
+            )
+        return view, shape, classes, True
+    n = num_classes or (classes.num_classes if classes is not None else max(r for r in raw if isinstance(r, int)) + 1)
+    return view, shape, Classes(n, label=key), False
+
+
+def record(
+    run: str | os.PathLike,
+    epochs: int,
+    *,
+    workers: int | None = None,
+    gpus_per_worker: float | None = None,
+    model: str | None = None,
+    address: str | None = None,
+    batch_size: int = 128,
+    lr: float = 0.1,
+    schedule_epochs: int = 200,
+    seed: int = 0,
+    num_classes: int | None = None,
+    loader_workers: int = 2,
+    augment_images: bool = True,
+    chunk_rows: int | None = None,
+    max_failures: int = 3,
+    record_stats: bool = True,
+    on_bad_sample: str = "skip",
+    label: str = "cls",
+    decode: str | None = None,
+    image_size: int | None = None,
+    classes: Classes | str | os.PathLike | None = None,
+    progress: bool = True,
+) -> RecordSummary:
+    """Train the proxy for the first `epochs` epochs of a `schedule_epochs` cosine schedule and
+    write every sample's statistics per epoch to `run/stats.zarr`; resumes an interrupted run.
+
+    `batch_size` is the global batch (split across workers). `record_stats=False` trains
+    without recording (the benchmark's baseline) and writes nothing to the store.
+    `on_bad_sample`: a sample that cannot be decoded (not an image, a decompression bomb, no
+    label) is `skip`ped (its statistics stay missing; counted, listed in `RUN/bad-samples.jsonl`)
+    or an `error` naming it. Inputs: `label` spec (labels.LabelSpec), `image_size` (S: random
+    resized crops of S x S; default: the images' own size when the first ones agree and are small,
+    else 224), or a `decode` function `package.module:function` (sample -> (tensor, label));
+    `classes`: a class-name list file for string labels (default: scanned, `RUN/classes.json`).
+    """
+    from streamprune.config import RecordSection, record_problems
+
+    problems = record_problems(
+        RecordSection(
+            epochs=epochs,
+            workers=workers,
+            gpus_per_worker=gpus_per_worker,
+            model=model if isinstance(model, str) else None,
+            batch_size=batch_size,
+            lr=lr,
+            schedule_epochs=schedule_epochs,
+            seed=seed,
+            num_classes=num_classes,
+            loader_workers=loader_workers,
+            max_failures=max_failures,
+            on_bad_sample=on_bad_sample,
+            label=label,
+            image_size=image_size,
+            decode=decode,
+        ),
+        prefix="",
+    )
+    if problems:
+        raise SettingsError("record settings: " + "; ".join(problems))
+    run = Path(run).resolve()
+    idx = Index(run / "index")
+    healthy = healthy_shards(idx).tolist()
+    ensure_ray(address)
+    resources = ray.cluster_resources()
+    if gpus_per_worker is None:
+        gpus_per_worker = 1.0 if resources.get("GPU", 0) >= 1 else 0.0
+    if workers is None:
+        workers = (
+            int(resources.get("GPU", 0) // gpus_per_worker)
+            if gpus_per_worker
+            else max(1, min(4, int(resources.get("CPU", 1)) // 2))
+        )
+    view, shape, run_classes, named = _inputs(
+        run, idx, healthy, label, decode, image_size, classes, num_classes, address, progress
+    )
+    cfg = RecordConfig(
+        epochs=epochs,
+        schedule_epochs=schedule_epochs,
+        batch_size=batch_size,
+        lr=lr,
+        seed=seed,
+        model=model if isinstance(model, str) or model is None else f"{model.__module__}:{model.__qualname__}",
+        num_classes=run_classes.num_classes,
+        augment=augment_images,
+        workers=workers,
+        gpus_per_worker=gpus_per_worker,
+        loader_workers=loader_workers,
+        on_bad_sample=on_bad_sample,
+        record=record_stats,
+        label=label,
+        decode=decode,
+        image_size=image_size,
+        view=None if view is None else [*view.shape, view.resized],
+        input_shape=list(shape),
+        classes=run_classes.digest if named else None,
+    )
+    store_path = run / "stats.zarr"
+    kwargs = {} if chunk_rows is None else {"chunk_rows": chunk_rows}
+    start = 0
+    if record_stats:
+        store = StatsStore.create(store_path, idx, epochs, config=asdict(cfg), **kwargs)
+        old = store.config
+        changed = [k for k in _TRAINING_KEYS if k in old and old[k] != asdict(cfg)[k]]
+        if changed:
+            raise ValueError(
+                f"{str(store_path)!r} was recorded with other settings ({', '.join(changed)}: "
+                f"{[old[k] for k in changed]}); use the same ones to resume, or a new run directory"
+            )
+        start = store.complete_epochs()
+        if start == epochs:
+            return RecordSummary(str(run), epochs)
+        writers = StoreWriters(store_path, n_writers=workers)
+    else:
+        writers = None
+    tracker = Progress.remote()
+    summary = _fit(
+        run,
+        cfg,
+        writers,
+        tracker,
+        healthy,
+        run_classes,
+        start,
+        max_failures,
+        progress,
+        int(np.diff(idx.shard_offset)[healthy].sum()),
+    )
+    for actor in ([] if writers is None else writers.actors) + [tracker]:
+        ray.kill(actor)
+    summary.bad_samples = len(bad_samples(run))
+    summary.inputs = _describe(view, shape, decode, run_classes, named)
+    return summary
+
+
+def _describe(view: View | None, shape: tuple[int, ...], decode: str | None, classes: Classes, named: bool) -> str:
+    """One line on what the proxy trained on, for the summary."""
+    what = view.describe() if view is not None else f"{decode} -> {tuple(shape)}"
+    return f"{what}; {classes.num_classes} classes" + (f" ({classes.label}, names in classes.json)" if named else "")
+
+
+def _user_error(exc: BaseException) -> BaseException:
+    """The ValueError (bad input or settings: a user's error) a Ray Train failure wraps, so that it
+    is reported as such (exit 2); the failure itself when it wraps none."""
+    stack, seen = [exc], set()
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, ValueError):
+            return e
+        stack += [
+            e.__cause__,
+            e.__context__,
+            getattr(e, "cause", None),
+            getattr(e, "controller_failure", None),
+            *getattr(e, "worker_failures", {}).values(),
+        ]
+    return exc
+
+
+def _fit(
+    run: Path, cfg: RecordConfig, writers, tracker, healthy, classes: Classes, start, max_failures, progress, n_samples
+) -> RecordSummary:
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+    from tqdm.auto import tqdm
+
+    per_worker = {"CPU": 1}
+    if cfg.gpus_per_worker:
+        per_worker["GPU"] = cfg.gpus_per_worker
+    trainer = TorchTrainer(
+        _train_loop,
+        train_loop_config={
+            "config": asdict(cfg),
+            "run": str(run),
+            "writers": writers,
+            "progress": tracker,
+            "healthy": healthy,
+            "classes": classes,
+            "threads": 1,
+            "start": start,
+        },
+        scaling_config=ScalingConfig(
+            num_workers=cfg.workers, use_gpu=bool(cfg.gpus_per_worker), resources_per_worker=per_worker
+        ),
+        run_config=RunConfig(
+            name="record", storage_path=str(run / "ray-train"), failure_config=FailureConfig(max_failures=max_failures)
+        ),
+    )
+    error: list = []
+
+    def fit():
+        try:
+            trainer.fit()
+        except Exception as exc:  # re-raised in the caller's thread
+            error.append(exc)
+
+    thread = threading.Thread(target=fit, daemon=True)
+    thread.start()
+    bars: dict[int, tqdm] = {}
+    state, epochs = {}, {}
+    while thread.is_alive():
+        thread.join(0.5)
+        state, epochs = ray.get(tracker.get.remote())
+        if not progress:
+            continue
+        for epoch in sorted({e for e, _ in state}):
+            rows = [v for (e, _), v in state.items() if e == epoch]
+            n = sum(r["n"] for r in rows)
+            bar = bars.get(epoch) or bars.setdefault(
+                epoch, tqdm(total=n_samples, desc=f"epoch {epoch}", unit="sample", leave=True)
+            )
+            bar.update(n - bar.n)
+            bar.set_postfix(
+                loss=f"{sum(r['loss'] for r in rows) / max(n, 1):.3f}",
+                acc=f"{sum(r['correct'] for r in rows) / max(n, 1):.3f}",
+                refresh=False,
+            )
+            if epoch in epochs:
+                bar.close()
+    for bar in bars.values():
+        bar.close()
+    if error:
+        raise _user_error(error[0]) from None
+    summary = RecordSummary(
+        str(run), max(epochs, default=start - 1) + 1, sorted(epochs), [epochs[e] for e in sorted(epochs)]
+    )
+    for epoch, sec in zip(summary.epochs_run, summary.epoch_seconds):
+        counts = [state[(epoch, rank)]["n"] for rank in range(cfg.workers) if (epoch, rank) in state]
+        rates = [n / max(sec, 1e-9) for n in counts]
+        summary.samples_per_s_per_worker += rates
+        summary.samples += sum(counts)
+        log.info("epoch %d: %.1f s, samples/s per worker: %s", epoch, sec, ", ".join(f"{r:,.0f}" for r in rates))
+    return summary
