@@ -87,7 +87,7 @@ def _index_done(cfg: Config, run: Path) -> bool:
 
 
 def _index(cfg: Config, run: Path, progress: bool, log) -> None:
-    from streamprune.cli.main.main import index_summary
+    from streamprune.cli.main import index_summary
     from streamprune.stages.index import index
 
     idx = index(
@@ -112,7 +112,7 @@ def _record_done(cfg: Config, run: Path) -> bool:
 
 
 def _record(cfg: Config, run: Path, progress: bool, log) -> None:
-    from streamprune.cli.main.main import record_line
+    from streamprune.cli.main import record_line
     from streamprune.stages.record import record
 
     r = cfg.record
@@ -201,7 +201,7 @@ def _sampler_settings(cfg: Config, subset: _Subset) -> dict:
 
 
 def _reduce(cfg: Config, run: Path, subset: _Subset, out: Path, scores_out: Path | None, progress: bool, log) -> None:
-    from streamprune.cli.main.main import reduce_line
+    from streamprune.cli.main import reduce_line
     from streamprune.stages.reduce import reduce
 
     s = _reduce_settings(cfg, subset)
