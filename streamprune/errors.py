@@ -12,11 +12,20 @@ class StreamPruneError(Exception):
 
 
 class SettingsError(StreamPruneError, ValueError):
-    """Settings or arguments that cannot work; names each field."""
+    """Settings or arguments that cannot work; names each field (`problems`: one line per field)."""
+
+    def __init__(self, message: str, problems: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.problems = problems if problems is not None else [message]
 
 
 class InputError(StreamPruneError, ValueError):
     """Input data that cannot be used: a shard, a sample, a user's file; names it."""
+
+
+class ChangedShardError(InputError):
+    """A shard differs from the one that was indexed (its size, or the sample at a recorded
+    position): index it again. Names the shard."""
 
 
 class DamagedRunError(StreamPruneError, ValueError):
@@ -26,15 +35,3 @@ class DamagedRunError(StreamPruneError, ValueError):
 class NewerFormatError(DamagedRunError):
     """A file written by a newer streamprune (its format version is higher than this one reads)."""
 
-
-def check_format(doc: dict, fmt: str, version: int, where: str) -> dict:
-    """A format document's header checked: `format` must be `fmt` and `version` at most `version`."""
-    if not isinstance(doc, dict) or doc.get("format") != fmt:
-        raise DamagedRunError(f"{where} is not a {fmt} file")
-    found = doc.get("version", 0)
-    if not isinstance(found, int) or found > version:
-        raise NewerFormatError(
-            f"{where} was written by a newer streamprune (format {fmt} version {found}; this "
-            f"one reads up to {version}): upgrade streamprune"
-        )
-    return doc

@@ -10,21 +10,20 @@ import hashlib
 import io
 import json
 import os
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from streamprune.errors import DamagedRunError, check_format
+from streamprune.errors import DamagedRunError
 from streamprune.formats.atomic import swap_in, temp_sibling
+from streamprune.formats.headers import INDEX_FORMAT, check_format, header
+from streamprune.formats.rundir import RunDir
 from streamprune.shards.identity import SampleIdentity, find_duplicates, id128
 from streamprune.shards.remote import HEADER_BLOCK, RangedReader
 from streamprune.shards.tarscan import CountingReader, TarFormatError, iter_members, iter_samples
 from streamprune.shards.urls import open_shard
 
-FORMAT = "streamprune-index"
-FORMAT_VERSION = 1
 _ARRAYS = ("id_hi", "id_lo", "sample_start", "sample_end", "member_count", "member_offset", "member_size")
 _DTYPES = {k: np.uint64 if k.startswith("id_") else np.int32 if k == "member_count" else np.int64 for k in _ARRAYS}
 
@@ -239,13 +238,8 @@ def write_index(out: Path, scans: list[ShardScan] | list[Path], root: str, ident
         {"shard": metas[s]["name"], "key": blob[key_offset[r] : key_offset[r + 1]].decode(), "row": int(r)}
         for r, s in zip(dup_rows[:100], shard_of[:100])
     ]
-    from streamprune import __version__
-
     manifest = {
-        "format": FORMAT,
-        "version": FORMAT_VERSION,
-        "streamprune_version": __version__,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        **header(INDEX_FORMAT),
         "root": root,
         "identity": identity_spec,
         "n_shards": len(metas),
@@ -272,8 +266,8 @@ class Index:
 
     def __init__(self, path: str | os.PathLike):
         path = Path(path)
-        if (path / "index").is_dir() and not (path / "manifest.json").exists():
-            path = path / "index"
+        if RunDir(path).index.is_dir() and not (path / "manifest.json").exists():
+            path = RunDir(path).index
         manifest_path = path / "manifest.json"
         if not manifest_path.exists():
             raise FileNotFoundError(f"no shard index at {str(path)!r} (run `streamprune index` first)")
@@ -282,7 +276,7 @@ class Index:
             self.manifest = json.loads(manifest_path.read_text())
         except ValueError as exc:
             raise DamagedRunError(f"{str(manifest_path)!r} is damaged: {exc}") from None
-        check_format(self.manifest, FORMAT, FORMAT_VERSION, repr(str(manifest_path)))
+        check_format(self.manifest, INDEX_FORMAT, repr(str(manifest_path)))
         with open(path / "shards.jsonl") as f:
             self.shards = [json.loads(line) for line in f]
         self.names = [s["name"] for s in self.shards]

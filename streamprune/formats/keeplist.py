@@ -12,7 +12,6 @@ import contextlib
 import json
 import os
 import shutil
-import time
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -25,10 +24,9 @@ from streamprune.formats.atomic import (
     swap_in,
     temp_sibling,
 )
+from streamprune.formats.headers import KEEP_FORMAT, check_format, header
 from streamprune.shards.identity import id128
 
-FORMAT = "streamprune-keep"
-FORMAT_VERSION = 1
 ID_DTYPE = np.dtype("u8,u8")  # DataComp's subset format: (hi, lo) pairs
 ARRAY_DTYPES = {
     "key_offset": np.dtype(np.int64),
@@ -228,14 +226,10 @@ class KeepList:
             raise FileNotFoundError(f"no keep-list at {str(path)!r} (no manifest.json)")
         try:
             manifest = json.loads(mpath.read_text())
-            if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-                raise ValueError("not a streamprune keep-list")
-            version = manifest.get("version", FORMAT_VERSION)
-            if not isinstance(version, int) or version > FORMAT_VERSION:
-                raise ValueError(
-                    f"format version {version!r} was written by a newer streamprune "
-                    f"(this one reads up to {FORMAT_VERSION}); upgrade streamprune"
-                )
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"keep-list {str(path)!r} is damaged or incomplete: {exc}") from None
+        check_format(manifest, KEEP_FORMAT, f"keep-list {str(mpath)!r}")
+        try:
             shards = json.loads((path / "shards.json").read_text())
             arr = {
                 n: np.load(path / f"{n}.npy", mmap_mode="r", allow_pickle=False)
@@ -512,12 +506,4 @@ class KeepListWriter:
 
 def new_manifest(**fields) -> dict:
     """Manifest fields every keep-list carries, plus `fields`."""
-    from streamprune import __version__
-
-    return {
-        "format": FORMAT,
-        "version": FORMAT_VERSION,
-        "streamprune_version": __version__,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        **fields,
-    }
+    return {**header(KEEP_FORMAT), **fields}

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,14 +18,19 @@ from pathlib import Path
 import numpy as np
 import zarr
 
+from streamprune.errors import DamagedRunError, InputError, SettingsError
 from streamprune.formats.atomic import named_os_error
+from streamprune.formats.headers import (
+    CORRECT_MISSING,
+    LABEL_MISSING,
+    STAT_MISSING,
+    STATS_FORMAT,
+    check_format,
+    header,
+)
 
 STATS = ("p_true", "correct", "margin", "el2n", "entropy", "loss")
-CORRECT_MISSING = 255
-LABEL = "label"  # int32 (N,): each sample's class as trained on; -1 unknown
-LABEL_MISSING = -1
-FORMAT = "streamprune-stats"
-FORMAT_VERSION = 1
+LABEL = "label"  # int32 (N,): each sample's class as trained on; LABEL_MISSING unknown
 DEFAULT_CHUNK_ROWS = 65536
 RECORD_AGAIN = (
     "record the run again (`streamprune record` into a new run directory, or after removing this "
@@ -65,7 +69,7 @@ def _same_fill(actual, expected) -> bool:
 
 def fill_value(name: str):
     """The missing-value marker of a statistic: NaN, or 255 for `correct`."""
-    return CORRECT_MISSING if name == "correct" else np.nan
+    return CORRECT_MISSING if name == "correct" else STAT_MISSING
 
 
 def missing_stats(n: int) -> dict[str, np.ndarray]:
@@ -82,7 +86,7 @@ def owner_of(rows: np.ndarray, chunk_rows: int, n_chunks: int, n_writers: int) -
     return (np.asarray(rows, dtype=np.int64) // chunk_rows) * n_writers // max(n_chunks, 1)
 
 
-class OwnershipError(RuntimeError):
+class OwnershipError(InputError, RuntimeError):
     """A writer was handed rows of a chunk it does not own, or a row twice in one epoch."""
 
 
@@ -94,9 +98,7 @@ class StatsStore:
         With `strict=False` (for `verify`) the problems are kept in `metadata_problems` and the
         counts are those the arrays agree on (None where unusable)."""
         self.group, self.path = group, path
-        attrs = dict(group.attrs)
-        if attrs.get("format") != FORMAT:
-            raise ValueError(f"{str(path)!r} is not a streamprune stats store")
+        attrs = check_format(dict(group.attrs), STATS_FORMAT, f"stats store {str(path)!r}")
         self.attrs = attrs
         self._arrays: dict[str, zarr.Array] = {}
         self._held: dict = {}
@@ -104,11 +106,9 @@ class StatsStore:
         problems = self.problems(index)
         self.metadata_problems = problems
         if problems and strict:
-            if "newer streamprune" in problems[0][1]:
-                raise ValueError(f"stats store {str(path)!r}: {problems[0][1]}")
             listed = "; ".join(f"{path.name}/{file}: {p}" for file, p in problems[:8])
             more = f"; and {len(problems) - 8} more" if len(problems) > 8 else ""
-            raise ValueError(f"stats store {str(path)!r} is damaged or was edited: {listed}{more}; {RECORD_AGAIN}")
+            raise DamagedRunError(f"stats store {str(path)!r} is damaged or was edited: {listed}{more}; {RECORD_AGAIN}")
         held = self._held
         self.n_samples: int = held.get("n_samples")
         self.n_shards: int = held.get("n_shards")
@@ -131,17 +131,6 @@ class StatsStore:
         """
         out: list[tuple[str, str]] = []
         attrs, root = self.attrs, "zarr.json"
-        version = attrs.get("version")
-        if not _is_int(version) or version < 1:
-            return [(root, f"attribute version is {version!r}, not a format version")]
-        if version > FORMAT_VERSION:
-            return [
-                (
-                    root,
-                    f"format version {version} was written by a newer streamprune (this one reads up to "
-                    f"{FORMAT_VERSION}); upgrade streamprune to read it",
-                )
-            ]
         least = {"n_samples": 0, "n_shards": 0, "epochs": 1, "chunk_rows": 1}
         for key, lo in least.items():
             v = attrs.get(key)
@@ -312,7 +301,9 @@ class StatsStore:
         where = self._chunk_label(name, chunk, epoch)
         why = "" if epoch is None else f" of epoch {epoch}, which is marked complete,"
         more = f" ({len(missing) - 1} more chunks are missing)" if len(missing) > 1 else ""
-        raise ValueError(f"stats store {str(self.path)!r} is damaged: {where}{why} is missing{more}; {RECORD_AGAIN}")
+        raise DamagedRunError(
+            f"stats store {str(self.path)!r} is damaged: {where}{why} is missing{more}; {RECORD_AGAIN}"
+        )
 
     @classmethod
     def create(
@@ -324,13 +315,13 @@ class StatsStore:
         """
         path = Path(path)
         if epochs < 1:
-            raise ValueError(f"epochs must be >= 1, not {epochs}")
+            raise SettingsError(f"epochs must be >= 1, not {epochs}")
         if chunk_rows < 1:
-            raise ValueError(f"chunk_rows must be >= 1, not {chunk_rows}")
+            raise SettingsError(f"chunk_rows must be >= 1, not {chunk_rows}")
         if (path / "zarr.json").exists():
             store = cls.open(path, index=index)
             if store.epochs != epochs:
-                raise ValueError(f"stats store {str(path)!r} has {store.epochs} epochs, not {epochs}")
+                raise SettingsError(f"stats store {str(path)!r} has {store.epochs} epochs, not {epochs}")
             return store
         n, s = index.n_samples, index.n_shards
         tmp = path.with_name(path.name + ".tmp")
@@ -353,14 +344,9 @@ class StatsStore:
                 index.shard_offset
             )
             group.create_array("done", shape=(epochs, s), chunks=(1, max(s, 1)), dtype=np.uint8, fill_value=0)
-            from streamprune import __version__
-
             group.attrs.update(
                 {
-                    "format": FORMAT,
-                    "version": FORMAT_VERSION,
-                    "streamprune_version": __version__,
-                    "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                    **header(STATS_FORMAT),
                     "n_samples": n,
                     "n_shards": s,
                     "epochs": epochs,
@@ -383,13 +369,17 @@ class StatsStore:
         try:
             group = zarr.open_group(str(path), mode=mode, zarr_format=3)
         except Exception as exc:
-            raise ValueError(
+            raise DamagedRunError(
                 f"stats store {str(path)!r} is damaged: {str(path / 'zarr.json')!r} is unreadable "
                 f"({type(exc).__name__}: {exc}); {RECORD_AGAIN}"
             ) from None
         fingerprint = dict(group.attrs).get("fingerprint")
-        if index is not None and dict(group.attrs).get("format") == FORMAT and fingerprint != index.fingerprint:
-            raise ValueError(
+        if (
+            index is not None
+            and dict(group.attrs).get("format") == STATS_FORMAT.name
+            and fingerprint != index.fingerprint
+        ):
+            raise DamagedRunError(
                 f"stats store {str(path)!r} was made for another index "
                 f"(fingerprint {fingerprint}, index {index.fingerprint})"
             )
@@ -402,7 +392,7 @@ class StatsStore:
     def labels(self, rows: slice = slice(None)) -> np.ndarray:
         """The recorded labels of `rows` (-1: never recorded); refuses a store without labels."""
         if not self.has_labels:
-            raise ValueError(
+            raise DamagedRunError(
                 f"stats store {str(self.path)!r} has no labels (recorded by an older streamprune); "
                 f"record it again in a new run directory"
             )
@@ -505,7 +495,7 @@ class StatsStore:
             t = None
         row = int(r[first])
         where = self._chunk_label(name, row // self.chunk_rows, t)
-        raise ValueError(
+        raise DamagedRunError(
             f"stats store {str(self.path)!r} is damaged: {where}"
             f" holds {what} (row {row}: {data[first]!r}); {RECORD_AGAIN}"
         )
@@ -519,7 +509,7 @@ class StatsStore:
         """
         step = self.chunk_rows * max(1, -(-(block_rows or self.chunk_rows) // self.chunk_rows))
         if start % self.chunk_rows:
-            raise ValueError(f"start row {start} is not a multiple of the chunk size {self.chunk_rows}")
+            raise SettingsError(f"start row {start} is not a multiple of the chunk size {self.chunk_rows}")
         stop = self.n_samples if stop is None else min(stop, self.n_samples)
         for r0 in range(start, stop, step):
             r1 = min(r0 + step, stop)
@@ -546,7 +536,7 @@ class ChunkWriter:
 
     def __init__(self, store: StatsStore, chunks: range, epoch: int):
         if not 0 <= epoch < store.epochs:
-            raise ValueError(f"epoch {epoch} outside the store's {store.epochs} epochs")
+            raise SettingsError(f"epoch {epoch} outside the store's {store.epochs} epochs")
         self.store, self.chunks, self.epoch = store, chunks, epoch
         self.row_lo = chunks.start * store.chunk_rows
         self.row_hi = min(chunks.stop * store.chunk_rows, store.n_samples)

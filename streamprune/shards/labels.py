@@ -18,12 +18,11 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from streamprune.errors import InputError, check_format
+from streamprune.errors import DamagedRunError, InputError, SettingsError
+from streamprune.formats.headers import CLASSES_FORMAT, check_format, header
+from streamprune.formats.rundir import RunDir
 from streamprune.plugins import import_function, is_function_spec
 
-CLASSES_FILE = "classes.json"
-FORMAT = "streamprune-classes"
-FORMAT_VERSION = 1
 _EXT = re.compile(r"^[a-z0-9_][a-z0-9_.-]*$")
 
 Label = int | str
@@ -76,7 +75,7 @@ class LabelSpec:
         if spec.startswith("json:"):
             path = tuple(spec[5:].split("."))
             if not all(path):
-                raise ValueError(f"label {spec!r}: expected json:FIELD or json:a.b.c")
+                raise SettingsError(f"label {spec!r}: expected json:FIELD or json:a.b.c")
             object.__setattr__(self, "member", "json")
             object.__setattr__(self, "path", path)
         elif is_function_spec(spec):
@@ -84,7 +83,7 @@ class LabelSpec:
         elif _EXT.match(spec):
             object.__setattr__(self, "member", spec)
         else:
-            raise ValueError(
+            raise SettingsError(
                 f"label {spec!r}: expected 'cls', a member extension, 'json:FIELD' or 'package.module:function'"
             )
 
@@ -136,10 +135,10 @@ class Classes:
 
     def __post_init__(self):
         if self.num_classes < 1:
-            raise ValueError(f"need at least one class, not {self.num_classes}")
+            raise SettingsError(f"need at least one class, not {self.num_classes}")
         if self.names is not None:
             if len(self.names) != self.num_classes or len(set(self.names)) != len(self.names):
-                raise ValueError(f"class names must be {self.num_classes} distinct strings")
+                raise SettingsError(f"class names must be {self.num_classes} distinct strings")
 
     @property
     def digest(self) -> str:
@@ -152,7 +151,7 @@ class Classes:
         (the run's classes do not fit the data: stop, do not skip)."""
         if isinstance(label, str):
             if self.names is None:
-                raise ValueError(
+                raise InputError(
                     f"{where}: label {label!r} is a name, but the run's classes are integers 0..{self.num_classes - 1}"
                 )
             lookup = self.__dict__.get("_lookup")
@@ -160,10 +159,10 @@ class Classes:
                 lookup = {n: i for i, n in enumerate(self.names)}
                 object.__setattr__(self, "_lookup", lookup)
             if label not in lookup:
-                raise ValueError(f"{where}: label {label!r} is not among the run's {self.num_classes} classes")
+                raise InputError(f"{where}: label {label!r} is not among the run's {self.num_classes} classes")
             return lookup[label]
         if not 0 <= label < self.num_classes:
-            raise ValueError(f"{where}: label {label} is outside [0, {self.num_classes})")
+            raise InputError(f"{where}: label {label} is outside [0, {self.num_classes})")
         return label
 
     def name(self, index: int) -> str:
@@ -175,11 +174,11 @@ class Classes:
         names = sorted(k for k in counts if isinstance(k, str))
         ints = [k for k in counts if not isinstance(k, str)]
         if names and ints:
-            raise ValueError(
+            raise InputError(
                 f"labels ({label}) mix class names ({names[:3]}) and integers ({sorted(ints)[:3]}); make them one kind"
             )
         if not counts:
-            raise ValueError(f"no sample has a label ({label})")
+            raise InputError(f"no sample has a label ({label})")
         if names:
             return cls(len(names), tuple(names), label, tuple(counts[n] for n in names))
         n = max(ints) + 1
@@ -192,30 +191,29 @@ class Classes:
         try:
             text = path.read_text()
         except OSError as exc:
-            raise ValueError(f"class list {str(path)!r}: cannot read: {exc.strerror}") from None
+            raise InputError(f"class list {str(path)!r}: cannot read: {exc.strerror}") from None
         if path.suffix == ".json":
             try:
                 data = json.loads(text)
             except ValueError as exc:
-                raise ValueError(f"class list {str(path)!r} is not valid JSON: {exc}") from None
-            if isinstance(data, dict) and data.get("format") == FORMAT:
+                raise InputError(f"class list {str(path)!r} is not valid JSON: {exc}") from None
+            if isinstance(data, dict) and data.get("format") == CLASSES_FORMAT.name:
                 return cls._from_doc(data, path)
             if not isinstance(data, list) or not all(isinstance(n, str) for n in data):
-                raise ValueError(f"class list {str(path)!r}: expected a JSON list of class names")
+                raise InputError(f"class list {str(path)!r}: expected a JSON list of class names")
             names = data
         else:
             names = [line.strip() for line in text.splitlines() if line.strip()]
         if len(set(names)) != len(names):
             dup = next(n for n in names if names.count(n) > 1)
-            raise ValueError(f"class list {str(path)!r} names {dup!r} twice")
+            raise InputError(f"class list {str(path)!r} names {dup!r} twice")
         return cls(len(names), tuple(names), label)
 
     def save(self, run: str | os.PathLike) -> Path:
         """Write `RUN/classes.json` atomically."""
-        path = Path(run) / CLASSES_FILE
+        path = RunDir(run).classes
         doc = {
-            "format": FORMAT,
-            "version": FORMAT_VERSION,
+            **header(CLASSES_FORMAT, stamp=False),
             "label": self.label,
             "num_classes": self.num_classes,
             "names": None if self.names is None else list(self.names),
@@ -229,18 +227,18 @@ class Classes:
     @classmethod
     def load(cls, run: str | os.PathLike) -> "Classes | None":
         """`RUN/classes.json`, or None when the run has none."""
-        path = Path(run) / CLASSES_FILE
+        path = RunDir(run).classes
         if not path.exists():
             return None
         try:
             doc = json.loads(path.read_text())
         except ValueError as exc:
-            raise ValueError(f"{str(path)!r} is damaged: {exc}") from None
+            raise DamagedRunError(f"{str(path)!r} is damaged: {exc}") from None
         return cls._from_doc(doc, path)
 
     @classmethod
     def _from_doc(cls, doc: dict, path: Path) -> "Classes":
-        check_format(doc, FORMAT, FORMAT_VERSION, repr(str(path)))
+        check_format(doc, CLASSES_FORMAT, repr(str(path)))
         names, counts = doc.get("names"), doc.get("counts")
         return cls(
             int(doc["num_classes"]),
@@ -286,7 +284,7 @@ def count_classes(parts: "Iterable[tuple[Counter, int, list[str]]]", label: str,
         counts.update(part)
         reasons.extend(why[: 3 - len(reasons)])
     if not counts:
-        raise ValueError(f"no sample of {where} has a usable label ({label})" + (f": {reasons[0]}" if reasons else ""))
+        raise InputError(f"no sample of {where} has a usable label ({label})" + (f": {reasons[0]}" if reasons else ""))
     return Classes.from_labels(counts, label)
 
 
@@ -296,7 +294,7 @@ def scan_classes(run: str | os.PathLike, label: str = "cls") -> Classes:
     from streamprune.formats.index import Index
 
     spec = LabelSpec(label)
-    idx = Index(Path(run) / "index")
+    idx = Index(RunDir(run).index)
     parts = (
         scan_labels(info["url"], idx.names[s], spec, spec.members)
         for s, info in enumerate(idx.shards)
