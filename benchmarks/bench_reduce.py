@@ -200,7 +200,7 @@ def main(argv: list[str] | None = None) -> dict:
             mem = PeakMemory()
             mem.start()
             t = time.perf_counter()
-            keep = reduce(run, args.ratio, "dual-beta", which="method", progress=False)
+            keep = reduce(run, args.ratio, "dual-beta", scores="method", progress=False)
             t_reduce = time.perf_counter() - t
             mem.stop = True
             mem.join()

@@ -171,7 +171,7 @@ def noise_setting(
                 **settings,
                 out=work / "noisy-keeps" / f"{method.replace(':', '-')}-{ratio}",
                 scores_out=work / "noisy-scores.zarr",
-                which="method",
+                scores="method",
                 progress=False,
             )
             frac = float(noisy[kept_indices(keep)].mean())
@@ -272,7 +272,7 @@ def main(argv: list[str] | None = None) -> dict:
                         out=out,
                         balance=balance,
                         scores_out=work / "scores.zarr",
-                        which="method",
+                        scores="method",
                         progress=False,
                         **settings,
                     )

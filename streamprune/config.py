@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import math
 import os
 import types
 import typing
@@ -16,82 +15,29 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from streamprune.errors import SettingsError
+from streamprune.settings import (
+    EvaluateSettings,
+    IndexSettings,
+    RecordSettings,
+    ReduceSettings,
+    ReportSettings,
+    default,
+)
 from streamprune.shards.identity import has_scheme
 
 
 @dataclass
-class IndexSection:
-    root: str | None = None
-    identity: str = "shard-key"
-
-
-@dataclass
-class RecordSection:
-    epochs: int = 10
-    workers: int | None = None
-    gpus_per_worker: float | None = None
-    model: str | None = None
-    batch_size: int = 128
-    lr: float = 0.1
-    schedule_epochs: int = 200
-    seed: int = 0
-    num_classes: int | None = None
-    loader_workers: int = 2
-    max_failures: int = 3
-    on_bad_sample: str = "skip"
-    label: str = "cls"
-    classes: str | None = None
-    image_size: int | None = None
-    decode: str | None = None
-
-
-@dataclass
-class ReduceSection:
-    ratio: float = 0.5
-    method: str = "dual-beta"
-    seed: int = 0
-    window: int | None = None
-    epochs: int | None = None
-    missing: str = "drop"
-    scores: str = "all"
-    c_d: float | None = None
-    C: float = 15.0
-    alpha_plus_beta: float | None = None
-    cut: float = 0.2
-    balance: str | None = None
-
-
-@dataclass
-class EvaluateSection:
-    test_shards: str | list[str] | None = None
-    epochs: int = 10
-    budget: str = "steps"
-    seeds: int = 3
-    baseline: str | None = "random"
-    full: bool = True
-    model: str | None = None
-    num_classes: int | None = None
-    batch_size: int = 128
-    lr: float = 0.1
-    seed: int = 0
-    device: str | None = None
-
-
-@dataclass
-class ReportSection:
-    enabled: bool = True
-
-
-@dataclass
 class Config:
+    """A whole `run`: the shards, the run directory, the Ray address and each stage's settings."""
+
     shards: str | list[str]
     out: str = "run"
     address: str | None = None
-    index: IndexSection = field(default_factory=IndexSection)
-    record: RecordSection = field(default_factory=RecordSection)
-    reduce: ReduceSection = field(default_factory=ReduceSection)
-    evaluate: EvaluateSection = field(default_factory=EvaluateSection)
-    report: ReportSection = field(default_factory=ReportSection)
+    index: IndexSettings = field(default_factory=IndexSettings)
+    record: RecordSettings = field(default_factory=RecordSettings)
+    reduce: ReduceSettings = field(default_factory=ReduceSettings)
+    evaluate: EvaluateSettings = field(default_factory=EvaluateSettings)
+    report: ReportSettings = field(default_factory=ReportSettings)
 
 
 class ConfigError(SettingsError):
@@ -117,167 +63,73 @@ def load_config(path: str | os.PathLike) -> Config:
         raise ConfigError(f"config {str(path)!r}: cannot parse: {exc}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config {str(path)!r}: expected a mapping of fields, got {type(data).__name__}")
-    cfg = _build(Config, data, f"config {str(path)!r}", "")
-    problems = config_problems(cfg)
-    if problems:
+    problems: list[str] = []
+    cfg = _build(Config, data, "", problems)
+    problems += config_problems(data)
+    if problems or cfg is None:
         raise ConfigError(
-            f"config {str(path)!r} has {len(problems)} problem(s), nothing was run:\n  " + "\n  ".join(problems)
+            f"config {str(path)!r} has {len(problems)} problem(s), nothing was run:\n  " + "\n  ".join(problems),
+            problems=problems,
         )
     return _resolve_paths(cfg, path.parent.resolve())
 
 
-SEED_LIMIT = 1 << 63  # seeds are hashed as 64-bit numbers: larger (or negative) ones would alias
-
-
-def _finite(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-
-def record_problems(r: RecordSection, prefix: str = "record.") -> list[str]:
-    """Every value of a record section that cannot work, one line each (the field named)."""
-    from streamprune.plugins import is_function_spec
-    from streamprune.shards.labels import LabelSpec
-
-    out = []
-    check = lambda ok, field_, msg: None if ok else out.append(f"{prefix}{field_}: {msg}")
-    check(r.epochs >= 1, "epochs", f"must be >= 1, not {r.epochs}")
-    check(
-        r.schedule_epochs >= r.epochs,
-        "schedule_epochs",
-        f"must be >= epochs ({r.epochs}): the recorded epochs are the start of the schedule, not {r.schedule_epochs}",
-    )
-    check(r.workers is None or r.workers >= 1, "workers", f"must be >= 1, not {r.workers}")
-    check(
-        r.gpus_per_worker is None or (_finite(r.gpus_per_worker) and r.gpus_per_worker >= 0),
-        "gpus_per_worker",
-        f"must be >= 0, not {r.gpus_per_worker}",
-    )
-    check(r.batch_size >= 1, "batch_size", f"must be >= 1, not {r.batch_size}")
-    check(_finite(r.lr) and r.lr > 0, "lr", f"must be a finite number > 0, not {r.lr}")
-    check(0 <= r.seed < SEED_LIMIT, "seed", f"must be in [0, 2^63), not {r.seed}")
-    check(r.num_classes is None or r.num_classes >= 1, "num_classes", f"must be >= 1, not {r.num_classes}")
-    check(r.loader_workers >= 0, "loader_workers", f"must be >= 0, not {r.loader_workers}")
-    check(r.max_failures >= 0, "max_failures", f"must be >= 0, not {r.max_failures}")
-    check(r.on_bad_sample in ("skip", "error"), "on_bad_sample", f"must be skip or error, not {r.on_bad_sample!r}")
-    check(r.image_size is None or r.image_size >= 8, "image_size", f"must be >= 8 pixels, not {r.image_size}")
-    check(
-        r.decode is None or is_function_spec(r.decode), "decode", f"must be package.module:function, not {r.decode!r}"
-    )
-    check(r.decode is None or r.label == "cls", "label", "does not apply with a decode function (it returns the label)")
-    check(
-        r.model is None or r.model in ("small-cnn", "resnet18") or is_function_spec(r.model),
-        "model",
-        f"must be small-cnn, resnet18 or package.module:factory, not {r.model!r}",
-    )
-    try:
-        LabelSpec(r.label)
-    except ValueError as exc:
-        out.append(f"{prefix}label: {exc}")
+def config_problems(data: dict) -> list[str]:
+    """The problems between fields of a config (its fields as read, defaults filled in), so that
+    `run` refuses it before any work, together with each field's own problems."""
+    out = [] if data.get("shards") else ["shards: no shard given"]
+    section = lambda name: data.get(name) if isinstance(data.get(name), dict) else {}
+    record, reduce = section("record"), section("reduce")
+    recorded = record.get("epochs", default(RecordSettings, "epochs"))
+    used, window = reduce.get("epochs"), reduce.get("window")
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (recorded, used or 1, window or 2)):
+        return out  # a field of the wrong type, reported by itself
+    if used is not None and used > recorded:
+        out.append(f"reduce.epochs: {used} is more than the {recorded} recorded epochs")
+    if window is not None and window > (used or recorded):
+        out.append(f"reduce.window: {window} is longer than the {used or recorded} epochs used (T)")
     return out
 
 
-def reduce_problems(r: ReduceSection, prefix: str = "reduce.") -> list[str]:
-    """Every value of a reduce section that cannot work, one line each."""
-    from streamprune.scoring.sampling import resolve_balance
-    from streamprune.stages.reduce import Method
-
-    out = []
-    check = lambda ok, field_, msg: None if ok else out.append(f"{prefix}{field_}: {msg}")
-    check(_finite(r.ratio) and 0 <= r.ratio < 1, "ratio", f"must be in [0, 1) (the fraction removed), not {r.ratio}")
-    try:
-        Method.parse(r.method)
-    except ValueError as exc:
-        out.append(f"{prefix}method: {exc}")
-    check(0 <= r.seed < SEED_LIMIT, "seed", f"must be in [0, 2^63), not {r.seed}")
-    check(r.window is None or r.window >= 2, "window", f"must be >= 2, not {r.window}")
-    check(r.epochs is None or r.epochs >= 1, "epochs", f"must be >= 1, not {r.epochs}")
-    check(r.missing in ("drop", "error"), "missing", f"must be drop or error, not {r.missing!r}")
-    check(r.scores in ("all", "method"), "scores", f"must be all or method, not {r.scores!r}")
-    check(r.c_d is None or (_finite(r.c_d) and r.c_d > 0), "c_d", f"must be > 0, not {r.c_d}")
-    check(_finite(r.C) and r.C > 0, "C", f"must be > 0, not {r.C}")
-    check(
-        r.alpha_plus_beta is None or (_finite(r.alpha_plus_beta) and r.alpha_plus_beta > r.C),
-        "alpha_plus_beta",
-        f"must be > C ({r.C}) so that alpha stays positive, not {r.alpha_plus_beta}",
-    )
-    check(_finite(r.cut) and 0 <= r.cut < 1, "cut", f"must be in [0, 1), not {r.cut}")
-    try:
-        balance = resolve_balance(r.balance, r.method)
-        check(
-            not (balance == "classes" and r.method.startswith("ccs:")),
-            "balance",
-            "classes cannot be combined with ccs: methods (they stratify by score)",
-        )
-    except ValueError as exc:
-        out.append(f"{prefix}balance: {exc}")
-    return out
-
-
-def evaluate_problems(e: EvaluateSection, prefix: str = "evaluate.") -> list[str]:
-    """Every value of an evaluate section that cannot work, one line each."""
-    from streamprune.stages.evaluate import BUDGETS
-    from streamprune.stages.reduce import Method
-
-    out = []
-    check = lambda ok, field_, msg: None if ok else out.append(f"{prefix}{field_}: {msg}")
-    check(e.epochs >= 1, "epochs", f"must be >= 1, not {e.epochs}")
-    check(e.budget in BUDGETS, "budget", f"must be one of {list(BUDGETS)}, not {e.budget!r}")
-    check(e.seeds >= 1, "seeds", f"must be >= 1, not {e.seeds}")
-    check(e.batch_size >= 1, "batch_size", f"must be >= 1, not {e.batch_size}")
-    check(_finite(e.lr) and e.lr > 0, "lr", f"must be a finite number > 0, not {e.lr}")
-    check(e.num_classes is None or e.num_classes >= 1, "num_classes", f"must be >= 1, not {e.num_classes}")
-    check(0 <= e.seed < SEED_LIMIT, "seed", f"must be in [0, 2^63), not {e.seed}")
-    if e.baseline is not None:
-        try:
-            Method.parse(e.baseline)
-        except ValueError as exc:
-            out.append(f"{prefix}baseline: {exc}")
-    return out
-
-
-def config_problems(cfg: Config) -> list[str]:
-    """Every problem of a whole config, so that `run` refuses it before any work."""
-    out = [] if cfg.shards else ["shards: no shard given"]
-    out += record_problems(cfg.record) + reduce_problems(cfg.reduce)
-    if cfg.evaluate.test_shards is not None:
-        out += evaluate_problems(cfg.evaluate)
-    if cfg.reduce.epochs is not None and cfg.reduce.epochs > cfg.record.epochs:
-        out.append(f"reduce.epochs: {cfg.reduce.epochs} is more than the {cfg.record.epochs} recorded epochs")
-    window, t = cfg.reduce.window, cfg.reduce.epochs or cfg.record.epochs
-    if window is not None and window > t:
-        out.append(f"reduce.window: {window} is longer than the {t} epochs used (T)")
-    return out
-
-
-def _build(cls, data: dict, where: str, prefix: str):
+def _build(cls, data: dict, prefix: str, problems: list[str]):
+    """`cls` from `data`, each field's type checked; every problem appended to `problems` (None then)."""
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
-    unknown = [k for k in data if k not in names]
-    if unknown:
-        k = unknown[0]
-        close = difflib.get_close_matches(str(k), names, n=1)
-        raise ConfigError(
-            f"{where}: unknown field {prefix + str(k)!r}"
-            + (f" (did you mean {prefix + close[0]!r}?)" if close else f"; known: {names}")
-        )
-    values = {}
+    values, before = {}, len(problems)
+    for k in data:
+        if k not in names:
+            close = difflib.get_close_matches(str(k), names, n=1)
+            problems.append(
+                f"{prefix + str(k)}: unknown field"
+                + (f" (did you mean {prefix + close[0]!r}?)" if close else f"; known: {names}")
+            )
     for f in dataclasses.fields(cls):
         name, hint = f.name, hints[f.name]
         if name not in data:
             if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                raise ConfigError(f"{where}: missing required field {prefix + name!r}")
+                problems.append(f"{prefix + name}: missing required field")
             continue
         value = data[name]
         if dataclasses.is_dataclass(hint):
             if not isinstance(value, dict):
-                raise ConfigError(f"{where}: {prefix + name!r} must be a section of fields")
-            values[name] = _build(hint, value, where, f"{prefix}{name}.")
+                problems.append(f"{prefix + name}: must be a section of fields")
+            else:
+                values[name] = _build(hint, value, f"{prefix}{name}.", problems)
         else:
-            values[name] = _check_type(value, hint, where, prefix + name)
-    return cls(**values)
+            try:
+                values[name] = _check_type(value, hint, prefix + name)
+            except ConfigError as exc:
+                problems.append(str(exc))
+    if len(problems) > before:
+        return None
+    try:
+        return cls(**values)
+    except SettingsError as exc:
+        problems.extend(exc.problems)
+        return None
 
 
-def _check_type(value, hint, where: str, name: str):
+def _check_type(value, hint, name: str):
     options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
     for t in options:
         if t is type(None) and value is None:
@@ -293,7 +145,7 @@ def _check_type(value, hint, where: str, name: str):
         if typing.get_origin(t) is list and isinstance(value, list) and all(isinstance(v, str) for v in value):
             return value
     expected = " or ".join("null" if t is type(None) else getattr(t, "__name__", str(t)) for t in options)
-    raise ConfigError(f"{where}: field {name!r} must be {expected}, got {value!r}")
+    raise ConfigError(f"{name}: must be {expected}, not {value!r}")
 
 
 def _resolve_paths(cfg: Config, base: Path) -> Config:
@@ -303,13 +155,12 @@ def _resolve_paths(cfg: Config, base: Path) -> Config:
         return str(base / p)
 
     listed = lambda v: None if v is None else local(v) if isinstance(v, str) else [local(u) for u in v]
+    optional = lambda v: None if v is None else local(v)
     cfg.shards = listed(cfg.shards)
     cfg.out = local(cfg.out)
-    cfg.evaluate.test_shards = listed(cfg.evaluate.test_shards)
-    if cfg.index.root is not None:
-        cfg.index.root = local(cfg.index.root)
-    if cfg.record.classes is not None:
-        cfg.record.classes = local(cfg.record.classes)
+    cfg.evaluate = cfg.evaluate.replace(test_shards=listed(cfg.evaluate.test_shards))
+    cfg.index = cfg.index.replace(root=optional(cfg.index.root))
+    cfg.record = cfg.record.replace(classes=optional(cfg.record.classes))
     return cfg
 
 

@@ -4,62 +4,22 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from streamprune import KeepList, PrunedWebDataset, index, reduce
 from streamprune.cli.main import main
-from streamprune.formats.stats_store import LABEL, STATS, ChunkWriter, StatsStore
+from streamprune.formats.stats_store import STATS, ChunkWriter, StatsStore
 from streamprune.scoring import sampling, scores
 from streamprune.shards.identity import id128, uniforms
 
-T = 12
-
-
-def _synthetic_stats(n: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """Learning-curve-like statistics; a tenth of the samples never change (DUAL = 0)."""
-    a, b = rng.normal(-1, 1, n), rng.uniform(0, 0.6, n)
-    logit = a[:, None] + b[:, None] * np.arange(T) + rng.normal(0, 0.5, (n, T))
-    logit[: n // 10] = 2.0
-    p = 1 / (1 + np.exp(-logit))
-    return {
-        "p_true": p.astype(np.float32),
-        "correct": (p > 0.5).astype(np.uint8),
-        "margin": logit.astype(np.float32),
-        "el2n": (1 - p).astype(np.float32) * 1.2,
-        "entropy": (-p * np.log(p) - (1 - p) * np.log(1 - p)).astype(np.float32),
-        "loss": -np.log(p).astype(np.float32),
-    }
-
-
-def _synthetic_labels(n: int) -> np.ndarray:
-    """Ten uneven classes: class 9 holds about 4/13 of the samples, the others 1/13 each."""
-    return np.minimum(np.arange(n) % 13, 9).astype(np.int32)
-
-
-def _synthetic_run(run: Path, paths: list[str], seed: int):
-    """An index of `paths` under `run` and a complete store of T epochs of synthetic statistics
-    (labels from `_synthetic_labels`)."""
-    idx = index(paths, run, progress=False)
-    store = StatsStore.create(run / "stats.zarr", idx, epochs=T, chunk_rows=64)
-    stats = _synthetic_stats(idx.n_samples, np.random.default_rng(seed))
-    rows = np.arange(idx.n_samples)
-    labels = _synthetic_labels(idx.n_samples)
-    for t in range(T):
-        w = ChunkWriter(store, range(store.n_chunks), t)
-        w.add(rows, {**{n: stats[n][:, t] for n in STATS}, LABEL: labels})
-        w.flush()
-        store.mark_done(t, np.arange(idx.n_shards))
-    return idx, stats
-
 
 @pytest.fixture(scope="module")
-def run(ray_session, uneven_shards, tmp_path_factory):
+def run(synthetic_run, uneven_shards, tmp_path_factory):
     paths, _ = uneven_shards
     run = tmp_path_factory.mktemp("reduce-run")
-    idx, stats = _synthetic_run(run, paths, seed=11)
+    idx, stats = synthetic_run(run, paths, seed=11)
     return run, idx, stats
 
 
@@ -145,13 +105,13 @@ def test_distributed_selection_equals_in_memory_reference(run, tmp_path):
         np.testing.assert_allclose(g[name][:], sc[name], rtol=1e-12, equal_nan=True)
 
 
-def test_class_balanced_selection_keeps_each_class_its_quota(run, tmp_path):
+def test_class_balanced_selection_keeps_each_class_its_quota(run, synthetic, tmp_path):
     """Class quotas: exact k, each class its share by size, and inside each class the same
     keys as the unbalanced sampler (the in-memory reference per class)."""
     path, idx, stats = run
     hi, lo = np.asarray(idx.id_hi), np.asarray(idx.id_lo)
     rows = np.arange(idx.n_samples)
-    labels = _synthetic_labels(idx.n_samples)
+    labels = synthetic.labels(idx.n_samples)
     sc = scores.all_scores(stats, window=5)
     u = uniforms(4, hi, lo)
     anchor = sampling.anchor_of(sc["dual"], sc["mean_p"], hi, lo)
@@ -185,11 +145,11 @@ def test_class_balanced_selection_keeps_each_class_its_quota(run, tmp_path):
     assert plain.manifest["balance"] == "none" and "class_quotas" not in plain.manifest["params"]
 
 
-def test_balance_needs_recorded_labels(ray_session, uneven_shards, tmp_path):
+def test_balance_needs_recorded_labels(ray_session, synthetic, uneven_shards, tmp_path):
     paths, _ = uneven_shards
     idx = index(paths, tmp_path / "run", progress=False)
     store = StatsStore.create(tmp_path / "run" / "stats.zarr", idx, epochs=2, chunk_rows=64)
-    stats = _synthetic_stats(idx.n_samples, np.random.default_rng(0))
+    stats = synthetic.stats(idx.n_samples, np.random.default_rng(0))
     for t in range(2):
         w = ChunkWriter(store, range(store.n_chunks), t)
         w.add(np.arange(idx.n_samples), {n: stats[n][:, t] for n in STATS})  # no labels given
@@ -221,7 +181,7 @@ def test_ccs_keeps_no_sample_from_the_hardest_cut(run, tmp_path):
     assert len(keep.manifest["params"]["quotas"]) == 50 and sum(keep.manifest["params"]["quotas"]) == len(keep)
 
 
-def test_missing_statistics_dropped_or_refused(run, tmp_path):
+def test_missing_statistics_dropped_or_refused(run, synthetic, tmp_path):
     import shutil
 
     path, idx, _ = run
@@ -240,7 +200,7 @@ def test_missing_statistics_dropped_or_refused(run, tmp_path):
         reduce(copy, 0.5, "dual-beta", window=5, missing="error", out=tmp_path / "x", progress=False)
     # infinite statistics (a corrupted store) count as missing too, for every score
     for name, value in (("p_true", np.inf), ("margin", -np.inf), ("el2n", np.inf), ("entropy", np.inf)):
-        for t in range(T):
+        for t in range(synthetic.epochs):
             store.group[name][64:128, t : t + 1] = np.full((64, 1), value, np.float32)
     for method, dropped in (("dual-beta", 128), ("dyn-unc", 128), ("aum", 64), ("el2n", 64), ("entropy", 64)):
         keep = reduce(copy, 0.5, method, window=5, out=tmp_path / method, progress=False)
@@ -250,7 +210,7 @@ def test_missing_statistics_dropped_or_refused(run, tmp_path):
 
 def test_bad_arguments_are_refused(run, tmp_path):
     path, _, _ = run
-    with pytest.raises(ValueError, match="ratio must be in"):
+    with pytest.raises(ValueError, match="ratio: must be in"):
         reduce(path, 1.0, progress=False)
     with pytest.raises(ValueError, match="unknown method 'dul'"):
         reduce(path, 0.5, "dul", progress=False)
@@ -258,9 +218,9 @@ def test_bad_arguments_are_refused(run, tmp_path):
         reduce(path, 0.5, window=13, progress=False)
     with pytest.raises(ValueError, match="CCS needs a score"):
         reduce(path, 0.5, "ccs:loss", progress=False)
-    with pytest.raises(ValueError, match="scores must be 'all' or 'method'"):
-        reduce(path, 0.5, which="some", progress=False)
-    with pytest.raises(ValueError, match="c_d, C and alpha_plus_beta must be positive; got c_d=0"):
+    with pytest.raises(ValueError, match="scores: must be all or method"):
+        reduce(path, 0.5, scores="some", progress=False)
+    with pytest.raises(ValueError, match="c_d: must be > 0, not 0"):
         reduce(path, 0.5, window=5, c_d=0, out=tmp_path / "never", progress=False)
     assert not (tmp_path / "never").exists()  # refused before any work
     assert main(["reduce", str(path), "--ratio", "2"]) == 2
@@ -316,7 +276,7 @@ def test_method_scores_only_gives_the_same_keep_list(run, tmp_path):
 
     path, _, _ = run
     full = reduce(path, 0.5, "dual-beta", window=5, out=tmp_path / "a", progress=False)
-    fast = reduce(path, 0.5, "dual-beta", window=5, out=tmp_path / "b", which="method", progress=False)
+    fast = reduce(path, 0.5, "dual-beta", window=5, out=tmp_path / "b", scores="method", progress=False)
     assert np.array_equal(np.asarray(full.id_pairs), np.asarray(fast.id_pairs))
     g = zarr.open_group(str(path / "scores.zarr"), mode="r")
     assert g.attrs["scores"] == ["dual", "mean_p"] and np.isnan(g["el2n"][:]).all()

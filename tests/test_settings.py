@@ -23,9 +23,9 @@ def test_a_config_with_bad_values_is_refused_whole_before_any_work(tmp_path):
     text = str(info.value)
     assert "9 problem(s), nothing was run" in text
     for field in (
-        "record.batch_size: must be >= 1",
+        "record.batch_size: must be an integer >= 1",
         "record.lr: must be a finite number > 0",
-        "record.num_classes: must be >= 1",
+        "record.num_classes: must be an integer >= 1",
         "record.label: label 'json:'",
         "reduce.ratio: must be in [0, 1)",
         "reduce.method: unknown method 'dual-betta'",
@@ -51,7 +51,7 @@ def test_record_refuses_bad_settings_at_once(tmp_path, capsys):
     from streamprune.cli.main import main
 
     t = time.perf_counter()
-    with pytest.raises(ValueError, match=r"batch_size: must be >= 1.*seed: must be in \[0, 2\^63\)"):
+    with pytest.raises(ValueError, match=r"batch_size: must be an integer >= 1.*seed: must be an integer in \[0, 2\^63\)"):
         record(tmp_path / "run", 2, batch_size=0, seed=2**64)
     with pytest.raises(ValueError, match="lr: must be a finite number > 0"):
         record(tmp_path / "run", 2, lr=float("nan"))
@@ -59,4 +59,44 @@ def test_record_refuses_bad_settings_at_once(tmp_path, capsys):
         record(tmp_path / "run", 2, decode="not a function")
     assert time.perf_counter() - t < 5  # before any index is read or Ray started
     assert main(["record", str(tmp_path / "run"), "--epochs", "2", "--num-classes", "0", "--quiet"]) == 2
-    assert "num_classes: must be >= 1" in capsys.readouterr().err
+    assert "--num-classes: must be an integer >= 1" in capsys.readouterr().err
+    assert main(["reduce", str(tmp_path / "run"), "--ratio", "1", "--C", "-1", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "--ratio: must be in [0, 1)" in err and "--C: must be > 0" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_run_with_an_invalid_setting_exits_2_in_seconds_having_written_nothing(tmp_path, capsys):
+    from streamprune.cli.main import main
+
+    for bad in ("reduce: {method: dual-betta}", "reduce: {ratio: 1}", "record: {batch_size: 0}", "record: {lr: .nan}"):
+        cfg = tmp_path / "c.yaml"
+        cfg.write_text(f"shards: data/x.tar\nout: run\n{bad}\n")
+        t = time.perf_counter()
+        assert main(["run", str(cfg), "--quiet"]) == 2, bad
+        assert time.perf_counter() - t < 5, bad
+        assert "nothing was run" in capsys.readouterr().err, bad
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["c.yaml"], bad
+
+
+def test_settings_are_frozen_checked_and_share_their_defaults():
+    from dataclasses import FrozenInstanceError
+
+    from streamprune import ReduceSettings, SettingsError
+    from streamprune.cli.main import build_parser
+    from streamprune.config import Config
+
+    s = ReduceSettings(ratio=0.3)
+    with pytest.raises(FrozenInstanceError):
+        s.ratio = 0.4  # type: ignore[misc]
+    assert s.replace(seed=2) == ReduceSettings(ratio=0.3, seed=2)
+    with pytest.raises(SettingsError, match="unknown reduce setting 'methd' \\(did you mean 'method'\\?\\)"):
+        s.replace(methd="dual")
+    with pytest.raises(SettingsError) as info:
+        ReduceSettings(ratio=-0.1, window=1, cut=1.0)
+    assert [p.split(":")[0] for p in info.value.problems] == ["reduce.ratio", "reduce.window", "reduce.cut"]
+    # one default: the CLI's and the config's are the class's
+    args = build_parser().parse_args(["reduce", "run", "--ratio", "0.5"])
+    assert (args.method, args.C, args.cut, args.scores) == (s.method, s.C, s.cut, s.scores)
+    assert Config(shards="x").reduce == ReduceSettings()
+

@@ -3,43 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
+import re
 import sys
 import time
 from pathlib import Path
 
-from streamprune.errors import StreamPruneError
+from streamprune.errors import SettingsError, StreamPruneError
 from streamprune.scoring.sampling import BALANCES
+from streamprune.settings import RecordSettings, ReduceSettings, ReportSettings, S
+from streamprune.stages.summaries import index_summary, record_line, reduce_line
 
 DESCRIPTION = """Prune WebDataset training sets while they stream: index shards, record a proxy's
 per-sample statistics on Ray, reduce them to a DUAL+Beta keep-list, apply it at load time."""
-
-
-def index_summary(idx) -> str:
-    m = idx.manifest
-    lines = [
-        f"index: {idx.path}",
-        f"  shards {m['n_shards']}  samples {m['n_samples']}  members {m['n_members']}  fingerprint {m['fingerprint']}",
-    ]
-    if m["bytes_total"]:
-        lines.append(
-            f"  read {m['bytes_read']:,} of {m['bytes_total']:,} bytes "
-            f"({m['bytes_read'] / m['bytes_total']:.1%}: tar headers only where seekable)"
-        )
-    through = sum(s.get("access") == "through" for s in idx.shards)
-    ranged = sum(s.get("access") == "headers" and "://" in s["url"] for s in idx.shards)
-    if through:
-        lines.append(f"  {through} shards read through (remote with small members, compressed or pipe:)")
-    if ranged:
-        lines.append(f"  {ranged} remote shards scanned by header range requests (large members)")
-    for b in m["broken"]:
-        lines.append(f"  BROKEN {b['shard']}: {b['error']}")
-    if m["empty"]:
-        lines.append(f"  empty shards ({len(m['empty'])}): {', '.join(m['empty'][:10])}")
-    if m["duplicates"]["rows"]:
-        ex = ", ".join(f"{e['shard']}:{e['key']}" for e in m["duplicates"]["examples"][:5])
-        lines.append(f"  DUPLICATE identities: {m['duplicates']['rows']} rows share an identity (e.g. {ex})")
-    return "\n".join(lines)
 
 
 def cmd_index(args) -> None:
@@ -78,33 +55,6 @@ LABEL_HELP = (
     "(dotted paths allowed, e.g. json:meta.label) or package.module:function on the sample dict; "
     "integers or class names"
 )
-
-
-def record_line(s) -> str:
-    if not s.epochs_run:
-        return f"record: all {s.epochs_done} epochs of {s.run} were already recorded"
-    rate = s.samples / max(sum(s.epoch_seconds), 1e-9)
-    bad = (
-        f"; {s.bad_samples:,} undecodable samples skipped (listed in {s.run}/bad-samples.jsonl)"
-        if s.bad_samples
-        else ""
-    )
-    inputs = f"\n  inputs: {s.inputs}" if s.inputs else ""
-    return (
-        f"record: epochs {s.epochs_run[0]}..{s.epochs_run[-1]} of {s.run} done in {sum(s.epoch_seconds):.1f} s "
-        f"({rate:,.0f} samples/s); {s.epochs_done} epochs recorded{bad}{inputs}"
-    )
-
-
-def reduce_line(keep, out) -> str:
-    m = keep.manifest
-    balanced = " (class-balanced)" if m.get("balance") == "classes" else ""
-    return (
-        f"reduce: {m['method']}{balanced} at ratio {m['ratio']}: kept {m['k']:,} of {m['N']:,} samples "
-        f"({m['dropped_missing']:,} with missing statistics left out"
-        + (f", {m['filled_zero_weight']:,} filled uniformly from zero weights" if m["filled_zero_weight"] else "")
-        + f"); keep-list: {out}"
-    )
 
 
 def demo_config(
@@ -209,59 +159,36 @@ def cmd_inspect(args) -> None:
 
 
 def cmd_record(args) -> None:
+    settings = _settings(RecordSettings, args)  # refused here, before Ray starts
     from streamprune.stages.record import record
 
-    print(
-        record_line(
-            record(
-                args.run,
-                args.epochs,
-                workers=args.workers,
-                gpus_per_worker=args.gpus_per_worker,
-                model=args.model,
-                address=args.address,
-                batch_size=args.batch_size,
-                lr=args.lr,
-                schedule_epochs=args.schedule_epochs,
-                seed=args.seed,
-                num_classes=args.num_classes,
-                loader_workers=args.loader_workers,
-                max_failures=args.max_failures,
-                on_bad_sample=args.on_bad_sample,
-                label=args.label,
-                decode=args.decode,
-                image_size=args.image_size,
-                classes=args.classes,
-                progress=not args.quiet,
-            )
-        )
-    )
+    print(record_line(record(args.run, settings=settings, address=args.address, progress=not args.quiet)))
 
 
 def cmd_reduce(args) -> None:
+    settings = _settings(ReduceSettings, args)
     from streamprune.stages.reduce import reduce
 
     keep = reduce(
         args.run,
-        args.ratio,
-        args.method,
-        seed=args.seed,
-        epochs=args.epochs,
-        window=args.window,
+        settings=settings,
+        out=args.out,
+        address=args.address,
         workers=args.workers,
         block_rows=args.block_rows,
-        out=args.out,
-        missing=args.missing,
-        c_d=args.c_d,
-        C=args.C,
-        alpha_plus_beta=args.alpha_plus_beta,
-        cut=args.cut,
-        address=args.address,
-        which=args.scores,
-        balance=args.balance,
         progress=not args.quiet,
     )
     print(reduce_line(keep, args.out or Path(args.run) / "keep"))
+
+
+def _settings(cls: type[S], args: argparse.Namespace) -> S:
+    """A stage's settings from its command's options; problems name the options (`--batch-size`)."""
+    try:
+        return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})  # type: ignore[arg-type]
+    except SettingsError as exc:
+        flag = lambda m: "--" + m.group(1).replace("_", "-")
+        problems = [re.sub(r"^\w+\.(\w+)", flag, p) for p in exc.problems]
+        raise SettingsError("; ".join(problems), problems=problems) from None
 
 
 def cmd_reshard(args) -> None:
@@ -385,17 +312,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--gpus-per-worker", type=float, help="default: 1 when the cluster has GPUs, else 0")
     s.add_argument("--model", help="small-cnn, resnet18 or package.module:factory (default: by image size)")
     s.add_argument("--address", help="Ray cluster address (default: start a local Ray instance)")
-    s.add_argument("--batch-size", type=int, default=128, help="global batch size")
-    s.add_argument("--lr", type=float, default=0.1)
-    s.add_argument("--schedule-epochs", type=int, default=200, help="length of the full cosine schedule")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--batch-size", type=int, help="global batch size")
+    s.add_argument("--lr", type=float, help="peak learning rate of the cosine schedule")
+    s.add_argument(
+        "--schedule-epochs",
+        type=int,
+        help="length of the full cosine schedule",
+    )
+    s.add_argument("--seed", type=int, help="training seed (shuffling, augmentation, initialisation)")
     s.add_argument(
         "--num-classes",
         type=int,
         help="default: the class list's length for class names, else the largest label of the first "
         "2,000 samples plus one",
     )
-    s.add_argument("--label", default="cls", help=LABEL_HELP)
+    s.add_argument("--label", help=LABEL_HELP)
     s.add_argument(
         "--classes",
         help="class names, one per line or a JSON list (string labels; default: every "
@@ -412,24 +343,31 @@ def build_parser() -> argparse.ArgumentParser:
         help="package.module:function turning a sample dict into (tensor, label), for "
         "data that is not an image (pair it with --model package.module:factory)",
     )
-    s.add_argument("--loader-workers", type=int, default=2, help="DataLoader processes per training worker")
-    s.add_argument("--max-failures", type=int, default=3, help="worker failures to recover from")
+    s.add_argument(
+        "--loader-workers",
+        type=int,
+        help="DataLoader processes per training worker",
+    )
+    s.add_argument(
+        "--max-failures",
+        type=int,
+        help="worker failures to recover from",
+    )
     s.add_argument(
         "--on-bad-sample",
-        default="skip",
         choices=["skip", "error"],
         help="an undecodable sample: skip it (counted, listed in RUN/bad-samples.jsonl) or stop",
     )
+    s.set_defaults(**RecordSettings().to_dict())  # the defaults, written once (shown by --help)
 
     s = command("reduce", "score samples and write the keep-list", "streamprune reduce run --ratio 0.7", cmd_reduce)
     s.add_argument("run", help="run directory with RUN/index and RUN/stats.zarr")
     s.add_argument("--ratio", type=float, required=True, help="pruning ratio r in [0, 1): the fraction removed")
     s.add_argument(
         "--method",
-        default="dual-beta",
         help="dual-beta, dual, dyn-unc, el2n, forgetting, entropy, aum, ccs:SCORE, random",
     )
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=int, help="keep-list seed (Beta and random samplers)")
     s.add_argument("--epochs", type=int, help="recorded epochs to use (T; default: all complete ones)")
     s.add_argument(
         "--window",
@@ -441,7 +379,6 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", help="keep-list directory (default RUN/keep)")
     s.add_argument(
         "--missing",
-        default="drop",
         choices=["drop", "error"],
         help="samples with missing statistics: leave out (counted) or refuse",
     )
@@ -451,9 +388,9 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         help="Beta sampler c_d (default: 8 with --balance classes, 4 with none, as SCORING.md)",
     )
-    s.add_argument("--C", dest="C", type=float, default=15.0, help="Beta sampler C")
+    s.add_argument("--C", dest="C", type=float, help="Beta sampler C")
     s.add_argument("--alpha-plus-beta", type=float, help="alpha + beta (default C + 1, as the reference code)")
-    s.add_argument("--cut", type=float, default=0.2, help="CCS: hardest fraction dropped first")
+    s.add_argument("--cut", type=float, help="CCS: hardest fraction dropped first")
     s.add_argument(
         "--balance",
         choices=list(BALANCES),
@@ -462,11 +399,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument(
         "--scores",
-        default="all",
         choices=["all", "method"],
         help="write every score to RUN/scores.zarr, or only what the method needs (faster)",
     )
     s.add_argument("--address", help="Ray cluster address (default: start a local Ray instance)")
+    s.set_defaults(**ReduceSettings().to_dict())
 
     s = command(
         "reshard",
@@ -489,7 +426,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("run", help="run directory with RUN/keep and RUN/scores.zarr")
     s.add_argument("--out", help="output folder (default RUN/report)")
-    s.add_argument("--max-rows", type=int, default=1_000_000, help="samples the figures are drawn from, at most")
+    s.add_argument(
+        "--max-rows",
+        type=int,
+        help="samples the figures are drawn from, at most",
+    )
+    s.set_defaults(max_rows=ReportSettings().max_rows)
 
     s = command(
         "inspect", "the state of each stage, sizes, configuration, fingerprint", "streamprune inspect run", cmd_inspect

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from streamprune.formats.keeplist import KeepList
 from streamprune.loader import PrunedWebDataset
+from streamprune.settings import BUDGETS
 from streamprune.shards.urls import expand_urls
 from streamprune.training.decode import SampleDecoder, ToTensors
 from streamprune.training.models import build_model
@@ -94,9 +95,6 @@ def train_subset(
         history.append({"epoch": epoch, "loss": loss_sum / max(n, 1), "accuracy": correct / max(n, 1)})
     seconds = time.perf_counter() - t0
     return TrainResult(accuracy_on(net, test_urls, device, batch_size, decoder), n, epochs, seconds, history)
-
-
-BUDGETS = ("steps", "epochs")
 
 
 def subset_epochs(epochs: int, keep: KeepList | None, budget: str = "steps") -> int:

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from streamprune.formats.atomic import clean_stale_temps, output_lock
 from streamprune.formats.index import Index, load_scan_meta, save_scan, scan_shard, write_index
+from streamprune.settings import IndexSettings
 from streamprune.shards.identity import SampleIdentity, parse_identity, shard_names
 from streamprune.shards.urls import absolute, expand_urls, is_local, local_path
 from streamprune.stages.ray_cluster import bounded_map, ensure_ray
@@ -52,6 +53,7 @@ def index(
     shards: str | Iterable[str],
     out: str | Path,
     *,
+    settings: IndexSettings | None = None,
     root: str | None = None,
     identity: str | SampleIdentity | Callable | None = None,
     address: str | None = None,
@@ -62,8 +64,11 @@ def index(
 
     `root` is the dataset root that shard names are relative to (default: the shards'
     common directory). `identity`: None for `(shard name, __key__)`, `"json:FIELD"`,
-    `"module:function"` or a callable on the sample dict.
+    `"module:function"` or a callable on the sample dict. `settings`: an `IndexSettings` giving both.
     """
+    if settings is not None:  # the `run` config's section (plain values; callables come as `identity`)
+        root = settings.root if root is None else root
+        identity = settings.identity if identity is None else identity
     urls = [absolute(u) for u in expand_urls(shards)]
     names, root_path = shard_names(urls, root)
     ident = parse_identity(identity)

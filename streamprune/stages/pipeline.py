@@ -18,7 +18,9 @@ from streamprune.config import Config
 from streamprune.formats.keeplist import KeepList
 from streamprune.scoring.sampling import resolve_balance, resolve_c_d
 from streamprune.scoring.scores import resolve_window
+from streamprune.settings import ReduceSettings
 from streamprune.shards.urls import absolute, expand_urls
+from streamprune.stages.summaries import index_summary, record_line, reduce_line
 
 BASELINE_DIR = "baseline"
 
@@ -69,7 +71,7 @@ def run_pipeline(cfg: Config, progress: bool = True, log=print) -> PipelineResul
         from streamprune.stages.report import build_report
 
         t = time.perf_counter()
-        result.report = build_report(run, progress=progress)
+        result.report = build_report(run, max_rows=cfg.report.max_rows, progress=progress)
         result.stage_seconds["report"] = time.perf_counter() - t
     return result
 
@@ -87,18 +89,9 @@ def _index_done(cfg: Config, run: Path) -> bool:
 
 
 def _index(cfg: Config, run: Path, progress: bool, log) -> None:
-    from streamprune.cli.main import index_summary
     from streamprune.stages.index import index
 
-    idx = index(
-        cfg.shards,
-        run,
-        root=cfg.index.root,
-        identity=None if cfg.index.identity == "shard-key" else cfg.index.identity,
-        address=cfg.address,
-        progress=progress,
-    )
-    log(index_summary(idx))
+    log(index_summary(index(cfg.shards, run, settings=cfg.index, address=cfg.address, progress=progress)))
 
 
 def _record_done(cfg: Config, run: Path) -> bool:
@@ -112,35 +105,9 @@ def _record_done(cfg: Config, run: Path) -> bool:
 
 
 def _record(cfg: Config, run: Path, progress: bool, log) -> None:
-    from streamprune.cli.main import record_line
     from streamprune.stages.record import record
 
-    r = cfg.record
-    log(
-        record_line(
-            record(
-                run,
-                r.epochs,
-                workers=r.workers,
-                gpus_per_worker=r.gpus_per_worker,
-                model=r.model,
-                address=cfg.address,
-                batch_size=r.batch_size,
-                lr=r.lr,
-                schedule_epochs=r.schedule_epochs,
-                seed=r.seed,
-                num_classes=r.num_classes,
-                loader_workers=r.loader_workers,
-                max_failures=r.max_failures,
-                on_bad_sample=r.on_bad_sample,
-                label=r.label,
-                classes=r.classes,
-                image_size=r.image_size,
-                decode=r.decode,
-                progress=progress,
-            )
-        )
-    )
+    log(record_line(record(run, settings=cfg.record, address=cfg.address, progress=progress)))
 
 
 @dataclass(frozen=True)
@@ -167,19 +134,22 @@ def _main_subset(cfg: Config, i: int = 0) -> _Subset:
     return _Subset(r.method, resolve_balance(r.balance, r.method), r.seed + i)
 
 
-def _reduce_settings(cfg: Config, subset: _Subset) -> dict:
+def _reduce_settings(cfg: Config, subset: _Subset) -> ReduceSettings:
+    """The reduce settings of one keep-list, with T, the window and c_d resolved (as its manifest records them)."""
     r = cfg.reduce
-    return {
-        "method": subset.method,
-        "balance": subset.balance,
-        "ratio": r.ratio,
-        "seed": subset.seed,
-        "window": resolve_window(r.window, r.epochs or cfg.record.epochs),
-        "epochs": r.epochs or cfg.record.epochs,
-    }
+    epochs = r.epochs or cfg.record.epochs
+    return r.replace(
+        method=subset.method,
+        balance=subset.balance,
+        seed=subset.seed,
+        epochs=epochs,
+        window=resolve_window(r.window, epochs),
+        c_d=resolve_c_d(r.c_d, subset.balance),
+    )
 
 
 def _keep_matches(cfg: Config, run: Path, subset: _Subset, out: Path) -> bool:
+    """Whether `out` holds the keep-list of `subset` drawn from this run's index with these settings."""
     from streamprune.formats.index import Index
 
     try:
@@ -187,40 +157,19 @@ def _keep_matches(cfg: Config, run: Path, subset: _Subset, out: Path) -> bool:
         fingerprint = Index(run / "index").fingerprint
     except (FileNotFoundError, json.JSONDecodeError):
         return False
-    want = {**_reduce_settings(cfg, subset), "fingerprint": fingerprint}
-    params = manifest.get("params", {})
+    s = _reduce_settings(cfg, subset).to_dict()
+    want = {k: s[k] for k in ("method", "balance", "ratio", "seed", "window", "epochs")} | {"fingerprint": fingerprint}
+    params = manifest.get("params", {})  # each sampler's manifest records the parameters it used
     return all(manifest.get(k) == v for k, v in want.items()) and all(
-        params[k] == v for k, v in _sampler_settings(cfg, subset).items() if k in params
+        params[k] == s[k] for k in ("c_d", "C", "alpha_plus_beta", "cut") if k in params
     )
-
-
-def _sampler_settings(cfg: Config, subset: _Subset) -> dict:
-    """The samplers' parameters (each method's keep-list manifest records the ones it used)."""
-    r = cfg.reduce
-    return {"c_d": resolve_c_d(r.c_d, subset.balance), "C": r.C, "alpha_plus_beta": r.alpha_plus_beta, "cut": r.cut}
 
 
 def _reduce(cfg: Config, run: Path, subset: _Subset, out: Path, scores_out: Path | None, progress: bool, log) -> None:
-    from streamprune.cli.main import reduce_line
     from streamprune.stages.reduce import reduce
 
-    s = _reduce_settings(cfg, subset)
-    keep = reduce(
-        run,
-        s["ratio"],
-        subset.method,
-        seed=s["seed"],
-        epochs=s["epochs"],
-        window=s["window"],
-        out=out,
-        missing=cfg.reduce.missing,
-        address=cfg.address,
-        which=cfg.reduce.scores,
-        balance=subset.balance,
-        scores_out=scores_out,
-        progress=progress,
-        **_sampler_settings(cfg, subset),
-    )
+    settings = _reduce_settings(cfg, subset)
+    keep = reduce(run, settings=settings, out=out, scores_out=scores_out, address=cfg.address, progress=progress)
     log(reduce_line(keep, out))
 
 

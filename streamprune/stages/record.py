@@ -19,15 +19,16 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import ray
 import torch
 
-from streamprune.errors import SettingsError
 from streamprune.formats.index import Index
 from streamprune.formats.stats_store import LABEL, LABEL_MISSING, STATS, StatsStore, missing_stats
 from streamprune.scoring.stats import sample_stats
+from streamprune.settings import RecordSettings
 from streamprune.shards.labels import BadSample, Classes, LabelSpec
 from streamprune.stages.ray_cluster import ensure_ray
 from streamprune.stages.record_writers import StoreWriters
@@ -68,28 +69,28 @@ class RecordConfig:
     """The run's training recipe; stored in the stats store so that a resume uses the same one."""
 
     epochs: int
-    schedule_epochs: int = 200
-    batch_size: int = 128
-    lr: float = 0.1
+    schedule_epochs: int
+    batch_size: int
+    lr: float
+    seed: int
+    model: str | None
+    num_classes: int
+    augment: bool
+    workers: int
+    gpus_per_worker: float
+    loader_workers: int
+    record: bool
+    on_bad_sample: str
+    label: str
+    decode: str | None
+    image_size: int | None  # as asked; `view` is what the run uses
+    view: list | None  # [channels, height, width, resized]; None with a decode function
+    input_shape: list  # one example's shape as the model sees it
+    classes: str | None  # digest of RUN/classes.json, when the labels are names or were scanned
     momentum: float = 0.9
     weight_decay: float = 5e-4
     nesterov: bool = True
-    seed: int = 0
-    model: str | None = None
-    num_classes: int | None = None
-    augment: bool = True
-    workers: int = 1
-    gpus_per_worker: float = 0.0
-    loader_workers: int = 2
     shuffle_buffer: int = 1000
-    record: bool = True
-    on_bad_sample: str = "skip"
-    label: str = "cls"
-    decode: str | None = None
-    image_size: int | None = None  # as asked; `view` is what the run uses
-    view: list | None = None  # [channels, height, width, resized]; None with a decode function
-    input_shape: list | None = None  # one example's shape as the model sees it
-    classes: str | None = None  # digest of RUN/classes.json, when the labels are names or were scanned
 
 
 @dataclass
@@ -389,65 +390,31 @@ def _inputs(
 
 def record(
     run: str | os.PathLike,
-    epochs: int,
+    epochs: int | None = None,
     *,
-    workers: int | None = None,
-    gpus_per_worker: float | None = None,
-    model: str | None = None,
+    settings: RecordSettings | None = None,
     address: str | None = None,
-    batch_size: int = 128,
-    lr: float = 0.1,
-    schedule_epochs: int = 200,
-    seed: int = 0,
-    num_classes: int | None = None,
-    loader_workers: int = 2,
+    progress: bool = True,
     augment_images: bool = True,
     chunk_rows: int | None = None,
-    max_failures: int = 3,
     record_stats: bool = True,
-    on_bad_sample: str = "skip",
-    label: str = "cls",
-    decode: str | None = None,
-    image_size: int | None = None,
-    classes: Classes | str | os.PathLike | None = None,
-    progress: bool = True,
+    **options: Any,
 ) -> RecordSummary:
     """Train the proxy for the first `epochs` epochs of a `schedule_epochs` cosine schedule and
     write every sample's statistics per epoch to `run/stats.zarr`; resumes an interrupted run.
 
-    `batch_size` is the global batch (split across workers). `record_stats=False` trains
-    without recording (the benchmark's baseline) and writes nothing to the store.
-    `on_bad_sample`: a sample that cannot be decoded (not an image, a decompression bomb, no
-    label) is `skip`ped (its statistics stay missing; counted, listed in `RUN/bad-samples.jsonl`)
-    or an `error` naming it. Inputs: `label` spec (labels.LabelSpec), `image_size` (S: random
-    resized crops of S x S; default: the images' own size when the first ones agree and are small,
-    else 224), or a `decode` function `package.module:function` (sample -> (tensor, label));
-    `classes`: a class-name list file for string labels (default: scanned, `RUN/classes.json`).
+    The settings are `settings` (a `RecordSettings`, whose fields say what each does) with
+    `epochs` and any of its fields given as keyword `options` on top; bad values are refused
+    before any work. `record_stats=False` trains without recording (the benchmark's baseline)
+    and writes nothing to the store; `augment_images` and `chunk_rows` are for tests and benchmarks.
     """
-    from streamprune.config import RecordSection, record_problems
-
-    problems = record_problems(
-        RecordSection(
-            epochs=epochs,
-            workers=workers,
-            gpus_per_worker=gpus_per_worker,
-            model=model if isinstance(model, str) else None,
-            batch_size=batch_size,
-            lr=lr,
-            schedule_epochs=schedule_epochs,
-            seed=seed,
-            num_classes=num_classes,
-            loader_workers=loader_workers,
-            max_failures=max_failures,
-            on_bad_sample=on_bad_sample,
-            label=label,
-            image_size=image_size,
-            decode=decode,
-        ),
-        prefix="",
-    )
-    if problems:
-        raise SettingsError("record settings: " + "; ".join(problems))
+    if epochs is not None:
+        options["epochs"] = epochs
+    if isinstance(options.get("classes"), os.PathLike):
+        options["classes"] = os.fspath(options["classes"])
+    s = (settings or RecordSettings()).replace(**options)
+    epochs, label, decode, image_size = s.epochs, s.label, s.decode, s.image_size
+    gpus_per_worker, workers, model = s.gpus_per_worker, s.workers, s.model
     run = Path(run).resolve()
     idx = Index(run / "index")
     healthy = healthy_shards(idx).tolist()
@@ -462,21 +429,21 @@ def record(
             else max(1, min(4, int(resources.get("CPU", 1)) // 2))
         )
     view, shape, run_classes, named = _inputs(
-        run, idx, healthy, label, decode, image_size, classes, num_classes, address, progress
+        run, idx, healthy, label, decode, image_size, s.classes, s.num_classes, address, progress
     )
     cfg = RecordConfig(
         epochs=epochs,
-        schedule_epochs=schedule_epochs,
-        batch_size=batch_size,
-        lr=lr,
-        seed=seed,
+        schedule_epochs=s.schedule_epochs,
+        batch_size=s.batch_size,
+        lr=s.lr,
+        seed=s.seed,
         model=model if isinstance(model, str) or model is None else f"{model.__module__}:{model.__qualname__}",
         num_classes=run_classes.num_classes,
         augment=augment_images,
         workers=workers,
         gpus_per_worker=gpus_per_worker,
-        loader_workers=loader_workers,
-        on_bad_sample=on_bad_sample,
+        loader_workers=s.loader_workers,
+        on_bad_sample=s.on_bad_sample,
         record=record_stats,
         label=label,
         decode=decode,
@@ -512,7 +479,7 @@ def record(
         healthy,
         run_classes,
         start,
-        max_failures,
+        s.max_failures,
         progress,
         int(np.diff(idx.shard_offset)[healthy].sum()),
     )

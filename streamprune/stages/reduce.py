@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import os
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import ray
@@ -25,47 +25,14 @@ from streamprune.formats.index import Index
 from streamprune.formats.keeplist import KeepList, KeepListWriter, new_manifest
 from streamprune.formats.stats_store import LABEL, LABEL_MISSING, StatsStore
 from streamprune.scoring import sampling
+from streamprune.scoring.methods import LOWER_IS_HARDER, Method
 from streamprune.scoring.scores import NEEDS, SCORES, all_scores, resolve_window
+from streamprune.settings import ReduceSettings
 from streamprune.shards.identity import uniforms
 from streamprune.stages.ray_cluster import bounded_map, ensure_ray
 
-METHOD_SCORE = {
-    "dual-beta": "dual",
-    "dual": "dual",
-    "dyn-unc": "dyn_unc",
-    "el2n": "el2n",
-    "forgetting": "forgetting",
-    "entropy": "entropy",
-    "aum": "aum",
-    "random": None,
-}
-LOWER_IS_HARDER = {"aum"}
 CCS_BINS = 50
 GATHER_LIMIT = 1 << 20
-SEED_LIMIT = 1 << 63  # seeds are hashed modulo 2^64: [0, 2^63) keeps every seed distinct and non-negative
-
-
-@dataclass(frozen=True)
-class Method:
-    """A parsed `--method`: the sampler and the score it works on."""
-
-    name: str
-    sampler: str  # topk | beta | ccs | random
-    score: str | None
-
-    @classmethod
-    def parse(cls, text: str) -> "Method":
-        if text.startswith("ccs:"):
-            score = text[4:].replace("-", "_")
-            if score not in SCORES or score == "mean_p":
-                raise ValueError(
-                    f"method {text!r}: CCS needs a score among {[s.replace('_', '-') for s in SCORES if s != 'mean_p']}"
-                )
-            return cls(text, "ccs", score)
-        if text not in METHOD_SCORE:
-            raise ValueError(f"unknown method {text!r}: choose one of {sorted(METHOD_SCORE)} or ccs:SCORE")
-        sampler = {"dual-beta": "beta", "random": "random"}.get(text, "topk")
-        return cls(text, sampler, METHOD_SCORE[text])
 
 
 def _scores_group(path: str, mode: str = "r") -> zarr.Group:
@@ -79,17 +46,6 @@ def _write_block(g: zarr.Group, path: str, r0: int, r1: int, values: dict[str, n
             g[name][r0:r1] = v
         except OSError as exc:
             raise named_os_error(exc, f"{path}/{name}/c/{r0 // g[name].chunks[0]}") from None
-
-
-def check_seed(seed) -> int:
-    """`seed` as an int in [0, 2^63), else a ValueError naming `--seed` (larger or negative seeds
-    would alias others modulo 2^64 and give another seed's keep-list)."""
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= int(seed) < SEED_LIMIT:
-        raise ValueError(
-            f"--seed must be an integer in [0, 2**63), not {seed!r}: seeds are hashed modulo 2**64, "
-            f"so a negative or larger one would silently give another seed's keep-list"
-        )
-    return int(seed)
 
 
 @ray.remote(num_cpus=1)
@@ -295,59 +251,48 @@ def _thresholds(
 
 def reduce(
     run: str | os.PathLike,
-    ratio: float,
-    method: str = "dual-beta",
+    ratio: float | None = None,
+    method: str | None = None,
     *,
-    seed: int = 0,
-    epochs: int | None = None,
-    window: int | None = None,
+    settings: ReduceSettings | None = None,
+    out: str | os.PathLike | None = None,
+    scores_out: str | os.PathLike | None = None,
+    address: str | None = None,
     workers: int | None = None,
     block_rows: int | None = None,
-    out: str | os.PathLike | None = None,
-    missing: str = "drop",
-    c_d: float | None = None,
-    C: float = 15.0,
-    alpha_plus_beta: float | None = None,
-    cut: float = 0.2,
-    address: str | None = None,
-    which: str = "all",
     gather_limit: int = GATHER_LIMIT,
-    scores_out: str | os.PathLike | None = None,
-    balance: str | None = None,
     progress: bool = True,
+    **options: Any,
 ) -> KeepList:
     """Score every sample of `run` and write the keep-list of `method` at pruning `ratio`.
 
-    Writes `run/scores.zarr` and the keep-list (default `run/keep`); returns the `KeepList`.
-    `epochs` (T) defaults to the store's complete epochs; `missing`: `drop` (default) leaves
-    samples with missing statistics out of N (counted in the manifest) or `error` refuses them.
-    `which`: `all` scores into `scores.zarr` (default), or only those the `method` needs
-    (`method`: reads only their statistics, several times faster on large stores).
-    `scores_out`: where the scores go (default `run/scores.zarr`).
-    `gather_limit`: the most candidate rows the driver gathers to finish the exact selection;
-    radix refinement over blocks narrows the candidates until they fit.
-    `balance`: `classes` (default, except for `ccs:` methods): the budget `k` is split across the recorded labels in
-    proportion to class size (`sampling.class_quotas`) and each class keeps its quota by the
-    method's keys (samples without a label are left out); `none`: SCORING.md's samplers
-    exactly, over all samples. `c_d` defaults by balance (`sampling.DEFAULT_C_D`).
+    The settings are `settings` (a `ReduceSettings`, whose fields say what each does) with
+    `ratio`, `method` and any of its fields given as keyword `options` on top; bad values are
+    refused before any work. Writes the scores (default `run/scores.zarr`, or `scores_out`) and
+    the keep-list (default `run/keep`, or `out`); returns the `KeepList`. `epochs` (T) defaults
+    to the store's complete epochs. `workers` and `block_rows` size the Ray tasks (the result
+    does not depend on them); `gather_limit`: the most candidate rows the driver gathers to
+    finish the exact selection (radix refinement over blocks narrows them until they fit).
     """
-    sampling.check_ratio(ratio)
-    seed = check_seed(seed)
+    if ratio is not None:
+        options["ratio"] = ratio
+    if method is not None:
+        options["method"] = method
+    s = (settings or ReduceSettings()).replace(**options)
+    ratio, method, seed, epochs, window, missing, cut, which = (
+        s.ratio,
+        s.method,
+        s.seed,
+        s.epochs,
+        s.window,
+        s.missing,
+        s.cut,
+        s.scores,
+    )
+    C, alpha_plus_beta = s.C, s.alpha_plus_beta
     m = Method.parse(method)
-    if missing not in ("drop", "error"):
-        raise ValueError(f"missing must be 'drop' or 'error', not {missing!r}")
-    if not 0 <= cut < 1:
-        raise ValueError(f"cut must be in [0, 1), not {cut}")
-    balance = sampling.resolve_balance(balance, method)
-    c_d = sampling.resolve_c_d(c_d, balance)
-    if balance == "classes" and m.sampler == "ccs":
-        raise ValueError(f"method {method!r} stratifies by score bins; it cannot also balance classes")
-    if which not in ("all", "method"):
-        raise ValueError(f"scores must be 'all' or 'method', not {which!r}")
-    if m.sampler == "beta" and not (c_d > 0 and C > 0 and (alpha_plus_beta is None or alpha_plus_beta > 0)):
-        raise ValueError(
-            f"c_d, C and alpha_plus_beta must be positive; got c_d={c_d}, C={C}, alpha_plus_beta={alpha_plus_beta}"
-        )
+    balance = sampling.resolve_balance(s.balance, method)
+    c_d = sampling.resolve_c_d(s.c_d, balance)
     run = Path(run).resolve()
     index = Index(run / "index")
     store = StatsStore.open(run / "stats.zarr", mode="r", index=index)

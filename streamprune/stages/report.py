@@ -23,6 +23,7 @@ import numpy as np
 from streamprune.formats.index import Index
 from streamprune.formats.keeplist import KeepList
 from streamprune.formats.stats_store import LABEL, StatsStore
+from streamprune.settings import ReportSettings
 from streamprune.shards.labels import BadSample, Classes, LabelSpec
 from streamprune.shards.reader import ReadStats, iter_ranges
 from streamprune.training.decode import decode_image
@@ -35,7 +36,7 @@ def build_report(
     run: str | os.PathLike,
     out: str | os.PathLike | None = None,
     *,
-    max_rows: int = 1_000_000,
+    max_rows: int = ReportSettings.max_rows,
     label_rows: int = 20_000,
     seed: int = 0,
     progress: bool = True,
