@@ -37,6 +37,8 @@ CORRECT_MISSING = 255  # `correct` (uint8) not recorded
 LABEL_MISSING = -1  # no label: never recorded, a skipped sample, or unknown
 NO_GROUP = -1  # scores.zarr `sel_group`: the row cannot be selected
 
+LABEL = "label"  # the int32 (N,) label array of stats.zarr and scores.zarr (LABEL_MISSING: unknown)
+
 
 def header(fmt: Format, *, stamp: bool = True) -> dict:
     """The header fields a file of `fmt` starts with; `stamp` adds the writing streamprune's

@@ -13,39 +13,28 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import ray
-import zarr
 from tqdm.auto import tqdm
 
-from streamprune.formats.atomic import clean_stale_temps, named_os_error, output_lock, swap_in, temp_sibling
+from streamprune.errors import DamagedRunError, InputError, SettingsError
+from streamprune.formats.atomic import clean_stale_temps, output_lock, swap_in, temp_sibling
+from streamprune.formats.headers import LABEL_MISSING, NO_GROUP
 from streamprune.formats.index import Index
 from streamprune.formats.keeplist import KeepList, KeepListWriter, new_manifest
-from streamprune.formats.stats_store import LABEL, LABEL_MISSING, StatsStore
+from streamprune.formats.rundir import RunDir
+from streamprune.formats.scores_store import ScoresStore
+from streamprune.formats.stats_store import LABEL, StatsStore
 from streamprune.scoring import sampling
-from streamprune.scoring.methods import LOWER_IS_HARDER, Method
+from streamprune.scoring.methods import Method
 from streamprune.scoring.scores import NEEDS, SCORES, all_scores, resolve_window
+from streamprune.scoring.selection import CCS_BINS, SelectionSpec, block_keys, exclude, kth_thresholds
 from streamprune.settings import ReduceSettings
-from streamprune.shards.identity import uniforms
 from streamprune.stages.ray_cluster import bounded_map, ensure_ray
 
-CCS_BINS = 50
 GATHER_LIMIT = 1 << 20
-
-
-def _scores_group(path: str, mode: str = "r") -> zarr.Group:
-    return zarr.open_group(path, mode=mode, zarr_format=3)
-
-
-def _write_block(g: zarr.Group, path: str, r0: int, r1: int, values: dict[str, np.ndarray]) -> None:
-    """Write rows `[r0, r1)` (one chunk) of several score arrays; a full disk names the chunk file."""
-    for name, v in values.items():
-        try:
-            g[name][r0:r1] = v
-        except OSError as exc:
-            raise named_os_error(exc, f"{path}/{name}/c/{r0 // g[name].chunks[0]}") from None
 
 
 @ray.remote(num_cpus=1)
@@ -57,8 +46,7 @@ def _score_block(
     sc = all_scores(stats, window, names)
     hi, lo = store.read("id_hi", slice(r0, r1)), store.read("id_lo", slice(r0, r1))
     labels = store.labels(slice(r0, r1)) if store.has_labels else np.full(r1 - r0, LABEL_MISSING, np.int32)
-    g = _scores_group(scores_path, "r+")
-    _write_block(g, scores_path, r0, r1, {**sc, "id_hi": hi, "id_lo": lo, LABEL: labels})
+    ScoresStore.open(scores_path, "r+").write_block(r0, r1, {**sc, "id_hi": hi, "id_lo": lo, LABEL: labels})
     nan = np.full(r1 - r0, np.nan)
     ok = np.isfinite(sc.get("dual", nan)) & np.isfinite(sc["mean_p"])
     best = sampling.top_rows(sc.get("dual", nan)[ok], hi[ok], lo[ok], 10)
@@ -81,90 +69,47 @@ def _score_block(
     }
 
 
-def block_keys(sc: dict[str, np.ndarray], r0: int, spec: dict) -> tuple[np.ndarray, np.ndarray]:
-    """Selection words and groups (`-1`: not selectable) of one block, from its scores and the spec."""
-    hi, lo = sc["id_hi"], sc["id_lo"]
-    rows = np.arange(r0, r0 + len(hi))
-    u = uniforms(spec["seed"], hi, lo)
-    sampler, score = spec["sampler"], spec["score"]
-    valid = np.ones(len(hi), dtype=bool) if sampler == "random" else np.isfinite(sc[score])
-    if spec.get("balance"):
-        valid &= sc[LABEL] >= 0
-    if sampler == "beta":
-        valid &= np.isfinite(sc["mean_p"])
-        w = np.zeros(len(hi))
-        w[valid] = sampling.beta_weights(
-            sc["dual"][valid], sc["mean_p"][valid], spec["ratio"], anchor=spec["anchor"], **spec["beta"]
-        )
-        keys = sampling.weighted_keys(w, u)
-    elif sampler == "random":
-        keys = sampling.uniform_keys(u)
-    elif sampler == "topk" or spec.get("phase") == "cut":
-        keys = sampling.score_keys(np.where(valid, sc[score], 0.0), score in LOWER_IS_HARDER)
-    else:  # ccs, after the cut: uniform within bins
-        keys = sampling.uniform_keys(u)
-    words = sampling.key_words(keys, hi, lo, rows)
-    groups = np.where(valid, sc[LABEL] if spec.get("balance") else 0, -1)
-    if sampler == "ccs" and spec.get("phase") != "cut":
-        harder = np.zeros(len(hi), dtype=bool)
-        if spec["cut_threshold"] is not None:
-            difficulty = sampling.key_words(
-                sampling.score_keys(np.where(valid, sc[score], 0.0), score in LOWER_IS_HARDER), hi, lo, rows
-            )
-            harder = sampling.at_least(difficulty, np.asarray(spec["cut_threshold"], dtype=np.uint64))
-        groups = np.where(valid & ~harder, sampling.ccs_bin(sc[score], spec["lo"], spec["hi"], CCS_BINS), -1)
-    excluded = spec.get("excluded")
-    if excluded:
-        groups = np.where(np.isin(groups, excluded), -1, groups)
-    return words, groups
-
-
-def _read_block(scores_path: str, r0: int, r1: int, spec: dict) -> dict[str, np.ndarray]:
-    g = _scores_group(scores_path)
-    names = {"id_hi", "id_lo", "mean_p", "dual"} if spec["sampler"] == "beta" else {"id_hi", "id_lo"}
-    if spec["score"]:
-        names.add(spec["score"])
-    if spec.get("balance"):
-        names.add(LABEL)
-    return {n: np.asarray(g[n][r0:r1]) for n in names}
+def _read_block(scores_path: str, r0: int, r1: int, spec: SelectionSpec) -> dict[str, np.ndarray]:
+    scores = ScoresStore.open(scores_path)
+    return {n: scores.read(n, slice(r0, r1)) for n in spec.arrays()}
 
 
 @ray.remote(num_cpus=1)
-def _store_keys(r0: int, r1: int, scores_path: str, spec: dict, n_groups: int) -> tuple[np.ndarray, np.ndarray]:
+def _store_keys(
+    r0: int, r1: int, scores_path: str, spec: SelectionSpec, n_groups: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Compute the block's selection keys once into `sel_key`/`sel_group`; return the rows per
     group and, for DUAL+Beta, the positive weights per group."""
     sc = _read_block(scores_path, r0, r1, spec)
     words, groups = block_keys(sc, r0, spec)
-    g = _scores_group(scores_path, "r+")
-    _write_block(g, scores_path, r0, r1, {"sel_key": words[0], "sel_group": groups})
+    ScoresStore.open(scores_path, "r+").write_block(r0, r1, {"sel_key": words[0], "sel_group": groups})
     positive = np.zeros(n_groups, dtype=np.int64)
-    if spec["sampler"] == "beta":  # ES keys of positive weights are > the zero-weight base
+    if spec.sampler == "beta":  # ES keys of positive weights are > the zero-weight base
         pos = (groups >= 0) & (words[0] > np.uint64(sampling.POSITIVE_WEIGHT_BITS))
         positive = np.bincount(groups[pos], minlength=n_groups)
     return np.bincount(groups[groups >= 0], minlength=n_groups), positive
 
 
-def _stored_words(scores_path: str, r0: int, r1: int, spec: dict) -> tuple[np.ndarray, np.ndarray]:
-    g = _scores_group(scores_path)
-    ids = [np.asarray(g[n][r0:r1]) for n in ("id_hi", "id_lo")]
+def _stored_words(scores_path: str, r0: int, r1: int, spec: SelectionSpec) -> tuple[np.ndarray, np.ndarray]:
+    scores, rows = ScoresStore.open(scores_path), slice(r0, r1)
+    ids = [scores.read(n, rows) for n in ("id_hi", "id_lo")]
     words = np.stack(
-        [np.asarray(g["sel_key"][r0:r1]), ~ids[0], ~ids[1], ~np.arange(r0, r1, dtype=np.int64).astype(np.uint64)]
+        [scores.read("sel_key", rows), ~ids[0], ~ids[1], ~np.arange(r0, r1, dtype=np.int64).astype(np.uint64)]
     )
-    groups = np.asarray(g["sel_group"][r0:r1]).astype(np.int64)
-    if spec.get("excluded"):
-        groups = np.where(np.isin(groups, spec["excluded"]), -1, groups)
-    return words, groups
+    return words, exclude(scores.read("sel_group", rows).astype(np.int64), spec.excluded)
 
 
-def _active_words(scores_path: str, r0: int, r1: int, spec: dict, active: list[int]) -> tuple[np.ndarray, np.ndarray]:
-    """Stored words, with rows outside the groups still being refined set to group -1."""
+def _active_words(
+    scores_path: str, r0: int, r1: int, spec: SelectionSpec, active: list[int]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Stored words, with rows outside the groups still being refined set to `NO_GROUP`."""
     words, groups = _stored_words(scores_path, r0, r1, spec)
-    return words, np.where(np.isin(groups, active), groups, -1)
+    return words, np.where(np.isin(groups, active), groups, NO_GROUP)
 
 
 @ray.remote(num_cpus=1)
 def _histogram_block(
-    r0: int, r1: int, scores_path: str, spec: dict, prefixes: np.ndarray, active: list[int], digit_bits: int
+    r0: int, r1: int, scores_path: str, spec: SelectionSpec, prefixes: np.ndarray, active: list[int], digit_bits: int
 ) -> np.ndarray:
     words, groups = _active_words(scores_path, r0, r1, spec, active)
     return sampling.radix_histogram(words, groups, prefixes, digit_bits)
@@ -172,7 +117,7 @@ def _histogram_block(
 
 @ray.remote(num_cpus=1)
 def _gather_block(
-    r0: int, r1: int, scores_path: str, spec: dict, prefixes: np.ndarray, active: list[int], digit_bits: int
+    r0: int, r1: int, scores_path: str, spec: SelectionSpec, prefixes: np.ndarray, active: list[int], digit_bits: int
 ) -> tuple[np.ndarray, np.ndarray]:
     words, groups = _active_words(scores_path, r0, r1, spec, active)
     mask = sampling.prefix_mask(words, groups, prefixes, digit_bits)
@@ -180,7 +125,7 @@ def _gather_block(
 
 
 @ray.remote(num_cpus=1)
-def _kept_block(r0: int, r1: int, scores_path: str, spec: dict, thresholds: np.ndarray) -> np.ndarray:
+def _kept_block(r0: int, r1: int, scores_path: str, spec: SelectionSpec, thresholds: np.ndarray) -> np.ndarray:
     words, groups = _stored_words(scores_path, r0, r1, spec)
     return np.flatnonzero(sampling.at_least(words, thresholds, groups)) + r0
 
@@ -203,50 +148,27 @@ class _Blocks:
 def _thresholds(
     blocks: _Blocks,
     scores_path: str,
-    spec: dict,
+    spec: SelectionSpec,
     needs: np.ndarray,
     counts: np.ndarray,
     progress: bool,
     gather_limit: int,
 ) -> np.ndarray:
-    """Per group, the words of its `needs[g]`-th largest stored key (all-zero words: keep the
-    whole group). The keys of `spec` must have been stored (`_store_keys`)."""
-    n_groups = len(needs)
-    digit_bits = 16 if n_groups == 1 else 8  # per-bin (CCS) histograms stay small with 8-bit digits
-    thresholds = np.zeros((4, n_groups), dtype=np.uint64)
-    need, bucket = needs.astype(np.int64).copy(), counts.astype(np.int64).copy()
-    active = [g for g in range(n_groups) if 0 < need[g] < counts[g]]
-    prefixes = np.zeros((n_groups, 0), dtype=np.int64)
-    level = 0
-    while active:
-        if bucket[active].sum() <= gather_limit or (level + 1) * digit_bits > 256:
-            parts = blocks.map(
-                _gather_block, scores_path, spec, prefixes, active, digit_bits, desc="gather", progress=progress
-            )
-            words = np.concatenate([p[0] for p in parts], axis=1)
-            groups = np.concatenate([p[1] for p in parts])
-            for g in active:
-                thresholds[:, g] = sampling.nth_largest(words[:, groups == g], int(need[g]))
-            break
-        hist = sum(
-            blocks.map(
-                _histogram_block,
-                scores_path,
-                spec,
-                prefixes,
-                active,
-                digit_bits,
-                desc=f"select {level + 1}",
-                progress=progress,
-            )
+    """`selection.kth_thresholds` over the blocks' stored keys (`_store_keys` of `spec` first)."""
+
+    def histogram(prefixes: np.ndarray, active: list[int], digit_bits: int) -> np.ndarray:
+        parts = blocks.map(
+            _histogram_block, scores_path, spec, prefixes, active, digit_bits, desc="select", progress=progress
         )
-        digits = np.zeros(n_groups, dtype=np.int64)
-        for g in active:
-            digits[g], above, bucket[g] = sampling.refine(hist[g], int(need[g]))
-            need[g] -= above
-        prefixes = np.column_stack([prefixes, digits])
-        level += 1
-    return thresholds
+        return np.sum(parts, axis=0)
+
+    def gather(prefixes: np.ndarray, active: list[int], digit_bits: int) -> tuple[np.ndarray, np.ndarray]:
+        parts = blocks.map(
+            _gather_block, scores_path, spec, prefixes, active, digit_bits, desc="gather", progress=progress
+        )
+        return np.concatenate([p[0] for p in parts], axis=1), np.concatenate([p[1] for p in parts])
+
+    return kth_thresholds(needs, counts, histogram, gather, gather_limit)
 
 
 def reduce(
@@ -294,18 +216,18 @@ def reduce(
     balance = sampling.resolve_balance(s.balance, method)
     c_d = sampling.resolve_c_d(s.c_d, balance)
     run = Path(run).resolve()
-    index = Index(run / "index")
-    store = StatsStore.open(run / "stats.zarr", mode="r", index=index)
+    index = Index(RunDir(run).index)
+    store = StatsStore.open(RunDir(run).stats, mode="r", index=index)
     if balance == "classes":
         store.labels(slice(0, 0))  # refuses a store without labels before any work
     complete = store.complete_epochs()
     epochs = complete if epochs is None else epochs
     if not 1 <= epochs <= store.epochs:
-        raise ValueError(f"epochs must be in 1..{store.epochs}, not {epochs}")
+        raise SettingsError(f"epochs must be in 1..{store.epochs}, not {epochs}")
     if epochs > complete:
-        raise ValueError(
+        raise SettingsError(
             f"only {complete} epochs of {run} are completely recorded; run `streamprune record` "
-            f"to finish, or pass --epochs {complete}"
+            f"to finish, or set epochs={complete}"
         )
     names = (
         SCORES
@@ -317,9 +239,9 @@ def reduce(
     window = resolve_window(window, epochs)
     if m.score in ("dual", "dyn_unc") or m.sampler == "beta":
         if window < 2 or epochs < window:
-            raise ValueError(f"window must satisfy 2 <= window <= T; got window={window}, T={epochs}")
-    scores_path = str(run / "scores.zarr" if scores_out is None else Path(scores_out).resolve())
-    out = Path(out) if out is not None else run / "keep"
+            raise SettingsError(f"window must satisfy 2 <= window <= T; got window={window}, T={epochs}")
+    scores_path = str(RunDir(run).scores if scores_out is None else Path(scores_out).resolve())
+    out = Path(out) if out is not None else RunDir(run).keep
     with output_lock(out), output_lock(scores_path):
         clean_stale_temps(Path(scores_path))  # of killed runs: we hold the locks, no one else writes them
         clean_stale_temps(out)
@@ -332,19 +254,12 @@ def reduce(
         blocks = _Blocks(bounds, workers)
         summary = _score_all(blocks, store, scores_path, epochs, window, block_rows, names, progress)
 
-        spec = {
-            "sampler": m.sampler,
-            "score": m.score,
-            "seed": seed,
-            "ratio": ratio,
-            "phase": None,
-            "beta": {"c_d": c_d, "C": C, "alpha_plus_beta": alpha_plus_beta},
-            "excluded": [],
-            "balance": balance == "classes",
-        }
+        spec = SelectionSpec(
+            m.sampler, m.score, seed, ratio, balance == "classes", c_d=c_d, C=C, alpha_plus_beta=alpha_plus_beta
+        )
         n_classes = summary["max_label"] + 1
         if balance == "classes" and n_classes < 1:
-            raise ValueError(f"no sample of {run} has a recorded label: nothing to balance")
+            raise InputError(f"no sample of {run} has a recorded label: nothing to balance")
         # selectable rows: finite scores, and with class balance a label too
         counted = summary["labelled"] if balance == "classes" else {"rows": n, **summary["finite"]}
         n_ok = counted["rows"] if m.sampler == "random" else counted[m.score if m.sampler != "beta" else "dual"]
@@ -353,14 +268,14 @@ def reduce(
         n_groups = CCS_BINS if m.sampler == "ccs" else n_classes if balance == "classes" else 1
         dropped = n - n_ok
         if dropped and missing == "error":
-            raise ValueError(
+            raise DamagedRunError(
                 f"{dropped} samples have missing statistics{' or labels' if balance == 'classes' else ''} "
-                f"(e.g. rows {summary['missing_rows'][:5]}); use --missing drop to leave them out"
+                f"(e.g. rows {summary['missing_rows'][:5]}); set missing='drop' to leave them out"
             )
         k = sampling.keep_count(n_ok, ratio)
         if k == 0 and sampling.keep_count(n, ratio) > 0:  # nothing kept because (nearly) every sample is missing
             what = "statistics" + (" or labels" if balance == "classes" else "")
-            raise ValueError(
+            raise DamagedRunError(
                 f"no sample of {run} can be kept: {dropped:,} of {n:,} samples have missing {what} "
                 f"(e.g. rows {summary['missing_rows'][:5]}), so the keep-list would keep nothing; "
                 f"{str(out)!r} is left as it is. Record the statistics again (`streamprune record`)"
@@ -368,26 +283,24 @@ def reduce(
         params: dict = {"cut": cut} if m.sampler == "ccs" else {}
         if m.sampler == "beta":
             top = summary["top"]
-            spec["anchor"] = float(np.mean(top["mean_p"])) if top["mean_p"] else 0.5
-            alpha, beta = sampling.beta_params(ratio, spec["anchor"], **spec["beta"])
-            params.update(anchor=spec["anchor"], alpha=alpha, beta=beta, **spec["beta"])
+            spec = spec.replace(anchor=float(np.mean(top["mean_p"])) if top["mean_p"] else 0.5)
+            alpha, beta = sampling.beta_params(ratio, spec.anchor, c_d=c_d, C=C, alpha_plus_beta=alpha_plus_beta)
+            params.update(anchor=spec.anchor, alpha=alpha, beta=beta, c_d=c_d, C=C, alpha_plus_beta=alpha_plus_beta)
         if m.sampler == "ccs":
-            spec["cut_threshold"], spec["lo"], spec["hi"] = _ccs_setup(
-                blocks, scores_path, spec, n_ok, k, cut, progress, gather_limit
-            )
+            spec = _ccs_setup(blocks, scores_path, spec, n_ok, k, cut, progress, gather_limit)
         parts = blocks.map(_store_keys, scores_path, spec, n_groups, desc="keys", progress=progress)
         counts = sum(p[0] for p in parts)
         if m.sampler == "ccs":
             needs = sampling.ccs_quotas(counts, k)
-            spec["excluded"] = [int(g) for g in np.flatnonzero(needs == 0)]
-            params.update(lo=spec["lo"], hi=spec["hi"], bins=CCS_BINS, quotas=needs.tolist())
+            spec = spec.replace(excluded=tuple(int(g) for g in np.flatnonzero(needs == 0)))
+            params.update(lo=spec.lo, hi=spec.hi, bins=CCS_BINS, quotas=needs.tolist())
         elif balance == "classes":
             needs = sampling.class_quotas(counts, k)
-            spec["excluded"] = [int(g) for g in np.flatnonzero(needs == 0)]
+            spec = spec.replace(excluded=tuple(int(g) for g in np.flatnonzero(needs == 0)))
             params.update(class_counts=counts.tolist(), class_quotas=needs.tolist())
         else:
             needs = np.array([k])
-            spec["excluded"] = [0] if k == 0 else []
+            spec = spec.replace(excluded=(0,) if k == 0 else ())
         thresholds = _thresholds(
             blocks, scores_path, spec, np.asarray(needs), np.asarray(counts), progress, gather_limit
         )
@@ -454,17 +367,7 @@ def _score_into(
     names: tuple[str, ...],
     progress: bool,
 ) -> dict:
-    n = store.n_samples
-    try:
-        g = _scores_group(str(tmp), "w")
-        for name in SCORES:
-            g.create_array(name, shape=(n,), chunks=(block_rows,), dtype=np.float64, fill_value=np.nan)
-        for name in ("id_hi", "id_lo", "sel_key"):
-            g.create_array(name, shape=(n,), chunks=(block_rows,), dtype=np.uint64, fill_value=0)
-        g.create_array(LABEL, shape=(n,), chunks=(block_rows,), dtype=np.int32, fill_value=LABEL_MISSING)
-        g.create_array("sel_group", shape=(n,), chunks=(block_rows,), dtype=np.int32, fill_value=-1)
-    except OSError as exc:
-        raise named_os_error(exc, tmp) from None
+    scores = ScoresStore.create(tmp, store.n_samples, block_rows)
     parts = blocks.map(
         _score_block, store.path.as_posix(), str(tmp), epochs, window, names, desc="score", progress=progress
     )
@@ -484,48 +387,50 @@ def _score_into(
         "lo": [t[2] for t in top[:10]],
         "mean_p": [t[3] for t in top[:10]],
     }
-    try:
-        g.attrs.update(
-            {
-                "fingerprint": store.fingerprint,
-                "epochs": epochs,
-                "window": window,
-                "block_rows": block_rows,
-                "scores": list(names),
-                "summary": summary,
-            }
-        )
-    except OSError as exc:
-        raise named_os_error(exc, tmp / "zarr.json") from None
+    scores.set_attrs(
+        {
+            "fingerprint": store.fingerprint,
+            "epochs": epochs,
+            "window": window,
+            "block_rows": block_rows,
+            "scores": list(names),
+            "summary": summary,
+        }
+    )
     swap_in(tmp, Path(scores_path))
     return summary
 
 
 def _ccs_setup(
-    blocks: _Blocks, scores_path: str, spec: dict, n_ok: int, k: int, cut: float, progress: bool, gather_limit: int
-):
-    """The cut threshold (the hardest `cut` fraction, fewer if the budget needs them) and the
-    score range of the samples that remain."""
+    blocks: _Blocks,
+    scores_path: str,
+    spec: SelectionSpec,
+    n_ok: int,
+    k: int,
+    cut: float,
+    progress: bool,
+    gather_limit: int,
+) -> SelectionSpec:
+    """`spec` with CCS's cut threshold (the hardest `cut` fraction, fewer if the budget needs
+    them) and the score range of the samples that remain."""
     n_cut = min(int(np.floor(cut * n_ok + 0.5)), n_ok - k)
-    cut_spec = {**spec, "phase": "cut"}
+    cut_spec = spec.replace(phase="cut")
     threshold = None
     if n_cut > 0:
         blocks.map(_store_keys, scores_path, cut_spec, 1)
-        threshold = _thresholds(
-            blocks, scores_path, cut_spec, np.array([n_cut]), np.array([n_ok]), progress, gather_limit
-        )[:, 0]
-        threshold = [int(x) for x in threshold]
-    ranges = blocks.map(_remaining_range, scores_path, {**spec, "cut_threshold": threshold, "lo": 0.0, "hi": 1.0})
+        words = _thresholds(blocks, scores_path, cut_spec, np.array([n_cut]), np.array([n_ok]), progress, gather_limit)
+        threshold = tuple(int(x) for x in words[:, 0])
+    ranges = blocks.map(_remaining_range, scores_path, spec.replace(cut_threshold=threshold, lo=0.0, hi=1.0))
     lo = min((r[0] for r in ranges if r is not None), default=0.0)
     hi = max((r[1] for r in ranges if r is not None), default=0.0)
-    return threshold, lo, hi
+    return spec.replace(cut_threshold=threshold, lo=lo, hi=hi)
 
 
 @ray.remote(num_cpus=1)
-def _remaining_range(r0: int, r1: int, scores_path: str, spec: dict):
+def _remaining_range(r0: int, r1: int, scores_path: str, spec: SelectionSpec):
     sc = _read_block(scores_path, r0, r1, spec)
     _, groups = block_keys(sc, r0, spec)
-    left = sc[spec["score"]][groups >= 0]
+    left = sc[cast(str, spec.score)][groups >= 0]
     return (float(left.min()), float(left.max())) if len(left) else None
 
 

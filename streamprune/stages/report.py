@@ -16,12 +16,17 @@ import io
 import json
 import os
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 
+from streamprune.errors import DamagedRunError
+from streamprune.formats.headers import CORRECT_MISSING, LABEL_MISSING
 from streamprune.formats.index import Index
 from streamprune.formats.keeplist import KeepList
+from streamprune.formats.rundir import RunDir
+from streamprune.formats.scores_store import ScoresStore
 from streamprune.formats.stats_store import LABEL, StatsStore
 from streamprune.settings import ReportSettings
 from streamprune.shards.labels import BadSample, Classes, LabelSpec
@@ -46,18 +51,19 @@ def build_report(
 
     matplotlib.use("Agg")
     run = Path(run).resolve()
-    out = Path(out) if out is not None else run / "report"
+    rd = RunDir(run)
+    out = Path(out) if out is not None else rd.report
     out.mkdir(parents=True, exist_ok=True)
-    index = Index(run / "index")
-    keep = KeepList.load(run / "keep")
+    index = Index(rd.index)
+    keep = KeepList.load(rd.keep)
     if keep.fingerprint != index.fingerprint:
-        raise ValueError(f"{run / 'keep'} was made for another index than {index.path}")
-    scores = _open_scores(run)
+        raise DamagedRunError(f"{rd.keep} was made for another index than {index.path}")
+    scores = ScoresStore.open(rd.scores)
     rng = np.random.default_rng(seed)
-    rows = _sample_rows(index.n_samples, int(scores.attrs.get("block_rows", 65536)), max_rows, rng)
+    rows = _sample_rows(index.n_samples, scores.block_rows, max_rows, rng)
     kept = _kept_mask(index, keep, rows)
-    values = {name: _gather(scores[name].__getitem__, rows) for name in scores.attrs["scores"]}
-    row_labels = _gather(scores[LABEL].__getitem__, rows) if LABEL in scores else None
+    values = {name: _gather(partial(scores.read, name), rows) for name in scores.scores}
+    row_labels = _gather(partial(scores.read, LABEL), rows) if LABEL in scores else None
     labels, labelled_kept = _class_labels(row_labels, index, rows, kept, label_rows, rng)
     fractions, overall = class_kept_fractions(labels, labelled_kept)
     classes = Classes.load(run)
@@ -92,11 +98,11 @@ def build_report(
             _plot_grids(index, rows, kept, values, row_labels, name),
         )
     )
-    store = StatsStore.open(run / "stats.zarr", mode="r")
+    store = StatsStore.open(rd.stats, mode="r")
     sections.append(
         _figure(out, "training", "Proxy training curves (recorded statistics)", _plot_training(store, rows))
     )
-    evaluation = run / "evaluate.json"
+    evaluation = rd.evaluate
     if evaluation.exists():
         saved = json.loads(evaluation.read_text())
         budget = saved.get("key", {}).get("settings", {}).get("budget", "epochs")  # files of 0.1.0: epochs
@@ -104,15 +110,6 @@ def build_report(
     page = out / "index.html"
     page.write_text(_PAGE.format(title=html.escape(f"streamprune report: {run.name}"), body="\n".join(sections)))
     return page
-
-
-def _open_scores(run: Path):
-    import zarr
-
-    path = run / "scores.zarr"
-    if not path.exists():
-        raise FileNotFoundError(f"no scores at {str(path)!r}: run `streamprune reduce` first")
-    return zarr.open_group(str(path), mode="r")
 
 
 def _sample_rows(n: int, chunk: int, max_rows: int, rng: np.random.Generator) -> np.ndarray:
@@ -134,6 +131,8 @@ def _kept_mask(index: Index, keep: KeepList, rows: np.ndarray) -> np.ndarray:
     mask = np.zeros(len(rows), dtype=bool)
     for s in np.unique(shards):
         positions = keep.shard_positions(index.names[s])
+        if positions is None:
+            raise DamagedRunError(f"keep-list {str(keep.path)!r} has no sample positions: write it with reduce")
         sel = shards == s
         mask[sel] = np.isin(rows[sel] - index.shard_offset[s], positions)
     return mask
@@ -299,7 +298,7 @@ def _plot_beta(manifest: dict, mean_p: np.ndarray | None, kept: np.ndarray):
     fig, ax = plt.subplots(figsize=(8, 4))
     if mean_p is not None:
         ok = np.isfinite(mean_p)
-        bins = np.linspace(0, 1, 51)
+        bins = np.linspace(0, 1, 51).tolist()
         ax.hist(mean_p[ok], bins=bins, color="#bbbbbb", label="all samples")
         ax.hist(mean_p[ok & kept], bins=bins, color="#2a7ab9", alpha=0.8, label="kept")
         ax.set_ylabel("samples")
@@ -394,8 +393,8 @@ def _plot_grids(
             except BadSample:
                 img = np.zeros((1, 8, 8), np.uint8)
             ax.imshow(img[0] if img.shape[0] == 1 else img.transpose(1, 2, 0), cmap="gray")
-            label = int(labels[pick[j]]) if labels is not None else _cls(sample)
-            ax.set_xlabel(f"{name(label) if label >= 0 else '?'} p={mean_p[pick[j]]:.2f}", fontsize=7)
+            cls = int(labels[pick[j]]) if labels is not None else _cls(sample)
+            ax.set_xlabel(f"{name(cls) if cls >= 0 else '?'} p={mean_p[pick[j]]:.2f}", fontsize=7)
             for spine in ax.spines.values():
                 spine.set_color("#2ca02c" if "kept" in title else "#d62728")
                 spine.set_linewidth(2)
@@ -408,8 +407,8 @@ def _cls(sample: dict) -> int:
     try:
         label = LabelSpec("cls")(sample)
     except BadSample:
-        return -1
-    return label if isinstance(label, int) else -1
+        return LABEL_MISSING
+    return label if isinstance(label, int) else LABEL_MISSING
 
 
 def _plot_training(store: StatsStore, rows: np.ndarray):
@@ -418,7 +417,7 @@ def _plot_training(store: StatsStore, rows: np.ndarray):
     t = store.complete_epochs()
     loss = _gather(lambda s: store.read("loss", s, slice(0, t)), rows)
     correct = _gather(lambda s: store.read("correct", s, slice(0, t)), rows).astype(np.float64)
-    correct[correct == 255] = np.nan
+    correct[correct == CORRECT_MISSING] = np.nan
     epochs = np.arange(1, t + 1)
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 3.5))
     a.plot(epochs, np.nanmean(loss, axis=0), marker="o")
