@@ -8,7 +8,11 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-_LAZY = {
+# name -> (module, attribute); attribute None: the module itself
+_LAZY: dict[str, tuple[str, str | None]] = {
+    "scores": ("streamprune.scoring.scores", None),
+    "sampling": ("streamprune.scoring.sampling", None),
+    "errors": ("streamprune.errors", None),
     "index": ("streamprune.stages.index", "index"),
     "Index": ("streamprune.formats.index", "Index"),
     "StatsStore": ("streamprune.formats.stats_store", "StatsStore"),
@@ -28,6 +32,8 @@ _LAZY = {
     "InputError": ("streamprune.errors", "InputError"),
     "DamagedRunError": ("streamprune.errors", "DamagedRunError"),
     "ChangedShardError": ("streamprune.errors", "ChangedShardError"),
+    "NewerFormatError": ("streamprune.errors", "NewerFormatError"),
+    "RunDir": ("streamprune.formats.rundir", "RunDir"),
     "Classes": ("streamprune.shards.labels", "Classes"),
     "ToTensors": ("streamprune.training.decode", "ToTensors"),
     "reduce": ("streamprune.stages.reduce", "reduce"),
@@ -50,5 +56,6 @@ def __getattr__(name: str):
         import importlib
 
         module, attr = _LAZY[name]
-        return getattr(importlib.import_module(module), attr)
+        loaded = importlib.import_module(module)
+        return loaded if attr is None else getattr(loaded, attr)
     raise AttributeError(f"module 'streamprune' has no attribute {name!r}")

@@ -78,7 +78,11 @@ def config_problems(data: dict) -> list[str]:
     """The problems between fields of a config (its fields as read, defaults filled in), so that
     `run` refuses it before any work, together with each field's own problems."""
     out = [] if data.get("shards") else ["shards: no shard given"]
-    section = lambda name: data.get(name) if isinstance(data.get(name), dict) else {}
+
+    def section(name: str) -> dict:
+        value = data.get(name)
+        return value if isinstance(value, dict) else {}
+
     record, reduce = section("record"), section("reduce")
     recorded = record.get("epochs", default(RecordSettings, "epochs"))
     used, window = reduce.get("epochs"), reduce.get("window")
@@ -154,11 +158,14 @@ def _resolve_paths(cfg: Config, base: Path) -> Config:
             return p
         return str(base / p)
 
-    listed = lambda v: None if v is None else local(v) if isinstance(v, str) else [local(u) for u in v]
+    def listed(v: str | list[str]) -> str | list[str]:
+        return local(v) if isinstance(v, str) else [local(u) for u in v]
+
     optional = lambda v: None if v is None else local(v)
     cfg.shards = listed(cfg.shards)
     cfg.out = local(cfg.out)
-    cfg.evaluate = cfg.evaluate.replace(test_shards=listed(cfg.evaluate.test_shards))
+    test_shards = cfg.evaluate.test_shards
+    cfg.evaluate = cfg.evaluate.replace(test_shards=None if test_shards is None else listed(test_shards))
     cfg.index = cfg.index.replace(root=optional(cfg.index.root))
     cfg.record = cfg.record.replace(classes=optional(cfg.record.classes))
     return cfg

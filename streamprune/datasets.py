@@ -14,6 +14,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import numpy.typing as npt
+
+from streamprune.errors import InputError, SettingsError
 
 BUNDLED = Path(__file__).parent / "data" / "fashion-mnist-subset"
 SHARED = Path("../shared/datasets/fashion-mnist")
@@ -22,7 +25,14 @@ _FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
-_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+_IDX_DTYPES: dict[int, npt.DTypeLike] = {
+    0x08: np.uint8,
+    0x09: np.int8,
+    0x0B: ">i2",
+    0x0C: ">i4",
+    0x0D: ">f4",
+    0x0E: ">f8",
+}
 
 
 def read_idx(path: str | os.PathLike) -> np.ndarray:
@@ -32,13 +42,13 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     with opener(path, "rb") as f:
         data = f.read()
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES:
-        raise ValueError(f"{str(path)!r} is not an IDX file (bad magic number)")
+        raise InputError(f"{str(path)!r} is not an IDX file (bad magic number)")
     ndim = data[3]
     dims = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     dtype = np.dtype(_IDX_DTYPES[data[2]])
     body = data[4 + 4 * ndim :]
     if len(body) != int(np.prod(dims)) * dtype.itemsize:
-        raise ValueError(f"{str(path)!r}: IDX body has {len(body)} bytes, header says {dims} of {dtype}")
+        raise InputError(f"{str(path)!r}: IDX body has {len(body)} bytes, header says {dims} of {dtype}")
     return np.frombuffer(body, dtype=dtype).reshape(dims).astype(dtype.newbyteorder("="))
 
 
@@ -68,7 +78,7 @@ def load_fashion_mnist(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Images `(n, 28, 28)` uint8 and labels `(n,)` uint8 of a split ("train" or "test")."""
     if split not in _FILES:
-        raise ValueError(f"split must be 'train' or 'test', not {split!r}")
+        raise SettingsError(f"split must be 'train' or 'test', not {split!r}")
     d = fashion_mnist_dir(data_dir)
     images, labels = (read_idx(d / (name + ".gz")) for name in _FILES[split])
     return images, labels
@@ -81,7 +91,7 @@ def shard_sizes(n: int, n_shards: int, uneven: bool = False, seed: int = 0) -> l
     as real shard sets have after filtering.
     """
     if n_shards < 1:
-        raise ValueError(f"n_shards must be >= 1, not {n_shards}")
+        raise SettingsError(f"n_shards must be >= 1, not {n_shards}")
     if not uneven:
         return [n // n_shards + (i < n % n_shards) for i in range(n_shards)]
     w = np.random.default_rng(seed).uniform(1.0, 8.0, n_shards)
@@ -119,14 +129,14 @@ def write_shards(
     import webdataset as wds
 
     if len(images) != len(labels):
-        raise ValueError(f"{len(images)} images but {len(labels)} labels")
+        raise SettingsError(f"{len(images)} images but {len(labels)} labels")
     if image_format not in ("png", "npy"):
-        raise ValueError(f"image_format must be 'png' or 'npy', not {image_format!r}")
+        raise SettingsError(f"image_format must be 'png' or 'npy', not {image_format!r}")
     if sizes is None:
         per = samples_per_shard or 1000
         sizes = shard_sizes(len(images), max(1, -(-len(images) // per)))
     if sum(sizes) != len(images):
-        raise ValueError(f"shard sizes sum to {sum(sizes)}, not the {len(images)} samples")
+        raise SettingsError(f"shard sizes sum to {sum(sizes)}, not the {len(images)} samples")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     from tqdm.auto import tqdm
@@ -160,7 +170,7 @@ def weblike_sample(
     from PIL import Image
 
     w, h = (int(v) for v in rng.integers(sizes[0], sizes[1] + 1, size=2))
-    grey = Image.fromarray(np.asarray(image, dtype=np.uint8)).resize((w, h), Image.BILINEAR)
+    grey = Image.fromarray(np.asarray(image, dtype=np.uint8)).resize((w, h), Image.Resampling.BILINEAR)
     tint = rng.uniform(0.5, 1.0, size=3)
     rgb = Image.fromarray((np.asarray(grey, dtype=np.float32)[..., None] * tint).astype(np.uint8))
     kind = ("rgb", "rgb", "rgb", "grey", "cmyk", "exif", "rgba", "palette")[int(rng.integers(8))]
@@ -172,13 +182,13 @@ def weblike_sample(
     elif kind == "exif":  # stored turned a quarter, with the EXIF tag that turns it back
         exif = Image.Exif()
         exif[0x0112] = 6
-        rgb.transpose(Image.ROTATE_90).save(buf, format="JPEG", quality=90, exif=exif)
+        rgb.transpose(Image.Transpose.ROTATE_90).save(buf, format="JPEG", quality=90, exif=exif)
     elif kind == "rgba":
         rgba = rgb.convert("RGBA")
         rgba.putalpha(Image.fromarray(np.where(np.asarray(grey) > 0, 255, 0).astype(np.uint8)))
         rgba.save(buf, format="PNG", compress_level=1)
     elif kind == "palette":
-        rgb.convert("P", palette=Image.ADAPTIVE, colors=64).save(buf, format="PNG", compress_level=1)
+        rgb.convert("P", palette=Image.Palette.ADAPTIVE, colors=64).save(buf, format="PNG", compress_level=1)
     else:
         rgb.save(buf, format="JPEG", quality=90)
     ext = "png" if kind in ("rgba", "palette") else "jpg"

@@ -34,4 +34,3 @@ class DamagedRunError(StreamPruneError, ValueError):
 
 class NewerFormatError(DamagedRunError):
     """A file written by a newer streamprune (its format version is higher than this one reads)."""
-

@@ -12,7 +12,7 @@ from __future__ import annotations
 import itertools
 import os
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlparse
 
 import numpy as np
@@ -21,6 +21,7 @@ from webdataset import autodecode, cache, shardlists
 from webdataset.handlers import reraise_exception
 from webdataset.utils import pytorch_worker_info
 
+from streamprune.errors import InputError, SettingsError
 from streamprune.formats.keeplist import KeepList
 from streamprune.shards.identity import ShardMatcher
 from streamprune.shards.reader import ReadStats, read_keys, read_ranges
@@ -40,7 +41,7 @@ class _Selection:
 
     def __init__(self, keep: KeepList, root: str | None, unknown_shards: str):
         if unknown_shards not in UNKNOWN:
-            raise ValueError(f"unknown_shards={unknown_shards!r}: choose 'error' or 'keep'")
+            raise SettingsError(f"unknown_shards={unknown_shards!r}: choose 'error' or 'keep'")
         self.keep, self.unknown = keep, unknown_shards
         self.match = ShardMatcher(keep.names, root)
 
@@ -48,7 +49,7 @@ class _Selection:
         """The keep-list's name for `url`; None for an unknown shard kept whole; error otherwise."""
         name = self.match(url)
         if name is None and self.unknown == "error":
-            raise ValueError(
+            raise InputError(
                 f"shard {url!r} is not in the keep-list (it knows {len(self.keep.names)} shards, "
                 f"e.g. {self.keep.names[:3]}): pass unknown_shards='keep' to read it whole"
             )
@@ -58,7 +59,7 @@ class _Selection:
         """Refuse a URL list that is not the keep-list's dataset, before anything is read."""
         names = [self.match(u) for u in urls]
         if urls and all(n is None for n in names) and not allow_mismatch:
-            raise ValueError(
+            raise InputError(
                 f"the keep-list was made for another dataset: none of the {len(urls)} shards "
                 f"(e.g. {urls[0]!r}) is among its {len(self.keep.names)} shards "
                 f"(e.g. {self.keep.names[:3]}); pass root= if the names differ only by a prefix, "
@@ -94,7 +95,7 @@ class _KeptShards:
                 skipped.add(item["url"])
                 run += 1
                 if run >= max(self.MAX_SKIPPED, 10 * len(skipped)):
-                    raise ValueError(
+                    raise InputError(
                         f"nothing is kept in any of the {len(skipped)} shards this stream repeats "
                         f"(e.g. {next(iter(skipped))!r}): {run} shards in a row skipped"
                     )
@@ -118,7 +119,7 @@ class _ReadKept:
         rename_files: Callable | None,
     ):
         if weights and keep.weights is None:
-            raise ValueError(
+            raise SettingsError(
                 f"weights=True: this keep-list (method {keep.manifest.get('method')!r}) carries no importance weights"
             )
         self.keep, self.stats, self.handler = keep, stats, handler
@@ -146,7 +147,10 @@ class _ReadKept:
             first, stop = item.get("__slice__", (0, cut.stop - cut.start))
             cut = slice(cut.start + first, cut.start + stop)
             keys = self.keep.shard_keys(name)[first:stop]
-            weights = dict(zip(keys, np.asarray(self.keep.weights[cut]).tolist())) if self.weights else None
+            weights = None
+            if self.weights:
+                assert self.keep.weights is not None  # __init__ refuses weights=True without them
+                weights = dict(zip(keys, np.asarray(self.keep.weights[cut]).tolist()))
             if self.keep.ranges is None or self.allow_mismatch:
                 raws = read_keys(url, name, set(keys), self.stats, source)
             else:
@@ -260,6 +264,8 @@ class PrunedWebDataset(wds.WebDataset):
     bytes for compressed shards), and shards read through because they cannot seek.
     """
 
+    pipeline: list[Any]  # webdataset's stages (untyped there)
+
     def __init__(
         self,
         urls,
@@ -288,7 +294,7 @@ class PrunedWebDataset(wds.WebDataset):
         even_epochs: bool = False,
     ):
         if even_epochs and (resampled or mode == "resampled"):
-            raise ValueError("even_epochs=True needs a fixed shard list, not resampled=True")
+            raise SettingsError("even_epochs=True needs a fixed shard list, not resampled=True")
         listed = _url_list(urls)  # our expansion also takes globs and fsspec globs
         super().__init__(
             urls if listed is None else listed,
@@ -314,7 +320,7 @@ class PrunedWebDataset(wds.WebDataset):
             selection.check(listed, allow_mismatch)
             names = [selection.shard(u) for u in listed]
             if listed and all(n is not None and self.keep.kept_count(n) == 0 for n in names):
-                raise ValueError(f"the keep-list keeps no sample of these {len(listed)} shards (e.g. {listed[0]!r})")
+                raise InputError(f"the keep-list keeps no sample of these {len(listed)} shards (e.g. {listed[0]!r})")
         opener = next(
             (i for i, stage in enumerate(self.pipeline) if isinstance(stage, (cache.StreamingOpen, cache.FileCache))),
             None,
@@ -327,14 +333,15 @@ class PrunedWebDataset(wds.WebDataset):
         self.slots = None
         if even_epochs:
             if listed is None:
-                raise ValueError("even_epochs=True needs the shard URLs as a string or list")
+                raise SettingsError("even_epochs=True needs the shard URLs as a string or list")
             names = [selection.shard(u) for u in listed]
             if None in names:
-                raise ValueError(
+                raise SettingsError(
                     f"even_epochs=True needs kept counts for every shard; "
                     f"{listed[names.index(None)]!r} is not in the keep-list"
                 )
-            counts = np.array([self.keep.kept_count(n) for n in names], dtype=np.int64)
+            known = cast(list[str], names)  # no None: refused above
+            counts = np.array([self.keep.kept_count(n) for n in known], dtype=np.int64)
             self.slots = _EvenSlots(listed, counts, 0 if seed is None else int(seed), bool(shardshuffle))
             head = [self.slots]
         self.pipeline = [*head, _KeptShards(selection, self.stats), *file_cache, reader, *self.pipeline[opener + 3 :]]
@@ -355,13 +362,13 @@ class PrunedWebDataset(wds.WebDataset):
     def set_epoch(self, epoch: int) -> None:
         """Set the epoch the next iteration starts with (the shard order under even_epochs)."""
         if self.slots is None:
-            raise ValueError("set_epoch applies to even_epochs=True")
+            raise SettingsError("set_epoch applies to even_epochs=True")
         self.slots.next_epoch = int(epoch)
 
     def epoch_length(self, world_size: int = 1, num_workers: int = 0) -> int:
         """Samples each rank yields per epoch under even_epochs (DataLoader `num_workers`)."""
         if self.slots is None:
-            raise ValueError("epoch_length applies to even_epochs=True")
+            raise SettingsError("epoch_length applies to even_epochs=True")
         workers = max(1, num_workers)
         return workers * (int(self.slots.counts.sum()) // (world_size * workers))
 

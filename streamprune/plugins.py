@@ -6,6 +6,8 @@ import importlib
 import re
 from collections.abc import Callable
 
+from streamprune.errors import SettingsError
+
 _SPEC = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
 
@@ -18,11 +20,11 @@ def import_function(spec: str, what: str) -> Callable:
     """The callable `spec` names, or a ValueError naming `what` (e.g. "model") and the spec."""
     module, sep, name = spec.partition(":")
     if not sep or not module or not name:
-        raise ValueError(f"{what} {spec!r}: expected 'package.module:function'")
+        raise SettingsError(f"{what} {spec!r}: expected 'package.module:function'")
     try:
         fn = getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError) as exc:
-        raise ValueError(f"{what} {spec!r}: cannot import: {exc}") from None
+        raise SettingsError(f"{what} {spec!r}: cannot import: {exc}") from None
     if not callable(fn):
-        raise ValueError(f"{what} {spec!r}: {type(fn).__name__} is not callable")
+        raise SettingsError(f"{what} {spec!r}: {type(fn).__name__} is not callable")
     return fn

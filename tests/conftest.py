@@ -1,10 +1,16 @@
 """Shared fixtures: one real local Ray instance per test session, real Fashion-MNIST shards,
-a real local HTTP file server."""
+a real local HTTP file server, an index built without Ray, and the builders several test
+modules share (handed out by fixtures: test modules never import each other)."""
 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
@@ -72,3 +78,125 @@ def http_server(tmp_path_factory):
 
     with serve(tmp_path_factory.mktemp("www")) as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def make_index():
+    """`make_index(shards, run, **kw) -> Index`: `run/index` written in this process, without Ray
+    (`streamprune.index_in_process`: the same index as `streamprune.index`), for tests whose
+    subject is not the index stage, so that they need no Ray."""
+    from streamprune.training.own_loop import index_in_process
+
+    return index_in_process
+
+
+def _content(samples) -> list[dict]:
+    """Samples without where they were read from (`__url__`, `__local_path__`)."""
+    return [{k: v for k, v in s.items() if k not in ("__url__", "__local_path__")} for s in samples]
+
+
+def _kept(samples: list[dict], keep) -> list[dict]:
+    """The samples (as webdataset yields them) that `keep` keeps."""
+    return [s for s in samples if (os.path.basename(s["__url__"]), s["__key__"]) in keep]
+
+
+@pytest.fixture(scope="session")
+def sample_content():
+    """`sample_content(samples) -> list[dict]`: samples without `__url__` and `__local_path__`."""
+    return _content
+
+
+@pytest.fixture(scope="session")
+def kept_samples():
+    """`kept_samples(samples, keep) -> list[dict]`: the samples a keep-list keeps, in order."""
+    return _kept
+
+
+def _png_claiming(width: int, height: int) -> bytes:
+    """A small PNG whose header claims `width x height` greyscale pixels (a decompression bomb's shape)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(bytes(1024))) + chunk(b"IEND", b"")
+    )
+
+
+@pytest.fixture(scope="session")
+def png_claiming():
+    """`png_claiming(width, height) -> bytes`: a small PNG claiming a huge size."""
+    return _png_claiming
+
+
+@pytest.fixture(scope="session")
+def ray_python(ray_session):
+    """`ray_python(code, **popen_kwargs) -> Popen`: `code` run by another Python process joined to
+    the session's Ray instance, with text stdout and stderr piped."""
+    address = ray_session.get_runtime_context().gcs_address
+
+    def run(code: str, **kwargs) -> subprocess.Popen:
+        prelude = f"import ray, streamprune; ray.init(address={address!r}, logging_level='ERROR')\n"
+        return subprocess.Popen(
+            [sys.executable, "-c", prelude + code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs
+        )
+
+    return run
+
+
+SYNTHETIC_EPOCHS = 12  # T, the epochs of a synthetic run
+
+
+def _synthetic_stats(n: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Learning-curve-like statistics; a tenth of the samples never change (DUAL = 0)."""
+    T = SYNTHETIC_EPOCHS
+    a, b = rng.normal(-1, 1, n), rng.uniform(0, 0.6, n)
+    logit = a[:, None] + b[:, None] * np.arange(T) + rng.normal(0, 0.5, (n, T))
+    logit[: n // 10] = 2.0
+    p = 1 / (1 + np.exp(-logit))
+    return {
+        "p_true": p.astype(np.float32),
+        "correct": (p > 0.5).astype(np.uint8),
+        "margin": logit.astype(np.float32),
+        "el2n": (1 - p).astype(np.float32) * 1.2,
+        "entropy": (-p * np.log(p) - (1 - p) * np.log(1 - p)).astype(np.float32),
+        "loss": -np.log(p).astype(np.float32),
+    }
+
+
+def _synthetic_labels(n: int) -> np.ndarray:
+    """Ten uneven classes: class 9 holds about 4/13 of the samples, the others 1/13 each."""
+    return np.minimum(np.arange(n) % 13, 9).astype(np.int32)
+
+
+@pytest.fixture(scope="session")
+def synthetic():
+    """Synthetic statistics: `.epochs` (T), `.stats(n, rng)` (T epochs of each statistic) and
+    `.labels(n)` (ten uneven classes)."""
+    return SimpleNamespace(epochs=SYNTHETIC_EPOCHS, stats=_synthetic_stats, labels=_synthetic_labels)
+
+
+@pytest.fixture(scope="session")
+def synthetic_run(ray_session):
+    """`synthetic_run(run, paths, seed) -> (index, stats)`: an index of `paths` under `run` (on
+    Ray) and a complete store of T epochs of synthetic statistics (labels from `.labels`)."""
+    from streamprune import index
+    from streamprune.formats.stats_store import LABEL, STATS, ChunkWriter, StatsStore
+
+    def build(run: Path, paths: list[str], seed: int):
+        idx = index(paths, run, progress=False)
+        store = StatsStore.create(run / "stats.zarr", idx, epochs=SYNTHETIC_EPOCHS, chunk_rows=64)
+        stats = _synthetic_stats(idx.n_samples, np.random.default_rng(seed))
+        rows = np.arange(idx.n_samples)
+        labels = _synthetic_labels(idx.n_samples)
+        for t in range(SYNTHETIC_EPOCHS):
+            w = ChunkWriter(store, range(store.n_chunks), t)
+            w.add(rows, {**{n: stats[n][:, t] for n in STATS}, LABEL: labels})
+            w.flush()
+            store.mark_done(t, np.arange(idx.n_shards))
+        return idx, stats
+
+    return build

@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import webdataset as wds
-from test_loader import _content, _kept
 
 from streamprune import PrunedWebDataset, reshard
 from streamprune.datasets import encode_png
@@ -32,15 +31,15 @@ def _gzip(src: str, dest: Path) -> str:
 
 
 @pytest.fixture(scope="module")
-def gz(ray_session, uneven_shards, tmp_path_factory):
+def gz(make_index, uneven_shards, tmp_path_factory):
     """The uneven shards as .tar.gz files, indexed, with the plain set's index beside; keep-all
     and 10% keep-lists of the gzip index and the same 10% rows over the plain one."""
     paths, sizes = uneven_shards
     work = tmp_path_factory.mktemp("compressed")
     (work / "gz").mkdir()
     gz_paths = [_gzip(p, work / "gz" / (os.path.basename(p) + ".gz")) for p in paths]
-    plain = index(paths, work / "plain", progress=False)
-    idx = index(gz_paths, work / "run", progress=False)
+    plain = make_index(paths, work / "plain")
+    idx = make_index(gz_paths, work / "run")
     rows = np.sort(np.random.default_rng(3).choice(idx.n_samples, idx.n_samples // 10, replace=False))
     return {
         "paths": paths,
@@ -86,29 +85,29 @@ def test_keep_all_over_gzip_yields_exactly_webdatasets_samples(gz):
     assert ds.stats.shards_opened == ds.stats.shards_read_through == 6
 
 
-def test_a_10_percent_list_over_gzip_yields_the_kept_samples_and_reads_whole_files(gz):
+def test_a_10_percent_list_over_gzip_yields_the_kept_samples_and_reads_whole_files(gz, kept_samples, sample_content):
     k10 = gz["k10"]
     assert all(k10.kept_count(n) > 0 for n in k10.names)
     ds = PrunedWebDataset(gz["gz"], keep=k10, shardshuffle=False)
     got = list(ds)
-    assert got == _kept(gz["ref"], k10) and len(got) == 120
+    assert got == kept_samples(gz["ref"], k10) and len(got) == 120
     total = sum(os.path.getsize(p) for p in gz["gz"])
     # nothing can be skipped inside gzip: compressed bytes up to each shard's last kept sample
     assert ds.stats.bytes_total == total and 0.9 * total <= ds.stats.bytes_read <= total
     assert ds.stats.fraction_read >= 0.9 and ds.stats.shards_read_through == 6
     # the same rows over the plain tars: pruned bytes are skipped
     plain = PrunedWebDataset(gz["paths"], keep=gz["plain10"], shardshuffle=False)
-    assert _content(plain) == _content(got)
+    assert sample_content(plain) == sample_content(got)
     assert plain.stats.fraction_read < 0.5 and plain.stats.shards_read_through == 0
     # a keep-list without byte ranges (header scan) gives the same
     by_keys = KeepList.from_keys([(n, k) for n in k10.names for k in k10.shard_keys(n)])
     assert list(PrunedWebDataset(gz["gz"], keep=by_keys, shardshuffle=False)) == got
 
 
-def test_pipe_cat_of_gzip_shards(gz, tmp_path):
+def test_pipe_cat_of_gzip_shards(ray_session, gz, tmp_path, kept_samples, sample_content):
     piped = [f"pipe:cat {p}" for p in gz["gz"]]  # pipes cannot seek either: read through
     ds = PrunedWebDataset(piped, keep=gz["k10"], shardshuffle=False)
-    assert _content(ds) == _content(_kept(gz["ref"], gz["k10"]))
+    assert sample_content(ds) == sample_content(kept_samples(gz["ref"], gz["k10"]))
     assert ds.stats.shards_read_through == 6
     idx = index(piped[:2], tmp_path, progress=False)
     assert idx.names == gz["index"].names[:2] and [s["compression"] for s in idx.shards] == ["gzip"] * 2
@@ -154,7 +153,7 @@ def test_bz2_and_xz_shards_are_read_as_tarfile_reads_them(uneven_shards, tmp_pat
 
 
 @pytest.mark.timeout(120)
-def test_truncated_and_corrupt_gzip_shards_are_named(gz, tmp_path):
+def test_truncated_and_corrupt_gzip_shards_are_named(ray_session, gz, tmp_path):
     data = Path(gz["gz"][0]).read_bytes()
     good = _gzip(gz["paths"][1], tmp_path / "good.tar.gz")
     (tmp_path / "cut").mkdir()
@@ -178,14 +177,14 @@ def test_truncated_and_corrupt_gzip_shards_are_named(gz, tmp_path):
         list(PrunedWebDataset(f"pipe:cat {cut}", keep=gz["all"], shardshuffle=False, unknown_shards="error"))
 
 
-def test_reshard_from_gzip_shards_writes_the_kept_samples(gz, tmp_path):
+def test_reshard_from_gzip_shards_writes_the_kept_samples(ray_session, gz, tmp_path, kept_samples, sample_content):
     paths = reshard(gz["work"] / "run", tmp_path / "out", 50, keep=gz["k10"], progress=False)
     assert len(paths) == 3 and all(p.read_bytes()[:2] != b"\x1f\x8b" for p in paths)  # plain tars
     written = list(wds.WebDataset([str(p) for p in paths], shardshuffle=False))
-    assert _content(written) == _content(_kept(gz["ref"], gz["k10"]))
+    assert sample_content(written) == sample_content(kept_samples(gz["ref"], gz["k10"]))
 
 
-def test_record_and_reduce_over_gzip_shards(gz, tmp_path):
+def test_record_and_reduce_over_gzip_shards(ray_session, gz, tmp_path):
     import shutil
 
     from streamprune import record, reduce

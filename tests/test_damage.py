@@ -15,8 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_faults import _python
-from test_reduce import T, _synthetic_run
 
 from streamprune import KeepList, reduce
 from streamprune.cli.main import main
@@ -27,11 +25,11 @@ CHUNK = 64  # the synthetic run's chunk rows
 
 
 @pytest.fixture(scope="module")
-def base(ray_session, uneven_shards, tmp_path_factory):
+def base(synthetic_run, uneven_shards, tmp_path_factory):
     """A complete run: index, stats (T epochs, 64-row chunks), scores.zarr and keep/ at ratio 0.5."""
     paths, _ = uneven_shards
     run = tmp_path_factory.mktemp("damage-run")
-    _synthetic_run(run, paths, seed=7)
+    synthetic_run(run, paths, seed=7)
     reduce(run, 0.5, "dual-beta", window=5, progress=False)
     return run
 
@@ -117,19 +115,17 @@ print(json.dumps({{'rc': rc, 'same': after == before, 'left': sorted(os.listdir(
     assert not [n for n in result["left"] if n.startswith(".keep.tmp") or n.startswith(".keep.old")]
 
 
-def test_a_file_size_limit_while_writing_the_keep_list_names_the_file(ray_session, run):
-    address = ray_session.get_runtime_context().gcs_address
+def test_a_file_size_limit_while_writing_the_keep_list_names_the_file(ray_python, run):
     out = run / "keep"
     before = _files(out)
-    proc = _python(
+    proc = ray_python(
         f"""
 import resource, signal, sys
 from streamprune.cli.main import main
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 resource.setrlimit(resource.RLIMIT_FSIZE, (8000, 8000))
 sys.exit(main(['reduce', {str(run)!r}, '--ratio', '0.2', '--window', '5', '--scores', 'method', '--quiet']))
-""",
-        address,
+"""
     )
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 2 and "File too large" in err, err[-2000:]
@@ -151,7 +147,8 @@ def test_a_deleted_chunk_of_a_complete_epoch_is_refused_naming_it(run, capsys):
     assert _files(run / "keep") == before
 
 
-def test_every_statistic_missing_never_replaces_the_keep_list_with_an_empty_one(ray_session, run):
+def test_every_statistic_missing_never_replaces_the_keep_list_with_an_empty_one(ray_session, synthetic, run):
+    T = synthetic.epochs
     before = _files(run / "keep")
     shutil.rmtree(run / "stats.zarr")
     idx = Index(run / "index")
@@ -173,16 +170,24 @@ def test_every_statistic_missing_never_replaces_the_keep_list_with_an_empty_one(
 # -- 3. edited metadata, garbage chunks -----------------------------------------------------------
 
 
+def _new(value, old):
+    """`value`, or `value(old)` for a value made from the one it replaces."""
+    return value(old) if callable(value) else value
+
+
 def _set_attr(key, value):
     def edit(run: Path):
-        _edit_json(run / "stats.zarr" / "zarr.json", lambda m: m["attributes"].__setitem__(key, value))
+        _edit_json(
+            run / "stats.zarr" / "zarr.json",
+            lambda m: m["attributes"].__setitem__(key, _new(value, m["attributes"].get(key))),
+        )
 
     return edit
 
 
 def _array_meta(name, key, value):
     def edit(run: Path):
-        _edit_json(run / "stats.zarr" / name / "zarr.json", lambda m: m.__setitem__(key, value))
+        _edit_json(run / "stats.zarr" / name / "zarr.json", lambda m: m.__setitem__(key, _new(value, m.get(key))))
 
     return edit
 
@@ -205,11 +210,11 @@ EDITS = {
     "n_samples": (_set_attr("n_samples", 1205), r"n_samples"),
     "n_samples_string": (_set_attr("n_samples", "1200"), r"n_samples"),
     "n_shards": (_set_attr("n_shards", 5), r"n_shards"),
-    "epochs": (_set_attr("epochs", T + 1), r"epochs"),
+    "epochs": (_set_attr("epochs", lambda epochs: epochs + 1), r"epochs"),
     "chunk_rows_zero": (_set_attr("chunk_rows", 0), r"chunk_rows"),
     "chunk_rows_other": (_set_attr("chunk_rows", 128), r"chunk"),
     "newer_version": (_set_attr("version", 2), r"newer streamprune"),
-    "shape": (_array_meta("p_true", "shape", [1190, T]), r"p_true.*shape"),
+    "shape": (_array_meta("p_true", "shape", lambda shape: [1190, shape[1]]), r"p_true.*shape"),
     "label_shape": (_array_meta("label", "shape", [1100]), r"label.*shape"),
     "dtype": (_array_meta("p_true", "data_type", "float64"), r"p_true.*(dtype|data type)"),
     "correct_dtype": (_array_meta("correct", "data_type", "int8"), r"correct.*(dtype|data type)"),
@@ -222,13 +227,13 @@ EDITS = {
 
 
 @pytest.mark.parametrize("edit", list(EDITS))
-def test_edited_store_metadata_is_refused_naming_what_disagrees(run, edit, capsys):
+def test_edited_store_metadata_is_refused_naming_what_disagrees(run, synthetic, edit, capsys):
     damage, pattern = EDITS[edit]
     before = _files(run / "keep")
     damage(run)
     idx = Index(run / "index")
     with pytest.raises(ValueError, match=pattern) as info:
-        StatsStore.open(run / "stats.zarr", mode="r", index=idx).check_chunks(T)
+        StatsStore.open(run / "stats.zarr", mode="r", index=idx).check_chunks(synthetic.epochs)
     assert "stats.zarr" in str(info.value)
     assert main(["reduce", str(run), "--ratio", "0.3", "--window", "5", "--quiet"]) == 2
     err = capsys.readouterr().err
@@ -340,7 +345,7 @@ DAMAGE = {
     "garbage_chunk": (_garbage("stats.zarr/correct/c/1/0"), "stats.zarr/correct/c/1/0", "unreadable"),
     "random_chunk": (_garbage("stats.zarr/p_true/c/2/2", CHUNK * 4), "stats.zarr/p_true/c/2/2", "outside"),
     "attrs": (_set_attr("n_samples", 1300), "stats.zarr/zarr.json", "n_samples"),
-    "shape": (_array_meta("p_true", "shape", [1190, T]), "stats.zarr/p_true/zarr.json", "shape"),
+    "shape": (_array_meta("p_true", "shape", lambda shape: [1190, shape[1]]), "stats.zarr/p_true/zarr.json", "shape"),
     "dtype": (_array_meta("entropy", "data_type", "float64"), "stats.zarr/entropy/zarr.json", "data type"),
     "ids": (_delete("stats.zarr/id_hi/c/2"), "stats.zarr/id_hi/c/2", "missing"),
     "keep_fingerprint": (
@@ -399,7 +404,8 @@ def test_verify_lists_leftover_temporaries_without_calling_them_damage(run, caps
     assert rc == 0 and ".keep.tmp-" in text and "leftover" in text, text
 
 
-def test_store_chunk_check_is_cheap_and_exact(run):
+def test_store_chunk_check_is_cheap_and_exact(run, synthetic):
+    T = synthetic.epochs
     store = StatsStore.open(run / "stats.zarr", mode="r")
     store.check_chunks(T)
     (run / "stats.zarr" / "loss" / "c" / "18" / str(T - 1)).unlink()  # the short last chunk, last epoch

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_reduce import _synthetic_run
 
 from streamprune import KeepList, reduce, reshard
 from streamprune.formats.atomic import output_lock
@@ -20,19 +19,12 @@ from streamprune.formats.stats_store import StatsStore
 
 
 @pytest.fixture(scope="module")
-def run(ray_session, uneven_shards, tmp_path_factory):
+def run(synthetic_run, uneven_shards, tmp_path_factory):
     """An index of the uneven shards with synthetic statistics (as test_reduce's run)."""
     paths, _ = uneven_shards
     run = tmp_path_factory.mktemp("faults-run")
-    _synthetic_run(run, paths, seed=5)
+    synthetic_run(run, paths, seed=5)
     return run
-
-
-def _python(code: str, address: str, **kwargs) -> subprocess.Popen:
-    prelude = f"import ray, streamprune; ray.init(address={address!r}, logging_level='ERROR')\n"
-    return subprocess.Popen(
-        [sys.executable, "-c", prelude + code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs
-    )
 
 
 def _same_keep_list(a: Path, b: Path) -> None:
@@ -45,15 +37,13 @@ def _same_keep_list(a: Path, b: Path) -> None:
 
 
 @pytest.mark.parametrize("delay", [0.5, 2.0, 3.5])
-def test_reduce_killed_anywhere_then_rerun_gives_the_same_keep_list(ray_session, run, tmp_path, delay):
-    address = ray_session.get_runtime_context().gcs_address
+def test_reduce_killed_anywhere_then_rerun_gives_the_same_keep_list(ray_python, run, tmp_path, delay):
     reference = tmp_path / "reference"
     reduce(run, 0.5, "dual-beta", window=5, out=reference, scores_out=tmp_path / "ref-scores.zarr", progress=False)
     out, scores = tmp_path / "keep", tmp_path / "scores.zarr"
-    proc = _python(
+    proc = ray_python(
         f"streamprune.reduce({str(run)!r}, 0.5, 'dual-beta', window=5, out={str(out)!r}, "
         f"scores_out={str(scores)!r}, progress=False)",
-        address,
     )
     time.sleep(delay)
     proc.send_signal(signal.SIGKILL)
@@ -64,15 +54,13 @@ def test_reduce_killed_anywhere_then_rerun_gives_the_same_keep_list(ray_session,
     _same_keep_list(out, reference)
 
 
-def test_reshard_killed_then_rerun_gives_the_same_shards(ray_session, run, tmp_path):
-    address = ray_session.get_runtime_context().gcs_address
+def test_reshard_killed_then_rerun_gives_the_same_shards(ray_python, run, tmp_path):
     keep = reduce(run, 0.3, "random", out=tmp_path / "keep", progress=False)
     reference = reshard(run, tmp_path / "reference", 50, keep=keep, progress=False)
     out = tmp_path / "out"
-    proc = _python(
+    proc = ray_python(
         f"streamprune.reshard({str(run)!r}, {str(out)!r}, 50, keep={str(tmp_path / 'keep')!r}, "
         "progress=False, max_in_flight=1)",
-        address,
     )
     deadline = time.time() + 120
     while time.time() < deadline and len(list(out.glob("pruned-*.tar"))) < 3:
@@ -85,12 +73,11 @@ def test_reshard_killed_then_rerun_gives_the_same_shards(ray_session, run, tmp_p
     assert not list(out.glob("*.tmp-*"))
 
 
-def test_a_full_disk_while_writing_the_keep_list_leaves_the_previous_one(ray_session, run, tmp_path):
-    address = ray_session.get_runtime_context().gcs_address
+def test_a_full_disk_while_writing_the_keep_list_leaves_the_previous_one(ray_python, run, tmp_path):
     out = tmp_path / "keep"
     reduce(run, 0.5, "dual-beta", window=5, out=out, progress=False)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
-    proc = _python(
+    proc = ray_python(
         f"""
 import resource, signal, sys
 from streamprune.cli.main import main
@@ -98,7 +85,6 @@ signal.signal(signal.SIGXFSZ, signal.SIG_IGN)   # a write past the limit fails w
 resource.setrlimit(resource.RLIMIT_FSIZE, (2048, 2048))
 sys.exit(main(['reduce', {str(run)!r}, '--ratio', '0.2', '--window', '5', '--out', {str(out)!r}, '--quiet']))
 """,
-        address,
     )
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 2 and "streamprune: error:" in err and "File too large" in err
@@ -133,8 +119,7 @@ w.flush()
     assert np.array_equal(again.read("p_true", slice(None), slice(0, 1)), before, equal_nan=True)
 
 
-def test_two_reduces_writing_one_keep_list_never_mix(ray_session, run, tmp_path):
-    address = ray_session.get_runtime_context().gcs_address
+def test_two_reduces_writing_one_keep_list_never_mix(ray_python, run, tmp_path):
     out = tmp_path / "keep"
     with output_lock(out):  # another writer holds it: refused at once, nothing written
         with pytest.raises(ValueError, match="another process is writing"):
@@ -145,7 +130,7 @@ def test_two_reduces_writing_one_keep_list_never_mix(ray_session, run, tmp_path)
         for r in (0.3, 0.6)
     }
     procs = [
-        _python(f"streamprune.reduce({str(run)!r}, {r}, 'random', out={str(out)!r}, progress=False)", address)
+        ray_python(f"streamprune.reduce({str(run)!r}, {r}, 'random', out={str(out)!r}, progress=False)")
         for r in (0.3, 0.6)
     ]
     results = [p.communicate(timeout=300) for p in procs]

@@ -46,9 +46,9 @@ def test_a_shard_rewritten_after_an_interrupted_index_is_scanned_again(ray_sessi
     assert idx.n_samples == 7 + len(idx.keys(1)) and not parts.exists()
 
 
-def test_resampled_streams_over_shards_with_nothing_kept_stop_with_an_error(ray_session, uneven_shards, tmp_path):
+def test_resampled_streams_over_shards_with_nothing_kept_stop_with_an_error(make_index, uneven_shards, tmp_path):
     paths, sizes = uneven_shards
-    idx = index(paths, tmp_path / "run", progress=False)
+    idx = make_index(paths, tmp_path / "run")
     keep = KeepList.from_rows(idx, np.arange(idx.rows(0).start, idx.rows(0).stop), tmp_path / "keep")  # shard 0 only
     with pytest.raises(ValueError, match="keeps no sample of these 2 shards"):
         PrunedWebDataset(paths[1:3], keep=keep, resampled=True)
@@ -60,9 +60,9 @@ def test_resampled_streams_over_shards_with_nothing_kept_stop_with_an_error(ray_
     assert len(got) == sizes[0]
 
 
-def test_reshard_refuses_a_prefix_that_is_a_path(ray_session, uneven_shards, tmp_path):
+def test_reshard_refuses_a_prefix_that_is_a_path(make_index, uneven_shards, tmp_path):
     paths, _ = uneven_shards
-    idx = index(paths, tmp_path / "run", progress=False)
+    idx = make_index(paths, tmp_path / "run")
     KeepList.from_rows(idx, np.arange(10), tmp_path / "run" / "keep")
     for prefix in ("../../x", "a/b", "", ".hidden", "x\ny"):
         with pytest.raises(ValueError, match="prefix .*a file name, not a path"):
@@ -70,10 +70,10 @@ def test_reshard_refuses_a_prefix_that_is_a_path(ray_session, uneven_shards, tmp
     assert not (tmp_path / "out").exists() and not (tmp_path.parent / "x-000000.tar").exists()
 
 
-def test_what_a_rewritten_shard_check_detects_and_what_it_does_not(ray_session, two_shards, tmp_path):
-    from streamprune.shards.reader import ShardChangedError
+def test_what_a_rewritten_shard_check_detects_and_what_it_does_not(make_index, two_shards, tmp_path):
+    from streamprune.errors import ChangedShardError
 
-    idx = index(two_shards, tmp_path / "run", progress=False)
+    idx = make_index(two_shards, tmp_path / "run")
     keep = KeepList.from_rows(idx, np.arange(idx.n_samples), tmp_path / "keep")
     original = next(iter(wds.WebDataset(two_shards[0], shardshuffle=False)))["png"]
     data = bytearray(open(two_shards[0], "rb").read())
@@ -85,7 +85,7 @@ def test_what_a_rewritten_shard_check_detects_and_what_it_does_not(ray_session, 
     now = next(iter(wds.WebDataset(two_shards[0], shardshuffle=False)))
     assert first["__key__"] == idx.keys(0)[0] and first["png"] == now["png"] != original
     open(two_shards[0], "ab").write(bytes(512))  # another size: refused
-    with pytest.raises(ShardChangedError, match="re-index"):
+    with pytest.raises(ChangedShardError, match="re-index"):
         list(PrunedWebDataset(two_shards, keep=keep, shardshuffle=False))
 
 
@@ -98,13 +98,13 @@ def test_index_removes_what_a_killed_index_left(ray_session, two_shards, tmp_pat
     assert sorted(p.name for p in run.iterdir() if not p.name.endswith(".lock")) == ["index"]
 
 
-def test_an_index_written_by_a_newer_streamprune_is_refused(ray_session, two_shards, tmp_path):
+def test_an_index_written_by_a_newer_streamprune_is_refused(make_index, two_shards, tmp_path):
     import json
 
     from streamprune import Index
     from streamprune.errors import NewerFormatError
 
-    index(two_shards, tmp_path / "run", progress=False)
+    make_index(two_shards, tmp_path / "run")
     manifest = tmp_path / "run" / "index" / "manifest.json"
     manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "version": 99}))
     with pytest.raises(NewerFormatError, match="written by a newer streamprune.*version 99"):

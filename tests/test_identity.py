@@ -54,9 +54,9 @@ def test_identity_same_for_path_file_pipe_and_fsspec_urls(ray_session, uneven_sh
         assert got[2] == ref[2] and got[3] == ref[3], form
 
 
-def test_default_identity_is_hash_of_name_and_key(ray_session, uneven_shards, tmp_path):
+def test_default_identity_is_hash_of_name_and_key(make_index, uneven_shards, tmp_path):
     paths, _ = uneven_shards
-    idx = index(paths, tmp_path, progress=False)
+    idx = make_index(paths, tmp_path)
     keys = idx.keys(2)
     row = idx.rows(2).start + 5
     assert (int(idx.id_hi[row]), int(idx.id_lo[row])) == id128(idx.names[2], keys[5])
@@ -71,13 +71,11 @@ def _json_shard(path, uids):
                 tf.addfile(info, io.BytesIO(data))
 
 
-def test_json_uid_identity_and_cross_shard_duplicates(ray_session, tmp_path):
+def test_json_uid_identity_and_cross_shard_duplicates(make_index, tmp_path):
     hexes = [f"{i:032x}" for i in (7, 2**70 + 3, 11)]
     _json_shard(tmp_path / "a.tar", hexes[:2])
     _json_shard(tmp_path / "b.tar", [hexes[2], hexes[0]])  # hexes[0] again: a duplicate identity
-    idx = index(
-        [str(tmp_path / "a.tar"), str(tmp_path / "b.tar")], tmp_path / "run", identity="json:uid", progress=False
-    )
+    idx = make_index([str(tmp_path / "a.tar"), str(tmp_path / "b.tar")], tmp_path / "run", identity="json:uid")
     assert (int(idx.id_hi[1]), int(idx.id_lo[1])) == (2**6, 3)  # DataComp convention: hex uid is the identity
     dup = idx.manifest["duplicates"]
     assert dup["rows"] == 2

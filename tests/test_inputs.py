@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import webdataset as wds
 from PIL import Image
-from test_record import png_claiming
 
 from streamprune.datasets import CLASSES, weblike_sample, weblike_shards
 from streamprune.shards.labels import BadSample, Classes, LabelError, LabelSpec
@@ -122,7 +121,7 @@ def test_image_modes_are_converted_and_exif_orientation_is_applied():
     assert upright.shape == (20, 30, 3) and upright[10, 2, 0] > 200 and upright[10, 25, 0] < 60
 
 
-def test_decompression_bombs_and_garbage_are_refused_per_sample():
+def test_decompression_bombs_and_garbage_are_refused_per_sample(png_claiming):
     for data, reason in (
         (png_claiming(100_000, 100_000), "decompression bomb"),
         (png_claiming(9000, 9000), "over the limit"),

@@ -14,18 +14,17 @@ import webdataset as wds
 
 from streamprune import KeepPredicate, PrunedWebDataset, keep_filter, reshard
 from streamprune.datasets import write_shards
+from streamprune.errors import ChangedShardError
 from streamprune.formats.keeplist import KeepList
 from streamprune.loader import even_slice
-from streamprune.shards.reader import ShardChangedError
-from streamprune.stages.index import index
 
 
 @pytest.fixture(scope="module")
-def setup(ray_session, uneven_shards, tmp_path_factory):
+def setup(make_index, uneven_shards, tmp_path_factory):
     """The uneven shards indexed, a keep-all list and a 30% list of random rows."""
     paths, sizes = uneven_shards
     work = tmp_path_factory.mktemp("loader")
-    idx = index(paths, work / "run", progress=False)
+    idx = make_index(paths, work / "run")
     rows = np.sort(np.random.default_rng(7).choice(idx.n_samples, int(0.3 * idx.n_samples), replace=False))
     keep_all = KeepList.from_rows(idx, np.arange(idx.n_samples), work / "keep-all")
     keep30 = KeepList.from_rows(idx, rows, work / "keep-30")
@@ -41,15 +40,6 @@ def setup(ray_session, uneven_shards, tmp_path_factory):
     }
 
 
-def _content(samples) -> list[dict]:
-    """Samples without where they were read from (`__url__`, `__local_path__`)."""
-    return [{k: v for k, v in s.items() if k not in ("__url__", "__local_path__")} for s in samples]
-
-
-def _kept(samples: list[dict], keep: KeepList) -> list[dict]:
-    return [s for s in samples if (os.path.basename(s["__url__"]), s["__key__"]) in keep]
-
-
 def test_keep_all_yields_exactly_webdatasets_samples(setup):
     got = list(PrunedWebDataset(setup["paths"], keep=setup["all"], shardshuffle=False))
     assert got == setup["ref"] and len(got) == 1200
@@ -58,10 +48,10 @@ def test_keep_all_yields_exactly_webdatasets_samples(setup):
     assert shuffled(PrunedWebDataset, keep=setup["all"]) == shuffled(wds.WebDataset)
 
 
-def test_a_30_percent_list_yields_exactly_the_kept_samples_and_skips_bytes(setup):
+def test_a_30_percent_list_yields_exactly_the_kept_samples_and_skips_bytes(setup, kept_samples):
     ds = PrunedWebDataset(setup["paths"], keep=str(setup["work"] / "keep-30"), shardshuffle=False)
     got = list(ds)
-    assert got == _kept(setup["ref"], setup["k30"]) and len(got) == len(setup["k30"]) == 360
+    assert got == kept_samples(setup["ref"], setup["k30"]) and len(got) == len(setup["k30"]) == 360
     total = sum(os.path.getsize(p) for p in setup["paths"])
     assert ds.stats.samples == 360 and ds.stats.shards_opened == 6 and ds.stats.bytes_total == total
     # kept samples plus at most a page of gap read through per kept sample
@@ -69,17 +59,17 @@ def test_a_30_percent_list_yields_exactly_the_kept_samples_and_skips_bytes(setup
     assert kept_bytes <= ds.stats.bytes_read <= kept_bytes + 4096 * 360 and ds.stats.bytes_read < 0.6 * total
 
 
-def test_header_scan_and_stream_fallbacks_yield_the_same(setup):
+def test_header_scan_and_stream_fallbacks_yield_the_same(setup, kept_samples, sample_content):
     k30 = setup["k30"]
     by_keys = KeepList.from_keys([(n, k) for n in k30.names for k in k30.shard_keys(n)])
     assert by_keys.ranges is None
-    expected = _kept(setup["ref"], k30)
+    expected = kept_samples(setup["ref"], k30)
     ds = PrunedWebDataset(setup["paths"], keep=by_keys, shardshuffle=False)
     assert list(ds) == expected
     assert 0 < ds.stats.bytes_read < sum(os.path.getsize(p) for p in setup["paths"])
     piped = [f"pipe:cat {p}" for p in setup["paths"]]
     got = list(PrunedWebDataset(piped, keep=k30, shardshuffle=False))
-    assert _content(got) == _content(expected)
+    assert sample_content(got) == sample_content(expected)
 
 
 def test_a_shard_with_nothing_kept_is_never_opened(setup, tmp_path):
@@ -118,13 +108,13 @@ def test_fluid_methods_keep_the_class_and_decode_only_kept(setup):
     assert isinstance(fixed, PrunedWebDataset) and len(list(fixed)) == 500  # repeats, as webdataset's
 
 
-def test_dataloader_with_several_workers_yields_each_kept_sample_once(setup):
+def test_dataloader_with_several_workers_yields_each_kept_sample_once(setup, kept_samples):
     import torch
 
     ds = PrunedWebDataset(setup["paths"], keep=setup["k30"], shardshuffle=False).to_tuple("__key__", "cls")
     loader = torch.utils.data.DataLoader(ds, batch_size=16, num_workers=2)
     keys = [k for batch_keys, _ in loader for k in batch_keys]
-    assert sorted(keys) == sorted(s["__key__"] for s in _kept(setup["ref"], setup["k30"]))
+    assert sorted(keys) == sorted(s["__key__"] for s in kept_samples(setup["ref"], setup["k30"]))
 
 
 def test_even_slice_gives_every_slot_the_same_count():
@@ -203,7 +193,7 @@ def test_a_rewritten_shard_is_refused_unless_allowed(setup, tmp_path, fmnist):
     n0 = setup["sizes"][0]
     # same name and keys, other images: byte ranges no longer hold the expected samples
     rewritten = write_shards(images[n0 : 2 * n0][::-1][:n0], labels[:n0], tmp_path, sizes=[n0], prefix="train")
-    with pytest.raises(ShardChangedError, match="train-000000.tar"):
+    with pytest.raises(ChangedShardError, match="train-000000.tar"):
         list(PrunedWebDataset(rewritten, keep=setup["k30"], shardshuffle=False))
     got = list(PrunedWebDataset(rewritten, keep=setup["k30"], shardshuffle=False, allow_mismatch=True))
     assert [s["__key__"] for s in got] == setup["k30"].shard_keys("train-000000.tar")
@@ -231,40 +221,40 @@ def test_importance_weights_in_samples(setup, tmp_path):
         PrunedWebDataset(setup["paths"], keep=k, shardshuffle=False, weights=True)
 
 
-def test_keep_filter_in_a_custom_pipeline(setup):
-    expected = _kept(setup["ref"], setup["k30"])
+def test_keep_filter_in_a_custom_pipeline(setup, kept_samples, sample_content):
+    expected = kept_samples(setup["ref"], setup["k30"])
     in_place = wds.DataPipeline(wds.SimpleShardList(setup["paths"]), keep_filter(setup["k30"]))
     after = wds.DataPipeline(wds.SimpleShardList(setup["paths"]), wds.tarfile_to_samples(), keep_filter(setup["k30"]))
     assert list(in_place) == expected
-    assert _content(after) == _content(expected)
+    assert sample_content(after) == sample_content(expected)
 
 
-def test_ray_data_filter(setup):
+def test_ray_data_filter(ray_session, setup, kept_samples):
     import ray
 
     ds = ray.data.read_webdataset(setup["paths"], decoder=None).filter(KeepPredicate(setup["k30"]))
     keys = sorted(row["__key__"] for row in ds.take_all())
-    assert keys == sorted(s["__key__"] for s in _kept(setup["ref"], setup["k30"]))
+    assert keys == sorted(s["__key__"] for s in kept_samples(setup["ref"], setup["k30"]))
 
 
-def test_reshard_equals_the_filtered_stream_and_resumes(setup, tmp_path):
+def test_reshard_equals_the_filtered_stream_and_resumes(ray_session, setup, tmp_path, kept_samples, sample_content):
     run = setup["work"] / "run"
     out = tmp_path / "pruned"
     paths = reshard(run, out, 100, keep=setup["k30"], progress=False)
     assert [p.name for p in paths] == [f"pruned-{j:06d}.tar" for j in range(4)]
     written = list(wds.WebDataset([str(p) for p in paths], shardshuffle=False))
-    assert _content(written) == _content(_kept(setup["ref"], setup["k30"]))
+    assert sample_content(written) == sample_content(kept_samples(setup["ref"], setup["k30"]))
     assert [len(list(wds.WebDataset(str(p), shardshuffle=False))) for p in paths] == [100, 100, 100, 60]
     mtimes = [p.stat().st_mtime_ns for p in paths]
     paths[2].unlink()
     reshard(run, out, 100, keep=setup["k30"], progress=False)  # rewrites only the missing shard
     assert [p.stat().st_mtime_ns for i, p in enumerate(paths) if i != 2] == mtimes[:2] + mtimes[3:]
-    assert _content(wds.WebDataset([str(p) for p in paths], shardshuffle=False)) == _content(written)
+    assert sample_content(wds.WebDataset([str(p) for p in paths], shardshuffle=False)) == sample_content(written)
     with pytest.raises(ValueError, match="another reshard"):
         reshard(run, out, 50, keep=setup["k30"], progress=False)
 
 
-def test_cli_reshard(setup, tmp_path, capsys):
+def test_cli_reshard(ray_session, setup, tmp_path, capsys):
     from streamprune.cli.main import main
 
     run = setup["work"] / "run"
@@ -328,8 +318,8 @@ def test_the_ddp_example_runs_under_torchrun(setup):
     assert "epoch 0: samples, steps per rank = [(180, 4), (180, 4)] (expected 180 samples each)" in done.stdout
 
 
-def test_reshard_refuses_a_keep_list_of_another_index(setup, tmp_path):
-    other = index(setup["paths"][:3], tmp_path / "other", progress=False)
+def test_reshard_refuses_a_keep_list_of_another_index(setup, make_index, tmp_path):
+    other = make_index(setup["paths"][:3], tmp_path / "other")
     foreign = KeepList.from_rows(other, [0, 1, 2], tmp_path / "foreign")
     with pytest.raises(ValueError, match="made for another index"):
         reshard(setup["work"] / "run", tmp_path / "out", 10, keep=foreign, progress=False)

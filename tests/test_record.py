@@ -195,21 +195,7 @@ def test_assign_shards_balances_counts_and_covers_each_shard_once():
     )
 
 
-def png_claiming(width: int, height: int) -> bytes:
-    """A small PNG whose header claims `width x height` greyscale pixels (a decompression bomb's shape)."""
-    import struct
-    import zlib
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(bytes(1024))) + chunk(b"IEND", b"")
-    )
-
-
-def _shards_with_bad_samples(out, fmnist) -> tuple[list[str], dict[str, str]]:
+def _shards_with_bad_samples(out, fmnist, png_claiming) -> tuple[list[str], dict[str, str]]:
     """Two real shards with three bad samples (not an image, no label, a decompression bomb) and one
     image of another size, which is resized, not skipped."""
     import webdataset as wds
@@ -239,12 +225,12 @@ def _shards_with_bad_samples(out, fmnist) -> tuple[list[str], dict[str, str]]:
     return paths, bad
 
 
-def test_undecodable_samples_are_skipped_counted_and_listed_or_refused(ray_session, tmp_path, fmnist):
+def test_undecodable_samples_are_skipped_counted_and_listed_or_refused(ray_session, tmp_path, fmnist, png_claiming):
     import json
 
     from streamprune import reduce
 
-    paths, bad = _shards_with_bad_samples(tmp_path / "shards", fmnist)
+    paths, bad = _shards_with_bad_samples(tmp_path / "shards", fmnist, png_claiming)
     run = tmp_path / "run"
     idx = index(paths, run, progress=False)
     # whichever rank meets its bad sample first stops the run, naming sample, shard and reason

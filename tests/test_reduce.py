@@ -10,6 +10,7 @@ import pytest
 
 from streamprune import KeepList, PrunedWebDataset, index, reduce
 from streamprune.cli.main import main
+from streamprune.errors import SettingsError
 from streamprune.formats.stats_store import STATS, ChunkWriter, StatsStore
 from streamprune.scoring import sampling, scores
 from streamprune.shards.identity import id128, uniforms
@@ -161,7 +162,7 @@ def test_balance_needs_recorded_labels(ray_session, synthetic, uneven_shards, tm
     assert len(keep) == sampling.keep_count(idx.n_samples, 0.5)
     with pytest.raises(ValueError, match="balance must be one of"):
         reduce(tmp_path / "run", 0.5, "random", balance="class", progress=False)
-    with pytest.raises(ValueError, match="cannot also balance classes"):
+    with pytest.raises(SettingsError, match="classes cannot be combined with ccs: methods"):
         reduce(tmp_path / "run", 0.5, "ccs:aum", balance="classes", progress=False)
 
 

@@ -9,16 +9,16 @@ import shutil
 import numpy as np
 import pytest
 import webdataset as wds
-from test_loader import _content
 
 from streamprune import PrunedWebDataset, index, reshard
 from streamprune.formats.keeplist import KeepList
 
 
 @pytest.fixture(scope="module")
-def served(ray_session, http_server, uneven_shards, tmp_path_factory):
+def served(make_index, http_server, uneven_shards, tmp_path_factory):
     """The six uneven shards served over HTTP (also under the failure-injecting paths), their
-    index over HTTP and the local one, and keep-all / keep-10% lists made from the HTTP index."""
+    index over HTTP and the local one (both without Ray), and keep-all / keep-10% lists made
+    from the HTTP index."""
     paths, _ = uneven_shards
     names = [os.path.basename(p) for p in paths]
     data = http_server.root / "data"
@@ -27,9 +27,8 @@ def served(ray_session, http_server, uneven_shards, tmp_path_factory):
         shutil.copy(p, data)
     urls = [f"{http_server.url}/data/{n}" for n in names]
     work = tmp_path_factory.mktemp("remote")
-    local = index(paths, work / "local", progress=False)
-    http_server.reset()
-    idx = index(urls, work / "run", progress=False)
+    local = make_index(paths, work / "local")
+    idx = make_index(urls, work / "run")
     rows = np.sort(np.random.default_rng(5).choice(idx.n_samples, idx.n_samples // 10, replace=False))
     return {
         "urls": urls,
@@ -39,7 +38,6 @@ def served(ray_session, http_server, uneven_shards, tmp_path_factory):
         "work": work,
         "local": local,
         "index": idx,
-        "index_bytes_sent": http_server.bytes_sent,
         "rows": rows,
         "all": KeepList.from_rows(idx, np.arange(idx.n_samples), work / "keep-all"),
         "k10": KeepList.from_rows(idx, rows, work / "keep-10"),
@@ -48,31 +46,32 @@ def served(ray_session, http_server, uneven_shards, tmp_path_factory):
     }
 
 
-def test_index_over_http_gives_the_local_fingerprint(served):
-    idx, local = served["index"], served["local"]
+def test_index_over_http_gives_the_local_fingerprint(ray_session, served, tmp_path):
+    served["server"].reset()
+    idx, local = index(served["urls"], tmp_path / "run", progress=False), served["local"]
     assert idx.manifest["broken"] == [] and idx.n_samples == 1200
-    assert idx.fingerprint == local.fingerprint and idx.names == local.names
+    assert idx.fingerprint == local.fingerprint == served["index"].fingerprint and idx.names == local.names
     for s in range(idx.n_shards):
         assert idx.keys(s) == local.keys(s)
     assert np.array_equal(np.asarray(idx.sample_start), np.asarray(local.sample_start))
     assert all(s["access"] == "through" for s in idx.shards)  # small members: one stream beats a request each
-    assert served["index_bytes_sent"] <= served["total"] * 1.01
+    assert served["server"].bytes_sent <= served["total"] * 1.01
 
 
-def test_keep_all_over_http_yields_webdatasets_samples_in_order(served):
+def test_keep_all_over_http_yields_webdatasets_samples_in_order(served, sample_content):
     got = list(PrunedWebDataset(served["urls"], keep=served["all"], shardshuffle=False))
-    assert _content(got) == _content(served["ref"]) and len(got) == 1200
+    assert sample_content(got) == sample_content(served["ref"]) and len(got) == 1200
     over_http = list(wds.WebDataset(served["urls"], shardshuffle=False))  # webdataset reads http through curl
     assert [s["__key__"] for s in got] == [s["__key__"] for s in over_http]
 
 
-def test_keep_10_percent_over_http_transfers_only_the_kept_bytes(served):
+def test_keep_10_percent_over_http_transfers_only_the_kept_bytes(served, sample_content):
     server = served["server"]
     server.reset()
     ds = PrunedWebDataset(served["urls"], keep=served["k10"], shardshuffle=False)
     got = list(ds)
     want = [s for s in served["ref"] if (os.path.basename(s["__url__"]), s["__key__"]) in served["k10"]]
-    assert _content(got) == _content(want) and len(got) == 120
+    assert sample_content(got) == sample_content(want) and len(got) == 120
     assert server.bytes_sent <= 0.15 * served["total"]  # what the server sent: kept samples and small gaps
     st = ds.stats
     assert st.bytes_received == pytest.approx(server.bytes_sent, abs=100)
@@ -101,13 +100,13 @@ def test_a_server_error_mid_shard_names_the_shard_and_range(served):
         list(late)
 
 
-def test_a_transfer_cut_mid_stream_is_resumed_by_index(served, tmp_path):
+def test_a_transfer_cut_mid_stream_is_resumed_by_index(ray_session, served, tmp_path):
     url = served["urls"][1].replace("/data/", "/cut-once/30000/data/")
     idx = index([url], tmp_path / "run", progress=False)
     assert idx.manifest["broken"] == [] and idx.keys(0) == served["local"].keys(1)
 
 
-def test_a_404_shard_is_broken_in_the_index_and_all_broken_is_an_error(served, tmp_path, capsys):
+def test_a_404_shard_is_broken_in_the_index_and_all_broken_is_an_error(ray_session, served, tmp_path, capsys):
     from streamprune.cli.main import main
 
     missing = f"{served['server'].url}/data/no-such-shard.tar"
@@ -119,7 +118,7 @@ def test_a_404_shard_is_broken_in_the_index_and_all_broken_is_an_error(served, t
     assert not (tmp_path / "none" / "index").exists()
 
 
-def test_reshard_reads_kept_ranges_over_http(served, tmp_path):
+def test_reshard_reads_kept_ranges_over_http(ray_session, served, tmp_path):
     paths = reshard(served["work"] / "run", tmp_path / "out", 50, keep=served["work"] / "keep-10", progress=False)
     got = [s["__key__"] for s in wds.WebDataset([str(p) for p in paths], shardshuffle=False)]
     want = [s["__key__"] for s in served["ref"] if (os.path.basename(s["__url__"]), s["__key__"]) in served["k10"]]
@@ -144,7 +143,7 @@ def test_index_reads_large_members_headers_by_ranges(ray_session, http_server, t
     assert http_server.bytes_sent < 0.02 * total  # one 4 KiB block per member header, not the 1.2 MB members
 
 
-def test_record_and_reduce_over_http(served, tmp_path):
+def test_record_and_reduce_over_http(ray_session, served, tmp_path):
     from streamprune import record, reduce
     from streamprune.formats.stats_store import StatsStore
 

@@ -51,7 +51,9 @@ def test_record_refuses_bad_settings_at_once(tmp_path, capsys):
     from streamprune.cli.main import main
 
     t = time.perf_counter()
-    with pytest.raises(ValueError, match=r"batch_size: must be an integer >= 1.*seed: must be an integer in \[0, 2\^63\)"):
+    with pytest.raises(
+        ValueError, match=r"batch_size: must be an integer >= 1.*seed: must be an integer in \[0, 2\^63\)"
+    ):
         record(tmp_path / "run", 2, batch_size=0, seed=2**64)
     with pytest.raises(ValueError, match="lr: must be a finite number > 0"):
         record(tmp_path / "run", 2, lr=float("nan"))
@@ -99,4 +101,3 @@ def test_settings_are_frozen_checked_and_share_their_defaults():
     args = build_parser().parse_args(["reduce", "run", "--ratio", "0.5"])
     assert (args.method, args.C, args.cut, args.scores) == (s.method, s.C, s.cut, s.scores)
     assert Config(shards="x").reduce == ReduceSettings()
-

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import ray
 
-from streamprune import index
 from streamprune.formats.stats_store import STATS, ChunkWriter, OwnershipError, StatsStore
 from streamprune.stages.record_writers import StoreWriters
 
@@ -25,9 +24,9 @@ def _values(rows: np.ndarray, epoch: int) -> dict[str, np.ndarray]:
 
 
 @pytest.fixture
-def run_index(ray_session, uneven_shards, tmp_path):
+def run_index(make_index, uneven_shards, tmp_path):
     paths, _ = uneven_shards
-    return index(paths, tmp_path, progress=False)
+    return make_index(paths, tmp_path)
 
 
 def test_round_trip_all_six_statistics_with_missing_marked(run_index, tmp_path):
@@ -75,9 +74,9 @@ def test_writer_refuses_rows_it_does_not_own_and_rows_twice(run_index, tmp_path)
     assert sum((list(p) for p in parts), []) == list(range(store.n_chunks))
 
 
-def test_store_for_another_index_is_refused(run_index, uneven_shards, tmp_path):
+def test_store_for_another_index_is_refused(run_index, make_index, uneven_shards, tmp_path):
     StatsStore.create(tmp_path / "stats.zarr", run_index, epochs=2)
-    other = index(uneven_shards[0][:2], tmp_path / "other", progress=False)
+    other = make_index(uneven_shards[0][:2], tmp_path / "other")
     with pytest.raises(ValueError, match="made for another index"):
         StatsStore.create(tmp_path / "stats.zarr", other, epochs=2)
     with pytest.raises(ValueError, match="has 2 epochs, not 3"):
@@ -93,7 +92,7 @@ def _produce(writers: StoreWriters, rows: np.ndarray, epoch: int, batch: int) ->
     return len(rows)
 
 
-def test_concurrent_producers_lose_nothing(run_index, tmp_path):
+def test_concurrent_producers_lose_nothing(ray_session, run_index, tmp_path):
     """Four producer processes hand interleaved rows to three owner actors; every value lands.
 
     Each chunk receives rows from every producer, so any writer that wrote partial chunks

@@ -56,9 +56,9 @@ def test_pickle_members_are_never_unpickled(tmp_path):
     assert marker.exists()
 
 
-def test_keep_lists_and_indexes_are_read_without_pickle(ray_session, tmp_path, uneven_shards):
+def test_keep_lists_and_indexes_are_read_without_pickle(make_index, tmp_path, uneven_shards):
     paths, _ = uneven_shards
-    idx = index(paths[:2], tmp_path / "run", progress=False)
+    idx = make_index(paths[:2], tmp_path / "run")
     keep = KeepList.from_rows(idx, [0, 1, 2], tmp_path / "keep")
     assert len(keep) == 3
     objects = np.array([_Payload(str(tmp_path / "unpickled"))] * 3, dtype=object)

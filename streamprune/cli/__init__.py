@@ -1,4 +1,4 @@
-"""The command line: `streamprune` and its subcommands (`main`), and the `run` config file."""
+"""The command line: `streamprune` and its subcommands (`main`)."""
 
 from streamprune.cli.main import main
 

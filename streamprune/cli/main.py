@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from streamprune.errors import SettingsError, StreamPruneError
+from streamprune.errors import DamagedRunError, SettingsError, StreamPruneError
 from streamprune.scoring.sampling import BALANCES
 from streamprune.settings import RecordSettings, ReduceSettings, ReportSettings, S
 from streamprune.stages.summaries import index_summary, record_line, reduce_line
@@ -155,7 +155,7 @@ def cmd_inspect(args) -> None:
     if report is not None and not args.json:
         print(format_report(report))
     if report is not None and report["damaged"]:  # exit status 2
-        raise ValueError(f"run {args.run} is damaged: {len(report['problems'])} problems (listed above)")
+        raise DamagedRunError(f"run {args.run} is damaged: {len(report['problems'])} problems (listed above)")
 
 
 def cmd_record(args) -> None:
@@ -167,6 +167,7 @@ def cmd_record(args) -> None:
 
 def cmd_reduce(args) -> None:
     settings = _settings(ReduceSettings, args)
+    from streamprune.formats.rundir import RunDir
     from streamprune.stages.reduce import reduce
 
     keep = reduce(
@@ -178,7 +179,7 @@ def cmd_reduce(args) -> None:
         block_rows=args.block_rows,
         progress=not args.quiet,
     )
-    print(reduce_line(keep, args.out or Path(args.run) / "keep"))
+    print(reduce_line(keep, args.out or RunDir(args.run).keep))
 
 
 def _settings(cls: type[S], args: argparse.Namespace) -> S:
@@ -386,7 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--c-d",
         dest="c_d",
         type=float,
-        help="Beta sampler c_d (default: 8 with --balance classes, 4 with none, as SCORING.md)",
+        help="Beta sampler c_d (default: 8 with --balance classes, 4 with none, as docs/scoring.md)",
     )
     s.add_argument("--C", dest="C", type=float, help="Beta sampler C")
     s.add_argument("--alpha-plus-beta", type=float, help="alpha + beta (default C + 1, as the reference code)")
@@ -395,7 +396,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--balance",
         choices=list(BALANCES),
         help="classes (default; none for ccs: methods): split the budget across the recorded labels by "
-        "class size, each class kept by the method; none: the method over all samples (SCORING.md)",
+        "class size, each class kept by the method; none: the method over all samples (docs/scoring.md)",
     )
     s.add_argument(
         "--scores",
@@ -462,13 +463,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-USER_ERRORS = (StreamPruneError, ValueError, KeyError, LookupError, OSError)
+# exit 2: streamprune's own errors, and files missing, unreadable or a full disk (each names the file)
+USER_ERRORS = (StreamPruneError, OSError)
 
 
 def _reason(exc: BaseException) -> str:
     """One line: the original error of a Ray task, without its remote traceback."""
-    while getattr(exc, "cause", None) is not None:
-        exc = exc.cause
+    while (cause := getattr(exc, "cause", None)) is not None:  # a Ray task error's original
+        exc = cause
     lines = [line for line in str(exc).strip().splitlines() if line.strip()]
     if not lines:
         return type(exc).__name__
@@ -478,10 +480,10 @@ def _reason(exc: BaseException) -> str:
 def _log_to_stderr(quiet: bool) -> None:
     """The library's `logging` records (per-epoch lines, ...) on stderr, plainly; none with --quiet."""
     logger = logging.getLogger("streamprune")
-    if not any(getattr(h, "streamprune_cli", False) for h in logger.handlers):
+    if not any(h.get_name() == "streamprune-cli" for h in logger.handlers):
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(message)s"))
-        handler.streamprune_cli = True
+        handler.set_name("streamprune-cli")
         logger.addHandler(handler)
     logger.setLevel(logging.WARNING if quiet else logging.INFO)
 

@@ -13,6 +13,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from streamprune.errors import SettingsError
+
 TEMP_TAGS = ("tmp", "old")  # `temp_sibling` tags: a new output being built, an old one being removed
 
 
@@ -177,7 +179,7 @@ def output_lock(path: str | os.PathLike, reentrant: bool = False) -> Iterator[No
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise ValueError(
+            raise SettingsError(
                 f"another process is writing {str(path)!r} (lock {str(lock)!r}); wait for it to "
                 "finish or choose another output"
             ) from None

@@ -12,6 +12,7 @@ import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -146,7 +147,8 @@ def save_scan(scan: ShardScan, path: Path) -> None:
     np.cumsum([len(e) for e in encoded], out=key_offset[1:])
     keys = np.frombuffer(b"".join(encoded), dtype=np.uint8)
     tmp = path.with_suffix(".tmp.npz")
-    np.savez(tmp, meta=meta, keys=keys, key_offset=key_offset, **scan.arrays)
+    arrays: dict[str, Any] = scan.arrays  # Any: mypy checks `**` values against savez's `allow_pickle: bool` too
+    np.savez(tmp, meta=meta, keys=keys, key_offset=key_offset, **arrays)
     os.replace(tmp, path)
 
 
@@ -168,7 +170,7 @@ def load_scan(path: Path) -> ShardScan:
     if key_offset is None:  # a part of an older streamprune: keys joined by newlines
         keys = blob.decode().split("\n") if blob else []
         if len(keys) != n:
-            raise ValueError(
+            raise DamagedRunError(
                 f"index part {str(path)!r} (of an older streamprune) holds a key with a newline, "
                 "which its format cannot tell apart: delete it and index again"
             )
@@ -180,7 +182,7 @@ def load_scan(path: Path) -> ShardScan:
             or key_offset[-1] != len(blob)
             or (np.diff(key_offset) < 0).any()
         ):
-            raise ValueError(
+            raise DamagedRunError(
                 f"index part {str(path)!r} is damaged: its key offsets do not fit its {n} rows "
                 f"and {len(blob)} key bytes"
             )
@@ -188,7 +190,7 @@ def load_scan(path: Path) -> ShardScan:
         try:
             keys = [blob[a:b].decode() for a, b in zip(cuts[:-1], cuts[1:])]
         except UnicodeDecodeError:
-            raise ValueError(f"index part {str(path)!r} is damaged: its keys are not UTF-8") from None
+            raise DamagedRunError(f"index part {str(path)!r} is damaged: its keys are not UTF-8") from None
     return ShardScan(**meta, keys=keys, arrays=arrays)
 
 
@@ -207,7 +209,7 @@ def write_index(out: Path, scans: list[ShardScan] | list[Path], root: str, ident
     for k in _ARRAYS:
         files[k] = open(tmp / f"{k}.raw", "wb")
     fp = hashlib.blake2b(digest_size=16)
-    key_lengths = []
+    key_lengths: list[int] = []
     with open(tmp / "keys.bin", "wb") as keys_out:
         for item in scans:
             scan = load_scan(item) if isinstance(item, Path) else item
@@ -226,14 +228,14 @@ def write_index(out: Path, scans: list[ShardScan] | list[Path], root: str, ident
         np.save(tmp / f"{k}.npy", arr)
         raw.unlink()
     np.save(tmp / "key_offset.npy", np.concatenate([[0], np.cumsum(key_lengths, dtype=np.int64)]).astype(np.int64))
-    with open(tmp / "shards.jsonl", "w") as f:
+    with open(tmp / "shards.jsonl", "w") as shards_out:
         for meta, start in zip(metas, shard_offset[:-1]):
-            f.write(json.dumps({**meta, "rows": [int(start), int(start) + meta["samples"]]}) + "\n")
+            shards_out.write(json.dumps({**meta, "rows": [int(start), int(start) + meta["samples"]]}) + "\n")
     dup_rows = find_duplicates(np.load(tmp / "id_hi.npy"), np.load(tmp / "id_lo.npy"))
     shard_of = np.searchsorted(shard_offset, dup_rows, side="right") - 1
     key_offset = np.load(tmp / "key_offset.npy")
-    with open(tmp / "keys.bin", "rb") as f:
-        blob = f.read() if len(dup_rows) else b""
+    with open(tmp / "keys.bin", "rb") as keys_in:
+        blob = keys_in.read() if len(dup_rows) else b""
     examples = [
         {"shard": metas[s]["name"], "key": blob[key_offset[r] : key_offset[r + 1]].decode(), "row": int(r)}
         for r, s in zip(dup_rows[:100], shard_of[:100])
@@ -263,6 +265,15 @@ def write_index(out: Path, scans: list[ShardScan] | list[Path], root: str, ident
 
 class Index:
     """Read access to `RUN/index` (memory-mapped arrays)."""
+
+    # the `_ARRAYS`, memory-mapped by `__init__`
+    id_hi: np.ndarray
+    id_lo: np.ndarray
+    sample_start: np.ndarray
+    sample_end: np.ndarray
+    member_count: np.ndarray
+    member_offset: np.ndarray
+    member_size: np.ndarray
 
     def __init__(self, path: str | os.PathLike):
         path = Path(path)

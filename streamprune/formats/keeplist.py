@@ -12,11 +12,13 @@ import contextlib
 import json
 import os
 import shutil
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
+import numpy.typing as npt
 
+from streamprune.errors import DamagedRunError, SettingsError
 from streamprune.formats.atomic import (
     clean_stale_temps,
     named_os_error,
@@ -48,7 +50,7 @@ class KeepList:
         self,
         manifest: dict,
         names: list[str],
-        kept: np.ndarray,
+        kept: npt.ArrayLike,
         key_blob,
         key_offset: np.ndarray,
         ids: np.ndarray,
@@ -78,7 +80,7 @@ class KeepList:
         }
         lengths = {what: v if isinstance(v, int) else len(v) for what, v in lengths.items() if v is not None}
         if any(v != n for v in lengths.values()):
-            raise ValueError(
+            raise DamagedRunError(
                 f"inconsistent: {n} kept by shard counts, " + ", ".join(f"{v} {what}" for what, v in lengths.items())
             )
 
@@ -179,7 +181,7 @@ class KeepList:
         """Write and load a keep-list of the given rows of `index` (a `shardindex.Index`)."""
         rows = np.unique(np.asarray(list(rows) if not isinstance(rows, np.ndarray) else rows, dtype=np.int64))
         if len(rows) and (rows[0] < 0 or rows[-1] >= index.n_samples):
-            raise ValueError(f"rows must lie in [0, {index.n_samples}); got {rows[0]}..{rows[-1]}")
+            raise SettingsError(f"rows must lie in [0, {index.n_samples}); got {rows[0]}..{rows[-1]}")
         manifest = new_manifest(
             method=method,
             k=len(rows),
@@ -227,7 +229,7 @@ class KeepList:
         try:
             manifest = json.loads(mpath.read_text())
         except (OSError, ValueError) as exc:
-            raise ValueError(f"keep-list {str(path)!r} is damaged or incomplete: {exc}") from None
+            raise DamagedRunError(f"keep-list {str(path)!r} is damaged or incomplete: {exc}") from None
         check_format(manifest, KEEP_FORMAT, f"keep-list {str(mpath)!r}")
         try:
             shards = json.loads((path / "shards.json").read_text())
@@ -263,9 +265,9 @@ class KeepList:
                 column("bytes"),
             )
         except (OSError, ValueError, KeyError, TypeError, IndexError, json.JSONDecodeError) as exc:
-            raise ValueError(f"keep-list {str(path)!r} is damaged or incomplete: {exc}") from None
+            raise DamagedRunError(f"keep-list {str(path)!r} is damaged or incomplete: {exc}") from None
         if manifest.get("k") != len(keep) or len(blob) != keep.key_offset[-1]:
-            raise ValueError(
+            raise DamagedRunError(
                 f"keep-list {str(path)!r} is damaged: manifest says k={manifest.get('k')}, "
                 f"it holds {len(keep)} samples and {len(blob)} key bytes"
             )
@@ -293,7 +295,7 @@ class _NpyOut:
     def write(self, values) -> None:
         values = np.ascontiguousarray(values, dtype=self.dtype)
         if self.written + values.size > self.size:
-            raise ValueError(f"{self.path.name}: more values than the {self.size} announced")
+            raise SettingsError(f"{self.path.name}: more values than the {self.size} announced")
         self.file.write(memoryview(values).cast("B"))
         self.written += values.size
 
@@ -337,7 +339,7 @@ class KeepListWriter:
         names: list[str],
         k: int,
         samples: np.ndarray | None = None,
-        shard_bytes: np.ndarray | None = None,
+        shard_bytes: Sequence[int] | np.ndarray | None = None,
         with_positions: bool = True,
         with_weights: bool = False,
         with_ranges: bool = True,
@@ -415,9 +417,9 @@ class KeepListWriter:
         m = len(ids)
         if m:
             if (np.diff(shards) < 0).any() or shards[0] < self._last_shard:
-                raise ValueError("kept samples must be added in shard order")
+                raise SettingsError("kept samples must be added in shard order")
         if self.n + m > self.k:
-            raise ValueError(f"more kept samples than the {self.k} the shard counts announce")
+            raise SettingsError(f"more kept samples than the {self.k} the shard counts announce")
         if m:
             self.kept += np.bincount(shards, minlength=len(self.kept))
             self._last_shard = int(shards[-1])
@@ -469,7 +471,7 @@ class KeepListWriter:
             return
         try:
             if self.n != self.k:
-                raise ValueError(f"keep-list got {self.n} samples, the shard counts announce {self.k}")
+                raise SettingsError(f"keep-list got {self.n} samples, the shard counts announce {self.k}")
             for f in self._files:
                 self._guard(f, f.close) if isinstance(f, _NpyOut) else self._guard(f, self._sync_close, f)
             shards = [{"name": n, "kept": int(c)} for n, c in zip(self.names, self.kept)]

@@ -7,6 +7,8 @@ import json
 import os
 from pathlib import Path
 
+from streamprune.formats.headers import INDEX_FORMAT, KEEP_FORMAT, check_format
+from streamprune.formats.rundir import RunDir
 from streamprune.shards.labels import Classes
 
 
@@ -26,18 +28,19 @@ def run_state(run: str | os.PathLike) -> dict:
     if not run.is_dir():
         raise FileNotFoundError(f"no run directory {str(run)!r}")
     out: dict = {"run": str(run.resolve())}
-    index_dir, fingerprint = run / "index", None
+    rd, fingerprint = RunDir(run), None
     try:
-        out["index"], fingerprint = _index_state(run, index_dir)
+        out["index"], fingerprint = _index_state(rd)
     except Exception as exc:  # damaged: `inspect --verify` tells what
         out["index"] = _damaged(exc)
-    out["record"] = _guarded(_record_state, run, fingerprint)
-    out["reduce"] = _guarded(_keep_state, run / "keep", fingerprint, run / "scores.zarr")
-    baselines = sorted((run / "baseline").glob("*/keep")) if (run / "baseline").exists() else []
+    out["record"] = _guarded(_record_state, rd, fingerprint)
+    out["reduce"] = _guarded(_keep_state, rd.keep, fingerprint, rd.scores)
     out["baselines"] = {
-        p.parent.name: _guarded(_keep_state, p, fingerprint, p.parent / "scores.zarr") for p in baselines
+        p.name: _guarded(_keep_state, RunDir.keep_in(p), fingerprint, RunDir.scores_in(p))
+        for p in rd.baselines()
+        if RunDir.keep_in(p).exists()
     }
-    ev = run / "evaluate.json"
+    ev = rd.evaluate
     try:
         out["evaluate"] = (
             {
@@ -56,7 +59,7 @@ def run_state(run: str | os.PathLike) -> dict:
         )
     except Exception as exc:
         out["evaluate"] = _damaged(exc)
-    page = run / "report" / "index.html"
+    page = rd.report_page
     out["report"] = (
         {"state": "done", "path": str(page), "size": _mb(page.parent)} if page.exists() else {"state": "missing"}
     )
@@ -74,11 +77,12 @@ def _guarded(fn, *args) -> dict:
         return _damaged(exc)
 
 
-def _index_state(run: Path, index_dir: Path) -> tuple[dict, str | None]:
+def _index_state(rd: RunDir) -> tuple[dict, str | None]:
     out: dict = {}
-    fingerprint = None
-    if (index_dir / "manifest.json").exists():
-        m = json.loads((index_dir / "manifest.json").read_text())
+    fingerprint, index_dir = None, rd.index
+    manifest = index_dir / "manifest.json"
+    if manifest.exists():
+        m = check_format(json.loads(manifest.read_text()), INDEX_FORMAT, repr(str(manifest)))
         fingerprint = m["fingerprint"]
         out["index"] = {
             "state": "done",
@@ -96,23 +100,23 @@ def _index_state(run: Path, index_dir: Path) -> tuple[dict, str | None]:
             compressed = sum(bool(json.loads(line).get("compression")) for line in f)
         if compressed:
             out["index"]["compressed_shards"] = compressed  # read through: no byte skipping inside
-        classes = Classes.load(run)
+        classes = Classes.load(rd.root)
         if classes is not None:
             out["index"]["classes"] = f"{classes.num_classes} ({classes.label}" + (
                 ", names in classes.json)" if classes.names else ", integers)"
             )
-    elif (run / ".index-parts").exists():
+    elif rd.index_parts.exists():
         out["index"] = {
             "state": "partial",
-            "shards_scanned": len([p for p in (run / ".index-parts").glob("*.npz") if not p.name.endswith(".tmp.npz")]),
+            "shards_scanned": len([p for p in rd.index_parts.glob("*.npz") if not p.name.endswith(".tmp.npz")]),
         }
     else:
         out["index"] = {"state": "missing"}
     return out["index"], fingerprint
 
 
-def _record_state(run: Path, fingerprint: str | None) -> dict:
-    path = run / "stats.zarr"
+def _record_state(rd: RunDir, fingerprint: str | None) -> dict:
+    path = rd.stats
     if not (path / "zarr.json").exists():
         return {"state": "missing"}
     from streamprune.formats.stats_store import StatsStore
@@ -128,9 +132,7 @@ def _record_state(run: Path, fingerprint: str | None) -> dict:
         "samples": store.n_samples,
         "size": _mb(path),
         "config": store.config,
-        "checkpoints": sorted(p.name for p in (run / "checkpoints").glob("epoch-*.pt"))
-        if (run / "checkpoints").exists()
-        else [],
+        "checkpoints": [p.name for p in rd.checkpoint_files()],
     }
     if fingerprint is not None and store.fingerprint != fingerprint:
         state["warning"] = "recorded for another index than RUN/index"
@@ -141,7 +143,7 @@ def _keep_state(keep: Path, fingerprint: str | None, scores: Path) -> dict:
     mpath = keep / "manifest.json"
     if not mpath.exists():
         return {"state": "missing"}
-    m = json.loads(mpath.read_text())
+    m = check_format(json.loads(mpath.read_text()), KEEP_FORMAT, f"keep-list {str(mpath)!r}")
     state = {
         "state": "done",
         "method": m.get("method"),

@@ -1,12 +1,14 @@
 """`RunDir`: every path of a run directory, named once (what each file holds: README, On-disk formats).
 
-Paths only: nothing is created or read, except `baselines` listing the baseline directories.
+Paths only: nothing is created or read; `baselines` and `checkpoint_files` list what exists.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+
+_CHECKPOINT = "epoch-"  # checkpoint files: epoch-NNNN.pt
 
 
 class RunDir:
@@ -55,7 +57,11 @@ class RunDir:
 
     def checkpoint(self, epochs_done: int) -> Path:
         """The checkpoint after `epochs_done` epochs."""
-        return self.checkpoints / f"epoch-{epochs_done:04d}.pt"
+        return self.checkpoints / f"{_CHECKPOINT}{epochs_done:04d}.pt"
+
+    def checkpoint_files(self) -> list[Path]:
+        """The checkpoints present, oldest first."""
+        return sorted(self.checkpoints.glob(f"{_CHECKPOINT}*.pt"))
 
     @property
     def ray_train(self) -> Path:

@@ -14,6 +14,7 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal, TypeGuard, cast
 
 import numpy as np
 import zarr
@@ -22,6 +23,7 @@ from streamprune.errors import DamagedRunError, InputError, SettingsError
 from streamprune.formats.atomic import named_os_error
 from streamprune.formats.headers import (
     CORRECT_MISSING,
+    LABEL,
     LABEL_MISSING,
     STAT_MISSING,
     STATS_FORMAT,
@@ -30,16 +32,21 @@ from streamprune.formats.headers import (
 )
 
 STATS = ("p_true", "correct", "margin", "el2n", "entropy", "loss")
-LABEL = "label"  # int32 (N,): each sample's class as trained on; LABEL_MISSING unknown
 DEFAULT_CHUNK_ROWS = 65536
+AccessMode = Literal["r", "r+", "a", "w", "w-"]  # zarr's modes of opening a store
 RECORD_AGAIN = (
     "record the run again (`streamprune record` into a new run directory, or after removing this "
     "store), or restore the store's files from a copy"
 )
 
 
-def _is_int(v) -> bool:
+def _is_int(v) -> TypeGuard[int | np.integer]:
     return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+
+def zarr_array(group: zarr.Group, name: str) -> zarr.Array:
+    """Member `name` of a store's group: an array in every layout here (zarr types it `Array | Group`)."""
+    return cast(zarr.Array, group[name])
 
 
 def _raw_meta_problem(array_dir: Path, name: str, exc: Exception) -> str:
@@ -77,6 +84,11 @@ def missing_stats(n: int) -> dict[str, np.ndarray]:
     return {name: np.full(n, fill_value(name), dtype=stat_dtype(name)) for name in STATS}
 
 
+def creation_temp(path: Path) -> Path:
+    """Where `StatsStore.create` builds the store at `path` before renaming it into place."""
+    return path.with_name(path.name + ".tmp")
+
+
 def stat_dtype(name: str) -> np.dtype:
     return np.dtype(np.uint8 if name == "correct" else np.float32)
 
@@ -101,25 +113,25 @@ class StatsStore:
         attrs = check_format(dict(group.attrs), STATS_FORMAT, f"stats store {str(path)!r}")
         self.attrs = attrs
         self._arrays: dict[str, zarr.Array] = {}
-        self._held: dict = {}
-        self._shard_offset = None
+        self._held: dict[str, int] = {}
+        self._shard_offset: np.ndarray | None = None
         problems = self.problems(index)
         self.metadata_problems = problems
         if problems and strict:
             listed = "; ".join(f"{path.name}/{file}: {p}" for file, p in problems[:8])
             more = f"; and {len(problems) - 8} more" if len(problems) > 8 else ""
             raise DamagedRunError(f"stats store {str(path)!r} is damaged or was edited: {listed}{more}; {RECORD_AGAIN}")
-        held = self._held
-        self.n_samples: int = held.get("n_samples")
-        self.n_shards: int = held.get("n_shards")
-        self.epochs: int = held.get("epochs")
-        self.chunk_rows: int = held.get("chunk_rows")
-        self.fingerprint: str = attrs.get("fingerprint")
-        self.shard_offset = self._shard_offset
+        held = self._held  # the counts, fingerprint and offsets are None only with strict=False
+        self.n_samples = cast(int, held.get("n_samples"))
+        self.n_shards = cast(int, held.get("n_shards"))
+        self.epochs = cast(int, held.get("epochs"))
+        self.chunk_rows = cast(int, held.get("chunk_rows"))
+        self.fingerprint = cast(str, attrs.get("fingerprint"))
+        self.shard_offset = cast(np.ndarray, self._shard_offset)
         self.has_labels: bool = LABEL in self._arrays  # stores of streamprune 0.1.0 keep no labels
 
     def _open_array(self, name: str) -> zarr.Array:
-        return self._arrays[name] if name in self._arrays else self.group[name]
+        return self._arrays[name] if name in self._arrays else zarr_array(self.group, name)
 
     def problems(self, index=None) -> list[tuple[str, str]]:
         """What in the store's metadata disagrees, as `(file, problem)` pairs (empty: sound).
@@ -140,7 +152,7 @@ class StatsStore:
             out.append((root, f"attribute fingerprint is {attrs.get('fingerprint')!r}, not a string"))
         if out:
             return out
-        metas: dict[str, object] = {}
+        metas: dict[str, zarr.Array] = {}
         for name in (*STATS, "id_hi", "id_lo", LABEL, "shard_offset", "done"):
             try:
                 arr = self.group[name]
@@ -164,7 +176,7 @@ class StatsStore:
             + [a.shape[1] for k, a in metas.items() if k == "done" and a.ndim == 2],
             "chunk_rows": [a.chunks[0] for k, a in metas.items() if k not in ("shard_offset", "done")],
         }
-        held = {}
+        held: dict[str, int] = {}
         for key, values in votes.items():  # ties go to the attribute
             best = max((values.count(v) for v in values), default=0)
             held[key] = attrs[key] if values.count(attrs[key]) == best else max(set(values), key=values.count)
@@ -175,7 +187,9 @@ class StatsStore:
                 out.append((root, f"attribute {key} is {attrs[key]}, but the arrays hold {held[key]} {what}"))
         self._held = held
         n, s, t, cr = (held[k] for k in least)
-        expect = {name: ((n, t), stat_dtype(name), (cr, 1), fill_value(name)) for name in STATS}
+        expect: dict[str, tuple[tuple[int, ...], np.dtype, tuple[int, ...] | None, object]] = {
+            name: ((n, t), stat_dtype(name), (cr, 1), fill_value(name)) for name in STATS
+        }
         expect.update(
             {
                 "id_hi": ((n,), np.dtype(np.uint64), (cr,), None),
@@ -324,7 +338,7 @@ class StatsStore:
                 raise SettingsError(f"stats store {str(path)!r} has {store.epochs} epochs, not {epochs}")
             return store
         n, s = index.n_samples, index.n_shards
-        tmp = path.with_name(path.name + ".tmp")
+        tmp = creation_temp(path)
         try:
             group = zarr.open_group(str(tmp), mode="w", zarr_format=3)
             for name in STATS:  # float statistics barely compress (~13%) and read ~1.6x faster raw
@@ -334,7 +348,7 @@ class StatsStore:
                     chunks=(chunk_rows, 1),
                     dtype=stat_dtype(name),
                     fill_value=fill_value(name),
-                    **({} if name == "correct" else {"compressors": None}),
+                    compressors="auto" if name == "correct" else None,
                 )
             group.create_array(LABEL, shape=(n,), chunks=(chunk_rows,), dtype=np.int32, fill_value=LABEL_MISSING)
             for name, arr in (("id_hi", index.id_hi), ("id_lo", index.id_lo)):
@@ -361,7 +375,7 @@ class StatsStore:
         return cls.open(path, mode="r+")
 
     @classmethod
-    def open(cls, path: str | Path, mode: str = "r+", index=None) -> "StatsStore":
+    def open(cls, path: str | Path, mode: AccessMode = "r+", index=None) -> "StatsStore":
         """Open an existing store; with `index`, refuse a store made for another index."""
         path = Path(path)
         if not (path / "zarr.json").exists():
@@ -415,16 +429,17 @@ class StatsStore:
 
     def mark_done(self, epoch: int, shards: np.ndarray) -> None:
         """Mark `(epoch, shard)` complete. One process (the run's driver) writes markers."""
-        row = np.asarray(self.group["done"][epoch, :])
+        done = zarr_array(self.group, "done")
+        row = np.asarray(done[epoch, :])
         row[np.asarray(shards, dtype=np.int64)] = 1
         try:
-            self.group["done"][epoch, :] = row
+            done[epoch, :] = row
         except OSError as exc:
             raise named_os_error(exc, self.path / "done" / "c" / str(epoch) / "0") from None
 
     def done(self) -> np.ndarray:
         """Completion markers, `(T, S)` bool."""
-        return np.asarray(self.group["done"][:], dtype=bool)
+        return np.asarray(zarr_array(self.group, "done")[:], dtype=bool)
 
     def complete_epochs(self) -> int:
         """How many leading epochs are complete for every shard."""
@@ -435,7 +450,7 @@ class StatsStore:
         """Rows (and, for `(N, T)` arrays, epochs) of array `name`.
 
         A chunk that cannot be decoded, or whose values cannot be statistics (probabilities
-        outside [0, 1], `correct` other than 0, 1, 255, labels below -1), is a `ValueError`
+        outside [0, 1], `correct` other than 0, 1, 255, labels below -1), is a `DamagedRunError`
         naming the array, chunk, rows and epoch.
         """
         arr = self._open_array(name)
@@ -454,7 +469,7 @@ class StatsStore:
         sel = np.asarray(sel)
         return np.flatnonzero(sel) if sel.dtype == bool else np.where(sel < 0, sel + size, sel)
 
-    def _unreadable(self, arr, name: str, rows, epochs, exc: Exception) -> ValueError:
+    def _unreadable(self, arr, name: str, rows, epochs, exc: Exception) -> DamagedRunError:
         """The error for a failed read, naming the first chunk that cannot be read alone."""
         chunks = np.unique(np.atleast_1d(self._index_of(rows, self.n_samples)) // self.chunk_rows)
         ts = np.atleast_1d(self._index_of(epochs, self.epochs)) if arr.ndim == 2 else [None]
@@ -465,11 +480,11 @@ class StatsStore:
                 try:
                     arr[r0:r1] if t is None else arr[r0:r1, t]
                 except Exception as chunk_exc:
-                    return ValueError(
+                    return DamagedRunError(
                         f"stats store {str(self.path)!r} is damaged: {self._chunk_label(name, c, t)} "
                         f"is unreadable ({type(chunk_exc).__name__}: {chunk_exc}); {RECORD_AGAIN}"
                     )
-        return ValueError(f"stats store {str(self.path)!r}: reading {name} failed ({type(exc).__name__}: {exc})")
+        return DamagedRunError(f"stats store {str(self.path)!r}: reading {name} failed ({type(exc).__name__}: {exc})")
 
     def _check_values(self, name: str, data: np.ndarray, rows, epochs) -> None:
         if name == "p_true":
@@ -487,14 +502,13 @@ class StatsStore:
             return
         first = tuple(np.argwhere(bad)[0])
         r = self._index_of(rows, self.n_samples)
+        epoch: int | None = None
         if name in STATS:
             t = self._index_of(epochs, self.epochs)
             r, t = np.broadcast_arrays(r[:, None] if r.ndim == 1 and t.ndim == 1 else r, t)
-            t = int(t[first])
-        else:
-            t = None
+            epoch = int(t[first])
         row = int(r[first])
-        where = self._chunk_label(name, row // self.chunk_rows, t)
+        where = self._chunk_label(name, row // self.chunk_rows, epoch)
         raise DamagedRunError(
             f"stats store {str(self.path)!r} is damaged: {where}"
             f" holds {what} (row {row}: {data[first]!r}); {RECORD_AGAIN}"

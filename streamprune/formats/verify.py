@@ -17,7 +17,10 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from streamprune.errors import DamagedRunError
 from streamprune.formats.atomic import pid_alive
+from streamprune.formats.headers import CORRECT_MISSING, LABEL_MISSING
+from streamprune.formats.rundir import RunDir
 
 BLOCK = 1 << 20  # index / keep-list rows per step
 LIMIT = 50  # problems listed per file group before "... and N more"
@@ -80,12 +83,10 @@ def verify_run(run: str | os.PathLike, progress: bool = True) -> dict:
     run = Path(run).resolve()
     if not run.is_dir():
         raise FileNotFoundError(f"no run directory {str(run)!r}")
-    rep = _Report(run, progress)
-    index = _check_index(rep, run / "index")
-    store = _check_stats(rep, run / "stats.zarr", index) if (run / "stats.zarr").exists() else None
-    outputs = [(run / "keep", run / "scores.zarr")]
-    if (run / "baseline").is_dir():
-        outputs += [(p / "keep", p / "scores.zarr") for p in sorted((run / "baseline").iterdir()) if p.is_dir()]
+    rep, rd = _Report(run, progress), RunDir(run)
+    index = _check_index(rep, rd.index)
+    store = _check_stats(rep, rd.stats, index) if rd.stats.exists() else None
+    outputs = [(rd.keep, rd.scores)] + [(RunDir.keep_in(p), RunDir.scores_in(p)) for p in rd.baselines()]
     for keep, scores in outputs:
         if scores.exists():
             _check_scores(rep, scores, index, store)
@@ -180,11 +181,14 @@ def _check_index(rep: _Report, path: Path):
 def _check_stats(rep: _Report, path: Path, index):
     import zarr
 
-    from streamprune.formats.stats_store import CORRECT_MISSING, LABEL, LABEL_MISSING, STATS, StatsStore
+    from streamprune.formats.stats_store import LABEL, STATS, StatsStore
 
     try:
         group = zarr.open_group(str(path), mode="r", zarr_format=3)
         store = StatsStore(group, path, index, strict=False)
+    except DamagedRunError as exc:  # its header: another format, or a newer version
+        rep.add(path / "zarr.json", str(exc))
+        return None
     except Exception as exc:
         rep.add(path / "zarr.json", f"unreadable ({type(exc).__name__}: {exc})")
         return None
@@ -240,14 +244,14 @@ def _check_stats(rep: _Report, path: Path, index):
                 data = np.asarray(arr[r0:r1, :] if two else arr[r0:r1])
             except Exception:
                 data = None
-                for t in range(store.epochs) if two else [None]:
+                for epoch in range(store.epochs) if two else [None]:
                     try:
-                        arr[r0:r1, t] if two else arr[r0:r1]
+                        arr[r0:r1] if epoch is None else arr[r0:r1, epoch]
                     except Exception as exc:
                         rep.add(
-                            store.chunk_path(name, c, t),
+                            store.chunk_path(name, c, epoch),
                             f"unreadable (rows [{r0}, {r1})"
-                            + ("" if t is None else f", epoch {t}")
+                            + ("" if epoch is None else f", epoch {epoch}")
                             + f": {type(exc).__name__}: {exc})",
                         )
             rep.tick(store.epochs if two else 1)
@@ -264,10 +268,10 @@ def _check_stats(rep: _Report, path: Path, index):
             else:
                 continue
             if two:
-                for t in np.flatnonzero(bad.any(axis=0)):
+                for t in np.flatnonzero(bad.any(axis=0)).tolist():
                     rows = r0 + np.flatnonzero(bad[:, t])
                     rep.add(
-                        store.chunk_path(name, c, int(t)),
+                        store.chunk_path(name, c, t),
                         f"holds {what} (rows [{r0}, {r1}), epoch {t}; {len(rows)} values, e.g. row {rows[0]})",
                     )
             elif bad.any():
@@ -283,14 +287,16 @@ def _check_stats(rep: _Report, path: Path, index):
 
 
 def _check_scores(rep: _Report, path: Path, index, store) -> None:
-    import zarr
-
-    from streamprune.formats.stats_store import LABEL, LABEL_MISSING
+    from streamprune.formats.scores_store import ARRAYS, ScoresStore
+    from streamprune.formats.stats_store import LABEL
     from streamprune.scoring.scores import SCORES
 
     try:
-        g = zarr.open_group(str(path), mode="r", zarr_format=3)
-        attrs = dict(g.attrs)
+        scores = ScoresStore.open(path)
+        attrs = scores.attrs
+    except DamagedRunError as exc:
+        rep.add(path / "zarr.json", str(exc))
+        return
     except Exception as exc:
         rep.add(path / "zarr.json", f"unreadable ({type(exc).__name__}: {exc})")
         return
@@ -317,18 +323,10 @@ def _check_scores(rep: _Report, path: Path, index, store) -> None:
     if not isinstance(listed, list) or not set(listed) <= set(SCORES):
         rep.add(root, f"attribute scores is {listed!r}, not a list of {list(SCORES)}")
         listed = []
-    dtypes = {
-        **{s: np.dtype(np.float64) for s in SCORES},
-        "id_hi": np.dtype(np.uint64),
-        "id_lo": np.dtype(np.uint64),
-        "sel_key": np.dtype(np.uint64),
-        LABEL: np.dtype(np.int32),
-        "sel_group": np.dtype(np.int32),
-    }
     arrays = {}
-    for name, dtype in dtypes.items():
+    for name, (dtype, _) in ARRAYS.items():
         try:
-            a = g[name]
+            a = scores.array(name)
         except KeyError:
             rep.add(path / name / "zarr.json", f"array {name} is missing")
             continue
@@ -354,7 +352,7 @@ def _check_scores(rep: _Report, path: Path, index, store) -> None:
             present = {e.name for e in os.scandir(path / name / "c")} if (path / name / "c").is_dir() else set()
             for c in range(n_chunks):
                 if str(c) not in present:
-                    rep.add(path / name / "c" / str(c), f"missing (rows [{c * block}, {min(n, (c + 1) * block)}))")
+                    rep.add(scores.chunk_path(name, c), f"missing (rows [{c * block}, {min(n, (c + 1) * block)}))")
     finite = {s: 0 for s in listed}
     check = [x for x in (*SCORES, "id_hi", "id_lo", LABEL) if x in arrays]
     rep.bar.total = (rep.bar.total or 0) + n_chunks * len(check)
@@ -366,7 +364,7 @@ def _check_scores(rep: _Report, path: Path, index, store) -> None:
             try:
                 data = np.asarray(arrays[name][r0:r1])
             except Exception as exc:
-                rep.add(path / name / "c" / str(c), f"unreadable (rows [{r0}, {r1}): {type(exc).__name__}: {exc})")
+                rep.add(scores.chunk_path(name, c), f"unreadable (rows [{r0}, {r1}): {type(exc).__name__}: {exc})")
                 finite.pop(name, None)
                 continue
             if name in finite:
@@ -381,7 +379,7 @@ def _check_scores(rep: _Report, path: Path, index, store) -> None:
             if bad is not None and bad.any():
                 rows = r0 + np.flatnonzero(bad)
                 rep.add(
-                    path / name / "c" / str(c),
+                    scores.chunk_path(name, c),
                     f"holds {what} (rows [{r0}, {r1}); {len(rows)} values, e.g. row {rows[0]})",
                 )
     summary = attrs.get("summary", {}).get("finite", {}) if isinstance(attrs.get("summary"), dict) else {}
@@ -429,13 +427,17 @@ def _check_keep(rep: _Report, path: Path, index) -> None:
         rep.add(sfile, f"shards not in the index: {unknown}")
         return
     if keep.samples is not None and not np.array_equal(keep.samples, counts[mapped]):
-        s = int(np.flatnonzero(keep.samples != counts[mapped])[0])
+        first = int(np.flatnonzero(keep.samples != counts[mapped])[0])
         rep.add(
-            sfile, f"shard {keep.names[s]!r}: samples {int(keep.samples[s])}, the index has {int(counts[mapped[s]])}"
+            sfile,
+            f"shard {keep.names[first]!r}: samples {int(keep.samples[first])}, "
+            f"the index has {int(counts[mapped[first]])}",
         )
     if (keep.kept > counts[mapped]).any():
-        s = int(np.flatnonzero(keep.kept > counts[mapped])[0])
-        rep.add(sfile, f"shard {keep.names[s]!r}: kept {int(keep.kept[s])} of {int(counts[mapped[s]])} samples")
+        first = int(np.flatnonzero(keep.kept > counts[mapped])[0])
+        rep.add(
+            sfile, f"shard {keep.names[first]!r}: kept {int(keep.kept[first])} of {int(counts[mapped[first]])} samples"
+        )
         return
     if keep.weights is not None:
         w = np.asarray(keep.weights)
@@ -505,8 +507,10 @@ def _check_keep(rep: _Report, path: Path, index) -> None:
 
 def _leftovers(rep: _Report, run: Path, outputs: list[tuple[Path, Path]]) -> None:
     from streamprune.formats.atomic import temp_pid
+    from streamprune.formats.stats_store import creation_temp
 
-    targets = [run / "index", *(p for pair in outputs for p in pair)]
+    rd = RunDir(run)
+    targets = [rd.index, *(p for pair in outputs for p in pair)]
     for target in targets:
         if not target.parent.is_dir():
             continue
@@ -519,9 +523,9 @@ def _leftovers(rep: _Report, run: Path, outputs: list[tuple[Path, Path]]) -> Non
                 rep.note(
                     temp, f"leftover temporary of {target.name} ({state}); the next writer of {target.name} removes it"
                 )
-    if (run / "stats.zarr.tmp").exists():
-        rep.note(run / "stats.zarr.tmp", "leftover of an interrupted store creation; the next `record` replaces it")
-    parts = run / ".index-parts"
+    if creation_temp(rd.stats).exists():
+        rep.note(creation_temp(rd.stats), "leftover of an interrupted store creation; the next `record` replaces it")
+    parts = rd.index_parts
     if parts.is_dir():
         for p in sorted(parts.glob("*.tmp*")):
             rep.note(p, "leftover temporary index part of a killed `index`")

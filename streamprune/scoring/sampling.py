@@ -1,4 +1,4 @@
-"""Samplers of SCORING.md (top-k, DUAL+Beta, CCS, random) as selection keys, and exact k-selection.
+"""Samplers of docs/scoring.md (top-k, DUAL+Beta, CCS, random) as selection keys, and exact k-selection.
 
 Every sampler is expressed as a key per sample: the kept samples are the `k` with the
 largest keys. Ties break on the identity (smaller first), then on the row, so the order is
@@ -14,10 +14,13 @@ from __future__ import annotations
 import numpy as np
 from scipy import stats as _stats
 
+from streamprune.errors import InputError, SettingsError
+
 ZERO_WEIGHT_BASE = -1e300  # zero-weight samples rank below every positive-weight key
+
 BALANCES = ("none", "classes")  # how the budget is spread: over all samples, or by class quotas
 DEFAULT_BALANCE = "classes"
-# c_d by balance: SCORING.md's 4 over all samples; 8 with class quotas, chosen on a validation
+# c_d by balance: the paper's 4 over all samples; 8 with class quotas, chosen on a validation
 # split of Fashion-MNIST (benchmarks/VALIDATION.md): the mode stays at mid-difficulty longer.
 DEFAULT_C_D = {"none": 4.0, "classes": 8.0}
 
@@ -28,7 +31,7 @@ def resolve_balance(balance: str | None, method: str) -> str:
     if balance is None:
         return "none" if method.startswith("ccs:") else DEFAULT_BALANCE
     if balance not in BALANCES:
-        raise ValueError(f"balance must be one of {list(BALANCES)}, not {balance!r}")
+        raise SettingsError(f"balance must be one of {list(BALANCES)}, not {balance!r}")
     return balance
 
 
@@ -40,7 +43,7 @@ def resolve_c_d(c_d: float | None, balance: str) -> float:
 def check_ratio(ratio: float) -> float:
     """The pruning ratio `r` (fraction removed), which must lie in [0, 1)."""
     if not (isinstance(ratio, (int, float)) and 0.0 <= ratio < 1.0):
-        raise ValueError(f"ratio must be in [0, 1) (the fraction of samples removed), not {ratio!r}")
+        raise SettingsError(f"ratio must be in [0, 1) (the fraction of samples removed), not {ratio!r}")
     return float(ratio)
 
 
@@ -57,7 +60,7 @@ def beta_params(
     beta = C * (1.0 - anchor) * (1.0 - check_ratio(ratio) ** c_d)
     alpha = (C + 1.0 if alpha_plus_beta is None else alpha_plus_beta) - beta
     if alpha <= 0 or beta <= 0:
-        raise ValueError(
+        raise SettingsError(
             f"Beta parameters alpha={alpha:.4g}, beta={beta:.4g} are not positive "
             f"(anchor {anchor:.4g}, ratio {ratio}, C {C}, alpha+beta {alpha_plus_beta})"
         )
@@ -103,10 +106,10 @@ def beta_weights(
 def weighted_keys(weights: np.ndarray, u: np.ndarray) -> np.ndarray:
     """Efraimidis-Spirakis keys `log(u) / w`: the k largest are a weighted draw without
     replacement (successive sampling). Zero weights rank below all others, by smallest `u`
-    (the uniform fill-up of SCORING.md)."""
+    (the uniform fill-up of docs/scoring.md, section 4)."""
     w = np.asarray(weights, dtype=np.float64)
     if (w < 0).any() or not np.isfinite(w).all():
-        raise ValueError("weights must be finite and >= 0")
+        raise InputError("weights must be finite and >= 0")
     with np.errstate(divide="ignore"):
         es = np.maximum(np.log(u) / w, ZERO_WEIGHT_BASE * 0.5)
     return np.where(w > 0, es, ZERO_WEIGHT_BASE * (1.0 + u))
@@ -127,7 +130,7 @@ def key_bits(keys: np.ndarray) -> np.ndarray:
     """Float64 keys as uint64 with the same order (NaN refused)."""
     k = np.asarray(keys, dtype=np.float64)
     if np.isnan(k).any():
-        raise ValueError("selection keys contain NaN")
+        raise InputError("selection keys contain NaN")
     bits = k.view(np.uint64)
     return np.where(bits >> np.uint64(63), ~bits, bits | np.uint64(1 << 63))
 
@@ -217,14 +220,14 @@ def class_quotas(counts: np.ndarray, k: int) -> np.ndarray:
     """Split the budget `k` across classes in proportion to their sizes `counts`, exactly:
     `floor(k n_c / N)` each, then one more to the classes with the largest remainders (ties to
     the lower class). Sums to `k`; no class gets more than it has."""
-    counts = [int(c) for c in np.asarray(counts, dtype=np.int64)]
-    n = sum(counts)
+    sizes = [int(c) for c in np.asarray(counts, dtype=np.int64)]
+    n = sum(sizes)
     if not 0 <= k <= n:
-        raise ValueError(f"budget {k} outside [0, {n}] (the samples in all classes)")
+        raise SettingsError(f"budget {k} outside [0, {n}] (the samples in all classes)")
     if n == 0:
-        return np.zeros(len(counts), dtype=np.int64)
-    quotas = [k * c // n for c in counts]  # Python ints: k * c can exceed 2**63
-    order = sorted(range(len(counts)), key=lambda c: (-(k * counts[c] % n), c))
+        return np.zeros(len(sizes), dtype=np.int64)
+    quotas = [k * c // n for c in sizes]  # Python ints: k * c can exceed 2**63
+    order = sorted(range(len(sizes)), key=lambda c: (-(k * sizes[c] % n), c))
     for c in order[: k - sum(quotas)]:
         quotas[c] += 1
     return np.array(quotas, dtype=np.int64)
@@ -242,7 +245,7 @@ def ccs_quotas(counts: np.ndarray, budget: int) -> np.ndarray:
     equal share of the budget left, whichever is smaller."""
     counts = np.asarray(counts, dtype=np.int64)
     if budget > counts.sum():
-        raise ValueError(f"CCS budget {budget} exceeds the {counts.sum()} samples left after the cut")
+        raise SettingsError(f"CCS budget {budget} exceeds the {counts.sum()} samples left after the cut")
     quotas = np.zeros_like(counts)
     left = budget
     order = [b for b in np.argsort(counts, kind="stable") if counts[b] > 0]

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from streamprune.errors import SettingsError
+
 DUAL_SCALE = 10.0  # the reference implementation's constant; changes no ranking or Beta weight
 _BLOCK = 8192  # rows per pass: keeps the temporaries in cache
 
@@ -26,18 +28,19 @@ def resolve_window(window: int | None, epochs: int) -> int:
 def _check_window(p: np.ndarray, window: int) -> np.ndarray:
     p = np.asarray(p)
     if p.ndim != 2:
-        raise ValueError(f"expected an (N, T) array, got shape {p.shape}")
+        raise SettingsError(f"expected an (N, T) array, got shape {p.shape}")
     if window < 2:
-        raise ValueError(f"window must be >= 2, not {window}")
+        raise SettingsError(f"window must be >= 2, not {window}")
     if p.shape[1] < window:
-        raise ValueError(f"window {window} is longer than the {p.shape[1]} recorded epochs (need T >= window)")
+        raise SettingsError(f"window {window} is longer than the {p.shape[1]} recorded epochs (need T >= window)")
     return p
 
 
 def _window_sums(x: np.ndarray, window: int) -> np.ndarray:
     """Sums of every stride-1 window of `window` rows of epoch-major `x` (T, B): (T-window+1, B)."""
     k = x.shape[0] - window + 1
-    total, offset, width, power, bits = None, 0, 1, x, window
+    total: np.ndarray | None = None
+    offset, width, power, bits = 0, 1, x, window
     while bits:
         if bits & 1:
             part = power[offset : offset + k]
@@ -47,6 +50,7 @@ def _window_sums(x: np.ndarray, window: int) -> np.ndarray:
         if bits:
             power = power[:-width] + power[width:]
             width *= 2
+    assert total is not None  # window >= 1 has a set bit
     return total
 
 
@@ -99,7 +103,7 @@ def dyn_unc(p_true: np.ndarray, window: int = 10) -> np.ndarray:
 def _epoch(values: np.ndarray, epoch: int) -> int:
     t = np.asarray(values).shape[1]
     if not -t <= epoch < t:
-        raise ValueError(f"epoch {epoch} is outside the {t} recorded epochs")
+        raise SettingsError(f"epoch {epoch} is outside the {t} recorded epochs")
     return epoch
 
 

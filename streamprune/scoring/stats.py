@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from streamprune.errors import SettingsError
+
 
 @torch.no_grad()
 def sample_stats(logits, labels) -> dict[str, np.ndarray]:
@@ -16,7 +18,7 @@ def sample_stats(logits, labels) -> dict[str, np.ndarray]:
     z = torch.as_tensor(logits).detach().float()
     y = torch.as_tensor(labels, device=z.device).long()
     if z.ndim != 2 or y.shape != z.shape[:1]:
-        raise ValueError(f"logits must be (B, C) and labels (B,), got {tuple(z.shape)} and {tuple(y.shape)}")
+        raise SettingsError(f"logits must be (B, C) and labels (B,), got {tuple(z.shape)} and {tuple(y.shape)}")
     logp = torch.log_softmax(z, dim=1)
     p = logp.exp()
     logp_true = logp.gather(1, y[:, None])[:, 0]

@@ -19,6 +19,7 @@ from urllib.parse import urlparse
 
 import numpy as np
 
+from streamprune.errors import InputError, SettingsError
 from streamprune.plugins import import_function
 
 _HEX128 = re.compile(r"^[0-9a-fA-F]{32}$")
@@ -53,10 +54,10 @@ def _pipe_target(url: str) -> str:
     try:
         tokens = shlex.split(url[len("pipe:") :])
     except ValueError as exc:
-        raise ValueError(f"cannot parse pipe: URL {url!r}: {exc}") from None
+        raise InputError(f"cannot parse pipe: URL {url!r}: {exc}") from None
     candidates = [t for t in tokens[1:] if not t.startswith("-") and ("/" in t or has_scheme(t))]
     if not candidates:
-        raise ValueError(f"pipe: URL {url!r} names no path or URL to take the shard name from")
+        raise InputError(f"pipe: URL {url!r} names no path or URL to take the shard name from")
     return candidates[-1]
 
 
@@ -66,7 +67,7 @@ def shard_names(urls: list[str], root: str | None = None) -> tuple[list[str], st
     The root is returned in `url_path` form so that it can be recorded and reused.
     """
     if not urls:
-        raise ValueError("no shards given")
+        raise SettingsError("no shards given")
     paths = [url_path(u) for u in urls]
     if root is None:
         root_path = posixpath.commonpath([posixpath.dirname(p) for p in paths])
@@ -76,7 +77,7 @@ def shard_names(urls: list[str], root: str | None = None) -> tuple[list[str], st
     prefix = root_path.rstrip("/") + "/"
     for url, path in zip(urls, paths):
         if not path.startswith(prefix):
-            raise ValueError(f"shard {url!r} is not under the dataset root {root_path!r}")
+            raise InputError(f"shard {url!r} is not under the dataset root {root_path!r}")
         names.append(path[len(prefix) :])
     return names, root_path
 
@@ -125,10 +126,10 @@ def value_to_id128(value: Any) -> tuple[int, int]:
     identity itself, so exports match DataComp subsets; other strings and bytes are hashed.
     """
     if isinstance(value, (bool, float)) or value is None:
-        raise ValueError(f"identity value {value!r} is not a string, bytes or integer")
+        raise InputError(f"identity value {value!r} is not a string, bytes or integer")
     if isinstance(value, int):
         if not 0 <= value < 2**128:
-            raise ValueError(f"integer identity {value} is outside [0, 2**128)")
+            raise InputError(f"integer identity {value} is outside [0, 2**128)")
         return value >> 64, value & 0xFFFFFFFFFFFFFFFF
     if isinstance(value, str) and _HEX128.match(value):
         return int(value[:16], 16), int(value[16:], 16)
@@ -136,7 +137,7 @@ def value_to_id128(value: Any) -> tuple[int, int]:
         value = value.encode("utf-8")
     if isinstance(value, (bytes, bytearray)):
         return _digest128(bytes(value))
-    raise ValueError(f"identity value {value!r} is not a string, bytes or integer")
+    raise InputError(f"identity value {value!r} is not a string, bytes or integer")
 
 
 @dataclass(frozen=True)
@@ -156,7 +157,7 @@ class SampleIdentity:
         try:
             return value_to_id128(self.fn(sample))
         except Exception as exc:
-            raise ValueError(
+            raise InputError(
                 f"identity {self.spec!r} failed on sample {sample.get('__key__')!r} "
                 f"of shard {sample.get('__shard__')!r}: {exc}"
             ) from None
@@ -191,7 +192,7 @@ def parse_identity(spec: str | SampleIdentity | Callable | None) -> SampleIdenti
     if spec.startswith("json:"):
         return json_field(spec[len("json:") :])
     if ":" not in spec:
-        raise ValueError(f"identity {spec!r}: expected 'shard-key', 'json:FIELD' or 'module:function'")
+        raise SettingsError(f"identity {spec!r}: expected 'shard-key', 'json:FIELD' or 'module:function'")
     return SampleIdentity(import_function(spec, "identity"), None, spec)
 
 
@@ -215,8 +216,8 @@ def find_duplicates(id_hi: np.ndarray, id_lo: np.ndarray) -> np.ndarray:
 _M1, _M2, _GOLDEN = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB), np.uint64(0x9E3779B97F4A7C15)
 
 
-def _mix64(z: np.ndarray) -> np.ndarray:
-    """SplitMix64's finaliser, vectorised (uint64 arithmetic wraps)."""
+def _mix64(z: Any) -> Any:
+    """SplitMix64's finaliser of a uint64 scalar or array, vectorised (uint64 arithmetic wraps)."""
     z = (z ^ (z >> np.uint64(30))) * _M1
     z = (z ^ (z >> np.uint64(27))) * _M2
     return z ^ (z >> np.uint64(31))

@@ -261,7 +261,8 @@ def scan_labels(
     opened = open_shard(url)
     reader = CountingReader(opened.stream, opened.seekable, opened.tar_size, name)
     counts: Counter = Counter()
-    bad, reasons = 0, []
+    bad = 0
+    reasons: list[str] = []
     try:
         for s in iter_samples(reader, members):
             try:

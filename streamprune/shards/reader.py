@@ -13,19 +13,17 @@ import io
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 
+from streamprune.errors import ChangedShardError, DamagedRunError
 from streamprune.shards.remote import fetch_in_order
 from streamprune.shards.tarscan import CountingReader, Sample, TarFormatError, iter_samples, split_name
 from streamprune.shards.urls import OpenShard, open_shard
 
 CHUNK_BYTES = 4 << 20  # largest single read of coalesced kept samples
 GAP_BYTES = 4 << 10  # pruned gaps up to a page are read through: the kernel reads whole pages anyway
-
-
-class ShardChangedError(ValueError):
-    """A shard differs from the one the keep-list was made from."""
 
 
 @dataclass
@@ -62,8 +60,13 @@ class ReadStats:
 RawSample = tuple[str, dict[str, bytes], dict[str, str]]  # key, data by extension, member name by extension
 
 
-def _raw(sample) -> RawSample:
-    return sample.key, sample.data, {split_name(m.name)[1]: m.name for m in sample.members}
+def _raw(sample: Sample) -> RawSample:
+    names: dict[str, str] = {}
+    for m in sample.members:
+        parts = split_name(m.name)
+        assert parts is not None  # a sample holds only members webdataset names
+        names[parts[1]] = m.name
+    return sample.key, sample.data, names
 
 
 def read_ranges(
@@ -100,7 +103,7 @@ def iter_ranges(
             and opened.size is not None
             and opened.size != expected_size
         ):
-            raise ShardChangedError(
+            raise ChangedShardError(
                 f"shard {url!r} has {opened.size} bytes, the keep-list was made from one of "
                 f"{expected_size}: re-index and reduce again, or pass allow_mismatch=True "
                 "to match samples by key"
@@ -124,7 +127,7 @@ def iter_ranges(
                 got = list(iter_samples(reader, read_exts=None, require_end=False))
                 if len(got) != 1 or got[0].key != keys[i]:
                     found = [s.key for s in got]
-                    raise ShardChangedError(
+                    raise ChangedShardError(
                         f"shard {url!r}: bytes {base + a}..{base + b} hold {found}, the keep-list "
                         f"expects sample {keys[i]!r}: the shard changed since indexing"
                     )
@@ -176,7 +179,7 @@ def _coalesce(ranges: np.ndarray) -> Iterator[tuple[int, int]]:
         return
     starts, ends = ranges[:, 0], ranges[:, 1]
     if (starts[1:] < ends[:-1]).any() or (ends < starts).any():
-        raise ValueError("byte ranges of kept samples overlap or are out of order")
+        raise DamagedRunError("byte ranges of kept samples overlap or are out of order")
     first = 0
     for i in range(1, n + 1):
         if i == n or starts[i] - ends[i - 1] > GAP_BYTES or ends[i] - starts[first] > CHUNK_BYTES:
@@ -185,7 +188,7 @@ def _coalesce(ranges: np.ndarray) -> Iterator[tuple[int, int]]:
 
 
 def _pread(opened: OpenShard, shard: str, stats: ReadStats):
-    fd = opened.stream.fileno()
+    fd = cast(io.FileIO, opened.stream).fileno()  # a seekable shard is a local file
 
     def fetch(offset: int, length: int) -> bytes:
         data = os.pread(fd, length, offset)

@@ -20,7 +20,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
+from streamprune.errors import ChangedShardError, SettingsError
+
 RETRIES = 5  # tries per request, the first included
+
 BACKOFF = 0.1  # seconds before the second try, doubled for each further one (with jitter)
 TIMEOUT = 60.0  # seconds without progress on a connection
 IN_FLIGHT = 32  # range requests in flight per shard, at most ...
@@ -86,7 +89,7 @@ class HTTPFile(RemoteFile):
     def __init__(self, url: str, timeout: float = TIMEOUT):
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"not an http(s) URL: {url!r}")
+            raise SettingsError(f"not an http(s) URL: {url!r}")
         self.url, self.timeout = url, timeout
         self._https, self._host, self._port = parts.scheme == "https", parts.hostname, parts.port
         self._target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
@@ -184,7 +187,9 @@ class HTTPFile(RemoteFile):
         if status == 404:
             raise FileNotFoundError(f"{what}: 404 Not Found")
         if status == 416:
-            raise OSError(f"{what}: HTTP 416 (the file is shorter than the index says: it changed since indexing)")
+            raise ChangedShardError(
+                f"{what}: HTTP 416 (the file is shorter than the index says: it changed since indexing)"
+            )
         if status < 300:
             raise OSError(f"{what}: the server ignored the Range request (HTTP {status})")
         raise OSError(f"{what}: HTTP {status}")
@@ -196,6 +201,8 @@ class HTTPFile(RemoteFile):
 class _HTTPStream:
     """The file read through from its start; opened at the first read; a transfer cut short is
     resumed with a `Range` request from where it stopped (when the server takes ranges)."""
+
+    resp: http.client.HTTPResponse | None
 
     def __init__(self, f: HTTPFile):
         self.f, self.pos, self.resp, self.closed = f, 0, None, False
@@ -224,6 +231,7 @@ class _HTTPStream:
             nonlocal got
             if self.resp is None:
                 self._reopen(tries)
+            assert self.resp is not None  # _reopen opened it or raised
             while got < n:
                 try:
                     data = self.resp.read(min(n - got, 1 << 20))
@@ -373,11 +381,12 @@ class RangedReader:
     nothing), `seek(n, SEEK_CUR)` skips member data without a request."""
 
     def __init__(self, f: RemoteFile, block: int = HEADER_BLOCK):
-        self.f, self.block, self.pos = f, block, 0
+        assert f.size is not None  # a file that takes byte ranges has a known size
+        self.f, self.block, self.pos, self.size = f, block, 0, f.size
         self.buf, self.buf_start = b"", 0
 
     def read(self, n: int = -1) -> bytes:
-        size = self.f.size
+        size = self.size
         if n is None or n < 0:
             n = size - self.pos
         end = min(self.pos + n, size)
@@ -390,7 +399,7 @@ class RangedReader:
         return data
 
     def seek(self, offset: int, whence: int = 0) -> int:
-        self.pos = offset if whence == 0 else self.pos + offset if whence == 1 else self.f.size + offset
+        self.pos = offset if whence == 0 else self.pos + offset if whence == 1 else self.size + offset
         return self.pos
 
     def readable(self) -> bool:

@@ -13,6 +13,8 @@ import tarfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
+from streamprune.errors import InputError
+
 BLOCK = 512
 _SKIP_META = re.compile(r"__[^/]*__($|/)")
 _BASE_EXT = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
@@ -30,13 +32,18 @@ _PLAIN_DEVICES = (b"0000000\x000000000\x00", bytes(16))
 _SHARD_AT = re.compile(r"""shard ('(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*"): .*? at byte (\d+)""")
 
 
-class TarFormatError(tarfile.ReadError, ValueError):
+class TarFormatError(tarfile.ReadError, InputError):
     """A corrupt or truncated tar; names the shard and the byte offset of the problem.
 
-    A `tarfile.ReadError` (what webdataset raises on such tars) and a `ValueError`; picklable.
+    A `tarfile.ReadError` (what webdataset raises on such tars) and an `InputError`; picklable.
     Built from one preformatted message (as torch's DataLoader re-raises a worker's error), it
     takes `shard` and `offset` from the message when it names them.
     """
+
+    shard: str | None
+    offset: int | None
+    message: str | None
+    _args: tuple[str | int | None, ...]
 
     def __init__(self, shard: str | None, offset: int | None = None, message: str | None = None):
         if offset is None and message is None:
@@ -63,7 +70,7 @@ def _shard_at(text: str) -> tuple[str | None, int | None]:
     return None, None
 
 
-class StreamDataError(ValueError):
+class StreamDataError(InputError):
     """Compressed shard data that is cut or corrupt (raised by the decompressing stream; a
     `CountingReader` turns it into a `TarFormatError` naming the shard and the tar offset)."""
 

@@ -7,9 +7,9 @@ import glob
 import io
 import os
 import subprocess
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import IO, Any, Protocol, cast
 
 import braceexpand
 
@@ -116,9 +116,12 @@ class _Decompressed:
         self.kind = kind
         self.counted = _Counted(raw)
         buffered = io.BufferedReader(self.counted, 1 << 18)
-        self.file = {"gzip": lambda f: gzip.GzipFile(fileobj=f, mode="rb"), "bz2": bz2.BZ2File, "xz": lzma.LZMAFile}[
-            kind
-        ](buffered)
+        openers: dict[str, Callable[[IO[bytes]], io.BufferedIOBase]] = {
+            "gzip": lambda f: gzip.GzipFile(fileobj=f, mode="rb"),
+            "bz2": bz2.BZ2File,
+            "xz": lzma.LZMAFile,
+        }
+        self.file = openers[kind](buffered)
 
     def read(self, n: int = -1) -> bytes:
         import lzma
@@ -162,6 +165,14 @@ class _Prefixed:
         self.stream.close()
 
 
+class ShardStream(Protocol):
+    """A shard's bytes as `OpenShard` holds them: a local file, a decompressor, a pipe or a remote stream."""
+
+    def read(self, n: int = -1, /) -> bytes: ...
+
+    def close(self) -> None: ...
+
+
 @dataclass
 class OpenShard:
     """An open shard: a binary stream, whether seeking is cheap, and its size when known.
@@ -170,7 +181,7 @@ class OpenShard:
     storage stream under it, `size` the stored (compressed) size and `compression` its kind.
     """
 
-    stream: io.RawIOBase | io.BufferedIOBase
+    stream: ShardStream
     seekable: bool
     size: int | None
     process: subprocess.Popen | None = None
@@ -187,7 +198,7 @@ class OpenShard:
     def stored_read(self, tar_bytes: int) -> int:
         """Bytes read from storage, given `tar_bytes` read from `stream`: the compressed count
         under a decompressor, otherwise `tar_bytes`."""
-        return tar_bytes if self.compression is None else self.stream.counted.count
+        return tar_bytes if self.compression is None else cast(_Decompressed, self.stream).counted.count
 
     def close(self, url: str, drain: bool = True) -> None:
         """Close the stream; a failed `pipe:` command raises naming the URL.

@@ -20,6 +20,7 @@ import torch
 import webdataset as wds
 from tqdm.auto import tqdm
 
+from streamprune.errors import InputError, SettingsError
 from streamprune.formats.keeplist import KeepList
 from streamprune.loader import PrunedWebDataset
 from streamprune.settings import BUDGETS
@@ -59,19 +60,19 @@ def train_subset(
     desc: str = "train",
     progress: bool = True,
 ) -> TrainResult:
-    """Train a fresh model on the kept samples (all when `keep` is None) and return its
-    accuracy on `test_urls`. `epochs` is the full-data run's length; `budget` (`steps` or
+    """Train a fresh model dev the kept samples (all when `keep` is None) and return its
+    accuracy dev `test_urls`. `epochs` is the full-data run's length; `budget` (`steps` or
     `epochs`) says how a subset's run is sized (see the module). `decoder`: how samples become
     examples (default: `cls` labels, images at their own size; `recorder.run_decoder` gives a
     recorded run's)."""
     train_urls, test_urls = expand_urls(train_urls), expand_urls(test_urls)
     keep = keep if keep is None or isinstance(keep, KeepList) else KeepList.load(keep)
     epochs = subset_epochs(epochs, keep, budget)
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(seed)
     decoder = decoder or SampleDecoder()
     first = next(iter(wds.WebDataset(test_urls, shardshuffle=False, nodesplitter=None, workersplitter=None)))
-    net = build_model(model, tuple(decoder(first)[0].shape), num_classes).to(device)
+    net = build_model(model, tuple(decoder(first)[0].shape), num_classes).to(dev)
     opt = make_sgd(net, lr)
     t0, history, n = time.perf_counter(), [], 0
     for epoch in range(epochs):
@@ -87,28 +88,28 @@ def train_subset(
         n, loss_sum, correct = 0, 0.0, 0
         loader = torch.utils.data.DataLoader(train, batch_size=None, num_workers=loader_workers)
         for x, y in tqdm(loader, desc=f"{desc} {epoch + 1}/{epochs}", unit="batch", leave=False, disable=not progress):
-            x, y = x.to(device, non_blocking=True), torch.as_tensor(y).to(device, non_blocking=True)
+            x, y = x.to(dev, non_blocking=True), torch.as_tensor(y).to(dev, non_blocking=True)
             logits, loss = train_step(net, opt, x, y)
             n += len(y)
             loss_sum += float(loss.detach()) * len(y)
             correct += int((logits.argmax(1) == y).sum())
         history.append({"epoch": epoch, "loss": loss_sum / max(n, 1), "accuracy": correct / max(n, 1)})
     seconds = time.perf_counter() - t0
-    return TrainResult(accuracy_on(net, test_urls, device, batch_size, decoder), n, epochs, seconds, history)
+    return TrainResult(accuracy_on(net, test_urls, dev, batch_size, decoder), n, epochs, seconds, history)
 
 
 def subset_epochs(epochs: int, keep: KeepList | None, budget: str = "steps") -> int:
     """Epochs to train on `keep`'s samples: `epochs` for all samples or the `epochs` budget,
     `round(epochs * N / kept)` (as many steps as the full run) for the `steps` budget."""
     if budget not in BUDGETS:
-        raise ValueError(f"budget must be one of {list(BUDGETS)}, not {budget!r}")
+        raise SettingsError(f"budget must be one of {list(BUDGETS)}, not {budget!r}")
     if epochs < 1:
-        raise ValueError(f"epochs must be >= 1, not {epochs}")
+        raise SettingsError(f"epochs must be >= 1, not {epochs}")
     if keep is None or budget == "epochs":
         return epochs
     total = int(keep.samples.sum()) if keep.samples is not None else int(keep.manifest.get("n_rows", 0))
     if len(keep) == 0 or total <= 0:
-        raise ValueError(f"cannot size a steps budget for a keep-list of {len(keep)} of {total} samples")
+        raise SettingsError(f"cannot size a steps budget for a keep-list of {len(keep)} of {total} samples")
     return max(epochs, int(np.floor(epochs * total / len(keep) + 0.5)))
 
 
@@ -133,5 +134,5 @@ def accuracy_on(
         right += int((pred == torch.as_tensor(y)).sum())
         total += len(y)
     if not total:
-        raise ValueError(f"no test samples in {test_urls!r}")
+        raise InputError(f"no test samples in {test_urls!r}")
     return right / total

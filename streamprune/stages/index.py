@@ -17,8 +17,10 @@ from pathlib import Path
 import ray
 from tqdm.auto import tqdm
 
+from streamprune.errors import InputError
 from streamprune.formats.atomic import clean_stale_temps, output_lock
 from streamprune.formats.index import Index, load_scan_meta, save_scan, scan_shard, write_index
+from streamprune.formats.rundir import RunDir
 from streamprune.settings import IndexSettings
 from streamprune.shards.identity import SampleIdentity, parse_identity, shard_names
 from streamprune.shards.urls import absolute, expand_urls, is_local, local_path
@@ -75,9 +77,10 @@ def index(
     spec = "shard-key" if ident is None else ident.spec
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    with output_lock(out / "index"):
-        clean_stale_temps(out / "index")  # an index swap-in of a killed `index`
-        parts_dir = out / ".index-parts"
+    rd = RunDir(out)
+    with output_lock(rd.index):
+        clean_stale_temps(rd.index)  # an index swap-in of a killed `index`
+        parts_dir = rd.index_parts
         parts_dir.mkdir(exist_ok=True)
         for stale in parts_dir.glob("*.tmp.npz"):  # a part being written when `index` was killed
             stale.unlink()
@@ -97,10 +100,10 @@ def index(
         metas = [load_scan_meta(p) for p in parts]
         if all(m["status"] == "broken" for m in metas):  # kept for a rerun, which scans them again
             shown = "; ".join(f"{m['name']}: {m['error']}" for m in metas[:3])
-            raise ValueError(
+            raise InputError(
                 f"every shard is broken ({len(metas)}), nothing was indexed: {shown}"
                 + (" ..." if len(metas) > 3 else "")
             )
-        idx = write_index(out / "index", parts, root_path, spec)
+        idx = write_index(rd.index, parts, root_path, spec)
         shutil.rmtree(parts_dir)
         return idx

@@ -10,6 +10,7 @@ import ray
 from tqdm.auto import tqdm
 
 from streamprune.formats.index import Index
+from streamprune.formats.rundir import RunDir
 from streamprune.shards.labels import Classes, count_classes, scan_labels
 from streamprune.stages.ray_cluster import bounded_map, ensure_ray
 from streamprune.training.decode import SampleDecoder
@@ -32,7 +33,7 @@ def build_classes(
     """Count the labels (`label` spec, or those a `decode` function returns) of every indexed sample
     of `run`, write `RUN/classes.json` and return it: sorted class names, or 0..max for integers."""
     run = Path(run)
-    idx = Index(run / "index")
+    idx = Index(RunDir(run).index)
     healthy = healthy_shards(idx).tolist()
     decoder = SampleDecoder(None, "cls" if decode else label, None, decode)
     ensure_ray(address)

@@ -16,13 +16,12 @@ import numpy as np
 
 from streamprune.config import Config
 from streamprune.formats.keeplist import KeepList
+from streamprune.formats.rundir import RunDir
 from streamprune.scoring.sampling import resolve_balance, resolve_c_d
 from streamprune.scoring.scores import resolve_window
 from streamprune.settings import ReduceSettings
 from streamprune.shards.urls import absolute, expand_urls
 from streamprune.stages.summaries import index_summary, record_line, reduce_line
-
-BASELINE_DIR = "baseline"
 
 
 @dataclass
@@ -58,10 +57,10 @@ def run_pipeline(cfg: Config, progress: bool = True, log=print) -> PipelineResul
     main = _main_subset(cfg)
     stage(
         "reduce",
-        lambda: _reduce(cfg, run, main, run / "keep", None, progress, log),
-        _keep_matches(cfg, run, main, run / "keep"),
+        lambda: _reduce(cfg, run, main, RunDir(run).keep, None, progress, log),
+        _keep_matches(cfg, run, main, RunDir(run).keep),
     )
-    result.keep = KeepList.load(run / "keep")
+    result.keep = KeepList.load(RunDir(run).keep)
     if cfg.evaluate.test_shards is not None:
         stage("evaluate", lambda: _evaluate(cfg, run, progress, log), _evaluation_done(cfg, run))
         result.evaluation = _load_evaluation(run)["rows"]
@@ -80,7 +79,7 @@ def _index_done(cfg: Config, run: Path) -> bool:
     from streamprune.formats.index import Index
 
     try:
-        idx = Index(run / "index")
+        idx = Index(RunDir(run).index)
     except FileNotFoundError:
         return False
     return [s["url"] for s in idx.shards] == [absolute(u) for u in expand_urls(cfg.shards)] and idx.manifest[
@@ -98,7 +97,7 @@ def _record_done(cfg: Config, run: Path) -> bool:
     from streamprune.formats.stats_store import StatsStore
 
     try:
-        store = StatsStore.open(run / "stats.zarr", mode="r")
+        store = StatsStore.open(RunDir(run).stats, mode="r")
     except (FileNotFoundError, ValueError):
         return False
     return store.epochs == cfg.record.epochs and store.complete_epochs() == cfg.record.epochs
@@ -154,7 +153,7 @@ def _keep_matches(cfg: Config, run: Path, subset: _Subset, out: Path) -> bool:
 
     try:
         manifest = json.loads((out / "manifest.json").read_text())
-        fingerprint = Index(run / "index").fingerprint
+        fingerprint = Index(RunDir(run).index).fingerprint
     except (FileNotFoundError, json.JSONDecodeError):
         return False
     s = _reduce_settings(cfg, subset).to_dict()
@@ -177,12 +176,12 @@ def _evaluation_key(cfg: Config, run: Path) -> dict:
     e = cfg.evaluate
     return {
         "settings": {k: v for k, v in asdict(e).items()},
-        "keep_created": json.loads((run / "keep" / "manifest.json").read_text())["created"],
+        "keep_created": json.loads((RunDir(run).keep / "manifest.json").read_text())["created"],
     }
 
 
 def _load_evaluation(run: Path) -> dict:
-    path = run / "evaluate.json"
+    path = RunDir(run).evaluate
     return json.loads(path.read_text()) if path.exists() else {"rows": []}
 
 
@@ -205,9 +204,9 @@ def _subsets(cfg: Config) -> list[tuple[_Subset | None, int]]:
 
 def _keep_dir(cfg: Config, run: Path, subset: _Subset) -> Path:
     if subset == _main_subset(cfg):
-        return run / "keep"
+        return RunDir(run).keep
     name = subset.label.replace(":", "-") + (f"-seed{subset.seed}" if subset.seed != cfg.reduce.seed else "")
-    return run / BASELINE_DIR / name / "keep"
+    return RunDir.keep_in(RunDir(run).baseline(name))
 
 
 def _evaluate(cfg: Config, run: Path, progress: bool, log) -> None:
@@ -218,6 +217,7 @@ def _evaluate(cfg: Config, run: Path, progress: bool, log) -> None:
 
     e, key = cfg.evaluate, _evaluation_key(cfg, run)
     decoder = run_decoder(run)
+    assert e.test_shards is not None and decoder.classes is not None  # run() evaluates only with test shards
     saved = _load_evaluation(run)
     rows = saved["rows"] if saved.get("key") == key else []
     for subset, i in _subsets(cfg)[len(rows) :]:
@@ -225,7 +225,7 @@ def _evaluate(cfg: Config, run: Path, progress: bool, log) -> None:
         if subset is not None:
             keep_dir = _keep_dir(cfg, run, subset)
             if not _keep_matches(cfg, run, subset, keep_dir):
-                _reduce(cfg, run, subset, keep_dir, keep_dir.parent / "scores.zarr", progress, log)
+                _reduce(cfg, run, subset, keep_dir, RunDir.scores_in(keep_dir.parent), progress, log)
         name = "full" if subset is None else subset.label
         res = train_subset(
             cfg.shards,
@@ -305,7 +305,7 @@ def verdict(rows: list[dict], method: str, baseline: str = "random") -> str | No
 def _save_evaluation(run: Path, key: dict, rows: list[dict]) -> None:
     tmp = run / "evaluate.json.tmp"
     tmp.write_text(json.dumps({"key": key, "rows": rows}, indent=1))
-    tmp.replace(run / "evaluate.json")
+    tmp.replace(RunDir(run).evaluate)
 
 
 def format_table(result: PipelineResult) -> str:

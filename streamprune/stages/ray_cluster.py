@@ -26,7 +26,7 @@ def ensure_ray(address: str | None = None) -> None:
     ray.init(
         address=address or "local",
         include_dashboard=False,
-        logging_level="WARNING",
+        logging_level=logging.WARNING,
         configure_logging=True,
         log_to_driver=True,
         runtime_env={"worker_process_setup_hook": "streamprune.stages.ray_cluster.quiet_worker_logs"},

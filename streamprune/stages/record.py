@@ -25,7 +25,9 @@ import numpy as np
 import ray
 import torch
 
+from streamprune.errors import InputError, SettingsError
 from streamprune.formats.index import Index
+from streamprune.formats.rundir import RunDir
 from streamprune.formats.stats_store import LABEL, LABEL_MISSING, STATS, StatsStore, missing_stats
 from streamprune.scoring.stats import sample_stats
 from streamprune.settings import RecordSettings
@@ -193,10 +195,6 @@ class Progress:
         return self.state, self.epochs
 
 
-def _checkpoint_path(run: Path, epochs_done: int) -> Path:
-    return run / "checkpoints" / f"epoch-{epochs_done:04d}.pt"
-
-
 def _train_loop(cfg: dict) -> None:
     import ray.train
     import ray.train.torch
@@ -211,14 +209,14 @@ def _train_loop(cfg: dict) -> None:
     torch.set_num_threads(max(1, cfg["threads"]))
     distributed = dist.is_available() and dist.is_initialized()
     barrier = dist.barrier if distributed else (lambda: None)
-    idx = Index(run / "index")
-    start = StatsStore.open(run / "stats.zarr", mode="r").complete_epochs() if rc.record else cfg["start"]
+    idx = Index(RunDir(run).index)
+    start = StatsStore.open(RunDir(run).stats, mode="r").complete_epochs() if rc.record else cfg["start"]
     torch.manual_seed(rc.seed)
-    net = build_model(rc.model, rc.input_shape, rc.num_classes)
+    net = build_model(rc.model, tuple(rc.input_shape), rc.num_classes)
     decoder = SampleDecoder(None if rc.view is None else View(*rc.view), rc.label, cfg["classes"], rc.decode)
     opt_state = None
     if start > 0:
-        ckpt = torch.load(_checkpoint_path(run, start), map_location="cpu", weights_only=True)
+        ckpt = torch.load(RunDir(run).checkpoint(start), map_location="cpu", weights_only=True)
         net.load_state_dict(ckpt["model"])
         opt_state = ckpt["optimizer"]
     model = ray.train.torch.prepare_model(net)
@@ -241,7 +239,7 @@ def _train_loop(cfg: dict) -> None:
         mine = assign_shards(counts, healthy, world, rc.seed, epoch)[rank].tolist()
         loader = torch.utils.data.DataLoader(
             ShardStream(
-                str(run / "index"),
+                str(RunDir(run).index),
                 mine,
                 epoch,
                 rc.seed,
@@ -295,7 +293,7 @@ def _train_loop(cfg: dict) -> None:
         barrier()
         if rank == 0:
             missing = writers.flush() if rc.record else None
-            path = _checkpoint_path(run, epoch + 1)
+            path = RunDir(run).checkpoint(epoch + 1)
             path.parent.mkdir(exist_ok=True)
             state = {
                 "model": (model.module if isinstance(model, DistributedDataParallel) else model).state_dict(),
@@ -304,9 +302,9 @@ def _train_loop(cfg: dict) -> None:
             }
             torch.save(state, str(path) + ".tmp")
             os.replace(str(path) + ".tmp", path)
-            if rc.record:
+            if missing is not None:
                 writers.mark_done(epoch, missing)
-            stale = _checkpoint_path(run, epoch - 1)
+            stale = RunDir(run).checkpoint(epoch - 1)
             if stale.exists():
                 stale.unlink()
             ray.get(progress.epoch_done.remote(epoch, time.time() - t0))
@@ -354,7 +352,8 @@ def _inputs(
     head = list(itertools.islice(samples, PROBE_SAMPLES))  # the rest is streamed: memory stays small
     view = None if decode else probe_view(head, image_size)
     probe = SampleDecoder(view, spec, None, decode)
-    raw, shape = [], view.shape if view is not None else None
+    raw: list = []
+    shape: tuple[int, ...] | None = view.shape if view is not None else None
     for sample in itertools.chain(head, samples):
         try:
             if decode:
@@ -365,8 +364,8 @@ def _inputs(
                 raw.append(probe.raw_label(sample))
         except BadSample:
             continue
-    if not raw:
-        raise ValueError(f"no sample among the first of {str(idx.path)!r} has a usable label ({key})")
+    if not raw or shape is None:
+        raise InputError(f"no sample among the first of {str(idx.path)!r} has a usable label ({key})")
     if isinstance(classes, (str, os.PathLike)):
         classes = Classes.from_file(classes, key)
     named = any(isinstance(r, str) for r in raw)
@@ -380,7 +379,7 @@ def _inputs(
             classes = build_classes(run, label, decode=decode, address=address, progress=progress)
     if classes is not None and classes.names is not None:
         if num_classes is not None and num_classes != classes.num_classes:
-            raise ValueError(
+            raise SettingsError(
                 f"num_classes {num_classes} differs from the {classes.num_classes} class names of the run's class list"
             )
         return view, shape, classes, True
@@ -416,7 +415,7 @@ def record(
     epochs, label, decode, image_size = s.epochs, s.label, s.decode, s.image_size
     gpus_per_worker, workers, model = s.gpus_per_worker, s.workers, s.model
     run = Path(run).resolve()
-    idx = Index(run / "index")
+    idx = Index(RunDir(run).index)
     healthy = healthy_shards(idx).tolist()
     ensure_ray(address)
     resources = ray.cluster_resources()
@@ -452,7 +451,7 @@ def record(
         input_shape=list(shape),
         classes=run_classes.digest if named else None,
     )
-    store_path = run / "stats.zarr"
+    store_path = RunDir(run).stats
     kwargs = {} if chunk_rows is None else {"chunk_rows": chunk_rows}
     start = 0
     if record_stats:
@@ -460,7 +459,7 @@ def record(
         old = store.config
         changed = [k for k in _TRAINING_KEYS if k in old and old[k] != asdict(cfg)[k]]
         if changed:
-            raise ValueError(
+            raise SettingsError(
                 f"{str(store_path)!r} was recorded with other settings ({', '.join(changed)}: "
                 f"{[old[k] for k in changed]}); use the same ones to resume, or a new run directory"
             )
@@ -470,7 +469,7 @@ def record(
         writers = StoreWriters(store_path, n_writers=workers)
     else:
         writers = None
-    tracker = Progress.remote()
+    tracker = Progress.remote()  # type: ignore[attr-defined]
     summary = _fit(
         run,
         cfg,
@@ -499,7 +498,8 @@ def _describe(view: View | None, shape: tuple[int, ...], decode: str | None, cla
 def _user_error(exc: BaseException) -> BaseException:
     """The ValueError (bad input or settings: a user's error) a Ray Train failure wraps, so that it
     is reported as such (exit 2); the failure itself when it wraps none."""
-    stack, seen = [exc], set()
+    stack: list[BaseException | None] = [exc]
+    seen: set[int] = set()
     while stack:
         e = stack.pop()
         if e is None or id(e) in seen:
@@ -524,7 +524,7 @@ def _fit(
     from ray.train.torch import TorchTrainer
     from tqdm.auto import tqdm
 
-    per_worker = {"CPU": 1}
+    per_worker: dict[str, float] = {"CPU": 1}
     if cfg.gpus_per_worker:
         per_worker["GPU"] = cfg.gpus_per_worker
     trainer = TorchTrainer(
@@ -543,7 +543,9 @@ def _fit(
             num_workers=cfg.workers, use_gpu=bool(cfg.gpus_per_worker), resources_per_worker=per_worker
         ),
         run_config=RunConfig(
-            name="record", storage_path=str(run / "ray-train"), failure_config=FailureConfig(max_failures=max_failures)
+            name="record",
+            storage_path=str(RunDir(run).ray_train),
+            failure_config=FailureConfig(max_failures=max_failures),
         ),
     )
     error: list = []

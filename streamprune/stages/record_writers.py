@@ -27,10 +27,12 @@ class ChunkOwner:
         self.writer = ChunkWriter(self.store, self.chunks, epoch)
 
     def add(self, rows: np.ndarray, stats: dict[str, np.ndarray]) -> None:
+        assert self.writer is not None, "add before begin"
         self.writer.add(rows, stats)
 
     def finish(self) -> np.ndarray:
         """Flush the epoch; the owned rows that were never given."""
+        assert self.writer is not None, "finish before begin"
         missing = self.writer.flush()
         self.writer = None
         return missing
@@ -44,7 +46,7 @@ class StoreWriters:
         self.path = str(path)
         self.n_writers = max(1, min(n_writers, store.n_chunks))
         self.chunk_rows, self.n_chunks = store.chunk_rows, store.n_chunks
-        self.actors = [ChunkOwner.remote(self.path, w, self.n_writers) for w in range(self.n_writers)]
+        self.actors = [ChunkOwner.remote(self.path, w, self.n_writers) for w in range(self.n_writers)]  # type: ignore[attr-defined]
 
     def begin(self, epoch: int) -> None:
         ray.get([a.begin.remote(epoch) for a in self.actors])

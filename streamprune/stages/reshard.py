@@ -18,9 +18,12 @@ import numpy as np
 import ray
 from tqdm.auto import tqdm
 
+from streamprune.errors import DamagedRunError, InputError, SettingsError
 from streamprune.formats.atomic import output_lock
+from streamprune.formats.headers import RESHARD_FORMAT
 from streamprune.formats.index import Index
 from streamprune.formats.keeplist import KeepList
+from streamprune.formats.rundir import RunDir
 from streamprune.shards.reader import ReadStats, iter_ranges
 from streamprune.stages.ray_cluster import bounded_map, ensure_ray
 
@@ -62,23 +65,23 @@ def reshard(
     """Write `keep` (default `RUN/keep`) as shards `OUT/PREFIX-NNNNNN.tar` of `shard_size` samples
     (default: the input's mean shard size); returns their paths. Resumes an interrupted run."""
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", prefix):
-        raise ValueError(f"prefix {prefix!r}: use letters, digits, '.', '_' and '-' only (a file name, not a path)")
+        raise SettingsError(f"prefix {prefix!r}: use letters, digits, '.', '_' and '-' only (a file name, not a path)")
     run, out = Path(run), Path(out)
-    index = Index(run / "index")
-    keep = KeepList.load(run / "keep" if keep is None else keep) if not isinstance(keep, KeepList) else keep
+    index = Index(RunDir(run).index)
+    keep = KeepList.load(RunDir(run).keep if keep is None else keep) if not isinstance(keep, KeepList) else keep
     if keep.ranges is None:
-        raise ValueError("reshard needs a keep-list with byte ranges (one written by `streamprune reduce`)")
+        raise InputError("reshard needs a keep-list with byte ranges (one written by `streamprune reduce`)")
     if keep.fingerprint != index.fingerprint:
-        raise ValueError(
+        raise DamagedRunError(
             f"the keep-list was made for another index (fingerprint {keep.fingerprint}, "
             f"{str(index.path)!r} has {index.fingerprint})"
         )
     shard_size = shard_size or max(1, round(index.n_samples / max(1, index.n_shards)))
     if shard_size < 1:
-        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+        raise SettingsError(f"shard_size must be >= 1, got {shard_size}")
     n_out = -(-len(keep) // shard_size)
     plan = {
-        "format": "streamprune-reshard",
+        "format": RESHARD_FORMAT.name,
         "fingerprint": index.fingerprint,
         "keep_created": keep.manifest.get("created"),
         "method": keep.manifest.get("method"),
@@ -94,7 +97,7 @@ def reshard(
         if plan_path.exists():
             found = json.loads(plan_path.read_text())
             if {k: found.get(k) for k in plan} != plan:
-                raise ValueError(
+                raise SettingsError(
                     f"{str(out)!r} holds shards of another reshard ({found.get('method')}, "
                     f"k={found.get('k')}, shard size {found.get('shard_size')}): "
                     "choose an empty output directory"
@@ -125,6 +128,7 @@ def _parts(index: Index, keep: KeepList, j: int, shard_size: int) -> list[tuple[
     lo, hi = j * shard_size, min(len(keep), (j + 1) * shard_size)
     s0 = int(np.searchsorted(keep.offsets, lo, side="right")) - 1
     parts = []
+    assert keep.ranges is not None  # reshard() refuses a keep-list without ranges
     for s in range(s0, len(keep.names)):
         a, b = max(lo, int(keep.offsets[s])), min(hi, int(keep.offsets[s + 1]))
         if a >= hi:

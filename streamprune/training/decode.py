@@ -23,6 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from streamprune.errors import DamagedRunError, InputError, SettingsError
+from streamprune.formats.rundir import RunDir
 from streamprune.plugins import import_function
 from streamprune.shards.labels import BadSample, Classes, Label, LabelSpec, check_label
 
@@ -80,7 +82,7 @@ def open_image(
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            im = Image.open(io.BytesIO(data))
+            im: Image.Image = Image.open(io.BytesIO(data))
             if im.width * im.height > max_pixels:
                 raise BadSample(
                     f"{where}: image of {im.width}x{im.height} pixels is over the limit of "
@@ -228,12 +230,12 @@ def view_image(sample: dict, view: View | None, rng: np.random.Generator | None)
         im = open_image(sample[ext], where, view.max_pixels, view.channels, draft)
     if view.resized:
         box = resized_crop_box(im.width, im.height, rng)
-        im = im.resize(size, Image.BILINEAR, box=box, reducing_gap=None)
+        im = im.resize(size, Image.Resampling.BILINEAR, box=box, reducing_gap=None)
         if rng is not None and rng.random() < 0.5:
-            im = im.transpose(Image.FLIP_LEFT_RIGHT)
+            im = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         return _array(im)
     if im.size != size:
-        im = im.resize(size, Image.BILINEAR, box=_fit_box(im.width, im.height, view.width / view.height))
+        im = im.resize(size, Image.Resampling.BILINEAR, box=_fit_box(im.width, im.height, view.width / view.height))
     arr = _array(im)
     return augment(arr, rng) if rng is not None else arr
 
@@ -259,6 +261,7 @@ class SampleDecoder:
 
     def user_decode(self, sample: dict) -> tuple[object, Label]:
         if self._fn is None:
+            assert self.decode is not None  # called only with a decode function
             self._fn = import_function(self.decode, "decode")
         try:
             out = self._fn(sample)
@@ -293,7 +296,7 @@ class SampleDecoder:
         if self.classes is not None:
             return x, self.classes.index_of(label, _where(sample))
         if isinstance(label, str):
-            raise ValueError(f"{_where(sample)}: label {label!r} is a name and no class list was given")
+            raise InputError(f"{_where(sample)}: label {label!r} is a name and no class list was given")
         return x, label
 
 
@@ -302,7 +305,7 @@ def probe_view(samples: Iterable[dict], image_size: int | None, max_pixels: int 
     own size when the first PROBE_SAMPLES agree and are at most NATIVE_MAX, else DEFAULT_SIZE.
     Greyscale when they are all grey, else RGB."""
     if image_size is not None and image_size < 1:
-        raise ValueError(f"image size must be >= 1, not {image_size}")
+        raise SettingsError(f"image size must be >= 1, not {image_size}")
     sizes, grey, seen = set(), True, 0
     for sample in samples:
         try:
@@ -338,6 +341,8 @@ class ToTensors:
     Picklable, with its random generator made in the process that uses it (each DataLoader
     worker gets its own stream)."""
 
+    rng: np.random.Generator | None
+
     def __init__(
         self,
         seed: int = 0,
@@ -368,10 +373,10 @@ def run_decoder(run: str | os.PathLike) -> SampleDecoder:
     from streamprune.formats.stats_store import StatsStore
 
     run = Path(run)
-    rc = StatsStore.open(run / "stats.zarr", mode="r").config
+    rc = StatsStore.open(RunDir(run).stats, mode="r").config
     classes = Classes.load(run) if rc.get("classes") else None
     if classes is not None and classes.digest != rc["classes"]:
-        raise ValueError(f"{str(run / 'classes.json')!r} is not the class list {str(run)!r} was recorded with")
+        raise DamagedRunError(f"{str(RunDir(run).classes)!r} is not the class list {str(run)!r} was recorded with")
     classes = classes or Classes(rc.get("num_classes") or 1, label=rc.get("decode") or rc.get("label", "cls"))
     view = rc.get("view")
     return SampleDecoder(None if view is None else View(*view), rc.get("label", "cls"), classes, rc.get("decode"))

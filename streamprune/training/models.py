@@ -6,11 +6,12 @@ A model factory is called as `factory(num_classes=..., in_channels=..., image_si
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import nn
 
+from streamprune.errors import SettingsError
 from streamprune.plugins import import_function
 
 
@@ -82,7 +83,7 @@ def resolve_model(spec: str | Callable | None, image_size: int) -> Callable[...,
     if spec in MODELS:
         return MODELS[spec]
     if ":" not in spec:
-        raise ValueError(f"model {spec!r}: expected one of {sorted(MODELS)} or 'package.module:factory'")
+        raise SettingsError(f"model {spec!r}: expected one of {sorted(MODELS)} or 'package.module:factory'")
     return import_function(spec, "model")
 
 
@@ -95,11 +96,15 @@ def build_model(spec: str | Callable | None, input_shape: tuple[int, ...], num_c
     shape = tuple(int(d) for d in input_shape)
     image_size = max(shape[1:], default=1)
     if spec is None and len(shape) != 3:
-        raise ValueError(f"inputs of shape {shape} are not images: name a model factory for them")
+        raise SettingsError(f"inputs of shape {shape} are not images: name a model factory for them")
     factory = resolve_model(spec, image_size)
-    kwargs = {"num_classes": num_classes, "in_channels": shape[0] if shape else 1, "image_size": image_size}
+    kwargs: dict[str, int | tuple[int, ...]] = {
+        "num_classes": num_classes,
+        "in_channels": shape[0] if shape else 1,
+        "image_size": image_size,
+    }
     try:
-        params = inspect.signature(factory).parameters
+        params: Mapping[str, inspect.Parameter] = inspect.signature(factory).parameters
     except (TypeError, ValueError):
         params = {}
     if "input_shape" in params or any(p.kind is p.VAR_KEYWORD for p in params.values()):

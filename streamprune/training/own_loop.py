@@ -34,12 +34,15 @@ import shutil
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
+import zarr
 
+from streamprune.errors import DamagedRunError, InputError, SettingsError
 from streamprune.formats.index import Index
+from streamprune.formats.rundir import RunDir
 from streamprune.formats.stats_store import LABEL, STATS, OwnershipError, StatsStore, owner_of
 from streamprune.shards.labels import BadSample
 from streamprune.training.samples import (
@@ -51,7 +54,6 @@ from streamprune.training.samples import (
     shuffled,
 )
 
-SPOOL = ".stats-spool"  # in RUN: part files of the epoch in progress, removed when it completes
 DEFAULT_SPOOL_ROWS = 65536
 SOURCE = "own-loop"  # the store's config["recorder"] for runs recorded by a StatsLogger
 
@@ -68,7 +70,7 @@ def _rank_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
         r, w = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     rank, world_size = (r if rank is None else rank), (w if world_size is None else world_size)
     if world_size < 1 or not 0 <= rank < world_size:
-        raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+        raise SettingsError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
     return rank, world_size
 
 
@@ -110,9 +112,9 @@ class IndexedShards(torch.utils.data.IterableDataset):
         on_bad_sample: str = "skip",
     ):
         if on_bad_sample not in ("skip", "error"):
-            raise ValueError(f"on_bad_sample must be 'skip' or 'error', not {on_bad_sample!r}")
+            raise SettingsError(f"on_bad_sample must be 'skip' or 'error', not {on_bad_sample!r}")
         self.run = Path(run).resolve()
-        idx = Index(self.run / "index")
+        idx = Index(RunDir(self.run).index)
         self.healthy = healthy_shards(idx)
         self.counts = np.diff(idx.shard_offset)[self.healthy]
         self.rank, self.world_size = _rank_world(rank, world_size)
@@ -139,7 +141,7 @@ class IndexedShards(torch.utils.data.IterableDataset):
     def __iter__(self) -> Iterator[tuple[Any, int, int]]:
         info = torch.utils.data.get_worker_info()
         wid, n_workers = (0, 1) if info is None else (info.id, info.num_workers)
-        idx = Index(self.run / "index")
+        idx = Index(RunDir(self.run).index)
         rng = np.random.default_rng([self.seed, self.epoch, 1 << 20, self.rank, wid])
         mine = self.shards[wid::n_workers]
         yield from shuffled((item for shard in mine for item in self._samples(idx, shard)), self.shuffle_buffer, rng)
@@ -167,20 +169,20 @@ class _Ranks:
             self.dist: Any = dist
             self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
             if rank not in (None, self.rank) or world_size not in (None, self.world_size):
-                raise ValueError(
+                raise SettingsError(
                     f"rank={rank}, world_size={world_size} disagree with torch.distributed's "
                     f"{self.rank} of {self.world_size}"
                 )
         else:
             env = int(os.environ.get("WORLD_SIZE", 1))
             if env > 1 and world_size is None:  # under torchrun, each process alone would write every chunk
-                raise ValueError(
+                raise SettingsError(
                     f"WORLD_SIZE={env} but torch.distributed is not initialised: call "
                     f"init_process_group before making the StatsLogger"
                 )
             self.dist, self.rank, self.world_size = None, rank or 0, world_size or 1
             if self.world_size != 1 or self.rank != 0:
-                raise ValueError(
+                raise SettingsError(
                     f"rank {self.rank} of {self.world_size}: several ranks need torch.distributed "
                     f"initialised (init_process_group) before the StatsLogger is made"
                 )
@@ -201,9 +203,8 @@ class _Ranks:
         if failed:
             r, (kind, message) = failed[0]
             cls = {
-                "OwnershipError": OwnershipError,
-                "ValueError": ValueError,
-                "FileNotFoundError": FileNotFoundError,
+                c.__name__: c
+                for c in (OwnershipError, SettingsError, InputError, DamagedRunError, ValueError, FileNotFoundError)
             }.get(kind, RuntimeError)
             raise cls(f"rank {r}: {message}")
         return [p for p, _ in out]
@@ -259,9 +260,9 @@ class StatsLogger:
         self.run = Path(run).resolve()
         self.ranks = _Ranks(rank, world_size)
         self.rank, self.world_size = self.ranks.rank, self.ranks.world_size
-        self.index = Index(self.run / "index")
+        self.index = Index(RunDir(self.run).index)
         self.spool_rows = max(1, spool_rows)
-        path = self.run / "stats.zarr"
+        path = RunDir(self.run).stats
         cfg = {"recorder": SOURCE, "epochs": epochs, **json.loads(json.dumps(config or {}))}
         store, error = None, None
         if self.rank == 0:
@@ -272,7 +273,7 @@ class StatsLogger:
                 old = store.config
                 changed = [k for k in cfg if k in old and old[k] != cfg[k]]
                 if changed:
-                    raise ValueError(
+                    raise SettingsError(
                         f"{str(path)!r} was recorded with other settings "
                         f"({', '.join(f'{k}: {old[k]!r}, not {cfg[k]!r}' for k in changed)}); "
                         f"use the same ones to resume, or a new run directory"
@@ -294,7 +295,7 @@ class StatsLogger:
         return self.store.complete_epochs()
 
     def _spool(self, epoch: int) -> Path:
-        return self.run / SPOOL / f"epoch-{epoch:04d}"
+        return RunDir(self.run).stats_spool / f"epoch-{epoch:04d}"
 
     def _part(self, epoch: int, rank: int, owner: int, k: int) -> Path:
         return self._spool(epoch) / f"r{rank:05d}-o{owner:05d}-{k:06d}.npz"
@@ -308,12 +309,12 @@ class StatsLogger:
         if self._epoch is not None:
             raise RuntimeError(f"epoch {self._epoch} is still open: call end_epoch() first")
         if not 0 <= epoch < self.epochs:
-            raise ValueError(f"epoch {epoch} outside the store's {self.epochs} epochs")
+            raise SettingsError(f"epoch {epoch} outside the store's {self.epochs} epochs")
         error = None
         if self.rank == 0:
             try:
                 if self.store.done()[epoch].any():
-                    self.store.group["done"][epoch, :] = np.zeros(self.store.n_shards, np.uint8)
+                    cast(zarr.Array, self.store.group["done"])[epoch, :] = np.zeros(self.store.n_shards, np.uint8)
                 shutil.rmtree(self._spool(epoch), ignore_errors=True)
                 self._spool(epoch).mkdir(parents=True)
             except OSError as exc:
@@ -333,7 +334,7 @@ class StatsLogger:
             raise RuntimeError("call begin_epoch(epoch) before log()")
         rows, y = _as_numpy(rows, np.int64).reshape(-1), _as_numpy(labels, np.int64).reshape(-1)
         if logits.ndim != 2 or not len(rows) == len(y) == logits.shape[0]:
-            raise ValueError(
+            raise SettingsError(
                 f"rows {rows.shape}, logits {tuple(logits.shape)} and labels {y.shape} must be (B,), (B, C) and (B,)"
             )
         if not len(rows):
@@ -341,11 +342,11 @@ class StatsLogger:
         n, c = self.store.n_samples, logits.shape[1]
         out = (rows < 0) | (rows >= n)
         if out.any():
-            raise ValueError(f"row {int(rows[out][0])} is outside the index's {n} rows")
+            raise InputError(f"row {int(rows[out][0])} is outside the index's {n} rows")
         wrong = (y < 0) | (y >= c)
         if wrong.any():
             i = int(np.flatnonzero(wrong)[0])
-            raise ValueError(f"row {int(rows[i])}: label {int(y[i])} is outside [0, {c}) (the logits' classes)")
+            raise InputError(f"row {int(rows[i])}: label {int(y[i])} is outside [0, {c}) (the logits' classes)")
         stats = sample_stats(logits, labels if isinstance(labels, torch.Tensor) else y)
         stats[LABEL] = y.astype(np.int32)
         self._buf.append((rows, stats))
@@ -367,8 +368,9 @@ class StatsLogger:
             k = self._parts.get(w, 0)
             path = self._part(epoch, self.rank, w, k)
             tmp = path.with_name(path.name + ".tmp")
+            arrays: dict[str, Any] = {n: v[part] for n, v in stats.items()}  # Any: mypy checks ** against allow_pickle
             with open(tmp, "wb") as f:
-                np.savez(f, rows=rows[part], **{n: v[part] for n, v in stats.items()})
+                np.savez(f, rows=rows[part], **arrays)
             os.replace(tmp, path)
             self._parts[w] = k + 1
 
@@ -383,7 +385,7 @@ class StatsLogger:
         if self._epoch is None:
             raise RuntimeError("end_epoch() without begin_epoch()")
         epoch, self._epoch = self._epoch, None
-        error = None
+        error: Exception | None = None
         try:
             self._spill(epoch)
         except OSError as exc:
@@ -471,6 +473,6 @@ def index_in_process(
     ident = parse_identity(identity)
     run = Path(run)
     run.mkdir(parents=True, exist_ok=True)
-    with output_lock(run / "index"):
+    with output_lock(RunDir(run).index):
         scans = [scan_shard(u, n, ident) for u, n in zip(urls, names)]
-        return write_index(run / "index", scans, root_path, "shard-key" if ident is None else ident.spec)
+        return write_index(RunDir(run).index, scans, root_path, "shard-key" if ident is None else ident.spec)

@@ -10,15 +10,14 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterable, Iterator
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from streamprune.errors import ChangedShardError, InputError
 from streamprune.formats.index import Index
+from streamprune.formats.rundir import RunDir
 from streamprune.shards.reader import ReadStats, read_keys
-
-BAD_SAMPLES = "bad-samples.jsonl"  # in RUN: one line per skipped sample and epoch
 
 
 def assign_shards(counts: np.ndarray, shard_ids: np.ndarray, n_workers: int, seed: int, epoch: int) -> list[np.ndarray]:
@@ -36,7 +35,7 @@ def healthy_shards(idx: Index) -> np.ndarray:
     """The index's shards with samples, as an int64 array; a ValueError when there are none."""
     healthy = np.array([s for s, info in enumerate(idx.shards) if info["status"] == "ok"], dtype=np.int64)
     if not len(healthy):
-        raise ValueError(f"the index at {str(idx.path)!r} has no readable, non-empty shard")
+        raise InputError(f"the index at {str(idx.path)!r} has no readable, non-empty shard")
     return healthy
 
 
@@ -47,13 +46,13 @@ def indexed_samples(idx: Index, shard: int) -> Iterator[tuple[dict, int]]:
     pos = -1
     for pos, (key, data, _) in enumerate(read_keys(url, name, None, ReadStats())):
         if pos >= len(keys) or key != keys[pos]:
-            raise ValueError(
+            raise ChangedShardError(
                 f"shard {name!r} changed since it was indexed: sample {pos} is {key!r}, the index "
                 f"has {keys[pos] if pos < len(keys) else None!r}; index it again"
             )
         yield {"__key__": key, "__url__": url, **data}, first + pos
     if pos + 1 != len(keys):
-        raise ValueError(f"shard {name!r} has {pos + 1} samples, the index {len(keys)}; index it again")
+        raise ChangedShardError(f"shard {name!r} has {pos + 1} samples, the index {len(keys)}; index it again")
 
 
 def shuffled(items: Iterable[Any], buffer: int, rng: np.random.Generator) -> Iterator[Any]:
@@ -72,13 +71,13 @@ def shuffled(items: Iterable[Any], buffer: int, rng: np.random.Generator) -> Ite
 
 def log_bad_sample(run: str | os.PathLike, shard: str, key: str, row: int, epoch: int, reason: str) -> None:
     """Append a skipped sample to `RUN/bad-samples.jsonl` (one short line, one write)."""
-    with open(Path(run) / BAD_SAMPLES, "a") as f:
+    with open(RunDir(run).bad_samples, "a") as f:
         f.write(json.dumps({"shard": shard, "key": key, "row": row, "epoch": epoch, "reason": reason}) + "\n")
 
 
 def bad_samples(run: str | os.PathLike) -> dict[int, dict]:
     """Samples skipped as undecodable in any epoch of `run`, by row."""
-    path = Path(run) / BAD_SAMPLES
+    path = RunDir(run).bad_samples
     if not path.exists():
         return {}
     with open(path) as f:
