@@ -366,7 +366,7 @@ def markdown(r: dict) -> str:
         f"lr 0.1; {rule}. {r['seeds']} seeds: seed s draws the keep-list and initialises the model. "
         f"DUAL window min(10, T), DUAL+Beta defaults (C=15; c_d=4 over all samples, 8 with class balance; "
         f"`@c_d=4` overrides). `+classes`: class-balanced quotas (`--balance classes`); plain names: "
-        f"SCORING.md's samplers over all samples.",
+        f"docs/scoring.md's samplers over all samples.",
         "",
         f"Full data: accuracy {full.mean():.4f} +- {full.std(ddof=1) if len(full) > 1 else 0:.4f}.",
         "",

@@ -1,0 +1,101 @@
+"""The package's layout as a contract: public names resolve, module-level imports form no cycle,
+and the pure layers (errors, formats' headers, the math) import neither Ray nor Zarr."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import streamprune
+
+PACKAGE = Path(streamprune.__file__).parent
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _top_level_imports(path: Path) -> set[str]:
+    """streamprune modules imported when `path` is imported (not those inside functions)."""
+    out: set[str] = set()
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            out.add(node.module)
+            out |= {f"{node.module}.{a.name}" for a in node.names}
+    return {m for m in out if m.startswith("streamprune.")}
+
+
+def _graph() -> dict[str, set[str]]:
+    modules = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
+    return {name: _top_level_imports(path) & modules.keys() - {name} for name, path in modules.items()}
+
+
+def test_module_level_imports_form_no_cycle():
+    graph, state, cycles = _graph(), {}, []
+
+    def visit(m: str, stack: list[str]) -> None:
+        state[m] = "open"
+        for dep in sorted(graph[m]):
+            if state.get(dep) == "open":
+                cycles.append(stack[stack.index(dep) :] + [dep])
+            elif dep not in state:
+                visit(dep, [*stack, dep])
+        state[m] = "done"
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m, [m])
+    assert len(graph) > 40 and not cycles, cycles
+
+
+def test_pure_layers_do_not_import_ray_or_zarr():
+    pure = [
+        "streamprune.errors",
+        "streamprune.settings",
+        "streamprune.formats.headers",
+        "streamprune.formats.rundir",
+        "streamprune.scoring.scores",
+        "streamprune.scoring.sampling",
+        "streamprune.scoring.selection",
+        "streamprune.scoring.methods",
+    ]
+    code = (
+        f"import sys; import {', '.join(pure)}; "
+        "bad = [m for m in ('ray', 'zarr', 'torch', 'webdataset') if m in sys.modules]; "
+        "sys.exit(f'imported {bad}' if bad else 0)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+
+
+def test_every_public_name_resolves_and_old_paths_keep_working():
+    for name in streamprune.__all__:
+        assert getattr(streamprune, name) is not None, name
+    from streamprune import (
+        KeepList,
+        PrunedWebDataset,
+        StreamPruneError,
+        index,
+        record,
+        reduce,
+        reshard,
+        sampling,
+        scores,
+    )
+
+    assert KeepList.__module__ == "streamprune.formats.keeplist"
+    assert PrunedWebDataset.__module__ == "streamprune.loader"
+    assert [f.__module__ for f in (index, record, reduce, reshard)] == [
+        "streamprune.stages.index",
+        "streamprune.stages.record",
+        "streamprune.stages.reduce",
+        "streamprune.stages.reshard",
+    ]
+    assert callable(scores.dual) and callable(sampling.beta_weights)
+    assert issubclass(streamprune.ChangedShardError, StreamPruneError)
+    assert issubclass(streamprune.NewerFormatError, streamprune.DamagedRunError)
