@@ -25,7 +25,7 @@ import numpy as np
 import ray
 import torch
 
-from streamprune.errors import InputError, SettingsError
+from streamprune.errors import InputError, SettingsError, StreamPruneError
 from streamprune.formats.index import Index
 from streamprune.formats.rundir import RunDir
 from streamprune.formats.stats_store import LABEL, LABEL_MISSING, STATS, StatsStore, missing_stats
@@ -496,8 +496,8 @@ def _describe(view: View | None, shape: tuple[int, ...], decode: str | None, cla
 
 
 def _user_error(exc: BaseException) -> BaseException:
-    """The ValueError (bad input or settings: a user's error) a Ray Train failure wraps, so that it
-    is reported as such (exit 2); the failure itself when it wraps none."""
+    """The `StreamPruneError` (bad input or settings: a user's error) a Ray Train failure wraps, so
+    that it is reported as such (exit 2); the failure itself when it wraps none."""
     stack: list[BaseException | None] = [exc]
     seen: set[int] = set()
     while stack:
@@ -505,7 +505,7 @@ def _user_error(exc: BaseException) -> BaseException:
         if e is None or id(e) in seen:
             continue
         seen.add(id(e))
-        if isinstance(e, ValueError):
+        if isinstance(e, StreamPruneError):
             return e
         stack += [
             e.__cause__,
