@@ -111,6 +111,12 @@ def test_run_resumes_after_a_kill_then_report_and_inspect(ray_session, tmp_path,
     assert "record: already complete, skipped" in changed and "reduce: already complete" not in changed
     params = json.loads((run / "keep" / "manifest.json").read_text())["params"]
     assert params["c_d"] == 2.0 and params["beta"] == pytest.approx(15 * (1 - params["anchor"]) * (1 - 0.5**2))
+
+    settings["record"]["lr"] = 0.05  # a training setting changed: refused, not silently reused
+    cfg.write_text(yaml.safe_dump(settings))
+    assert main(["run", str(cfg), "--quiet"]) == 2
+    assert "was recorded with other settings (lr: [" in capsys.readouterr().err
+    assert StatsStore.open(run / "stats.zarr", mode="r").complete_epochs() == 4
     _render_if_possible(report / "index.html", tmp_path / "page.png")
 
 

@@ -94,13 +94,16 @@ def _index(cfg: Config, run: Path, progress: bool, log) -> None:
 
 
 def _record_done(cfg: Config, run: Path) -> bool:
+    """Whether the store is complete with these settings (changed ones go to `record`, which refuses them)."""
     from streamprune.formats.stats_store import StatsStore
+    from streamprune.stages.record import changed_settings
 
     try:
         store = StatsStore.open(RunDir(run).stats, mode="r")
     except (FileNotFoundError, ValueError):
         return False
-    return store.epochs == cfg.record.epochs and store.complete_epochs() == cfg.record.epochs
+    complete = store.epochs == cfg.record.epochs and store.complete_epochs() == cfg.record.epochs
+    return complete and not changed_settings(store.config, cfg.record)
 
 
 def _record(cfg: Config, run: Path, progress: bool, log) -> None:

@@ -64,6 +64,14 @@ _TRAINING_KEYS = (
     "view",
     "classes",
 )
+# RecordSettings fields the store's recipe keeps as given (the others are resolved, or only say how to run)
+_STORED_AS_GIVEN = ("epochs", "schedule_epochs", "batch_size", "lr", "seed", "model", "label", "decode", "image_size")
+
+
+def changed_settings(recipe: dict, settings: RecordSettings) -> list[str]:
+    """The settings whose value differs from a store's recorded recipe (`StatsStore.config`)."""
+    given = settings.to_dict()
+    return [k for k in _STORED_AS_GIVEN if k in recipe and recipe[k] != given[k]]
 
 
 @dataclass
