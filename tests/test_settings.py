@@ -101,3 +101,23 @@ def test_settings_are_frozen_checked_and_share_their_defaults():
     args = build_parser().parse_args(["reduce", "run", "--ratio", "0.5"])
     assert (args.method, args.C, args.cut, args.scores) == (s.method, s.C, s.cut, s.scores)
     assert Config(shards="x").reduce == ReduceSettings()
+
+
+def test_run_indexes_again_when_the_index_settings_change(make_index, uneven_shards, tmp_path):
+    import dataclasses
+    import os
+
+    from streamprune.config import Config
+    from streamprune.settings import IndexSettings
+    from streamprune.stages.pipeline import _index_done
+
+    paths, _ = uneven_shards
+    run = tmp_path / "run"
+    cfg = Config(shards=paths, out=str(run))
+    assert not _index_done(cfg, run)  # nothing indexed yet
+    make_index(paths, run)
+    assert _index_done(cfg, run)
+    parent = os.path.dirname(os.path.dirname(paths[0]))
+    assert not _index_done(dataclasses.replace(cfg, index=IndexSettings(root=parent)), run)
+    assert not _index_done(dataclasses.replace(cfg, index=IndexSettings(identity="json:uid")), run)
+    assert not _index_done(dataclasses.replace(cfg, shards=paths[:-1]), run)

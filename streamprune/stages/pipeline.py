@@ -20,6 +20,7 @@ from streamprune.formats.rundir import RunDir
 from streamprune.scoring.sampling import resolve_balance, resolve_c_d
 from streamprune.scoring.scores import resolve_window
 from streamprune.settings import ReduceSettings
+from streamprune.shards.identity import shard_names
 from streamprune.shards.urls import absolute, expand_urls
 from streamprune.stages.summaries import index_summary, record_line, reduce_line
 
@@ -82,9 +83,12 @@ def _index_done(cfg: Config, run: Path) -> bool:
         idx = Index(RunDir(run).index)
     except FileNotFoundError:
         return False
-    return [s["url"] for s in idx.shards] == [absolute(u) for u in expand_urls(cfg.shards)] and idx.manifest[
-        "identity"
-    ] == cfg.index.identity
+    urls = [absolute(u) for u in expand_urls(cfg.shards)]
+    return (
+        [s["url"] for s in idx.shards] == urls
+        and idx.manifest["identity"] == cfg.index.identity
+        and idx.root == shard_names(urls, cfg.index.root)[1]
+    )
 
 
 def _index(cfg: Config, run: Path, progress: bool, log) -> None:
