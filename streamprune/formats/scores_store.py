@@ -12,8 +12,16 @@ import numpy as np
 import zarr
 
 from streamprune.formats.atomic import named_os_error
-from streamprune.formats.headers import LABEL_MISSING, NO_GROUP, SCORES_FORMAT, STAT_MISSING, check_format, header
-from streamprune.formats.stats_store import LABEL, AccessMode, zarr_array
+from streamprune.formats.headers import (
+    LABEL,
+    LABEL_MISSING,
+    NO_GROUP,
+    SCORES_FORMAT,
+    STAT_MISSING,
+    check_format,
+    header,
+)
+from streamprune.formats.stats_store import AccessMode, chunk_file, zarr_array
 from streamprune.scoring.scores import SCORES
 
 # name -> (dtype, fill value): the scores, the identities and label copied from the stats store,
@@ -87,7 +95,7 @@ class ScoresStore:
 
     def chunk_path(self, name: str, chunk: int) -> Path:
         """The file of chunk `chunk` of array `name`."""
-        return self.path / name / "c" / str(chunk)
+        return chunk_file(self.path, name, chunk)
 
     def read(self, name: str, rows: slice = slice(None)) -> np.ndarray:
         """Rows `rows` of array `name`."""

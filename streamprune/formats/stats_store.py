@@ -49,6 +49,11 @@ def zarr_array(group: zarr.Group, name: str) -> zarr.Array:
     return cast(zarr.Array, group[name])
 
 
+def chunk_file(store: Path, name: str, *coords: int) -> Path:
+    """The file of the chunk at grid position `coords` of array `name` (Zarr v3's `c/` key layout)."""
+    return store.joinpath(name, "c", *map(str, coords))
+
+
 def _raw_meta_problem(array_dir: Path, name: str, exc: Exception) -> str:
     """Why zarr could not open array `name`: its zarr.json's data type or shape where readable."""
     try:
@@ -244,7 +249,7 @@ class StatsStore:
 
     def chunk_path(self, name: str, chunk: int, epoch: int | None = None) -> Path:
         """The file of chunk `chunk` (and `epoch`, for `(N, T)` arrays) of array `name`."""
-        return self.path / name / "c" / str(chunk) / ("" if epoch is None else str(epoch))
+        return chunk_file(self.path, name, chunk, *(() if epoch is None else (epoch,)))
 
     def _chunk_label(self, name: str, chunk: int, epoch: int | None = None) -> str:
         r0, r1 = self.chunk_rows_range(chunk)
@@ -435,7 +440,7 @@ class StatsStore:
         try:
             done[epoch, :] = row
         except OSError as exc:
-            raise named_os_error(exc, self.path / "done" / "c" / str(epoch) / "0") from None
+            raise named_os_error(exc, chunk_file(self.path, "done", epoch, 0)) from None
 
     def done(self) -> np.ndarray:
         """Completion markers, `(T, S)` bool."""

@@ -181,7 +181,7 @@ def _check_index(rep: _Report, path: Path):
 def _check_stats(rep: _Report, path: Path, index):
     import zarr
 
-    from streamprune.formats.stats_store import LABEL, STATS, StatsStore
+    from streamprune.formats.stats_store import LABEL, STATS, StatsStore, chunk_file
 
     try:
         group = zarr.open_group(str(path), mode="r", zarr_format=3)
@@ -217,7 +217,7 @@ def _check_stats(rep: _Report, path: Path, index):
             row = np.asarray(raw[t, :])
             if ((row != 0) & (row != 1)).any():
                 rep.add(
-                    path / "done" / "c" / str(t) / "0",
+                    chunk_file(path, "done", t, 0),
                     f"completion markers of epoch {t} hold values other than 0 and 1",
                 )
         try:

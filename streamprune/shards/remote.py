@@ -23,7 +23,6 @@ from urllib.parse import urlsplit
 from streamprune.errors import ChangedShardError, SettingsError
 
 RETRIES = 5  # tries per request, the first included
-
 BACKOFF = 0.1  # seconds before the second try, doubled for each further one (with jitter)
 TIMEOUT = 60.0  # seconds without progress on a connection
 IN_FLIGHT = 32  # range requests in flight per shard, at most ...

@@ -34,16 +34,15 @@ import shutil
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 import torch
-import zarr
 
 from streamprune.errors import DamagedRunError, InputError, SettingsError
 from streamprune.formats.index import Index
 from streamprune.formats.rundir import RunDir
-from streamprune.formats.stats_store import LABEL, STATS, OwnershipError, StatsStore, owner_of
+from streamprune.formats.stats_store import LABEL, STATS, OwnershipError, StatsStore, owner_of, zarr_array
 from streamprune.shards.labels import BadSample
 from streamprune.training.samples import (
     assign_shards,
@@ -314,7 +313,7 @@ class StatsLogger:
         if self.rank == 0:
             try:
                 if self.store.done()[epoch].any():
-                    cast(zarr.Array, self.store.group["done"])[epoch, :] = np.zeros(self.store.n_shards, np.uint8)
+                    zarr_array(self.store.group, "done")[epoch, :] = np.zeros(self.store.n_shards, np.uint8)
                 shutil.rmtree(self._spool(epoch), ignore_errors=True)
                 self._spool(epoch).mkdir(parents=True)
             except OSError as exc:
