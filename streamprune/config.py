@@ -9,10 +9,13 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import yaml
 
 from streamprune.errors import SettingsError
 from streamprune.settings import (
@@ -44,6 +47,29 @@ class ConfigError(SettingsError):
     """A config file that cannot be used; names the file and the field."""
 
 
+class _YamlLoader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2's exponent floats (`1e-3`, `1E5`: YAML 1.1 reads them
+    as strings) and no key given twice in one mapping (YAML 1.1 keeps the last, silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key, line = self.construct_object(key_node), key_node.start_mark.line + 1
+            if key in seen:
+                raise ConfigError(f"{key!r} is given twice (lines {seen[key]} and {line}); keep one")
+            seen[key] = line
+        return super().construct_mapping(node, deep)
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
 def load_config(path: str | os.PathLike) -> Config:
     """Read and check a YAML (`.yaml`, `.yml`) or TOML (`.toml`) config file."""
     path = Path(path)
@@ -56,9 +82,9 @@ def load_config(path: str | os.PathLike) -> Config:
 
             data = tomllib.loads(text)
         else:
-            import yaml
-
-            data = yaml.safe_load(text)
+            data = yaml.load(text, Loader=_YamlLoader)
+    except ConfigError as exc:
+        raise ConfigError(f"config {str(path)!r}: {exc}") from None
     except Exception as exc:
         raise ConfigError(f"config {str(path)!r}: cannot parse: {exc}") from None
     if not isinstance(data, dict):

@@ -143,20 +143,21 @@ class _ReadKept:
             raws = read_keys(url, url, None, self.stats, source)
             weights = None
         else:
-            cut = self.keep.shard_slice(name)
-            first, stop = item.get("__slice__", (0, cut.stop - cut.start))
-            cut = slice(cut.start + first, cut.start + stop)
-            keys = self.keep.shard_keys(name)[first:stop]
+            keys = self.keep.shard_keys(name)
+            first, stop = item.get("__slice__", (0, len(keys)))
+            keys = keys[first:stop]
             weights = None
             if self.weights:
-                assert self.keep.weights is not None  # __init__ refuses weights=True without them
-                weights = dict(zip(keys, np.asarray(self.keep.weights[cut]).tolist()))
-            if self.keep.ranges is None or self.allow_mismatch:
+                shard_weights = self.keep.shard_weights(name)
+                assert shard_weights is not None  # __init__ refuses weights=True without them
+                weights = dict(zip(keys, shard_weights[first:stop].tolist()))
+            ranges = self.keep.shard_ranges(name)
+            if ranges is None or self.allow_mismatch:
                 raws = read_keys(url, name, set(keys), self.stats, source)
             else:
                 sizes = self.keep.shard_bytes
                 size = None if sizes is None else int(sizes[self.keep.shard_index(name)])
-                raws = read_ranges(url, name, np.asarray(self.keep.ranges[cut]), keys, self.stats, size, source)
+                raws = read_ranges(url, name, ranges[first:stop], keys, self.stats, size, source)
         for key, data, names in raws:
             sample = _sample(url, local, key, data, names, self.select_files, self.rename_files)
             if sample is not None:

@@ -112,3 +112,48 @@ def test_class_list_round_trip(tmp_path):
     path.write_text("{")
     with pytest.raises(DamagedRunError, match="classes.json' is damaged"):
         Classes.load(tmp_path)
+
+
+CLASS_DOC_FIELDS = {  # an edited field of a valid classes.json -> the field the error names
+    "names as one string": ({"names": "abc"}, "names"),
+    "names not strings": ({"names": [1, 2, 3]}, "names"),
+    "names repeated": ({"names": ["a", "a", "b"]}, "names"),
+    "an empty name": ({"names": ["a", "", "b"]}, "names"),
+    "names fewer than classes": ({"names": ["a", "b"]}, "names"),
+    "counts as a string": ({"counts": "123"}, "counts"),
+    "a negative count": ({"counts": [1, -1, 2]}, "counts"),
+    "a fractional count": ({"counts": [1.5, 2, 3]}, "counts"),
+    "a boolean count": ({"counts": [True, 1, 2]}, "counts"),
+    "counts fewer than classes": ({"counts": [1, 2]}, "counts"),
+    "num_classes a string": ({"num_classes": "3"}, "num_classes"),
+    "num_classes a float": ({"num_classes": 3.0}, "num_classes"),
+    "num_classes a boolean": ({"num_classes": True}, "num_classes"),
+    "num_classes zero": ({"num_classes": 0, "names": None, "counts": None}, "num_classes"),
+    "num_classes missing": ({"num_classes": None}, "num_classes"),
+    "label not a string": ({"label": 5}, "label"),
+}
+
+
+@pytest.mark.parametrize("case", list(CLASS_DOC_FIELDS))
+def test_a_class_list_with_a_field_of_the_wrong_type_is_refused_naming_file_and_field(tmp_path, case):
+    from streamprune.errors import InputError
+
+    path = Classes(3, ("a", "b", "c"), counts=(5, 0, 2)).save(tmp_path)
+    edit, field = CLASS_DOC_FIELDS[case]
+    doc = {k: v for k, v in {**json.loads(path.read_text()), **edit}.items() if v is not None or k != "num_classes"}
+    path.write_text(json.dumps(doc))
+    where = f"{str(path)!r}: {field}"
+    with pytest.raises(DamagedRunError, match=f"^class list {where}: must be ") as info:
+        Classes.load(tmp_path)
+    assert not isinstance(info.value, InputError)
+    with pytest.raises(InputError, match=f"^class list {where}: must be "):  # the user's own file
+        Classes.from_file(path)
+
+
+def test_a_user_class_list_without_names_is_refused_naming_the_file(tmp_path):
+    from streamprune.errors import InputError
+
+    for name, text in (("c.json", "[]"), ("c.txt", "\n  \n")):
+        (tmp_path / name).write_text(text)
+        with pytest.raises(InputError, match=f"class list {str(tmp_path / name)!r}: names no class"):
+            Classes.from_file(tmp_path / name)

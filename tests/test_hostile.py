@@ -676,3 +676,285 @@ def test_fuzz_mutated_shards_give_webdatasets_samples_or_a_clear_error(tmp_path,
     print(f"fuzz: {CASES} cases in {elapsed:.1f} s, {ok} read like webdataset, {CASES - ok} clear errors; {tally}")
     assert ok >= 30 and CASES - ok >= 60  # both outcomes are exercised
     assert len({op for op, _ in tally}) == 12
+
+
+# ---- 5. fuzz: real keep-lists edited at random ----------------------------------------------------
+
+_JSON_VALUES = [None, True, -1, 0, 1, 1.5, 2**63, 10**30, -(10**30), "abc", "", [], {}, [1], float("nan")]
+_ARRAY_VALUES = [-1, 0, 1, 2**31, 2**62, 2**63 - 1, -(2**63)]
+
+
+@pytest.fixture(scope="module")
+def keep_bases(tmp_path_factory, fmnist, make_index):
+    """Three real shards (half the keys non-ASCII) and two real keep-lists of them: `reduced`,
+    written as `reduce` writes one (positions, byte ranges, weights; a shard with nothing kept),
+    and `user`, from `KeepList.from_keys` (keys and identities only)."""
+    from types import SimpleNamespace
+
+    from streamprune.formats.keeplist import KeepListWriter, new_manifest
+
+    images, labels = fmnist
+    out = tmp_path_factory.mktemp("keep-bases")
+    (out / "shards").mkdir()
+    paths = [str(out / "shards" / f"part-{s}.tar") for s in range(3)]
+    for s, path in enumerate(paths):
+        with wds.TarWriter(path, mtime=0) as sink:
+            for i in range(8):
+                key = f"ü{s}-{i:02d}" if i % 2 else f"s{s}-{i:02d}"
+                sink.write({"__key__": key, "cls": int(labels[8 * s + i]), "png": encode_png(images[8 * s + i])})
+    index = make_index(paths, out / "run")
+    rows = np.array([r for r in range(index.n_samples) if r % 3 != 1 and not 8 <= r < 16])
+    manifest = new_manifest(
+        method="random",
+        balance="none",
+        ratio=0.5,
+        seed=0,
+        k=len(rows),
+        N=index.n_samples,
+        n_rows=index.n_samples,
+        fingerprint=index.fingerprint,
+        index_root=index.root,
+        weights=True,
+        params={},
+    )
+    with KeepListWriter.for_index(out / "reduced", index, manifest, len(rows), with_weights=True) as writer:
+        writer.add_rows(index, rows, index.n_samples / len(rows))
+    pairs = [(index.names[s], key) for s in range(3) for key in index.keys(s)[s::2]]
+    KeepList.from_keys(pairs, fingerprint=index.fingerprint).save(out / "user")
+    samples = list(wds.WebDataset(paths, shardshuffle=False))
+    return SimpleNamespace(paths=paths, lists=[out / "reduced", out / "user"], samples=samples)
+
+
+def _keep_content(keep: KeepList) -> dict:
+    """What a keep-list holds, as plain values, each part checked against the format (README
+    "Keep-list directory"): what loads must be a list the writer could have written."""
+    m = keep.manifest
+    assert m["k"] == len(keep) and isinstance(m.get("fingerprint"), (str, type(None))), m
+    names = list(keep.names)
+    assert all(isinstance(n, str) and n for n in names) and len(set(names)) == len(names), names
+    shards = []
+    for i, name in enumerate(names):
+        keys, cut = keep.shard_keys(name), keep.shard_slice(name)
+        assert len(keys) == keep.kept_count(name) == cut.stop - cut.start >= 0, name
+        assert all(isinstance(k, str) for k in keys)
+        samples = None if keep.samples is None else int(keep.samples[i])
+        size = None if keep.shard_bytes is None else int(keep.shard_bytes[i])
+        assert (samples is None or samples >= len(keys)) and (size is None or size >= -1), (samples, size)
+        positions = keep.shard_positions(name)
+        if positions is not None:
+            positions = positions.tolist()
+            assert positions == sorted(set(positions)) and all(0 <= p < (samples or 2**63) for p in positions)
+        ranges = keep.shard_ranges(name)
+        if ranges is not None:
+            ranges = ranges.tolist()
+            flat = [x for r in ranges for x in r]
+            assert all(a < b for a, b in ranges) and flat == sorted(flat) and all(x >= 0 for x in flat[:1]), ranges
+        weights = keep.shard_weights(name)
+        if weights is not None:
+            weights = weights.tolist()
+            assert all(np.isfinite(w) and w > 0 for w in weights), weights
+        shards.append([name, keys, samples, size, positions, ranges, weights])
+    ids = keep.ids()
+    assert ids.dtype == np.dtype("u8,u8") and len(ids) == len(keep)
+    return {"manifest": m, "shards": shards, "ids": ids.tolist()}
+
+
+def _edit_npy(path: Path, rng: random.Random) -> str:
+    a = np.load(path, allow_pickle=False)
+    what = rng.randrange(6)
+    if what == 0:
+        dtype = rng.choice(["<i4", ">i8", "<u8", "<f8", "u1", "<i8"])
+        np.save(path, np.zeros(a.shape, dtype) if a.dtype.names else a.astype(dtype))
+        return f"dtype {dtype}"
+    if what == 1:
+        shapes = [a[:-1], np.concatenate([a, a[-1:]]), a.reshape(len(a), -1, 1), a.reshape(-1)[:1].reshape(()), a[:0]]
+        np.save(path, rng.choice(shapes))
+        return "shape"
+    if what == 2:  # a header declaring GBs: refused without reading (or allocating) them
+        raw = path.read_bytes()
+        old = str(a.shape).encode()
+        new = rng.choice([b"(1099511627776,", b"(4611686018427387904,", b"(-5,", b"(99999999999999999999,"])
+        new += b"2)" if a.ndim == 2 else b")"
+        head = raw[:128].replace(b"'shape': " + old, b"'shape': " + new)
+        head = head.replace(b" " * max(0, len(new) - len(old)) + b"\n", b"\n", 1)
+        path.write_bytes(head + raw[128:])
+        return f"header shape {new.decode()}"
+    if what == 5 and a.dtype.names is None:  # object arrays need pickle: never loaded
+        np.save(path, a.astype(object), allow_pickle=True)
+        return "object dtype"
+    if not a.size:
+        return "nothing to edit"
+    a = a.copy()
+    i = rng.randrange(a.shape[0])
+    if a.dtype.names:
+        a[i] = (rng.getrandbits(64), rng.getrandbits(64))
+        edit = "an identity"
+    elif a.dtype.kind == "f":
+        a[i] = rng.choice([np.nan, np.inf, -1.0, 0.0, 1e308])
+        edit = f"weight {a[i]}"
+    elif what == 3:
+        a.reshape(-1)[rng.randrange(a.size)] = rng.choice(_ARRAY_VALUES)
+        edit = "a value out of range"
+    else:
+        j = rng.randrange(a.shape[0])
+        a[i], a[j] = a[j].copy(), (a[i] + rng.choice([-1, 1, 0])).copy()
+        edit = "two values swapped or shifted"
+    np.save(path, a)
+    return edit
+
+
+def _edit_json(path: Path, rng: random.Random) -> str:
+    doc = json.loads(path.read_text())
+    what = rng.randrange(6)
+    if what == 0:
+        doc = rng.choice([{}, [], [1, 2], "x", [[]], [{}], None])
+        edit = f"document {doc!r}"
+    elif isinstance(doc, dict):  # manifest.json
+        field = rng.choice([*doc, "k", "k", "fingerprint", "weights", "N"])
+        if what == 1:
+            doc.pop(field, None)
+            edit = f"{field} removed"
+        else:
+            doc[field] = rng.choice([*_JSON_VALUES, doc.get(field), 10**18, (doc.get("k") or 0) + 1])
+            edit = f"{field}={doc[field]!r}"
+    else:  # shards.json
+        entry = rng.choice(doc)
+        field = rng.choice(list(entry))
+        if what == 1:
+            del entry[field]
+            edit = f"{field} removed"
+        elif what == 2 and len(doc) > 1:
+            other = rng.choice([e for e in doc if e is not entry])
+            if rng.random() < 0.5:
+                entry["name"] = other["name"]
+                edit = "a name twice"
+            else:
+                moved = rng.choice([1, -1])
+                entry["kept"], other["kept"] = entry["kept"] + moved, other["kept"] - moved
+                edit = "kept moved between shards"
+        elif what == 3:
+            doc.insert(rng.randrange(len(doc) + 1), dict(entry) if rng.random() < 0.5 else 7)
+            edit = "an entry added"
+        else:
+            near = [entry[field] + rng.choice([-1, 1])] if isinstance(entry[field], int) else [entry[field] + "x"]
+            entry[field] = rng.choice([*_JSON_VALUES, 10**12, 2**62, *near])
+            edit = f"{field}={entry[field]!r}"
+    path.write_text(json.dumps(doc))
+    return edit
+
+
+def _edit_keep_list(path: Path, rng: random.Random) -> tuple[str, str]:
+    """One random edit of one file of a keep-list directory: (the file, what was done)."""
+    name = rng.choice(sorted(p.name for p in path.iterdir()))
+    file = path / name
+    raw = bytearray(file.read_bytes())
+    op = rng.choice(["truncate", "extend", "flip", "remove", "edit", "edit", "edit", "edit"])
+    if op == "remove" and name != "manifest.json":
+        file.unlink()
+        return name, "removed"
+    if op == "truncate":
+        del raw[rng.randrange(len(raw) + 1) :]
+    elif op == "extend":
+        raw += bytes(rng.randrange(256) for _ in range(rng.randint(1, 600))) if rng.random() < 0.5 else bytes(64)
+    elif op == "flip" or name == "keys.bin":
+        if name == "keys.bin" and op != "flip":  # invalid UTF-8: a stray continuation or lead byte
+            op = "invalid UTF-8"
+            raw[rng.randrange(len(raw))] = rng.choice([0x80, 0xBF, 0xC3, 0xFF])
+        else:
+            for _ in range(rng.randint(1, 4)):
+                raw[rng.randrange(len(raw))] ^= 1 << rng.randrange(8)
+    elif name.endswith(".npy"):
+        return name, _edit_npy(file, rng)
+    else:
+        return name, _edit_json(file, rng)
+    file.write_bytes(bytes(raw))
+    return name, op
+
+
+KEEP_CASES = 200
+
+
+@pytest.mark.timeout(300)
+def test_fuzz_edited_keep_lists_load_as_valid_lists_or_damaged_run_errors_naming_the_file(
+    tmp_path, keep_bases, kept_samples, sample_content
+):
+    import shutil
+    import tracemalloc
+
+    from streamprune.errors import DamagedRunError, StreamPruneError
+
+    tally: Counter = Counter()
+    failures: list[str] = []
+    for case in range(KEEP_CASES):
+        rng = random.Random(case)
+        base = keep_bases.lists[case % 2]
+        path = tmp_path / f"keep-{case}"
+        shutil.copytree(base, path)
+        name, edit = _edit_keep_list(path, rng)
+        label = f"case {case} ({base.name}, {name}: {edit})"
+        tracemalloc.start()
+        try:
+            with _time_limit(5.0, label):
+                try:
+                    keep = KeepList.load(path)
+                    content = _keep_content(keep)
+                    again = _keep_content(KeepList.load(keep.save(tmp_path / f"again-{case}")))
+                    assert again == content, "saved again, it reads differently"
+                    outcome = "loaded"
+                except DamagedRunError as exc:
+                    assert str(path) in str(exc) and name in str(exc), f"unnamed: {exc}"
+                    outcome = "refused"
+                if case % 4 < 2:  # the loader on the same list: its kept samples exactly, or a clear error
+                    try:
+                        weighted = case % 2 == 0  # the reduced list's weights
+                        got = list(
+                            PrunedWebDataset(
+                                keep_bases.paths, keep=path, shardshuffle=False, weights=weighted, empty_check=False
+                            )
+                        )
+                    except StreamPruneError as exc:
+                        assert outcome == "refused" or "part-" in str(exc), f"loader: {exc}"
+                    else:  # (positions, which it does not read, may be damaged)
+                        weights = [s.pop("__weight__", 1.0) for s in got]
+                        assert all(w > 0 and np.isfinite(w) for w in weights)
+                        want = kept_samples(keep_bases.samples, KeepList.load(path))
+                        assert sample_content(got) == sample_content(want), "the loader's samples differ"
+            peak = tracemalloc.get_traced_memory()[1]
+            assert peak < 64 << 20, f"{peak >> 20} MiB allocated"
+            tally[outcome] += 1
+        except (Exception, _Slow) as exc:  # every case runs; all failures are listed
+            failures.append(f"{label}: {type(exc).__name__}: {str(exc)[:300]}")
+            tally[type(exc).__name__] += 1
+        finally:
+            tracemalloc.stop()
+        shutil.rmtree(path, ignore_errors=True)
+    print(f"keep-list fuzz: {KEEP_CASES} cases: {dict(tally)}")
+    assert not failures, f"{len(failures)} of {KEEP_CASES} cases failed ({dict(tally)}):\n" + "\n".join(failures)
+    assert tally["loaded"] >= 20 and tally["refused"] >= 100  # both outcomes are exercised
+
+
+@pytest.mark.timeout(60)
+def test_a_byte_range_past_a_shards_end_is_an_error_not_a_huge_read(tmp_path, keep_bases):
+    """A keep-list of shards whose size was unknown when indexed (`bytes` -1): a range past the
+    tar's end is refused naming the shard, without allocating its length."""
+    import shutil
+    import tracemalloc
+
+    from streamprune.errors import ChangedShardError
+
+    path = tmp_path / "keep"
+    shutil.copytree(keep_bases.lists[0], path)
+    shards = json.loads((path / "shards.json").read_text())
+    (path / "shards.json").write_text(json.dumps([{**s, "bytes": -1} for s in shards]))
+    ranges = np.load(path / "ranges.npy")
+    size = os.path.getsize(keep_bases.paths[2])
+    for end in (size + BLOCK, 2**40, 2**62):
+        ranges[-1, 1] = end
+        np.save(path / "ranges.npy", ranges)
+        tracemalloc.start()
+        try:
+            with pytest.raises(ChangedShardError, match=rf"part-2.tar' has {size} bytes.* reach {end}"):
+                list(PrunedWebDataset(keep_bases.paths, keep=path, shardshuffle=False))
+            assert tracemalloc.get_traced_memory()[1] < 64 << 20
+        finally:
+            tracemalloc.stop()

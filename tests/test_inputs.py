@@ -93,6 +93,76 @@ def test_class_lists_from_labels_files_and_the_run(tmp_path):
         Classes.load(tmp_path)
 
 
+def _label_shard(path, labels: dict[str, bytes]) -> str:
+    """A real shard of small real PNGs, one per key, each with the given `.cls` bytes."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with wds.TarWriter(str(path)) as sink:
+        for key, cls in labels.items():
+            sink.write({"__key__": key, "png": _png(np.full((16, 16), 7 * len(key), np.uint8)), "cls": cls})
+    return str(path)
+
+
+UNUSABLE_INTEGER_LABELS = {
+    "two63": b"9223372036854775808",  # 2^63: no int64 holds it
+    "two64": b"18446744073709551615",
+    "digits": b"7" * 5000,  # beyond Python's int-from-string limit
+    "minus1": b"-1",
+    "below": b"-9223372036854775809",
+}
+
+
+def test_integer_labels_beyond_int64_or_negative_are_label_errors_naming_shard_and_key(tmp_path):
+    shard = _label_shard(tmp_path / "labels.tar", {"largest": b"9223372036854775807", **UNUSABLE_INTEGER_LABELS})
+    samples = list(wds.WebDataset(shard, shardshuffle=False))
+    assert LabelSpec("cls")(samples[0]) == 2**63 - 1  # the largest an int64 holds is a label
+    for sample in samples[1:]:
+        with pytest.raises(LabelError, match=rf"^sample '{sample['__key__']}' of '{shard}': label .cls is "):
+            LabelSpec("cls")(sample)
+    for value in (2**63, 10**30, -(2**63) - 1, 1e3, "7"):  # as a JSON field; "7" is a class name
+        sample = {"__key__": "j", "__url__": shard, "json": json.dumps({"y": value}).encode()}
+        if isinstance(value, str):
+            assert LabelSpec("json:y")(sample) == "7"
+            continue
+        with pytest.raises(LabelError, match=rf"^sample 'j' of '{shard}': json field 'y' is "):
+            LabelSpec("json:y")(sample)
+
+
+def test_the_class_count_is_inferred_only_up_to_a_bound():
+    from collections import Counter
+
+    from streamprune.errors import InputError
+    from streamprune.shards.labels import MAX_INFERRED_CLASSES
+
+    assert MAX_INFERRED_CLASSES == 100_000
+    top = Classes.from_labels(Counter({MAX_INFERRED_CLASSES - 1: 1, 0: 2}))
+    assert top.num_classes == MAX_INFERRED_CLASSES and top.counts[-1] == 1
+    with pytest.raises(InputError, match=r"labels \(cls\): label 100,000 would make 100,001 classes.*--num-classes"):
+        Classes.from_labels(Counter({100_000: 1, 0: 2}), "cls")
+
+
+def test_record_refuses_an_inferred_class_count_above_the_bound_before_starting_ray(make_index, tmp_path):
+    import ray
+
+    from streamprune import record
+    from streamprune.errors import InputError
+
+    labels = {f"k{i}": b"%d" % (i % 3) for i in range(6)}
+    shard = _label_shard(tmp_path / "shards" / "a.tar", {**labels, "stray": b"100000"})
+    run = tmp_path / "run"
+    make_index([shard], run)
+    with pytest.raises(InputError, match=rf"^sample 'stray' of '{shard}': label 100,000 would make 100,001 classes"):
+        record(run, 1, progress=False)
+    with pytest.raises(InputError, match=rf"^sample 'stray' of '{shard}': label 100000 is outside \[0, 10\)"):
+        record(run, 1, num_classes=10, progress=False)
+    assert not ray.is_initialized()  # both refused before any work
+    samples = list(wds.WebDataset(shard, shardshuffle=False))
+    decoder = SampleDecoder(probe_view(samples, None), "cls", Classes(10))  # --num-classes 10
+    assert decoder(samples[0])[1] == 0
+    with pytest.raises(InputError, match=rf"sample 'stray' of '{shard}': label 100000 is outside \[0, 10\)") as info:
+        decoder(samples[-1])
+    assert not isinstance(info.value, BadSample)  # the classes do not fit the data: stop, do not skip
+
+
 # --- images ---------------------------------------------------------------------------------------
 
 

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
+import socket
+import subprocess
+import sys
 import threading
 import time
 
@@ -13,6 +17,8 @@ import pytest
 import torch
 
 from streamprune import index
+from streamprune.cli.main import main
+from streamprune.errors import SettingsError
 from streamprune.formats.stats_store import STATS, StatsStore
 from streamprune.scoring.stats import sample_stats
 from streamprune.stages.record import record
@@ -280,3 +286,94 @@ def test_a_label_outside_the_class_range_stops_the_run_naming_it(ray_session, tm
     index([path], tmp_path / "run", progress=False)
     with pytest.raises(ValueError, match=r"00000007.*labels-000000.tar.*label 12 is outside \[0, 10\)"):
         record(tmp_path / "run", 1, workers=1, schedule_epochs=5, num_classes=10, max_failures=0, progress=False)
+
+
+def _cli(*argv: str) -> list[str]:
+    """The `streamprune` command line run by another Python process."""
+    return [sys.executable, "-m", "streamprune.cli.main", *argv]
+
+
+def test_workers_the_cluster_cannot_place_are_refused_in_seconds_naming_its_cpus(
+    ray_session, uneven_shards, make_index, tmp_path
+):
+    assert ray_session.cluster_resources()["CPU"] == 2
+    make_index(uneven_shards[0], tmp_path)
+    address = ray_session.get_runtime_context().gcs_address
+    t0 = time.monotonic()
+    done = subprocess.run(
+        _cli("record", str(tmp_path), "--epochs", "1", "--workers", "6", "--gpus-per-worker", "0")
+        + ["--max-failures", "0", "--address", address, "--quiet"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    seconds = time.monotonic() - t0
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert re.search(
+        r"record: 6 workers x 1 CPU need 6 CPUs, the Ray cluster has 2 CPUs \(\d+ GPUs\); use --workers 2 or fewer",
+        done.stderr,
+    ), done.stderr[-3000:]
+    assert seconds < 30, seconds  # the command's start (torch, joining Ray) included
+    assert not (tmp_path / "stats.zarr").exists()
+
+
+def test_a_worker_needing_more_gpus_than_the_cluster_has_is_refused(ray_session, uneven_shards, make_index, tmp_path):
+    gpus = ray_session.cluster_resources().get("GPU", 0)
+    make_index(uneven_shards[0], tmp_path)
+    t0 = time.monotonic()
+    with pytest.raises(
+        SettingsError,
+        match=rf"record: 1 worker x 1 CPU \+ {gpus + 1:g} GPUs? needs? 1 CPU and {gpus + 1:g} GPUs?, "
+        rf"the Ray cluster has 2 CPUs \({gpus:g} GPUs?\); use .*--gpus-per-worker",
+    ):
+        record(tmp_path, 1, gpus_per_worker=gpus + 1, max_failures=0, progress=False)
+    assert time.monotonic() - t0 < 10
+    assert not (tmp_path / "stats.zarr").exists()
+
+
+def test_max_failures_0_stops_when_the_workers_cannot_start(uneven_shards, make_index, tmp_path):
+    """Workers the cluster could hold but cannot now (other work holds one of its two CPUs): with
+    max_failures=0 `record` stops after one start timeout, naming it, instead of retrying forever."""
+    make_index(uneven_shards[0], tmp_path)
+    code = f"""
+import ray
+from ray.util.placement_group import placement_group
+from streamprune.stages.record import record
+ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+ray.get(placement_group([{{"CPU": 1}}]).ready())
+record({str(tmp_path)!r}, 1, workers=2, max_failures=0, progress=False)
+"""
+    env = {**os.environ, "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "5"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode != 0
+    assert re.search(
+        r"SettingsError: record: the worker group startup timed out after 5.0 seconds waiting for 2 workers, "
+        r"1 time \(--max-failures 0\); other work holds the Ray cluster's 2 CPUs \(0 GPUs\) \(free now: 1 CPU ",
+        done.stderr,
+    ), done.stderr[-3000:]
+
+
+def test_a_second_record_and_a_reduce_during_a_record_are_refused_naming_it(
+    ray_session, uneven_shards, make_index, tmp_path, capsys
+):
+    make_index(uneven_shards[0], tmp_path)
+    address = ray_session.get_runtime_context().gcs_address
+    argv = ["record", str(tmp_path), "--epochs", "2", "--schedule-epochs", "10", "--num-classes", "10"]
+    argv += ["--workers", "1", "--loader-workers", "1", "--address", address, "--quiet"]
+    first = subprocess.Popen(_cli(*argv), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lock = tmp_path / ".stats.zarr.lock"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (lock.exists() and lock.read_text()):
+        assert first.poll() is None, first.communicate()
+        time.sleep(0.05)
+    holder = f"record, pid {first.pid} on host {socket.gethostname()}"
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "another process is writing" in err and holder in err, err
+    assert main(["reduce", str(tmp_path), "--ratio", "0.5", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "record is still running" in err and holder in err, err
+    _, err = first.communicate(timeout=300)
+    assert first.returncode == 0, err[-3000:]
+    assert StatsStore.open(tmp_path / "stats.zarr", mode="r").complete_epochs() == 2
+    assert main(["reduce", str(tmp_path), "--ratio", "0.5", "--quiet"]) == 0  # the lock was given back

@@ -11,6 +11,7 @@ import pytest
 import webdataset as wds
 
 from streamprune import PrunedWebDataset, index, reshard
+from streamprune.errors import InputError
 from streamprune.formats.keeplist import KeepList
 
 
@@ -119,7 +120,10 @@ def test_a_404_shard_is_broken_in_the_index_and_all_broken_is_an_error(ray_sessi
 
 
 def test_reshard_reads_kept_ranges_over_http(ray_session, served, tmp_path):
-    paths = reshard(served["work"] / "run", tmp_path / "out", 50, keep=served["work"] / "keep-10", progress=False)
+    run, keep = served["work"] / "run", served["work"] / "keep-10"
+    with pytest.raises(InputError, match="pass --shards"):  # a URL stored in the run is never opened by itself
+        reshard(run, tmp_path / "out", 50, keep=keep, progress=False)
+    paths = reshard(run, tmp_path / "out", 50, keep=keep, progress=False, shards=served["urls"])
     got = [s["__key__"] for s in wds.WebDataset([str(p) for p in paths], shardshuffle=False)]
     want = [s["__key__"] for s in served["ref"] if (os.path.basename(s["__url__"]), s["__key__"]) in served["k10"]]
     assert len(got) == 120 and set(got) == set(want)
@@ -149,7 +153,7 @@ def test_record_and_reduce_over_http(ray_session, served, tmp_path):
 
     run = tmp_path / "run"
     shutil.copytree(served["work"] / "run" / "index", run / "index")
-    summary = record(run, 2, workers=1, schedule_epochs=6, loader_workers=1, progress=False)
+    summary = record(run, 2, workers=1, schedule_epochs=6, loader_workers=1, progress=False, shards=served["urls"])
     assert summary.bad_samples == 0 and summary.samples == 2 * 1200
     store = StatsStore.open(run / "stats.zarr", mode="r")
     assert store.complete_epochs() == 2 and np.isfinite(store.read("p_true")).all()

@@ -121,3 +121,40 @@ def test_run_indexes_again_when_the_index_settings_change(make_index, uneven_sha
     assert not _index_done(dataclasses.replace(cfg, index=IndexSettings(root=parent)), run)
     assert not _index_done(dataclasses.replace(cfg, index=IndexSettings(identity="json:uid")), run)
     assert not _index_done(dataclasses.replace(cfg, shards=paths[:-1]), run)
+
+
+@pytest.mark.parametrize(
+    "text, lr",
+    [("1e-3", 1e-3), ("1E5", 1e5), (".5", 0.5), ("+2.5e-2", 2.5e-2), ("1.0e3", 1e3), ("3", 3.0)],
+)
+def test_yaml_floats_in_exponent_form_are_floats(tmp_path, text, lr):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"shards: data/x.tar\nrecord: {{lr: {text}}}\nevaluate: {{lr: {text}}}\n")
+    c = load_config(cfg)
+    assert (c.record.lr, c.evaluate.lr) == (lr, lr) and isinstance(c.record.lr, float)
+    cfg.write_text(f"shards: data/x.tar\nrecord: {{seed: {text}, label: '{text}'}}\n")
+    if text != "3":  # a float is no integer; quoted, it stays a string
+        with pytest.raises(ConfigError, match=r"record.seed: must be int"):
+            load_config(cfg)
+
+
+def test_a_yaml_key_given_twice_is_refused_naming_it_and_both_lines(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("shards: data/x.tar\nrecord:\n  epochs: 3\nreduce:\n  ratio: 0.3\nrecord:\n  epochs: 5\n")
+    with pytest.raises(ConfigError, match=r"c.yaml'.*'record' is given twice \(lines 2 and 6\)"):
+        load_config(cfg)
+    cfg.write_text("shards: data/x.tar\nrecord: {epochs: 3,\n  lr: 0.1, epochs: 4}\n")
+    with pytest.raises(ConfigError, match=r"'epochs' is given twice \(lines 2 and 3\)"):
+        load_config(cfg)
+    cfg.write_text("base: &b {epochs: 3}\nshards: data/x.tar\nrecord: {<<: *b, epochs: 4}\n")
+    with pytest.raises(ConfigError, match="base: unknown field"):  # a merge key overridden is no duplicate
+        load_config(cfg)
+
+
+def test_a_toml_key_given_twice_is_refused(tmp_path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('shards = "data/x.tar"\n[record]\nepochs = 3\n[record]\nepochs = 5\n')
+    with pytest.raises(ConfigError, match="c.toml': cannot parse: .*record"):
+        load_config(cfg)
+    cfg.write_text('shards = "data/x.tar"\n[record]\nepochs = 3\nlr = 1e-3\n')
+    assert load_config(cfg).record.lr == 1e-3

@@ -29,7 +29,7 @@ def cmd_index(args) -> None:
     if args.label:
         from streamprune.stages.label_scan import build_classes
 
-        classes = build_classes(args.out, args.label, address=args.address, progress=not args.quiet)
+        classes = build_classes(args.out, args.label, address=args.address, progress=not args.quiet, shards=args.shards)
         kind = "class names" if classes.names else "integer classes"
         print(f"labels ({args.label}): {classes.num_classes:,} {kind}, written to {args.out}/classes.json")
 
@@ -48,6 +48,18 @@ def cmd_make_shards(args) -> None:
         seed=args.seed,
     )
     print(f"wrote {len(paths)} shards of Fashion-MNIST {args.split} from {source} to {args.out}")
+
+
+def _shards_option(s: argparse.ArgumentParser) -> None:
+    """`--shards SPEC` of the commands that read the indexed shards."""
+    s.add_argument(
+        "--shards",
+        action="append",
+        metavar="SPEC",
+        help="the shards you indexed (paths, braces, globs, :: lists, file://, pipe:, fsspec URLs; "
+        "repeatable), matched to the index by shard name and read from these URLs; needed when they "
+        "are pipe: commands or remote URLs (default: the index root plus each shard's name)",
+    )
 
 
 LABEL_HELP = (
@@ -136,7 +148,8 @@ def cmd_init_config(args) -> None:
 def cmd_report(args) -> None:
     from streamprune.stages.report import build_report
 
-    print(f"report: {build_report(args.run, args.out, max_rows=args.max_rows, progress=not args.quiet)}")
+    page = build_report(args.run, args.out, max_rows=args.max_rows, progress=not args.quiet, shards=args.shards)
+    print(f"report: {page}")
 
 
 def cmd_inspect(args) -> None:
@@ -162,7 +175,8 @@ def cmd_record(args) -> None:
     settings = _settings(RecordSettings, args)  # refused here, before Ray starts
     from streamprune.stages.record import record
 
-    print(record_line(record(args.run, settings=settings, address=args.address, progress=not args.quiet)))
+    summary = record(args.run, settings=settings, address=args.address, progress=not args.quiet, shards=args.shards)
+    print(record_line(summary))
 
 
 def cmd_reduce(args) -> None:
@@ -203,6 +217,7 @@ def cmd_reshard(args) -> None:
         prefix=args.prefix,
         address=args.address,
         progress=not args.quiet,
+        shards=args.shards,
     )
     print(f"reshard: {len(paths)} shards in {args.out} ({args.prefix}-000000.tar ...)")
 
@@ -308,6 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
         cmd_record,
     )
     s.add_argument("run", help="run directory holding RUN/index")
+    _shards_option(s)
     s.add_argument("--epochs", type=int, required=True, help="epochs to run and record (T)")
     s.add_argument("--workers", type=int, help="training workers (default: one per GPU, else CPUs/2 up to 4)")
     s.add_argument("--gpus-per-worker", type=float, help="default: 1 when the cluster has GPUs, else 0")
@@ -413,6 +429,7 @@ def build_parser() -> argparse.ArgumentParser:
         cmd_reshard,
     )
     s.add_argument("run", help="run directory with RUN/index and RUN/keep")
+    _shards_option(s)
     s.add_argument("--out", required=True, help="output directory for the new shards")
     s.add_argument("--shard-size", type=int, help="samples per output shard (default: the input's mean)")
     s.add_argument("--keep", help="keep-list directory (default RUN/keep)")
@@ -426,6 +443,7 @@ def build_parser() -> argparse.ArgumentParser:
         cmd_report,
     )
     s.add_argument("run", help="run directory with RUN/keep and RUN/scores.zarr")
+    _shards_option(s)
     s.add_argument("--out", help="output folder (default RUN/report)")
     s.add_argument(
         "--max-rows",

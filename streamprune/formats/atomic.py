@@ -8,10 +8,12 @@ import fcntl
 import os
 import re
 import shutil
+import socket
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import IO
 
 from streamprune.errors import SettingsError
 
@@ -150,17 +152,23 @@ _held: dict[tuple[str, int], int] = {}  # locks this process holds (file, thread
 _held_guard = threading.Lock()
 
 
+def _lock_file(path: Path) -> Path:
+    """The lock file of output `path`: `.NAME.lock` beside it."""
+    return path.with_name(f".{path.name}.lock")
+
+
 @contextlib.contextmanager
-def output_lock(path: str | os.PathLike, reentrant: bool = False) -> Iterator[None]:
+def output_lock(path: str | os.PathLike, reentrant: bool = False, writer: str | None = None) -> Iterator[None]:
     """Hold an exclusive lock on output `path` (a sibling `.NAME.lock` file) while writing it.
 
-    A second writer of the same output is refused at once, naming it, instead of racing (a
-    second holder in this process too). `reentrant=True`: already held by this thread (e.g.
-    `reduce` around its `KeepListWriter`), go on without locking again.
+    A second writer of the same output is refused at once, naming the holder (`writer`, its pid
+    and host, which the lock file holds while locked) instead of racing (a second holder in this
+    process too). `reentrant=True`: already held by this thread (e.g. `reduce` around its
+    `KeepListWriter`), go on without locking again.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    lock = path.with_name(f".{path.name}.lock")
+    lock = _lock_file(path)
     key = (os.path.realpath(lock), threading.get_ident())  # re-entrant per thread: other threads are refused
     with _held_guard:
         if reentrant and _held.get(key):
@@ -179,10 +187,14 @@ def output_lock(path: str | os.PathLike, reentrant: bool = False) -> Iterator[No
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            holder = _holder(f)
             raise SettingsError(
-                f"another process is writing {str(path)!r} (lock {str(lock)!r}); wait for it to "
-                "finish or choose another output"
+                f"another process is writing {str(path)!r} ({holder + '; ' if holder else ''}lock "
+                f"{str(lock)!r}); wait for it to finish or choose another output"
             ) from None
+        f.truncate(0)  # appends now write from the start
+        f.write(", ".join(filter(None, [writer, f"pid {os.getpid()} on host {socket.gethostname()}"])) + "\n")
+        f.flush()
         with _held_guard:
             _held[key] = 1
         try:
@@ -190,4 +202,27 @@ def output_lock(path: str | os.PathLike, reentrant: bool = False) -> Iterator[No
         finally:
             with _held_guard:
                 _held.pop(key, None)
+            f.truncate(0)  # no holder to name
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _holder(f: IO[str]) -> str:
+    """Who holds the lock file `f` as its holder wrote it ('record, pid 12 on host h'; '' if not yet)."""
+    f.seek(0)
+    return f.read().strip()
+
+
+def lock_holder(path: str | os.PathLike) -> str | None:
+    """Who is writing output `path` now, under `output_lock` ('record, pid 12 on host h'; '' when it
+    has not said yet), or None when no one is."""
+    try:
+        f = open(_lock_file(Path(path)))
+    except FileNotFoundError:
+        return None
+    with f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return _holder(f)
+        fcntl.flock(f, fcntl.LOCK_UN)
+        return None

@@ -10,9 +10,10 @@ import hashlib
 import io
 import json
 import os
+import posixpath
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -22,7 +23,7 @@ from streamprune.formats.headers import INDEX_FORMAT, check_format, header
 from streamprune.formats.rundir import RunDir
 from streamprune.shards.identity import SampleIdentity, find_duplicates, id128
 from streamprune.shards.remote import HEADER_BLOCK, RangedReader
-from streamprune.shards.tarscan import CountingReader, TarFormatError, iter_members, iter_samples
+from streamprune.shards.tarscan import BLOCK, CountingReader, TarFormatError, iter_members, iter_samples
 from streamprune.shards.urls import open_shard
 
 _ARRAYS = ("id_hi", "id_lo", "sample_start", "sample_end", "member_count", "member_offset", "member_size")
@@ -131,7 +132,7 @@ def _ranges_cheaper(remote) -> bool:
         head = remote.fetch(0, min(HEADER_BLOCK, remote.size))
         member, _ = next(iter_members(CountingReader(io.BytesIO(head), True, None, ""), require_end=False))
         return member.size >= RANGED_SCAN_MIN
-    except (OSError, TarFormatError, StopIteration):
+    except (OSError, ValueError, StopIteration):  # ValueError: TarFormatError, ChangedShardError (a 416)
         return False  # the read-through scan meets the same problem and reports it
 
 
@@ -264,7 +265,13 @@ def write_index(out: Path, scans: list[ShardScan] | list[Path], root: str, ident
 
 
 class Index:
-    """Read access to `RUN/index` (memory-mapped arrays)."""
+    """Read access to `RUN/index` (memory-mapped arrays).
+
+    Opening it checks what is cheap to check (headers, the shard list, array types and shapes,
+    offsets against counts); `range_problem` checks a shard's byte ranges, which `byte_ranges`
+    does before handing any out. Damage is a DamagedRunError naming the file, or with
+    `strict=False` (`inspect --verify`) is listed in `problems` as `(file, problem)` pairs.
+    """
 
     # the `_ARRAYS`, memory-mapped by `__init__`
     id_hi: np.ndarray
@@ -275,7 +282,7 @@ class Index:
     member_offset: np.ndarray
     member_size: np.ndarray
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, strict: bool = True):
         path = Path(path)
         if RunDir(path).index.is_dir() and not (path / "manifest.json").exists():
             path = RunDir(path).index
@@ -288,22 +295,204 @@ class Index:
         except ValueError as exc:
             raise DamagedRunError(f"{str(manifest_path)!r} is damaged: {exc}") from None
         check_format(self.manifest, INDEX_FORMAT, repr(str(manifest_path)))
-        with open(path / "shards.jsonl") as f:
-            self.shards = [json.loads(line) for line in f]
-        self.names = [s["name"] for s in self.shards]
-        self._by_name = {n: i for i, n in enumerate(self.names)}
-        self.shard_offset = np.load(path / "shard_offset.npy")
-        self.key_offset = np.load(path / "key_offset.npy", mmap_mode="r")
+        self.shards = self._read_shards(path / "shards.jsonl")
+        self.names = cast("list[str]", [s.get("name") for s in self.shards])  # strings in a sound index (checked)
+        self._by_name = {n: i for i, n in enumerate(self.names) if isinstance(n, str)}
+        self.shard_offset = np.asarray(self._load("shard_offset"))
+        self.key_offset = self._load("key_offset")
         for k in _ARRAYS:
-            setattr(self, k, np.load(path / f"{k}.npy", mmap_mode="r"))
-        self._member_start: np.ndarray | None = None
+            setattr(self, k, self._load(k))
+        self._shard_members: np.ndarray | None = None
+        self._ranges_checked: set[int] = set()
+        self.problems = self._structure_problems()
+        if strict and self.problems:
+            raise self.damaged(*self.problems[0])
+
+    def damaged(self, file: str, problem: str) -> DamagedRunError:
+        """The error for `problem` of the index file `file`."""
+        return DamagedRunError(
+            f"index file {str(self.path / file)!r} is damaged: {problem} (edited or damaged: index the shards again)"
+        )
+
+    def _read_shards(self, path: Path) -> list[dict]:
+        try:
+            with open(path) as f:
+                lines = list(f)
+        except FileNotFoundError:
+            raise DamagedRunError(f"{str(path)!r} is missing: index the shards again") from None
+        except UnicodeDecodeError as exc:
+            raise DamagedRunError(f"{str(path)!r} is damaged: {exc}") from None
+        shards = []
+        for i, line in enumerate(lines):
+            try:
+                entry = json.loads(line)
+            except ValueError as exc:
+                raise DamagedRunError(f"{str(path)!r} is damaged: line {i + 1}: {exc}") from None
+            if not isinstance(entry, dict):
+                raise DamagedRunError(f"{str(path)!r} is damaged: line {i + 1} is not a JSON object")
+            shards.append(entry)
+        return shards
+
+    def _load(self, name: str) -> np.ndarray:
+        path = self.path / f"{name}.npy"
+        try:
+            return np.load(path, mmap_mode="r", allow_pickle=False)
+        except FileNotFoundError:
+            raise DamagedRunError(f"{str(path)!r} is missing: index the shards again") from None
+        except (ValueError, OSError, EOFError) as exc:
+            raise DamagedRunError(f"{str(path)!r} is unreadable ({exc}): index the shards again") from None
+
+    def _structure_problems(self) -> list[tuple[str, str]]:
+        """What disagrees in the index's headers, shard list, array types and shapes (cheap: no
+        per-sample data is read)."""
+        m, out = self.manifest, []
+        root = m.get("root")
+        if not (
+            isinstance(root, str) and root.startswith("/") and posixpath.normpath(root) == root and "\0" not in root
+        ):
+            out.append(("manifest.json", f"root {root!r} is not an absolute, normalised path"))
+        for key in ("fingerprint", "identity"):
+            if not isinstance(m.get(key), str):
+                out.append(("manifest.json", f"{key} {m.get(key)!r} is not a string"))
+        s, n = len(self.shards), m.get("n_samples")
+        if m.get("n_shards") != s:
+            out.append(("shards.jsonl", f"{s} shards listed, manifest.json says n_shards={m.get('n_shards')!r}"))
+        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+            return [*out, ("manifest.json", f"n_samples {n!r} is not a count")]
+        off = self.shard_offset
+        if off.dtype != np.int64 or off.shape != (s + 1,) or off[0] != 0 or (np.diff(off) < 0).any() or off[-1] != n:
+            shown = f"{off.dtype} {off.shape}"
+            return [
+                *out,
+                (
+                    "shard_offset.npy",
+                    f"{shown}: expected int64 ({s + 1},) running 0..{n} (n_samples) without decreasing",
+                ),
+            ]
+        for i, sh in enumerate(self.shards):
+            out += [("shards.jsonl", f"line {i + 1}: {p}") for p in _shard_problems(sh, int(off[i]), int(off[i + 1]))]
+        if len(self._by_name) != sum(isinstance(n, str) for n in self.names):
+            out.append(("shards.jsonl", "a shard name is listed twice"))
+        members = m.get("n_members", len(self.member_offset))
+        keys_size = (self.path / "keys.bin").stat().st_size if (self.path / "keys.bin").exists() else None
+        ko = self.key_offset
+        expected = {
+            **{k: (n,) for k in ("id_hi", "id_lo", "sample_start", "sample_end", "member_count")},
+            "member_offset": (members,),
+            "member_size": (members,),
+        }
+        for k, shape in expected.items():
+            a = getattr(self, k)
+            if a.dtype != _DTYPES[k] or a.shape != shape:
+                out.append((f"{k}.npy", f"{a.dtype} {a.shape}, expected {np.dtype(_DTYPES[k])} {shape}"))
+        if ko.dtype != np.int64 or ko.shape != (n + 1,) or ko[0] != 0 or ko[-1] != keys_size:
+            out.append(
+                (
+                    "key_offset.npy",
+                    f"{ko.dtype} {ko.shape}, expected int64 ({n + 1},) running 0..{keys_size} (keys.bin)",
+                )
+            )
+        return out
 
     @property
-    def member_start(self) -> np.ndarray:
-        """Index of each sample's first member in the member arrays (N+1,), computed on first use."""
-        if self._member_start is None:
-            self._member_start = np.concatenate([[0], np.cumsum(self.member_count, dtype=np.int64)])
-        return self._member_start
+    def shard_members(self) -> np.ndarray:
+        """Position of each shard's first member in the member arrays, then their total: (S+1,)
+        int64, summed once in blocks of rows (memory bounded by the shard count)."""
+        if self._shard_members is None:
+            off, n, total = self.shard_offset, self.n_samples, 0
+            out = np.zeros(len(off), dtype=np.int64)
+            for c0 in range(0, n, _BLOCK):
+                c1 = min(n, c0 + _BLOCK)
+                run = total + np.concatenate([[0], np.cumsum(self.member_count[c0:c1], dtype=np.int64)])
+                lo, hi = np.searchsorted(off, [c0, c1])
+                out[lo:hi] = run[off[lo:hi] - c0]
+                total = int(run[-1])
+            out[np.searchsorted(off, n) :] = total
+            self._shard_members = out
+        return self._shard_members
+
+    def range_problem(self, shard: int) -> tuple[str, str] | None:
+        """The first inconsistency in shard `shard`'s byte ranges as `(file, problem naming the
+        shard and row)`, or None. Samples: block-aligned, `0 <= start < end`, in order without
+        overlap, within the stored size (plain tars); members: at least one per sample, the
+        first at the sample's start, each one's header and padded data before the next member's
+        header and within its sample."""
+        name, a, b = self.names[shard], int(self.shard_offset[shard]), int(self.shard_offset[shard + 1])
+        if a == b:
+            return None
+        total, m = int(self.shard_members[-1]), len(self.member_offset)
+        if total != m:
+            return "member_count.npy", f"the member counts add up to {total}, member_offset.npy holds {m}"
+        start, end = np.asarray(self.sample_start[a:b]), np.asarray(self.sample_end[a:b])
+        count = np.asarray(self.member_count[a:b], dtype=np.int64)
+
+        def at(row: int, what: str) -> str:
+            return f"shard {name!r}, row {a + row}: {what}"
+
+        def first(bad: np.ndarray) -> int | None:
+            hits = np.flatnonzero(bad)
+            return int(hits[0]) if len(hits) else None
+
+        if (i := first(count < 1)) is not None:
+            return "member_count.npy", at(i, f"{count[i]} members (a sample has at least one)")
+        if (i := first((start < 0) | (start > _MAX_OFFSET) | (start % BLOCK != 0))) is not None:
+            return "sample_start.npy", at(i, f"start {start[i]} is not the offset of a tar header")
+        if (i := first((end <= start) | (end > _MAX_OFFSET) | (end % BLOCK != 0))) is not None:
+            return "sample_end.npy", at(i, f"byte range [{start[i]}, {end[i]}) is not one of tar blocks")
+        if (i := first(start[1:] < end[:-1])) is not None:
+            return "sample_start.npy", at(
+                i + 1, f"starts at {start[i + 1]}, before the previous sample's end {end[i]} (sample_end.npy)"
+            )
+        info = self.shards[shard]
+        size = info.get("size")
+        if info.get("compression") is None and size is not None and (i := first(end > size)) is not None:
+            return "sample_end.npy", at(i, f"ends at {end[i]}, past the shard's {size} bytes (shards.jsonl)")
+        m0, m1 = int(self.shard_members[shard]), int(self.shard_members[shard + 1])
+        if not 0 <= m0 <= m1 <= m:
+            return "member_count.npy", at(0, f"its members [{m0}, {m1}) are outside the {m} of member_offset.npy")
+        off, msize = np.asarray(self.member_offset[m0:m1]), np.asarray(self.member_size[m0:m1])
+        row = np.repeat(np.arange(b - a), count)
+        if (j := first((msize < 0) | (msize > _MAX_OFFSET))) is not None:
+            return "member_size.npy", at(int(row[j]), f"member {m0 + j} has size {msize[j]}")
+        if (j := first((off < 0) | (off > _MAX_OFFSET) | (off % BLOCK != 0))) is not None:
+            return "member_offset.npy", at(
+                int(row[j]), f"member {m0 + j} at {off[j]} is not the offset of a tar header"
+            )
+        heads = np.concatenate([[0], np.cumsum(count)[:-1]])
+        if (i := first(off[heads] != start)) is not None:
+            return "member_offset.npy", at(
+                i, f"its first member's header is at {off[heads[i]]}, its sample_start.npy says {start[i]}"
+            )
+        stops = off + BLOCK + (msize + BLOCK - 1) // BLOCK * BLOCK  # after each member's header and padded data
+        last = np.zeros(len(off), dtype=bool)
+        last[np.cumsum(count) - 1] = True
+        limit = np.where(last, end[row], np.concatenate([off[1:], [0]]))
+        if (j := first(stops > limit)) is not None:
+            if last[j]:
+                return "sample_end.npy", at(
+                    int(row[j]),
+                    f"its last member (member_offset.npy, member_size.npy) ends at {stops[j]}, after its end "
+                    f"{limit[j]}",
+                )
+            return "member_offset.npy", at(
+                int(row[j]),
+                f"member {m0 + j} (member_size.npy: {msize[j]} bytes) ends at {stops[j]}, after the next "
+                f"member's header at {limit[j]}",
+            )
+        return None
+
+    def byte_ranges(self, rows: np.ndarray) -> np.ndarray:
+        """`[start, end)` of each of `rows` in its tar, (k, 2) int64. Each shard they touch is
+        checked first (`range_problem`, once per shard): an edited index is refused naming its
+        file, shard and row, instead of reading wrong bytes and blaming the shard."""
+        rows = np.asarray(rows, dtype=np.int64)
+        for s in np.unique(self.shard_of(rows)).tolist():
+            if s not in self._ranges_checked:
+                problem = self.range_problem(s)
+                if problem is not None:
+                    raise self.damaged(*problem)
+                self._ranges_checked.add(s)
+        return np.stack([self.sample_start[rows], self.sample_end[rows]], axis=1)
 
     @property
     def n_samples(self) -> int:
@@ -348,5 +537,45 @@ class Index:
 
     def members(self, row: int) -> tuple[np.ndarray, np.ndarray]:
         """Header offsets and data sizes of the members of sample `row`, in its tar."""
-        a, b = self.member_start[row], self.member_start[row + 1]
+        s = int(self.shard_of(np.array([row]))[0])
+        a = int(self.shard_members[s]) + int(np.asarray(self.member_count[self.shard_offset[s] : row], np.int64).sum())
+        b = a + int(self.member_count[row])
         return np.asarray(self.member_offset[a:b]), np.asarray(self.member_size[a:b])
+
+
+_BLOCK = 1 << 20  # rows summed per step
+_MAX_OFFSET = 1 << 60  # larger offsets and sizes are impossible (and would overflow int64 sums)
+_COMPRESSIONS = (None, "gzip", "bz2", "xz")
+
+
+def _shard_problems(entry: dict, a: int, b: int) -> list[str]:
+    """What is wrong with one line of shards.jsonl whose shard owns rows `[a, b)`."""
+    name, status, size = entry.get("name"), entry.get("status"), entry.get("size")
+    out = []
+    if not _is_shard_name(name):
+        out.append(f"name {name!r} is not a path inside the dataset root")
+    if not isinstance(entry.get("url"), str):
+        out.append(f"shard {name!r}: url {entry.get('url')!r} is not a string")
+    if status not in ("ok", "empty", "broken") or (status == "ok") != (b > a):
+        out.append(f"shard {name!r}: status {status!r} with {b - a} rows")
+    if entry.get("rows", [a, b]) != [a, b] or entry.get("samples", b - a) != b - a:
+        out.append(
+            f"shard {name!r}: rows {entry.get('rows')!r}, samples {entry.get('samples')!r}; "
+            f"shard_offset.npy says [{a}, {b}]"
+        )
+    if "size" not in entry or size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 0):
+        out.append(f"shard {name!r}: size {entry.get('size', '(none)')!r} is not a byte count (or null: unknown)")
+    if entry.get("compression") not in _COMPRESSIONS:
+        out.append(f"shard {name!r}: compression {entry.get('compression')!r} is not one of {_COMPRESSIONS}")
+    return out
+
+
+def _is_shard_name(name) -> bool:
+    """Whether `name` is a shard name: a normalised relative POSIX path inside its root."""
+    return (
+        isinstance(name, str)
+        and name not in ("", ".", "..")
+        and not name.startswith(("/", "../"))
+        and posixpath.normpath(name) == name
+        and "\0" not in name
+    )

@@ -37,6 +37,9 @@ ARRAY_DTYPES = {
     "weights": np.dtype(np.float64),
     "ranges": np.dtype(np.int64),
 }
+MAX_COUNT = 2**63 - 1  # counts, sizes and offsets are int64
+MANIFEST_COUNTS = ("k", "N", "n_rows", "dropped_missing", "filled_zero_weight", "epochs", "window", "seed")
+MANIFEST_TEXTS = ("method", "balance", "fingerprint", "index_root", "created", "streamprune_version")
 
 
 class KeepList:
@@ -56,9 +59,9 @@ class KeepList:
         ids: np.ndarray,
         positions: np.ndarray | None = None,
         weights: np.ndarray | None = None,
-        samples: np.ndarray | None = None,
+        samples: npt.ArrayLike | None = None,
         ranges: np.ndarray | None = None,
-        shard_bytes: np.ndarray | None = None,
+        shard_bytes: npt.ArrayLike | None = None,
     ):
         self.manifest, self.names = manifest, list(names)
         self.kept = np.asarray(kept, dtype=np.int64)
@@ -110,12 +113,20 @@ class KeepList:
         s = self._by_name.get(shard_name)
         return 0 if s is None else int(self.kept[s])
 
+    def _damaged(self, file: str, shard_name: str, problem: str) -> DamagedRunError:
+        return _damaged(self.path, file, f"shard {shard_name!r}: {problem}")
+
     def shard_keys(self, shard_name: str) -> list[str]:
-        """Keys of a shard's kept samples, in tar order."""
+        """Keys of a shard's kept samples, in tar order (checked: UTF-8 within keys.bin)."""
         s = self._by_name[shard_name]
         cuts = np.asarray(self.key_offset[self.offsets[s] : self.offsets[s + 1] + 1])
+        if cuts[0] < 0 or cuts[-1] > len(self.key_blob) or (np.diff(cuts) < 0).any():
+            raise self._damaged("key_offset.npy", shard_name, "key offsets that decrease or leave keys.bin")
         blob = bytes(self.key_blob[cuts[0] : cuts[-1]])
-        return [blob[a - cuts[0] : b - cuts[0]].decode() for a, b in zip(cuts[:-1], cuts[1:])]
+        try:
+            return [blob[a - cuts[0] : b - cuts[0]].decode() for a, b in zip(cuts[:-1], cuts[1:])]
+        except UnicodeDecodeError as exc:
+            raise self._damaged("keys.bin", shard_name, f"a key is not UTF-8 ({exc.reason})") from None
 
     def shard_index(self, shard_name: str) -> int | None:
         """Position of a shard in `names`, None when the list does not know it."""
@@ -130,13 +141,31 @@ class KeepList:
         """Sorted tar positions of a shard's kept samples (None when built without an index)."""
         if self.positions is None:
             return None
-        return np.asarray(self.positions[self.shard_slice(shard_name)])
+        pos = np.asarray(self.positions[self.shard_slice(shard_name)])
+        s = self._by_name[shard_name]
+        limit = MAX_COUNT if self.samples is None else int(self.samples[s])
+        if len(pos) and (pos[0] < 0 or pos[-1] >= limit or (np.diff(pos) <= 0).any()):
+            raise self._damaged("positions.npy", shard_name, f"positions not strictly ascending in [0, {limit})")
+        return pos
 
     def shard_ranges(self, shard_name: str) -> np.ndarray | None:
         """`(start, end)` byte ranges of a shard's kept samples in its tar (None without an index)."""
         if self.ranges is None:
             return None
-        return np.asarray(self.ranges[self.shard_slice(shard_name)])
+        ranges = np.asarray(self.ranges[self.shard_slice(shard_name)])
+        starts, ends = ranges[:, 0], ranges[:, 1]  # past the tar's end: the reader refuses (it knows the size)
+        if len(ranges) and (starts[0] < 0 or (ends <= starts).any() or (starts[1:] < ends[:-1]).any()):
+            raise self._damaged("ranges.npy", shard_name, "byte ranges that are negative, empty, overlap or descend")
+        return ranges
+
+    def shard_weights(self, shard_name: str) -> np.ndarray | None:
+        """Importance weights of a shard's kept samples (None when the list carries none)."""
+        if self.weights is None:
+            return None
+        weights = np.asarray(self.weights[self.shard_slice(shard_name)])
+        if not (np.isfinite(weights) & (weights > 0)).all():
+            raise self._damaged("weights.npy", shard_name, "weights that are not finite and > 0")
+        return weights
 
     def ids(self) -> np.ndarray:
         """Kept identities as a sorted `u8,u8` array."""
@@ -221,58 +250,139 @@ class KeepList:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "KeepList":
-        """Read a keep-list directory (memory-mapped); a half-written or edited one is refused."""
+        """Read a keep-list directory (memory-mapped); a half-written or edited one is refused.
+
+        Headers, fields and per-shard counts are checked here, in time independent of the number
+        of kept samples; a shard's keys, positions, byte ranges and weights when they are read
+        (`shard_keys`, ...). Each problem is a DamagedRunError naming the file."""
         path = Path(path)
         mpath = path / "manifest.json"
         if not mpath.exists():
             raise FileNotFoundError(f"no keep-list at {str(path)!r} (no manifest.json)")
+        manifest = check_format(_read_json(path, "manifest.json"), KEEP_FORMAT, f"keep-list {str(mpath)!r}")
+        _check_manifest(path, manifest)
+        names, kept, columns = _read_shards(path, _read_json(path, "shards.json"))
+        k = sum(kept)
+        if k != manifest["k"]:
+            raise _damaged(path, "shards.json", f"the kept counts add up to {k}, manifest.json says k={manifest['k']}")
+        arr = {name: _read_array(path, name, k) for name in ARRAY_DTYPES}
+        key_offset, ids = arr["key_offset"], arr["ids"]
+        if key_offset is None or ids is None:
+            raise _damaged(path, "key_offset.npy" if key_offset is None else "ids.npy", "missing")
+        if manifest.get("weights") is True and arr["weights"] is None:
+            raise _damaged(path, "weights.npy", "missing, manifest.json says weights: true")
         try:
-            manifest = json.loads(mpath.read_text())
+            size = (path / "keys.bin").stat().st_size
+            blob = np.memmap(path / "keys.bin", dtype=np.uint8, mode="r") if size else b""
         except (OSError, ValueError) as exc:
-            raise DamagedRunError(f"keep-list {str(path)!r} is damaged or incomplete: {exc}") from None
-        check_format(manifest, KEEP_FORMAT, f"keep-list {str(mpath)!r}")
-        try:
-            shards = json.loads((path / "shards.json").read_text())
-            arr = {
-                n: np.load(path / f"{n}.npy", mmap_mode="r", allow_pickle=False)
-                if (path / f"{n}.npy").exists()
-                else None
-                for n in ("key_offset", "ids", "positions", "weights", "ranges")
-            }
-            if arr["key_offset"] is None or arr["ids"] is None:
-                raise ValueError(f"{'key_offset.npy' if arr['key_offset'] is None else 'ids.npy'} is missing")
-            for name, a in arr.items():
-                if a is not None and (
-                    a.dtype != ARRAY_DTYPES[name]
-                    or a.ndim != (2 if name == "ranges" else 1)
-                    or (name == "ranges" and a.shape[1] != 2)
-                ):
-                    shape = "(k, 2)" if name == "ranges" else "(k+1,)" if name == "key_offset" else "(k,)"
-                    raise ValueError(f"{name}.npy is {a.dtype} {a.shape}, not {ARRAY_DTYPES[name]} {shape}")
-            blob = np.memmap(path / "keys.bin", dtype=np.uint8, mode="r") if arr["key_offset"][-1] else b""
-            column = lambda field: np.array([s[field] for s in shards]) if shards and field in shards[0] else None
-            keep = cls(
-                manifest,
-                [s["name"] for s in shards],
-                [s["kept"] for s in shards],
-                blob,
-                arr["key_offset"],
-                arr["ids"],
-                arr["positions"],
-                arr["weights"],
-                column("samples"),
-                arr["ranges"],
-                column("bytes"),
+            raise _damaged(path, "keys.bin", f"unreadable ({exc})") from None
+        starts = key_offset[np.concatenate([[0], np.cumsum(kept, dtype=np.int64)])]  # each shard's first key, the end
+        if starts[0] != 0 or starts[-1] != size or (np.diff(starts) < 0).any():
+            raise _damaged(
+                path, "key_offset.npy", f"the shards' key offsets do not ascend from 0 to the {size} bytes of keys.bin"
             )
-        except (OSError, ValueError, KeyError, TypeError, IndexError, json.JSONDecodeError) as exc:
-            raise DamagedRunError(f"keep-list {str(path)!r} is damaged or incomplete: {exc}") from None
-        if manifest.get("k") != len(keep) or len(blob) != keep.key_offset[-1]:
-            raise DamagedRunError(
-                f"keep-list {str(path)!r} is damaged: manifest says k={manifest.get('k')}, "
-                f"it holds {len(keep)} samples and {len(blob)} key bytes"
-            )
+        keep = cls(
+            manifest,
+            names,
+            kept,
+            blob,
+            key_offset,
+            ids,
+            arr["positions"],
+            arr["weights"],
+            columns["samples"],
+            arr["ranges"],
+            columns["bytes"],
+        )
         keep.path = path
         return keep
+
+
+def _damaged(path: Path | None, file: str, problem: str) -> DamagedRunError:
+    """A keep-list that cannot be used: names its directory (when saved) and the file."""
+    where = "(not saved)" if path is None else repr(str(path))
+    return DamagedRunError(
+        f"keep-list {where} is damaged or incomplete: {file}: {problem}; write it again "
+        "(`streamprune reduce`, or `KeepList.save` for a list of your own)"
+    )
+
+
+def _is_count(value, low: int = 0) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= MAX_COUNT
+
+
+def _read_json(path: Path, file: str):
+    try:
+        return json.loads((path / file).read_bytes())
+    except FileNotFoundError:
+        raise _damaged(path, file, "missing") from None
+    except (OSError, ValueError, RecursionError) as exc:  # UnicodeDecodeError, JSONDecodeError: ValueErrors
+        raise _damaged(path, file, f"not readable JSON ({exc})") from None
+
+
+def _check_manifest(path: Path, m: dict) -> None:
+    """The manifest's fields that readers use are of their types (all problems in one error)."""
+    problems = [f"{f}={m.get(f)!r} is not an integer >= 0" for f in MANIFEST_COUNTS if not _is_count(m.get(f, 0))]
+    problems += [f"{f}={m[f]!r} is not a string" for f in MANIFEST_TEXTS if not isinstance(m.get(f, ""), str)]
+    ratio = m.get("ratio", 0)
+    if not (isinstance(ratio, (int, float)) and not isinstance(ratio, bool) and 0 <= ratio < 1):
+        problems.append(f"ratio={ratio!r} is not a number in [0, 1)")
+    if not isinstance(m.get("weights", False), bool):
+        problems.append(f"weights={m['weights']!r} is not true or false")
+    if not isinstance(m.get("params", {}), dict):
+        problems.append(f"params={m['params']!r} is not an object")
+    if "k" not in m:
+        problems.insert(0, "k is missing")
+    if problems:
+        raise _damaged(path, "manifest.json", "; ".join(problems))
+
+
+def _read_shards(path: Path, shards) -> tuple[list[str], list[int], dict[str, list[int] | None]]:
+    """shards.json's names, kept counts and `samples` and `bytes` columns (None when absent), checked."""
+    if not isinstance(shards, list) or not all(isinstance(s, dict) for s in shards):
+        raise _damaged(path, "shards.json", "not a list of shard entries ({name, kept, ...})")
+    names = [s.get("name") for s in shards]
+    for i, name in enumerate(names):
+        if not isinstance(name, str) or not name:
+            raise _damaged(path, "shards.json", f"entry {i}: name {name!r} is not a shard name")
+    if len(set(names)) < len(names):
+        twice = next(n for i, n in enumerate(names) if n in names[:i])
+        raise _damaged(path, "shards.json", f"shard {twice!r} is listed twice")
+    columns: dict[str, list[int] | None] = {}
+    for field, low, what in (
+        ("kept", 0, "an integer >= 0"),
+        ("samples", 0, "an integer >= kept"),
+        ("bytes", -1, "a size or -1"),
+    ):
+        if field != "kept" and not any(field in s for s in shards):
+            columns[field] = None
+            continue
+        for name, s in zip(names, shards):
+            value = s.get(field)
+            if not _is_count(value, low) or (field == "samples" and value < s["kept"]):
+                raise _damaged(path, "shards.json", f"shard {name!r}: {field}={value!r} is not {what}")
+        columns[field] = [s[field] for s in shards]
+    kept = columns.pop("kept")
+    assert kept is not None  # every entry's was checked above
+    return names, kept, columns
+
+
+def _read_array(path: Path, name: str, k: int) -> np.ndarray | None:
+    """`NAME.npy` memory-mapped (None when absent), its dtype and shape those of `k` kept samples."""
+    file = path / f"{name}.npy"
+    if not file.exists():
+        return None
+    try:
+        array = np.load(file, mmap_mode="r", allow_pickle=False)
+    except Exception as exc:  # a damaged header raises many kinds in numpy (ValueError, SyntaxError, TokenError...)
+        raise _damaged(path, file.name, f"not a readable .npy array ({type(exc).__name__}: {exc})") from None
+    shape = {"key_offset": (k + 1,), "ranges": (k, 2)}.get(name, (k,))
+    if not isinstance(array, np.ndarray) or array.dtype != ARRAY_DTYPES[name] or array.shape != shape:
+        found = f"{array.dtype} {array.shape}" if isinstance(array, np.ndarray) else type(array).__name__
+        raise _damaged(
+            path, file.name, f"{found}, not {ARRAY_DTYPES[name]} {shape} (shards.json counts {k} kept samples)"
+        )
+    return array
 
 
 class _NpyOut:
@@ -454,7 +564,7 @@ class KeepListWriter:
             blob,
             rows - index.shard_offset[shards],
             None if self.weights is None else np.full(len(rows), weight),
-            np.stack([index.sample_start[rows], index.sample_end[rows]], axis=1),
+            index.byte_ranges(rows),
         )
 
     def _abort(self) -> None:

@@ -13,17 +13,22 @@ import hashlib
 import json
 import os
 import re
+import reprlib
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeGuard
 
-from streamprune.errors import DamagedRunError, InputError, SettingsError
+from streamprune.errors import DamagedRunError, InputError, SettingsError, StreamPruneError
 from streamprune.formats.headers import CLASSES_FORMAT, check_format, header
 from streamprune.formats.rundir import RunDir
 from streamprune.plugins import import_function, is_function_spec
 
 _EXT = re.compile(r"^[a-z0-9_][a-z0-9_.-]*$")
+_DIGITS = re.compile(r"[-+]?\d+")
+MAX_LABEL = 2**63 - 1  # the largest class index that int64 targets hold
+MAX_INFERRED_CLASSES = 100_000  # more classes are given (num_classes or a class list), never inferred
 
 Label = int | str
 
@@ -36,20 +41,27 @@ class LabelError(BadSample):
     """A sample's label is missing or unreadable; names the sample."""
 
 
-def _where(sample: dict) -> str:
+def _is_int(value) -> TypeGuard[int]:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def sample_name(sample: dict) -> str:
+    """How errors name a sample: its key and shard."""
     return f"sample {sample.get('__key__')!r} of {sample.get('__url__') or sample.get('__shard__')!r}"
 
 
-def _from_text(raw: bytes | str) -> Label:
+def _from_text(raw: bytes | str, where: str, origin: str) -> Label:
     text = (raw.decode("utf-8") if isinstance(raw, (bytes, bytearray, memoryview)) else str(raw)).strip()
     try:
         return int(text)
     except ValueError:
+        if _DIGITS.fullmatch(text):  # more digits than Python turns into an int
+            raise LabelError(f"{where}: {origin} is an integer of {len(text):,} digits, not a class index") from None
         return text
 
 
 def check_label(value, where: str, origin: str) -> Label:
-    """`value` as a label (a non-negative int or a non-empty name), or a LabelError naming the sample."""
+    """`value` as a label (an int in [0, 2^63) or a non-empty name), or a LabelError naming the sample."""
     if isinstance(value, bool) or not isinstance(value, (int, str)) and not hasattr(value, "__index__"):
         raise LabelError(f"{where}: {origin} is {value!r}, not an integer class or a class name")
     if isinstance(value, str):
@@ -57,9 +69,22 @@ def check_label(value, where: str, origin: str) -> Label:
             raise LabelError(f"{where}: {origin} is an empty string")
         return value
     value = int(value.__index__()) if not isinstance(value, int) else value
-    if value < 0:
-        raise LabelError(f"{where}: {origin} is negative ({value})")
+    if not 0 <= value <= MAX_LABEL:
+        shown = value if value.bit_length() <= 128 else f"an integer of {value.bit_length():,} bits"
+        raise LabelError(f"{where}: {origin} is {shown}, not a class index in [0, 2^63)")
     return value
+
+
+def class_count(largest: int, where: str) -> int:
+    """The class count of integer labels whose largest is `largest` (found at `where`): that plus
+    one, up to MAX_INFERRED_CLASSES; above, one stray label would build a huge model silently."""
+    if largest >= MAX_INFERRED_CLASSES:
+        raise InputError(
+            f"{where}: label {largest:,} would make {largest + 1:,} classes, more than the "
+            f"{MAX_INFERRED_CLASSES:,} inferred at most; if there are that many, give the count "
+            "(--num-classes, record's num_classes) or a class list (--classes)"
+        )
+    return largest + 1
 
 
 @dataclass(frozen=True)
@@ -97,7 +122,7 @@ class LabelSpec:
 
     def __call__(self, sample: dict) -> Label:
         """The label of a webdataset sample dict (raw member bytes): an int or a class name."""
-        where = _where(sample)
+        where = sample_name(sample)
         if self.member is None:
             try:
                 value = self.function()(sample)
@@ -110,7 +135,8 @@ class LabelSpec:
             raise LabelError(f"{where}: no .{self.member} member for the label")
         if self.member != "json":
             try:
-                return check_label(_from_text(sample[self.member]), where, f"label .{self.member}")
+                origin = f"label .{self.member}"
+                return check_label(_from_text(sample[self.member], where, origin), where, origin)
             except UnicodeDecodeError:
                 raise LabelError(f"{where}: label .{self.member} is not UTF-8 text") from None
         try:
@@ -181,7 +207,7 @@ class Classes:
             raise InputError(f"no sample has a label ({label})")
         if names:
             return cls(len(names), tuple(names), label, tuple(counts[n] for n in names))
-        n = max(ints) + 1
+        n = class_count(max(ints), f"labels ({label})")
         return cls(n, None, label, tuple(counts.get(i, 0) for i in range(n)))
 
     @classmethod
@@ -198,12 +224,14 @@ class Classes:
             except ValueError as exc:
                 raise InputError(f"class list {str(path)!r} is not valid JSON: {exc}") from None
             if isinstance(data, dict) and data.get("format") == CLASSES_FORMAT.name:
-                return cls._from_doc(data, path)
+                return cls._from_doc(data, path, InputError)
             if not isinstance(data, list) or not all(isinstance(n, str) for n in data):
                 raise InputError(f"class list {str(path)!r}: expected a JSON list of class names")
             names = data
         else:
             names = [line.strip() for line in text.splitlines() if line.strip()]
+        if not names:
+            raise InputError(f"class list {str(path)!r}: names no class; write one name per line or a JSON list")
         if len(set(names)) != len(names):
             dup = next(n for n in names if names.count(n) > 1)
             raise InputError(f"class list {str(path)!r} names {dup!r} twice")
@@ -234,16 +262,37 @@ class Classes:
             doc = json.loads(path.read_text())
         except ValueError as exc:
             raise DamagedRunError(f"{str(path)!r} is damaged: {exc}") from None
-        return cls._from_doc(doc, path)
+        return cls._from_doc(doc, path, DamagedRunError)
 
     @classmethod
-    def _from_doc(cls, doc: dict, path: Path) -> "Classes":
+    def _from_doc(cls, doc: dict, path: Path, error: type[StreamPruneError]) -> "Classes":
+        """The classes of a `classes.json` document, each field checked: a wrong one is an `error`
+        naming the file and the field."""
         check_format(doc, CLASSES_FORMAT, repr(str(path)))
-        names, counts = doc.get("names"), doc.get("counts")
+        n, names, counts, label = (doc.get(k) for k in ("num_classes", "names", "counts", "label"))
+
+        def refuse(field: str, expected: str, value) -> StreamPruneError:
+            return error(f"class list {str(path)!r}: {field}: must be {expected}, not {reprlib.repr(value)}")
+
+        if not _is_int(n) or n < 1:
+            raise refuse("num_classes", "an integer >= 1", n)
+        if label is not None and not (isinstance(label, str) and label):
+            raise refuse("label", "a label spec (a non-empty string)", label)
+        if names is not None and not (
+            isinstance(names, list)
+            and len(names) == n
+            and all(isinstance(x, str) and x for x in names)
+            and len(set(names)) == n
+        ):
+            raise refuse("names", f"null or a list of {n} distinct non-empty strings (one per class)", names)
+        if counts is not None and not (
+            isinstance(counts, list) and len(counts) == n and all(_is_int(c) and c >= 0 for c in counts)
+        ):
+            raise refuse("counts", f"null or a list of {n} integers >= 0 (one per class)", counts)
         return cls(
-            int(doc["num_classes"]),
+            n,
             None if names is None else tuple(names),
-            doc.get("label", "cls"),
+            label or "cls",
             None if counts is None else tuple(counts),
         )
 
@@ -289,15 +338,18 @@ def count_classes(parts: "Iterable[tuple[Counter, int, list[str]]]", label: str,
     return Classes.from_labels(counts, label)
 
 
-def scan_classes(run: str | os.PathLike, label: str = "cls") -> Classes:
+def scan_classes(run: str | os.PathLike, label: str = "cls", *, shards: str | Iterable[str] | None = None) -> Classes:
     """`RUN/classes.json` from every indexed sample's label, counted here in one process (no Ray;
-    `labelscan.build_classes` spreads the same over Ray tasks), saved and returned."""
+    `labelscan.build_classes` spreads the same over Ray tasks), saved and returned. `shards`: the
+    URLs of the indexed shards to read (`shards.sources.shard_urls`)."""
     from streamprune.formats.index import Index
+    from streamprune.shards.sources import shard_urls
 
     spec = LabelSpec(label)
     idx = Index(RunDir(run).index)
+    urls = shard_urls(idx, shards)
     parts = (
-        scan_labels(info["url"], idx.names[s], spec, spec.members)
+        scan_labels(urls[s], idx.names[s], spec, spec.members)
         for s, info in enumerate(idx.shards)
         if info["status"] == "ok"
     )

@@ -108,6 +108,12 @@ def iter_ranges(
                 f"{expected_size}: re-index and reduce again, or pass allow_mismatch=True "
                 "to match samples by key"
             )
+        end = int(ranges[:, 1].max()) if len(ranges) else 0
+        if opened.tar_size is not None and end > opened.tar_size:  # read nothing (nor allocate) past the end
+            raise ChangedShardError(
+                f"shard {url!r} has {opened.tar_size} bytes, the keep-list's byte ranges reach {end}: "
+                "the shard changed since indexing, or the keep-list was edited; re-index and reduce again"
+            )
         runs = list(_coalesce(ranges))
         spans = [(int(ranges[first, 0]), int(ranges[stop - 1, 1])) for first, stop in runs]
         if opened.remote is not None:  # range requests without read-ahead, several in flight

@@ -7,6 +7,7 @@ import glob
 import io
 import os
 import subprocess
+import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import IO, Any, Protocol, cast
@@ -165,6 +166,30 @@ class _Prefixed:
         self.stream.close()
 
 
+STDERR_TAIL = 4096  # bytes of a `pipe:` command's stderr kept for its error message
+
+
+class _StderrTail:
+    """A `pipe:` command's stderr, read to its end by a daemon thread (so that a command writing
+    a lot there never blocks on a full pipe), keeping only its last STDERR_TAIL bytes."""
+
+    def __init__(self, stream: io.BufferedReader):
+        self._tail = b""
+        self._thread = threading.Thread(target=self._drain, args=(stream,), daemon=True)
+        self._thread.start()
+
+    def _drain(self, stream: io.BufferedReader) -> None:
+        with stream:
+            while chunk := stream.read1(1 << 16):
+                self._tail = (self._tail + chunk)[-STDERR_TAIL:]
+
+    def text(self, wait: float = 1.0) -> str:
+        """The kept tail once stderr has ended, or after `wait` seconds (a process the command
+        started in the background may hold stderr open)."""
+        self._thread.join(wait)
+        return self._tail.decode(errors="replace").strip()
+
+
 class ShardStream(Protocol):
     """A shard's bytes as `OpenShard` holds them: a local file, a decompressor, a pipe or a remote stream."""
 
@@ -189,6 +214,7 @@ class OpenShard:
     raw: Any = None
     remote: Any = None  # a remote.RemoteFile when byte ranges can be fetched (remote, uncompressed)
     transfer: Any = None  # a remote shard's remote.TransferStats (requests, bytes received)
+    stderr: _StderrTail | None = None  # a `pipe:` command's stderr
 
     @property
     def tar_size(self) -> int | None:
@@ -208,17 +234,18 @@ class OpenShard:
         purpose: the command is then stopped and its status ignored.
         """
         raw = self.stream if self.raw is None else self.raw
-        if self.process is not None:
+        process, self.process = self.process, None  # ended here: a second close has no command to wait for
+        if process is not None:
             if drain:
                 while raw.read(1 << 20):
                     pass
             else:
-                self.process.kill()
+                process.kill()
         self.release()
-        if self.process is not None:
-            rc = self.process.wait()
+        if process is not None:
+            rc = process.wait()
             if drain and rc != 0:
-                err = self.process.stderr.read().decode(errors="replace").strip() if self.process.stderr else ""
+                err = self.stderr.text() if self.stderr is not None else ""
                 raise OSError(f"shard {url!r}: pipe command exited with status {rc}: {err}")
 
     def release(self) -> None:
@@ -259,11 +286,15 @@ def open_shard(url: str) -> OpenShard:
     are opened as a forward-only stream of the decompressed tar. Remote shards (`http(s)://`,
     other fsspec URLs) get a resuming read-through stream and, when uncompressed and the server
     takes byte ranges, `remote` for fetching ranges without read-ahead.
-    `pipe:` URLs are shell commands (they come only from the user's own arguments).
+    `pipe:` URLs are shell commands (they come only from the user's own arguments, never from a
+    run directory: `shards.sources`); their stderr is read on a thread, its tail kept for errors.
     """
     if url.startswith("pipe:"):
         proc = subprocess.Popen(url[len("pipe:") :], shell=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        return from_stream(proc.stdout, process=proc)
+        stderr = _StderrTail(cast(io.BufferedReader, proc.stderr))  # before the first read of stdout
+        opened = from_stream(proc.stdout, process=proc)
+        opened.stderr = stderr
+        return opened
     if is_local(url):
         path = local_path(url)
         try:

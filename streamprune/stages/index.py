@@ -78,7 +78,7 @@ def index(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rd = RunDir(out)
-    with output_lock(rd.index):
+    with output_lock(rd.index, writer="index"):
         clean_stale_temps(rd.index)  # an index swap-in of a killed `index`
         parts_dir = rd.index_parts
         parts_dir.mkdir(exist_ok=True)

@@ -4,6 +4,7 @@ each shard and count the labels; the driver merges the counts into `RUN/classes.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 import ray
@@ -12,6 +13,7 @@ from tqdm.auto import tqdm
 from streamprune.formats.index import Index
 from streamprune.formats.rundir import RunDir
 from streamprune.shards.labels import Classes, count_classes, scan_labels
+from streamprune.shards.sources import shard_urls
 from streamprune.stages.ray_cluster import bounded_map, ensure_ray
 from streamprune.training.decode import SampleDecoder
 from streamprune.training.samples import healthy_shards
@@ -29,11 +31,14 @@ def build_classes(
     decode: str | None = None,
     address: str | None = None,
     progress: bool = True,
+    shards: str | Iterable[str] | None = None,
 ) -> Classes:
     """Count the labels (`label` spec, or those a `decode` function returns) of every indexed sample
-    of `run`, write `RUN/classes.json` and return it: sorted class names, or 0..max for integers."""
+    of `run`, write `RUN/classes.json` and return it: sorted class names, or 0..max for integers.
+    `shards`: the URLs of the indexed shards to read (`shard_urls`)."""
     run = Path(run)
     idx = Index(RunDir(run).index)
+    urls = shard_urls(idx, shards)
     healthy = healthy_shards(idx).tolist()
     decoder = SampleDecoder(None, "cls" if decode else label, None, decode)
     ensure_ray(address)
@@ -41,7 +46,7 @@ def build_classes(
     parts: list = []
     limit = max(4, 4 * int(ray.cluster_resources().get("CPU", 1)))
     bounded_map(
-        lambda s: _count_task.remote(idx.shards[s]["url"], idx.names[s], decoder),
+        lambda s: _count_task.remote(urls[s], idx.names[s], decoder),
         healthy,
         limit,
         lambda _, part: parts.append(part),

@@ -71,7 +71,7 @@ def run_pipeline(cfg: Config, progress: bool = True, log=print) -> PipelineResul
         from streamprune.stages.report import build_report
 
         t = time.perf_counter()
-        result.report = build_report(run, max_rows=cfg.report.max_rows, progress=progress)
+        result.report = build_report(run, max_rows=cfg.report.max_rows, progress=progress, shards=cfg.shards)
         result.stage_seconds["report"] = time.perf_counter() - t
     return result
 
@@ -113,7 +113,7 @@ def _record_done(cfg: Config, run: Path) -> bool:
 def _record(cfg: Config, run: Path, progress: bool, log) -> None:
     from streamprune.stages.record import record
 
-    log(record_line(record(run, settings=cfg.record, address=cfg.address, progress=progress)))
+    log(record_line(record(run, settings=cfg.record, address=cfg.address, progress=progress, shards=cfg.shards)))
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,20 @@ def ensure_ray(address: str | None = None) -> None:
     )
 
 
+def placeable(per_worker: dict[str, float]) -> int:
+    """How many workers reserving `per_worker` resources each the Ray cluster's live nodes hold at
+    once (each worker on one node), by the nodes' total resources."""
+
+    def units(amount: float) -> int:  # Ray counts resources in ten-thousandths
+        return round(amount * 10_000)
+
+    return sum(
+        min(units(node["Resources"].get(name, 0)) // units(need) for name, need in per_worker.items() if need)
+        for node in ray.nodes()
+        if node["Alive"]
+    )
+
+
 def quiet_worker_logs() -> None:
     """Ray worker setup: silence Ray Train's warnings that are not failures: without the dashboard
     its placement-group cleaner warns every second that the state API is unavailable."""

@@ -17,6 +17,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,13 +27,15 @@ import ray
 import torch
 
 from streamprune.errors import InputError, SettingsError, StreamPruneError
+from streamprune.formats.atomic import output_lock
 from streamprune.formats.index import Index
 from streamprune.formats.rundir import RunDir
 from streamprune.formats.stats_store import LABEL, LABEL_MISSING, STATS, StatsStore, missing_stats
 from streamprune.scoring.stats import sample_stats
 from streamprune.settings import RecordSettings
-from streamprune.shards.labels import BadSample, Classes, LabelSpec
-from streamprune.stages.ray_cluster import ensure_ray
+from streamprune.shards.labels import BadSample, Classes, LabelSpec, class_count, sample_name
+from streamprune.shards.sources import shard_urls
+from streamprune.stages.ray_cluster import ensure_ray, placeable
 from streamprune.stages.record_writers import StoreWriters
 from streamprune.training.decode import PROBE_SAMPLES, SampleDecoder, View, probe_view
 from streamprune.training.models import build_model
@@ -128,6 +131,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         self,
         index_path: str,
         shards: list[int],
+        sources: dict[int, str],
         epoch: int,
         seed: int,
         do_augment: bool,
@@ -136,7 +140,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         shape: tuple[int, ...],
         on_bad_sample: str = "error",
     ):
-        self.index_path, self.shards, self.epoch, self.seed = index_path, shards, epoch, seed
+        self.index_path, self.shards, self.sources, self.epoch, self.seed = index_path, shards, sources, epoch, seed
         self.do_augment, self.shuffle_buffer, self.decoder = do_augment, shuffle_buffer, decoder
         self.shape, self.on_bad_sample = tuple(shape), on_bad_sample
 
@@ -149,7 +153,7 @@ class ShardStream(torch.utils.data.IterableDataset):
 
     def _samples(self, idx: Index, shard: int):
         rng = np.random.default_rng([self.seed, self.epoch, shard]) if self.do_augment else None
-        for sample, row in indexed_samples(idx, shard):
+        for sample, row in indexed_samples(idx, shard, self.sources[shard]):
             try:
                 x, label = self.decoder(sample, rng)
             except BadSample as exc:
@@ -249,6 +253,7 @@ def _train_loop(cfg: dict) -> None:
             ShardStream(
                 str(RunDir(run).index),
                 mine,
+                {s: cfg["urls"][s] for s in mine},  # the shards' URLs, resolved by the driver
                 epoch,
                 rc.seed,
                 rc.augment,
@@ -325,11 +330,11 @@ def _send(writers: StoreWriters, rows_buf: list, stats_buf: list) -> list:
     return writers.add(rows, stats)
 
 
-def _first_samples(idx: Index, healthy: list[int], limit: int = 2000):
-    """Raw sample dicts of the first `limit` samples of the first shards (at most 4)."""
+def _first_samples(idx: Index, healthy: list[int], urls: list[str], limit: int = 2000):
+    """Raw sample dicts of the first `limit` samples of the first shards (at most 4), read from `urls`."""
     seen = 0
     for shard in healthy[:4]:
-        for sample, _ in indexed_samples(idx, shard):
+        for sample, _ in indexed_samples(idx, shard, urls[shard]):
             yield sample
             seen += 1
             if seen >= limit:
@@ -340,6 +345,8 @@ def _inputs(
     run: Path,
     idx: Index,
     healthy: list[int],
+    urls: list[str],
+    shards: str | Iterable[str] | None,
     label: str,
     decode: str | None,
     image_size: int | None,
@@ -353,30 +360,31 @@ def _inputs(
 
     Class names (string labels) come from `classes` (a list file or Classes), else `RUN/classes.json`
     made for the same label, else a scan of every label (saved there). Integer labels need no list:
-    their count is `num_classes`, else the largest label among the first 2,000 samples plus one."""
+    their count is `num_classes`, else the largest label among the first 2,000 samples plus one
+    (up to MAX_INFERRED_CLASSES); a label of those samples outside the count is refused here."""
     spec = LabelSpec(label)
     key = decode or spec.spec
-    samples = _first_samples(idx, healthy)
+    samples = _first_samples(idx, healthy, urls)
     head = list(itertools.islice(samples, PROBE_SAMPLES))  # the rest is streamed: memory stays small
     view = None if decode else probe_view(head, image_size)
     probe = SampleDecoder(view, spec, None, decode)
-    raw: list = []
+    raw: list[tuple[int | str, str]] = []  # (label, sample)
     shape: tuple[int, ...] | None = view.shape if view is not None else None
     for sample in itertools.chain(head, samples):
         try:
             if decode:
                 x, lab = probe.user_decode(sample)
                 shape = shape or tuple(torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x).shape)
-                raw.append(lab)
             else:
-                raw.append(probe.raw_label(sample))
+                lab = probe.raw_label(sample)
         except BadSample:
             continue
+        raw.append((lab, sample_name(sample)))
     if not raw or shape is None:
         raise InputError(f"no sample among the first of {str(idx.path)!r} has a usable label ({key})")
     if isinstance(classes, (str, os.PathLike)):
         classes = Classes.from_file(classes, key)
-    named = any(isinstance(r, str) for r in raw)
+    named = any(isinstance(r, str) for r, _ in raw)
     if classes is None:
         stored = Classes.load(run)
         if stored is not None and stored.label == key:
@@ -384,15 +392,22 @@ def _inputs(
         elif named:
             from streamprune.stages.label_scan import build_classes
 
-            classes = build_classes(run, label, decode=decode, address=address, progress=progress)
+            classes = build_classes(run, label, decode=decode, address=address, progress=progress, shards=shards)
     if classes is not None and classes.names is not None:
         if num_classes is not None and num_classes != classes.num_classes:
             raise SettingsError(
                 f"num_classes {num_classes} differs from the {classes.num_classes} class names of the run's class list"
             )
         return view, shape, classes, True
-    n = num_classes or (classes.num_classes if classes is not None else max(r for r in raw if isinstance(r, int)) + 1)
-    return view, shape, Classes(n, label=key), False
+    largest = max(((r, where) for r, where in raw if isinstance(r, int)), default=None)
+    count = num_classes or (classes.num_classes if classes is not None else None)
+    if count is None:
+        assert largest is not None  # every label is an int: names made a class list above
+        return view, shape, Classes(class_count(*largest), label=key), False
+    given = Classes(count, label=key)
+    if largest is not None:
+        given.index_of(*largest)  # a label outside the given count: refused before any work
+    return view, shape, given, False
 
 
 def record(
@@ -405,6 +420,7 @@ def record(
     augment_images: bool = True,
     chunk_rows: int | None = None,
     record_stats: bool = True,
+    shards: str | Iterable[str] | None = None,
     **options: Any,
 ) -> RecordSummary:
     """Train the proxy for the first `epochs` epochs of a `schedule_epochs` cosine schedule and
@@ -414,30 +430,51 @@ def record(
     `epochs` and any of its fields given as keyword `options` on top; bad values are refused
     before any work. `record_stats=False` trains without recording (the benchmark's baseline)
     and writes nothing to the store; `augment_images` and `chunk_rows` are for tests and benchmarks.
+    `shards`: the URLs of the indexed shards to read (`shards.sources.shard_urls`; default: the
+    index's root plus each shard's name).
     """
     if epochs is not None:
         options["epochs"] = epochs
     if isinstance(options.get("classes"), os.PathLike):
         options["classes"] = os.fspath(options["classes"])
     s = (settings or RecordSettings()).replace(**options)
-    epochs, label, decode, image_size = s.epochs, s.label, s.decode, s.image_size
-    gpus_per_worker, workers, model = s.gpus_per_worker, s.workers, s.model
     run = Path(run).resolve()
     idx = Index(RunDir(run).index)
+    urls = shard_urls(idx, shards)  # a stored URL that may not be opened is refused before any work
+    with output_lock(RunDir(run).stats, writer="record"):  # a second `record` of the run is refused, naming this one
+        return _record(run, idx, s, address, progress, augment_images, chunk_rows, record_stats, urls, shards)
+
+
+def _record(
+    run: Path,
+    idx: Index,
+    s: RecordSettings,
+    address: str | None,
+    progress: bool,
+    augment_images: bool,
+    chunk_rows: int | None,
+    record_stats: bool,
+    urls: list[str],
+    shards: str | Iterable[str] | None,
+) -> RecordSummary:
+    """`record`, holding the run's writer lock."""
+    epochs, label, decode, image_size = s.epochs, s.label, s.decode, s.image_size
+    gpus_per_worker, workers, model = s.gpus_per_worker, s.workers, s.model
     healthy = healthy_shards(idx).tolist()
+    view, shape, run_classes, named = _inputs(
+        run, idx, healthy, urls, shards, label, decode, image_size, s.classes, s.num_classes, address, progress
+    )
     ensure_ray(address)
     resources = ray.cluster_resources()
     if gpus_per_worker is None:
         gpus_per_worker = 1.0 if resources.get("GPU", 0) >= 1 else 0.0
     if workers is None:
-        workers = (
-            int(resources.get("GPU", 0) // gpus_per_worker)
+        workers = (  # one at least: a cluster without room for it is refused below, naming what it has
+            max(1, int(resources.get("GPU", 0) // gpus_per_worker))
             if gpus_per_worker
             else max(1, min(4, int(resources.get("CPU", 1)) // 2))
         )
-    view, shape, run_classes, named = _inputs(
-        run, idx, healthy, label, decode, image_size, s.classes, s.num_classes, address, progress
-    )
+    _refuse_unplaceable(workers, gpus_per_worker, resources)
     cfg = RecordConfig(
         epochs=epochs,
         schedule_epochs=s.schedule_epochs,
@@ -489,12 +526,69 @@ def record(
         s.max_failures,
         progress,
         int(np.diff(idx.shard_offset)[healthy].sum()),
+        urls,
     )
     for actor in ([] if writers is None else writers.actors) + [tracker]:
         ray.kill(actor)
     summary.bad_samples = len(bad_samples(run))
     summary.inputs = _describe(view, shape, decode, run_classes, named)
     return summary
+
+
+def _per_worker(gpus_per_worker: float) -> dict[str, float]:
+    """What each training worker reserves: 1 CPU, and its GPUs."""
+    return {"CPU": 1.0, **({"GPU": gpus_per_worker} if gpus_per_worker else {})}
+
+
+def _refuse_unplaceable(workers: int, gpus_per_worker: float, resources: dict[str, float]) -> None:
+    """Refuse `workers` training workers that the Ray cluster's nodes cannot hold at once (Ray Train
+    would wait for them forever), naming what it has. The nodes up now count, with all their
+    resources (work holding some only delays the start); nodes an autoscaler may add do not."""
+    room = placeable(_per_worker(gpus_per_worker))
+    if workers <= room:
+        return
+    gpus = resources.get("GPU", 0.0)
+    each = "1 CPU" + (f" + {_count(gpus_per_worker, 'GPU')}" if gpus_per_worker else "")
+    need = _count(workers, "CPU") + (f" and {_count(workers * gpus_per_worker, 'GPU')}" if gpus_per_worker else "")
+    if room:
+        fix = f"use --workers {room} or fewer"
+    elif gpus_per_worker and not gpus:
+        fix = "use --gpus-per-worker 0 (train on CPUs)"
+    else:
+        fix = f"use a smaller --gpus-per-worker or add nodes with {'GPUs' if gpus_per_worker else 'CPUs'}"
+    split = workers <= resources.get("CPU", 0.0) and workers * gpus_per_worker <= gpus  # enough, not on a node
+    raise SettingsError(
+        f"record: {_count(workers, 'worker')} x {each} need{'s' if workers == 1 else ''} {need}, the Ray cluster "
+        f"has {_cpus_gpus(resources)}"
+        + (", but a worker's resources must be on one node" if split else "")
+        + f"; {fix}"
+    )
+
+
+def _start_timed_out(exc: BaseException, max_failures: int) -> SettingsError | None:
+    """What to report when Ray Train gave up starting the workers (`max_failures` + 1 start timeouts:
+    the cluster has room for them, but other work holds it); None for any other failure."""
+    from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
+
+    failure = getattr(exc, "controller_failure", None)
+    if not isinstance(failure, WorkerGroupStartupTimeoutError):
+        return None
+    what = str(failure).split(". ")[0]  # "The worker group startup timed out after 60.0 seconds waiting for 2 workers"
+    return SettingsError(
+        f"record: {what[:1].lower()}{what[1:]}, {_count(max_failures + 1, 'time')} (--max-failures {max_failures}); "
+        f"other work holds the Ray cluster's {_cpus_gpus(ray.cluster_resources())} (free now: "
+        f"{_cpus_gpus(ray.available_resources())}); wait for it, use fewer --workers, or a larger --max-failures"
+    )
+
+
+def _count(n: float, what: str) -> str:
+    """`n` things: '1 CPU', '6 CPUs', '0.5 GPUs'."""
+    return f"{n:g} {what}{'' if n == 1 else 's'}"
+
+
+def _cpus_gpus(resources: dict[str, float]) -> str:
+    """'2 CPUs (0 GPUs)'."""
+    return f"{_count(resources.get('CPU', 0.0), 'CPU')} ({_count(resources.get('GPU', 0.0), 'GPU')})"
 
 
 def _describe(view: View | None, shape: tuple[int, ...], decode: str | None, classes: Classes, named: bool) -> str:
@@ -526,15 +620,22 @@ def _user_error(exc: BaseException) -> BaseException:
 
 
 def _fit(
-    run: Path, cfg: RecordConfig, writers, tracker, healthy, classes: Classes, start, max_failures, progress, n_samples
+    run: Path,
+    cfg: RecordConfig,
+    writers,
+    tracker,
+    healthy,
+    classes: Classes,
+    start,
+    max_failures,
+    progress,
+    n_samples,
+    urls: list[str],
 ) -> RecordSummary:
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    from ray.train.v2.api.config import FailureConfig, RunConfig, ScalingConfig  # Ray Train v2: its default
+    from ray.train.v2.torch.torch_trainer import TorchTrainer
     from tqdm.auto import tqdm
 
-    per_worker: dict[str, float] = {"CPU": 1}
-    if cfg.gpus_per_worker:
-        per_worker["GPU"] = cfg.gpus_per_worker
     trainer = TorchTrainer(
         _train_loop,
         train_loop_config={
@@ -543,17 +644,22 @@ def _fit(
             "writers": writers,
             "progress": tracker,
             "healthy": healthy,
+            "urls": urls,
             "classes": classes,
             "threads": 1,
             "start": start,
         },
         scaling_config=ScalingConfig(
-            num_workers=cfg.workers, use_gpu=bool(cfg.gpus_per_worker), resources_per_worker=per_worker
+            num_workers=cfg.workers,
+            use_gpu=bool(cfg.gpus_per_worker),
+            resources_per_worker=_per_worker(cfg.gpus_per_worker),
         ),
         run_config=RunConfig(
             name="record",
             storage_path=str(RunDir(run).ray_train),
-            failure_config=FailureConfig(max_failures=max_failures),
+            # a worker group that cannot start within RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S (60 s) is a
+            # controller failure, which Ray Train retries forever unless limited
+            failure_config=FailureConfig(max_failures=max_failures, controller_failure_limit=max_failures),
         ),
     )
     error: list = []
@@ -590,7 +696,7 @@ def _fit(
     for bar in bars.values():
         bar.close()
     if error:
-        raise _user_error(error[0]) from None
+        raise (_start_timed_out(error[0], max_failures) or _user_error(error[0])) from None
     summary = RecordSummary(
         str(run), max(epochs, default=start - 1) + 1, sorted(epochs), [epochs[e] for e in sorted(epochs)]
     )

@@ -20,7 +20,7 @@ import ray
 from tqdm.auto import tqdm
 
 from streamprune.errors import DamagedRunError, InputError, SettingsError
-from streamprune.formats.atomic import clean_stale_temps, output_lock, swap_in, temp_sibling
+from streamprune.formats.atomic import clean_stale_temps, lock_holder, output_lock, swap_in, temp_sibling
 from streamprune.formats.headers import LABEL_MISSING, NO_GROUP
 from streamprune.formats.index import Index
 from streamprune.formats.keeplist import KeepList, KeepListWriter, new_manifest
@@ -216,6 +216,12 @@ def reduce(
     balance = sampling.resolve_balance(s.balance, method)
     c_d = sampling.resolve_c_d(s.c_d, balance)
     run = Path(run).resolve()
+    recording = lock_holder(RunDir(run).stats)
+    if recording is not None:
+        raise SettingsError(
+            f"record is still running on {str(run)!r} ({recording or 'another process'}); wait for it to "
+            "finish, then reduce"
+        )
     index = Index(RunDir(run).index)
     store = StatsStore.open(RunDir(run).stats, mode="r", index=index)
     if balance == "classes":
@@ -242,7 +248,7 @@ def reduce(
             raise SettingsError(f"window must satisfy 2 <= window <= T; got window={window}, T={epochs}")
     scores_path = str(RunDir(run).scores if scores_out is None else Path(scores_out).resolve())
     out = Path(out) if out is not None else RunDir(run).keep
-    with output_lock(out), output_lock(scores_path):
+    with output_lock(out, writer="reduce"), output_lock(scores_path, writer="reduce"):
         clean_stale_temps(Path(scores_path))  # of killed runs: we hold the locks, no one else writes them
         clean_stale_temps(out)
         ensure_ray(address)

@@ -15,7 +15,7 @@ import html
 import io
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from functools import partial
 from pathlib import Path
 
@@ -31,6 +31,7 @@ from streamprune.formats.stats_store import LABEL, StatsStore
 from streamprune.settings import ReportSettings
 from streamprune.shards.labels import BadSample, Classes, LabelSpec
 from streamprune.shards.reader import ReadStats, iter_ranges
+from streamprune.shards.sources import shard_urls
 from streamprune.training.decode import decode_image
 
 GRID = 8  # images per grid row
@@ -45,8 +46,10 @@ def build_report(
     label_rows: int = 20_000,
     seed: int = 0,
     progress: bool = True,
+    shards: str | Iterable[str] | None = None,
 ) -> Path:
-    """Write `out/index.html` (default `RUN/report/`) and its PNGs; returns the HTML path."""
+    """Write `out/index.html` (default `RUN/report/`) and its PNGs; returns the HTML path.
+    `shards`: the URLs of the indexed shards, read for the image grids (`shard_urls`)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -58,13 +61,14 @@ def build_report(
     keep = KeepList.load(rd.keep)
     if keep.fingerprint != index.fingerprint:
         raise DamagedRunError(f"{rd.keep} was made for another index than {index.path}")
+    urls = shard_urls(index, shards)
     scores = ScoresStore.open(rd.scores)
     rng = np.random.default_rng(seed)
     rows = _sample_rows(index.n_samples, scores.block_rows, max_rows, rng)
     kept = _kept_mask(index, keep, rows)
     values = {name: _gather(partial(scores.read, name), rows) for name in scores.scores}
     row_labels = _gather(partial(scores.read, LABEL), rows) if LABEL in scores else None
-    labels, labelled_kept = _class_labels(row_labels, index, rows, kept, label_rows, rng)
+    labels, labelled_kept = _class_labels(row_labels, index, urls, rows, kept, label_rows, rng)
     fractions, overall = class_kept_fractions(labels, labelled_kept)
     classes = Classes.load(run)
     name = classes.name if classes is not None else str
@@ -95,7 +99,7 @@ def build_report(
             out,
             "grids",
             "Easiest, hardest and most uncertain samples: kept and pruned",
-            _plot_grids(index, rows, kept, values, row_labels, name),
+            _plot_grids(index, urls, rows, kept, values, row_labels, name),
         )
     )
     store = StatsStore.open(rd.stats, mode="r")
@@ -141,6 +145,7 @@ def _kept_mask(index: Index, keep: KeepList, rows: np.ndarray) -> np.ndarray:
 def _class_labels(
     row_labels: np.ndarray | None,
     index: Index,
+    urls: list[str],
     rows: np.ndarray,
     kept: np.ndarray,
     label_rows: int,
@@ -152,7 +157,7 @@ def _class_labels(
     if row_labels is not None and (row_labels >= 0).any():
         return row_labels, kept
     pick = np.sort(rng.choice(len(rows), min(label_rows, len(rows)), replace=False))
-    found = _samples(index, rows[pick], members=("cls",))
+    found = _samples(index, urls, rows[pick], members=("cls",))
     labels = np.fromiter((_cls(found.get(int(r), {})) for r in rows[pick]), dtype=np.int64, count=len(pick))
     return labels, kept[pick]
 
@@ -203,21 +208,22 @@ def _main_method(manifest: dict) -> str:
     return subset_label(manifest.get("method", ""), manifest.get("balance"))
 
 
-def _samples(index: Index, rows: np.ndarray, members: tuple[str, ...] | None = None) -> dict[int, dict]:
-    """Member bytes of the samples at `rows`, read by byte range from their shards."""
+def _samples(
+    index: Index, urls: list[str], rows: np.ndarray, members: tuple[str, ...] | None = None
+) -> dict[int, dict]:
+    """Member bytes of the samples at `rows`, read by byte range from their shards (at `urls`)."""
     out: dict[int, dict] = {}
     shards = index.shard_of(rows)
     for s in np.unique(shards):
         mine = np.sort(rows[shards == s])
         keys = index.keys(int(s))
         first = index.shard_offset[s]
-        ranges = np.stack([index.sample_start[mine], index.sample_end[mine]], axis=1)
-        info = index.shards[int(s)]
+        url, name = urls[int(s)], index.names[int(s)]
         for row, (sample, _) in zip(
-            mine, iter_ranges(info["url"], info["name"], ranges, [keys[r - first] for r in mine], ReadStats())
+            mine, iter_ranges(url, name, index.byte_ranges(mine), [keys[r - first] for r in mine], ReadStats())
         ):
             data = sample.data if members is None else {m: sample.data[m] for m in members if m in sample.data}
-            out[int(row)] = {"__key__": sample.key, "__url__": info["url"], **data}
+            out[int(row)] = {"__key__": sample.key, "__url__": url, **data}
     return out
 
 
@@ -353,6 +359,7 @@ def _plot_fractions(keep: KeepList, fractions: np.ndarray, n_labelled: int, name
 
 def _plot_grids(
     index: Index,
+    urls: list[str],
     rows: np.ndarray,
     kept: np.ndarray,
     values: dict[str, np.ndarray],
@@ -376,7 +383,7 @@ def _plot_grids(
             cand = np.flatnonzero(ok & sel)
             picks.append((f"{title}: {label}", cand[np.argsort(order_key[cand], kind="stable")[:GRID]]))
     wanted = np.unique(np.concatenate([rows[p] for _, p in picks]))
-    samples = _samples(index, wanted) if len(wanted) else {}
+    samples = _samples(index, urls, wanted) if len(wanted) else {}
     fig, axes = plt.subplots(len(picks), GRID, figsize=(GRID * 1.2, len(picks) * 1.45), squeeze=False)
     for i, (title, pick) in enumerate(picks):
         axes[i, 0].set_title(title, loc="left", fontsize=9, x=0)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,7 @@ from streamprune.formats.index import Index
 from streamprune.formats.keeplist import KeepList
 from streamprune.formats.rundir import RunDir
 from streamprune.shards.reader import ReadStats, iter_ranges
+from streamprune.shards.sources import shard_urls
 from streamprune.stages.ray_cluster import bounded_map, ensure_ray
 
 END_OF_ARCHIVE = bytes(1024)
@@ -61,9 +63,12 @@ def reshard(
     address: str | None = None,
     max_in_flight: int | None = None,
     progress: bool = True,
+    shards: str | Iterable[str] | None = None,
 ) -> list[Path]:
     """Write `keep` (default `RUN/keep`) as shards `OUT/PREFIX-NNNNNN.tar` of `shard_size` samples
-    (default: the input's mean shard size); returns their paths. Resumes an interrupted run."""
+    (default: the input's mean shard size); returns their paths. Resumes an interrupted run.
+    `shards`: the URLs of the indexed shards to read (`shard_urls`; default: the index's root
+    plus each shard's name)."""
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", prefix):
         raise SettingsError(f"prefix {prefix!r}: use letters, digits, '.', '_' and '-' only (a file name, not a path)")
     run, out = Path(run), Path(out)
@@ -76,6 +81,7 @@ def reshard(
             f"the keep-list was made for another index (fingerprint {keep.fingerprint}, "
             f"{str(index.path)!r} has {index.fingerprint})"
         )
+    urls = shard_urls(index, shards)
     shard_size = shard_size or max(1, round(index.n_samples / max(1, index.n_shards)))
     if shard_size < 1:
         raise SettingsError(f"shard_size must be >= 1, got {shard_size}")
@@ -91,7 +97,7 @@ def reshard(
         "prefix": prefix,
         "shards": n_out,
     }
-    with output_lock(out):
+    with output_lock(out, writer="reshard"):
         out.mkdir(parents=True, exist_ok=True)
         plan_path = out / PLAN
         if plan_path.exists():
@@ -113,7 +119,7 @@ def reshard(
             ensure_ray(address)
             limit = max_in_flight or max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
             bounded_map(
-                lambda j: _write_shard.remote(str(paths[j]), _parts(index, keep, j, shard_size)),
+                lambda j: _write_shard.remote(str(paths[j]), _parts(index, urls, keep, j, shard_size)),
                 todo,
                 limit,
                 lambda i, result: None,
@@ -123,12 +129,14 @@ def reshard(
         return paths
 
 
-def _parts(index: Index, keep: KeepList, j: int, shard_size: int) -> list[tuple[str, str, np.ndarray, list[str], int]]:
-    """The input pieces of output shard `j`: (url, name, byte ranges, keys, expected size) per input shard."""
+def _parts(
+    index: Index, urls: list[str], keep: KeepList, j: int, shard_size: int
+) -> list[tuple[str, str, np.ndarray, list[str], int]]:
+    """The input pieces of output shard `j`: (url, name, byte ranges, keys, expected size) per input
+    shard; `urls`: each index shard's URL."""
     lo, hi = j * shard_size, min(len(keep), (j + 1) * shard_size)
     s0 = int(np.searchsorted(keep.offsets, lo, side="right")) - 1
     parts = []
-    assert keep.ranges is not None  # reshard() refuses a keep-list without ranges
     for s in range(s0, len(keep.names)):
         a, b = max(lo, int(keep.offsets[s])), min(hi, int(keep.offsets[s + 1]))
         if a >= hi:
@@ -136,12 +144,15 @@ def _parts(index: Index, keep: KeepList, j: int, shard_size: int) -> list[tuple[
         if a < b:
             name = keep.names[s]
             first = a - int(keep.offsets[s])
-            shard = index.shards[index.shard(name)]
+            i = index.shard(name)
+            shard = index.shards[i]
+            ranges = keep.shard_ranges(name)
+            assert ranges is not None  # reshard() refuses a keep-list without ranges
             parts.append(
                 (
-                    shard["url"],
+                    urls[i],
                     name,
-                    np.asarray(keep.ranges[a:b]),
+                    ranges[first : first + b - a],
                     keep.shard_keys(name)[first : first + b - a],
                     -1 if shard["size"] is None else shard["size"],
                 )

@@ -1,20 +1,24 @@
 """A webdataset sample to a training example: image decoding of any size and mode, the
 training view, the label, or the user's own decode function.
 
-Images: EXIF orientation applied; greyscale, RGBA/LA (composited on white), palette,
-CMYK and 16-bit images converted to the run's channels; more than `max_pixels` pixels
-refused before decoding (decompression bombs). Views: `resized` (random resized crop to
-S x S with scale and aspect jitter and a flip, the usual recipe for web images; a centre
-crop without augmentation) or `native` (images kept at the run's size: random crop with
+Images: only the listed formats are opened (Pillow knows many more; its EPS reader runs
+Ghostscript); EXIF orientation applied; greyscale, RGBA/LA (composited on white), palette,
+CMYK, 16-bit and float images converted to the run's channels a strip of rows at a time;
+more than `max_pixels` pixels or `max_bytes` bytes to decode refused before decoding
+(decompression bombs; decoders that keep a second copy). Views: `resized` (random resized crop to S x S with
+scale and aspect jitter and a flip, the usual recipe for web images; a centre crop without
+augmentation) or `native` (images kept at the run's size: random crop with
 padding and a flip; an image of another size is centre-cropped and resized to it).
 No torchvision: the CPU route has no build of it, and these transforms are short.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 import os
+import struct
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -29,7 +33,14 @@ from streamprune.plugins import import_function
 from streamprune.shards.labels import BadSample, Classes, Label, LabelSpec, check_label
 
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp", "bmp", "gif", "tif", "tiff", "ppm", "pgm", "npy")
+PIL_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF", "PPM")  # Pillow's readers of IMAGE_EXTS (PPM: pgm too)
 MAX_PIXELS = 1 << 26  # 8192 x 8192: larger images are refused per sample
+# Memory decoding one image may hold (_decoding_bytes): an 8-bit colour image at MAX_PIXELS (Pillow
+# keeps 3 and 4 bands at 4 bytes a pixel), so no PNG, JPEG, BMP, GIF, PPM or plain TIFF under the
+# pixel cap is refused for it; it stops WebP over 22 Mpx, a compressed TIFF whose strips would add a
+# copy, and any image over it when `max_pixels` is raised. Converting adds at most 4 bytes a pixel.
+MAX_BYTES = 256 << 20
+STRIP_PIXELS = 1 << 18  # modes are converted a strip of about this many pixels at a time
 SCALE = (0.08, 1.0)  # random resized crop: area fraction of the source image
 RATIO = (3 / 4, 4 / 3)  # and its aspect ratio range
 NATIVE_MAX = 256  # unset image size: the images' own size when they agree and are at most this
@@ -46,6 +57,7 @@ class View:
     width: int
     resized: bool
     max_pixels: int = MAX_PIXELS
+    max_bytes: int = MAX_BYTES
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -74,26 +86,41 @@ def open_image(
     max_pixels: int = MAX_PIXELS,
     channels: int | None = None,
     draft: tuple[int, int] | None = None,
+    max_bytes: int = MAX_BYTES,
 ):
-    """A PIL image of encoded bytes, upright (EXIF) and in `L` or `RGB` (`channels`; None: as stored
-    when grey, else RGB). `draft` lets JPEG decode at a reduced scale no smaller than it."""
-    from PIL import Image, ImageOps
+    """A PIL image of encoded bytes in one of PIL_FORMATS, upright (EXIF) and in `L` or `RGB`
+    (`channels`; None: as stored when grey, else RGB). `draft` lets JPEG decode at a reduced scale
+    no smaller than it. Over `max_pixels` pixels or `max_bytes` decoded bytes: refused unread."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            im: Image.Image = Image.open(io.BytesIO(data))
+            im: Image.Image = Image.open(io.BytesIO(data), formats=PIL_FORMATS)
             if im.width * im.height > max_pixels:
                 raise BadSample(
                     f"{where}: image of {im.width}x{im.height} pixels is over the limit of "
                     f"{max_pixels:,} (a decompression bomb?)"
                 )
-            if draft is not None and im.format == "JPEG":
+            if draft is not None and im.format in ("JPEG", "MPO"):  # MPO: a JPEG with more pictures
                 im.draft("L" if channels == 1 else "RGB", draft)
-            im = ImageOps.exif_transpose(im)
-            im.load()
+            size = _decoding_bytes(im)
+            if size > max_bytes:
+                raise BadSample(
+                    f"{where}: {im.width}x{im.height} {im.format} image in mode {im.mode} takes "
+                    f"{size / 2**20:,.0f} MiB to decode, over the limit of {max_bytes / 2**20:,.0f} MiB a sample"
+                )
+            ImageOps.exif_transpose(im, in_place=True)  # decodes it
     except BadSample:
         raise
+    except UnidentifiedImageError:
+        fmt = _other_format(data)
+        if fmt is not None:
+            raise BadSample(
+                f"{where}: image format {fmt} (by its signature) is not allowed: only {', '.join(PIL_FORMATS)} "
+                "are opened"
+            ) from None
+        raise BadSample(f"{where}: cannot decode image: not a readable {', '.join(PIL_FORMATS)} image") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise BadSample(f"{where}: image refused: {exc}") from None
     except Exception as exc:
@@ -101,20 +128,70 @@ def open_image(
     return _to_mode(im, channels)
 
 
+def _decoding_bytes(im) -> int:
+    """Memory decoding `im` holds at once: its pixels as Pillow keeps them (1, 2 or 4 bytes each),
+    and the decoder's own copy where it keeps one: a WebP frame twice (libwebp's and Python's,
+    4 bytes a pixel each), libtiff's buffer of one strip or tile of a compressed TIFF (a TIFF in
+    one strip: the whole image again)."""
+    from PIL import TiffImagePlugin
+
+    pixels = im.width * im.height
+    size = pixels * (1 if im.mode in ("1", "L", "P") else 2 if im.mode.startswith("I;16") else 4)
+    if im.format == "WEBP":
+        return size + 8 * pixels
+    if isinstance(im, TiffImagePlugin.TiffImageFile) and im.tag_v2.get(259, 1) != 1:
+        tags = im.tag_v2
+        bits = max(tags.get(258, (1,))) * tags.get(277, 1)
+        block = tags[322] * tags[323] if 322 in tags else im.width * min(tags.get(278, im.height), im.height)
+        return size + (block * bits + 7) // 8
+    return size
+
+
+def _other_format(data: bytes) -> str | None:
+    """The format outside PIL_FORMATS whose signature `data` starts with, if Pillow knows one: only
+    the plugins' signature checks run, none opens the data."""
+    from PIL import Image
+
+    Image.init()
+    for fmt, (_, accept) in Image.OPEN.items():
+        if fmt not in PIL_FORMATS and accept is not None:
+            with contextlib.suppress(IndexError, TypeError, struct.error):  # tolerated as Image.open does
+                if accept(data[:16]) is True:
+                    return fmt
+    return None
+
+
 def _to_mode(im, channels: int | None):
+    """`im` in `L` (channels 1, or None and grey) or `RGB`, converted a strip of rows at a time so
+    that a large image's temporaries stay small."""
     from PIL import Image
 
     grey = im.mode in ("L", "1", "LA", "I", "F") or im.mode.startswith("I;16")
+    want = "L" if (channels or (1 if grey else 3)) == 1 else "RGB"
+    if im.mode == want:
+        return im
+    scaled = im.mode.startswith("I;16") or (im.mode in ("I", "F") and im.getextrema()[1] > 255)
+    rows = max(1, STRIP_PIXELS // im.width)
+    if rows >= im.height:
+        return _convert(im, want, scaled)
+    out = Image.new(want, im.size)
+    for top in range(0, im.height, rows):
+        out.paste(_convert(im.crop((0, top, im.width, min(top + rows, im.height))), want, scaled), (0, top))
+    return out
+
+
+def _convert(im, want: str, scaled: bool):
+    """`im` in mode `want`: 16-bit and float pixels to 8 bits (divided by 257 when `scaled`),
+    transparent ones composited on white."""
+    from PIL import Image
+
     if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
         a = np.asarray(im, dtype=np.float64)
-        a = a / 257.0 if im.mode.startswith("I;16") or a.max(initial=0) > 255 else a
+        a = a / 257.0 if scaled else a
         im = Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8))
     if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
         rgba = im.convert("RGBA")
         im = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
-    if channels is None:
-        channels = 1 if grey else 3
-    want = "L" if channels == 1 else "RGB"
     return im if im.mode == want else im.convert(want)
 
 
@@ -219,7 +296,7 @@ def view_image(sample: dict, view: View | None, rng: np.random.Generator | None)
         img = decode_image(sample)
         return augment(img, rng) if rng is not None else img
     ext, where = _image_member(sample), _where(sample)
-    size = (view.width, view.height)
+    size, mode = (view.width, view.height), "L" if view.channels == 1 else "RGB"
     if ext == "npy":
         arr = _channels(_npy_image(sample[ext], where), view.channels)
         if arr.shape == view.shape and not view.resized:
@@ -227,16 +304,19 @@ def view_image(sample: dict, view: View | None, rng: np.random.Generator | None)
         im = Image.fromarray(arr[0] if view.channels == 1 else arr.transpose(1, 2, 0))
     else:
         draft = size if view.resized else None
-        im = open_image(sample[ext], where, view.max_pixels, view.channels, draft)
+        # a grey image becomes RGB once resized to the view (the same pixels as converting first,
+        # without an RGB copy of a large image at 4 bytes a pixel)
+        channels = 1 if view.channels == 1 else None
+        im = open_image(sample[ext], where, view.max_pixels, channels, draft, view.max_bytes)
     if view.resized:
         box = resized_crop_box(im.width, im.height, rng)
         im = im.resize(size, Image.Resampling.BILINEAR, box=box, reducing_gap=None)
         if rng is not None and rng.random() < 0.5:
             im = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        return _array(im)
+        return _array(im.convert(mode))
     if im.size != size:
         im = im.resize(size, Image.Resampling.BILINEAR, box=_fit_box(im.width, im.height, view.width / view.height))
-    arr = _array(im)
+    arr = _array(im.convert(mode))
     return augment(arr, rng) if rng is not None else arr
 
 

@@ -44,6 +44,7 @@ from streamprune.formats.index import Index
 from streamprune.formats.rundir import RunDir
 from streamprune.formats.stats_store import LABEL, STATS, OwnershipError, StatsStore, owner_of, zarr_array
 from streamprune.shards.labels import BadSample
+from streamprune.shards.sources import shard_urls
 from streamprune.training.samples import (
     assign_shards,
     bad_samples,
@@ -93,6 +94,9 @@ class IndexedShards(torch.utils.data.IterableDataset):
     given with missing statistics; `"error"` raises. Other errors (e.g. a label outside the
     classes) stop the loop.
 
+    `shards`: the URLs of the indexed shards to read (`shards.sources.shard_urls`; default: the
+    index's root plus each shard's name).
+
     `rank`/`world_size` default to torch.distributed's (or `RANK`/`WORLD_SIZE`). Call
     `set_epoch(epoch)` before each epoch and make the DataLoader (non-persistent workers)
     after it, as with `DistributedSampler`.
@@ -109,11 +113,13 @@ class IndexedShards(torch.utils.data.IterableDataset):
         seed: int = 0,
         shuffle_buffer: int = 1000,
         on_bad_sample: str = "skip",
+        shards: str | Iterable[str] | None = None,
     ):
         if on_bad_sample not in ("skip", "error"):
             raise SettingsError(f"on_bad_sample must be 'skip' or 'error', not {on_bad_sample!r}")
         self.run = Path(run).resolve()
         idx = Index(RunDir(self.run).index)
+        self.urls = shard_urls(idx, shards)
         self.healthy = healthy_shards(idx)
         self.counts = np.diff(idx.shard_offset)[self.healthy]
         self.rank, self.world_size = _rank_world(rank, world_size)
@@ -146,7 +152,7 @@ class IndexedShards(torch.utils.data.IterableDataset):
         yield from shuffled((item for shard in mine for item in self._samples(idx, shard)), self.shuffle_buffer, rng)
 
     def _samples(self, idx: Index, shard: int) -> Iterator[tuple[Any, int, int]]:
-        for sample, row in indexed_samples(idx, shard):
+        for sample, row in indexed_samples(idx, shard, self.urls[shard]):
             try:
                 x, label = self.transform(sample)
             except BadSample as exc:

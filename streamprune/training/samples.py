@@ -39,10 +39,11 @@ def healthy_shards(idx: Index) -> np.ndarray:
     return healthy
 
 
-def indexed_samples(idx: Index, shard: int) -> Iterator[tuple[dict, int]]:
-    """Shard `shard`'s samples in tar order as `(webdataset-style dict, row)`, each key checked
-    against the index, so that a shard changed since indexing is an error, not wrong rows."""
-    url, name, keys, first = idx.shards[shard]["url"], idx.names[shard], idx.keys(shard), idx.rows(shard).start
+def indexed_samples(idx: Index, shard: int, url: str) -> Iterator[tuple[dict, int]]:
+    """Shard `shard`'s samples, read from `url` (`shards.sources.shard_urls`), in tar order as
+    `(webdataset-style dict, row)`, each key checked against the index, so that a shard changed
+    since indexing is an error, not wrong rows."""
+    name, keys, first = idx.names[shard], idx.keys(shard), idx.rows(shard).start
     pos = -1
     for pos, (key, data, _) in enumerate(read_keys(url, name, None, ReadStats())):
         if pos >= len(keys) or key != keys[pos]:
