@@ -103,7 +103,7 @@ def test_evaluation_section_shows_mean_std_seeds_and_the_verdict():
 def test_evaluation_section_reads_old_rows_without_seed_or_baseline():
     text = _evaluation_section([_row("dual-beta", None, 0.9, 3), _row("random", None, 0.91, 3)], "dual-beta")
     assert "<td>0.9000</td>" in text and "+-" not in text.split("</table>")[0]
-    assert "dual-beta vs random: -1.0 points (1 seed; per seed -1.0): behind random" in text
+    assert "dual-beta vs random: -1.0 points (1 seed; per seed -1.0): not judged (1 seed: no spread)" in text
     assert " vs random" not in _evaluation_section([_row("dual-beta", None, 0.9, 3)], "dual-beta")
 
 

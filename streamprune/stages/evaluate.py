@@ -38,6 +38,7 @@ class TrainResult:
     train_samples: int  # per epoch
     epochs: int  # epochs run (more than asked on a subset under the `steps` budget)
     seconds: float
+    model: torch.nn.Module = field(repr=False)  # the trained model
     history: list[dict] = field(default_factory=list)  # per epoch: loss, accuracy (training)
 
 
@@ -64,7 +65,8 @@ def train_subset(
     accuracy dev `test_urls`. `epochs` is the full-data run's length; `budget` (`steps` or
     `epochs`) says how a subset's run is sized (see the module). `decoder`: how samples become
     examples (default: `cls` labels, images at their own size; `recorder.run_decoder` gives a
-    recorded run's)."""
+    recorded run's). On CPU the same arguments train the same weights: initialisation, shard
+    and sample order and the workers' augmentation all derive from `seed`."""
     train_urls, test_urls = expand_urls(train_urls), expand_urls(test_urls)
     keep = keep if keep is None or isinstance(keep, KeepList) else KeepList.load(keep)
     epochs = subset_epochs(epochs, keep, budget)
@@ -95,7 +97,7 @@ def train_subset(
             correct += int((logits.argmax(1) == y).sum())
         history.append({"epoch": epoch, "loss": loss_sum / max(n, 1), "accuracy": correct / max(n, 1)})
     seconds = time.perf_counter() - t0
-    return TrainResult(accuracy_on(net, test_urls, dev, batch_size, decoder), n, epochs, seconds, history)
+    return TrainResult(accuracy_on(net, test_urls, dev, batch_size, decoder), n, epochs, seconds, net, history)
 
 
 def subset_epochs(epochs: int, keep: KeepList | None, budget: str = "steps") -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -293,19 +294,36 @@ def summarize_evaluation(rows: list[dict]) -> list[dict]:
     return out
 
 
+def judge(diffs: Sequence[float] | np.ndarray) -> str:
+    """`ahead` when the mean of the per-seed differences `d` exceeds their spread,
+    `mean(d) > std(d)` (sample std, ddof = 1), `behind` when `mean(d) < -std(d)`, `tie`
+    otherwise; `not judged` for one seed (no spread to judge by)."""
+    d = np.asarray(diffs, dtype=np.float64)
+    if len(d) < 2:
+        return "not judged"
+    mean, std = d.mean(), d.std(ddof=1)
+    return "ahead" if mean > std else "behind" if mean < -std else "tie"
+
+
 def verdict(rows: list[dict], method: str, baseline: str = "random") -> str | None:
-    """`METHOD vs BASELINE: +x.x points (n seeds; per seed ...)`: the mean accuracy difference of
-    the seeds both were trained with, in percentage points; None without both."""
+    """`METHOD vs BASELINE: +x.x points (n seeds; per seed ..., std ...): JUDGEMENT`: the mean
+    accuracy difference of the seeds both were trained with, in percentage points, judged
+    against the spread of the per-seed differences (`judge`); None without both."""
     acc = {(r["method"], r.get("seed", 0)): r["test_accuracy"] for r in rows}
     seeds = sorted(s for m, s in acc if m == method and (baseline, s) in acc)
     if not seeds:
         return None
     diff = np.array([100 * (acc[(method, s)] - acc[(baseline, s)]) for s in seeds])
     spread = f", std {diff.std(ddof=1):.1f}" if len(diff) > 1 else ""
-    word = "ahead of" if diff.mean() > 0 else "behind" if diff.mean() < 0 else "level with"
+    said = {
+        "ahead": f"ahead of {baseline} (beyond the seed spread)",
+        "behind": f"behind {baseline} (beyond the seed spread)",
+        "tie": f"tie with {baseline} (within the seed spread)",
+        "not judged": "not judged (1 seed: no spread)",
+    }[judge(diff)]
     return (
         f"{method} vs {baseline}: {diff.mean():+.1f} points ({len(seeds)} seed{'s' * (len(seeds) > 1)}; "
-        f"per seed {', '.join(f'{d:+.1f}' for d in diff)}{spread}): {word} {baseline}"
+        f"per seed {', '.join(f'{d:+.1f}' for d in diff)}{spread}): {said}"
     )
 
 

@@ -418,8 +418,10 @@ class ToTensors:
 
     `decoder` (default: `cls` labels, images at their own size), or its parts: `label`,
     `classes`, `decode` as in SampleDecoder and `image_size` for an RGB resized view.
-    Picklable, with its random generator made in the process that uses it (each DataLoader
-    worker gets its own stream)."""
+    Picklable, with its random generator made in the process that uses it from `seed` and, in
+    a DataLoader worker, the worker's torch seed (the loader's base seed, drawn from the torch
+    generator, plus the worker id): each worker gets its own stream, and a process seeded with
+    `torch.manual_seed` (or a loader with a seeded `generator`) gets the same streams again."""
 
     rng: np.random.Generator | None
 
@@ -440,10 +442,8 @@ class ToTensors:
 
     def __call__(self, sample: dict) -> tuple[torch.Tensor, int]:
         if self.rng is None:
-            import os
-
             info = torch.utils.data.get_worker_info()
-            self.rng = np.random.default_rng([self.seed, 0 if info is None else info.id + 1, os.getpid()])
+            self.rng = np.random.default_rng([self.seed] if info is None else [self.seed, info.seed])
         return self.decoder(sample, self.rng if self.do_augment else None)
 
 
