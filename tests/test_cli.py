@@ -179,8 +179,10 @@ def test_errors_are_one_line_without_traceback(tmp_path, capsys):
         assert main([*argv, "--quiet"]) == 2
         err = capsys.readouterr().err
         assert err.startswith("streamprune: error: ") and err.count("\n") == 1 and "Traceback" not in err
-    with pytest.raises(FileNotFoundError):
-        main(["inspect", str(tmp_path / "none"), "--debug"])
+    assert main(["inspect", str(tmp_path / "none"), "--debug"]) == 2  # the same status, with the traceback
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err and "FileNotFoundError" in err
+    assert err.splitlines()[-1].startswith("streamprune: error: ")
 
 
 def test_every_command_has_help_with_an_example():

@@ -5,14 +5,17 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import re
+import signal
 import sys
 import time
+import traceback
 from pathlib import Path
 
-from streamprune.errors import DamagedRunError, SettingsError, StreamPruneError
+from streamprune.errors import DamagedRunError, InputError, SettingsError, StreamPruneError
 from streamprune.scoring.sampling import BALANCES
-from streamprune.settings import RecordSettings, ReduceSettings, ReportSettings, S
+from streamprune.settings import IndexSettings, RecordSettings, ReduceSettings, ReportSettings, S
 from streamprune.stages.summaries import index_summary, record_line, reduce_line
 
 DESCRIPTION = """Prune WebDataset training sets while they stream: index shards, record a proxy's
@@ -20,12 +23,17 @@ per-sample statistics on Ray, reduce them to a DUAL+Beta keep-list, apply it at 
 
 
 def cmd_index(args) -> None:
+    settings = _settings(IndexSettings, args)  # refused here, before Ray starts
     from streamprune.stages.index import index
 
-    idx = index(
-        args.shards, args.out, root=args.root, identity=args.identity, address=args.address, progress=not args.quiet
-    )
+    idx = index(args.shards, args.out, settings=settings, address=args.address, progress=not args.quiet)
     print(index_summary(idx))
+    broken = len(idx.manifest["broken"])
+    if broken and not args.allow_broken:  # exit status 2; the index of the others is written
+        raise InputError(
+            f"{broken} shard{'s' if broken > 1 else ''} broken (listed above): exit status 2; pass --allow-broken "
+            f"to index without them (the other {idx.n_shards - broken} are in {idx.path}), or fix them and rerun"
+        )
     if args.label:
         from streamprune.stages.label_scan import build_classes
 
@@ -222,12 +230,23 @@ def cmd_reshard(args) -> None:
     print(f"reshard: {len(paths)} shards in {args.out} ({args.prefix}-000000.tar ...)")
 
 
+def _at_least_1(text: str) -> int:
+    """An option's integer >= 1 (refused by the parser, naming the option, exit status 2)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, not {text!r}")
+    return value
+
+
 class _Help(argparse.RawDescriptionHelpFormatter):
     """Examples kept as written; "(default: X)" added where a default means something and the help does not say it."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if action.default in (None, False, argparse.SUPPRESS) or "default" in text:
+        if action.required or action.default in (None, False, argparse.SUPPRESS) or "default" in text:
             return text
         return f"{text} (default: %(default)s)"
 
@@ -306,7 +325,6 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--root", help="dataset root that shard names are relative to (default: common directory)")
     s.add_argument(
         "--identity",
-        default=None,
         help="'shard-key' (default), 'json:FIELD' (e.g. json:uid) or 'package.module:function'",
     )
     s.add_argument(
@@ -314,7 +332,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="also count every sample's label and write the class list RUN/classes.json "
         "(what `record --label` uses); " + LABEL_HELP.split("; ", 1)[0],
     )
+    s.add_argument(
+        "--allow-broken",
+        action="store_true",
+        help="exit status 0 when some shards are broken or missing (they are listed and left out of the "
+        "index); without it such an index is still written, but the exit status is 2",
+    )
     s.add_argument("--address", help="Ray cluster address (default: start a local Ray instance)")
+    s.set_defaults(**IndexSettings().to_dict())
 
     s = command(
         "record",
@@ -431,7 +456,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("run", help="run directory with RUN/index and RUN/keep")
     _shards_option(s)
     s.add_argument("--out", required=True, help="output directory for the new shards")
-    s.add_argument("--shard-size", type=int, help="samples per output shard (default: the input's mean)")
+    s.add_argument("--shard-size", type=_at_least_1, help="samples per output shard (default: the input's mean)")
     s.add_argument("--keep", help="keep-list directory (default RUN/keep)")
     s.add_argument("--prefix", default="pruned", help="output shard names PREFIX-NNNNNN.tar")
     s.add_argument("--address", help="Ray cluster address (default: start a local Ray instance)")
@@ -486,13 +511,47 @@ USER_ERRORS = (StreamPruneError, OSError)
 
 
 def _reason(exc: BaseException) -> str:
-    """One line: the original error of a Ray task, without its remote traceback."""
+    """The whole message (every line of it): of a Ray task error, its original's, without the remote traceback."""
     while (cause := getattr(exc, "cause", None)) is not None:  # a Ray task error's original
         exc = cause
-    lines = [line for line in str(exc).strip().splitlines() if line.strip()]
+    lines = [line.rstrip() for line in str(exc).strip().splitlines() if line.strip()]
     if not lines:
         return type(exc).__name__
-    return lines[-1].strip() if any(line.startswith("Traceback") for line in lines) else lines[0]
+    return lines[-1].strip() if any(line.startswith("Traceback") for line in lines) else "\n".join(lines)
+
+
+class _Interrupt:
+    """SIGINT while a command runs: raises KeyboardInterrupt, as Python's own handler does, and
+    remembers it, so that an error Ray raises instead (a task or actor that died of the same
+    Ctrl-C) still reads as the interrupt."""
+
+    def __init__(self) -> None:
+        self.received = False
+
+    def __call__(self, signum: int, frame: object) -> None:
+        self.received = True
+        raise KeyboardInterrupt
+
+    def caused(self, exc: BaseException) -> bool:
+        """Whether `exc` comes of an interrupt: SIGINT was received, or a KeyboardInterrupt is in
+        its chain (causes, contexts, Ray's `cause`, Ray Train's controller and worker failures)."""
+        stack: list[BaseException | None] = [exc]
+        seen: set[int] = set()
+        while stack and not self.received:
+            e = stack.pop()
+            if e is None or id(e) in seen:
+                continue
+            if isinstance(e, KeyboardInterrupt):
+                return True
+            seen.add(id(e))
+            stack += [
+                e.__cause__,
+                e.__context__,
+                getattr(e, "cause", None),
+                getattr(e, "controller_failure", None),
+                *getattr(e, "worker_failures", {}).values(),
+            ]
+        return self.received
 
 
 def _log_to_stderr(quiet: bool) -> None:
@@ -506,24 +565,46 @@ def _log_to_stderr(quiet: bool) -> None:
     logger.setLevel(logging.WARNING if quiet else logging.INFO)
 
 
+def _exit_now(status: int) -> None:
+    """End the process with `status` as soon as Ray is shut down, when it joined Ray: a thread still
+    waiting on Ray (`record`'s trainer) would otherwise end it with status 1 while Python exits."""
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        ray.shutdown()
+        os._exit(status)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command (`argv`; None: the process's own arguments): exit status 0, 2 for a user's
+    error (settings, inputs, files), 1 for any other error, 130 when interrupted; `--debug` adds
+    the traceback and changes no status."""
     args = build_parser().parse_args(argv)
     _log_to_stderr(getattr(args, "quiet", False))
+    interrupt = _Interrupt()
+    previous = signal.signal(signal.SIGINT, interrupt)
     try:
         args.fn(args)
-    except KeyboardInterrupt:
-        print("streamprune: interrupted; rerun the same command to finish what is missing", file=sys.stderr)
-        return 130
-    except Exception as exc:
-        if args.debug:
+    except BaseException as exc:
+        if not isinstance(exc, (KeyboardInterrupt, Exception)):  # SystemExit and the like
             raise
+        if args.debug:
+            traceback.print_exc()
+        if isinstance(exc, KeyboardInterrupt) or interrupt.caused(exc):
+            print("streamprune: interrupted; rerun the same command to finish what is missing", file=sys.stderr)
+            if argv is None:  # the `streamprune` process itself
+                _exit_now(130)
+            return 130
         user = isinstance(exc, USER_ERRORS)
         print(
             f"streamprune: error: {_reason(exc)}"
-            + ("" if user else f" ({type(exc).__name__}; --debug shows the traceback)"),
+            + ("" if user or args.debug else f" ({type(exc).__name__}; --debug shows the traceback)"),
             file=sys.stderr,
         )
         return 2 if user else 1
+    finally:
+        signal.signal(signal.SIGINT, previous)
     return 0
 
 

@@ -384,7 +384,7 @@ class StatsStore:
         """Open an existing store; with `index`, refuse a store made for another index."""
         path = Path(path)
         if not (path / "zarr.json").exists():
-            raise FileNotFoundError(f"no stats store at {str(path)!r}")
+            raise FileNotFoundError(f"no stats store at {str(path)!r}: run `streamprune record {path.parent}` first")
         try:
             group = zarr.open_group(str(path), mode=mode, zarr_format=3)
         except Exception as exc:

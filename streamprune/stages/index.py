@@ -3,7 +3,8 @@
 Each finished shard is saved as a part under `RUN/.index-parts/`, so an interrupted
 index resumes where it stopped; a part is named after the shard's URL, name, identity and
 (local shards) size and modification time, so a shard rewritten since is scanned again, and
-broken shards are always scanned again. The final merge is atomic.
+broken shards are always scanned again. The final merge is atomic. An index with broken shards
+keeps the parts: indexing again (after fixing them, or with `--allow-broken`) scans only those.
 """
 
 from __future__ import annotations
@@ -105,5 +106,6 @@ def index(
                 + (" ..." if len(metas) > 3 else "")
             )
         idx = write_index(rd.index, parts, root_path, spec)
-        shutil.rmtree(parts_dir)
+        if not idx.manifest["broken"]:
+            shutil.rmtree(parts_dir)
         return idx

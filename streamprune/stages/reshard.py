@@ -71,6 +71,8 @@ def reshard(
     plus each shard's name)."""
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", prefix):
         raise SettingsError(f"prefix {prefix!r}: use letters, digits, '.', '_' and '-' only (a file name, not a path)")
+    if shard_size is not None and shard_size < 1:  # refused before any work
+        raise SettingsError(f"shard_size must be >= 1, got {shard_size}")
     run, out = Path(run), Path(out)
     index = Index(RunDir(run).index)
     keep = KeepList.load(RunDir(run).keep if keep is None else keep) if not isinstance(keep, KeepList) else keep
@@ -83,8 +85,6 @@ def reshard(
         )
     urls = shard_urls(index, shards)
     shard_size = shard_size or max(1, round(index.n_samples / max(1, index.n_shards)))
-    if shard_size < 1:
-        raise SettingsError(f"shard_size must be >= 1, got {shard_size}")
     n_out = -(-len(keep) // shard_size)
     plan = {
         "format": RESHARD_FORMAT.name,
