@@ -32,6 +32,7 @@ from streamprune.stages.ray_cluster import ensure_ray
 from streamprune.stages.reduce import reduce
 
 T, ROWS_PER_SHARD, CHUNK = 30, 10_000, 65_536
+SAMPLE_BYTES = 1024  # a 512-byte header and 512 bytes of data
 
 
 def write_synthetic_index(path: Path, n: int, seed: int = 0) -> None:
@@ -51,14 +52,19 @@ def write_synthetic_index(path: Path, n: int, seed: int = 0) -> None:
     with open(path / "keys.bin", "wb") as f:
         for a in range(0, n, 1 << 22):
             f.write(np.char.zfill(np.arange(a, min(n, a + (1 << 22))).astype("S9"), 9).tobytes())
-    for name, dtype, size in (
-        ("sample_start", np.int64, n),
-        ("sample_end", np.int64, n),
-        ("member_count", np.int32, n),
-        ("member_offset", np.int64, 0),
-        ("member_size", np.int64, 0),
-    ):
-        np.lib.format.open_memmap(path / f"{name}.npy", mode="w+", dtype=dtype, shape=(size,)).flush()
+    # one 512-byte member (header and data) per sample, as a real tar lays them out
+    columns = {
+        "sample_start": (np.int64, lambda pos: pos * SAMPLE_BYTES),
+        "sample_end": (np.int64, lambda pos: (pos + 1) * SAMPLE_BYTES),
+        "member_count": (np.int32, lambda pos: np.ones_like(pos)),
+        "member_offset": (np.int64, lambda pos: pos * SAMPLE_BYTES),
+        "member_size": (np.int64, lambda pos: np.full_like(pos, SAMPLE_BYTES - 512)),
+    }
+    for name, (dtype, values) in columns.items():
+        mm = np.lib.format.open_memmap(path / f"{name}.npy", mode="w+", dtype=dtype, shape=(n,))
+        for a in range(0, n, 1 << 22):
+            mm[a : a + (1 << 22)] = values(np.arange(a, min(n, a + (1 << 22)), dtype=np.int64) % ROWS_PER_SHARD)
+        mm.flush()
     with open(path / "shards.jsonl", "w") as f:
         for i in range(s):
             rows = [int(offsets[i]), int(offsets[i + 1])]
@@ -70,7 +76,7 @@ def write_synthetic_index(path: Path, n: int, seed: int = 0) -> None:
                         "status": "ok",
                         "error": None,
                         "error_offset": None,
-                        "size": None,
+                        "size": (rows[1] - rows[0]) * SAMPLE_BYTES + 1024,
                         "bytes_read": 0,
                         "samples": rows[1] - rows[0],
                         "rows": rows,
@@ -87,7 +93,7 @@ def write_synthetic_index(path: Path, n: int, seed: int = 0) -> None:
                 "identity": "synthetic",
                 "n_shards": s,
                 "n_samples": n,
-                "n_members": 0,
+                "n_members": n,
                 "fingerprint": f"synthetic-{n}-{seed}",
                 "bytes_total": 0,
                 "bytes_read": 0,

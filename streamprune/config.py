@@ -210,6 +210,7 @@ address: null             # Ray cluster address (null: start a local Ray instanc
 index:
   root: null              # dataset root that shard names are relative to (null: common folder)
   identity: shard-key     # shard-key | json:FIELD (e.g. json:uid) | package.module:function
+  allow_broken: false     # true: go on without broken or missing shards (false: stop after indexing, exit 2)
 
 record:                   # the proxy run
   epochs: 10              # T: epochs recorded

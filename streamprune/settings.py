@@ -98,6 +98,7 @@ class IndexSettings(StageSettings):
     STAGE = "index"
     root: str | None = None  # dataset root that shard names are relative to (None: the shards' common folder)
     identity: str = "shard-key"  # shard-key | json:FIELD | package.module:function
+    allow_broken: bool = False  # index the healthy shards and succeed when some are broken (else exit status 2)
 
     def problems(self) -> list[str]:
         from streamprune.plugins import is_function_spec

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from streamprune.formats.index import Index
 from streamprune.formats.stats_store import StatsStore
+from streamprune.settings import IndexSettings
 
 STREAMPRUNE = str(Path(sys.executable).with_name("streamprune"))  # the installed command
 
@@ -88,7 +89,7 @@ def test_index_with_a_missing_shard_exits_2_unless_allowed_and_reruns_scan_only_
     done = _cli("index", spec, "--out", str(run), "--address", address, "--quiet")
     assert done.returncode == 2, done.stderr
     assert "BROKEN train-000002.tar" in done.stdout
-    assert "1 shard broken (listed above): exit status 2; pass --allow-broken to index without them" in done.stderr
+    assert "1 shard broken (listed above): exit status 2; pass --allow-broken (index.allow_broken" in done.stderr
     idx = Index(run)  # the healthy shards are indexed all the same
     assert idx.n_samples == sum(sizes[:2]) and [b["shard"] for b in idx.manifest["broken"]] == ["train-000002.tar"]
     assert (run / ".index-parts").is_dir()  # kept: a rerun scans only the broken shard
@@ -102,6 +103,20 @@ def test_index_with_a_missing_shard_exits_2_unless_allowed_and_reruns_scan_only_
     assert fixed.returncode == 0, fixed.stderr
     assert Index(run).n_samples == sum(sizes[:3]) and Index(run).manifest["broken"] == []
     assert not (run / ".index-parts").exists()
+
+
+def test_run_stops_after_index_on_a_missing_shard_unless_the_config_allows_it(ray_session, uneven_shards, tmp_path):
+    paths, sizes = uneven_shards
+    spec = str(Path(paths[0]).parent / "train-{000000..000001}.tar") + "::" + str(tmp_path / "gone.tar")
+    address = ray_session.get_runtime_context().gcs_address
+    config = tmp_path / "c.yaml"
+    config.write_text(f"shards: '{spec}'\nout: run\naddress: '{address}'\nrecord: {{epochs: 1}}\n")
+    done = _cli("run", str(config), "--quiet")
+    assert done.returncode == 2, done.stderr
+    assert "1 shard broken (listed above): exit status 2; pass --allow-broken (index.allow_broken" in done.stderr
+    assert Index(tmp_path / "run").n_samples == sum(sizes[:2])  # indexed, then stopped before record
+    assert not (tmp_path / "run" / "stats.zarr").exists()
+    assert IndexSettings(allow_broken=True).problems() == []
 
 
 def test_ctrl_c_during_record_exits_130(uneven_shards, make_index, tmp_path):

@@ -13,7 +13,7 @@ import time
 import traceback
 from pathlib import Path
 
-from streamprune.errors import DamagedRunError, InputError, SettingsError, StreamPruneError
+from streamprune.errors import DamagedRunError, SettingsError, StreamPruneError
 from streamprune.scoring.sampling import BALANCES
 from streamprune.settings import IndexSettings, RecordSettings, ReduceSettings, ReportSettings, S
 from streamprune.stages.summaries import index_summary, record_line, reduce_line
@@ -24,16 +24,11 @@ per-sample statistics on Ray, reduce them to a DUAL+Beta keep-list, apply it at 
 
 def cmd_index(args) -> None:
     settings = _settings(IndexSettings, args)  # refused here, before Ray starts
-    from streamprune.stages.index import index
+    from streamprune.stages.index import index, refuse_broken
 
     idx = index(args.shards, args.out, settings=settings, address=args.address, progress=not args.quiet)
     print(index_summary(idx))
-    broken = len(idx.manifest["broken"])
-    if broken and not args.allow_broken:  # exit status 2; the index of the others is written
-        raise InputError(
-            f"{broken} shard{'s' if broken > 1 else ''} broken (listed above): exit status 2; pass --allow-broken "
-            f"to index without them (the other {idx.n_shards - broken} are in {idx.path}), or fix them and rerun"
-        )
+    refuse_broken(idx, settings)
     if args.label:
         from streamprune.stages.label_scan import build_classes
 

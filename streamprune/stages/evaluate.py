@@ -41,6 +41,10 @@ class TrainResult:
     model: torch.nn.Module = field(repr=False)  # the trained model
     history: list[dict] = field(default_factory=list)  # per epoch: loss, accuracy (training)
 
+    def figures(self) -> dict:
+        """Everything but the model, JSON-able (benchmark logs)."""
+        return {k: v for k, v in vars(self).items() if k != "model"}
+
 
 def train_subset(
     train_urls: str | list[str],

@@ -52,6 +52,18 @@ def part_path(parts_dir: Path, i: int, url: str, name: str, spec: str) -> Path:
     return parts_dir / f"{i:08d}-{tag}.npz"
 
 
+def refuse_broken(idx: Index, settings: IndexSettings) -> None:
+    """An InputError (exit status 2) when shards are broken or missing and `settings.allow_broken`
+    is off: the index of the healthy ones is written, and a rerun scans only the broken ones."""
+    broken = len(idx.manifest["broken"])
+    if broken and not settings.allow_broken:
+        raise InputError(
+            f"{broken} shard{'s' if broken > 1 else ''} broken (listed above): exit status 2; pass --allow-broken "
+            f"(index.allow_broken in a config) to index without them (the other {idx.n_shards - broken} are in "
+            f"{idx.path}), or fix them and rerun"
+        )
+
+
 def index(
     shards: str | Iterable[str],
     out: str | Path,

@@ -93,9 +93,11 @@ def _index_done(cfg: Config, run: Path) -> bool:
 
 
 def _index(cfg: Config, run: Path, progress: bool, log) -> None:
-    from streamprune.stages.index import index
+    from streamprune.stages.index import index, refuse_broken
 
-    log(index_summary(index(cfg.shards, run, settings=cfg.index, address=cfg.address, progress=progress)))
+    idx = index(cfg.shards, run, settings=cfg.index, address=cfg.address, progress=progress)
+    log(index_summary(idx))
+    refuse_broken(idx, cfg.index)
 
 
 def _record_done(cfg: Config, run: Path) -> bool:
