@@ -12,6 +12,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from streamprune.formats.index import Index
 from streamprune.formats.stats_store import StatsStore
 from streamprune.settings import IndexSettings
@@ -119,6 +121,7 @@ def test_run_stops_after_index_on_a_missing_shard_unless_the_config_allows_it(ra
     assert IndexSettings(allow_broken=True).problems() == []
 
 
+@pytest.mark.slow  # trains on a local Ray instance of its own
 def test_ctrl_c_during_record_exits_130(uneven_shards, make_index, tmp_path):
     run = tmp_path / "run"
     make_index(uneven_shards[0], run)

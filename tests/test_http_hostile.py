@@ -296,6 +296,7 @@ def test_a_changed_size_is_a_changed_shard_error(server, small):
 # -- fuzz -------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # 16 servers, up to 2 s each
 @pytest.mark.parametrize("seed", range(16))
 def test_fuzzed_server_misbehaviour_ends_right_or_in_a_clear_error(server, small, big, seed, load):
     shard = big if seed % 4 == 3 else small

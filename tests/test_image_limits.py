@@ -277,6 +277,7 @@ def _expected_column(name: str, height: int) -> np.ndarray:
         ("rgba.png", "view", 3),
     ],
 )
+@pytest.mark.slow  # decodes 2^26-pixel images in fresh processes
 def test_large_images_under_the_pixel_cap_decode_in_bounded_memory(large_images, name, how, channels):
     """A fresh process decodes one image: at its own size (`decode_image`) or the run's 224 x 224
     view. Converting used to take 1.7 GiB (16-bit PNG) and 1.8 GiB (float TIFF) over the process'

@@ -152,6 +152,7 @@ def _ddp_rank(rank: int, world: int, init: str, paths: list[str], keep: str, out
     dist.destroy_process_group()
 
 
+@pytest.mark.slow  # two torch.distributed processes
 def test_two_ddp_ranks_on_uneven_pruned_shards_get_equal_batches(setup, tmp_path):
     import torch.multiprocessing as mp
 
@@ -289,6 +290,7 @@ def test_importing_the_loader_pulls_in_neither_ray_nor_the_stats_store():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+@pytest.mark.slow  # torchrun
 def test_the_ddp_example_runs_under_torchrun(setup):
     example = Path(__file__).resolve().parents[1] / "examples" / "train_ddp.py"
     shards = os.path.join(os.path.dirname(setup["paths"][0]), "train-*.tar")
