@@ -139,10 +139,10 @@ def write_shards(
         raise SettingsError(f"shard sizes sum to {sum(sizes)}, not the {len(images)} samples")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    from tqdm.auto import tqdm
+    from streamprune.progress import progress_bar
 
     paths, start = [], 0
-    for s, size in enumerate(tqdm(sizes, desc="write shards", unit="shard", disable=not progress)):
+    for s, size in enumerate(progress_bar(sizes, desc="write shards", unit="shard", disable=not progress)):
         path = out_dir / f"{prefix}-{s:06d}.tar"
         tmp = path.with_suffix(".tar.tmp")
         with wds.TarWriter(str(tmp), mtime=0) as sink:

@@ -15,12 +15,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from streamprune.errors import DamagedRunError
 from streamprune.formats.atomic import pid_alive
 from streamprune.formats.headers import CORRECT_MISSING, LABEL_MISSING
 from streamprune.formats.rundir import RunDir
+from streamprune.progress import progress_bar
 
 BLOCK = 1 << 20  # index / keep-list rows per step
 LIMIT = 50  # problems listed per file group before "... and N more"
@@ -39,7 +39,7 @@ class _Report:
         self.notes: list[Problem] = []
         self._counts: dict[str, int] = {}
         self.chunks_checked = 0
-        self.bar = tqdm(desc="verify", unit="chunk", disable=not progress, leave=False)
+        self.bar = progress_bar(desc="verify", unit="chunk", disable=not progress, leave=False)
 
     def rel(self, path: Path | str) -> str:
         try:

@@ -18,11 +18,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 import webdataset as wds
-from tqdm.auto import tqdm
 
 from streamprune.errors import InputError, SettingsError
 from streamprune.formats.keeplist import KeepList
 from streamprune.loader import PrunedWebDataset
+from streamprune.progress import progress_bar
 from streamprune.settings import BUDGETS
 from streamprune.shards.urls import expand_urls
 from streamprune.training.decode import SampleDecoder, ToTensors
@@ -93,7 +93,9 @@ def train_subset(
         net.train()
         n, loss_sum, correct = 0, 0.0, 0
         loader = torch.utils.data.DataLoader(train, batch_size=None, num_workers=loader_workers)
-        for x, y in tqdm(loader, desc=f"{desc} {epoch + 1}/{epochs}", unit="batch", leave=False, disable=not progress):
+        for x, y in progress_bar(
+            loader, desc=f"{desc} {epoch + 1}/{epochs}", unit="batch", leave=False, disable=not progress
+        ):
             x, y = x.to(dev, non_blocking=True), torch.as_tensor(y).to(dev, non_blocking=True)
             logits, loss = train_step(net, opt, x, y)
             n += len(y)

@@ -16,12 +16,12 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import ray
-from tqdm.auto import tqdm
 
 from streamprune.errors import InputError
 from streamprune.formats.atomic import clean_stale_temps, output_lock
 from streamprune.formats.index import Index, load_scan_meta, save_scan, scan_shard, write_index
 from streamprune.formats.rundir import RunDir
+from streamprune.progress import progress_bar
 from streamprune.settings import IndexSettings
 from streamprune.shards.identity import SampleIdentity, parse_identity, shard_names
 from streamprune.shards.urls import absolute, expand_urls, is_local, local_path
@@ -99,7 +99,9 @@ def index(
             stale.unlink()
         parts = [part_path(parts_dir, i, urls[i], names[i], spec) for i in range(len(urls))]
         todo = [i for i, p in enumerate(parts) if not p.exists() or load_scan_meta(p)["status"] == "broken"]
-        bar = tqdm(total=len(urls), initial=len(urls) - len(todo), desc="index", unit="shard", disable=not progress)
+        bar = progress_bar(
+            total=len(urls), initial=len(urls) - len(todo), desc="index", unit="shard", disable=not progress
+        )
         if todo:
             ensure_ray(address)
             limit = max_in_flight or max(4, 4 * int(ray.cluster_resources().get("CPU", 1)))

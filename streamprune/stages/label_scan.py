@@ -8,10 +8,10 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import ray
-from tqdm.auto import tqdm
 
 from streamprune.formats.index import Index
 from streamprune.formats.rundir import RunDir
+from streamprune.progress import progress_bar
 from streamprune.shards.labels import Classes, count_classes, scan_labels
 from streamprune.shards.sources import shard_urls
 from streamprune.stages.ray_cluster import bounded_map, ensure_ray
@@ -42,7 +42,7 @@ def build_classes(
     healthy = healthy_shards(idx).tolist()
     decoder = SampleDecoder(None, "cls" if decode else label, None, decode)
     ensure_ray(address)
-    bar = tqdm(total=len(healthy), desc="labels", unit="shard", disable=not progress)
+    bar = progress_bar(total=len(healthy), desc="labels", unit="shard", disable=not progress)
     parts: list = []
     limit = max(4, 4 * int(ray.cluster_resources().get("CPU", 1)))
     bounded_map(

@@ -634,7 +634,9 @@ def _fit(
 ) -> RecordSummary:
     from ray.train.v2.api.config import FailureConfig, RunConfig, ScalingConfig  # Ray Train v2: its default
     from ray.train.v2.torch.torch_trainer import TorchTrainer
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
+
+    from streamprune.progress import progress_bar
 
     trainer = TorchTrainer(
         _train_loop,
@@ -683,7 +685,7 @@ def _fit(
             rows = [v for (e, _), v in state.items() if e == epoch]
             n = sum(r["n"] for r in rows)
             bar = bars.get(epoch) or bars.setdefault(
-                epoch, tqdm(total=n_samples, desc=f"epoch {epoch}", unit="sample", leave=True)
+                epoch, progress_bar(total=n_samples, desc=f"epoch {epoch}", unit="sample", leave=True)
             )
             bar.update(n - bar.n)
             bar.set_postfix(

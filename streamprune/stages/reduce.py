@@ -17,7 +17,6 @@ from typing import Any, cast
 
 import numpy as np
 import ray
-from tqdm.auto import tqdm
 
 from streamprune.errors import DamagedRunError, InputError, SettingsError
 from streamprune.formats.atomic import clean_stale_temps, lock_holder, output_lock, swap_in, temp_sibling
@@ -27,6 +26,7 @@ from streamprune.formats.keeplist import KeepList, KeepListWriter, new_manifest
 from streamprune.formats.rundir import RunDir
 from streamprune.formats.scores_store import ScoresStore
 from streamprune.formats.stats_store import LABEL, StatsStore
+from streamprune.progress import progress_bar
 from streamprune.scoring import sampling
 from streamprune.scoring.methods import Method
 from streamprune.scoring.scores import NEEDS, SCORES, all_scores, resolve_window
@@ -139,7 +139,7 @@ class _Blocks:
     def map(self, fn, *args, desc: str | None = None, progress: bool = False, sink=None):
         """Results in block order; with `sink(i, result)`, hand each over as it arrives instead."""
         out: list = [None] * len(self.bounds)
-        bar = tqdm(total=len(self.bounds), desc=desc, unit="block", disable=not progress, leave=False)
+        bar = progress_bar(total=len(self.bounds), desc=desc, unit="block", disable=not progress, leave=False)
         bounded_map(lambda b: fn.remote(b[0], b[1], *args), self.bounds, self.workers, sink or out.__setitem__, bar)
         bar.close()
         return out

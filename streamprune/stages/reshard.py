@@ -17,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 import ray
-from tqdm.auto import tqdm
 
 from streamprune.errors import DamagedRunError, InputError, SettingsError
 from streamprune.formats.atomic import output_lock
@@ -25,6 +24,7 @@ from streamprune.formats.headers import RESHARD_FORMAT
 from streamprune.formats.index import Index
 from streamprune.formats.keeplist import KeepList
 from streamprune.formats.rundir import RunDir
+from streamprune.progress import progress_bar
 from streamprune.shards.reader import ReadStats, iter_ranges
 from streamprune.shards.sources import shard_urls
 from streamprune.stages.ray_cluster import bounded_map, ensure_ray
@@ -114,7 +114,7 @@ def reshard(
             leftover.unlink()
         paths = [out / f"{prefix}-{j:06d}.tar" for j in range(n_out)]
         todo = [j for j in range(n_out) if not paths[j].exists()]
-        bar = tqdm(total=n_out, initial=n_out - len(todo), desc="reshard", unit="shard", disable=not progress)
+        bar = progress_bar(total=n_out, initial=n_out - len(todo), desc="reshard", unit="shard", disable=not progress)
         if todo:
             ensure_ray(address)
             limit = max_in_flight or max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
