@@ -125,3 +125,15 @@ def test_demo_runs_every_stage_on_real_shards(ray_session, tmp_path, capsys, mon
     assert "streamprune run " + tmp_path.name + "/streamprune.yaml" in out
     urls = [json.loads(line)["url"] for line in (tmp_path / "run" / "index" / "shards.jsonl").open()]
     assert all(os.path.isabs(u) for u in urls)
+
+
+def test_demo_says_when_it_asks_more_images_than_the_data_has():
+    from streamprune.cli.main import demo_caps
+    from streamprune.datasets import BUNDLED
+
+    notes = demo_caps(str(BUNDLED), 6000, 2000)  # the bundled subset: 4,000 training, 1,000 test images
+    assert notes == [
+        f"--samples 6,000: {BUNDLED} has 4,000 train images, all of them are used",
+        f"--test-samples 2,000: {BUNDLED} has 1,000 test images, all of them are used",
+    ]
+    assert demo_caps(str(BUNDLED), 4000, 500) == []

@@ -72,6 +72,20 @@ LABEL_HELP = (
 )
 
 
+def demo_caps(data_dir: str | None, samples: int, test_samples: int) -> list[str]:
+    """A line for each of `--samples` and `--test-samples` that asks more images than the data has."""
+    from streamprune.datasets import fashion_mnist_dir, load_fashion_mnist
+
+    notes = []
+    for flag, split, asked in (("--samples", "train", samples), ("--test-samples", "test", test_samples)):
+        have = len(load_fashion_mnist(split, data_dir)[1])
+        if asked > have:
+            notes.append(
+                f"{flag} {asked:,}: {fashion_mnist_dir(data_dir)} has {have:,} {split} images, all of them are used"
+            )
+    return notes
+
+
 def demo_config(
     out: Path, samples: int, epochs: int, ratio: float, train_epochs: int, seeds: int, address: str | None
 ) -> dict:
@@ -112,6 +126,8 @@ def cmd_demo(args) -> None:
         f"shards: {len(paths)} uneven training shards and {len(test)} test shards of Fashion-MNIST from {source} "
         f"({time.perf_counter() - t0:.1f} s)"
     )
+    for note in demo_caps(args.data_dir, args.samples, args.test_samples):
+        print(note)
     config = out / "streamprune.yaml"
     config.write_text(
         "# written by `streamprune demo`; rerun with `streamprune run` to resume or change it\n"
