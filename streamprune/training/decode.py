@@ -30,7 +30,7 @@ import torch
 from streamprune.errors import DamagedRunError, InputError, SettingsError
 from streamprune.formats.rundir import RunDir
 from streamprune.plugins import import_function
-from streamprune.shards.labels import BadSample, Classes, Label, LabelSpec, check_label
+from streamprune.shards.labels import BadSample, Classes, Label, LabelSpec, check_label, sample_name
 
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp", "bmp", "gif", "tif", "tiff", "ppm", "pgm", "npy")
 PIL_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF", "PPM")  # Pillow's readers of IMAGE_EXTS (PPM: pgm too)
@@ -69,14 +69,10 @@ class View:
         return f"{self.width}x{self.height} {mode}, {how}"
 
 
-def _where(sample: dict) -> str:
-    return f"sample {sample.get('__key__')!r} of {sample.get('__url__')!r}"
-
-
 def _image_member(sample: dict) -> str:
     ext = next((e for e in IMAGE_EXTS if e in sample), None)
     if ext is None:
-        raise BadSample(f"{_where(sample)}: no image member among {IMAGE_EXTS}")
+        raise BadSample(f"{sample_name(sample)}: no image member among {IMAGE_EXTS}")
     return ext
 
 
@@ -211,7 +207,7 @@ def _npy_image(data: bytes, where: str) -> np.ndarray:
 
 def decode_image(sample: dict, channels: int | None = None, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """The sample's image as `(C, H, W)` uint8 at its own size (C from `channels`, or as stored)."""
-    ext, where = _image_member(sample), _where(sample)
+    ext, where = _image_member(sample), sample_name(sample)
     if ext == "npy":
         img = _npy_image(sample[ext], where)
         return img if channels is None else _channels(img, channels)
@@ -295,7 +291,7 @@ def view_image(sample: dict, view: View | None, rng: np.random.Generator | None)
     if view is None:
         img = decode_image(sample)
         return augment(img, rng) if rng is not None else img
-    ext, where = _image_member(sample), _where(sample)
+    ext, where = _image_member(sample), sample_name(sample)
     size, mode = (view.width, view.height), "L" if view.channels == 1 else "RGB"
     if ext == "npy":
         arr = _channels(_npy_image(sample[ext], where), view.channels)
@@ -348,13 +344,13 @@ class SampleDecoder:
         except BadSample:
             raise
         except Exception as exc:
-            raise BadSample(f"{_where(sample)}: decode function {self.decode!r} failed: {exc!r}") from None
+            raise BadSample(f"{sample_name(sample)}: decode function {self.decode!r} failed: {exc!r}") from None
         if not isinstance(out, tuple) or len(out) != 2:
             raise BadSample(
-                f"{_where(sample)}: decode function {self.decode!r} must return (tensor, label), "
+                f"{sample_name(sample)}: decode function {self.decode!r} must return (tensor, label), "
                 f"not {type(out).__name__}"
             )
-        return out[0], check_label(out[1], _where(sample), f"the label from {self.decode}")
+        return out[0], check_label(out[1], sample_name(sample), f"the label from {self.decode}")
 
     @property
     def label_members(self) -> tuple[str, ...] | None:
@@ -374,9 +370,9 @@ class SampleDecoder:
             label = self.label_spec(sample)
             x = to_tensor(view_image(sample, self.view, rng))
         if self.classes is not None:
-            return x, self.classes.index_of(label, _where(sample))
+            return x, self.classes.index_of(label, sample_name(sample))
         if isinstance(label, str):
-            raise InputError(f"{_where(sample)}: label {label!r} is a name and no class list was given")
+            raise InputError(f"{sample_name(sample)}: label {label!r} is a name and no class list was given")
         return x, label
 
 
@@ -391,9 +387,9 @@ def probe_view(samples: Iterable[dict], image_size: int | None, max_pixels: int 
         try:
             ext = _image_member(sample)
             img = (
-                _npy_image(sample[ext], _where(sample))
+                _npy_image(sample[ext], sample_name(sample))
                 if ext == "npy"
-                else _array(open_image(sample[ext], _where(sample), max_pixels))
+                else _array(open_image(sample[ext], sample_name(sample), max_pixels))
             )
         except BadSample:
             continue
