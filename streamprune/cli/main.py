@@ -577,13 +577,17 @@ def _log_to_stderr(quiet: bool) -> None:
 
 
 def _exit_now(status: int) -> None:
-    """End the process with `status` as soon as Ray is shut down, when it joined Ray: a thread still
-    waiting on Ray (`record`'s trainer) would otherwise end it with status 1 while Python exits."""
+    """End the `streamprune` process with `status` now, after shutting Ray down if it joined Ray:
+    a thread still waiting on Ray (`record`'s trainer) would otherwise end it with status 1 while
+    Python exits, and a second Ctrl-C must not cut the shutdown short."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    sys.stdout.flush()
+    sys.stderr.flush()
     ray = sys.modules.get("ray")
-    if ray is not None and ray.is_initialized():
-        sys.stdout.flush()
-        sys.stderr.flush()
-        ray.shutdown()
+    try:
+        if ray is not None and ray.is_initialized():
+            ray.shutdown()
+    finally:
         os._exit(status)
 
 
