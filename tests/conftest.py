@@ -12,8 +12,14 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from s3_server import environment, free_port
 
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+# Every AWS client of the session (this process, the subprocesses and Ray workers it starts) talks
+# to the `s3_server` fixture's port, never to real AWS: set before any of them starts.
+_S3_PORT = free_port()
+os.environ.update(environment(f"http://127.0.0.1:{_S3_PORT}"))
 
 SLOW_MODULES = {"test_benchmarks", "test_record", "test_evaluate", "test_cli", "test_own_loop", "test_inputs"}
 
@@ -77,6 +83,18 @@ def http_server(tmp_path_factory):
     from http_server import serve
 
     with serve(tmp_path_factory.mktemp("www")) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3 server on 127.0.0.1 (tests/s3_server.py: moto's server mode), one per session,
+    at the `AWS_ENDPOINT_URL` every AWS client of the session reads. Make a bucket of your own
+    (`server.make_bucket(name) -> "s3://name"`); `server.reset()` zeroes the counters
+    (`requests`, `gets`, `bytes_sent`: GET body bytes, `log`)."""
+    from s3_server import serve
+
+    with serve(_S3_PORT) as server:
         yield server
 
 
