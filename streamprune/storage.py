@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import posixpath
+import time
 from typing import Any
 
 _LOCAL = ("", "file", "local")
@@ -45,6 +46,18 @@ def join(location: str | os.PathLike, *parts: str) -> str:
     return os.path.join(local_path(text), *parts)
 
 
+def parent(location: str | os.PathLike) -> str:
+    """The folder that holds `location`."""
+    text = os.fspath(location).rstrip("/")
+    return posixpath.dirname(text) if is_url(text) else os.path.dirname(os.path.abspath(local_path(text)))
+
+
+def absolute(location: str | os.PathLike) -> str:
+    """`location` as an absolute local path, or the URL as given (without a trailing '/')."""
+    text = os.fspath(location)
+    return text.rstrip("/") if is_url(text) else os.path.abspath(local_path(text))
+
+
 def name(location: str | os.PathLike) -> str:
     """The last part of `location`."""
     return posixpath.basename(os.fspath(location).rstrip("/")) if is_url(location) else os.path.basename(location)
@@ -73,21 +86,37 @@ def read_bytes(location: str | os.PathLike, start: int | None = None, end: int |
 
 def write_bytes(location: str | os.PathLike, data: bytes, exclusive: bool = False) -> None:
     """Write `data` as the whole of `location`, in one request on object stores (so readers see the
-    old object or the new one). `exclusive`: only if nothing is there (S3/GCS/Azure's conditional
-    create, `If-None-Match: *`; O_EXCL locally), else FileExistsError naming it."""
+    old object or the new one; locally by a rename). `exclusive`: only if nothing is there (S3/GCS/Azure's conditional
+    create, `If-None-Match: *`; a hard link locally), else FileExistsError naming it."""
     fs, path = filesystem(location)
     if not is_url(location):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        try:
-            with open(path, "xb" if exclusive else "wb") as f:
-                f.write(data)
-        except FileExistsError:
-            raise FileExistsError(f"{os.fspath(location)}: already exists") from None
+        _write_local(path, data, exclusive)
         return
     try:
         fs.pipe_file(path, data, mode="create" if exclusive else "overwrite")
     except FileExistsError:
         raise FileExistsError(f"{os.fspath(location)}: already exists") from None
+
+
+def _write_local(path: str, data: bytes, exclusive: bool) -> None:
+    """Write a local file whole, as object stores do: built beside it, then renamed (or, when
+    `exclusive`, hard-linked, which fails if the name is taken) into place."""
+    folder = os.path.dirname(path)
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp-{os.getpid()}-{time.monotonic_ns()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+    try:
+        if not exclusive:
+            os.replace(tmp, path)
+            return
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            raise FileExistsError(f"{path}: already exists") from None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def exists(location: str | os.PathLike) -> bool:
@@ -96,20 +125,57 @@ def exists(location: str | os.PathLike) -> bool:
     return bool(fs.exists(path))
 
 
-def names(location: str | os.PathLike) -> list[str]:
-    """The names directly under folder `location`, sorted ([] if there is none)."""
+def names(location: str | os.PathLike, folders: bool = False) -> list[str]:
+    """The names directly under folder `location`, sorted ([] if there is none); `folders`: only
+    those of folders (object prefixes)."""
     fs, path = filesystem(location)
     try:
-        entries = fs.ls(path, detail=False, refresh=True) if is_url(location) else fs.ls(path, detail=False)
-    except FileNotFoundError:
+        entries = fs.ls(path, detail=True, refresh=True) if is_url(location) else fs.ls(path, detail=True)
+    except (FileNotFoundError, NotADirectoryError):
         return []
-    return sorted({posixpath.basename(e.rstrip("/")) for e in entries} - {""})
+    found = {posixpath.basename(e["name"].rstrip("/")) for e in entries if not folders or e.get("type") == "directory"}
+    return sorted(found - {""})
+
+
+def files(location: str | os.PathLike) -> list[str]:
+    """The files at any depth under folder `location`, as '/'-separated paths relative to it, sorted
+    ([] if there is none). One recursive listing (on object stores, a request per 1,000 objects,
+    not one per folder; locally a walk that stats nothing, ~20x faster than fsspec's), so that a
+    store's chunks are listed alike locally and remotely."""
+    fs, path = filesystem(location)
+    if not is_url(location):
+        found = [os.path.join(top, f) for top, _, leaves in os.walk(path) for f in leaves]
+    else:
+        try:
+            found = fs.find(path)
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+    prefix = path.rstrip("/") + "/"
+    _forget_listings(fs, prefix)
+    return sorted(f[len(prefix) :].replace(os.sep, "/") for f in found if f.startswith(prefix))
+
+
+def _forget_listings(fs: Any, prefix: str) -> None:
+    """Drop the folder listings under `prefix` that fsspec cached (s3fs's `find` keeps every folder
+    it saw, without expiry): `exists` would answer from them, blind to files written since."""
+    cache = getattr(fs, "dircache", {})
+    for key in [k for k in cache if (k + "/").startswith(prefix)]:
+        cache.pop(key, None)
 
 
 def size(location: str | os.PathLike) -> int:
     """The size of file `location` in bytes."""
     fs, path = filesystem(location)
     return int(fs.size(path))
+
+
+def total_size(location: str | os.PathLike) -> int:
+    """The bytes of file `location`, or of every file under folder `location` (0 if nothing is there)."""
+    fs, path = filesystem(location)
+    try:
+        return int(fs.du(path, total=True))
+    except FileNotFoundError:
+        return 0
 
 
 def remove(location: str | os.PathLike) -> None:
@@ -119,3 +185,14 @@ def remove(location: str | os.PathLike) -> None:
         fs.rm(path, recursive=True)
     except FileNotFoundError:
         pass
+
+
+def sizes(location: str | os.PathLike) -> dict[str, int]:
+    """The files directly under folder `location` with their sizes in bytes ({} if there is none):
+    one listing (one request on object stores, where `size` per file would be one request each)."""
+    fs, path = filesystem(location)
+    try:
+        entries = fs.ls(path, detail=True, refresh=True) if is_url(location) else fs.ls(path, detail=True)
+    except (FileNotFoundError, NotADirectoryError):
+        return {}
+    return {posixpath.basename(e["name"].rstrip("/")): int(e["size"]) for e in entries if e.get("type") == "file"}

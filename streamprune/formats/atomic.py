@@ -15,7 +15,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
+from streamprune import storage
 from streamprune.errors import SettingsError
+from streamprune.formats import object_lock
 
 TEMP_TAGS = ("tmp", "old")  # `temp_sibling` tags: a new output being built, an old one being removed
 
@@ -164,8 +166,13 @@ def output_lock(path: str | os.PathLike, reentrant: bool = False, writer: str | 
     A second writer of the same output is refused at once, naming the holder (`writer`, its pid
     and host, which the lock file holds while locked) instead of racing (a second holder in this
     process too). `reentrant=True`: already held by this thread (e.g. `reduce` around its
-    `KeepListWriter`), go on without locking again.
+    `KeepListWriter`), go on without locking again. An object-store URL output is locked by
+    leases in the sibling folder `.NAME.lock/` instead (`object_lock.output_lock`).
     """
+    if storage.is_url(path):
+        with object_lock.output_lock(os.fspath(path), reentrant=reentrant, writer=writer):
+            yield
+        return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     lock = _lock_file(path)
@@ -214,7 +221,9 @@ def _holder(f: IO[str]) -> str:
 
 def lock_holder(path: str | os.PathLike) -> str | None:
     """Who is writing output `path` now, under `output_lock` ('record, pid 12 on host h'; '' when it
-    has not said yet), or None when no one is."""
+    has not said yet), or None when no one is. For an object-store URL: the owner of its live lease."""
+    if storage.is_url(path):
+        return object_lock.lock_holder(os.fspath(path))
     try:
         f = open(_lock_file(Path(path)))
     except FileNotFoundError:
