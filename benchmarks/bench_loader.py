@@ -14,7 +14,15 @@ with a check that exactly the kept samples came, keep 100% against `webdataset.W
 `--latency SECONDS` repeats them with that delay per request, server-side, in the same run:
 requests in flight should hide it.
 
-    python benchmarks/bench_loader.py [--quick] [--data-dir DIR] [--http [--latency 0.02]]
+`--s3` adds the same over `s3://` URLs: the shards uploaded to a real S3 server (moto's server
+mode, tests/s3_server.py, in a child process, found through AWS_ENDPOINT_URL): keep 100% against
+webdataset reading each object through a `pipe:` command that streams it with boto3 (webdataset
+has no s3 handler of its own; the pipe is what its documentation suggests) and against webdataset
+with an in-process fsspec (s3fs) stream registered for `s3`, and bytes the server sent for a keep-10%
+and a keep-100% pass against the shards' total (goals <= 15% and about 1x). Use it with `--quick`
+(moto keeps objects in memory and serves them from Python).
+
+    python benchmarks/bench_loader.py [--quick] [--data-dir DIR] [--http [--latency 0.02]] [--s3]
 """
 
 from __future__ import annotations
@@ -22,10 +30,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import shlex
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import webdataset as wds
@@ -46,7 +57,14 @@ def _run(ds) -> tuple[int, float]:
 
 
 def bench(
-    name: str, paths: list[str], work: Path, repeat: int, seed: int = 0, server=None, latencies: tuple[float, ...] = ()
+    name: str,
+    paths: list[str],
+    work: Path,
+    repeat: int,
+    seed: int = 0,
+    server=None,
+    latencies: tuple[float, ...] = (),
+    s3: Any = None,
 ) -> dict:
     idx = index(paths, work / name, progress=False)
     rng = np.random.default_rng(seed)
@@ -130,6 +148,8 @@ def bench(
                 + ", ".join(f"{k} x{v:.2f}" for k, v in r["speed_vs_no_latency"].items()),
                 flush=True,
             )
+    if s3 is not None:
+        row["s3"] = bench_s3(name, paths, s3, keep_all, keep10, kept_keys, ext, handlers, repeat, row["MB"] * 1e6)
     return row
 
 
@@ -211,6 +231,176 @@ def bench_http(
     return row
 
 
+# A `pipe:` command streaming one object (`bucket/key`) to stdout with boto3, as webdataset reads s3.
+_S3_PIPE = (
+    "import boto3, shutil, sys; bucket, key = sys.argv[1].split('/', 1); "
+    "shutil.copyfileobj(boto3.client('s3').get_object(Bucket=bucket, Key=key)['Body'], sys.stdout.buffer, 1 << 20)"
+)
+
+
+class S3Process:
+    """tests/s3_server.py's server in a child process (so that the client does not share its
+    interpreter lock): `url`, `reset()` and its counters (`bytes_sent`, `gets`), each a round trip."""
+
+    def __init__(self, conn: Any, url: str):
+        self._conn, self.url = conn, url
+
+    def _ask(self, *message: Any) -> Any:
+        self._conn.send(message)
+        return self._conn.recv()
+
+    def reset(self) -> None:
+        """Zero the counters."""
+        self._ask("reset")
+
+    @property
+    def bytes_sent(self) -> int:
+        """GET body bytes sent since the last reset."""
+        return self._ask("get", "bytes_sent")
+
+    @property
+    def gets(self) -> int:
+        """GET requests answered since the last reset."""
+        return self._ask("get", "gets")
+
+
+def _s3_child(tests: str, conn: Any) -> None:
+    """The child: serve S3 and answer the parent's messages until `stop`."""
+    sys.path.insert(0, tests)
+    from s3_server import serve
+
+    with serve() as server:
+        conn.send(server.url)
+        while (message := conn.recv())[0] != "stop":
+            if message[0] == "reset":
+                server.reset()
+                conn.send(None)
+            else:
+                conn.send(getattr(server, message[1]))
+        conn.send(None)
+
+
+@contextlib.contextmanager
+def serve_s3_process() -> Iterator[S3Process]:
+    """A real S3 server (moto) in a child process, with AWS_ENDPOINT_URL and test credentials set
+    in this process's environment (boto3, s3fs and `pipe:` commands read them) while it runs."""
+    import multiprocessing
+
+    sys.path.insert(0, str(TESTS))
+    from s3_server import environment
+
+    ctx = multiprocessing.get_context("spawn")
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=_s3_child, args=(str(TESTS), child), daemon=True)
+    proc.start()
+    saved = dict(os.environ)
+    try:
+        began = time.monotonic()
+        while not parent.poll(0.2):  # its url, once it listens; a child that died will send none
+            if not proc.is_alive() or time.monotonic() - began > 60:
+                raise RuntimeError(f"the S3 server process did not start (exit code {proc.exitcode})")
+        url = parent.recv()
+        os.environ.update(environment(url))
+        yield S3Process(parent, url)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+        with contextlib.suppress(OSError, EOFError):
+            parent.send(("stop",))
+            parent.poll(5)
+        proc.join(5)
+        if proc.is_alive():
+            proc.kill()
+
+
+@contextlib.contextmanager
+def _wds_reads_s3_with_fsspec() -> Iterator[None]:
+    """webdataset's `gopen` with an `s3` handler that opens the object as an fsspec (s3fs) stream."""
+    import fsspec
+
+    schemes = sys.modules["webdataset.gopen"].gopen_schemes  # `webdataset.gopen` is also a function's name
+    schemes["s3"] = lambda url, mode="rb", bufsize=8192, **kw: fsspec.open(url, mode).open()
+    try:
+        yield
+    finally:
+        del schemes["s3"]
+
+
+def bench_s3(
+    name: str,
+    paths: list[str],
+    server: S3Process,
+    keep_all: KeepList,
+    keep10: KeepList,
+    kept_keys: set[str],
+    ext: str,
+    handlers: tuple,
+    repeat: int,
+    total: float,
+) -> dict:
+    """The loader over s3:// URLs (the shards uploaded to `server`): keep 100% against webdataset
+    (a boto3 `pipe:`; an fsspec stream) in the same run, and the bytes the server sent."""
+    import s3fs
+
+    bucket = "bench-loader"
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    with contextlib.suppress(FileExistsError):
+        fs.mkdir(bucket)
+    keys = [f"{bucket}/{name}/{os.path.basename(p)}" for p in paths]
+    for p, key in zip(paths, keys):
+        fs.put(p, key)
+    urls = [f"s3://{key}" for key in keys]
+    pipes = [f"pipe:{shlex.quote(sys.executable)} -c {shlex.quote(_S3_PIPE)} {shlex.quote(key)}" for key in keys]
+    decode: Callable[[Any], Any] = lambda ds: ds.decode(*handlers).to_tuple(ext, "cls")
+    pipelines = {
+        "wds-pipe": lambda: decode(wds.WebDataset(pipes, shardshuffle=False)),
+        "wds-fsspec": lambda: decode(wds.WebDataset(urls, shardshuffle=False)),
+        "pruned-100": lambda: decode(PrunedWebDataset(urls, keep=keep_all, shardshuffle=False)),
+        "pruned-10": lambda: decode(PrunedWebDataset(urls, keep=keep10, shardshuffle=False)),
+    }
+    best = {k: float("inf") for k in pipelines}
+    counts, sent, gets = {}, {}, {}
+    with _wds_reads_s3_with_fsspec():
+        for _ in range(repeat):
+            for k, make in pipelines.items():
+                server.reset()
+                counts[k], t = _run(make())
+                best[k], sent[k], gets[k] = min(best[k], t), server.bytes_sent, server.gets
+    assert counts["wds-pipe"] == counts["wds-fsspec"] == counts["pruned-100"] == len(keep_all), counts
+    assert counts["pruned-10"] == len(keep10), counts
+    server.reset()  # an undecoded keep-10% pass: which samples came, and what the server sent for them
+    came = [s["__key__"] for s in PrunedWebDataset(urls, keep=keep10, shardshuffle=False)]
+    probe_sent, probe_gets = server.bytes_sent, server.gets
+    exact = len(came) == len(keep10) and set(came) == kept_keys
+    sps = {k: counts[k] / best[k] for k in pipelines}
+    row = {
+        "set": name,
+        "shards": len(urls),
+        "kept10": len(keep10),
+        "kept10_exact": exact,
+        **{f"{k}_sps": v for k, v in sps.items()},
+        "ratio_keep100_vs_pipe": sps["pruned-100"] / sps["wds-pipe"],
+        "ratio_keep100_vs_fsspec": sps["pruned-100"] / sps["wds-fsspec"],
+        "bytes_sent_keep10": probe_sent / total,
+        "gets_keep10": probe_gets,
+        "bytes_sent_keep100": sent["pruned-100"] / total,
+        "gets_keep100": gets["pruned-100"],
+        "bytes_sent_wds": sent["wds-fsspec"] / total,
+        "gets_wds": gets["wds-fsspec"],
+    }
+    print(
+        f"{name:>10} s3: keep 100%: pruned {sps['pruned-100']:,.0f} samples/s vs webdataset pipe:boto3 "
+        f"{sps['wds-pipe']:,.0f} = x{row['ratio_keep100_vs_pipe']:.2f}, vs webdataset+fsspec "
+        f"{sps['wds-fsspec']:,.0f} = x{row['ratio_keep100_vs_fsspec']:.2f}; server sent "
+        f"{row['bytes_sent_keep100']:.1%} of total in {gets['pruned-100']} GETs (webdataset "
+        f"{row['bytes_sent_wds']:.1%} in {gets['wds-fsspec']}) | keep 10%: "
+        f"server sent {row['bytes_sent_keep10']:.1%} of total in {probe_gets} GETs; {len(came)}/{len(keep10)} "
+        f"kept samples came{'' if exact else ', NOT exactly the kept ones'}",
+        flush=True,
+    )
+    return row
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="a few thousand samples, for a smoke run")
@@ -225,6 +415,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         default=0.0,
         metavar="SECONDS",
         help="with --http: also run with this delay per request, server-side (default 0: none)",
+    )
+    p.add_argument(
+        "--s3", action="store_true", help="also read the shards as s3:// objects from a local S3 server (moto)"
     )
     args = p.parse_args(argv)
     repeat = args.repeat or (1 if args.quick else 3)
@@ -245,7 +438,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
             from http_server import serve_process  # its own process: the client does not share its GIL
 
             server = stack.enter_context(serve_process(work))
-        return [bench(name, paths, work, repeat, server=server, latencies=latencies) for name, paths in sets.items()]
+        s3 = stack.enter_context(serve_s3_process()) if args.s3 else None
+        return [
+            bench(name, paths, work, repeat, server=server, latencies=latencies, s3=s3) for name, paths in sets.items()
+        ]
 
 
 if __name__ == "__main__":

@@ -5,6 +5,10 @@ ranges) the bytes of pruned samples are never read. Compressed shards (gzip, bz2
 `pipe:` streams cannot seek: they are read through up to their last kept sample. Imports
 webdataset, NumPy and the keep-list only, no Ray and no stats store, so a training job
 that applies a keep-list stays light.
+
+The keep-list may be at an object-store URL (`s3://bucket/run/keep`): each process (DDP rank,
+DataLoader worker) reads its manifest and shard table, then the keys and byte ranges of only the
+shards it reads, by exact byte ranges; the list pickles to workers as its location.
 """
 
 from __future__ import annotations
@@ -32,7 +36,8 @@ UNKNOWN = ("error", "keep")
 
 
 def as_keep_list(keep: KeepList | str | os.PathLike) -> KeepList:
-    """A `KeepList` as given, or loaded from its directory."""
+    """A `KeepList` as given, or loaded from its folder or object-store URL (`KeepList.load`: on
+    object stores the per-sample arrays are read per shard, when the shard is read)."""
     return keep if isinstance(keep, KeepList) else KeepList.load(keep)
 
 
@@ -254,10 +259,11 @@ class PrunedWebDataset(wds.WebDataset):
 
     Takes every argument of `webdataset.WebDataset`, yields the same sample dicts in the
     same order minus the pruned ones, and its fluid methods return PrunedWebDatasets.
-    `keep`: a keep-list directory or `KeepList`. `root`: the dataset root when shard names
-    are not trailing parts of the URLs. `unknown_shards`: 'error' or 'keep' (read whole) for
-    URLs the keep-list does not know. `allow_mismatch`: apply a keep-list whose shards differ
-    from these (none known, or rewritten since indexing), matching samples by key only.
+    `keep`: a keep-list folder, object-store URL (`s3://bucket/run/keep`) or `KeepList`.
+    `root`: the dataset root when shard names are not trailing parts of the URLs.
+    `unknown_shards`: 'error' or 'keep' (read whole) for URLs the keep-list does not know.
+    `allow_mismatch`: apply a keep-list whose shards differ from these (none known, or
+    rewritten since indexing), matching samples by key only.
     `weights`: add `__weight__` (keep-lists that carry weights).
     `even_epochs`: give every DDP rank and DataLoader worker exactly the same number of
     samples per epoch (replaces `nodesplitter`/`workersplitter`; call `set_epoch` per epoch).

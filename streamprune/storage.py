@@ -71,7 +71,8 @@ def filesystem(location: str | os.PathLike) -> tuple[Any, str]:
     text = os.fspath(location)
     if not is_url(text):
         return fsspec.filesystem("file"), os.path.abspath(local_path(text))
-    fs, path = fsspec.core.url_to_fs(text)
+    # no cached listings: another process or node writes the same folders (chunks, COMMIT, leases)
+    fs, path = fsspec.core.url_to_fs(text, use_listings_cache=False)
     return fs, path
 
 
@@ -130,7 +131,7 @@ def names(location: str | os.PathLike, folders: bool = False) -> list[str]:
     those of folders (object prefixes)."""
     fs, path = filesystem(location)
     try:
-        entries = fs.ls(path, detail=True, refresh=True) if is_url(location) else fs.ls(path, detail=True)
+        entries = fs.ls(path, detail=True)
     except (FileNotFoundError, NotADirectoryError):
         return []
     found = {posixpath.basename(e["name"].rstrip("/")) for e in entries if not folders or e.get("type") == "directory"}
@@ -151,16 +152,7 @@ def files(location: str | os.PathLike) -> list[str]:
         except (FileNotFoundError, NotADirectoryError):
             return []
     prefix = path.rstrip("/") + "/"
-    _forget_listings(fs, prefix)
     return sorted(f[len(prefix) :].replace(os.sep, "/") for f in found if f.startswith(prefix))
-
-
-def _forget_listings(fs: Any, prefix: str) -> None:
-    """Drop the folder listings under `prefix` that fsspec cached (s3fs's `find` keeps every folder
-    it saw, without expiry): `exists` would answer from them, blind to files written since."""
-    cache = getattr(fs, "dircache", {})
-    for key in [k for k in cache if (k + "/").startswith(prefix)]:
-        cache.pop(key, None)
 
 
 def size(location: str | os.PathLike) -> int:
@@ -192,7 +184,7 @@ def sizes(location: str | os.PathLike) -> dict[str, int]:
     one listing (one request on object stores, where `size` per file would be one request each)."""
     fs, path = filesystem(location)
     try:
-        entries = fs.ls(path, detail=True, refresh=True) if is_url(location) else fs.ls(path, detail=True)
+        entries = fs.ls(path, detail=True)
     except (FileNotFoundError, NotADirectoryError):
         return {}
     return {posixpath.basename(e["name"].rstrip("/")): int(e["size"]) for e in entries if e.get("type") == "file"}

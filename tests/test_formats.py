@@ -5,6 +5,7 @@ No Ray: the index is written in this process."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -83,7 +84,7 @@ def test_index_round_trip_without_ray(make_index, uneven_shards, tmp_path):
     assert (index.n_samples, index.names, index.fingerprint) == (written.n_samples, written.names, written.fingerprint)
     assert np.array_equal(index.shard_offset, written.shard_offset)
     assert index.keys(0) == written.keys(0)
-    _bump_version(RunDir(tmp_path / "run").index / "manifest.json")
+    _bump_version(Path(RunDir(tmp_path / "run").index) / "manifest.json")
     with pytest.raises(NewerFormatError):
         Index(RunDir(tmp_path / "run").index)
 
@@ -103,8 +104,8 @@ def test_keep_list_round_trip(tmp_path):
 
 def test_class_list_round_trip(tmp_path):
     classes = Classes(3, ("cat", "dog", "emu"), label="json:kind", counts=(5, 0, 2))
-    path = classes.save(tmp_path)
-    assert path == RunDir(tmp_path).classes
+    path = Path(classes.save(tmp_path))
+    assert str(path) == RunDir(tmp_path).classes
     assert Classes.load(tmp_path) == classes and Classes.load(tmp_path / "none") is None
     _bump_version(path)
     with pytest.raises(NewerFormatError):
@@ -138,7 +139,7 @@ CLASS_DOC_FIELDS = {  # an edited field of a valid classes.json -> the field the
 def test_a_class_list_with_a_field_of_the_wrong_type_is_refused_naming_file_and_field(tmp_path, case):
     from streamprune.errors import InputError
 
-    path = Classes(3, ("a", "b", "c"), counts=(5, 0, 2)).save(tmp_path)
+    path = Path(Classes(3, ("a", "b", "c"), counts=(5, 0, 2)).save(tmp_path))
     edit, field = CLASS_DOC_FIELDS[case]
     doc = {k: v for k, v in {**json.loads(path.read_text()), **edit}.items() if v is not None or k != "num_classes"}
     path.write_text(json.dumps(doc))

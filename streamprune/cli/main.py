@@ -136,11 +136,13 @@ def cmd_demo(args) -> None:
             sort_keys=False,
         )
     )
+    from streamprune.formats.rundir import RunDir
+
     result = run_pipeline(load_config(config), progress=not args.quiet)
     print("\n" + format_table(result))
     print(
         f"\nreport: {result.report}\nconfig: {config} (rerun: streamprune run {config})\n"
-        f"apply: PrunedWebDataset('{out / 'shards'}/train-*.tar', keep='{result.run / 'keep'}', shardshuffle=100)"
+        f"apply: PrunedWebDataset('{out / 'shards'}/train-*.tar', keep='{RunDir(result.run).keep}', shardshuffle=100)"
     )
 
 

@@ -1,24 +1,33 @@
 """The shard index `RUN/index`: which samples exist, their identity, row and byte ranges.
 
 Pure NumPy + JSON (no Ray, no Zarr) so that the loader can read it cheaply. Scanning a
-shard is `scan_shard`; building the index in parallel lives in `indexer`.
+shard is `scan_shard`; building the index in parallel lives in `stages.index`. RUN may be a
+local folder or an object-store URL (`streamprune.storage`): the index is replaced whole through
+`formats.commit` (locally a rename; on object stores a generation committed by one `COMMIT`
+object written last), and read from the committed generation (arrays memory-mapped locally,
+read whole from object stores).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
 import os
 import posixpath
+import tempfile
+import zipfile
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
 import numpy as np
 
+from streamprune import storage
 from streamprune.errors import DamagedRunError
-from streamprune.formats.atomic import swap_in, temp_sibling
+from streamprune.formats import commit
 from streamprune.formats.headers import INDEX_FORMAT, check_format, header
 from streamprune.formats.rundir import RunDir
 from streamprune.shards.identity import SampleIdentity, find_duplicates, id128
@@ -136,8 +145,9 @@ def _ranges_cheaper(remote) -> bool:
         return False  # the read-through scan meets the same problem and reports it
 
 
-def save_scan(scan: ShardScan, path: Path) -> None:
-    """Write a scan as an `.npz` part (no pickle), atomically.
+def save_scan(scan: ShardScan, location: str | os.PathLike) -> None:
+    """Write a scan as an `.npz` part (no pickle) at `location`, whole in one write (a rename
+    locally, one request on object stores), so that a part is complete or absent, never half.
 
     Keys are a UTF-8 blob `keys` and int64 offsets `key_offset` (n+1) into it, as in the index:
     no separator, so any key (newlines included) reads back as it was.
@@ -147,32 +157,43 @@ def save_scan(scan: ShardScan, path: Path) -> None:
     key_offset = np.zeros(len(encoded) + 1, dtype=np.int64)
     np.cumsum([len(e) for e in encoded], out=key_offset[1:])
     keys = np.frombuffer(b"".join(encoded), dtype=np.uint8)
-    tmp = path.with_suffix(".tmp.npz")
     arrays: dict[str, Any] = scan.arrays  # Any: mypy checks `**` values against savez's `allow_pickle: bool` too
-    np.savez(tmp, meta=meta, keys=keys, key_offset=key_offset, **arrays)
-    os.replace(tmp, path)
+    buffer = io.BytesIO()
+    np.savez(buffer, meta=meta, keys=keys, key_offset=key_offset, **arrays)
+    storage.write_bytes(location, buffer.getvalue())
 
 
-def load_scan_meta(path: Path) -> dict:
-    """The JSON part of a saved scan, without reading its arrays."""
-    with np.load(path, allow_pickle=False) as z:
-        return json.loads(z["meta"].tobytes())
+def _read_part(location: str | os.PathLike, names: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
+    """The arrays `names` (None: all) of the part at `location`, read now; a damaged part is a
+    DamagedRunError naming it."""
+    data = storage.read_bytes(location)
+    try:
+        with np.load(io.BytesIO(data), allow_pickle=False) as z:
+            return {k: z[k] for k in (z.files if names is None else names)}
+    except (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile) as exc:
+        raise DamagedRunError(f"index part {os.fspath(location)!r} is unreadable ({exc}): delete it") from None
 
 
-def load_scan(path: Path) -> ShardScan:
+def load_scan_meta(location: str | os.PathLike) -> dict:
+    """The JSON part of the part at `location`."""
+    return json.loads(_read_part(location, ("meta",))["meta"].tobytes())
+
+
+def load_scan(location: str | os.PathLike) -> ShardScan:
     """Read a part written by `save_scan`; a damaged one is refused (`ValueError` naming it)."""
-    meta = load_scan_meta(path)
-    with np.load(path, allow_pickle=False) as z:
-        blob = z["keys"].tobytes()
-        key_offset = z["key_offset"] if "key_offset" in z.files else None
-        arrays = {k: z[k] for k in _ARRAYS}
+    path = os.fspath(location)
+    z = _read_part(path)
+    meta = json.loads(z["meta"].tobytes())
+    blob = z["keys"].tobytes()
+    key_offset = z.get("key_offset")
+    arrays = {k: z[k] for k in _ARRAYS}
     meta.pop("samples")
     n = len(arrays["id_hi"])
     if key_offset is None:  # a part of an older streamprune: keys joined by newlines
         keys = blob.decode().split("\n") if blob else []
         if len(keys) != n:
             raise DamagedRunError(
-                f"index part {str(path)!r} (of an older streamprune) holds a key with a newline, "
+                f"index part {path!r} (of an older streamprune) holds a key with a newline, "
                 "which its format cannot tell apart: delete it and index again"
             )
     else:
@@ -184,36 +205,64 @@ def load_scan(path: Path) -> ShardScan:
             or (np.diff(key_offset) < 0).any()
         ):
             raise DamagedRunError(
-                f"index part {str(path)!r} is damaged: its key offsets do not fit its {n} rows "
-                f"and {len(blob)} key bytes"
+                f"index part {path!r} is damaged: its key offsets do not fit its {n} rows and {len(blob)} key bytes"
             )
         cuts = key_offset.tolist()
         try:
             keys = [blob[a:b].decode() for a, b in zip(cuts[:-1], cuts[1:])]
         except UnicodeDecodeError:
-            raise DamagedRunError(f"index part {str(path)!r} is damaged: its keys are not UTF-8") from None
+            raise DamagedRunError(f"index part {path!r} is damaged: its keys are not UTF-8") from None
     return ShardScan(**meta, keys=keys, arrays=arrays)
 
 
-def write_index(out: Path, scans: list[ShardScan] | list[Path], root: str, identity_spec: str) -> "Index":
-    """Merge per-shard scans (objects or part files), in shard order, into `out` atomically."""
-    out = Path(out)
-    metas = [load_scan_meta(s) if isinstance(s, Path) else s.meta() for s in scans]
-    counts = np.array([m["samples"] for m in metas], dtype=np.int64)
-    shard_offset = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-    n = int(shard_offset[-1])
-    tmp = temp_sibling(out)
-    tmp.mkdir(parents=True)
-    np.save(tmp / "shard_offset.npy", shard_offset)
-    n_members = 0
-    files = {}
-    for k in _ARRAYS:
-        files[k] = open(tmp / f"{k}.raw", "wb")
+def write_index(
+    out: str | os.PathLike,
+    scans: Iterable[ShardScan | str | os.PathLike],
+    root: str,
+    identity_spec: str,
+    sources: str | None = None,
+) -> "Index":
+    """Merge per-shard scans (objects or part locations), in shard order, into the index `out`
+    (a local folder or an object-store URL), replacing it whole (`commit.replacing`: a rename
+    locally; data objects first and one `COMMIT` object last on object stores). Hold
+    `output_lock(out)` around it. `sources`: a digest of what was scanned, kept in the manifest so
+    that indexing the same shards again can tell it has nothing to do (`Index.sources`)."""
+    with commit.replacing(out) as place, _staging(place) as folder:
+        _write_files(folder, scans, root, identity_spec, sources)
+    return Index(out)
+
+
+@contextlib.contextmanager
+def _staging(place: str) -> Iterator[str]:
+    """A local folder to build the index files in: `place` itself when local; for an object-store
+    `place` a temporary folder (the arrays are merged from parts through local files, one array in
+    memory at a time), uploaded into `place` on success, `manifest.json` last."""
+    if not storage.is_url(place):
+        yield place
+        return
+    with tempfile.TemporaryDirectory(prefix="streamprune-index-") as folder:
+        yield folder
+        files = sorted(os.listdir(folder), key=lambda f: (f == "manifest.json", f))
+        for file in files:
+            with open(os.path.join(folder, file), "rb") as f:
+                storage.write_bytes(storage.join(place, file), f.read())
+
+
+def _write_files(
+    folder: str, scans: Iterable[ShardScan | str | os.PathLike], root: str, identity_spec: str, sources: str | None
+) -> None:
+    """Write the index files into the local folder `folder`: the arrays, keys, shards.jsonl and
+    manifest.json (each part is read once)."""
+    tmp = Path(folder)
+    files = {k: open(tmp / f"{k}.raw", "wb") for k in _ARRAYS}
     fp = hashlib.blake2b(digest_size=16)
+    metas: list[dict] = []
     key_lengths: list[int] = []
+    n_members = 0
     with open(tmp / "keys.bin", "wb") as keys_out:
         for item in scans:
-            scan = load_scan(item) if isinstance(item, Path) else item
+            scan = item if isinstance(item, ShardScan) else load_scan(item)
+            metas.append(scan.meta())
             fp.update(json.dumps([scan.name, scan.n]).encode())
             fp.update(scan.arrays["id_hi"].tobytes() + scan.arrays["id_lo"].tobytes())
             for k in _ARRAYS:
@@ -225,16 +274,18 @@ def write_index(out: Path, scans: list[ShardScan] | list[Path], root: str, ident
     for k, f in files.items():
         f.close()
         raw = tmp / f"{k}.raw"
-        arr = np.fromfile(raw, dtype=_DTYPES[k])
-        np.save(tmp / f"{k}.npy", arr)
+        np.save(tmp / f"{k}.npy", np.fromfile(raw, dtype=_DTYPES[k]))
         raw.unlink()
-    np.save(tmp / "key_offset.npy", np.concatenate([[0], np.cumsum(key_lengths, dtype=np.int64)]).astype(np.int64))
+    counts = np.array([m["samples"] for m in metas], dtype=np.int64)
+    shard_offset = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    np.save(tmp / "shard_offset.npy", shard_offset)
+    key_offset = np.concatenate([[0], np.cumsum(key_lengths, dtype=np.int64)]).astype(np.int64)
+    np.save(tmp / "key_offset.npy", key_offset)
     with open(tmp / "shards.jsonl", "w") as shards_out:
         for meta, start in zip(metas, shard_offset[:-1]):
             shards_out.write(json.dumps({**meta, "rows": [int(start), int(start) + meta["samples"]]}) + "\n")
     dup_rows = find_duplicates(np.load(tmp / "id_hi.npy"), np.load(tmp / "id_lo.npy"))
     shard_of = np.searchsorted(shard_offset, dup_rows, side="right") - 1
-    key_offset = np.load(tmp / "key_offset.npy")
     with open(tmp / "keys.bin", "rb") as keys_in:
         blob = keys_in.read() if len(dup_rows) else b""
     examples = [
@@ -246,7 +297,7 @@ def write_index(out: Path, scans: list[ShardScan] | list[Path], root: str, ident
         "root": root,
         "identity": identity_spec,
         "n_shards": len(metas),
-        "n_samples": n,
+        "n_samples": int(shard_offset[-1]),
         "n_members": n_members,
         "fingerprint": fp.hexdigest(),
         "bytes_total": int(sum(m["size"] or 0 for m in metas)),
@@ -258,14 +309,15 @@ def write_index(out: Path, scans: list[ShardScan] | list[Path], root: str, ident
         ],
         "empty": [m["name"] for m in metas if m["status"] == "empty"],
         "duplicates": {"rows": int(len(dup_rows)), "examples": examples},
+        **({} if sources is None else {"sources": sources}),
     }
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
-    swap_in(tmp, out)
-    return Index(out)
 
 
 class Index:
-    """Read access to `RUN/index` (memory-mapped arrays).
+    """Read access to `RUN/index` (a local folder: memory-mapped arrays; an object-store URL: its
+    committed generation, arrays read whole). `path` is the index's location, `files` where its
+    files are read (the same locally), `file(name)` one of them.
 
     Opening it checks what is cheap to check (headers, the shard list, array types and shapes,
     offsets against counts); `range_problem` checks a shard's byte ranges, which `byte_ranges`
@@ -283,19 +335,14 @@ class Index:
     member_size: np.ndarray
 
     def __init__(self, path: str | os.PathLike, strict: bool = True):
-        path = Path(path)
-        if RunDir(path).index.is_dir() and not (path / "manifest.json").exists():
-            path = RunDir(path).index
-        manifest_path = path / "manifest.json"
-        if not manifest_path.exists():
-            raise FileNotFoundError(f"no shard index at {str(path)!r} (run `streamprune index` first)")
-        self.path = path
+        self.path, self.files, raw = _find_manifest(os.fspath(path))
+        manifest_path = self.file("manifest.json")
         try:
-            self.manifest = json.loads(manifest_path.read_text())
-        except ValueError as exc:
-            raise DamagedRunError(f"{str(manifest_path)!r} is damaged: {exc}") from None
-        check_format(self.manifest, INDEX_FORMAT, repr(str(manifest_path)))
-        self.shards = self._read_shards(path / "shards.jsonl")
+            self.manifest = json.loads(raw.decode())
+        except ValueError as exc:  # UnicodeDecodeError included
+            raise DamagedRunError(f"{manifest_path!r} is damaged: {exc}") from None
+        check_format(self.manifest, INDEX_FORMAT, repr(manifest_path))
+        self.shards = self._read_shards(self.file("shards.jsonl"))
         self.names = cast("list[str]", [s.get("name") for s in self.shards])  # strings in a sound index (checked)
         self._by_name = {n: i for i, n in enumerate(self.names) if isinstance(n, str)}
         self.shard_offset = np.asarray(self._load("shard_offset"))
@@ -308,39 +355,62 @@ class Index:
         if strict and self.problems:
             raise self.damaged(*self.problems[0])
 
+    def file(self, name: str) -> str:
+        """Where the index file `name` is read from (in the committed generation on object stores)."""
+        return storage.join(self.files, name)
+
+    @property
+    def sources(self) -> str | None:
+        """The digest of what was scanned, as `write_index` was given it (None: not recorded)."""
+        value = self.manifest.get("sources")
+        return value if isinstance(value, str) else None
+
     def damaged(self, file: str, problem: str) -> DamagedRunError:
         """The error for `problem` of the index file `file`."""
         return DamagedRunError(
-            f"index file {str(self.path / file)!r} is damaged: {problem} (edited or damaged: index the shards again)"
+            f"index file {self.file(file)!r} is damaged: {problem} (edited or damaged: index the shards again)"
         )
 
-    def _read_shards(self, path: Path) -> list[dict]:
+    def _read_shards(self, location: str) -> list[dict]:
         try:
-            with open(path) as f:
-                lines = list(f)
+            text = storage.read_bytes(location).decode()
         except FileNotFoundError:
-            raise DamagedRunError(f"{str(path)!r} is missing: index the shards again") from None
+            raise DamagedRunError(f"{location!r} is missing: index the shards again") from None
         except UnicodeDecodeError as exc:
-            raise DamagedRunError(f"{str(path)!r} is damaged: {exc}") from None
+            raise DamagedRunError(f"{location!r} is damaged: {exc}") from None
         shards = []
-        for i, line in enumerate(lines):
+        for i, line in enumerate(io.StringIO(text, newline=None)):  # lines as a text-mode file reads them
             try:
                 entry = json.loads(line)
             except ValueError as exc:
-                raise DamagedRunError(f"{str(path)!r} is damaged: line {i + 1}: {exc}") from None
+                raise DamagedRunError(f"{location!r} is damaged: line {i + 1}: {exc}") from None
             if not isinstance(entry, dict):
-                raise DamagedRunError(f"{str(path)!r} is damaged: line {i + 1} is not a JSON object")
+                raise DamagedRunError(f"{location!r} is damaged: line {i + 1} is not a JSON object")
             shards.append(entry)
         return shards
 
     def _load(self, name: str) -> np.ndarray:
-        path = self.path / f"{name}.npy"
+        """Array `name`: memory-mapped locally; read whole on object stores."""
+        location = self.file(f"{name}.npy")
         try:
-            return np.load(path, mmap_mode="r", allow_pickle=False)
+            if not storage.is_url(location):
+                return np.load(location, mmap_mode="r", allow_pickle=False)
+            return np.load(io.BytesIO(storage.read_bytes(location)), allow_pickle=False)
         except FileNotFoundError:
-            raise DamagedRunError(f"{str(path)!r} is missing: index the shards again") from None
+            raise DamagedRunError(f"{location!r} is missing: index the shards again") from None
         except (ValueError, OSError, EOFError) as exc:
-            raise DamagedRunError(f"{str(path)!r} is unreadable ({exc}): index the shards again") from None
+            raise DamagedRunError(f"{location!r} is unreadable ({exc}): index the shards again") from None
+
+    def _keys_size(self) -> int | None:
+        """The size of keys.bin (None: missing)."""
+        try:
+            return storage.size(self.file("keys.bin"))
+        except FileNotFoundError:
+            return None
+
+    def key_bytes(self, start: int, end: int) -> bytes:
+        """Bytes [start, end) of keys.bin (the keys of rows r..s are [key_offset[r], key_offset[s]))."""
+        return storage.read_bytes(self.file("keys.bin"), start, end) if end > start else b""
 
     def _structure_problems(self) -> list[tuple[str, str]]:
         """What disagrees in the index's headers, shard list, array types and shapes (cheap: no
@@ -374,7 +444,7 @@ class Index:
         if len(self._by_name) != sum(isinstance(n, str) for n in self.names):
             out.append(("shards.jsonl", "a shard name is listed twice"))
         members = m.get("n_members", len(self.member_offset))
-        keys_size = (self.path / "keys.bin").stat().st_size if (self.path / "keys.bin").exists() else None
+        keys_size = self._keys_size()
         ko = self.key_offset
         expected = {
             **{k: (n,) for k in ("id_hi", "id_lo", "sample_start", "sample_end", "member_count")},
@@ -515,7 +585,7 @@ class Index:
         try:
             return self._by_name[name]
         except KeyError:
-            raise KeyError(f"shard {name!r} is not in the index at {str(self.path)!r}") from None
+            raise KeyError(f"shard {name!r} is not in the index at {self.path!r}") from None
 
     def rows(self, shard: int) -> range:
         return range(int(self.shard_offset[shard]), int(self.shard_offset[shard + 1]))
@@ -529,9 +599,7 @@ class Index:
         if not len(r):
             return []
         lo, hi = int(self.key_offset[r.start]), int(self.key_offset[r.stop])
-        with open(self.path / "keys.bin", "rb") as f:
-            f.seek(lo)
-            blob = f.read(hi - lo)
+        blob = self.key_bytes(lo, hi)
         cuts = np.asarray(self.key_offset[r.start : r.stop + 1]) - lo
         return [blob[a:b].decode() for a, b in zip(cuts[:-1], cuts[1:])]
 
@@ -546,6 +614,20 @@ class Index:
 _BLOCK = 1 << 20  # rows summed per step
 _MAX_OFFSET = 1 << 60  # larger offsets and sizes are impossible (and would overflow int64 sums)
 _COMPRESSIONS = (None, "gzip", "bz2", "xz")
+
+
+def _find_manifest(path: str) -> tuple[str, str, bytes]:
+    """The index at `path` (itself, or `path/index` when `path` is a run directory): its location,
+    where its files are (its committed generation on object stores) and its manifest's bytes.
+    Read, not looked up (object-store listings may be cached); FileNotFoundError saying to run
+    `streamprune index` when neither holds one."""
+    for location in (path, RunDir(path).index):
+        try:
+            files = commit.committed(location)
+            return location, files, storage.read_bytes(storage.join(files, "manifest.json"))
+        except (FileNotFoundError, NotADirectoryError):  # nothing committed, or `location` is a file
+            continue
+    raise FileNotFoundError(f"no shard index at {path!r} (run `streamprune index` first)")
 
 
 def _shard_problems(entry: dict, a: int, b: int) -> list[str]:

@@ -4,28 +4,32 @@ Self-contained (no index needed to use it): shard names with kept counts, each k
 sample's key, 128-bit identity and, when built from an index, its position in its tar and
 its byte range there (what lets the loader seek past pruned samples without the index).
 NumPy + JSON only, read without pickle, so the loader can import it without Ray or Zarr.
+
+A keep-list lives in a local folder or at an object-store URL (`s3://bucket/run/keep`); either is
+written whole through `commit.replacing` (a rename swap locally; data objects first and one
+`COMMIT` object last on object stores) and read from `commit.committed`: locally memory-mapped,
+on object stores the manifest and shard table at once and each shard's slice of the per-sample
+arrays by exact byte ranges when it is read.
 """
 
 from __future__ import annotations
 
 import contextlib
+import io
 import json
+import operator
 import os
-import shutil
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import IO, Any
 
 import numpy as np
 import numpy.typing as npt
 
+from streamprune import storage
 from streamprune.errors import DamagedRunError, SettingsError
-from streamprune.formats.atomic import (
-    clean_stale_temps,
-    named_os_error,
-    output_lock,
-    swap_in,
-    temp_sibling,
-)
+from streamprune.formats import commit
+from streamprune.formats.atomic import named_os_error, output_lock
 from streamprune.formats.headers import KEEP_FORMAT, check_format, header
 from streamprune.shards.identity import id128
 
@@ -45,8 +49,8 @@ MANIFEST_TEXTS = ("method", "balance", "fingerprint", "index_root", "created", "
 class KeepList:
     """Kept samples grouped by shard, in index order; positions are per-shard tar positions.
 
-    Keys are a UTF-8 blob with offsets and arrays may be memory-mapped, so a list of
-    10^8+ samples loads in constant time.
+    Keys are a UTF-8 blob with offsets and arrays may be memory-mapped (or, on object stores,
+    `RangedArray`s read by byte ranges), so a list of 10^8+ samples loads in constant time.
     """
 
     def __init__(
@@ -55,12 +59,12 @@ class KeepList:
         names: list[str],
         kept: npt.ArrayLike,
         key_blob,
-        key_offset: np.ndarray,
-        ids: np.ndarray,
-        positions: np.ndarray | None = None,
-        weights: np.ndarray | None = None,
+        key_offset: Any,
+        ids: Any,
+        positions: Any = None,
+        weights: Any = None,
         samples: npt.ArrayLike | None = None,
-        ranges: np.ndarray | None = None,
+        ranges: Any = None,
         shard_bytes: npt.ArrayLike | None = None,
     ):
         self.manifest, self.names = manifest, list(names)
@@ -72,7 +76,8 @@ class KeepList:
         self.offsets = np.concatenate([[0], np.cumsum(self.kept)]).astype(np.int64)
         self._by_name = {n: i for i, n in enumerate(self.names)}
         self._key_sets: dict[int, frozenset] = {}
-        self.path: Path | None = None  # set by `load`: pickles by reference
+        self.path: Path | str | None = None  # set by `load` (the location given): pickles by reference
+        self.place: str | None = None  # set by `load`: where it was read (the committed generation on object stores)
         n = int(self.offsets[-1])
         lengths = {
             "keys": len(key_offset) - 1,
@@ -88,9 +93,11 @@ class KeepList:
             )
 
     def __reduce__(self):
-        if self.path is None:
+        """A loaded list pickles as its location (DataLoader workers, Ray tasks read it again, the
+        same committed generation on object stores), never as its arrays."""
+        if self.path is None or self.place is None:
             return super().__reduce__()
-        return KeepList.load, (self.path,)
+        return _reopen, (self.path, self.place)
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
@@ -114,7 +121,7 @@ class KeepList:
         return 0 if s is None else int(self.kept[s])
 
     def _damaged(self, file: str, shard_name: str, problem: str) -> DamagedRunError:
-        return _damaged(self.path, file, f"shard {shard_name!r}: {problem}")
+        return _damaged(self.place, file, f"shard {shard_name!r}: {problem}")
 
     def shard_keys(self, shard_name: str) -> list[str]:
         """Keys of a shard's kept samples, in tar order (checked: UTF-8 within keys.bin)."""
@@ -223,8 +230,9 @@ class KeepList:
             writer.add_rows(index, rows)
         return cls.load(path)
 
-    def save(self, path: str | os.PathLike) -> Path:
-        """Write the directory atomically: a reader sees the old list or the new one, never a mix."""
+    def save(self, path: str | os.PathLike) -> Path | str:
+        """Write the list to a folder or object-store URL, replacing what is there whole: a reader
+        sees the old list or the new one, never a mix. Returns `path` (a `Path` when local)."""
         opt = lambda a: None if a is None else np.asarray(a)
         with KeepListWriter(
             path,
@@ -246,40 +254,43 @@ class KeepList:
                 opt(self.weights),
                 opt(self.ranges),
             )
-        return Path(path)
+        return os.fspath(path) if storage.is_url(path) else Path(path)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "KeepList":
-        """Read a keep-list directory (memory-mapped); a half-written or edited one is refused.
+        """Read a keep-list: a local folder (memory-mapped) or an object-store URL (its committed
+        generation: the manifest and shard table now, each shard's slice of the per-sample arrays
+        by exact byte ranges when it is read). A half-written or edited one is refused.
 
         Headers, fields and per-shard counts are checked here, in time independent of the number
         of kept samples; a shard's keys, positions, byte ranges and weights when they are read
         (`shard_keys`, ...). Each problem is a DamagedRunError naming the file."""
-        path = Path(path)
-        mpath = path / "manifest.json"
-        if not mpath.exists():
-            raise FileNotFoundError(f"no keep-list at {str(path)!r} (no manifest.json)")
-        manifest = check_format(_read_json(path, "manifest.json"), KEEP_FORMAT, f"keep-list {str(mpath)!r}")
-        _check_manifest(path, manifest)
-        names, kept, columns = _read_shards(path, _read_json(path, "shards.json"))
+        location = _location(path)
+        return cls._read(Path(location) if not storage.is_url(location) else location, _committed_place(location))
+
+    @classmethod
+    def _read(cls, path: Path | str, place: str) -> "KeepList":
+        """The keep-list `path` as read from `place` (its folder locally, its committed generation
+        on an object store)."""
+        manifest_at = storage.join(place, "manifest.json")
+        manifest = check_format(_read_json(place, "manifest.json"), KEEP_FORMAT, f"keep-list {manifest_at!r}")
+        _check_manifest(place, manifest)
+        names, kept, columns = _read_shards(place, _read_json(place, "shards.json"))
         k = sum(kept)
         if k != manifest["k"]:
-            raise _damaged(path, "shards.json", f"the kept counts add up to {k}, manifest.json says k={manifest['k']}")
-        arr = {name: _read_array(path, name, k) for name in ARRAY_DTYPES}
+            raise _damaged(place, "shards.json", f"the kept counts add up to {k}, manifest.json says k={manifest['k']}")
+        listing = storage.sizes(place) if storage.is_url(place) else None
+        arr = {name: _read_array(place, name, k, listing) for name in ARRAY_DTYPES}
         key_offset, ids = arr["key_offset"], arr["ids"]
         if key_offset is None or ids is None:
-            raise _damaged(path, "key_offset.npy" if key_offset is None else "ids.npy", "missing")
+            raise _damaged(place, "key_offset.npy" if key_offset is None else "ids.npy", "missing")
         if manifest.get("weights") is True and arr["weights"] is None:
-            raise _damaged(path, "weights.npy", "missing, manifest.json says weights: true")
-        try:
-            size = (path / "keys.bin").stat().st_size
-            blob = np.memmap(path / "keys.bin", dtype=np.uint8, mode="r") if size else b""
-        except (OSError, ValueError) as exc:
-            raise _damaged(path, "keys.bin", f"unreadable ({exc})") from None
-        starts = key_offset[np.concatenate([[0], np.cumsum(kept, dtype=np.int64)])]  # each shard's first key, the end
+            raise _damaged(place, "weights.npy", "missing, manifest.json says weights: true")
+        blob, size = _open_blob(place, listing)
+        starts = _shard_key_starts(key_offset, kept)
         if starts[0] != 0 or starts[-1] != size or (np.diff(starts) < 0).any():
             raise _damaged(
-                path, "key_offset.npy", f"the shards' key offsets do not ascend from 0 to the {size} bytes of keys.bin"
+                place, "key_offset.npy", f"the shards' key offsets do not ascend from 0 to the {size} bytes of keys.bin"
             )
         keep = cls(
             manifest,
@@ -294,15 +305,43 @@ class KeepList:
             arr["ranges"],
             columns["bytes"],
         )
-        keep.path = path
+        keep.path, keep.place = path, place
         return keep
 
 
-def _damaged(path: Path | None, file: str, problem: str) -> DamagedRunError:
-    """A keep-list that cannot be used: names its directory (when saved) and the file."""
-    where = "(not saved)" if path is None else repr(str(path))
+def _reopen(path: Path | str, place: str) -> KeepList:
+    """A pickled keep-list read again where it was read (on an object store the same committed
+    generation, so that every DataLoader worker sees the list the main process saw)."""
+    return KeepList._read(path, place)
+
+
+def _location(path: str | os.PathLike) -> str:
+    """A keep-list's location as a string (an object-store URL without a trailing '/')."""
+    text = os.fspath(path)
+    return text.rstrip("/") if storage.is_url(text) else text
+
+
+def _committed_place(location: str) -> str:
+    """Where the keep-list `location` is read from; FileNotFoundError naming it when there is none."""
+    hint = "write one with `streamprune reduce` (or `KeepList.save`)"
+    try:
+        place = commit.committed(location)
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"no keep-list at {location!r} (nothing committed there: no {commit.COMMIT} object); {hint}"
+        ) from None
+    if not storage.is_url(place) and not os.path.exists(os.path.join(place, "manifest.json")):
+        raise FileNotFoundError(f"no keep-list at {location!r} (no manifest.json); {hint}")
+    return place
+
+
+def _damaged(place: str | os.PathLike | None, file: str, problem: str) -> DamagedRunError:
+    """A keep-list that cannot be used: names where it was read (when saved) and the file (the
+    whole object's URL on an object store)."""
+    where = "(not saved)" if place is None else repr(os.fspath(place))
+    named = storage.join(place, file) if place is not None and storage.is_url(place) else file
     return DamagedRunError(
-        f"keep-list {where} is damaged or incomplete: {file}: {problem}; write it again "
+        f"keep-list {where} is damaged or incomplete: {named}: {problem}; write it again "
         "(`streamprune reduce`, or `KeepList.save` for a list of your own)"
     )
 
@@ -311,16 +350,23 @@ def _is_count(value, low: int = 0) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and low <= value <= MAX_COUNT
 
 
-def _read_json(path: Path, file: str):
+def _read_json(place: str, file: str):
+    """The JSON document `file` of the keep-list at `place`."""
     try:
-        return json.loads((path / file).read_bytes())
+        raw = storage.read_bytes(storage.join(place, file))
     except FileNotFoundError:
-        raise _damaged(path, file, "missing") from None
-    except (OSError, ValueError, RecursionError) as exc:  # UnicodeDecodeError, JSONDecodeError: ValueErrors
-        raise _damaged(path, file, f"not readable JSON ({exc})") from None
+        raise _damaged(place, file, "missing") from None
+    except OSError as exc:
+        if storage.is_url(place):
+            raise  # the store failed, not the file
+        raise _damaged(place, file, f"not readable JSON ({exc})") from None
+    try:
+        return json.loads(raw)
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError, JSONDecodeError: ValueErrors
+        raise _damaged(place, file, f"not readable JSON ({exc})") from None
 
 
-def _check_manifest(path: Path, m: dict) -> None:
+def _check_manifest(path: str, m: dict) -> None:
     """The manifest's fields that readers use are of their types (all problems in one error)."""
     problems = [f"{f}={m.get(f)!r} is not an integer >= 0" for f in MANIFEST_COUNTS if not _is_count(m.get(f, 0))]
     problems += [f"{f}={m[f]!r} is not a string" for f in MANIFEST_TEXTS if not isinstance(m.get(f, ""), str)]
@@ -337,7 +383,7 @@ def _check_manifest(path: Path, m: dict) -> None:
         raise _damaged(path, "manifest.json", "; ".join(problems))
 
 
-def _read_shards(path: Path, shards) -> tuple[list[str], list[int], dict[str, list[int] | None]]:
+def _read_shards(path: str, shards) -> tuple[list[str], list[int], dict[str, list[int] | None]]:
     """shards.json's names, kept counts and `samples` and `bytes` columns (None when absent), checked."""
     if not isinstance(shards, list) or not all(isinstance(s, dict) for s in shards):
         raise _damaged(path, "shards.json", "not a list of shard entries ({name, kept, ...})")
@@ -367,60 +413,232 @@ def _read_shards(path: Path, shards) -> tuple[list[str], list[int], dict[str, li
     return names, kept, columns
 
 
-def _read_array(path: Path, name: str, k: int) -> np.ndarray | None:
-    """`NAME.npy` memory-mapped (None when absent), its dtype and shape those of `k` kept samples."""
-    file = path / f"{name}.npy"
-    if not file.exists():
-        return None
+def _read_array(place: str, name: str, k: int, listing: dict[str, int] | None) -> Any:
+    """`NAME.npy` (None when absent), its dtype and shape those of `k` kept samples: memory-mapped
+    locally, a `RangedArray` on object stores (`listing`: the sizes of the generation's objects)."""
+    file = f"{name}.npy"
     try:
-        array = np.load(file, mmap_mode="r", allow_pickle=False)
+        array = _open_array(place, file, listing)
     except Exception as exc:  # a damaged header raises many kinds in numpy (ValueError, SyntaxError, TokenError...)
-        raise _damaged(path, file.name, f"not a readable .npy array ({type(exc).__name__}: {exc})") from None
+        if isinstance(exc, OSError) and storage.is_url(place):
+            raise  # the store failed, not the file
+        raise _damaged(place, file, f"not a readable .npy array ({type(exc).__name__}: {exc})") from None
+    if array is None:
+        return None
     shape = {"key_offset": (k + 1,), "ranges": (k, 2)}.get(name, (k,))
-    if not isinstance(array, np.ndarray) or array.dtype != ARRAY_DTYPES[name] or array.shape != shape:
-        found = f"{array.dtype} {array.shape}" if isinstance(array, np.ndarray) else type(array).__name__
-        raise _damaged(
-            path, file.name, f"{found}, not {ARRAY_DTYPES[name]} {shape} (shards.json counts {k} kept samples)"
-        )
+    if not isinstance(array, (np.ndarray, RangedArray)) or array.dtype != ARRAY_DTYPES[name] or array.shape != shape:
+        found = f"{array.dtype} {array.shape}" if isinstance(array, (np.ndarray, RangedArray)) else type(array).__name__
+        raise _damaged(place, file, f"{found}, not {ARRAY_DTYPES[name]} {shape} (shards.json counts {k} kept samples)")
     return array
 
 
-class _NpyOut:
-    """An `.npy` file of a known shape written front to back with ordinary buffered writes.
+def _open_array(place: str, file: str, listing: dict[str, int] | None) -> Any:
+    """The `.npy` `file` of the keep-list at `place`, unread (None when absent)."""
+    if listing is not None:
+        return RangedArray.open(storage.join(place, file), listing[file]) if file in listing else None
+    path = os.path.join(place, file)
+    return np.load(path, mmap_mode="r", allow_pickle=False) if os.path.exists(path) else None
+
+
+def _open_blob(place: str, listing: dict[str, int] | None) -> tuple[Any, int]:
+    """`keys.bin` unread and its size: memory-mapped locally (b"" when empty), a `RangedArray` of
+    bytes on object stores."""
+    if listing is not None:
+        if "keys.bin" not in listing:
+            raise _damaged(place, "keys.bin", "missing")
+        size = listing["keys.bin"]
+        return RangedArray(storage.join(place, "keys.bin"), np.dtype(np.uint8), (size,), 0), size
+    path = os.path.join(place, "keys.bin")
+    try:
+        size = os.stat(path).st_size
+        return (np.memmap(path, dtype=np.uint8, mode="r") if size else b""), size
+    except (OSError, ValueError) as exc:
+        raise _damaged(place, "keys.bin", f"unreadable ({exc})") from None
+
+
+def _shard_key_starts(key_offset: Any, kept: list[int]) -> np.ndarray:
+    """Each shard's first key offset and the end, to check at load. On object stores only the
+    first and the end (two small reads, not one per shard): a shard's own offsets are checked
+    when its keys are read (`shard_keys`)."""
+    if isinstance(key_offset, RangedArray):
+        return np.array([key_offset[0], key_offset[len(key_offset) - 1]], dtype=np.int64)
+    return np.asarray(key_offset[np.concatenate([[0], np.cumsum(kept, dtype=np.int64)])])
+
+
+_NPY_HEAD = 128  # the header's length as np.save and `_NpyOut` write it for these dtypes: one small read
+_NPY_HEAD_MAX = 1 << 16
+
+
+class RangedArray:
+    """A C-order array in an object at `location` (from byte `offset`), read by exact byte ranges:
+    `a[i:j]` fetches those rows only, `a[i]` one, `np.asarray(a)` all. What a memory map is to a
+    local keep-list, for one on an object store; it pickles as its location."""
+
+    def __init__(self, location: str, dtype: np.dtype, shape: tuple[int, ...], offset: int):
+        self.location, self.dtype, self.shape, self.offset = location, dtype, tuple(shape), offset
+        self.row_bytes = dtype.itemsize * int(np.prod(self.shape[1:], dtype=np.int64))
+
+    @classmethod
+    def open(cls, location: str, size: int) -> "RangedArray":
+        """The `.npy` object at `location` (`size` bytes): its header read (one small request) for
+        dtype, shape and where the data starts; ValueError when it is not a whole `.npy` array."""
+        head = storage.read_bytes(location, 0, min(size, _NPY_HEAD))
+        length = _npy_header_length(head)
+        if length > len(head):
+            if length > min(size, _NPY_HEAD_MAX):
+                raise ValueError(f"a header of {length} bytes in an object of {size}")
+            head = storage.read_bytes(location, 0, length)
+        stream = io.BytesIO(head[:length])
+        version = np.lib.format.read_magic(stream)
+        if version not in ((1, 0), (2, 0)):
+            raise ValueError(f"unsupported .npy version {version}")
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran_order, dtype = read(stream)
+        if dtype.hasobject or (fortran_order and len(shape) > 1):
+            raise ValueError("Python objects or Fortran order: not an array this reads")
+        need = length + dtype.itemsize * int(np.prod(shape, dtype=np.int64))
+        if size < need:
+            raise ValueError(f"{size} bytes, its header announces {need}")
+        return cls(location, dtype, shape, length)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, item: Any) -> Any:
+        if isinstance(item, slice):
+            start, stop, step = item.indices(len(self))
+            if step != 1:
+                raise IndexError(f"{self.location}: only contiguous slices are read")
+            return self._rows(start, max(start, stop))
+        i = operator.index(item)  # a list or array of indices: a TypeError (one request each is not served)
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"{self.location}: index {i} is out of its {len(self)} rows")
+        i %= len(self)
+        return self._rows(i, i + 1)[0]
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        rows = self._rows(0, len(self))
+        return rows if dtype is None else rows.astype(dtype)
+
+    def _rows(self, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) in one range request (none when empty)."""
+        if stop <= start:
+            return np.empty((0, *self.shape[1:]), dtype=self.dtype)
+        first = self.offset + start * self.row_bytes
+        want = (stop - start) * self.row_bytes
+        try:
+            data = storage.read_bytes(self.location, first, first + want)
+        except FileNotFoundError:
+            raise FileNotFoundError(
+                f"{self.location}: gone: the keep-list was replaced while in use (a newer generation was "
+                "committed and this one removed); load it again"
+            ) from None
+        if len(data) != want:
+            raise DamagedRunError(
+                f"{self.location}: {len(data)} bytes at {first}, {want} expected: the object was cut short "
+                "or replaced while read; write the keep-list again"
+            )
+        return np.frombuffer(data, dtype=self.dtype).reshape((stop - start, *self.shape[1:]))
+
+
+def _npy_header_length(head: bytes) -> int:
+    """The length of the `.npy` header (magic, version, length, dictionary) that `head` starts with."""
+    if len(head) < 10 or head[:6] != b"\x93NUMPY":
+        raise ValueError("not an .npy file (no magic string)")
+    if head[6] == 1:
+        return 10 + int.from_bytes(head[8:10], "little")
+    if head[6] in (2, 3) and len(head) >= 12:
+        return 12 + int.from_bytes(head[8:12], "little")
+    raise ValueError(f"unsupported .npy version {head[6]}.{head[7]}")
+
+
+def _create(location: str) -> IO[bytes]:
+    """`location` opened to be written front to back: a local file, or an object-store upload
+    (streamed in parts; the object appears whole when closed)."""
+    if storage.is_url(location):
+        fs, path = storage.filesystem(location)
+        return fs.open(path, "wb")
+    return open(location, "wb")
+
+
+class _Out:
+    """A file of a new keep-list written front to back with ordinary buffered writes; an
+    `OSError` (a full disk) names it.
 
     Never memory-mapped: a write into a mapped sparse file that finds the disk full kills the
     process with SIGBUS; a buffered write fails with an `OSError` naming the file instead.
     """
 
-    def __init__(self, path: Path, dtype, shape: tuple[int, ...]):
-        self.path, self.dtype = path, np.dtype(dtype)
-        self.size = int(np.prod(shape))
-        self.written = 0
-        self.file = open(path, "wb")
-        np.lib.format.write_array_header_1_0(
-            self.file,
-            {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False, "shape": tuple(shape)},
-        )
+    def __init__(self, location: str):
+        self.path = location
+        try:
+            self.file = _create(location)
+        except OSError as exc:
+            raise named_os_error(exc, location) from None
 
-    def write(self, values) -> None:
-        values = np.ascontiguousarray(values, dtype=self.dtype)
-        if self.written + values.size > self.size:
-            raise SettingsError(f"{self.path.name}: more values than the {self.size} announced")
-        self.file.write(memoryview(values).cast("B"))
-        self.written += values.size
+    def write(self, data: Any) -> None:
+        """Append `data` (bytes or a contiguous array)."""
+        try:
+            self.file.write(data)
+        except OSError as exc:
+            raise named_os_error(exc, self.path) from None
 
-    def close(self, sync: bool = True) -> None:
+    def close(self) -> None:
+        """Finish the file: synced to disk locally, uploaded on an object store."""
         if self.file.closed:
             return
         try:
-            if sync:
-                self.file.flush()
-                os.fsync(self.file.fileno())
-        finally:
-            self.file.close()
+            try:
+                if not storage.is_url(self.path):
+                    self.file.flush()
+                    os.fsync(self.file.fileno())
+            finally:
+                self.file.close()
+        except OSError as exc:
+            raise named_os_error(exc, self.path) from None
+
+    def abandon(self) -> None:
+        """Stop writing without syncing or uploading what is buffered (its folder is removed)."""
+        if self.file.closed:
+            return
+        with contextlib.suppress(Exception):
+            if storage.is_url(self.path):
+                discard = getattr(self.file, "discard", None)
+                if discard is not None:
+                    discard()  # aborts a multipart upload under way
+                self.file.closed = True  # type: ignore[misc]  # fsspec files: close() would upload the rest
+            else:
+                self.file.close()
 
 
-def _fsync_dir(path: Path) -> None:
+class _NpyOut(_Out):
+    """An `.npy` file of a known shape: the header, then the values as they come."""
+
+    def __init__(self, location: str, dtype, shape: tuple[int, ...]):
+        super().__init__(location)
+        self.dtype = np.dtype(dtype)
+        self.size = int(np.prod(shape))
+        self.written = 0
+        header = io.BytesIO()
+        np.lib.format.write_array_header_1_0(
+            header,
+            {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False, "shape": tuple(shape)},
+        )
+        super().write(header.getvalue())
+
+    def write(self, data: Any) -> None:
+        """Append values (of the file's dtype), no more than its shape announced."""
+        values = np.ascontiguousarray(data, dtype=self.dtype)
+        if self.written + values.size > self.size:
+            raise SettingsError(f"{storage.name(self.path)}: more values than the {self.size} announced")
+        super().write(values.data.cast("B"))
+        self.written += values.size
+
+
+def _fsync_dir(path: str) -> None:
+    """Sync a local folder's entries to disk (nothing to do on object stores)."""
+    if storage.is_url(path):
+        return
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -434,12 +652,14 @@ def _fsync_dir(path: Path) -> None:
 
 
 class KeepListWriter:
-    """Writes a keep-list directory block by block (rows in index order), then swaps it in atomically.
+    """Writes a keep-list block by block (rows in index order), then commits it whole.
 
-    The new list is built in a hidden sibling with ordinary buffered writes (a full disk is an
-    `OSError` naming the file, never SIGBUS) and synced before the swap; on any error the
-    sibling is removed and the previous list stays as it was. The writer holds the output's
-    lock and removes temporaries of killed writers of the same output first.
+    Locally the new list is built in a hidden sibling with ordinary buffered writes (a full disk
+    is an `OSError` naming the file, never SIGBUS), synced, and swapped in by renames; at an
+    object-store URL it is uploaded into a new generation and committed by one `COMMIT` object
+    written last (`commit.replacing`). On any error the new files are removed and the previous
+    list stays as it was, readable. The writer holds the output's lock and removes what killed
+    writers of the same output left first (`commit.clean_uncommitted`).
     """
 
     def __init__(
@@ -454,13 +674,12 @@ class KeepListWriter:
         with_weights: bool = False,
         with_ranges: bool = True,
     ):
-        self.path = Path(path)
-        self.tmp = temp_sibling(self.path)
+        self.path = _location(path)
         self.manifest, self.names, self.k = manifest, names, int(k)
         self.samples, self.shard_bytes = samples, shard_bytes
         self.kept = np.zeros(len(names), dtype=np.int64)
         self.with_positions, self.with_weights, self.with_ranges = with_positions, with_weights, with_ranges
-        self._files: list[_NpyOut] = []
+        self._files: list[_Out] = []
         self._stack: contextlib.ExitStack | None = None
 
     @classmethod
@@ -475,42 +694,33 @@ class KeepListWriter:
         self._stack = contextlib.ExitStack()
         self._stack.enter_context(output_lock(self.path, reentrant=True))
         try:
-            clean_stale_temps(self.path)
-            self.tmp.mkdir(parents=True)
+            commit.clean_uncommitted(self.path)
+            self._stack.callback(_fsync_dir, storage.parent(self.path))  # after the swap, before the unlock
+            self.place = self._stack.enter_context(commit.replacing(self.path))
 
             def out(name, dtype, shape=(self.k,)):
-                return self._open(_NpyOut, self.tmp / f"{name}.npy", dtype, shape)
+                return self._open(_NpyOut, f"{name}.npy", dtype, shape)
 
             self.ids = out("ids", ID_DTYPE)
             self.positions = out("positions", np.int64) if self.with_positions else None
             self.weights = out("weights", np.float64) if self.with_weights else None
             self.ranges = out("ranges", np.int64, (self.k, 2)) if self.with_ranges else None
             self.key_offset = out("key_offset", np.int64, (self.k + 1,))
-            self._guard(self.key_offset, self.key_offset.write, np.zeros(1, np.int64))
-            self.keys = self._open(open, self.tmp / "keys.bin", "wb")
+            self.key_offset.write(np.zeros(1, np.int64))
+            self.keys = self._open(_Out, "keys.bin")
         except BaseException as exc:
-            self._abort()
+            self._abort(exc)
             if isinstance(exc, OSError):
-                raise named_os_error(exc, getattr(exc, "filename", None) or self.tmp) from None
+                raise named_os_error(exc, getattr(exc, "filename", None) or self.path) from None
             raise
         self.n, self._last_shard, self._key_end = 0, 0, 0
         return self
 
-    def _open(self, opener, path: Path, *args):
-        try:
-            f = opener(path, *args)
-        except OSError as exc:
-            raise named_os_error(exc, path) from None
+    def _open(self, kind, file: str, *args) -> Any:
+        """A new file `file` of the list being written (`kind`: `_Out` or `_NpyOut`)."""
+        f = kind(storage.join(self.place, file), *args)
         self._files.append(f)
         return f
-
-    @staticmethod
-    def _guard(out, fn, *args) -> None:
-        """`fn(*args)`; an `OSError` (a full disk) names the file being written."""
-        try:
-            fn(*args)
-        except OSError as exc:
-            raise named_os_error(exc, out.path if isinstance(out, _NpyOut) else out.name) from None
 
     def add(
         self,
@@ -534,13 +744,13 @@ class KeepListWriter:
             self.kept += np.bincount(shards, minlength=len(self.kept))
             self._last_shard = int(shards[-1])
         key_offset = np.asarray(key_offset, dtype=np.int64)
-        self._guard(self.ids, self.ids.write, ids)
-        self._guard(self.key_offset, self.key_offset.write, self._key_end + key_offset[1:] - key_offset[0])
-        self._guard(self.keys, self.keys.write, key_blob)
+        self.ids.write(ids)
+        self.key_offset.write(self._key_end + key_offset[1:] - key_offset[0])
+        self.keys.write(key_blob)
         self._key_end += int(key_offset[-1] - key_offset[0])
         for out, values in ((self.positions, positions), (self.weights, weights), (self.ranges, ranges)):
             if out is not None:
-                self._guard(out, out.write, values)
+                out.write(values)
         self.n += m
 
     def add_rows(self, index, rows: np.ndarray, weight: float | None = None) -> None:
@@ -548,9 +758,9 @@ class KeepListWriter:
         if not len(rows):
             return
         starts, ends = index.key_offset[rows], index.key_offset[rows + 1]
-        with open(index.path / "keys.bin", "rb") as keys_file:
-            keys_file.seek(int(starts[0]))
-            span = np.frombuffer(keys_file.read(int(ends[-1] - starts[0])), dtype=np.uint8)
+        first, last = int(starts[0]), int(ends[-1])
+        raw = storage.read_bytes(index.file("keys.bin"), first, last) if last > first else b""
+        span = np.frombuffer(raw, dtype=np.uint8)
         lengths = ends - starts
         offsets = np.concatenate([[0], np.cumsum(lengths)])
         blob = span[np.repeat(starts - starts[0] - offsets[:-1], lengths) + np.arange(offsets[-1])].tobytes()
@@ -567,53 +777,46 @@ class KeepListWriter:
             index.byte_ranges(rows),
         )
 
-    def _abort(self) -> None:
+    def _abort(self, exc: BaseException | None) -> None:
+        """Stop: every file abandoned, then (`exc`: what went wrong) the new folder removed, or
+        (None) the new list committed; the lock released either way."""
         for f in self._files:
-            with contextlib.suppress(OSError):
-                f.close(sync=False) if isinstance(f, _NpyOut) else f.close()
-        shutil.rmtree(self.tmp, ignore_errors=True)
-        if self._stack is not None:
-            self._stack.close()
+            f.abandon()
+        stack, self._stack = self._stack, None
+        if stack is None:
+            return
+        if exc is None:
+            stack.close()
+        else:
+            stack.__exit__(type(exc), exc, exc.__traceback__)
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:
-            self._abort()
+        if exc is not None:
+            self._abort(exc)
             return
         try:
             if self.n != self.k:
                 raise SettingsError(f"keep-list got {self.n} samples, the shard counts announce {self.k}")
             for f in self._files:
-                self._guard(f, f.close) if isinstance(f, _NpyOut) else self._guard(f, self._sync_close, f)
+                f.close()
             shards = [{"name": n, "kept": int(c)} for n, c in zip(self.names, self.kept)]
             for field, values in (("samples", self.samples), ("bytes", self.shard_bytes)):
                 if values is not None:
                     for entry, v in zip(shards, values):
                         entry[field] = int(v)
-            self._write_text(self.tmp / "shards.json", json.dumps(shards))
-            self._write_text(self.tmp / "manifest.json", json.dumps({**self.manifest, "k": self.k}, indent=1))
-            _fsync_dir(self.tmp)
-            swap_in(self.tmp, self.path)
-            _fsync_dir(self.path.parent)
-        except BaseException:
-            self._abort()
+            self._write_text("shards.json", json.dumps(shards))
+            self._write_text("manifest.json", json.dumps({**self.manifest, "k": self.k}, indent=1))
+            _fsync_dir(self.place)
+        except BaseException as err:
+            self._abort(err)
             raise
-        self._abort()  # nothing left to remove: releases the lock
+        self._abort(None)  # commits: the swap locally, the COMMIT object on an object store
 
-    @staticmethod
-    def _sync_close(f) -> None:
-        f.flush()
-        os.fsync(f.fileno())
-        f.close()
-
-    @staticmethod
-    def _write_text(path: Path, text: str) -> None:
-        try:
-            with open(path, "w") as f:
-                f.write(text)
-                f.flush()
-                os.fsync(f.fileno())
-        except OSError as exc:
-            raise named_os_error(exc, path) from None
+    def _write_text(self, file: str, text: str) -> None:
+        """Write the text file `file` of the new list whole."""
+        out = self._open(_Out, file)
+        out.write(text.encode())
+        out.close()
 
 
 def new_manifest(**fields) -> dict:

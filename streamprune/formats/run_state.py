@@ -5,30 +5,37 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 
+from streamprune import storage
+from streamprune.formats.commit import committed
 from streamprune.formats.headers import INDEX_FORMAT, KEEP_FORMAT, check_format
 from streamprune.formats.rundir import RunDir
 from streamprune.shards.labels import Classes
 
 
-def _size(path: Path) -> int:
-    if path.is_file():
-        return path.stat().st_size
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+def _mb(location: str) -> str:
+    return f"{storage.total_size(location) / 1e6:,.1f} MB"
 
 
-def _mb(path: Path) -> str:
-    return f"{_size(path) / 1e6:,.1f} MB"
+def _committed_file(output: str, name: str) -> str | None:
+    """File `name` of output `output` as committed, or None when there is none."""
+    try:
+        location = storage.join(committed(output), name)
+    except FileNotFoundError:
+        return None
+    return location if storage.exists(location) else None
+
+
+def _read_json(location: str):
+    return json.loads(storage.read_bytes(location))
 
 
 def run_state(run: str | os.PathLike) -> dict:
     """Per stage: `state` (done | partial | missing) and what is known about it."""
-    run = Path(run)
-    if not run.is_dir():
-        raise FileNotFoundError(f"no run directory {str(run)!r}")
-    out: dict = {"run": str(run.resolve())}
     rd, fingerprint = RunDir(run), None
+    if not storage.exists(rd.root) or (not storage.is_url(rd.root) and not os.path.isdir(rd.root)):
+        raise FileNotFoundError(f"no run directory {os.fspath(run)!r}")
+    out: dict = {"run": rd.root}
     try:
         out["index"], fingerprint = _index_state(rd)
     except Exception as exc:  # damaged: `inspect --verify` tells what
@@ -36,9 +43,9 @@ def run_state(run: str | os.PathLike) -> dict:
     out["record"] = _guarded(_record_state, rd, fingerprint)
     out["reduce"] = _guarded(_keep_state, rd.keep, fingerprint, rd.scores)
     out["baselines"] = {
-        p.name: _guarded(_keep_state, RunDir.keep_in(p), fingerprint, RunDir.scores_in(p))
+        storage.name(p): _guarded(_keep_state, RunDir.keep_in(p), fingerprint, RunDir.scores_in(p))
         for p in rd.baselines()
-        if RunDir.keep_in(p).exists()
+        if storage.exists(RunDir.keep_in(p))
     }
     ev = rd.evaluate
     try:
@@ -51,17 +58,17 @@ def run_state(run: str | os.PathLike) -> dict:
                         "seed": r.get("seed", 0),
                         **{k: r[k] for k in ("ratio", "kept", "test_accuracy")},
                     }
-                    for r in json.loads(ev.read_text())["rows"]
+                    for r in _read_json(ev)["rows"]
                 ],
             }
-            if ev.exists()
+            if storage.exists(ev)
             else {"state": "missing"}
         )
     except Exception as exc:
         out["evaluate"] = _damaged(exc)
     page = rd.report_page
     out["report"] = (
-        {"state": "done", "path": str(page), "size": _mb(page.parent)} if page.exists() else {"state": "missing"}
+        {"state": "done", "path": page, "size": _mb(rd.report)} if storage.exists(page) else {"state": "missing"}
     )
     return out
 
@@ -80,9 +87,9 @@ def _guarded(fn, *args) -> dict:
 def _index_state(rd: RunDir) -> tuple[dict, str | None]:
     out: dict = {}
     fingerprint, index_dir = None, rd.index
-    manifest = index_dir / "manifest.json"
-    if manifest.exists():
-        m = check_format(json.loads(manifest.read_text()), INDEX_FORMAT, repr(str(manifest)))
+    manifest = _committed_file(index_dir, "manifest.json")
+    if manifest is not None:
+        m = check_format(_read_json(manifest), INDEX_FORMAT, repr(manifest))
         fingerprint = m["fingerprint"]
         out["index"] = {
             "state": "done",
@@ -96,8 +103,8 @@ def _index_state(rd: RunDir) -> tuple[dict, str | None]:
             "identity": m["identity"],
             "size": _mb(index_dir),
         }
-        with open(index_dir / "shards.jsonl") as f:
-            compressed = sum(bool(json.loads(line).get("compression")) for line in f)
+        lines = storage.read_bytes(storage.join(storage.parent(manifest), "shards.jsonl")).decode().splitlines()
+        compressed = sum(bool(json.loads(line).get("compression")) for line in lines if line.strip())
         if compressed:
             out["index"]["compressed_shards"] = compressed  # read through: no byte skipping inside
         classes = Classes.load(rd.root)
@@ -105,10 +112,10 @@ def _index_state(rd: RunDir) -> tuple[dict, str | None]:
             out["index"]["classes"] = f"{classes.num_classes} ({classes.label}" + (
                 ", names in classes.json)" if classes.names else ", integers)"
             )
-    elif rd.index_parts.exists():
+    elif parts := storage.names(rd.index_parts):
         out["index"] = {
             "state": "partial",
-            "shards_scanned": len([p for p in rd.index_parts.glob("*.npz") if not p.name.endswith(".tmp.npz")]),
+            "shards_scanned": len([p for p in parts if p.endswith(".npz") and not p.endswith(".tmp.npz")]),
         }
     else:
         out["index"] = {"state": "missing"}
@@ -117,7 +124,7 @@ def _index_state(rd: RunDir) -> tuple[dict, str | None]:
 
 def _record_state(rd: RunDir, fingerprint: str | None) -> dict:
     path = rd.stats
-    if not (path / "zarr.json").exists():
+    if _committed_file(path, "zarr.json") is None:
         return {"state": "missing"}
     from streamprune.formats.stats_store import StatsStore
 
@@ -132,18 +139,18 @@ def _record_state(rd: RunDir, fingerprint: str | None) -> dict:
         "samples": store.n_samples,
         "size": _mb(path),
         "config": store.config,
-        "checkpoints": [p.name for p in rd.checkpoint_files()],
+        "checkpoints": [storage.name(p) for p in rd.checkpoint_files()],
     }
     if fingerprint is not None and store.fingerprint != fingerprint:
         state["warning"] = "recorded for another index than RUN/index"
     return state
 
 
-def _keep_state(keep: Path, fingerprint: str | None, scores: Path) -> dict:
-    mpath = keep / "manifest.json"
-    if not mpath.exists():
+def _keep_state(keep: str, fingerprint: str | None, scores: str) -> dict:
+    mpath = _committed_file(keep, "manifest.json")
+    if mpath is None:
         return {"state": "missing"}
-    m = check_format(json.loads(mpath.read_text()), KEEP_FORMAT, f"keep-list {str(mpath)!r}")
+    m = check_format(_read_json(mpath), KEEP_FORMAT, f"keep-list {mpath!r}")
     state = {
         "state": "done",
         "method": m.get("method"),
@@ -155,7 +162,7 @@ def _keep_state(keep: Path, fingerprint: str | None, scores: Path) -> dict:
         "window": m.get("window"),
         "created": m.get("created"),
         "size": _mb(keep),
-        "scores": "present" if scores.exists() else "missing",
+        "scores": "present" if storage.exists(scores) else "missing",
     }
     if fingerprint is not None and m.get("fingerprint") != fingerprint:
         state["warning"] = "made for another index than RUN/index"

@@ -1,16 +1,19 @@
 """`RUN/scores.zarr` (Zarr v3): each sample's scores, identity, label and selection key, by row.
 
 Every array is `(N,)` chunked by `block_rows`: one block of rows is one chunk, written whole by
-the one task that scores it. The reducer builds it in a temporary sibling and swaps it in.
+the one task that scores it. The store is a local path or an object-store URL. The reducer
+creates and fills a new one in a `commit.replacing(scores)` place (its tasks open it there), so
+that readers of the scores see the old store or the new one; `open` reads the committed one.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
+import os
 
 import numpy as np
 import zarr
 
+from streamprune import storage
 from streamprune.formats.atomic import named_os_error
 from streamprune.formats.headers import (
     LABEL,
@@ -21,7 +24,7 @@ from streamprune.formats.headers import (
     check_format,
     header,
 )
-from streamprune.formats.stats_store import AccessMode, chunk_file, zarr_array
+from streamprune.formats.stats_store import AccessMode, chunk_file, has_store, open_zarr, store_root, zarr_array
 from streamprune.scoring.scores import SCORES
 
 # name -> (dtype, fill value): the scores, the identities and label copied from the stats store,
@@ -37,34 +40,44 @@ ARRAYS: dict[str, tuple[np.dtype, object]] = {
 
 
 class ScoresStore:
-    """A scores store on disk: `create` a new one, `open` one (its header checked), read and write row blocks."""
+    """A scores store, local or on an object store: `create` a new one, `open` one (its header
+    checked), read and write row blocks. `path` is its location as given (what messages name),
+    `root` where its Zarr data is (`store_root`: the committed generation on an object store)."""
 
-    def __init__(self, group: zarr.Group, path: Path):
-        self.group, self.path = group, path
+    def __init__(self, group: zarr.Group, path: str | os.PathLike, root: str | None = None):
+        """Wrap a group opened at `root` (default `path`), the store of location `path`."""
+        self.group, self.path = group, os.fspath(path)
+        self.root = self.path if root is None else root
 
     @classmethod
-    def create(cls, path: str | Path, n: int, block_rows: int) -> "ScoresStore":
-        """A new store of `n` rows at `path` (replacing what is there), every array empty (fill values)."""
-        path = Path(path)
+    def create(cls, path: str | os.PathLike, n: int, block_rows: int) -> "ScoresStore":
+        """A new store of `n` rows at `path` (replacing what is there), every array empty (fill values).
+
+        Create it in the place of `commit.replacing(output)` and fill it there (tasks open it by
+        that place), so that readers of `output` see the old scores or the new, never a mix.
+        """
+        location = os.fspath(path)
         try:
-            group = zarr.open_group(str(path), mode="w", zarr_format=3)
+            group = open_zarr(location, "w")
             for name, (dtype, fill) in ARRAYS.items():
                 group.create_array(name, shape=(n,), chunks=(block_rows,), dtype=dtype, fill_value=fill)
             group.attrs.update(header(SCORES_FORMAT))
         except OSError as exc:
-            raise named_os_error(exc, path) from None
-        return cls(group, path)
+            raise named_os_error(exc, location) from None
+        return cls(group, location)
 
     @classmethod
-    def open(cls, path: str | Path, mode: AccessMode = "r") -> "ScoresStore":
-        """Open an existing store; a missing one is a `FileNotFoundError`, a header of another
+    def open(cls, path: str | os.PathLike, mode: AccessMode = "r") -> "ScoresStore":
+        """Open an existing store: the committed one of an output, or one being filled in a
+        `commit.replacing` place. A missing one is a `FileNotFoundError`, a header of another
         format a `DamagedRunError`, one of a newer streamprune a `NewerFormatError`."""
-        path = Path(path)
-        if not (path / "zarr.json").exists():
-            raise FileNotFoundError(f"no scores at {str(path)!r}: run `streamprune reduce` first")
-        group = zarr.open_group(str(path), mode=mode, zarr_format=3)
-        check_format(dict(group.attrs), SCORES_FORMAT, f"scores {str(path)!r}")
-        return cls(group, path)
+        location = os.fspath(path)
+        root = store_root(location)
+        if not has_store(root):
+            raise FileNotFoundError(f"no scores at {location!r}: run `streamprune reduce` first")
+        group = open_zarr(root, mode)
+        check_format(dict(group.attrs), SCORES_FORMAT, f"scores {location!r}")
+        return cls(group, location, root)
 
     @property
     def attrs(self) -> dict:
@@ -75,7 +88,7 @@ class ScoresStore:
         try:
             self.group.attrs.update(attrs)
         except OSError as exc:
-            raise named_os_error(exc, self.path / "zarr.json") from None
+            raise named_os_error(exc, storage.join(self.root, "zarr.json")) from None
 
     @property
     def block_rows(self) -> int:
@@ -93,9 +106,9 @@ class ScoresStore:
         """Array `name` itself (for checks of its metadata and chunks)."""
         return zarr_array(self.group, name)
 
-    def chunk_path(self, name: str, chunk: int) -> Path:
-        """The file of chunk `chunk` of array `name`."""
-        return chunk_file(self.path, name, chunk)
+    def chunk_path(self, name: str, chunk: int) -> str:
+        """The file (object) of chunk `chunk` of array `name`."""
+        return chunk_file(self.root, name, chunk)
 
     def read(self, name: str, rows: slice = slice(None)) -> np.ndarray:
         """Rows `rows` of array `name`."""

@@ -4,7 +4,13 @@ Row `r` is sample `r` of the index; shard `s` owns rows `[shard_offset[s], shard
 Each statistic is an `(N, T)` array chunked `(chunk_rows, 1)`, so one epoch of one row
 block is one chunk. Ownership rule: chunk `c` is written only by `owner_of(c)`, and only
 whole; `ChunkWriter` buffers rows and refuses rows it does not own. zarr-python loses
-data silently when two writers touch one chunk, hence the rule.
+data silently when two writers touch one chunk, hence the rule. On an object store a chunk is
+one object, put whole in one request, so the rule is what keeps concurrent writers apart there too.
+
+The store is a local path or an object-store URL (`s3://bucket/run/stats.zarr`). It is created
+whole through `commit.replacing` (a temporary renamed into place locally; on an object store a
+generation folder committed by one `COMMIT` object), so a half-created store is never opened;
+chunks and markers are then written into the committed store in place (`store_root`).
 """
 
 from __future__ import annotations
@@ -19,7 +25,9 @@ from typing import Literal, TypeGuard, cast
 import numpy as np
 import zarr
 
+from streamprune import storage
 from streamprune.errors import DamagedRunError, InputError, SettingsError
+from streamprune.formats import commit
 from streamprune.formats.atomic import named_os_error
 from streamprune.formats.headers import (
     CORRECT_MISSING,
@@ -49,15 +57,45 @@ def zarr_array(group: zarr.Group, name: str) -> zarr.Array:
     return cast(zarr.Array, group[name])
 
 
-def chunk_file(store: Path, name: str, *coords: int) -> Path:
-    """The file of the chunk at grid position `coords` of array `name` (Zarr v3's `c/` key layout)."""
-    return store.joinpath(name, "c", *map(str, coords))
-
-
-def _raw_meta_problem(array_dir: Path, name: str, exc: Exception) -> str:
-    """Why zarr could not open array `name`: its zarr.json's data type or shape where readable."""
+def store_root(location: str | os.PathLike) -> str:
+    """Where the Zarr store of output `location` is: its committed content (`commit.committed`:
+    `location` itself locally, its committed generation on an object store), or `location` itself
+    when nothing is committed there: a store being built in a `commit.replacing` place, which the
+    tasks filling it open by that place (reduce's scores)."""
     try:
-        meta = json.loads((array_dir / "zarr.json").read_text())
+        return commit.committed(location)
+    except FileNotFoundError:
+        return os.fspath(location)
+
+
+def has_store(root: str) -> bool:
+    """Whether a Zarr store is at `root` (a `store_root`): its root `zarr.json` exists."""
+    return storage.exists(storage.join(root, "zarr.json"))
+
+
+def store_exists(location: str | os.PathLike) -> bool:
+    """Whether output `location` (a stats or scores store, local or object-store URL) holds a store."""
+    return has_store(store_root(location))
+
+
+def open_zarr(root: str, mode: AccessMode) -> zarr.Group:
+    """The Zarr v3 group at `root`. Given as a string, zarr opens a local path with its LocalStore
+    and a URL with its FsspecStore (an async fsspec filesystem of its own, credentials and endpoint
+    from the same standard environment as `storage`'s): one call for both."""
+    where = root if storage.is_url(root) else storage.local_path(root)
+    return zarr.open_group(where, mode=mode, zarr_format=3)
+
+
+def chunk_file(store: str | os.PathLike, name: str, *coords: int) -> str:
+    """The file (object) of the chunk at grid position `coords` of array `name` of the store at
+    `store` (a `store_root`; Zarr v3's `c/` key layout)."""
+    return storage.join(store, name, "c", *map(str, coords))
+
+
+def _raw_meta_problem(root: str, name: str, exc: Exception) -> str:
+    """Why zarr could not open array `name` of the store at `root`: its zarr.json's data type where readable."""
+    try:
+        meta = json.loads(storage.read_bytes(storage.join(root, name, "zarr.json")))
         dtype = np.dtype(meta.get("data_type"))
         expected = (
             stat_dtype(name)
@@ -89,9 +127,10 @@ def missing_stats(n: int) -> dict[str, np.ndarray]:
     return {name: np.full(n, fill_value(name), dtype=stat_dtype(name)) for name in STATS}
 
 
-def creation_temp(path: Path) -> Path:
-    """Where `StatsStore.create` builds the store at `path` before renaming it into place."""
-    return path.with_name(path.name + ".tmp")
+def creation_temp(path: str | os.PathLike) -> Path:
+    """Where streamprune before object-store support built the local store at `path` (`verify` notes
+    a leftover one). `StatsStore.create` now builds it through `commit.replacing`."""
+    return Path(os.fspath(path) + ".tmp")
 
 
 def stat_dtype(name: str) -> np.dtype:
@@ -107,15 +146,60 @@ class OwnershipError(InputError, RuntimeError):
     """A writer was handed rows of a chunk it does not own, or a row twice in one epoch."""
 
 
-class StatsStore:
-    """A stats store on disk. Create it from an index with `create`, open it with `open`."""
+def _build(place: str, index, epochs: int, chunk_rows: int, config: dict) -> None:
+    """Write a new, empty store for `index` and `epochs` at `place` (an empty `commit.replacing`
+    place); a failed write (a full disk, a refused request) names `place`."""
+    n, s = index.n_samples, index.n_shards
+    try:
+        group = open_zarr(place, "w")
+        for name in STATS:  # float statistics barely compress (~13%) and read ~1.6x faster raw
+            group.create_array(
+                name,
+                shape=(n, epochs),
+                chunks=(chunk_rows, 1),
+                dtype=stat_dtype(name),
+                fill_value=fill_value(name),
+                compressors="auto" if name == "correct" else None,
+            )
+        group.create_array(LABEL, shape=(n,), chunks=(chunk_rows,), dtype=np.int32, fill_value=LABEL_MISSING)
+        for name, arr in (("id_hi", index.id_hi), ("id_lo", index.id_lo)):
+            a = group.create_array(name, shape=(n,), chunks=(chunk_rows,), dtype=np.uint64, fill_value=0)
+            a[:] = np.asarray(arr)
+        group.create_array("shard_offset", shape=(s + 1,), chunks=(s + 1,), dtype=np.int64, fill_value=0)[:] = (
+            index.shard_offset
+        )
+        group.create_array("done", shape=(epochs, s), chunks=(1, max(s, 1)), dtype=np.uint8, fill_value=0)
+        group.attrs.update(
+            {
+                **header(STATS_FORMAT),
+                "n_samples": n,
+                "n_shards": s,
+                "epochs": epochs,
+                "chunk_rows": chunk_rows,
+                "fingerprint": index.fingerprint,
+                "config": config,
+            }
+        )
+    except OSError as exc:
+        raise named_os_error(exc, place) from None
 
-    def __init__(self, group: zarr.Group, path: Path, index=None, strict: bool = True):
-        """Wrap an open group; `strict` (default) refuses damaged or edited metadata (`problems`).
-        With `strict=False` (for `verify`) the problems are kept in `metadata_problems` and the
-        counts are those the arrays agree on (None where unusable)."""
-        self.group, self.path = group, path
-        attrs = check_format(dict(group.attrs), STATS_FORMAT, f"stats store {str(path)!r}")
+
+class StatsStore:
+    """A stats store, local or on an object store. Create it from an index with `create`, open it with `open`.
+
+    `path` is the store's location as given (what messages name); `root` is where its Zarr data
+    is (`store_root`: the same locally, the committed generation on an object store).
+    """
+
+    def __init__(
+        self, group: zarr.Group, path: str | os.PathLike, index=None, strict: bool = True, root: str | None = None
+    ):
+        """Wrap an open group (opened at `root`, default `path`); `strict` (default) refuses damaged
+        or edited metadata (`problems`). With `strict=False` (for `verify`) the problems are kept in
+        `metadata_problems` and the counts are those the arrays agree on (None where unusable)."""
+        self.group, self.path = group, os.fspath(path)
+        self.root = self.path if root is None else root
+        attrs = check_format(dict(group.attrs), STATS_FORMAT, f"stats store {self.path!r}")
         self.attrs = attrs
         self._arrays: dict[str, zarr.Array] = {}
         self._held: dict[str, int] = {}
@@ -123,7 +207,7 @@ class StatsStore:
         problems = self.problems(index)
         self.metadata_problems = problems
         if problems and strict:
-            listed = "; ".join(f"{path.name}/{file}: {p}" for file, p in problems[:8])
+            listed = "; ".join(f"{storage.name(self.path)}/{file}: {p}" for file, p in problems[:8])
             more = f"; and {len(problems) - 8} more" if len(problems) > 8 else ""
             raise DamagedRunError(f"stats store {str(path)!r} is damaged or was edited: {listed}{more}; {RECORD_AGAIN}")
         held = self._held  # the counts, fingerprint and offsets are None only with strict=False
@@ -166,7 +250,7 @@ class StatsStore:
                     out.append((f"{name}/zarr.json", f"array {name} is missing"))
                 continue
             except Exception as exc:  # zarr.json edited into something zarr cannot read
-                out.append((f"{name}/zarr.json", f"array {name}: " + _raw_meta_problem(self.path / name, name, exc)))
+                out.append((f"{name}/zarr.json", f"array {name}: " + _raw_meta_problem(self.root, name, exc)))
                 continue
             if not isinstance(arr, zarr.Array) or arr.ndim not in (1, 2):
                 out.append((f"{name}/zarr.json", f"{name} is not an array of 1 or 2 dimensions"))
@@ -247,9 +331,9 @@ class StatsStore:
                     out.append((root, f"attribute {key} is {attrs[key]}, the index has {v}"))
         return out
 
-    def chunk_path(self, name: str, chunk: int, epoch: int | None = None) -> Path:
-        """The file of chunk `chunk` (and `epoch`, for `(N, T)` arrays) of array `name`."""
-        return chunk_file(self.path, name, chunk, *(() if epoch is None else (epoch,)))
+    def chunk_path(self, name: str, chunk: int, epoch: int | None = None) -> str:
+        """The file (object) of chunk `chunk` (and `epoch`, for `(N, T)` arrays) of array `name`."""
+        return chunk_file(self.root, name, chunk, *(() if epoch is None else (epoch,)))
 
     def _chunk_label(self, name: str, chunk: int, epoch: int | None = None) -> str:
         r0, r1 = self.chunk_rows_range(chunk)
@@ -272,27 +356,17 @@ class StatsStore:
         return np.cumsum(need, axis=0)[:-1] > 0
 
     def present_chunks(self, name: str) -> np.ndarray:
-        """Which chunks of array `name` exist on disk (listing only): `(n_chunks, T)` or `(n_chunks,)` bool."""
+        """Which chunks of array `name` exist (one listing of its chunk files or objects, nothing
+        read): `(n_chunks, T)` or `(n_chunks,)` bool. Keys that are no chunk of the grid are ignored."""
         two = name in STATS
         have = np.zeros((self.n_chunks, self.epochs) if two else self.n_chunks, dtype=bool)
-        base = self.path / name / "c"
-        try:
-            entries = list(os.scandir(base))
-        except FileNotFoundError:
-            return have
-        for entry in entries:
-            if not entry.name.isdigit() or int(entry.name) >= self.n_chunks:
+        for key in storage.files(storage.join(self.root, name, "c")):
+            coords = key.split("/")
+            if len(coords) != have.ndim or not all(c.isdecimal() for c in coords):
                 continue
-            i = int(entry.name)
-            if not two:
-                have[i] = entry.is_file()
-                continue
-            try:
-                for sub in os.scandir(entry.path):
-                    if sub.name.isdigit() and int(sub.name) < self.epochs and sub.is_file():
-                        have[i, int(sub.name)] = True
-            except NotADirectoryError:
-                pass
+            at = tuple(int(c) for c in coords)
+            if all(i < limit for i, limit in zip(at, have.shape)):
+                have[at] = True
         return have
 
     def missing_chunks(
@@ -320,76 +394,56 @@ class StatsStore:
         where = self._chunk_label(name, chunk, epoch)
         why = "" if epoch is None else f" of epoch {epoch}, which is marked complete,"
         more = f" ({len(missing) - 1} more chunks are missing)" if len(missing) > 1 else ""
-        raise DamagedRunError(
-            f"stats store {str(self.path)!r} is damaged: {where}{why} is missing{more}; {RECORD_AGAIN}"
-        )
+        raise DamagedRunError(f"stats store {self.path!r} is damaged: {where}{why} is missing{more}; {RECORD_AGAIN}")
 
     @classmethod
     def create(
-        cls, path: str | Path, index, epochs: int, *, chunk_rows: int = DEFAULT_CHUNK_ROWS, config: dict | None = None
+        cls,
+        path: str | os.PathLike,
+        index,
+        epochs: int,
+        *,
+        chunk_rows: int = DEFAULT_CHUNK_ROWS,
+        config: dict | None = None,
     ) -> "StatsStore":
-        """Create `path` for `index` and `epochs` recorded epochs; reopen it if it exists for the same index.
+        """Create `path` (a local path or an object-store URL) for `index` and `epochs` recorded
+        epochs; reopen it if it exists for the same index.
 
-        An existing store made for another index (fingerprint) or epoch count is refused.
+        The store is built whole, then committed at once (`commit.replacing`), so that a store
+        half-created by a killed process is never opened. An existing store made for another index
+        (fingerprint) or epoch count is refused, and so is something at `path` that is no store.
         """
-        path = Path(path)
+        location = os.fspath(path)
         if epochs < 1:
             raise SettingsError(f"epochs must be >= 1, not {epochs}")
         if chunk_rows < 1:
             raise SettingsError(f"chunk_rows must be >= 1, not {chunk_rows}")
-        if (path / "zarr.json").exists():
-            store = cls.open(path, index=index)
+        if store_exists(location):
+            store = cls.open(location, index=index)
             if store.epochs != epochs:
-                raise SettingsError(f"stats store {str(path)!r} has {store.epochs} epochs, not {epochs}")
+                raise SettingsError(f"stats store {location!r} has {store.epochs} epochs, not {epochs}")
             return store
-        n, s = index.n_samples, index.n_shards
-        tmp = creation_temp(path)
-        try:
-            group = zarr.open_group(str(tmp), mode="w", zarr_format=3)
-            for name in STATS:  # float statistics barely compress (~13%) and read ~1.6x faster raw
-                group.create_array(
-                    name,
-                    shape=(n, epochs),
-                    chunks=(chunk_rows, 1),
-                    dtype=stat_dtype(name),
-                    fill_value=fill_value(name),
-                    compressors="auto" if name == "correct" else None,
-                )
-            group.create_array(LABEL, shape=(n,), chunks=(chunk_rows,), dtype=np.int32, fill_value=LABEL_MISSING)
-            for name, arr in (("id_hi", index.id_hi), ("id_lo", index.id_lo)):
-                a = group.create_array(name, shape=(n,), chunks=(chunk_rows,), dtype=np.uint64, fill_value=0)
-                a[:] = np.asarray(arr)
-            group.create_array("shard_offset", shape=(s + 1,), chunks=(s + 1,), dtype=np.int64, fill_value=0)[:] = (
-                index.shard_offset
-            )
-            group.create_array("done", shape=(epochs, s), chunks=(1, max(s, 1)), dtype=np.uint8, fill_value=0)
-            group.attrs.update(
-                {
-                    **header(STATS_FORMAT),
-                    "n_samples": n,
-                    "n_shards": s,
-                    "epochs": epochs,
-                    "chunk_rows": chunk_rows,
-                    "fingerprint": index.fingerprint,
-                    "config": config or {},
-                }
-            )
-        except OSError as exc:
-            raise named_os_error(exc, tmp) from None
-        tmp.rename(path)
-        return cls.open(path, mode="r+")
+        if commit.is_committed(location) and storage.names(location):
+            raise DamagedRunError(f"{location!r} holds no stats store (no zarr.json), yet is not empty; {RECORD_AGAIN}")
+        with commit.replacing(location) as place:
+            _build(place, index, epochs, chunk_rows, config or {})
+        return cls.open(location, mode="r+")
 
     @classmethod
-    def open(cls, path: str | Path, mode: AccessMode = "r+", index=None) -> "StatsStore":
-        """Open an existing store; with `index`, refuse a store made for another index."""
-        path = Path(path)
-        if not (path / "zarr.json").exists():
-            raise FileNotFoundError(f"no stats store at {str(path)!r}: run `streamprune record {path.parent}` first")
+    def open(cls, path: str | os.PathLike, mode: AccessMode = "r+", index=None) -> "StatsStore":
+        """Open an existing store (local, or the committed one of an object-store URL); with
+        `index`, refuse a store made for another index."""
+        location = os.fspath(path)
+        root = store_root(location)
+        if not has_store(root):
+            raise FileNotFoundError(
+                f"no stats store at {location!r}: run `streamprune record {storage.parent(location)}` first"
+            )
         try:
-            group = zarr.open_group(str(path), mode=mode, zarr_format=3)
+            group = open_zarr(root, mode)
         except Exception as exc:
             raise DamagedRunError(
-                f"stats store {str(path)!r} is damaged: {str(path / 'zarr.json')!r} is unreadable "
+                f"stats store {location!r} is damaged: {storage.join(root, 'zarr.json')!r} is unreadable "
                 f"({type(exc).__name__}: {exc}); {RECORD_AGAIN}"
             ) from None
         fingerprint = dict(group.attrs).get("fingerprint")
@@ -399,10 +453,10 @@ class StatsStore:
             and fingerprint != index.fingerprint
         ):
             raise DamagedRunError(
-                f"stats store {str(path)!r} was made for another index "
+                f"stats store {location!r} was made for another index "
                 f"(fingerprint {fingerprint}, index {index.fingerprint})"
             )
-        return cls(group, path, index)
+        return cls(group, location, index, root=root)
 
     @property
     def n_chunks(self) -> int:
@@ -412,7 +466,7 @@ class StatsStore:
         """The recorded labels of `rows` (-1: never recorded); refuses a store without labels."""
         if not self.has_labels:
             raise DamagedRunError(
-                f"stats store {str(self.path)!r} has no labels (recorded by an older streamprune); "
+                f"stats store {self.path!r} has no labels (recorded by an older streamprune); "
                 f"record it again in a new run directory"
             )
         return self.read(LABEL, rows)
@@ -440,7 +494,7 @@ class StatsStore:
         try:
             done[epoch, :] = row
         except OSError as exc:
-            raise named_os_error(exc, chunk_file(self.path, "done", epoch, 0)) from None
+            raise named_os_error(exc, chunk_file(self.root, "done", epoch, 0)) from None
 
     def done(self) -> np.ndarray:
         """Completion markers, `(T, S)` bool."""
@@ -486,10 +540,10 @@ class StatsStore:
                     arr[r0:r1] if t is None else arr[r0:r1, t]
                 except Exception as chunk_exc:
                     return DamagedRunError(
-                        f"stats store {str(self.path)!r} is damaged: {self._chunk_label(name, c, t)} "
+                        f"stats store {self.path!r} is damaged: {self._chunk_label(name, c, t)} "
                         f"is unreadable ({type(chunk_exc).__name__}: {chunk_exc}); {RECORD_AGAIN}"
                     )
-        return DamagedRunError(f"stats store {str(self.path)!r}: reading {name} failed ({type(exc).__name__}: {exc})")
+        return DamagedRunError(f"stats store {self.path!r}: reading {name} failed ({type(exc).__name__}: {exc})")
 
     def _check_values(self, name: str, data: np.ndarray, rows, epochs) -> None:
         if name == "p_true":
@@ -515,8 +569,7 @@ class StatsStore:
         row = int(r[first])
         where = self._chunk_label(name, row // self.chunk_rows, epoch)
         raise DamagedRunError(
-            f"stats store {str(self.path)!r} is damaged: {where}"
-            f" holds {what} (row {row}: {data[first]!r}); {RECORD_AGAIN}"
+            f"stats store {self.path!r} is damaged: {where} holds {what} (row {row}: {data[first]!r}); {RECORD_AGAIN}"
         )
 
     def iter_blocks(

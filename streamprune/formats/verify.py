@@ -16,7 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from streamprune.errors import DamagedRunError
+from streamprune import storage
+from streamprune.errors import DamagedRunError, SettingsError
 from streamprune.formats.atomic import pid_alive
 from streamprune.formats.headers import CORRECT_MISSING, LABEL_MISSING
 from streamprune.formats.rundir import RunDir
@@ -80,13 +81,20 @@ class _Report:
 def verify_run(run: str | os.PathLike, progress: bool = True) -> dict:
     """Check the run directory `run`; returns `run`, `damaged`, `problems` (`file`, `problem`),
     `notes` (leftover temporaries: not damage) and `chunks_checked`."""
+    if storage.is_url(run):
+        raise SettingsError(
+            f"{os.fspath(run)!r}: `inspect --verify` checks a run directory on a filesystem; it does not read "
+            "object storage yet (`inspect` without --verify does)"
+        )
     run = Path(run).resolve()
     if not run.is_dir():
         raise FileNotFoundError(f"no run directory {str(run)!r}")
     rep, rd = _Report(run, progress), RunDir(run)
-    index = _check_index(rep, rd.index)
-    store = _check_stats(rep, rd.stats, index) if rd.stats.exists() else None
-    outputs = [(rd.keep, rd.scores)] + [(RunDir.keep_in(p), RunDir.scores_in(p)) for p in rd.baselines()]
+    index = _check_index(rep, Path(rd.index))
+    store = _check_stats(rep, Path(rd.stats), index) if os.path.exists(rd.stats) else None
+    outputs = [(Path(rd.keep), Path(rd.scores))] + [
+        (Path(RunDir.keep_in(p)), Path(RunDir.scores_in(p))) for p in rd.baselines()
+    ]
     for keep, scores in outputs:
         if scores.exists():
             _check_scores(rep, scores, index, store)
@@ -424,58 +432,56 @@ def _check_keep(rep: _Report, path: Path, index) -> None:
     k = len(keep)
     rep.bar.total = (rep.bar.total or 0) + -(-k // BLOCK)
     rep.bar.refresh()
-    with open(index.path / "keys.bin", "rb") as index_keys:
-        prev_shard, prev_pos = -1, -1
-        for b0 in range(0, k, BLOCK):
-            b1 = min(k, b0 + BLOCK)
-            rep.tick()
-            s = np.searchsorted(keep.offsets, np.arange(b0, b1), side="right") - 1
-            pos = np.asarray(keep.positions[b0:b1])
-            within = (pos >= 0) & (pos < counts[mapped[s]])
-            ps = np.concatenate([[prev_shard], s[:-1]])
-            pp = np.concatenate([[prev_pos], pos[:-1]])
-            ascending = (ps != s) | (pos > pp)
-            if not (within & ascending).all():
-                i = int(np.flatnonzero(~(within & ascending))[0])
+    prev_shard, prev_pos = -1, -1
+    for b0 in range(0, k, BLOCK):
+        b1 = min(k, b0 + BLOCK)
+        rep.tick()
+        s = np.searchsorted(keep.offsets, np.arange(b0, b1), side="right") - 1
+        pos = np.asarray(keep.positions[b0:b1])
+        within = (pos >= 0) & (pos < counts[mapped[s]])
+        ps = np.concatenate([[prev_shard], s[:-1]])
+        pp = np.concatenate([[prev_pos], pos[:-1]])
+        ascending = (ps != s) | (pos > pp)
+        if not (within & ascending).all():
+            i = int(np.flatnonzero(~(within & ascending))[0])
+            rep.add(
+                path / "positions.npy",
+                f"kept sample {b0 + i}: position {int(pos[i])} in shard "
+                f"{keep.names[s[i]]!r} is outside [0, {int(counts[mapped[s[i]]])}) "
+                "or not ascending",
+            )
+            return
+        prev_shard, prev_pos = int(s[-1]), int(pos[-1])
+        rows = np.asarray(index.shard_offset)[mapped[s]] + pos
+        if keep.ranges is not None:
+            got = np.asarray(keep.ranges[b0:b1])
+            want = np.stack([index.sample_start[rows], index.sample_end[rows]], axis=1)
+            if not np.array_equal(got, want):
+                i = int(np.flatnonzero((got != want).any(axis=1))[0])
                 rep.add(
-                    path / "positions.npy",
-                    f"kept sample {b0 + i}: position {int(pos[i])} in shard "
-                    f"{keep.names[s[i]]!r} is outside [0, {int(counts[mapped[s[i]]])}) "
-                    "or not ascending",
+                    path / "ranges.npy",
+                    f"kept sample {b0 + i}: byte range {got[i].tolist()}, the index has {want[i].tolist()}",
                 )
-                return
-            prev_shard, prev_pos = int(s[-1]), int(pos[-1])
-            rows = np.asarray(index.shard_offset)[mapped[s]] + pos
-            if keep.ranges is not None:
-                got = np.asarray(keep.ranges[b0:b1])
-                want = np.stack([index.sample_start[rows], index.sample_end[rows]], axis=1)
-                if not np.array_equal(got, want):
-                    i = int(np.flatnonzero((got != want).any(axis=1))[0])
-                    rep.add(
-                        path / "ranges.npy",
-                        f"kept sample {b0 + i}: byte range {got[i].tolist()}, the index has {want[i].tolist()}",
-                    )
-            ids = np.asarray(keep.id_pairs[b0:b1])
-            bad = (ids["f0"] != index.id_hi[rows]) | (ids["f1"] != index.id_lo[rows])
-            if bad.any():
-                i = int(np.flatnonzero(bad)[0])
-                rep.add(
-                    path / "ids.npy",
-                    f"kept sample {b0 + i}: identity differs from the index's ({int(bad.sum())} in this block)",
-                )
-            ko = np.asarray(keep.key_offset[b0 : b1 + 1])
-            got_keys = bytes(keep.key_blob[int(ko[0]) : int(ko[-1])])
-            starts, ends = np.asarray(index.key_offset[rows]), np.asarray(index.key_offset[rows + 1])
-            lengths = ends - starts
-            if not np.array_equal(np.diff(ko), lengths):
-                rep.add(path / "key_offset.npy", f"kept samples {b0}..{b1 - 1}: key lengths differ from the index's")
-                continue
-            index_keys.seek(int(starts.min()))
-            span = np.frombuffer(index_keys.read(int(ends.max() - starts.min())), dtype=np.uint8)
-            offsets = np.concatenate([[0], np.cumsum(lengths)])
-            want_keys = span[np.repeat(starts - starts.min() - offsets[:-1], lengths) + np.arange(offsets[-1])]
-            if got_keys != want_keys.tobytes():
-                rep.add(path / "keys.bin", f"kept samples {b0}..{b1 - 1}: keys differ from the index's")
+        ids = np.asarray(keep.id_pairs[b0:b1])
+        bad = (ids["f0"] != index.id_hi[rows]) | (ids["f1"] != index.id_lo[rows])
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            rep.add(
+                path / "ids.npy",
+                f"kept sample {b0 + i}: identity differs from the index's ({int(bad.sum())} in this block)",
+            )
+        ko = np.asarray(keep.key_offset[b0 : b1 + 1])
+        got_keys = bytes(keep.key_blob[int(ko[0]) : int(ko[-1])])
+        starts, ends = np.asarray(index.key_offset[rows]), np.asarray(index.key_offset[rows + 1])
+        lengths = ends - starts
+        if not np.array_equal(np.diff(ko), lengths):
+            rep.add(path / "key_offset.npy", f"kept samples {b0}..{b1 - 1}: key lengths differ from the index's")
+            continue
+        span = np.frombuffer(index.key_bytes(int(starts.min()), int(ends.max())), dtype=np.uint8)
+        offsets = np.concatenate([[0], np.cumsum(lengths)])
+        want_keys = span[np.repeat(starts - starts.min() - offsets[:-1], lengths) + np.arange(offsets[-1])]
+        if got_keys != want_keys.tobytes():
+            rep.add(path / "keys.bin", f"kept samples {b0}..{b1 - 1}: keys differ from the index's")
 
 
 # -- leftovers --------------------------------------------------------------------------------------
@@ -486,7 +492,7 @@ def _leftovers(rep: _Report, run: Path, outputs: list[tuple[Path, Path]]) -> Non
     from streamprune.formats.stats_store import creation_temp
 
     rd = RunDir(run)
-    targets = [rd.index, *(p for pair in outputs for p in pair)]
+    targets = [Path(rd.index), *(p for pair in outputs for p in pair)]
     for target in targets:
         if not target.parent.is_dir():
             continue
@@ -499,9 +505,11 @@ def _leftovers(rep: _Report, run: Path, outputs: list[tuple[Path, Path]]) -> Non
                 rep.note(
                     temp, f"leftover temporary of {target.name} ({state}); the next writer of {target.name} removes it"
                 )
-    if creation_temp(rd.stats).exists():
-        rep.note(creation_temp(rd.stats), "leftover of an interrupted store creation; the next `record` replaces it")
-    parts = rd.index_parts
+    if creation_temp(Path(rd.stats)).exists():
+        rep.note(
+            creation_temp(Path(rd.stats)), "leftover of an interrupted store creation; the next `record` replaces it"
+        )
+    parts = Path(rd.index_parts)
     if parts.is_dir():
         for p in sorted(parts.glob("*.tmp*")):
             rep.note(p, "leftover temporary index part of a killed `index`")

@@ -17,9 +17,9 @@ import reprlib
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TypeGuard
 
+from streamprune import storage
 from streamprune.errors import DamagedRunError, InputError, SettingsError, StreamPruneError
 from streamprune.formats.headers import CLASSES_FORMAT, check_format, header
 from streamprune.formats.rundir import RunDir
@@ -212,33 +212,37 @@ class Classes:
 
     @classmethod
     def from_file(cls, path: str | os.PathLike, label: str = "cls") -> "Classes":
-        """A user's class list: a JSON list of names, a `classes.json` of a run, or one name per line."""
-        path = Path(path)
+        """A user's class list (a local path or an object-store URL): a JSON list of names, a
+        `classes.json` of a run, or one name per line."""
+        path = os.fspath(path)
         try:
-            text = path.read_text()
+            text = storage.read_bytes(path).decode()
         except OSError as exc:
-            raise InputError(f"class list {str(path)!r}: cannot read: {exc.strerror}") from None
-        if path.suffix == ".json":
+            raise InputError(f"class list {path!r}: cannot read: {exc.strerror or 'no such file'}") from None
+        except UnicodeDecodeError:
+            raise InputError(f"class list {path!r}: cannot read: not UTF-8 text") from None
+        if storage.name(path).endswith(".json"):
             try:
                 data = json.loads(text)
             except ValueError as exc:
-                raise InputError(f"class list {str(path)!r} is not valid JSON: {exc}") from None
+                raise InputError(f"class list {path!r} is not valid JSON: {exc}") from None
             if isinstance(data, dict) and data.get("format") == CLASSES_FORMAT.name:
                 return cls._from_doc(data, path, InputError)
             if not isinstance(data, list) or not all(isinstance(n, str) for n in data):
-                raise InputError(f"class list {str(path)!r}: expected a JSON list of class names")
+                raise InputError(f"class list {path!r}: expected a JSON list of class names")
             names = data
         else:
             names = [line.strip() for line in text.splitlines() if line.strip()]
         if not names:
-            raise InputError(f"class list {str(path)!r}: names no class; write one name per line or a JSON list")
+            raise InputError(f"class list {path!r}: names no class; write one name per line or a JSON list")
         if len(set(names)) != len(names):
             dup = next(n for n in names if names.count(n) > 1)
-            raise InputError(f"class list {str(path)!r} names {dup!r} twice")
+            raise InputError(f"class list {path!r} names {dup!r} twice")
         return cls(len(names), tuple(names), label)
 
-    def save(self, run: str | os.PathLike) -> Path:
-        """Write `RUN/classes.json` atomically."""
+    def save(self, run: str | os.PathLike) -> str:
+        """Write `RUN/classes.json` whole (readers see the old list or the new one: a rename
+        locally, one request on object stores); return where."""
         path = RunDir(run).classes
         doc = {
             **header(CLASSES_FORMAT, stamp=False),
@@ -247,32 +251,32 @@ class Classes:
             "names": None if self.names is None else list(self.names),
             "counts": None if self.counts is None else list(self.counts),
         }
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(doc, indent=1) + "\n")
-        os.replace(tmp, path)
+        storage.write_bytes(path, (json.dumps(doc, indent=1) + "\n").encode())
         return path
 
     @classmethod
     def load(cls, run: str | os.PathLike) -> "Classes | None":
         """`RUN/classes.json`, or None when the run has none."""
         path = RunDir(run).classes
-        if not path.exists():
+        try:
+            raw = storage.read_bytes(path)
+        except FileNotFoundError:
             return None
         try:
-            doc = json.loads(path.read_text())
-        except ValueError as exc:
-            raise DamagedRunError(f"{str(path)!r} is damaged: {exc}") from None
+            doc = json.loads(raw.decode())
+        except ValueError as exc:  # UnicodeDecodeError included
+            raise DamagedRunError(f"{path!r} is damaged: {exc}") from None
         return cls._from_doc(doc, path, DamagedRunError)
 
     @classmethod
-    def _from_doc(cls, doc: dict, path: Path, error: type[StreamPruneError]) -> "Classes":
+    def _from_doc(cls, doc: dict, path: str, error: type[StreamPruneError]) -> "Classes":
         """The classes of a `classes.json` document, each field checked: a wrong one is an `error`
         naming the file and the field."""
-        check_format(doc, CLASSES_FORMAT, repr(str(path)))
+        check_format(doc, CLASSES_FORMAT, repr(path))
         n, names, counts, label = (doc.get(k) for k in ("num_classes", "names", "counts", "label"))
 
         def refuse(field: str, expected: str, value) -> StreamPruneError:
-            return error(f"class list {str(path)!r}: {field}: must be {expected}, not {reprlib.repr(value)}")
+            return error(f"class list {path!r}: {field}: must be {expected}, not {reprlib.repr(value)}")
 
         if not _is_int(n) or n < 1:
             raise refuse("num_classes", "an integer >= 1", n)
@@ -353,6 +357,6 @@ def scan_classes(run: str | os.PathLike, label: str = "cls", *, shards: str | It
         for s, info in enumerate(idx.shards)
         if info["status"] == "ok"
     )
-    classes = count_classes(parts, label, repr(str(run)))
+    classes = count_classes(parts, label, repr(os.fspath(run)))
     classes.save(run)
     return classes

@@ -585,8 +585,20 @@ class _HTTPStream:
         self.f._drop_connection()
 
 
+def _not_found(what: str, exc: FileNotFoundError) -> FileNotFoundError:
+    """A backend's FileNotFoundError (whose message is often a bare path or the store's own words,
+    "The specified bucket does not exist") as one naming `what`, the shard and range, and why."""
+    detail = str(exc.args[0]) if exc.args else ""
+    why = f": {detail}" if detail and detail not in what else ""
+    return FileNotFoundError(f"{what}: not found{why}")
+
+
 class FsspecFile(RemoteFile):
-    """Another fsspec URL (`s3://`, `gs://`, `hf://`, ...): `cat_file` ranges, which read no further."""
+    """Another fsspec URL (`s3://`, `gs://`, `hf://`, ...): `cat_file` ranges, which read no further.
+
+    Errors name the URL: a missing object or bucket is a FileNotFoundError (also when it goes
+    away after opening), a refusal a PermissionError, anything else an OSError; none is the
+    backend's own exception (e.g. botocore's), which would not say which shard failed."""
 
     def __init__(self, url: str):
         import fsspec
@@ -595,14 +607,16 @@ class FsspecFile(RemoteFile):
         try:
             self.fs, self.path = fsspec.core.url_to_fs(url)
             self.size = int(self.fs.size(self.path))
-        except FileNotFoundError:
-            raise FileNotFoundError(f"shard {url!r}: not found") from None
-        except Exception as exc:  # a missing backend, credentials, ...
-            raise FileNotFoundError(f"shard {url!r}: cannot open: {exc}") from None
+        except FileNotFoundError as exc:
+            raise _not_found(f"shard {url!r}", exc) from None
+        except Exception as exc:  # a missing backend, credentials, an unreachable endpoint, ...
+            raise FileNotFoundError(f"shard {url!r}: cannot open: {type(exc).__name__}: {exc}") from None
         self.ranges = True
         self.head = self.fetch(0, min(PROBE_BYTES, self.size)) if self.size else b""
 
     def fetch(self, start: int, end: int) -> bytes:
+        """Bytes `[start, end)`, exactly, with one `cat_file` (retried when it fails otherwise than
+        not found or refused): the backend reads that range and no further."""
         what = f"shard {self.url!r}: bytes {start}..{end}"
         self.stats.add(requested=end - start)
 
@@ -610,8 +624,10 @@ class FsspecFile(RemoteFile):
             self.stats.add(requests=1, retries=1 if n else 0)
             try:
                 data = self.fs.cat_file(self.path, start=start, end=end)
-            except (FileNotFoundError, PermissionError):
-                raise
+            except FileNotFoundError as exc:
+                raise _not_found(what, exc) from None
+            except PermissionError as exc:
+                raise PermissionError(f"{what}: access refused: {exc}") from None
             except Exception as exc:
                 raise TransientError(f"{type(exc).__name__}: {exc}") from None
             self.stats.add(received=len(data))
@@ -621,19 +637,34 @@ class FsspecFile(RemoteFile):
 
         return _retrying(what, attempt, math.inf)  # the backend's own timeouts bound each try
 
-    def stream(self):
+    def stream(self) -> "_Counting":
+        """The file read through from its start (the backend's buffered reader), counted."""
         self.stats.add(requests=1)
-        return _Counting(self.fs.open(self.path, "rb"), self.stats)
+        try:
+            return _Counting(self.fs.open(self.path, "rb"), self.stats, f"shard {self.url!r}")
+        except FileNotFoundError as exc:
+            raise _not_found(f"shard {self.url!r}", exc) from None
+        except PermissionError as exc:
+            raise PermissionError(f"shard {self.url!r}: access refused: {exc}") from None
 
 
 class _Counting:
-    """A read-through stream that adds what it reads to `stats.bytes_received`."""
+    """A read-through stream that adds what it reads to `stats.bytes_received`; a backend error
+    while reading becomes an OSError naming `where` (the shard) and the byte it failed at."""
 
-    def __init__(self, f, stats: TransferStats):
-        self.f, self.stats = f, stats
+    def __init__(self, f: Any, stats: TransferStats, where: str = "remote file"):
+        self.f, self.stats, self.where, self.pos = f, stats, where, 0
 
     def read(self, n: int = -1) -> bytes:
-        data = self.f.read(n)
+        try:
+            data = self.f.read(n)
+        except FileNotFoundError as exc:
+            raise _not_found(f"{self.where}: reading from byte {self.pos}", exc) from None
+        except Exception as exc:  # a backend's own exception (botocore's, aiohttp's, ...)
+            if isinstance(exc, OSError) and self.where in str(exc):
+                raise
+            raise OSError(f"{self.where}: reading from byte {self.pos}: {type(exc).__name__}: {exc}") from None
+        self.pos += len(data)
         self.stats.add(received=len(data))
         return data
 

@@ -12,6 +12,7 @@ import posixpath
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
+from streamprune import storage
 from streamprune.errors import DamagedRunError, InputError
 from streamprune.shards.identity import ShardMatcher, url_path
 from streamprune.shards.urls import absolute, expand_urls, is_local
@@ -61,7 +62,7 @@ def local_source(index: Index, shard: int) -> str:
     """
     info, name = index.shards[shard], index.names[shard]
     url, path = info["url"], posixpath.join(index.root, name)
-    where = f"{str(index.path / 'shards.jsonl')!r}: shard {name!r}"
+    where = f"{storage.join(index.path, 'shards.jsonl')!r}: shard {name!r}"
     if not is_local(url):
         raise InputError(
             f"{where} was indexed from {url!r}; a command or remote URL in a run directory is never "

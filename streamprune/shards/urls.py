@@ -36,19 +36,34 @@ def expand_urls(specs: str | Iterable[str]) -> list[str]:
 
 
 def _glob(url: str) -> list[str]:
+    """The shards a glob `url` matches, sorted (a URL without `*?[` or a `pipe:` as it is); none,
+    or a store that cannot be listed (a missing bucket, refused credentials), is an error naming `url`."""
     if url.startswith("pipe:") or not any(c in url for c in "*?["):
         return [url]
-    if url.startswith("file:") or has_scheme(url):
-        import fsspec
-
-        fs, _, paths = fsspec.get_fs_token_paths(url)
-        protocol = url.split("://", 1)[0]
-        found = sorted(p if "://" in p else f"{protocol}://{p}" for p in paths)
-    else:
-        found = sorted(glob.glob(url))
+    found = sorted(_glob_store(url) if url.startswith("file:") or has_scheme(url) else glob.glob(url))
     if not found:
         raise FileNotFoundError(f"no shard matches {url!r}")
     return found
+
+
+def _glob_store(url: str) -> list[str]:
+    """The files an fsspec glob (`s3://bucket/train-*.tar`, `-00000[0-2].tar`, `-?.tar`) matches,
+    as URLs of the same protocol, from one listing (`detail=True`: no request per match to tell
+    files from folders); the backend's errors (e.g. botocore's) become ones naming the pattern."""
+    import fsspec
+
+    try:
+        fs, path = fsspec.core.url_to_fs(url)
+        found = fs.glob(path, detail=True)
+        paths = [p for p, info in found.items() if info.get("type") != "directory"]
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(f"no shard matches {url!r}: {exc}") from None
+    except PermissionError as exc:
+        raise PermissionError(f"cannot list the shards {url!r}: access refused: {exc}") from None
+    except Exception as exc:  # a missing backend, an unreachable endpoint, ...
+        raise OSError(f"cannot list the shards {url!r}: {type(exc).__name__}: {exc}") from None
+    protocol = url.split("://", 1)[0]
+    return [p if "://" in p else f"{protocol}://{p}" for p in paths]
 
 
 def is_local(url: str) -> bool:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable
-from pathlib import Path
 
 import ray
 
@@ -34,9 +33,10 @@ def build_classes(
     shards: str | Iterable[str] | None = None,
 ) -> Classes:
     """Count the labels (`label` spec, or those a `decode` function returns) of every indexed sample
-    of `run`, write `RUN/classes.json` and return it: sorted class names, or 0..max for integers.
-    `shards`: the URLs of the indexed shards to read (`shard_urls`)."""
-    run = Path(run)
+    of `run` (a local folder or an object-store URL), write `RUN/classes.json` and return it:
+    sorted class names, or 0..max for integers. `shards`: the URLs of the indexed shards to read
+    (`shard_urls`)."""
+    run = os.fspath(run)
     idx = Index(RunDir(run).index)
     urls = shard_urls(idx, shards)
     healthy = healthy_shards(idx).tolist()
@@ -53,6 +53,6 @@ def build_classes(
         bar,
     )
     bar.close()
-    classes = count_classes(parts, decode or label, repr(str(run)))
+    classes = count_classes(parts, decode or label, repr(run))
     classes.save(run)
     return classes

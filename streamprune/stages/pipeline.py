@@ -11,11 +11,13 @@ import json
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import numpy as np
 
+from streamprune import storage
 from streamprune.config import Config
+from streamprune.errors import DamagedRunError
+from streamprune.formats.commit import committed
 from streamprune.formats.keeplist import KeepList
 from streamprune.formats.rundir import RunDir
 from streamprune.scoring.sampling import resolve_balance, resolve_c_d
@@ -30,18 +32,18 @@ from streamprune.stages.summaries import index_summary, record_line, reduce_line
 class PipelineResult:
     """What `run_pipeline` did: seconds per stage (skipped stages: 0) and the evaluation rows."""
 
-    run: Path
+    run: str
     stage_seconds: dict[str, float] = field(default_factory=dict)
     skipped: list[str] = field(default_factory=list)
     evaluation: list[dict] = field(default_factory=list)
     keep: KeepList | None = None
-    report: Path | None = None
+    report: str | None = None
     verdict: str | None = None  # the keep-list against the baseline, when both were evaluated
 
 
 def run_pipeline(cfg: Config, progress: bool = True, log=print) -> PipelineResult:
     """Run every stage of `cfg` that is not already complete on disk."""
-    run = Path(cfg.out).resolve()
+    run = storage.absolute(cfg.out)
     result = PipelineResult(run)
 
     def stage(name: str, fn, done: bool) -> None:
@@ -77,7 +79,7 @@ def run_pipeline(cfg: Config, progress: bool = True, log=print) -> PipelineResul
     return result
 
 
-def _index_done(cfg: Config, run: Path) -> bool:
+def _index_done(cfg: Config, run: str) -> bool:
     from streamprune.formats.index import Index
 
     try:
@@ -92,7 +94,7 @@ def _index_done(cfg: Config, run: Path) -> bool:
     )
 
 
-def _index(cfg: Config, run: Path, progress: bool, log) -> None:
+def _index(cfg: Config, run: str, progress: bool, log) -> None:
     from streamprune.stages.index import index, refuse_broken
 
     idx = index(cfg.shards, run, settings=cfg.index, address=cfg.address, progress=progress)
@@ -100,7 +102,7 @@ def _index(cfg: Config, run: Path, progress: bool, log) -> None:
     refuse_broken(idx, cfg.index)
 
 
-def _record_done(cfg: Config, run: Path) -> bool:
+def _record_done(cfg: Config, run: str) -> bool:
     """Whether the store is complete with these settings (changed ones go to `record`, which refuses them)."""
     from streamprune.formats.stats_store import StatsStore
     from streamprune.stages.record import changed_settings
@@ -113,7 +115,7 @@ def _record_done(cfg: Config, run: Path) -> bool:
     return complete and not changed_settings(store.config, cfg.record)
 
 
-def _record(cfg: Config, run: Path, progress: bool, log) -> None:
+def _record(cfg: Config, run: str, progress: bool, log) -> None:
     from streamprune.stages.record import record
 
     log(record_line(record(run, settings=cfg.record, address=cfg.address, progress=progress, shards=cfg.shards)))
@@ -157,14 +159,14 @@ def _reduce_settings(cfg: Config, subset: _Subset) -> ReduceSettings:
     )
 
 
-def _keep_matches(cfg: Config, run: Path, subset: _Subset, out: Path) -> bool:
+def _keep_matches(cfg: Config, run: str, subset: _Subset, out: str) -> bool:
     """Whether `out` holds the keep-list of `subset` drawn from this run's index with these settings."""
     from streamprune.formats.index import Index
 
     try:
-        manifest = json.loads((out / "manifest.json").read_text())
+        manifest = _manifest(out)
         fingerprint = Index(RunDir(run).index).fingerprint
-    except (FileNotFoundError, json.JSONDecodeError):
+    except (FileNotFoundError, ValueError, DamagedRunError):
         return False
     s = _reduce_settings(cfg, subset).to_dict()
     want = {k: s[k] for k in ("method", "balance", "ratio", "seed", "window", "epochs")} | {"fingerprint": fingerprint}
@@ -174,7 +176,12 @@ def _keep_matches(cfg: Config, run: Path, subset: _Subset, out: Path) -> bool:
     )
 
 
-def _reduce(cfg: Config, run: Path, subset: _Subset, out: Path, scores_out: Path | None, progress: bool, log) -> None:
+def _manifest(keep: str) -> dict:
+    """The manifest of the keep-list committed at `keep` (FileNotFoundError: none; ValueError: not JSON)."""
+    return json.loads(storage.read_bytes(storage.join(committed(keep), "manifest.json")))
+
+
+def _reduce(cfg: Config, run: str, subset: _Subset, out: str, scores_out: str | None, progress: bool, log) -> None:
     from streamprune.stages.reduce import reduce
 
     settings = _reduce_settings(cfg, subset)
@@ -182,20 +189,22 @@ def _reduce(cfg: Config, run: Path, subset: _Subset, out: Path, scores_out: Path
     log(reduce_line(keep, out))
 
 
-def _evaluation_key(cfg: Config, run: Path) -> dict:
+def _evaluation_key(cfg: Config, run: str) -> dict:
     e = cfg.evaluate
     return {
         "settings": {k: v for k, v in asdict(e).items()},
-        "keep_created": json.loads((RunDir(run).keep / "manifest.json").read_text())["created"],
+        "keep_created": _manifest(RunDir(run).keep)["created"],
     }
 
 
-def _load_evaluation(run: Path) -> dict:
-    path = RunDir(run).evaluate
-    return json.loads(path.read_text()) if path.exists() else {"rows": []}
+def _load_evaluation(run: str) -> dict:
+    try:
+        return json.loads(storage.read_bytes(RunDir(run).evaluate))
+    except FileNotFoundError:
+        return {"rows": []}
 
 
-def _evaluation_done(cfg: Config, run: Path) -> bool:
+def _evaluation_done(cfg: Config, run: str) -> bool:
     saved = _load_evaluation(run)
     return saved.get("key") == _evaluation_key(cfg, run) and len(saved["rows"]) == len(_subsets(cfg))
 
@@ -212,14 +221,14 @@ def _subsets(cfg: Config) -> list[tuple[_Subset | None, int]]:
     return out + ([(None, 0)] if e.full else [])
 
 
-def _keep_dir(cfg: Config, run: Path, subset: _Subset) -> Path:
+def _keep_dir(cfg: Config, run: str, subset: _Subset) -> str:
     if subset == _main_subset(cfg):
         return RunDir(run).keep
     name = subset.label.replace(":", "-") + (f"-seed{subset.seed}" if subset.seed != cfg.reduce.seed else "")
     return RunDir.keep_in(RunDir(run).baseline(name))
 
 
-def _evaluate(cfg: Config, run: Path, progress: bool, log) -> None:
+def _evaluate(cfg: Config, run: str, progress: bool, log) -> None:
     """Train a fresh model per subset and seed (the keep-list, the baseline at the same ratio,
     all data); each finished row is saved at once so that an interrupted evaluation resumes."""
     from streamprune.stages.evaluate import train_subset
@@ -235,7 +244,7 @@ def _evaluate(cfg: Config, run: Path, progress: bool, log) -> None:
         if subset is not None:
             keep_dir = _keep_dir(cfg, run, subset)
             if not _keep_matches(cfg, run, subset, keep_dir):
-                _reduce(cfg, run, subset, keep_dir, RunDir.scores_in(keep_dir.parent), progress, log)
+                _reduce(cfg, run, subset, keep_dir, RunDir.scores_in(storage.parent(keep_dir)), progress, log)
         name = "full" if subset is None else subset.label
         res = train_subset(
             cfg.shards,
@@ -329,10 +338,8 @@ def verdict(rows: list[dict], method: str, baseline: str = "random") -> str | No
     )
 
 
-def _save_evaluation(run: Path, key: dict, rows: list[dict]) -> None:
-    tmp = run / "evaluate.json.tmp"
-    tmp.write_text(json.dumps({"key": key, "rows": rows}, indent=1))
-    tmp.replace(RunDir(run).evaluate)
+def _save_evaluation(run: str, key: dict, rows: list[dict]) -> None:
+    storage.write_bytes(RunDir(run).evaluate, json.dumps({"key": key, "rows": rows}, indent=1).encode())
 
 
 def format_table(result: PipelineResult) -> str:

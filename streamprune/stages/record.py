@@ -12,6 +12,7 @@ a rerun (or a Ray Train restart after a worker dies) resumes at the first incomp
 from __future__ import annotations
 
 import contextlib
+import io
 import itertools
 import logging
 import os
@@ -19,15 +20,16 @@ import threading
 import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import ray
 import torch
 
+from streamprune import storage
 from streamprune.errors import InputError, SettingsError, StreamPruneError
 from streamprune.formats.atomic import output_lock
+from streamprune.formats.commit import clean_uncommitted
 from streamprune.formats.index import Index
 from streamprune.formats.rundir import RunDir
 from streamprune.formats.stats_store import LABEL, LABEL_MISSING, STATS, StatsStore, missing_stats
@@ -148,7 +150,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         """A sample that cannot be decoded: an error, or (skip) logged and yielded with label -1."""
         if self.on_bad_sample == "error":
             raise BadSample(f"{reason} (on_bad_sample='skip' skips such samples)")
-        log_bad_sample(Path(self.index_path).parent, idx.names[shard], key, row, self.epoch, reason)
+        log_bad_sample(storage.parent(self.index_path), idx.names[shard], key, row, self.epoch, reason)
         return torch.zeros(self.shape), -1, row
 
     def _samples(self, idx: Index, shard: int):
@@ -215,7 +217,7 @@ def _train_loop(cfg: dict) -> None:
     from torch.nn.parallel import DistributedDataParallel
 
     rc = RecordConfig(**cfg["config"])
-    run = Path(cfg["run"])
+    run = cfg["run"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(max(1, cfg["threads"]))
@@ -228,7 +230,9 @@ def _train_loop(cfg: dict) -> None:
     decoder = SampleDecoder(None if rc.view is None else View(*rc.view), rc.label, cfg["classes"], rc.decode)
     opt_state = None
     if start > 0:
-        ckpt = torch.load(RunDir(run).checkpoint(start), map_location="cpu", weights_only=True)
+        ckpt = torch.load(
+            io.BytesIO(storage.read_bytes(RunDir(run).checkpoint(start))), map_location="cpu", weights_only=True
+        )
         net.load_state_dict(ckpt["model"])
         opt_state = ckpt["optimizer"]
     model = ray.train.torch.prepare_model(net)
@@ -306,22 +310,31 @@ def _train_loop(cfg: dict) -> None:
         barrier()
         if rank == 0:
             missing = writers.flush() if rc.record else None
-            path = RunDir(run).checkpoint(epoch + 1)
-            path.parent.mkdir(exist_ok=True)
             state = {
                 "model": (model.module if isinstance(model, DistributedDataParallel) else model).state_dict(),
                 "optimizer": opt.state_dict(),
                 "epochs_done": epoch + 1,
             }
-            torch.save(state, str(path) + ".tmp")
-            os.replace(str(path) + ".tmp", path)
+            buffer = io.BytesIO()
+            torch.save(state, buffer)
+            storage.write_bytes(RunDir(run).checkpoint(epoch + 1), buffer.getvalue())
             if missing is not None:
                 writers.mark_done(epoch, missing)
-            stale = RunDir(run).checkpoint(epoch - 1)
-            if stale.exists():
-                stale.unlink()
+            storage.remove(RunDir(run).checkpoint(epoch - 1))
             ray.get(progress.epoch_done.remote(epoch, time.time() - t0))
         barrier()
+
+
+def _ray_storage(location: str) -> dict:
+    """Ray Train's storage arguments for `location`: a local folder as is; an object-store URL
+    through the same fsspec filesystem as the rest of the run (credentials and endpoint from the
+    standard environment), so that a cluster with no shared filesystem needs nothing more."""
+    if not storage.is_url(location):
+        return {"storage_path": location}
+    import pyarrow.fs
+
+    fs, path = storage.filesystem(location)
+    return {"storage_path": path, "storage_filesystem": pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))}
 
 
 def _send(writers: StoreWriters, rows_buf: list, stats_buf: list) -> list:
@@ -342,7 +355,7 @@ def _first_samples(idx: Index, healthy: list[int], urls: list[str], limit: int =
 
 
 def _inputs(
-    run: Path,
+    run: str,
     idx: Index,
     healthy: list[int],
     urls: list[str],
@@ -438,15 +451,16 @@ def record(
     if isinstance(options.get("classes"), os.PathLike):
         options["classes"] = os.fspath(options["classes"])
     s = (settings or RecordSettings()).replace(**options)
-    run = Path(run).resolve()
+    run = storage.absolute(run)
     idx = Index(RunDir(run).index)
     urls = shard_urls(idx, shards)  # a stored URL that may not be opened is refused before any work
     with output_lock(RunDir(run).stats, writer="record"):  # a second `record` of the run is refused, naming this one
+        clean_uncommitted(RunDir(run).stats)  # what a killed store creation left; we hold the lock
         return _record(run, idx, s, address, progress, augment_images, chunk_rows, record_stats, urls, shards)
 
 
 def _record(
-    run: Path,
+    run: str,
     idx: Index,
     s: RecordSettings,
     address: str | None,
@@ -620,7 +634,7 @@ def _user_error(exc: BaseException) -> BaseException:
 
 
 def _fit(
-    run: Path,
+    run: str,
     cfg: RecordConfig,
     writers,
     tracker,
@@ -658,7 +672,7 @@ def _fit(
         ),
         run_config=RunConfig(
             name="record",
-            storage_path=str(RunDir(run).ray_train),
+            **_ray_storage(RunDir(run).ray_train),
             # a worker group that cannot start within RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S (60 s) is a
             # controller failure, which Ray Train retries forever unless limited
             failure_config=FailureConfig(max_failures=max_failures, controller_failure_limit=max_failures),

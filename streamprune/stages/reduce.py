@@ -11,15 +11,15 @@ number of workers or the block size. Memory per task is bounded by the block siz
 from __future__ import annotations
 
 import os
-import shutil
-from pathlib import Path
 from typing import Any, cast
 
 import numpy as np
 import ray
 
+from streamprune import storage
 from streamprune.errors import DamagedRunError, InputError, SettingsError
-from streamprune.formats.atomic import clean_stale_temps, lock_holder, output_lock, swap_in, temp_sibling
+from streamprune.formats.atomic import lock_holder, output_lock
+from streamprune.formats.commit import clean_uncommitted, replacing
 from streamprune.formats.headers import LABEL_MISSING, NO_GROUP
 from streamprune.formats.index import Index
 from streamprune.formats.keeplist import KeepList, KeepListWriter, new_manifest
@@ -215,7 +215,7 @@ def reduce(
     m = Method.parse(method)
     balance = sampling.resolve_balance(s.balance, method)
     c_d = sampling.resolve_c_d(s.c_d, balance)
-    run = Path(run).resolve()
+    run = storage.absolute(run)
     recording = lock_holder(RunDir(run).stats)
     if recording is not None:
         raise SettingsError(
@@ -246,11 +246,11 @@ def reduce(
     if m.score in ("dual", "dyn_unc") or m.sampler == "beta":
         if window < 2 or epochs < window:
             raise SettingsError(f"window must satisfy 2 <= window <= T; got window={window}, T={epochs}")
-    scores_path = str(RunDir(run).scores if scores_out is None else Path(scores_out).resolve())
-    out = Path(out) if out is not None else RunDir(run).keep
+    scores_path = RunDir(run).scores if scores_out is None else storage.absolute(scores_out)
+    out = storage.absolute(out) if out is not None else RunDir(run).keep
     with output_lock(out, writer="reduce"), output_lock(scores_path, writer="reduce"):
-        clean_stale_temps(Path(scores_path))  # of killed runs: we hold the locks, no one else writes them
-        clean_stale_temps(out)
+        clean_uncommitted(scores_path)  # of killed runs: we hold the locks, no one else writes them
+        clean_uncommitted(out)
         ensure_ray(address)
         workers = workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
         chunk = store.chunk_rows
@@ -353,20 +353,16 @@ def _score_all(
     names: tuple[str, ...],
     progress: bool,
 ) -> dict:
-    """Pass 1: every score of every row into a new `scores.zarr`, swapped in when complete."""
-    tmp = temp_sibling(Path(scores_path))
-    try:
-        return _score_into(tmp, blocks, store, scores_path, epochs, window, block_rows, names, progress)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)  # a failed run leaves no temporary behind
-        raise
+    """Pass 1: every score of every row into a new `scores.zarr`, which replaces the old one when
+    complete (a failed run leaves the old one and no temporary behind)."""
+    with replacing(scores_path) as place:
+        return _score_into(place, blocks, store, epochs, window, block_rows, names, progress)
 
 
 def _score_into(
-    tmp: Path,
+    tmp: str,
     blocks: _Blocks,
     store: StatsStore,
-    scores_path: str,
     epochs: int,
     window: int,
     block_rows: int,
@@ -374,9 +370,7 @@ def _score_into(
     progress: bool,
 ) -> dict:
     scores = ScoresStore.create(tmp, store.n_samples, block_rows)
-    parts = blocks.map(
-        _score_block, store.path.as_posix(), str(tmp), epochs, window, names, desc="score", progress=progress
-    )
+    parts = blocks.map(_score_block, str(store.path), tmp, epochs, window, names, desc="score", progress=progress)
     summary = {
         "finite": {s: sum(p["finite"][s] for p in parts) for s in names},
         "min": {s: min((p["min"][s] for p in parts if p["min"][s] is not None), default=None) for s in names},
@@ -403,7 +397,6 @@ def _score_into(
             "summary": summary,
         }
     )
-    swap_in(tmp, Path(scores_path))
     return summary
 
 

@@ -17,10 +17,10 @@ import json
 import os
 from collections.abc import Callable, Iterable
 from functools import partial
-from pathlib import Path
 
 import numpy as np
 
+from streamprune import storage
 from streamprune.errors import DamagedRunError
 from streamprune.formats.headers import CORRECT_MISSING, LABEL_MISSING
 from streamprune.formats.index import Index
@@ -47,16 +47,15 @@ def build_report(
     seed: int = 0,
     progress: bool = True,
     shards: str | Iterable[str] | None = None,
-) -> Path:
-    """Write `out/index.html` (default `RUN/report/`) and its PNGs; returns the HTML path.
+) -> str:
+    """Write `out/index.html` (default `RUN/report/`) and its PNGs; returns the HTML page's location.
     `shards`: the URLs of the indexed shards, read for the image grids (`shard_urls`)."""
     import matplotlib
 
     matplotlib.use("Agg")
-    run = Path(run).resolve()
     rd = RunDir(run)
-    out = Path(out) if out is not None else rd.report
-    out.mkdir(parents=True, exist_ok=True)
+    run = rd.root
+    out = storage.absolute(out) if out is not None else rd.report
     index = Index(rd.index)
     keep = KeepList.load(rd.keep)
     if keep.fingerprint != index.fingerprint:
@@ -106,14 +105,22 @@ def build_report(
     sections.append(
         _figure(out, "training", "Proxy training curves (recorded statistics)", _plot_training(store, rows))
     )
-    evaluation = rd.evaluate
-    if evaluation.exists():
-        saved = json.loads(evaluation.read_text())
+    saved = _saved_evaluation(rd.evaluate)
+    if saved is not None:
         budget = saved.get("key", {}).get("settings", {}).get("budget", "epochs")  # files of 0.1.0: epochs
         sections.append(_evaluation_section(saved["rows"], _main_method(keep.manifest), budget))
-    page = out / "index.html"
-    page.write_text(_PAGE.format(title=html.escape(f"streamprune report: {run.name}"), body="\n".join(sections)))
+    page = storage.join(out, "index.html")
+    title = html.escape(f"streamprune report: {storage.name(run)}")
+    storage.write_bytes(page, _PAGE.format(title=title, body="\n".join(sections)).encode())
     return page
+
+
+def _saved_evaluation(location: str) -> dict | None:
+    """The saved evaluation results (`RUN/evaluate.json`), or None when there are none."""
+    try:
+        return json.loads(storage.read_bytes(location))
+    except FileNotFoundError:
+        return None
 
 
 def _sample_rows(n: int, chunk: int, max_rows: int, rng: np.random.Generator) -> np.ndarray:
@@ -227,10 +234,10 @@ def _samples(
     return out
 
 
-def _figure(out: Path, name: str, title: str, fig) -> str:
+def _figure(out: str, name: str, title: str, fig) -> str:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
-    fig.savefig(out / f"{name}.png", dpi=100, bbox_inches="tight")
+    storage.write_bytes(storage.join(out, f"{name}.png"), buf.getvalue())
     import matplotlib.pyplot as plt
 
     plt.close(fig)
@@ -241,7 +248,7 @@ def _figure(out: Path, name: str, title: str, fig) -> str:
     )
 
 
-def _overview(run: Path, index: Index, keep: KeepList, n_rows: int) -> str:
+def _overview(run: str, index: Index, keep: KeepList, n_rows: int) -> str:
     m = keep.manifest
     facts = [
         ("run", str(run)),

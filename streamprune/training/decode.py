@@ -22,7 +22,6 @@ import struct
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -448,11 +447,10 @@ def run_decoder(run: str | os.PathLike) -> SampleDecoder:
     for training fresh models on the same inputs."""
     from streamprune.formats.stats_store import StatsStore
 
-    run = Path(run)
     rc = StatsStore.open(RunDir(run).stats, mode="r").config
     classes = Classes.load(run) if rc.get("classes") else None
     if classes is not None and classes.digest != rc["classes"]:
-        raise DamagedRunError(f"{str(RunDir(run).classes)!r} is not the class list {str(run)!r} was recorded with")
+        raise DamagedRunError(f"{RunDir(run).classes!r} is not the class list {os.fspath(run)!r} was recorded with")
     classes = classes or Classes(rc.get("num_classes") or 1, label=rc.get("decode") or rc.get("label", "cls"))
     view = rc.get("view")
     return SampleDecoder(None if view is None else View(*view), rc.get("label", "cls"), classes, rc.get("decode"))

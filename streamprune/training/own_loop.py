@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from streamprune import storage
 from streamprune.errors import DamagedRunError, InputError, SettingsError
 from streamprune.formats.index import Index
 from streamprune.formats.rundir import RunDir
@@ -262,6 +263,11 @@ class StatsLogger:
         chunk_rows: int | None = None,
         spool_rows: int = DEFAULT_SPOOL_ROWS,
     ):
+        if storage.is_url(run):
+            raise SettingsError(
+                f"{os.fspath(run)!r}: StatsLogger spools its parts on a filesystem; give it a local or shared "
+                "run directory (`streamprune record` writes a run on object storage)"
+            )
         self.run = Path(run).resolve()
         self.ranks = _Ranks(rank, world_size)
         self.rank, self.world_size = self.ranks.rank, self.ranks.world_size
@@ -300,7 +306,7 @@ class StatsLogger:
         return self.store.complete_epochs()
 
     def _spool(self, epoch: int) -> Path:
-        return RunDir(self.run).stats_spool / f"epoch-{epoch:04d}"
+        return Path(RunDir(self.run).stats_spool) / f"epoch-{epoch:04d}"
 
     def _part(self, epoch: int, rank: int, owner: int, k: int) -> Path:
         return self._spool(epoch) / f"r{rank:05d}-o{owner:05d}-{k:06d}.npz"
@@ -476,8 +482,6 @@ def index_in_process(
     urls = [absolute(u) for u in expand_urls(shards)]
     names, root_path = shard_names(urls, root)
     ident = parse_identity(identity)
-    run = Path(run)
-    run.mkdir(parents=True, exist_ok=True)
     with output_lock(RunDir(run).index):
         scans = [scan_shard(u, n, ident) for u, n in zip(urls, names)]
         return write_index(RunDir(run).index, scans, root_path, "shard-key" if ident is None else ident.spec)

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from streamprune import storage
 from streamprune.errors import ChangedShardError, InputError
 from streamprune.formats.index import Index
 from streamprune.formats.rundir import RunDir
@@ -71,15 +72,26 @@ def shuffled(items: Iterable[Any], buffer: int, rng: np.random.Generator) -> Ite
 
 
 def log_bad_sample(run: str | os.PathLike, shard: str, key: str, row: int, epoch: int, reason: str) -> None:
-    """Append a skipped sample to `RUN/bad-samples.jsonl` (one short line, one write)."""
-    with open(RunDir(run).bad_samples, "a") as f:
-        f.write(json.dumps({"shard": shard, "key": key, "row": row, "epoch": epoch, "reason": reason}) + "\n")
+    """Note a skipped sample: a line appended to `RUN/bad-samples.jsonl` locally (one short write);
+    on an object store, which cannot append, one object `RUN/bad-samples/eEEEE-rROW.json`."""
+    line = json.dumps({"shard": shard, "key": key, "row": row, "epoch": epoch, "reason": reason})
+    rd = RunDir(run)
+    if storage.is_url(rd.root):
+        storage.write_bytes(storage.join(rd.bad_sample_objects, f"e{epoch:04d}-r{row}.json"), line.encode())
+        return
+    with open(rd.bad_samples, "a") as f:
+        f.write(line + "\n")
 
 
 def bad_samples(run: str | os.PathLike) -> dict[int, dict]:
     """Samples skipped as undecodable in any epoch of `run`, by row."""
-    path = RunDir(run).bad_samples
-    if not path.exists():
+    rd = RunDir(run)
+    if storage.is_url(rd.root):
+        folder = rd.bad_sample_objects
+        lines = [storage.read_bytes(storage.join(folder, n)).decode() for n in storage.names(folder)]
+    elif os.path.exists(rd.bad_samples):
+        with open(rd.bad_samples) as f:
+            lines = f.read().splitlines()
+    else:
         return {}
-    with open(path) as f:
-        return {entry["row"]: entry for entry in map(json.loads, f)}
+    return {entry["row"]: entry for entry in map(json.loads, filter(None, lines))}

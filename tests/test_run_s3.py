@@ -1,0 +1,138 @@
+"""A run directory on object storage, end to end against a real S3 server (moto's, on 127.0.0.1):
+shards in a bucket -> index -> record (2 workers) -> reduce -> PrunedWebDataset(keep=s3://...),
+the same keep-list as a run on local disk; a killed record resumed from the bucket alone; a
+second writer refused; a killed reduce leaves the previous keep-list readable."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from streamprune import KeepList, PrunedWebDataset, index, reduce, storage
+from streamprune.errors import SettingsError
+from streamprune.formats.atomic import output_lock
+from streamprune.formats.rundir import RunDir
+from streamprune.formats.stats_store import StatsStore
+from streamprune.stages.record import record
+
+pytestmark = pytest.mark.slow  # trains a proxy model on Ray, twice
+
+EPOCHS = 3
+RECORD = {"workers": 2, "schedule_epochs": 10, "loader_workers": 0, "progress": False}
+STREAMPRUNE = os.path.join(os.path.dirname(sys.executable), "streamprune")
+
+
+def _upload(paths: list[str], bucket: str) -> str:
+    """The shards copied into `bucket`/shards/; returns their glob."""
+    fs, _ = storage.filesystem(bucket)
+    for p in paths:
+        fs.put(p, f"{bucket[len('s3://') :]}/shards/{os.path.basename(p)}")
+    return f"{bucket}/shards/*.tar"
+
+
+@pytest.fixture(scope="module")
+def runs(ray_session, s3_server, uneven_shards, tmp_path_factory):
+    """The same data and settings recorded and reduced twice: RUN on S3 (shards in the bucket)
+    and RUN on local disk (local copies of the shards)."""
+    paths, _ = uneven_shards
+    bucket = s3_server.make_bucket("run-e2e")
+    shards = _upload(paths, bucket)
+    remote, local = f"{bucket}/run", str(tmp_path_factory.mktemp("local-run"))
+    index(shards, remote, progress=False)
+    index(paths, local, progress=False)
+    for run in (remote, local):
+        record(run, EPOCHS, **RECORD)
+        reduce(run, 0.3, "dual-beta", window=3, progress=False)
+    return {"bucket": bucket, "shards": shards, "remote": remote, "local": local, "paths": paths}
+
+
+def test_a_run_on_s3_gives_the_local_runs_keep_list_and_the_loader_reads_it_from_the_bucket(
+    runs, kept_samples, sample_content, tmp_path
+):
+    remote, local = KeepList.load(RunDir(runs["remote"]).keep), KeepList.load(RunDir(runs["local"]).keep)
+    assert len(remote) == len(local) > 0
+    assert np.array_equal(np.asarray(remote.id_pairs), np.asarray(local.id_pairs))
+    stats = StatsStore.open(RunDir(runs["remote"]).stats, mode="r")
+    assert stats.complete_epochs() == EPOCHS
+    assert np.array_equal(stats.read("p_true"), StatsStore.open(RunDir(runs["local"]).stats, mode="r").read("p_true"))
+    assert [storage.name(c) for c in RunDir(runs["remote"]).checkpoint_files()] == [f"epoch-{EPOCHS:04d}.pt"]
+    # the loader: shards and keep-list both in the bucket, the same samples as local shards + local list
+    urls = sorted(f"{runs['bucket']}/shards/{os.path.basename(p)}" for p in runs["paths"])
+    got = list(PrunedWebDataset(urls, keep=RunDir(runs["remote"]).keep, shardshuffle=False))
+    want = list(PrunedWebDataset(sorted(runs["paths"]), keep=RunDir(runs["local"]).keep, shardshuffle=False))
+    assert len(got) == len(remote)
+    assert sample_content(got) == sample_content(want)
+    assert not os.path.exists("s3:"), "a URL run must never become a local folder named 's3:'"
+
+
+def test_a_second_record_of_a_run_on_s3_is_refused_naming_the_first(runs):
+    with output_lock(RunDir(runs["remote"]).stats, writer="record"):
+        with pytest.raises(SettingsError, match="record"):
+            record(runs["remote"], EPOCHS, **RECORD)
+
+
+def _ray_leftovers(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # the command's own local Ray instance
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
+def test_a_record_killed_mid_epoch_resumes_from_the_bucket_alone_to_the_same_keep_list(runs, tmp_path):
+    run = f"{runs['bucket']}/killed"
+    index(runs["shards"], run, progress=False)
+    env = {**os.environ, "STREAMPRUNE_LOCK_LEASE": "4"}  # its lease runs out soon after the kill
+    proc = subprocess.Popen(
+        [STREAMPRUNE, "record", run, "--epochs", str(EPOCHS), "--workers", "2", "--loader-workers", "0"]
+        + ["--schedule-epochs", "10", "--quiet"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                if StatsStore.open(RunDir(run).stats, mode="r").complete_epochs() >= 1:
+                    break
+            except (FileNotFoundError, ValueError, KeyError, OSError):
+                pass
+            time.sleep(0.3)
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        time.sleep(1.0)  # inside the second epoch
+    finally:
+        _ray_leftovers(proc)
+    time.sleep(5)  # the killed writer's lease expires; the rerun takes it over
+    summary = record(run, EPOCHS, **RECORD)
+    assert summary.epochs_run and summary.epochs_run[0] >= 1 and summary.epochs_run[-1] == EPOCHS - 1
+    keep = reduce(run, 0.3, "dual-beta", window=3, progress=False)
+    reference = KeepList.load(RunDir(runs["remote"]).keep)
+    assert np.array_equal(np.asarray(keep.id_pairs), np.asarray(reference.id_pairs))
+
+
+def test_a_killed_reduce_leaves_the_previous_keep_list_on_s3_intact(runs, ray_python):
+    run = runs["remote"]
+    before = KeepList.load(RunDir(run).keep)
+    proc = ray_python(
+        f"streamprune.reduce({run!r}, 0.5, 'dual-beta', window=3, progress=False)",
+        env={**os.environ, "STREAMPRUNE_LOCK_LEASE": "4"},  # its lease runs out soon after the kill
+    )
+    time.sleep(3.0)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    time.sleep(5)
+    after = KeepList.load(RunDir(run).keep)
+    if after.manifest["ratio"] == 0.3:  # killed before its commit: the previous list, whole
+        assert np.array_equal(np.asarray(after.id_pairs), np.asarray(before.id_pairs))
+    else:  # committed before the kill: the new list, whole
+        assert after.manifest["ratio"] == 0.5 and len(after) > len(before)
+    again = reduce(run, 0.3, "dual-beta", window=3, progress=False)  # the killed run's lease has run out
+    assert np.array_equal(np.asarray(again.id_pairs), np.asarray(before.id_pairs))
