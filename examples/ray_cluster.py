@@ -38,6 +38,7 @@ def main() -> None:
     summary = streamprune.record(
         args.run,
         epochs=args.epochs,
+        shards=args.shards,  # a remote URL stored in a run is opened only when given
         **({} if args.schedule_epochs is None else {"schedule_epochs": args.schedule_epochs}),
         workers=args.workers,
         address=args.address,
