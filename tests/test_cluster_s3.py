@@ -22,6 +22,8 @@ from streamprune.formats.stats_store import StatsStore
 pytestmark = pytest.mark.slow  # two Ray nodes and a training run
 
 RAY = os.path.join(os.path.dirname(sys.executable), "ray")
+# Nodes started by hand on one machine: no token handed between them (Ray's token auth is for real clusters)
+ENV = {**os.environ, "RAY_AUTH_MODE": "disabled"}
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "ray_cluster.py"
 RUN_FILES = {"index", "stats.zarr", "keep", "scores.zarr", "checkpoints", "classes.json", "ray-train", ".index-parts"}
 
@@ -32,7 +34,8 @@ def _node(args: list[str], temp_dir: str) -> subprocess.Popen:
     return subprocess.Popen(
         [RAY, "start", "--block", "--num-cpus", "1", "--temp-dir", temp_dir, "--disable-usage-stats", *args],
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        env=ENV,
         start_new_session=True,
     )
 
@@ -43,7 +46,8 @@ def _wait_for_nodes(address: str, n: int, deadline: float) -> None:
         "print(len([x for x in ray.nodes() if x['Alive']]))"
     )
     while time.monotonic() < deadline:
-        out = subprocess.run([sys.executable, "-c", code, address], capture_output=True, text=True, timeout=120)
+        ask = [sys.executable, "-c", code, address]
+        out = subprocess.run(ask, capture_output=True, text=True, timeout=120, env=ENV)
         if out.stdout.strip().isdigit() and int(out.stdout.strip()) >= n:
             return
         time.sleep(1)
@@ -89,7 +93,7 @@ def test_two_nodes_index_record_and_reduce_with_the_run_in_the_bucket_only(s3_se
             [sys.executable, str(EXAMPLE), "--address", address, "--shards", f"{bucket}/shards/*.tar"]
             + ["--run", run, "--epochs", "2", "--schedule-epochs", "10", "--workers", "2", "--ratio", "0.5"],
             cwd=work,
-            env={**os.environ, "HOME": str(work)},
+            env={**ENV, "HOME": str(work)},
             capture_output=True,
             text=True,
             timeout=600,
