@@ -40,14 +40,13 @@ from typing import Any
 
 import numpy as np
 import webdataset as wds
+from s3_process import TESTS, S3Process, serve_s3_process
 from shardsets import shard_sets
 
 from streamprune import PrunedWebDataset, index
 from streamprune.datasets import fashion_mnist_dir
 from streamprune.formats.keeplist import KeepList
 from streamprune.stages.ray_cluster import ensure_ray
-
-TESTS = Path(__file__).resolve().parents[1] / "tests"
 
 
 def _run(ds) -> tuple[int, float]:
@@ -236,81 +235,6 @@ _S3_PIPE = (
     "import boto3, shutil, sys; bucket, key = sys.argv[1].split('/', 1); "
     "shutil.copyfileobj(boto3.client('s3').get_object(Bucket=bucket, Key=key)['Body'], sys.stdout.buffer, 1 << 20)"
 )
-
-
-class S3Process:
-    """tests/s3_server.py's server in a child process (so that the client does not share its
-    interpreter lock): `url`, `reset()` and its counters (`bytes_sent`, `gets`), each a round trip."""
-
-    def __init__(self, conn: Any, url: str):
-        self._conn, self.url = conn, url
-
-    def _ask(self, *message: Any) -> Any:
-        self._conn.send(message)
-        return self._conn.recv()
-
-    def reset(self) -> None:
-        """Zero the counters."""
-        self._ask("reset")
-
-    @property
-    def bytes_sent(self) -> int:
-        """GET body bytes sent since the last reset."""
-        return self._ask("get", "bytes_sent")
-
-    @property
-    def gets(self) -> int:
-        """GET requests answered since the last reset."""
-        return self._ask("get", "gets")
-
-
-def _s3_child(tests: str, conn: Any) -> None:
-    """The child: serve S3 and answer the parent's messages until `stop`."""
-    sys.path.insert(0, tests)
-    from s3_server import serve
-
-    with serve() as server:
-        conn.send(server.url)
-        while (message := conn.recv())[0] != "stop":
-            if message[0] == "reset":
-                server.reset()
-                conn.send(None)
-            else:
-                conn.send(getattr(server, message[1]))
-        conn.send(None)
-
-
-@contextlib.contextmanager
-def serve_s3_process() -> Iterator[S3Process]:
-    """A real S3 server (moto) in a child process, with AWS_ENDPOINT_URL and test credentials set
-    in this process's environment (boto3, s3fs and `pipe:` commands read them) while it runs."""
-    import multiprocessing
-
-    sys.path.insert(0, str(TESTS))
-    from s3_server import environment
-
-    ctx = multiprocessing.get_context("spawn")
-    parent, child = ctx.Pipe()
-    proc = ctx.Process(target=_s3_child, args=(str(TESTS), child), daemon=True)
-    proc.start()
-    saved = dict(os.environ)
-    try:
-        began = time.monotonic()
-        while not parent.poll(0.2):  # its url, once it listens; a child that died will send none
-            if not proc.is_alive() or time.monotonic() - began > 60:
-                raise RuntimeError(f"the S3 server process did not start (exit code {proc.exitcode})")
-        url = parent.recv()
-        os.environ.update(environment(url))
-        yield S3Process(parent, url)
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
-        with contextlib.suppress(OSError, EOFError):
-            parent.send(("stop",))
-            parent.poll(5)
-        proc.join(5)
-        if proc.is_alive():
-            proc.kill()
 
 
 @contextlib.contextmanager

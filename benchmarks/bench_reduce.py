@@ -9,12 +9,22 @@ the other five arrays are left unwritten, i.e. missing), reduced with `--scores 
 anonymous resident memory (heap; memory-mapped file pages excluded) of the driver and all
 Ray task processes, sampled every 0.1 s.
 
-    python benchmarks/bench_reduce.py [--quick] [--sizes 10000000 100000000] [--keep-data DIR]
+`--s3` also reduces the same run with RUN an `s3://` URL on a real S3 server (moto's server mode,
+tests/s3_server.py, in a child process; AWS_ENDPOINT_URL and credentials are set before Ray starts,
+so the Ray tasks read them too): the local index uploaded as `write_index` writes one to an object
+store (a generation folder committed by a `COMMIT` object), the stats store created with
+`StatsStore.create(url)` and filled through zarr by the same tasks and seed. Reported: samples/s
+against the local run measured in the same invocation (ratio), the same peak memory, the S3
+server's own resident memory (moto keeps every object in its process's memory), and a check that
+both keep-lists hold the same identities.
+
+    python benchmarks/bench_reduce.py [--quick] [--sizes 10000000 100000000] [--keep-data DIR] [--s3]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -25,7 +35,11 @@ from pathlib import Path
 
 import numpy as np
 import ray
+from s3_process import S3Process, serve_s3_process
 
+from streamprune import storage
+from streamprune.formats import commit
+from streamprune.formats.index import Index
 from streamprune.formats.stats_store import LABEL, StatsStore
 from streamprune.scoring import scores
 from streamprune.stages.ray_cluster import ensure_ray
@@ -116,26 +130,55 @@ def _fill(store_path: str, r0: int, r1: int, seed: int) -> None:
     store.group[LABEL][r0:r1] = rng.integers(0, 10, n, dtype=np.int32)  # for the class-balanced default
 
 
-def synthetic_run(root: Path, n: int) -> Path:
-    from streamprune.formats.index import Index
-
-    run = root / f"run-{n}"
-    write_synthetic_index(run / "index", n)
-    store = StatsStore.create(run / "stats.zarr", Index(run / "index"), epochs=T, chunk_rows=CHUNK)
+def _fill_store(location: str, index: Index, n: int) -> None:
+    """Create the stats store at `location` (a local path or an object-store URL) for `index` and
+    fill it with the Ray tasks (the same values for the same `n`, wherever it is)."""
+    store = StatsStore.create(location, index, epochs=T, chunk_rows=CHUNK)
     step = CHUNK * 16
-    ray.get([_fill.remote(str(run / "stats.zarr"), r0, min(n, r0 + step), 0) for r0 in range(0, n, step)])
+    ray.get([_fill.remote(location, r0, min(n, r0 + step), 0) for r0 in range(0, n, step)])
     for t in range(T):
         store.mark_done(t, np.arange(store.n_shards))
+
+
+def synthetic_run(root: Path, n: int) -> Path:
+    run = root / f"run-{n}"
+    write_synthetic_index(run / "index", n)
+    _fill_store(str(run / "stats.zarr"), Index(run / "index"), n)
     return run
+
+
+def upload_index(local: Path, url: str) -> None:
+    """The local index folder `local` written to `url` as `write_index` writes one to an object
+    store: its files into a new generation folder, each in one request, `manifest.json` last,
+    committed by one `COMMIT` object (`commit.replacing`)."""
+    with commit.replacing(url) as place:
+        for file in sorted(os.listdir(local), key=lambda f: (f == "manifest.json", f)):
+            storage.write_bytes(storage.join(place, file), (local / file).read_bytes())
+
+
+def synthetic_s3_run(local_run: Path, url: str, n: int) -> str:
+    """The run of `synthetic_run` (its index; a stats store with the same values) at `url`."""
+    upload_index(local_run / "index", storage.join(url, "index"))
+    _fill_store(storage.join(url, "stats.zarr"), Index(storage.join(url, "index")), n)
+    return url
+
+
+def rss(pid: int, field: str = "VmRSS") -> int:
+    """Resident memory of process `pid` in bytes (0 if it is gone)."""
+    try:
+        return next(int(line.split()[1]) * 1024 for line in open(f"/proc/{pid}/status") if line.startswith(field))
+    except (OSError, StopIteration, ValueError):
+        return 0
 
 
 class PeakMemory(threading.Thread):
     """Largest total anonymous resident memory (heap, not file-backed pages of memory-mapped
-    inputs the kernel can drop) of this process and all `ray::` task processes."""
+    inputs the kernel can drop) of this process and all `ray::` task processes; with `server`
+    (a process id), that process's resident memory apart (`peak_server`)."""
 
-    def __init__(self):
+    def __init__(self, server: int | None = None):
         super().__init__(daemon=True)
-        self.peak, self.peak_task, self.stop = 0, 0, False
+        self.peak, self.peak_task, self.peak_server, self.stop, self.server = 0, 0, 0, False, server
 
     def run(self):
         while not self.stop:
@@ -154,6 +197,8 @@ class PeakMemory(threading.Thread):
                 if int(pid) != os.getpid():
                     task = max(task, rss * 1024)
             self.peak, self.peak_task = max(self.peak, total), max(self.peak_task, task)
+            if self.server is not None:
+                self.peak_server = max(self.peak_server, rss(self.server))
             time.sleep(0.1)
 
 

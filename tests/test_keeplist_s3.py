@@ -173,6 +173,7 @@ def test_loading_reads_the_manifest_and_shard_table_and_a_shard_only_its_slices(
     print(f"keep-list of {len(keep)} samples: {arrays} array bytes; load {loaded} bytes; shard {name}: {fetched}")
 
 
+@pytest.mark.slow  # seconds: processes, DataLoader workers or waits on the S3 server
 def test_the_loader_fetches_only_the_slices_of_the_shards_it_reads(setup, s3_server, kept_samples):
     url = setup.bucket + "/loader/keep"
     KeepList.from_rows(setup.index, setup.rows, url)
@@ -201,6 +202,7 @@ def test_the_loader_fetches_only_the_slices_of_the_shards_it_reads(setup, s3_ser
     assert got == kept_samples(setup.ref, local) and len(got) == len(local)
 
 
+@pytest.mark.slow  # seconds: processes, DataLoader workers or waits on the S3 server
 def test_dataloader_workers_and_ranks_read_only_their_shards_slices(setup, s3_server, monkeypatch):
     import torch
 

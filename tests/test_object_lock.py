@@ -140,6 +140,7 @@ def test_a_live_lower_lease_makes_a_taker_back_off(out):
     assert storage.names(folder_of(out)) == ["000000000000", "000000000001"]  # our lease 2 removed
 
 
+@pytest.mark.slow  # seconds: processes, DataLoader workers or waits on the S3 server
 def test_renewal_keeps_a_short_lease_alive_past_its_first_expiry(out, monkeypatch):
     monkeypatch.setenv(object_lock.LEASE_ENV, "2")
     with output_lock(out, writer="record"):

@@ -138,3 +138,20 @@ def test_a_killed_reduce_leaves_the_previous_keep_list_on_s3_intact(runs, ray_py
         assert after.manifest["ratio"] == 0.5 and len(after) > len(before)
     again = reduce(run, 0.3, "dual-beta", window=3, progress=False)  # the killed run's lease has run out
     assert np.array_equal(np.asarray(again.id_pairs), before_ids)
+
+
+def test_inspect_and_report_read_and_write_the_run_in_the_bucket(runs, capsys):
+    from streamprune.cli.main import main
+
+    run = runs["remote"]
+    assert main(["inspect", run]) == 0
+    text = capsys.readouterr().out
+    for stage in ("index: done", "record: done", "reduce: done"):
+        assert stage in text, text
+    assert main(["report", run, "--shards", runs["shards"], "--max-rows", "2000", "--quiet"]) == 0
+    page = RunDir(run).report_page
+    assert capsys.readouterr().out.strip() == f"report: {page}"
+    assert storage.read_bytes(page).startswith(b"<!DOCTYPE html>") or b"<html" in storage.read_bytes(page)[:200]
+    assert "scores.png" in storage.names(RunDir(run).report)
+    assert main(["inspect", run, "--verify"]) == 2
+    assert "does not read object storage yet" in capsys.readouterr().err

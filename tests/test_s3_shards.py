@@ -179,6 +179,7 @@ def _bench_loader() -> Any:
     return module
 
 
+@pytest.mark.slow  # seconds: processes, DataLoader workers or waits on the S3 server
 def test_the_loader_benchmarks_s3_mode_measures_exact_ranges(stored, kept_samples):
     bench_loader = _bench_loader()
     kept_keys = {s["__key__"] for s in kept_samples(stored["ref"], stored["k10"])}

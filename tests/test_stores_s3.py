@@ -105,6 +105,7 @@ def test_something_that_is_no_stats_store_is_refused_not_replaced(run_index, run
     assert storage.read_bytes(storage.join(commit.committed(output), "notes.txt")) == b"not a store"
 
 
+@pytest.mark.slow  # seconds: processes, DataLoader workers or waits on the S3 server
 def test_chunks_are_listed_named_and_checked_alike_locally_and_on_s3(run_index, run_root):
     output = storage.join(run_root, "stats.zarr")
     store = StatsStore.create(output, run_index, epochs=2, chunk_rows=CHUNK_ROWS)
@@ -157,6 +158,7 @@ def _write_owned(output: str, writer: int, n_writers: int, epoch: int, barrier) 
     return start, time.time(), chunk_writer.rows_written
 
 
+@pytest.mark.slow  # seconds: processes, DataLoader workers or waits on the S3 server
 def test_two_writers_on_s3_write_their_own_chunks_concurrently_and_exactly(run_index, s3_run):
     output = f"{s3_run}/stats.zarr"
     store = StatsStore.create(output, run_index, epochs=1, chunk_rows=CHUNK_ROWS)
@@ -208,6 +210,7 @@ def _replace_scores(output: str, value: float, fail: bool = False) -> np.ndarray
             return None
 
 
+@pytest.mark.slow  # seconds: processes, DataLoader workers or waits on the S3 server
 def test_scores_are_replaced_whole_so_readers_see_the_old_or_the_new(run_root):
     output = storage.join(run_root, "scores.zarr")
     assert _replace_scores(output, 1.0) is None
