@@ -163,7 +163,7 @@ def synthetic_s3_run(local_run: Path, url: str, n: int) -> str:
     return url
 
 
-def rss(pid: int, field: str = "VmRSS") -> int:
+def resident(pid: int, field: str = "VmRSS") -> int:
     """Resident memory of process `pid` in bytes (0 if it is gone)."""
     try:
         return next(int(line.split()[1]) * 1024 for line in open(f"/proc/{pid}/status") if line.startswith(field))
@@ -198,7 +198,7 @@ class PeakMemory(threading.Thread):
                     task = max(task, rss * 1024)
             self.peak, self.peak_task = max(self.peak, total), max(self.peak_task, task)
             if self.server is not None:
-                self.peak_server = max(self.peak_server, rss(self.server))
+                self.peak_server = max(self.peak_server, resident(self.server))
             time.sleep(0.1)
 
 
@@ -228,18 +228,58 @@ def bench_dual(n: int) -> dict:
     return {"n": n, "dual_sps": n / t_ours, "loop_sps": n / t_loop, "speedup": t_loop / t_ours}
 
 
+def measure(run: str | Path, n: int, ratio: float, server: S3Process | None = None) -> tuple[np.ndarray, dict]:
+    """`reduce` of `run` timed, with the peak memory: the kept identities and the figures."""
+    mem = PeakMemory(server.pid if server is not None else None)
+    mem.start()
+    t = time.perf_counter()
+    keep = reduce(run, ratio, "dual-beta", scores="method", progress=False)
+    t_reduce = time.perf_counter() - t
+    mem.stop = True
+    mem.join()
+    assert len(keep) == round((1 - ratio) * n)
+    r = {
+        "n": n,
+        "seconds": t_reduce,
+        "sps": n / t_reduce,
+        "peak_total_gb": mem.peak / 1e9,
+        "peak_task_gb": mem.peak_task / 1e9,
+    }
+    if server is not None:
+        r["peak_server_gb"] = mem.peak_server / 1e9
+    return keep.ids(), r
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true")
     p.add_argument("--sizes", type=int, nargs="+", default=[10_000_000, 100_000_000])
     p.add_argument("--ratio", type=float, default=0.7)
     p.add_argument("--keep-data", help="keep the synthetic runs in this folder (default: a temporary one)")
+    p.add_argument(
+        "--s3", action="store_true", help="also reduce each run with RUN on a local S3 server (moto), against local"
+    )
     args = p.parse_args(argv)
     if args.quick:
         args.sizes = [300_000, 600_000]
-    ensure_ray()
-    results = {"dual": bench_dual(min(args.sizes[0], 1_000_000))}
+    with contextlib.ExitStack() as stack:
+        server = None
+        if args.s3:  # before Ray starts: its tasks read the server's address and credentials from the environment
+            if ray.is_initialized():
+                raise SystemExit("--s3: Ray is already running here without the S3 server's environment")
+            server = stack.enter_context(serve_s3_process())
+        ensure_ray()
+        return _run(args, server)
+
+
+def _run(args: argparse.Namespace, server: S3Process | None) -> dict:
+    results: dict = {"dual": bench_dual(min(args.sizes[0], 1_000_000))}
     root = Path(args.keep_data) if args.keep_data else Path(tempfile.mkdtemp(dir=os.environ.get("TMPDIR")))
+    bucket = "s3://bench-reduce"
+    if server is not None:
+        fs, path = storage.filesystem(bucket)
+        with contextlib.suppress(FileExistsError):
+            fs.mkdir(path)
     try:
         for n in args.sizes:
             run = root / f"run-{n}"
@@ -248,33 +288,21 @@ def main(argv: list[str] | None = None) -> dict:
                 shutil.rmtree(run, ignore_errors=True)
                 synthetic_run(root, n)
             t_make = time.perf_counter() - t
-            mem = PeakMemory()
-            mem.start()
-            t = time.perf_counter()
-            keep = reduce(run, args.ratio, "dual-beta", scores="method", progress=False)
-            t_reduce = time.perf_counter() - t
-            mem.stop = True
-            mem.join()
-            assert len(keep) == round((1 - args.ratio) * n)
-            r = {
-                "n": n,
-                "seconds": t_reduce,
-                "sps": n / t_reduce,
-                "peak_total_gb": mem.peak / 1e9,
-                "peak_task_gb": mem.peak_task / 1e9,
-                "setup_s": t_make,
-            }
+            ids, r = measure(run, n, args.ratio)
+            r["setup_s"] = t_make
             results[str(n)] = r
             print(
-                f"reduce dual-beta r={args.ratio} on {n:,} rows x {T} epochs: {t_reduce:.1f} s = {r['sps']:,.0f} "
+                f"reduce dual-beta r={args.ratio} on {n:,} rows x {T} epochs: {r['seconds']:.1f} s = {r['sps']:,.0f} "
                 f"samples/s | peak memory {r['peak_total_gb']:.2f} GB in all (largest task "
                 f"{r['peak_task_gb']:.2f} GB) | synthetic data written in {t_make:.0f} s",
                 flush=True,
             )
+            if server is not None:
+                results[f"s3-{n}"] = _run_s3(run, storage.join(bucket, f"run-{n}"), n, args.ratio, server, ids, r)
     finally:
         if not args.keep_data:
             shutil.rmtree(root, ignore_errors=True)
-    sizes = [k for k in results if k != "dual"]
+    sizes = [k for k in results if k.isdigit()]
     if len(sizes) >= 2:
         a, b = results[sizes[0]], results[sizes[-1]]
         print(
@@ -282,6 +310,40 @@ def main(argv: list[str] | None = None) -> dict:
             f"peak memory x{b['peak_total_gb'] / a['peak_total_gb']:.2f}"
         )
     return results
+
+
+def _run_s3(run: Path, url: str, n: int, ratio: float, server: S3Process, ids: np.ndarray, local: dict) -> dict:
+    """The local `run` written to `url` on `server`, reduced there: figures against `local`'s."""
+    before = resident(server.pid)
+    t = time.perf_counter()
+    synthetic_s3_run(run, url, n)
+    t_make = time.perf_counter() - t
+    stored = storage.total_size(url)
+    held = resident(server.pid)
+    server.reset()
+    s3_ids, r = measure(url, n, ratio, server)
+    r.update(
+        setup_s=t_make,
+        ratio_vs_local=r["sps"] / local["sps"],
+        same_keep=bool(np.array_equal(s3_ids, ids)),
+        stored_gb=stored / 1e9,
+        server_rss_before_gb=before / 1e9,
+        server_rss_stored_gb=held / 1e9,
+        requests=server.requests,
+        gets=server.gets,
+        get_gb=server.bytes_sent / 1e9,
+    )
+    print(
+        f"  on s3 (moto): {r['seconds']:.1f} s = {r['sps']:,.0f} samples/s = x{r['ratio_vs_local']:.2f} of local | "
+        f"peak memory {r['peak_total_gb']:.2f} GB in all (largest task {r['peak_task_gb']:.2f} GB) | "
+        f"{r['requests']:,} requests, {r['gets']:,} GETs sent {r['get_gb']:.2f} GB | S3 server "
+        f"{r['server_rss_stored_gb']:.2f} GB resident holding {r['stored_gb']:.2f} GB of run "
+        f"(peak {r['peak_server_gb']:.2f} GB) | written in {t_make:.0f} s | same keep-list: {r['same_keep']}",
+        flush=True,
+    )
+    assert r["same_keep"], "the keep-lists of the local and the S3 run differ"
+    storage.remove(url)  # the server keeps objects in memory: free them for the next size
+    return r
 
 
 if __name__ == "__main__":
