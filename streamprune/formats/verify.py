@@ -1,6 +1,10 @@
 """`streamprune inspect RUN --verify`: check every file, chunk and metadata field of a run
 against its index and report what is damaged, one problem per line.
 
+RUN is a local directory or an object-store URL (`s3://bucket/run`): there each output is read
+from its committed generation (`commit.committed`) and problems name its objects; uncommitted
+generations and lock folders with expired leases are listed as leftovers, like local temporaries.
+
 Streaming: stores are read chunk by chunk (one row block of every epoch at a time), index
 and keep-list arrays in blocks, so memory stays bounded by a block whatever the run's size.
 Nothing is written or repaired.
@@ -17,7 +21,8 @@ from pathlib import Path
 import numpy as np
 
 from streamprune import storage
-from streamprune.errors import DamagedRunError, SettingsError
+from streamprune.errors import DamagedRunError
+from streamprune.formats import commit
 from streamprune.formats.atomic import pid_alive
 from streamprune.formats.headers import CORRECT_MISSING, LABEL_MISSING
 from streamprune.formats.rundir import RunDir
@@ -27,6 +32,14 @@ BLOCK = 1 << 20  # index / keep-list rows per step
 LIMIT = 50  # problems listed per file group before "... and N more"
 
 
+Where = Path | str  # a local path, or an object's URL
+
+
+def _at(base: Where, *parts: str) -> Where:
+    """`base` with `parts` appended: a Path locally, a URL string on object stores."""
+    return base.joinpath(*parts) if isinstance(base, Path) else storage.join(base, *parts)
+
+
 @dataclass
 class Problem:
     file: str  # relative to the run directory
@@ -34,7 +47,7 @@ class Problem:
 
 
 class _Report:
-    def __init__(self, run: Path, progress: bool):
+    def __init__(self, run: Where, progress: bool):
         self.run = run
         self.problems: list[Problem] = []
         self.notes: list[Problem] = []
@@ -43,6 +56,9 @@ class _Report:
         self.bar = progress_bar(desc="verify", unit="chunk", disable=not progress, leave=False)
 
     def rel(self, path: Path | str) -> str:
+        if isinstance(self.run, str):  # an object-store run: the URL below it
+            text = str(path)
+            return text[len(self.run) + 1 :] if text.startswith(self.run + "/") else text
         try:
             return str(Path(path).relative_to(self.run))
         except ValueError:
@@ -82,10 +98,7 @@ def verify_run(run: str | os.PathLike, progress: bool = True) -> dict:
     """Check the run directory `run`; returns `run`, `damaged`, `problems` (`file`, `problem`),
     `notes` (leftover temporaries: not damage) and `chunks_checked`."""
     if storage.is_url(run):
-        raise SettingsError(
-            f"{os.fspath(run)!r}: `inspect --verify` checks a run directory on a filesystem; it does not read "
-            "object storage yet (`inspect` without --verify does)"
-        )
+        return _verify_url(storage.absolute(run), progress)
     run = Path(run).resolve()
     if not run.is_dir():
         raise FileNotFoundError(f"no run directory {str(run)!r}")
@@ -104,16 +117,66 @@ def verify_run(run: str | os.PathLike, progress: bool = True) -> dict:
     return rep.result()
 
 
+def _verify_url(run: str, progress: bool) -> dict:
+    """`verify_run` of a run in an object store: each output read from its committed generation."""
+    if not storage.exists(run):
+        raise FileNotFoundError(f"no run directory {run!r}")
+    rep, rd = _Report(run, progress), RunDir(run)
+    index = _check_index(rep, rd.index)
+    store = None
+    if storage.exists(rd.stats) and (root := _committed_place(rep, rd.stats)) is not None:
+        store = _check_stats(rep, rd.stats, index, root)
+    outputs = [(rd.keep, rd.scores)] + [(RunDir.keep_in(p), RunDir.scores_in(p)) for p in rd.baselines()]
+    for keep, scores in outputs:
+        if storage.exists(scores) and _committed_place(rep, scores) is not None:
+            _check_scores(rep, scores, index, store)
+        if storage.exists(keep) and _committed_place(rep, keep) is not None:
+            _check_keep(rep, keep, index)
+    _url_leftovers(rep, [rd.index, rd.stats, *(p for pair in outputs for p in pair)])
+    return rep.result()
+
+
+def _committed_place(rep: _Report, output: str) -> str | None:
+    """The committed generation of URL output `output`; None (a problem added unless only
+    uncommitted generations are there, which `_url_leftovers` lists) when there is none."""
+    try:
+        return commit.committed(output)
+    except DamagedRunError as exc:
+        rep.add(commit.commit_object(output), str(exc))
+    except FileNotFoundError:
+        others = [n for n in storage.names(output) if not n.startswith("g-")]
+        if others:
+            rep.add(
+                commit.commit_object(output),
+                f"missing: {storage.name(output)} holds {others[:3]} but was never committed",
+            )
+    return None
+
+
 # -- the index --------------------------------------------------------------------------------------
 
 
-def _check_index(rep: _Report, path: Path):
+def _check_index(rep: _Report, path: Where):
     """Problems of `RUN/index`; the `Index` when it can be used to check the rest against."""
     from streamprune.errors import StreamPruneError
     from streamprune.formats.index import Index
     from streamprune.shards.sources import local_source
 
-    if not (path / "manifest.json").exists():
+    files: Where = path
+    if isinstance(path, str):
+        if not storage.exists(path):
+            rep.note(path, "no index: nothing is checked against one")
+            return None
+        place = _committed_place(rep, path)
+        if place is None:
+            return None
+        files = place
+        if not storage.exists(storage.join(place, "manifest.json")):
+            rep.add(
+                storage.join(place, "manifest.json"), "missing: the index is incomplete (run `streamprune index` again)"
+            )
+            return None
+    elif not (path / "manifest.json").exists():
         if path.exists():
             rep.add(path / "manifest.json", "missing: the index is incomplete (run `streamprune index` again)")
         else:
@@ -123,23 +186,25 @@ def _check_index(rep: _Report, path: Path):
         index = Index(path, strict=False)
     except Exception as exc:
         rep.add(
-            path / "manifest.json",
+            _at(files, "manifest.json"),
             f"the index cannot be read ({type(exc).__name__}: {exc}); run `streamprune index` again",
         )
         return None
     for file, problem in index.problems:
-        rep.add(path / file, problem)
+        rep.add(_at(files, file), problem)
     if index.problems:
         return None  # nothing else is checked against an index whose parts disagree
     off = np.asarray(index.shard_offset)
     for s in range(index.n_shards):
         found = index.range_problem(s)
         if found is not None:
-            rep.add(path / found[0], found[1])
+            rep.add(_at(files, found[0]), found[1])
         try:
             local_source(index, s)
         except StreamPruneError as exc:
-            rep.add(path / "shards.jsonl", str(exc))
+            if isinstance(path, str) and not isinstance(exc, DamagedRunError):
+                continue  # a run in a bucket indexed shards by URL: opened only when given, as `record` does
+            rep.add(_at(files, "shards.jsonl"), str(exc))
     fp = hashlib.blake2b(digest_size=16)  # as `write_index`: names, counts and identities, shard by shard
     for i, name in enumerate(index.names):
         a, b = int(off[i]), int(off[i + 1])
@@ -152,7 +217,7 @@ def _check_index(rep: _Report, path: Path):
             fp.update(np.asarray(index.id_lo[c0:c1]).tobytes())
     if fp.hexdigest() != index.fingerprint:
         rep.add(
-            path / "id_hi.npy",
+            _at(files, "id_hi.npy"),
             "the identities, shard names or counts do not give the manifest's fingerprint "
             f"{index.fingerprint}: index files were edited or damaged",
         )
@@ -162,25 +227,30 @@ def _check_index(rep: _Report, path: Path):
 # -- the stats store --------------------------------------------------------------------------------
 
 
-def _check_stats(rep: _Report, path: Path, index):
+def _check_stats(rep: _Report, path: Where, index, root: str | None = None):
+    """Problems of the stats store `path` (a URL's read from its committed generation `root`)."""
     import zarr
 
-    from streamprune.formats.stats_store import LABEL, STATS, StatsStore, chunk_file
+    from streamprune.formats.stats_store import LABEL, STATS, StatsStore, chunk_file, open_zarr
 
+    where: Where = path if root is None else root
     try:
-        group = zarr.open_group(str(path), mode="r", zarr_format=3)
-        store = StatsStore(group, path, index, strict=False)
+        if root is None:
+            group = zarr.open_group(str(path), mode="r", zarr_format=3)
+            store = StatsStore(group, path, index, strict=False)
+        else:
+            store = StatsStore(open_zarr(root, "r"), path, index, strict=False, root=root)
     except DamagedRunError as exc:  # its header: another format, or a newer version
-        rep.add(path / "zarr.json", str(exc))
+        rep.add(_at(where, "zarr.json"), str(exc))
         return None
     except Exception as exc:
-        rep.add(path / "zarr.json", f"unreadable ({type(exc).__name__}: {exc})")
+        rep.add(_at(where, "zarr.json"), f"unreadable ({type(exc).__name__}: {exc})")
         return None
     for file, problem in store.metadata_problems:
-        rep.add(path / file, problem)
+        rep.add(_at(where, file), problem)
     if index is not None and store.fingerprint != index.fingerprint:
         rep.add(
-            path / "zarr.json",
+            _at(where, "zarr.json"),
             f"fingerprint {store.fingerprint} is not the index's {index.fingerprint}: recorded for another index",
         )
     if (
@@ -188,12 +258,12 @@ def _check_stats(rep: _Report, path: Path, index):
         or store.shard_offset is None
         or "done" not in store._arrays
     ):
-        rep.add(path / "zarr.json", "chunks not checked: the store's counts cannot be trusted")
+        rep.add(_at(where, "zarr.json"), "chunks not checked: the store's counts cannot be trusted")
         return None
     try:
         done = store.done()
     except Exception as exc:
-        rep.add(path / "done", f"unreadable ({type(exc).__name__}: {exc})")
+        rep.add(_at(where, "done"), f"unreadable ({type(exc).__name__}: {exc})")
         return None
     if done.shape == (store.epochs, store.n_shards):
         raw = store._arrays["done"]
@@ -201,7 +271,7 @@ def _check_stats(rep: _Report, path: Path, index):
             row = np.asarray(raw[t, :])
             if ((row != 0) & (row != 1)).any():
                 rep.add(
-                    chunk_file(path, "done", t, 0),
+                    chunk_file(where, "done", t, 0),
                     f"completion markers of epoch {t} hold values other than 0 and 1",
                 )
         try:
@@ -214,7 +284,7 @@ def _check_stats(rep: _Report, path: Path, index):
                     + ")",
                 )
         except Exception as exc:
-            rep.add(path, f"chunks not listed ({type(exc).__name__}: {exc})")
+            rep.add(where, f"chunks not listed ({type(exc).__name__}: {exc})")
     cr, n = store.chunk_rows, store.n_samples
     names = [x for x in (*STATS, LABEL, "id_hi", "id_lo") if x in store._arrays]
     rep.bar.total = (rep.bar.total or 0) + store.n_chunks * sum(store.epochs if x in STATS else 1 for x in names)
@@ -270,21 +340,24 @@ def _check_stats(rep: _Report, path: Path, index):
 # -- scores.zarr ------------------------------------------------------------------------------------
 
 
-def _check_scores(rep: _Report, path: Path, index, store) -> None:
+def _check_scores(rep: _Report, path: Where, index, store) -> None:
     from streamprune.formats.scores_store import ARRAYS, ScoresStore
     from streamprune.formats.stats_store import LABEL
     from streamprune.scoring.scores import SCORES
 
+    where: Where = path
     try:
+        if isinstance(path, str):
+            where = commit.committed(path)
         scores = ScoresStore.open(path)
         attrs = scores.attrs
     except DamagedRunError as exc:
-        rep.add(path / "zarr.json", str(exc))
+        rep.add(_at(where, "zarr.json"), str(exc))
         return
     except Exception as exc:
-        rep.add(path / "zarr.json", f"unreadable ({type(exc).__name__}: {exc})")
+        rep.add(_at(where, "zarr.json"), f"unreadable ({type(exc).__name__}: {exc})")
         return
-    root = path / "zarr.json"
+    root = _at(where, "zarr.json")
     n = index.n_samples if index is not None else (store.n_samples if store is not None else None)
     if index is not None and attrs.get("fingerprint") != index.fingerprint:
         rep.add(root, f"fingerprint {attrs.get('fingerprint')!r} is not the index's {index.fingerprint}")
@@ -312,10 +385,10 @@ def _check_scores(rep: _Report, path: Path, index, store) -> None:
         try:
             a = scores.array(name)
         except KeyError:
-            rep.add(path / name / "zarr.json", f"array {name} is missing")
+            rep.add(_at(where, name, "zarr.json"), f"array {name} is missing")
             continue
         except Exception as exc:
-            rep.add(path / name / "zarr.json", f"unreadable ({type(exc).__name__}: {exc})")
+            rep.add(_at(where, name, "zarr.json"), f"unreadable ({type(exc).__name__}: {exc})")
             continue
         problems = []
         if n is not None and tuple(a.shape) != (n,):
@@ -325,7 +398,7 @@ def _check_scores(rep: _Report, path: Path, index, store) -> None:
         if block is not None and tuple(a.chunks) != (block,):
             problems.append(f"chunks {tuple(a.chunks)}, expected ({block},) (block_rows)")
         if problems:
-            rep.add(path / name / "zarr.json", f"array {name}: " + ", ".join(problems))
+            rep.add(_at(where, name, "zarr.json"), f"array {name}: " + ", ".join(problems))
         else:
             arrays[name] = a
     if n is None or block is None:
@@ -333,7 +406,10 @@ def _check_scores(rep: _Report, path: Path, index, store) -> None:
     n_chunks = -(-n // block)
     for name in ("id_hi", "id_lo"):
         if name in arrays:
-            present = {e.name for e in os.scandir(path / name / "c")} if (path / name / "c").is_dir() else set()
+            if isinstance(where, str):
+                present = set(storage.names(storage.join(where, name, "c")))
+            else:
+                present = {e.name for e in os.scandir(where / name / "c")} if (where / name / "c").is_dir() else set()
             for c in range(n_chunks):
                 if str(c) not in present:
                     rep.add(scores.chunk_path(name, c), f"missing (rows [{c * block}, {min(n, (c + 1) * block)}))")
@@ -370,7 +446,7 @@ def _check_scores(rep: _Report, path: Path, index, store) -> None:
     for name, count in finite.items():
         if name in summary and summary[name] != count:
             rep.add(
-                path / name,
+                _at(where, name),
                 f"holds {count} finite scores, the summary in zarr.json says {summary[name]}: "
                 "a chunk was deleted or edited",
             )
@@ -379,7 +455,7 @@ def _check_scores(rep: _Report, path: Path, index, store) -> None:
 # -- keep-lists -------------------------------------------------------------------------------------
 
 
-def _check_keep(rep: _Report, path: Path, index) -> None:
+def _check_keep(rep: _Report, path: Where, index) -> None:
     from streamprune.formats.keeplist import KeepList
 
     try:
@@ -390,7 +466,8 @@ def _check_keep(rep: _Report, path: Path, index) -> None:
     m = keep.manifest
     if index is None:
         return
-    mfile = path / "manifest.json"
+    place: Where = path if isinstance(path, Path) or keep.place is None else keep.place
+    mfile = _at(place, "manifest.json")
     if m.get("fingerprint") != index.fingerprint:
         rep.add(
             mfile,
@@ -402,7 +479,7 @@ def _check_keep(rep: _Report, path: Path, index) -> None:
         rep.add(mfile, f"n_rows {m['n_rows']}, the index has {index.n_samples} samples")
     if isinstance(m.get("N"), int) and m["N"] < len(keep):
         rep.add(mfile, f"N={m['N']} scorable samples but k={len(keep)} kept")
-    sfile = path / "shards.json"
+    sfile = _at(place, "shards.json")
     counts = np.diff(index.shard_offset)
     where = {name: i for i, name in enumerate(index.names)}
     mapped = np.array([where.get(name, -1) for name in keep.names], dtype=np.int64)
@@ -426,7 +503,7 @@ def _check_keep(rep: _Report, path: Path, index) -> None:
     if keep.weights is not None:
         w = np.asarray(keep.weights)
         if not (np.isfinite(w) & (w > 0)).all():
-            rep.add(path / "weights.npy", "weights that are not finite and positive")
+            rep.add(_at(place, "weights.npy"), "weights that are not finite and positive")
     if keep.positions is None:
         return
     k = len(keep)
@@ -445,7 +522,7 @@ def _check_keep(rep: _Report, path: Path, index) -> None:
         if not (within & ascending).all():
             i = int(np.flatnonzero(~(within & ascending))[0])
             rep.add(
-                path / "positions.npy",
+                _at(place, "positions.npy"),
                 f"kept sample {b0 + i}: position {int(pos[i])} in shard "
                 f"{keep.names[s[i]]!r} is outside [0, {int(counts[mapped[s[i]]])}) "
                 "or not ascending",
@@ -459,7 +536,7 @@ def _check_keep(rep: _Report, path: Path, index) -> None:
             if not np.array_equal(got, want):
                 i = int(np.flatnonzero((got != want).any(axis=1))[0])
                 rep.add(
-                    path / "ranges.npy",
+                    _at(place, "ranges.npy"),
                     f"kept sample {b0 + i}: byte range {got[i].tolist()}, the index has {want[i].tolist()}",
                 )
         ids = np.asarray(keep.id_pairs[b0:b1])
@@ -467,7 +544,7 @@ def _check_keep(rep: _Report, path: Path, index) -> None:
         if bad.any():
             i = int(np.flatnonzero(bad)[0])
             rep.add(
-                path / "ids.npy",
+                _at(place, "ids.npy"),
                 f"kept sample {b0 + i}: identity differs from the index's ({int(bad.sum())} in this block)",
             )
         ko = np.asarray(keep.key_offset[b0 : b1 + 1])
@@ -475,13 +552,13 @@ def _check_keep(rep: _Report, path: Path, index) -> None:
         starts, ends = np.asarray(index.key_offset[rows]), np.asarray(index.key_offset[rows + 1])
         lengths = ends - starts
         if not np.array_equal(np.diff(ko), lengths):
-            rep.add(path / "key_offset.npy", f"kept samples {b0}..{b1 - 1}: key lengths differ from the index's")
+            rep.add(_at(place, "key_offset.npy"), f"kept samples {b0}..{b1 - 1}: key lengths differ from the index's")
             continue
         span = np.frombuffer(index.key_bytes(int(starts.min()), int(ends.max())), dtype=np.uint8)
         offsets = np.concatenate([[0], np.cumsum(lengths)])
         want_keys = span[np.repeat(starts - starts.min() - offsets[:-1], lengths) + np.arange(offsets[-1])]
         if got_keys != want_keys.tobytes():
-            rep.add(path / "keys.bin", f"kept samples {b0}..{b1 - 1}: keys differ from the index's")
+            rep.add(_at(place, "keys.bin"), f"kept samples {b0}..{b1 - 1}: keys differ from the index's")
 
 
 # -- leftovers --------------------------------------------------------------------------------------
@@ -513,6 +590,36 @@ def _leftovers(rep: _Report, run: Path, outputs: list[tuple[Path, Path]]) -> Non
     if parts.is_dir():
         for p in sorted(parts.glob("*.tmp*")):
             rep.note(p, "leftover temporary index part of a killed `index`")
+
+
+def _url_leftovers(rep: _Report, outputs: list[str]) -> None:
+    """What killed writers left in an object store: uncommitted generations of each output, and
+    lock folders whose leases expired (or that are still held: a writer may be running)."""
+    from streamprune.formats import object_lock
+
+    for output in outputs:
+        name = storage.name(output)
+        try:
+            keep: str | None = storage.name(commit.committed(output))
+        except (FileNotFoundError, DamagedRunError):
+            keep = None
+        for entry in storage.names(output, folders=True):
+            if entry.startswith("g-") and entry != keep:
+                rep.note(
+                    storage.join(output, entry),
+                    f"uncommitted generation of {name} (left by a killed writer); the next writer of {name} removes it",
+                )
+        folder = object_lock.lock_folder(output)
+        found = [object_lock.read_lease(folder, n) for n in object_lock.leases(folder)]
+        held = [lease for lease in found if lease is not None]
+        if not held:
+            continue
+        last = held[-1]
+        if any(lease.live() for lease in held):
+            state = f"held by {last.owner} until {last.until()}: a writer may be running"
+        else:
+            state = f"its lease expired ({last.owner}, {last.until()})"
+        rep.note(folder, f"leftover lock of {name} ({state}); the next writer of {name} takes it over")
 
 
 def format_report(report: dict) -> str:
