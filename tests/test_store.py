@@ -5,22 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import ray
+from stat_values import stat_values
 
 from streamprune.formats.stats_store import STATS, ChunkWriter, OwnershipError, StatsStore
 from streamprune.stages.record_writers import StoreWriters
-
-
-def _values(rows: np.ndarray, epoch: int) -> dict[str, np.ndarray]:
-    """Distinct, checkable values for each (row, epoch)."""
-    base = rows.astype(np.float64) * 10 + epoch
-    return {
-        "p_true": (base % 997 / 997).astype(np.float32),
-        "correct": ((rows + epoch) % 2).astype(np.uint8),
-        "margin": (base / 7 - 3).astype(np.float32),
-        "el2n": (base % 13 / 10).astype(np.float32),
-        "entropy": (base % 17 / 5).astype(np.float32),
-        "loss": (base % 19 / 3).astype(np.float32),
-    }
 
 
 @pytest.fixture
@@ -39,7 +27,7 @@ def test_round_trip_all_six_statistics_with_missing_marked(run_index, tmp_path):
         writer = ChunkWriter(store, range(store.n_chunks), epoch)
         rows = rng.permutation(np.setdiff1d(np.arange(n), missing))
         for part in np.array_split(rows, 17):
-            writer.add(part, _values(part, epoch))
+            writer.add(part, stat_values(part, epoch))
         assert np.array_equal(writer.flush(), missing)
     again = StatsStore.open(tmp_path / "stats.zarr", mode="r", index=run_index)
     assert again.config == {"lr": 0.1} and again.fingerprint == run_index.fingerprint
@@ -49,7 +37,7 @@ def test_round_trip_all_six_statistics_with_missing_marked(run_index, tmp_path):
         got = again.read(name)
         assert got.shape == (n, 3) and got.dtype == (np.uint8 if name == "correct" else np.float32)
         for epoch in range(3):
-            assert np.array_equal(got[present, epoch], _values(present, epoch)[name]), name
+            assert np.array_equal(got[present, epoch], stat_values(present, epoch)[name]), name
         if name == "correct":
             assert (got[missing] == 255).all()
         else:
@@ -64,11 +52,11 @@ def test_writer_refuses_rows_it_does_not_own_and_rows_twice(run_index, tmp_path)
     owned = store.owned_chunks(1, 3)
     writer = ChunkWriter(store, owned, 0)
     inside = np.arange(owned.start * 100, owned.start * 100 + 3)
-    writer.add(inside, _values(inside, 0))
+    writer.add(inside, stat_values(inside, 0))
     with pytest.raises(OwnershipError, match="not in chunks"):
-        writer.add(np.array([0]), _values(np.array([0]), 0))
+        writer.add(np.array([0]), stat_values(np.array([0]), 0))
     with pytest.raises(OwnershipError, match="recorded twice"):
-        writer.add(inside[:1], _values(inside[:1], 0))
+        writer.add(inside[:1], stat_values(inside[:1], 0))
     # The writers' chunk ranges partition the store.
     parts = [store.owned_chunks(w, 5) for w in range(5)]
     assert sum((list(p) for p in parts), []) == list(range(store.n_chunks))
@@ -87,7 +75,7 @@ def test_store_for_another_index_is_refused(run_index, make_index, uneven_shards
 def _produce(writers: StoreWriters, rows: np.ndarray, epoch: int, batch: int) -> int:
     refs = []
     for part in np.array_split(rows, max(1, len(rows) // batch)):
-        refs += writers.add(part, _values(part, epoch))
+        refs += writers.add(part, stat_values(part, epoch))
     ray.get(refs)
     return len(rows)
 
@@ -116,7 +104,7 @@ def test_concurrent_producers_lose_nothing(ray_session, run_index, tmp_path):
         got = store.read(name)
         for epoch in range(2):
             rows = np.arange(n) if epoch == 0 else np.setdiff1d(np.arange(n), [7])
-            assert np.array_equal(got[rows, epoch], _values(rows, epoch)[name]), (name, epoch)
+            assert np.array_equal(got[rows, epoch], stat_values(rows, epoch)[name]), (name, epoch)
     assert np.isnan(store.read("p_true")[7, 1])
     done = store.done()
     assert done[0].all() and not done[1, 0] and done[1, 1:].all()

@@ -10,6 +10,7 @@ from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 import pytest
+from stat_values import stat_values
 
 from streamprune import storage
 from streamprune.errors import DamagedRunError
@@ -25,19 +26,6 @@ from streamprune.formats.stats_store import (
 )
 
 CHUNK_ROWS = 64
-
-
-def _values(rows: np.ndarray, epoch: int) -> dict[str, np.ndarray]:
-    """Distinct, checkable statistics for each (row, epoch)."""
-    base = rows.astype(np.float64) * 10 + epoch
-    return {
-        "p_true": (base % 997 / 997).astype(np.float32),
-        "correct": ((rows + epoch) % 2).astype(np.uint8),
-        "margin": (base / 7 - 3).astype(np.float32),
-        "el2n": (base % 13 / 10).astype(np.float32),
-        "entropy": (base % 17 / 5).astype(np.float32),
-        "loss": (base % 19 / 3).astype(np.float32),
-    }
 
 
 @pytest.fixture
@@ -64,7 +52,7 @@ def _write_chunks(store: StatsStore, epoch: int, chunks: range) -> None:
     """Write `chunks` of `epoch` with `_values`, as the one writer owning them."""
     writer = ChunkWriter(store, chunks, epoch)
     rows = np.arange(chunks.start * store.chunk_rows, min(chunks.stop * store.chunk_rows, store.n_samples))
-    writer.add(rows, _values(rows, epoch))
+    writer.add(rows, stat_values(rows, epoch))
     writer.flush()
 
 
@@ -132,7 +120,7 @@ def test_chunks_are_listed_named_and_checked_alike_locally_and_on_s3(run_index, 
     storage.remove(chunk)
     assert ("el2n", 5, 0) in StatsStore.open(output, mode="r").missing_chunks()
     rows = np.arange(reader.n_samples)
-    assert np.array_equal(reader.read("margin")[:, 0], _values(rows, 0)["margin"])
+    assert np.array_equal(reader.read("margin")[:, 0], stat_values(rows, 0)["margin"])
 
 
 def test_damaged_array_metadata_on_s3_is_named(run_index, s3_run):
@@ -153,7 +141,7 @@ def _write_owned(output: str, writer: int, n_writers: int, epoch: int, barrier) 
     barrier.wait()
     start = time.time()
     for part in np.array_split(np.random.default_rng(writer).permutation(rows), 9):
-        chunk_writer.add(part, _values(part, epoch))
+        chunk_writer.add(part, stat_values(part, epoch))
     chunk_writer.flush()
     return start, time.time(), chunk_writer.rows_written
 
@@ -172,7 +160,7 @@ def test_two_writers_on_s3_write_their_own_chunks_concurrently_and_exactly(run_i
     reader = StatsStore.open(output, mode="r", index=run_index)
     rows = np.arange(reader.n_samples)
     for name in STATS:
-        assert np.array_equal(reader.read(name)[:, 0], _values(rows, 0)[name]), name
+        assert np.array_equal(reader.read(name)[:, 0], stat_values(rows, 0)[name]), name
     assert reader.present_chunks("p_true").all()
 
 
@@ -184,11 +172,11 @@ def test_a_writer_on_s3_is_refused_a_chunk_it_does_not_own(run_index, s3_run):
     writer = ChunkWriter(store, owned, 0)
     theirs = np.array([0, 1])  # rows of chunk 0, writer 0's
     with pytest.raises(OwnershipError, match=f"not in chunks {owned.start}..{owned.stop - 1} owned by this writer"):
-        writer.add(theirs, _values(theirs, 0))
+        writer.add(theirs, stat_values(theirs, 0))
     mine = np.arange(owned.start * CHUNK_ROWS, owned.start * CHUNK_ROWS + 2)
-    writer.add(mine, _values(mine, 0))
+    writer.add(mine, stat_values(mine, 0))
     with pytest.raises(OwnershipError, match=f"row {mine[0]} recorded twice"):
-        writer.add(mine[:1], _values(mine[:1], 0))
+        writer.add(mine[:1], stat_values(mine[:1], 0))
     assert not StatsStore.open(output, mode="r").present_chunks("p_true")[0, 0]  # nothing reached chunk 0
 
 
