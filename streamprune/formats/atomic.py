@@ -18,6 +18,7 @@ from typing import IO
 from streamprune import storage
 from streamprune.errors import SettingsError
 from streamprune.formats import object_lock
+from streamprune.formats.held_locks import HELD
 
 TEMP_TAGS = ("tmp", "old")  # `temp_sibling` tags: a new output being built, an old one being removed
 
@@ -150,10 +151,6 @@ def swap_in(tmp: Path, path: Path) -> None:
         os.rename(tmp, path)
 
 
-_held: dict[tuple[str, int], int] = {}  # locks this process holds (file, thread), and how many times
-_held_guard = threading.Lock()
-
-
 def _lock_file(path: Path) -> Path:
     """The lock file of output `path`: `.NAME.lock` beside it."""
     return path.with_name(f".{path.name}.lock")
@@ -177,18 +174,9 @@ def output_lock(path: str | os.PathLike, reentrant: bool = False, writer: str | 
     path.parent.mkdir(parents=True, exist_ok=True)
     lock = _lock_file(path)
     key = (os.path.realpath(lock), threading.get_ident())  # re-entrant per thread: other threads are refused
-    with _held_guard:
-        if reentrant and _held.get(key):
-            _held[key] += 1
-            nested = True
-        else:
-            nested = False
-    if nested:
-        try:
+    if HELD.reenter(key, reentrant):
+        with HELD.nested(key):
             yield
-        finally:
-            with _held_guard:
-                _held[key] -= 1
         return
     with open(lock, "a+") as f:
         try:
@@ -202,13 +190,11 @@ def output_lock(path: str | os.PathLike, reentrant: bool = False, writer: str | 
         f.truncate(0)  # appends now write from the start
         f.write(", ".join(filter(None, [writer, f"pid {os.getpid()} on host {socket.gethostname()}"])) + "\n")
         f.flush()
-        with _held_guard:
-            _held[key] = 1
+        HELD.hold(key)
         try:
             yield
         finally:
-            with _held_guard:
-                _held.pop(key, None)
+            HELD.drop(key)
             f.truncate(0)  # no holder to name
             fcntl.flock(f, fcntl.LOCK_UN)
 

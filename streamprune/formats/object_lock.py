@@ -42,15 +42,13 @@ from dataclasses import dataclass, field
 
 from streamprune import storage
 from streamprune.errors import SettingsError
+from streamprune.formats.held_locks import HELD
 
 LEASE_ENV = "STREAMPRUNE_LOCK_LEASE"
 DEFAULT_LEASE_S = 120.0
 MIN_LEASE_S = 1.0  # renewal runs every lease/3: shorter leases would expire between two requests
 _LEASE_NAME = re.compile(r"\d{12}")
 _ATTEMPTS = 5  # list-and-read rounds before giving up when leases vanish under us (holders releasing)
-
-_held: dict[tuple[str, int], int] = {}  # locks this process holds (lock folder, thread), and how many times
-_held_guard = threading.Lock()
 
 
 def lock_folder(output: str) -> str:
@@ -306,20 +304,12 @@ def output_lock(output: str, reentrant: bool = False, writer: str | None = None)
     """
     folder = lock_folder(output)
     key = (folder, threading.get_ident())
-    with _held_guard:
-        nested = bool(reentrant and _held.get(key))
-        if nested:
-            _held[key] += 1
-    if nested:
-        try:
+    if HELD.reenter(key, reentrant):
+        with HELD.nested(key):
             yield
-        finally:
-            with _held_guard:
-                _held[key] -= 1
         return
     holding = acquire(output, writer)
-    with _held_guard:
-        _held[key] = 1
+    HELD.hold(key)
     try:
         yield
     except BaseException as exc:
@@ -338,8 +328,7 @@ def output_lock(output: str, reentrant: bool = False, writer: str | None = None)
 
 def _release_quietly(holding: Holding, key: tuple[str, int]) -> str | None:
     """Forget `key` and release `holding`; why it was lost, or None."""
-    with _held_guard:
-        _held.pop(key, None)
+    HELD.drop(key)
     return release(holding)
 
 
