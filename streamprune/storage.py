@@ -12,6 +12,7 @@ import os
 import posixpath
 import time
 from typing import Any
+from urllib.parse import urlparse
 
 _LOCAL = ("", "file", "local")
 
@@ -31,11 +32,11 @@ def is_url(location: str | os.PathLike) -> bool:
 
 
 def local_path(location: str | os.PathLike) -> str:
-    """The local path of a local `location` (`file://` stripped)."""
+    """The local path of a local `location` (of a `file:` URL, its path)."""
     text = os.fspath(location)
     if is_url(text):
         raise ValueError(f"{text}: not a local path")
-    return text.split("://", 1)[1] if "://" in text else text
+    return urlparse(text).path if text.startswith(tuple(f"{s}:" for s in _LOCAL if s)) else text
 
 
 def join(location: str | os.PathLike, *parts: str) -> str:

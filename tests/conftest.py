@@ -98,6 +98,30 @@ def s3_server():
         yield server
 
 
+def _wait_for_a_recorded_epoch(proc: subprocess.Popen, stats: str, seconds: float) -> None:
+    """Wait until `record` (process `proc`) has completely recorded an epoch into store `stats`
+    (a path or URL), or ended, or `seconds` passed."""
+    import time
+
+    from streamprune.formats.stats_store import StatsStore
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            if StatsStore.open(stats, mode="r").complete_epochs() >= 1:
+                return
+        except (FileNotFoundError, ValueError, KeyError, OSError):  # not created yet, or mid-creation
+            pass
+        time.sleep(0.2)
+
+
+@pytest.fixture(scope="session")
+def wait_for_a_recorded_epoch():
+    """`wait_for_a_recorded_epoch(proc, stats, seconds)`: until `record` in process `proc` has
+    completely recorded an epoch into `stats`, ended, or `seconds` passed (then check proc.poll())."""
+    return _wait_for_a_recorded_epoch
+
+
 @pytest.fixture(scope="session")
 def make_index():
     """`make_index(shards, run, **kw) -> Index`: `run/index` written in this process, without Ray

@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 
 from streamprune.formats.index import Index
-from streamprune.formats.stats_store import StatsStore
 from streamprune.settings import IndexSettings
 
 STREAMPRUNE = str(Path(sys.executable).with_name("streamprune"))  # the installed command
@@ -122,7 +121,7 @@ def test_run_stops_after_index_on_a_missing_shard_unless_the_config_allows_it(ra
 
 
 @pytest.mark.slow  # trains on a local Ray instance of its own
-def test_ctrl_c_during_record_exits_130(uneven_shards, make_index, tmp_path):
+def test_ctrl_c_during_record_exits_130(uneven_shards, make_index, wait_for_a_recorded_epoch, tmp_path):
     run = tmp_path / "run"
     make_index(uneven_shards[0], run)
     # a terminal's Ctrl-C: SIGINT to the whole process group, the local Ray instance's processes too
@@ -134,14 +133,7 @@ def test_ctrl_c_during_record_exits_130(uneven_shards, make_index, tmp_path):
         start_new_session=True,
     )
     try:
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline and proc.poll() is None:
-            try:
-                if StatsStore.open(run / "stats.zarr", mode="r").complete_epochs() >= 1:
-                    break
-            except (FileNotFoundError, ValueError, KeyError, OSError):
-                pass
-            time.sleep(0.2)
+        wait_for_a_recorded_epoch(proc, str(run / "stats.zarr"), 240)
         assert proc.poll() is None, "record ended before it could be interrupted"
         time.sleep(1)  # inside the second epoch
         os.killpg(proc.pid, signal.SIGINT)

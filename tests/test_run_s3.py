@@ -86,7 +86,9 @@ def _ray_leftovers(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
-def test_a_record_killed_mid_epoch_resumes_from_the_bucket_alone_to_the_same_keep_list(runs, tmp_path):
+def test_a_record_killed_mid_epoch_resumes_from_the_bucket_alone_to_the_same_keep_list(
+    runs, wait_for_a_recorded_epoch, tmp_path
+):
     run = f"{runs['bucket']}/killed"
     index(runs["shards"], run, progress=False)
     env = {**os.environ, "STREAMPRUNE_LOCK_LEASE": "4"}  # its lease runs out soon after the kill
@@ -99,14 +101,7 @@ def test_a_record_killed_mid_epoch_resumes_from_the_bucket_alone_to_the_same_kee
         start_new_session=True,
     )
     try:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline and proc.poll() is None:
-            try:
-                if StatsStore.open(RunDir(run).stats, mode="r").complete_epochs() >= 1:
-                    break
-            except (FileNotFoundError, ValueError, KeyError, OSError):
-                pass
-            time.sleep(0.3)
+        wait_for_a_recorded_epoch(proc, RunDir(run).stats, 300)
         assert proc.poll() is None, proc.communicate()[1][-3000:]
         time.sleep(1.0)  # inside the second epoch
     finally:

@@ -78,18 +78,6 @@ def clean_stale_temps(path: str | os.PathLike) -> list[Path]:
     return removed
 
 
-def stale_temps(path: str | os.PathLike) -> list[Path]:
-    """Temporaries of output `path` whose writer process is gone (for reports; nothing removed)."""
-    path = Path(path)
-    if not path.parent.is_dir():
-        return []
-    return sorted(
-        t
-        for t in path.parent.iterdir()
-        if (pid := temp_pid(t, path)) is not None and pid != os.getpid() and not pid_alive(pid)
-    )
-
-
 def named_os_error(exc: OSError, file: str | os.PathLike) -> OSError:
     """`exc` naming `file` when it names none (writes into open files report no name)."""
     if exc.filename is not None:

@@ -123,10 +123,11 @@ def _index_state(rd: RunDir) -> tuple[dict, str | None]:
 
 
 def _record_state(rd: RunDir, fingerprint: str | None) -> dict:
+    from streamprune.formats.stats_store import StatsStore, store_exists
+
     path = rd.stats
-    if _committed_file(path, "zarr.json") is None:
+    if not store_exists(path):
         return {"state": "missing"}
-    from streamprune.formats.stats_store import StatsStore
 
     store = StatsStore.open(path, mode="r")
     done = store.done()

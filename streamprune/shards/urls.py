@@ -16,6 +16,7 @@ import braceexpand
 
 from streamprune.shards.identity import has_scheme
 from streamprune.shards.tarscan import StreamDataError
+from streamprune.storage import local_path  # a local shard URL's path, as any local location's
 
 
 def expand_urls(specs: str | Iterable[str]) -> list[str]:
@@ -74,15 +75,6 @@ def is_local(url: str) -> bool:
 def absolute(url: str) -> str:
     """`url` with a relative local path made absolute (Ray workers do not share the caller's cwd)."""
     return os.path.abspath(url) if is_local(url) and not url.startswith("file:") else url
-
-
-def local_path(url: str) -> str:
-    """The filesystem path of a local shard URL."""
-    if url.startswith("file:"):
-        from urllib.parse import urlparse
-
-        return urlparse(url).path
-    return url
 
 
 MAGIC_BYTES = 10  # enough to tell every compression tarfile's "r|*" detects
