@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from sessions import kill_session
 
 from streamprune.formats.index import Index
 from streamprune.settings import IndexSettings
@@ -139,10 +140,6 @@ def test_ctrl_c_during_record_exits_130(uneven_shards, make_index, wait_for_a_re
         os.killpg(proc.pid, signal.SIGINT)
         _, err = proc.communicate(timeout=120)
     finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)  # what the local Ray instance left running
-        except ProcessLookupError:
-            pass
-        proc.wait()
+        kill_session(proc)  # what the local Ray instance left running
     assert proc.returncode == 130, (proc.returncode, err[-4000:])
     assert "streamprune: interrupted; rerun the same command to finish what is missing" in err

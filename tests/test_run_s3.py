@@ -6,13 +6,16 @@ second writer refused; a killed reduce leaves the previous keep-list readable.""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
 import pytest
+from sessions import kill_session
 
 from streamprune import KeepList, PrunedWebDataset, index, reduce, storage
 from streamprune.errors import SettingsError
@@ -78,12 +81,20 @@ def test_a_second_record_of_a_run_on_s3_is_refused_naming_the_first(runs):
             record(runs["remote"], EPOCHS, shards=runs["shards"], **RECORD)
 
 
-def _ray_leftovers(proc: subprocess.Popen) -> None:
+def _wait_for_line(proc: subprocess.Popen, pattern: str, seconds: float) -> None:
+    """Read `proc`'s stderr until a line matches `pattern`; fail if it ends first, and kill it
+    (ending its output) if `seconds` pass."""
+    timer = threading.Timer(seconds, kill_session, (proc,))
+    timer.start()
+    seen = []
     try:
-        os.killpg(proc.pid, signal.SIGKILL)  # the command's own local Ray instance
-    except ProcessLookupError:
-        pass
-    proc.wait()
+        for line in proc.stderr:
+            seen.append(line)
+            if re.search(pattern, line):
+                return
+    finally:
+        timer.cancel()
+    raise AssertionError(f"no line matching {pattern!r} within {seconds} s:\n" + "".join(seen)[-3000:])
 
 
 def test_a_record_killed_mid_epoch_resumes_from_the_bucket_alone_to_the_same_keep_list(
@@ -94,21 +105,24 @@ def test_a_record_killed_mid_epoch_resumes_from_the_bucket_alone_to_the_same_kee
     env = {**os.environ, "STREAMPRUNE_LOCK_LEASE": "4"}  # its lease runs out soon after the kill
     proc = subprocess.Popen(
         [STREAMPRUNE, "record", run, "--epochs", str(EPOCHS), "--workers", "2", "--loader-workers", "0"]
-        + ["--schedule-epochs", "10", "--shards", runs["shards"], "--quiet"],
-        stdout=subprocess.PIPE,
+        + ["--schedule-epochs", "10", "--shards", runs["shards"]],
+        stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
+        text=True,
         env=env,
         start_new_session=True,
     )
     try:
-        wait_for_a_recorded_epoch(proc, RunDir(run).stats, 300)
-        assert proc.poll() is None, proc.communicate()[1][-3000:]
-        time.sleep(1.0)  # inside the second epoch
+        # epochs take about a second here: kill as soon as epoch 0 is whole, not on a timer
+        _wait_for_line(proc, r"^epoch 0: 100%", 300)  # its bar closes after a worker's commit
+        wait_for_a_recorded_epoch(proc, RunDir(run).stats, 60)  # ... and every worker's
     finally:
-        _ray_leftovers(proc)
+        kill_session(proc)
+    done = StatsStore.open(RunDir(run).stats, mode="r").complete_epochs()
+    assert 1 <= done < EPOCHS, f"killed after {done} whole epochs: not mid-run"
     time.sleep(5)  # the killed writer's lease expires; the rerun takes it over
     summary = record(run, EPOCHS, shards=runs["shards"], **RECORD)
-    assert summary.epochs_run and summary.epochs_run[0] >= 1 and summary.epochs_run[-1] == EPOCHS - 1
+    assert summary.epochs_run == list(range(done, EPOCHS))
     keep = reduce(run, 0.3, "dual-beta", window=3, progress=False)
     reference = KeepList.load(RunDir(runs["remote"]).keep)
     assert np.array_equal(np.asarray(keep.id_pairs), np.asarray(reference.id_pairs))
