@@ -42,6 +42,7 @@ _LAZY: dict[str, tuple[str, str | None]] = {
     "keep_filter": ("streamprune.loader", "keep_filter"),
     "KeepPredicate": ("streamprune.loader", "KeepPredicate"),
     "reshard": ("streamprune.stages.reshard", "reshard"),
+    "export": ("streamprune.stages.export", "export"),
     "expand_urls": ("streamprune.shards.urls", "expand_urls"),
     "shard_names": ("streamprune.shards.identity", "shard_names"),
     "json_field": ("streamprune.shards.identity", "json_field"),

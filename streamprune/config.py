@@ -216,7 +216,7 @@ record:                   # the proxy run
   epochs: 10              # T: epochs recorded
   workers: null           # training workers (null: one per GPU, else CPUs/2 up to 4)
   gpus_per_worker: null   # null: 1 when the cluster has GPUs, else 0
-  model: null             # small-cnn | resnet18 | package.module:factory (null: by image size)
+  model: null             # small-cnn | resnet18 | package.module:factory (null: by image size; small-cnn on CPUs at 64)
   batch_size: 128         # global batch
   lr: 0.1
   schedule_epochs: 200    # length of the cosine schedule the T epochs are the start of
@@ -225,9 +225,11 @@ record:                   # the proxy run
   loader_workers: 2
   max_failures: 3
   on_bad_sample: skip     # skip (counted, listed in RUN/bad-samples.jsonl) | error
-  label: cls              # cls | a member extension | json:FIELD (json:a.b) | package.module:function
+  label: null             # cls | a member extension | json:FIELD (json:a.b) | package.module:function
+                          # (null: the spec RUN/classes.json was counted with by `index --label`, else cls)
   classes: null           # class-name list file for string labels (null: every label found, RUN/classes.json)
-  image_size: null        # S: random resized S x S crops (null: the images' size if they agree and are small, else 224)
+  image_size: null        # S: random resized S x S crops (null: the images' size if they agree and are small,
+                          # else 224 on GPUs, 64 on CPUs)
   decode: null            # package.module:function -> (tensor, label), for data that is not an image
 
 reduce:                   # scores and the keep-list (RUN/keep)

@@ -17,6 +17,7 @@ import numpy as np
 import numpy.typing as npt
 
 from streamprune.errors import InputError, SettingsError
+from streamprune.shards.labels import Classes
 
 BUNDLED = Path(__file__).parent / "data" / "fashion-mnist-subset"
 SHARED = Path("../shared/datasets/fashion-mnist")
@@ -82,6 +83,11 @@ def load_fashion_mnist(
     d = fashion_mnist_dir(data_dir)
     images, labels = (read_idx(d / (name + ".gz")) for name in _FILES[split])
     return images, labels
+
+
+def fashion_mnist_classes() -> Classes:
+    """Fashion-MNIST's class list: its ten names, `CLASSES[i]` for the integer label `i` of its `cls` members."""
+    return Classes(len(CLASSES), CLASSES, "cls")
 
 
 def shard_sizes(n: int, n_shards: int, uneven: bool = False, seed: int = 0) -> list[int]:

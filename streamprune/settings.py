@@ -15,6 +15,8 @@ from typing import Any, TypeVar
 
 from streamprune.errors import SettingsError
 
+BALANCES = ("none", "classes")  # how a reduce budget is spread: over all samples, or by class quotas
+
 S = TypeVar("S", bound="StageSettings")
 
 
@@ -132,9 +134,9 @@ class RecordSettings(StageSettings):
     loader_workers: int = 2
     max_failures: int = 3
     on_bad_sample: str = "skip"  # skip | error
-    label: str = "cls"
+    label: str | None = None  # None: the spec RUN/classes.json was counted with (index --label), else cls
     classes: str | None = None  # class-name list file (None: every label found, RUN/classes.json)
-    image_size: int | None = None
+    image_size: int | None = None  # None: the images' own size (one, <= 256 px), else 224 on GPUs, 64 on CPUs
     decode: str | None = None  # package.module:function -> (tensor, label)
 
     def problems(self) -> list[str]:
@@ -175,7 +177,7 @@ class RecordSettings(StageSettings):
             f"must be package.module:function, not {self.decode!r}",
         )
         out.check(
-            self.decode is None or self.label == "cls",
+            self.decode is None or self.label in (None, "cls"),
             "label",
             "does not apply with a decode function (it returns the label)",
         )
@@ -184,7 +186,9 @@ class RecordSettings(StageSettings):
             "model",
             f"must be small-cnn, resnet18 or package.module:factory, not {self.model!r}",
         )
-        out.raises("label", lambda: LabelSpec(self.label))
+        label = self.label
+        if label is not None:
+            out.raises("label", lambda: LabelSpec(label))
         return out
 
 

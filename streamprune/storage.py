@@ -8,10 +8,12 @@ for a conditional create). `file://` URLs are local paths.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import posixpath
 import time
-from typing import Any
+from collections.abc import Iterator
+from typing import IO, Any
 from urllib.parse import urlparse
 
 _LOCAL = ("", "file", "local")
@@ -103,22 +105,76 @@ def write_bytes(location: str | os.PathLike, data: bytes, exclusive: bool = Fals
 def _write_local(path: str, data: bytes, exclusive: bool) -> None:
     """Write a local file whole, as object stores do: built beside it, then renamed (or, when
     `exclusive`, hard-linked, which fails if the name is taken) into place."""
-    folder = os.path.dirname(path)
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp-{os.getpid()}-{time.monotonic_ns()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
+    tmp = _temp_beside(path)
     try:
-        if not exclusive:
-            os.replace(tmp, path)
-            return
-        try:
-            os.link(tmp, path)
-        except FileExistsError:
-            raise FileExistsError(f"{path}: already exists") from None
+        with open(tmp, "wb") as f:
+            f.write(data)
+        _put_in_place(tmp, path, exclusive)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _temp_beside(path: str) -> str:
+    """A new hidden name beside local file `path` (its folder created) to build it under."""
+    folder = os.path.dirname(path)
+    os.makedirs(folder, exist_ok=True)
+    return os.path.join(folder, f".{os.path.basename(path)}.tmp-{os.getpid()}-{time.monotonic_ns()}")
+
+
+def _put_in_place(tmp: str, path: str, exclusive: bool) -> None:
+    """Move the complete file `tmp` to `path`: renamed over it, or (`exclusive`) hard-linked,
+    which fails with FileExistsError naming `path` if the name is taken (`tmp` is left)."""
+    if not exclusive:
+        os.replace(tmp, path)
+        return
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise FileExistsError(f"{path}: already exists") from None
+
+
+@contextlib.contextmanager
+def writing(location: str | os.PathLike, replace: bool = True) -> Iterator[IO[bytes]]:
+    """A binary file to write `location` front to back; it appears whole when the block ends and
+    not at all when the block raises. Locally it is built beside `location`, synced and renamed
+    into place; on an object store it is uploaded (in parts when large) and completed at the end,
+    an upload under way aborted on error. `replace=False`: FileExistsError naming `location` when
+    something is there (checked before writing on object stores, at the rename locally)."""
+    if not is_url(location):
+        path = os.path.abspath(local_path(os.fspath(location)))
+        if not replace and os.path.lexists(path):
+            raise FileExistsError(f"{path}: already exists")
+        tmp = _temp_beside(path)
+        try:
+            with open(tmp, "wb") as f:
+                yield f
+                f.flush()
+                os.fsync(f.fileno())
+            _put_in_place(tmp, path, exclusive=not replace)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        return
+    fs, path = filesystem(location)
+    if not replace and fs.exists(path):
+        raise FileExistsError(f"{os.fspath(location)}: already exists")
+    upload = fs.open(path, "wb")
+    try:
+        yield upload
+    except BaseException:
+        _abort_upload(upload)
+        raise
+    upload.close()
+
+
+def _abort_upload(upload: Any) -> None:
+    """Stop an object-store upload without completing it: the object never appears."""
+    with contextlib.suppress(Exception):
+        discard = getattr(upload, "discard", None)
+        if discard is not None:
+            discard()  # aborts a multipart upload under way
+        upload.closed = True  # fsspec files: close() would upload what is buffered
 
 
 def exists(location: str | os.PathLike) -> bool:

@@ -115,7 +115,7 @@ def test_run_resumes_after_a_kill_then_report_and_inspect(ray_session, tmp_path,
     settings["record"]["lr"] = 0.05  # a training setting changed: refused, not silently reused
     cfg.write_text(yaml.safe_dump(settings))
     assert main(["run", str(cfg), "--quiet"]) == 2
-    assert "was recorded with other settings (lr: [" in capsys.readouterr().err
+    assert "was recorded with other settings (lr: 0.1, not 0.05); rerun with --restart" in capsys.readouterr().err
     assert StatsStore.open(run / "stats.zarr", mode="r").complete_epochs() == 4
     _render_if_possible(report / "index.html", tmp_path / "page.png")
 

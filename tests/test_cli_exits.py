@@ -1,6 +1,6 @@
 """The command's exit statuses and messages (issue 24, "the first hour"): every line of an error,
-`--debug` that only adds the traceback, Ctrl-C as 130, broken shards as 2 unless allowed, bad
-arguments refused before Ray starts, and next steps named; real shards, real `streamprune` processes."""
+`--debug` that only adds the traceback, Ctrl-C as 130, broken shards as 2 unless allowed, and next
+steps named (refusals before Ray starts: test_before_ray.py); real shards, real `streamprune` processes."""
 
 from __future__ import annotations
 
@@ -48,32 +48,6 @@ def test_required_options_show_no_default_in_help():
         help_of = text.split(f"  {option}", 1)[1].split("\n  --", 1)[0]
         assert "(T)" in help_of or "fraction removed" in help_of
         assert "default" not in help_of, help_of
-
-
-def test_bad_arguments_are_refused_in_seconds_before_ray_starts(uneven_shards, make_index, tmp_path):
-    paths, _ = uneven_shards
-    run = tmp_path / "run"
-    make_index(paths, run)
-    for argv, option in (
-        (["reduce", str(run), "--ratio", "90"], "--ratio"),
-        (["record", str(run), "--epochs", "0"], "--epochs"),
-        (["index", *paths, "--out", str(tmp_path / "other"), "--identity", "bogus"], "--identity"),
-        (["reshard", str(run), "--out", str(tmp_path / "pruned"), "--shard-size", "0"], "--shard-size"),
-    ):
-        t0 = time.monotonic()
-        done = _cli(*argv, "--quiet")
-        seconds = time.monotonic() - t0
-        assert done.returncode == 2 and option in done.stderr, (argv, done.stderr)
-        assert seconds < 10, (argv, seconds)
-    assert not (tmp_path / "other").exists() and not (tmp_path / "pruned").exists()
-
-
-def test_reduce_before_record_names_the_next_step(uneven_shards, make_index, tmp_path):
-    run = tmp_path / "run"
-    make_index(uneven_shards[0], run)
-    done = _cli("reduce", str(run), "--ratio", "0.5", "--quiet")
-    assert done.returncode == 2
-    assert f"no stats store at '{run / 'stats.zarr'}': run `streamprune record {run}` first" in done.stderr
 
 
 def test_index_with_a_missing_shard_exits_2_unless_allowed_and_reruns_scan_only_it(

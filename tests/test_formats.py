@@ -102,6 +102,17 @@ def test_keep_list_round_trip(tmp_path):
         KeepList.load(tmp_path / "keep")
 
 
+def test_a_list_of_keys_from_no_index_saves_and_loads(tmp_path):
+    keep = KeepList.from_keys([("a.tar", "k1"), ("b.tar", "k2")])  # no fingerprint: drawn from no index
+    keep.save(tmp_path / "keep")
+    again = KeepList.load(tmp_path / "keep")
+    assert again.fingerprint is None and len(again) == 2 and ("b.tar", "k2") in again
+    manifest = tmp_path / "keep" / "manifest.json"
+    manifest.write_text(manifest.read_text().replace('"method": "user"', '"method": null'))
+    with pytest.raises(DamagedRunError, match="method=None is not a string"):  # only the fingerprint may be null
+        KeepList.load(tmp_path / "keep")
+
+
 def test_class_list_round_trip(tmp_path):
     classes = Classes(3, ("cat", "dog", "emu"), label="json:kind", counts=(5, 0, 2))
     path = Path(classes.save(tmp_path))

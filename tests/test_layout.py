@@ -99,3 +99,41 @@ def test_every_public_name_resolves_and_old_paths_keep_working():
     assert callable(scores.dual) and callable(sampling.beta_weights)
     assert issubclass(streamprune.ChangedShardError, StreamPruneError)
     assert issubclass(streamprune.NewerFormatError, streamprune.DamagedRunError)
+
+
+def _extra(name: str) -> list[str]:
+    """The distribution names of pyproject.toml's optional dependencies `name`."""
+    import re
+    import tomllib
+
+    project = tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())["project"]
+    return [re.split(r"[\[<>=!~ ;]", spec, maxsplit=1)[0].lower() for spec in project["optional-dependencies"][name]]
+
+
+def test_applying_a_keep_list_needs_nothing_of_the_all_extra():
+    """`pip install streamprune` (no `[all]`) is enough for a training job that applies a keep-list
+    from local disk or S3: the loader's imports include no distribution of the `all` extra."""
+    code = (
+        "import sys, importlib.metadata as md, streamprune\n"
+        "from streamprune import PrunedWebDataset, KeepList, keep_filter, storage\n"
+        "storage.filesystem('s3://bucket')\n"
+        "dists = md.packages_distributions()\n"
+        "print(' '.join(sorted({d.lower() for m in list(sys.modules) for d in dists.get(m.split('.')[0], ())})))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    imported = set(done.stdout.split())
+    assert {"torch", "webdataset", "numpy", "fsspec", "s3fs"} <= imported  # the check sees real imports
+    extra = set(_extra("all"))
+    assert {"ray", "zarr", "scipy", "matplotlib"} <= extra
+    assert imported & extra == set()
+
+
+def test_pre_commit_runs_the_checks_ci_runs():
+    """Every lint, format and type check of `.ci/run` is a pre-commit hook with the same command."""
+    import yaml
+
+    root = PACKAGE.parent
+    ci = [line.strip() for line in (root / ".ci" / "run").read_text().splitlines()]
+    checks = [line for line in ci if line.split(" ", 1)[0] in ("ruff", "mypy")]
+    hooks = yaml.safe_load((root / ".pre-commit-config.yaml").read_text())["repos"][0]["hooks"]
+    assert len(checks) == 3 and sorted(checks) == sorted(h["entry"] for h in hooks if h["id"] != "fast-tests")

@@ -9,13 +9,16 @@ import os
 import re
 import signal
 import sys
+import tempfile
 import time
 import traceback
 from pathlib import Path
 
+from streamprune import storage
 from streamprune.errors import DamagedRunError, SettingsError, StreamPruneError
-from streamprune.scoring.sampling import BALANCES
-from streamprune.settings import IndexSettings, RecordSettings, ReduceSettings, ReportSettings, S
+from streamprune.formats.rundir import RunDir
+from streamprune.settings import BALANCES, IndexSettings, RecordSettings, ReduceSettings, ReportSettings, S
+from streamprune.stages.ray_output import routed_to, tail
 from streamprune.stages.summaries import index_summary, record_line, reduce_line
 
 DESCRIPTION = """Prune WebDataset training sets while they stream: index shards, record a proxy's
@@ -34,7 +37,10 @@ def cmd_index(args) -> None:
 
         classes = build_classes(args.out, args.label, address=args.address, progress=not args.quiet, shards=args.shards)
         kind = "class names" if classes.names else "integer classes"
-        print(f"labels ({args.label}): {classes.num_classes:,} {kind}, written to {args.out}/classes.json")
+        print(
+            f"labels ({args.label}): {classes.num_classes:,} {kind}, written to {args.out}/classes.json "
+            f"(record uses {args.label} without --label)"
+        )
 
 
 def cmd_make_shards(args) -> None:
@@ -66,7 +72,7 @@ def _shards_option(s: argparse.ArgumentParser) -> None:
 
 
 LABEL_HELP = (
-    "where the label is: cls (default), another member extension (txt, label, ...), json:FIELD "
+    "where the label is: cls, another member extension (txt, label, ...), json:FIELD "
     "(dotted paths allowed, e.g. json:meta.label) or package.module:function on the sample dict; "
     "integers or class names"
 )
@@ -111,7 +117,7 @@ def cmd_demo(args) -> None:
     import yaml
 
     from streamprune.config import load_config
-    from streamprune.datasets import fashion_mnist_shards
+    from streamprune.datasets import fashion_mnist_classes, fashion_mnist_shards
     from streamprune.stages.pipeline import format_table, run_pipeline
 
     out = Path(args.out)
@@ -129,15 +135,14 @@ def cmd_demo(args) -> None:
     for note in demo_caps(args.data_dir, args.samples, args.test_samples):
         print(note)
     config = out / "streamprune.yaml"
+    settings = demo_config(out, args.samples, args.epochs, args.ratio, args.train_epochs, args.seeds, args.address)
     config.write_text(
         "# written by `streamprune demo`; rerun with `streamprune run` to resume or change it\n"
-        + yaml.safe_dump(
-            demo_config(out, args.samples, args.epochs, args.ratio, args.train_epochs, args.seeds, args.address),
-            sort_keys=False,
-        )
+        + yaml.safe_dump(settings, sort_keys=False)
     )
-    from streamprune.formats.rundir import RunDir
-
+    run = RunDir(out / settings["out"])
+    if not os.path.exists(run.stats):  # a demo recorded before with numbered classes resumes as it was
+        fashion_mnist_classes().save(run.root)  # RUN/classes.json: the report names the classes
     result = run_pipeline(load_config(config), progress=not args.quiet)
     print("\n" + format_table(result))
     print(
@@ -196,13 +201,19 @@ def cmd_record(args) -> None:
     settings = _settings(RecordSettings, args)  # refused here, before Ray starts
     from streamprune.stages.record import record
 
-    summary = record(args.run, settings=settings, address=args.address, progress=not args.quiet, shards=args.shards)
+    summary = record(
+        args.run,
+        settings=settings,
+        address=args.address,
+        progress=not args.quiet,
+        shards=args.shards,
+        restart=args.restart,
+    )
     print(record_line(summary))
 
 
 def cmd_reduce(args) -> None:
     settings = _settings(ReduceSettings, args)
-    from streamprune.formats.rundir import RunDir
     from streamprune.stages.reduce import reduce
 
     keep = reduce(
@@ -241,6 +252,22 @@ def cmd_reshard(args) -> None:
         shards=args.shards,
     )
     print(f"reshard: {len(paths)} shards in {args.out} ({args.prefix}-000000.tar ...)")
+
+
+def cmd_export(args) -> None:
+    from streamprune.stages.export import export
+
+    done = export(
+        args.keep,
+        args.out,
+        format=args.format,
+        what=args.what,
+        run=args.run,
+        score=args.score,
+        force=args.force,
+        group_rows=args.group_rows,
+    )
+    print(f"export: {done.rows:,} samples ({done.what}) as {done.format} to {done.out}")
 
 
 def _at_least_1(text: str) -> int:
@@ -342,8 +369,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument(
         "--label",
-        help="also count every sample's label and write the class list RUN/classes.json "
-        "(what `record --label` uses); " + LABEL_HELP.split("; ", 1)[0],
+        help="also count every sample's label and write the class list RUN/classes.json with the spec, "
+        "which `record` then uses without --label (default: no labels counted); " + LABEL_HELP.split("; ", 1)[0],
     )
     s.add_argument(
         "--allow-broken",
@@ -381,7 +408,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="default: the class list's length for class names, else the largest label of the first "
         "2,000 samples plus one",
     )
-    s.add_argument("--label", help=LABEL_HELP)
+    s.add_argument(
+        "--label",
+        help=LABEL_HELP + " (default: the spec `index --label` wrote RUN/classes.json with, else cls)",
+    )
     s.add_argument(
         "--classes",
         help="class names, one per line or a JSON list (string labels; default: every "
@@ -391,7 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--image-size",
         type=int,
         help="train on random resized crops of S x S (default: the images' "
-        "own size when the first ones agree and are <= 256 px, else 224)",
+        "own size when the first ones agree and are <= 256 px, else 224 on GPUs and 64 on CPUs)",
     )
     s.add_argument(
         "--decode",
@@ -412,6 +442,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--on-bad-sample",
         choices=["skip", "error"],
         help="an undecodable sample: skip it (counted, listed in RUN/bad-samples.jsonl) or stop",
+    )
+    s.add_argument(
+        "--restart",
+        action="store_true",
+        help="first clear what an earlier record of RUN wrote (statistics, checkpoints, skipped-sample log; "
+        "the index and classes.json stay), then record from epoch 0 with these settings",
     )
     s.set_defaults(**RecordSettings().to_dict())  # the defaults, written once (shown by --help)
 
@@ -475,6 +511,33 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--address", help="Ray cluster address (default: start a local Ray instance)")
 
     s = command(
+        "export",
+        "write a keep-list's kept or removed samples as Parquet, a DataComp subset or identities",
+        "streamprune export run/keep --format parquet --what remove --out remove.parquet",
+        cmd_export,
+    )
+    s.add_argument("keep", help="keep-list directory or URL (RUN/keep)")
+    s.add_argument("--out", required=True, help="output file path or URL")
+    s.add_argument(
+        "--format",
+        default="parquet",
+        choices=["parquet", "datacomp", "ids"],
+        help="parquet: id, shard, key, score, kept per sample; datacomp: sorted u8,u8 .npy; ids: a uid per line",
+    )
+    s.add_argument(
+        "--what",
+        default="keep",
+        choices=["keep", "remove", "all"],
+        help="the kept samples, the index's samples not kept, or all (Parquet's kept column tells)",
+    )
+    s.add_argument("--run", help="run directory with the index and scores (default: the keep-list's parent)")
+    s.add_argument("--score", help="score in Parquet's score column (default: the list's method's, else dual)")
+    s.add_argument("--force", action="store_true", help="replace an existing output")
+    s.add_argument(
+        "--group-rows", type=_at_least_1, help="Parquet rows per row group, what memory holds at once (default 524288)"
+    )
+
+    s = command(
         "report",
         "an HTML page with PNGs: scores, Beta weights, kept fractions, image grids, curves",
         "streamprune report run",
@@ -521,6 +584,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 # exit 2: streamprune's own errors, and files missing, unreadable or a full disk (each names the file)
 USER_ERRORS = (StreamPruneError, OSError)
+FULL_INSTALL = {"ray", "zarr", "scipy", "PIL", "matplotlib", "pyarrow"}  # the `all` extra's modules
+
+
+def _missing_extra(exc: BaseException, command: str) -> SettingsError | None:
+    """A module of the `all` extra missing (a plain `pip install streamprune`, the loader's core):
+    a user's error that says what to install."""
+    if not isinstance(exc, ModuleNotFoundError) or (exc.name or "").split(".")[0] not in FULL_INSTALL:
+        return None
+    return SettingsError(
+        f"`streamprune {command}` needs the full install (no module {exc.name!r}): "
+        "pip install 'streamprune[all]'; the plain install only applies keep-lists"
+    )
 
 
 def _reason(exc: BaseException) -> str:
@@ -593,6 +668,32 @@ def _exit_now(status: int) -> None:
         os._exit(status)
 
 
+def _ray_log(args: argparse.Namespace) -> str:
+    """Where the command's Ray output goes: RUN/logs/ray.log of a local run directory, else (an
+    object-store run, `run`, `demo`) a local temporary file, named when the command fails."""
+    run = args.out if args.command == "index" else getattr(args, "run", None)
+    if run is not None and not storage.is_url(run):
+        return RunDir(run).ray_log
+    return os.path.join(tempfile.gettempdir(), f"streamprune-{args.command}-{os.getpid()}-ray.log")
+
+
+def _run(args: argparse.Namespace, own_process: bool) -> None:
+    """The command; after it succeeds, the `streamprune` process itself shuts Ray down at once, so
+    that Ray's last output (its actors ending) still goes to the Ray log, not the terminal."""
+    args.fn(args)
+    ray = sys.modules.get("ray")
+    if own_process and ray is not None and ray.is_initialized():
+        ray.shutdown()
+
+
+def _show_ray_log(path: str) -> None:
+    """The last lines of the command's Ray output, on stderr, after an unexpected error."""
+    lines = tail(path)
+    if lines:
+        print(f"streamprune: the last lines of Ray's output ({path}):", file=sys.stderr)
+        print("\n".join(f"  {line}" for line in lines), file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one command (`argv`; None: the process's own arguments): exit status 0, 2 for a user's
     error (settings, inputs, files), 1 for any other error, 130 when interrupted; `--debug` adds
@@ -601,8 +702,10 @@ def main(argv: list[str] | None = None) -> int:
     _log_to_stderr(getattr(args, "quiet", False))
     interrupt = _Interrupt()
     previous = signal.signal(signal.SIGINT, interrupt)
+    ray_log = _ray_log(args)
     try:
-        args.fn(args)
+        with routed_to(ray_log):
+            _run(args, own_process=argv is None)
     except BaseException as exc:
         if not isinstance(exc, (KeyboardInterrupt, Exception)):  # SystemExit and the like
             raise
@@ -613,12 +716,15 @@ def main(argv: list[str] | None = None) -> int:
             if argv is None:  # the `streamprune` process itself
                 _exit_now(130)
             return 130
+        exc = _missing_extra(exc, args.command) or exc
         user = isinstance(exc, USER_ERRORS)
         print(
             f"streamprune: error: {_reason(exc)}"
             + ("" if user or args.debug else f" ({type(exc).__name__}; --debug shows the traceback)"),
             file=sys.stderr,
         )
+        if not user:
+            _show_ray_log(ray_log)
         return 2 if user else 1
     finally:
         signal.signal(signal.SIGINT, previous)

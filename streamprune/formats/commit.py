@@ -104,3 +104,17 @@ def clean_uncommitted(output: str | os.PathLike) -> list[str]:
             storage.remove(storage.join(output, entry))
             removed.append(storage.join(output, entry))
     return removed
+
+
+def remove_output(output: str | os.PathLike) -> None:
+    """Remove `output` so that readers see it whole or not at all: its COMMIT object first on an
+    object store; locally it is renamed aside, then removed. Hold the output's lock."""
+    if storage.is_url(output):
+        storage.remove(commit_object(output))
+        storage.remove(output)
+        return
+    path = Path(storage.local_path(output))
+    if path.exists():
+        aside = temp_sibling(path, "old")
+        path.rename(aside)
+        shutil.rmtree(aside)

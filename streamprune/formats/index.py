@@ -20,6 +20,7 @@ import tempfile
 import zipfile
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, cast
 
@@ -314,6 +315,17 @@ def _write_files(
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
 
 
+def _first(bad: np.ndarray) -> int | None:
+    """The position of the first True of `bad`, or None."""
+    hits = np.flatnonzero(bad)
+    return int(hits[0]) if len(hits) else None
+
+
+def _row_problem(name: str, a: int, row: int, what: str) -> str:
+    """Problem `what` of row `row` of the shard `name` whose rows start at `a`."""
+    return f"shard {name!r}, row {a + row}: {what}"
+
+
 class Index:
     """Read access to `RUN/index` (a local folder: memory-mapped arrays; an object-store URL: its
     committed generation, arrays read whole). `path` is the index's location, `files` where its
@@ -487,49 +499,53 @@ class Index:
         overlap, within the stored size (plain tars); members: at least one per sample, the
         first at the sample's start, each one's header and padded data before the next member's
         header and within its sample."""
-        name, a, b = self.names[shard], int(self.shard_offset[shard]), int(self.shard_offset[shard + 1])
+        a, b = int(self.shard_offset[shard]), int(self.shard_offset[shard + 1])
         if a == b:
             return None
         total, m = int(self.shard_members[-1]), len(self.member_offset)
         if total != m:
             return "member_count.npy", f"the member counts add up to {total}, member_offset.npy holds {m}"
+        return self._sample_problem(shard, a, b) or self._member_problem(shard, a, b)
+
+    def _sample_problem(self, shard: int, a: int, b: int) -> tuple[str, str] | None:
+        """`range_problem`'s checks of the samples (rows `[a, b)`) of shard `shard`."""
+        at = partial(_row_problem, self.names[shard], a)
         start, end = np.asarray(self.sample_start[a:b]), np.asarray(self.sample_end[a:b])
         count = np.asarray(self.member_count[a:b], dtype=np.int64)
-
-        def at(row: int, what: str) -> str:
-            return f"shard {name!r}, row {a + row}: {what}"
-
-        def first(bad: np.ndarray) -> int | None:
-            hits = np.flatnonzero(bad)
-            return int(hits[0]) if len(hits) else None
-
-        if (i := first(count < 1)) is not None:
+        if (i := _first(count < 1)) is not None:
             return "member_count.npy", at(i, f"{count[i]} members (a sample has at least one)")
-        if (i := first((start < 0) | (start > _MAX_OFFSET) | (start % BLOCK != 0))) is not None:
+        if (i := _first((start < 0) | (start > _MAX_OFFSET) | (start % BLOCK != 0))) is not None:
             return "sample_start.npy", at(i, f"start {start[i]} is not the offset of a tar header")
-        if (i := first((end <= start) | (end > _MAX_OFFSET) | (end % BLOCK != 0))) is not None:
+        if (i := _first((end <= start) | (end > _MAX_OFFSET) | (end % BLOCK != 0))) is not None:
             return "sample_end.npy", at(i, f"byte range [{start[i]}, {end[i]}) is not one of tar blocks")
-        if (i := first(start[1:] < end[:-1])) is not None:
+        if (i := _first(start[1:] < end[:-1])) is not None:
             return "sample_start.npy", at(
                 i + 1, f"starts at {start[i + 1]}, before the previous sample's end {end[i]} (sample_end.npy)"
             )
         info = self.shards[shard]
         size = info.get("size")
-        if info.get("compression") is None and size is not None and (i := first(end > size)) is not None:
+        if info.get("compression") is None and size is not None and (i := _first(end > size)) is not None:
             return "sample_end.npy", at(i, f"ends at {end[i]}, past the shard's {size} bytes (shards.jsonl)")
-        m0, m1 = int(self.shard_members[shard]), int(self.shard_members[shard + 1])
+        return None
+
+    def _member_problem(self, shard: int, a: int, b: int) -> tuple[str, str] | None:
+        """`range_problem`'s checks of the members of shard `shard` (rows `[a, b)`, samples sound)."""
+        at = partial(_row_problem, self.names[shard], a)
+        start, end = np.asarray(self.sample_start[a:b]), np.asarray(self.sample_end[a:b])
+        count = np.asarray(self.member_count[a:b], dtype=np.int64)
+        m, m0, m1 = len(self.member_offset), int(self.shard_members[shard]), int(self.shard_members[shard + 1])
         if not 0 <= m0 <= m1 <= m:
             return "member_count.npy", at(0, f"its members [{m0}, {m1}) are outside the {m} of member_offset.npy")
         off, msize = np.asarray(self.member_offset[m0:m1]), np.asarray(self.member_size[m0:m1])
         row = np.repeat(np.arange(b - a), count)
-        if (j := first((msize < 0) | (msize > _MAX_OFFSET))) is not None:
+        if (j := _first((msize < 0) | (msize > _MAX_OFFSET))) is not None:
             return "member_size.npy", at(int(row[j]), f"member {m0 + j} has size {msize[j]}")
-        if (j := first((off < 0) | (off > _MAX_OFFSET) | (off % BLOCK != 0))) is not None:
+        if (j := _first((off < 0) | (off > _MAX_OFFSET) | (off % BLOCK != 0))) is not None:
             return "member_offset.npy", at(
                 int(row[j]), f"member {m0 + j} at {off[j]} is not the offset of a tar header"
             )
         heads = np.concatenate([[0], np.cumsum(count)[:-1]])
-        if (i := first(off[heads] != start)) is not None:
+        if (i := _first(off[heads] != start)) is not None:
             return "member_offset.npy", at(
                 i, f"its first member's header is at {off[heads[i]]}, its sample_start.npy says {start[i]}"
             )
@@ -537,19 +553,18 @@ class Index:
         last = np.zeros(len(off), dtype=bool)
         last[np.cumsum(count) - 1] = True
         limit = np.where(last, end[row], np.concatenate([off[1:], [0]]))
-        if (j := first(stops > limit)) is not None:
-            if last[j]:
-                return "sample_end.npy", at(
-                    int(row[j]),
-                    f"its last member (member_offset.npy, member_size.npy) ends at {stops[j]}, after its end "
-                    f"{limit[j]}",
-                )
-            return "member_offset.npy", at(
+        if (j := _first(stops > limit)) is None:
+            return None
+        if last[j]:
+            return "sample_end.npy", at(
                 int(row[j]),
-                f"member {m0 + j} (member_size.npy: {msize[j]} bytes) ends at {stops[j]}, after the next "
-                f"member's header at {limit[j]}",
+                f"its last member (member_offset.npy, member_size.npy) ends at {stops[j]}, after its end {limit[j]}",
             )
-        return None
+        return "member_offset.npy", at(
+            int(row[j]),
+            f"member {m0 + j} (member_size.npy: {msize[j]} bytes) ends at {stops[j]}, after the next "
+            f"member's header at {limit[j]}",
+        )
 
     def byte_ranges(self, rows: np.ndarray) -> np.ndarray:
         """`[start, end)` of each of `rows` in its tar, (k, 2) int64. Each shard they touch is

@@ -178,8 +178,9 @@ class KeepList:
         """Kept identities as a sorted `u8,u8` array."""
         return np.sort(np.asarray(self.id_pairs))
 
-    def to_datacomp(self, path: str | os.PathLike) -> None:
-        """Write kept identities as a sorted `u8,u8` `.npy`, as DataComp subsets are."""
+    def to_datacomp(self, path: str | os.PathLike | IO[bytes]) -> None:
+        """Write kept identities as a sorted `u8,u8` `.npy`, as DataComp subsets are (to a path or
+        an open binary file)."""
         np.save(path, self.ids(), allow_pickle=False)
 
     def to_text(self, path: str | os.PathLike) -> None:
@@ -366,10 +367,15 @@ def _read_json(place: str, file: str):
         raise _damaged(place, file, f"not readable JSON ({exc})") from None
 
 
+def _is_text(value: Any, field: str) -> bool:
+    """A string; `fingerprint` may also be null: a list of keys drawn from no index (`from_keys`)."""
+    return isinstance(value, str) or (field == "fingerprint" and value is None)
+
+
 def _check_manifest(path: str, m: dict) -> None:
     """The manifest's fields that readers use are of their types (all problems in one error)."""
     problems = [f"{f}={m.get(f)!r} is not an integer >= 0" for f in MANIFEST_COUNTS if not _is_count(m.get(f, 0))]
-    problems += [f"{f}={m[f]!r} is not a string" for f in MANIFEST_TEXTS if not isinstance(m.get(f, ""), str)]
+    problems += [f"{f}={m[f]!r} is not a string" for f in MANIFEST_TEXTS if not _is_text(m.get(f, ""), f)]
     ratio = m.get("ratio", 0)
     if not (isinstance(ratio, (int, float)) and not isinstance(ratio, bool) and 0 <= ratio < 1):
         problems.append(f"ratio={ratio!r} is not a number in [0, 1)")

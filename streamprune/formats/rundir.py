@@ -81,6 +81,11 @@ class RunDir:
         return self._at("ray-train")
 
     @property
+    def ray_log(self) -> str:
+        """The output of Ray's workers and actors during `streamprune`'s commands (not the terminal)."""
+        return self._at("logs", "ray.log")
+
+    @property
     def scores(self) -> str:
         """The scores of the main keep-list."""
         return self.scores_in(self.root)

@@ -15,28 +15,9 @@ import zarr
 
 from streamprune import storage
 from streamprune.formats.atomic import named_os_error
-from streamprune.formats.headers import (
-    LABEL,
-    LABEL_MISSING,
-    NO_GROUP,
-    SCORES_FORMAT,
-    STAT_MISSING,
-    check_format,
-    header,
-)
+from streamprune.formats.headers import SCORES_FORMAT, check_format, header
+from streamprune.formats.schema import SCORES_SCHEMA
 from streamprune.formats.stats_store import AccessMode, chunk_file, has_store, open_zarr, store_root, zarr_array
-from streamprune.scoring.scores import SCORES
-
-# name -> (dtype, fill value): the scores, the identities and label copied from the stats store,
-# and the selection key and group of the last selection
-ARRAYS: dict[str, tuple[np.dtype, object]] = {
-    **{name: (np.dtype(np.float64), STAT_MISSING) for name in SCORES},
-    "id_hi": (np.dtype(np.uint64), 0),
-    "id_lo": (np.dtype(np.uint64), 0),
-    "sel_key": (np.dtype(np.uint64), 0),
-    LABEL: (np.dtype(np.int32), LABEL_MISSING),
-    "sel_group": (np.dtype(np.int32), NO_GROUP),
-}
 
 
 class ScoresStore:
@@ -59,8 +40,8 @@ class ScoresStore:
         location = os.fspath(path)
         try:
             group = open_zarr(location, "w")
-            for name, (dtype, fill) in ARRAYS.items():
-                group.create_array(name, shape=(n,), chunks=(block_rows,), dtype=dtype, fill_value=fill)
+            for spec in SCORES_SCHEMA.arrays:
+                spec.create(group, {"n_samples": n, "block_rows": block_rows})
             group.attrs.update(header(SCORES_FORMAT))
         except OSError as exc:
             raise named_os_error(exc, location) from None

@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, TypeGuard, cast
+from typing import Literal, cast
 
 import numpy as np
 import zarr
@@ -29,27 +29,20 @@ from streamprune import storage
 from streamprune.errors import DamagedRunError, InputError, SettingsError
 from streamprune.formats import commit
 from streamprune.formats.atomic import named_os_error
-from streamprune.formats.headers import (
-    CORRECT_MISSING,
-    LABEL,
-    LABEL_MISSING,
-    STAT_MISSING,
-    STATS_FORMAT,
-    check_format,
-    header,
-)
+from streamprune.formats.headers import LABEL, LABEL_MISSING, STATS_FORMAT, check_format, header
+from streamprune.formats.rundir import RunDir
+from streamprune.formats.schema import EPOCHS, ROWS, STATS_SCHEMA
 
-STATS = ("p_true", "correct", "margin", "el2n", "entropy", "loss")
+STATS = tuple(spec.name for spec in STATS_SCHEMA.arrays if spec.shape == (ROWS, EPOCHS))  # the statistics
 DEFAULT_CHUNK_ROWS = 65536
 AccessMode = Literal["r", "r+", "a", "w", "w-"]  # zarr's modes of opening a store
 RECORD_AGAIN = (
-    "record the run again (`streamprune record` into a new run directory, or after removing this "
-    "store), or restore the store's files from a copy"
+    "record the run again (`streamprune record RUN --restart` clears its statistics and keeps the index), "
+    "or restore the store's files from a copy"
 )
-
-
-def _is_int(v) -> TypeGuard[int | np.integer]:
-    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+RESTART = (
+    "rerun with --restart (restart=True) to clear the statistics and record again, or use the same settings to resume"
+)
 
 
 def zarr_array(group: zarr.Group, name: str) -> zarr.Array:
@@ -96,35 +89,22 @@ def _raw_meta_problem(root: str, name: str, exc: Exception) -> str:
     """Why zarr could not open array `name` of the store at `root`: its zarr.json's data type where readable."""
     try:
         meta = json.loads(storage.read_bytes(storage.join(root, name, "zarr.json")))
-        dtype = np.dtype(meta.get("data_type"))
-        expected = (
-            stat_dtype(name)
-            if name in STATS
-            else {"id_hi": np.uint64, "id_lo": np.uint64, LABEL: np.int32, "shard_offset": np.int64, "done": np.uint8}[
-                name
-            ]
-        )
-        if dtype != np.dtype(expected):
-            return f"data type {dtype}, expected {np.dtype(expected)}"
+        dtype, expected = np.dtype(meta.get("data_type")), STATS_SCHEMA[name].dtype
+        if dtype != expected:
+            return f"data type {dtype}, expected {expected}"
     except Exception:
         pass
     return f"zarr.json is unreadable ({type(exc).__name__}: {exc})"
 
 
-def _same_fill(actual, expected) -> bool:
-    if isinstance(expected, float) and np.isnan(expected):
-        return bool(np.isnan(actual))
-    return bool(actual == expected)
-
-
 def fill_value(name: str):
     """The missing-value marker of a statistic: NaN, or 255 for `correct`."""
-    return CORRECT_MISSING if name == "correct" else STAT_MISSING
+    return STATS_SCHEMA[name].fill
 
 
 def missing_stats(n: int) -> dict[str, np.ndarray]:
     """Statistics of `n` rows that have none (skipped samples): the missing marker of each."""
-    return {name: np.full(n, fill_value(name), dtype=stat_dtype(name)) for name in STATS}
+    return {name: STATS_SCHEMA[name].empty(n) for name in STATS}
 
 
 def creation_temp(path: str | os.PathLike) -> Path:
@@ -134,7 +114,7 @@ def creation_temp(path: str | os.PathLike) -> Path:
 
 
 def stat_dtype(name: str) -> np.dtype:
-    return np.dtype(np.uint8 if name == "correct" else np.float32)
+    return STATS_SCHEMA[name].dtype
 
 
 def owner_of(rows: np.ndarray, chunk_rows: int, n_chunks: int, n_writers: int) -> np.ndarray:
@@ -149,37 +129,14 @@ class OwnershipError(InputError, RuntimeError):
 def _build(place: str, index, epochs: int, chunk_rows: int, config: dict) -> None:
     """Write a new, empty store for `index` and `epochs` at `place` (an empty `commit.replacing`
     place); a failed write (a full disk, a refused request) names `place`."""
-    n, s = index.n_samples, index.n_shards
+    counts = {"n_samples": index.n_samples, "n_shards": index.n_shards, "epochs": epochs, "chunk_rows": chunk_rows}
     try:
         group = open_zarr(place, "w")
-        for name in STATS:  # float statistics barely compress (~13%) and read ~1.6x faster raw
-            group.create_array(
-                name,
-                shape=(n, epochs),
-                chunks=(chunk_rows, 1),
-                dtype=stat_dtype(name),
-                fill_value=fill_value(name),
-                compressors="auto" if name == "correct" else None,
-            )
-        group.create_array(LABEL, shape=(n,), chunks=(chunk_rows,), dtype=np.int32, fill_value=LABEL_MISSING)
-        for name, arr in (("id_hi", index.id_hi), ("id_lo", index.id_lo)):
-            a = group.create_array(name, shape=(n,), chunks=(chunk_rows,), dtype=np.uint64, fill_value=0)
-            a[:] = np.asarray(arr)
-        group.create_array("shard_offset", shape=(s + 1,), chunks=(s + 1,), dtype=np.int64, fill_value=0)[:] = (
-            index.shard_offset
-        )
-        group.create_array("done", shape=(epochs, s), chunks=(1, max(s, 1)), dtype=np.uint8, fill_value=0)
-        group.attrs.update(
-            {
-                **header(STATS_FORMAT),
-                "n_samples": n,
-                "n_shards": s,
-                "epochs": epochs,
-                "chunk_rows": chunk_rows,
-                "fingerprint": index.fingerprint,
-                "config": config,
-            }
-        )
+        for spec in STATS_SCHEMA.arrays:
+            arr = spec.create(group, counts)
+            if spec.index_copy:
+                arr[:] = np.asarray(getattr(index, spec.name))
+        group.attrs.update({**header(STATS_FORMAT), **counts, "fingerprint": index.fingerprint, "config": config})
     except OSError as exc:
         raise named_os_error(exc, place) from None
 
@@ -226,110 +183,88 @@ class StatsStore:
         """What in the store's metadata disagrees, as `(file, problem)` pairs (empty: sound).
 
         Attributes against themselves and against each array's zarr.json (shape, data type,
-        chunks, fill value, chunk key layout), `shard_offset` against the attributes and, with
-        `index`, the counts and `shard_offset` against the index. Reads metadata and
-        `shard_offset` only.
+        chunks, fill value, chunk key layout: `STATS_SCHEMA`), `shard_offset` against the
+        attributes and, with `index`, the counts and `shard_offset` against the index. Reads
+        metadata and `shard_offset` only.
         """
-        out: list[tuple[str, str]] = []
-        attrs, root = self.attrs, "zarr.json"
-        least = {"n_samples": 0, "n_shards": 0, "epochs": 1, "chunk_rows": 1}
-        for key, lo in least.items():
-            v = attrs.get(key)
-            if not _is_int(v) or v < lo:
-                out.append((root, f"attribute {key} is {v!r}, not an integer >= {lo}"))
-        if not isinstance(attrs.get("fingerprint"), str):
-            out.append((root, f"attribute fingerprint is {attrs.get('fingerprint')!r}, not a string"))
+        out = [("zarr.json", p) for p in self._attribute_problems()]
         if out:
             return out
+        metas = self._metas(out)
+        self._held = self._agreed_counts(metas, out)
+        for name, arr in metas.items():
+            found = STATS_SCHEMA.meta_problems(name, arr, self._held)
+            if found:
+                out.append((f"{name}/zarr.json", f"array {name}: " + ", ".join(found)))
+            else:
+                self._arrays[name] = arr
+        out += self._offset_problems(index)
+        if index is not None:
+            for key, v in (("n_samples", index.n_samples), ("n_shards", index.n_shards)):
+                if self.attrs[key] != v:
+                    out.append(("zarr.json", f"attribute {key} is {self.attrs[key]}, the index has {v}"))
+        return out
+
+    def _attribute_problems(self) -> list[str]:
+        """Counts that are no integers of their least value, a fingerprint that is no string."""
+        out = STATS_SCHEMA.count_problems(self.attrs)
+        if not isinstance(self.attrs.get("fingerprint"), str):
+            out.append(f"attribute fingerprint is {self.attrs.get('fingerprint')!r}, not a string")
+        return out
+
+    def _metas(self, out: list[tuple[str, str]]) -> dict[str, zarr.Array]:
+        """The arrays of `STATS_SCHEMA` whose zarr.json zarr reads as one of 1 or 2 dimensions, by
+        name; why each other one is unusable is added to `out`."""
         metas: dict[str, zarr.Array] = {}
-        for name in (*STATS, "id_hi", "id_lo", LABEL, "shard_offset", "done"):
+        for spec in STATS_SCHEMA.arrays:
+            name, file = spec.name, f"{spec.name}/zarr.json"
             try:
                 arr = self.group[name]
             except KeyError:
-                if name != LABEL:  # stores of 0.1.0 keep no labels
-                    out.append((f"{name}/zarr.json", f"array {name} is missing"))
+                if not spec.optional:
+                    out.append((file, f"array {name} is missing"))
                 continue
             except Exception as exc:  # zarr.json edited into something zarr cannot read
-                out.append((f"{name}/zarr.json", f"array {name}: " + _raw_meta_problem(self.root, name, exc)))
+                out.append((file, f"array {name}: " + _raw_meta_problem(self.root, name, exc)))
                 continue
-            if not isinstance(arr, zarr.Array) or arr.ndim not in (1, 2):
-                out.append((f"{name}/zarr.json", f"{name} is not an array of 1 or 2 dimensions"))
-                continue
-            metas[name] = arr
-        # The counts the arrays agree on; an attribute that disagrees with them is what was edited.
-        votes = {
-            "n_samples": [a.shape[0] for k, a in metas.items() if k not in ("shard_offset", "done")],
-            "epochs": [a.shape[1] for k, a in metas.items() if k in STATS and a.ndim == 2]
-            + [a.shape[0] for k, a in metas.items() if k == "done"],
-            "n_shards": [a.shape[0] - 1 for k, a in metas.items() if k == "shard_offset"]
-            + [a.shape[1] for k, a in metas.items() if k == "done" and a.ndim == 2],
-            "chunk_rows": [a.chunks[0] for k, a in metas.items() if k not in ("shard_offset", "done")],
-        }
-        held: dict[str, int] = {}
-        for key, values in votes.items():  # ties go to the attribute
+            if isinstance(arr, zarr.Array) and arr.ndim in (1, 2):
+                metas[name] = arr
+            else:
+                out.append((file, f"{name} is not an array of 1 or 2 dimensions"))
+        return metas
+
+    def _agreed_counts(self, metas: dict[str, zarr.Array], out: list[tuple[str, str]]) -> dict[str, int]:
+        """The counts the arrays' shapes and chunks agree on (ties go to the attribute); an
+        attribute that disagrees with them is what was edited, added to `out`."""
+        attrs, held = self.attrs, {}
+        units = {c.key: c.unit for c in STATS_SCHEMA.counts}
+        for key, values in STATS_SCHEMA.votes(metas).items():
             best = max((values.count(v) for v in values), default=0)
             held[key] = attrs[key] if values.count(attrs[key]) == best else max(set(values), key=values.count)
             if held[key] != attrs[key]:
-                what = {"n_samples": "rows", "epochs": "epochs", "n_shards": "shards", "chunk_rows": "rows per chunk"}[
-                    key
-                ]
-                out.append((root, f"attribute {key} is {attrs[key]}, but the arrays hold {held[key]} {what}"))
-        self._held = held
-        n, s, t, cr = (held[k] for k in least)
-        expect: dict[str, tuple[tuple[int, ...], np.dtype, tuple[int, ...] | None, object]] = {
-            name: ((n, t), stat_dtype(name), (cr, 1), fill_value(name)) for name in STATS
-        }
-        expect.update(
-            {
-                "id_hi": ((n,), np.dtype(np.uint64), (cr,), None),
-                "id_lo": ((n,), np.dtype(np.uint64), (cr,), None),
-                LABEL: ((n,), np.dtype(np.int32), (cr,), LABEL_MISSING),
-                "shard_offset": ((s + 1,), np.dtype(np.int64), None, None),
-                "done": ((t, s), np.dtype(np.uint8), None, 0),
-            }
-        )
-        for name, arr in metas.items():
-            shape, dtype, chunks, fill = expect[name]
-            problems = []
-            if tuple(arr.shape) != shape:
-                problems.append(f"shape {tuple(arr.shape)}, expected {shape}")
-            if arr.dtype != dtype:
-                problems.append(f"data type {arr.dtype}, expected {dtype}")
-            if chunks is not None and tuple(arr.chunks) != chunks:
-                problems.append(f"chunks {tuple(arr.chunks)}, expected {chunks}")
-            if fill is not None and arr.dtype == dtype and not _same_fill(arr.fill_value, fill):
-                problems.append(f"fill value {arr.fill_value!r}, expected {fill!r}")
-            if chunks is not None and arr.ndim == len(shape):
-                key = arr.metadata.encode_chunk_key((0,) * arr.ndim)
-                if key != "c/" + "/".join("0" * arr.ndim):
-                    problems.append(f"chunk keys like {key!r}, expected 'c/0/...'")
-            if problems:
-                out.append((f"{name}/zarr.json", f"array {name}: " + ", ".join(problems)))
-            else:
-                self._arrays[name] = arr
-        if "shard_offset" in self._arrays:
-            try:
-                offsets = np.asarray(self._arrays["shard_offset"][:])
-            except Exception as exc:
-                out.append(("shard_offset/c/0", f"shard_offset is unreadable ({type(exc).__name__}: {exc})"))
-            else:
-                self._shard_offset = offsets
-                if offsets[0] != 0 or offsets[-1] != n or (np.diff(offsets) < 0).any():
-                    out.append(
-                        (
-                            "shard_offset/c/0",
-                            f"shard_offset runs {int(offsets[0])}..{int(offsets[-1])}"
-                            + (" and decreases" if (np.diff(offsets) < 0).any() else "")
-                            + f", expected 0..{n} (n_samples), never decreasing",
-                        )
-                    )
-                elif index is not None and not np.array_equal(offsets, np.asarray(index.shard_offset)):
-                    out.append(("shard_offset/c/0", "shard_offset differs from the index's"))
-        if index is not None:
-            for key, v in (("n_samples", index.n_samples), ("n_shards", index.n_shards)):
-                if attrs[key] != v:
-                    out.append((root, f"attribute {key} is {attrs[key]}, the index has {v}"))
-        return out
+                out.append(
+                    ("zarr.json", f"attribute {key} is {attrs[key]}, but the arrays hold {held[key]} {units[key]}")
+                )
+        return held
+
+    def _offset_problems(self, index) -> list[tuple[str, str]]:
+        """`shard_offset`'s values (kept as `_shard_offset`) against the sample count and, with
+        `index`, against the index's."""
+        if "shard_offset" not in self._arrays:
+            return []
+        file, n = "shard_offset/c/0", self._held["n_samples"]
+        try:
+            offsets = np.asarray(self._arrays["shard_offset"][:])
+        except Exception as exc:
+            return [(file, f"shard_offset is unreadable ({type(exc).__name__}: {exc})")]
+        self._shard_offset = offsets
+        decreases = bool((np.diff(offsets) < 0).any())
+        if offsets[0] != 0 or offsets[-1] != n or decreases:
+            runs = f"shard_offset runs {int(offsets[0])}..{int(offsets[-1])}" + (" and decreases" if decreases else "")
+            return [(file, runs + f", expected 0..{n} (n_samples), never decreasing")]
+        if index is not None and not np.array_equal(offsets, np.asarray(index.shard_offset)):
+            return [(file, "shard_offset differs from the index's")]
+        return []
 
     def chunk_path(self, name: str, chunk: int, epoch: int | None = None) -> str:
         """The file (object) of chunk `chunk` (and `epoch`, for `(N, T)` arrays) of array `name`."""
@@ -405,9 +340,11 @@ class StatsStore:
         *,
         chunk_rows: int = DEFAULT_CHUNK_ROWS,
         config: dict | None = None,
+        same: Iterable[str] = (),
     ) -> "StatsStore":
         """Create `path` (a local path or an object-store URL) for `index` and `epochs` recorded
-        epochs; reopen it if it exists for the same index.
+        epochs; reopen it if it exists for the same index, recorded with the same values of the
+        `same` keys of `config` (else refused, naming them and the way out).
 
         The store is built whole, then committed at once (`commit.replacing`), so that a store
         half-created by a killed process is never opened. An existing store made for another index
@@ -420,6 +357,9 @@ class StatsStore:
             raise SettingsError(f"chunk_rows must be >= 1, not {chunk_rows}")
         if store_exists(location):
             store = cls.open(location, index=index)
+            refusal = _other_settings(location, store.config, config or {}, same)
+            if refusal is not None:
+                raise refusal
             if store.epochs != epochs:
                 raise SettingsError(f"stats store {location!r} has {store.epochs} epochs, not {epochs}")
             return store
@@ -546,23 +486,17 @@ class StatsStore:
         return DamagedRunError(f"stats store {self.path!r}: reading {name} failed ({type(exc).__name__}: {exc})")
 
     def _check_values(self, name: str, data: np.ndarray, rows, epochs) -> None:
-        if name == "p_true":
-            bad = np.isfinite(data) & ((data < 0) | (data > 1))  # NaN, ±inf: missing, not damage
-            what = "probabilities outside [0, 1]"
-        elif name == "correct":
-            bad = (data > 1) & (data != CORRECT_MISSING)
-            what = "values other than 0, 1 and 255"
-        elif name == LABEL:
-            bad = data < LABEL_MISSING
-            what = "labels below -1"
-        else:
+        """Refuse values array `name` cannot hold (its `STATS_SCHEMA` rule), naming the first one's chunk."""
+        spec = STATS_SCHEMA[name]
+        if spec.rule is None or not spec.by_row:
             return
+        bad, what = spec.rule.bad(data), spec.rule.what
         if not bad.any():
             return
         first = tuple(np.argwhere(bad)[0])
         r = self._index_of(rows, self.n_samples)
         epoch: int | None = None
-        if name in STATS:
+        if len(spec.shape) == 2:
             t = self._index_of(epochs, self.epochs)
             r, t = np.broadcast_arrays(r[:, None] if r.ndim == 1 and t.ndim == 1 else r, t)
             epoch = int(t[first])
@@ -638,8 +572,7 @@ class ChunkWriter:
                 )
             r0, r1 = self.store.chunk_rows_range(c)
             if c not in self._buf:
-                self._buf[c] = {n: np.full(r1 - r0, fill_value(n), dtype=stat_dtype(n)) for n in STATS}
-                self._buf[c][LABEL] = np.full(r1 - r0, LABEL_MISSING, dtype=np.int32)
+                self._buf[c] = {n: STATS_SCHEMA[n].empty(r1 - r0) for n in (*STATS, LABEL)}
                 self._seen[c] = np.zeros(r1 - r0, dtype=bool)
             local = rows[part] - r0
             seen = self._seen[c]
@@ -659,7 +592,7 @@ class ChunkWriter:
         buf = self._buf.pop(c, None)
         seen = self._seen.pop(c, None)
         if buf is None:
-            buf = {n: np.full(r1 - r0, fill_value(n), dtype=stat_dtype(n)) for n in STATS}
+            buf = missing_stats(r1 - r0)
         for n in STATS:  # written even when all missing: a chunk of a complete epoch always exists
             try:
                 arr = self.store._open_array(n).with_config({"write_empty_chunks": True})
@@ -688,3 +621,23 @@ class ChunkWriter:
                     missing.append(np.arange(r0, r1))
                 self._write(c)
         return np.sort(np.concatenate(missing)) if missing else np.zeros(0, dtype=np.int64)
+
+
+def _other_settings(location: str, recorded: dict, given: dict, keys: Iterable[str]) -> SettingsError | None:
+    """The refusal to go on with the store at `location`, recorded with other values of `keys` than
+    `given`, naming each and the way out; None when they agree."""
+    changed = [k for k in keys if k in recorded and recorded[k] != given[k]]
+    if not changed:
+        return None
+    values = "; ".join(f"{k}: {recorded[k]!r}, not {given[k]!r}" for k in changed)
+    return SettingsError(f"{location!r} was recorded with other settings ({values}); {RESTART}")
+
+
+def clear_statistics(run: str | os.PathLike) -> None:
+    """Remove what recording wrote to `run`: the stats store, the spool of one's own loop, checkpoints,
+    the skipped-sample log and Ray Train's storage; the index and `classes.json` stay. Hold the
+    stats store's lock."""
+    rd = RunDir(run)
+    commit.remove_output(rd.stats)  # a reader sees the whole store or none
+    for path in (rd.stats_spool, rd.checkpoints, rd.bad_samples, rd.bad_sample_objects, rd.ray_train):
+        storage.remove(path)

@@ -15,8 +15,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 
@@ -24,8 +27,8 @@ from streamprune import storage
 from streamprune.errors import DamagedRunError
 from streamprune.formats import commit
 from streamprune.formats.atomic import pid_alive
-from streamprune.formats.headers import CORRECT_MISSING, LABEL_MISSING
 from streamprune.formats.rundir import RunDir
+from streamprune.formats.schema import SCORES_SCHEMA, STATS_SCHEMA, ArraySpec, ValueRule, count_problem
 from streamprune.progress import progress_bar
 
 BLOCK = 1 << 20  # index / keep-list rows per step
@@ -158,29 +161,10 @@ def _committed_place(rep: _Report, output: str) -> str | None:
 
 def _check_index(rep: _Report, path: Where):
     """Problems of `RUN/index`; the `Index` when it can be used to check the rest against."""
-    from streamprune.errors import StreamPruneError
     from streamprune.formats.index import Index
-    from streamprune.shards.sources import local_source
 
-    files: Where = path
-    if isinstance(path, str):
-        if not storage.exists(path):
-            rep.note(path, "no index: nothing is checked against one")
-            return None
-        place = _committed_place(rep, path)
-        if place is None:
-            return None
-        files = place
-        if not storage.exists(storage.join(place, "manifest.json")):
-            rep.add(
-                storage.join(place, "manifest.json"), "missing: the index is incomplete (run `streamprune index` again)"
-            )
-            return None
-    elif not (path / "manifest.json").exists():
-        if path.exists():
-            rep.add(path / "manifest.json", "missing: the index is incomplete (run `streamprune index` again)")
-        else:
-            rep.note(path, "no index: nothing is checked against one")
+    files = _index_files(rep, path)
+    if files is None:
         return None
     try:
         index = Index(path, strict=False)
@@ -194,7 +178,39 @@ def _check_index(rep: _Report, path: Where):
         rep.add(_at(files, file), problem)
     if index.problems:
         return None  # nothing else is checked against an index whose parts disagree
-    off = np.asarray(index.shard_offset)
+    _check_shards(rep, index, files, remote=isinstance(path, str))
+    _check_fingerprint(rep, index, files)
+    return index
+
+
+def _index_files(rep: _Report, path: Where) -> Where | None:
+    """Where the files of the index `path` are (a URL's committed generation); None when there is
+    no complete index (noted when there is none at all, else a problem)."""
+    incomplete = "missing: the index is incomplete (run `streamprune index` again)"
+    if isinstance(path, Path):
+        if (path / "manifest.json").exists():
+            return path
+        if path.exists():
+            rep.add(path / "manifest.json", incomplete)
+        else:
+            rep.note(path, "no index: nothing is checked against one")
+        return None
+    if not storage.exists(path):
+        rep.note(path, "no index: nothing is checked against one")
+        return None
+    place = _committed_place(rep, path)
+    if place is not None and not storage.exists(storage.join(place, "manifest.json")):
+        rep.add(storage.join(place, "manifest.json"), incomplete)
+        return None
+    return place
+
+
+def _check_shards(rep: _Report, index, files: Where, remote: bool) -> None:
+    """Each shard's byte ranges in the index, and that its tar opens (of a `remote` run, one indexed
+    by path: a run in a bucket indexed shards by URL, opened only when given, as `record` does)."""
+    from streamprune.errors import StreamPruneError
+    from streamprune.shards.sources import local_source
+
     for s in range(index.n_shards):
         found = index.range_problem(s)
         if found is not None:
@@ -202,26 +218,52 @@ def _check_index(rep: _Report, path: Where):
         try:
             local_source(index, s)
         except StreamPruneError as exc:
-            if isinstance(path, str) and not isinstance(exc, DamagedRunError):
-                continue  # a run in a bucket indexed shards by URL: opened only when given, as `record` does
-            rep.add(_at(files, "shards.jsonl"), str(exc))
-    fp = hashlib.blake2b(digest_size=16)  # as `write_index`: names, counts and identities, shard by shard
+            if isinstance(exc, DamagedRunError) or not remote:
+                rep.add(_at(files, "shards.jsonl"), str(exc))
+
+
+def _check_fingerprint(rep: _Report, index, files: Where) -> None:
+    """The manifest's fingerprint against the one the index's files give (as `write_index`: names,
+    counts and identities, shard by shard, read in blocks)."""
+    off = np.asarray(index.shard_offset)
+    fp = hashlib.blake2b(digest_size=16)
     for i, name in enumerate(index.names):
         a, b = int(off[i]), int(off[i + 1])
         fp.update(json.dumps([name, b - a]).encode())
-        for c0 in range(a, b, BLOCK):
-            c1 = min(b, c0 + BLOCK)
-            fp.update(np.asarray(index.id_hi[c0:c1]).tobytes())
-        for c0 in range(a, b, BLOCK):
-            c1 = min(b, c0 + BLOCK)
-            fp.update(np.asarray(index.id_lo[c0:c1]).tobytes())
+        for ids in (index.id_hi, index.id_lo):
+            for c0 in range(a, b, BLOCK):
+                fp.update(np.asarray(ids[c0 : min(b, c0 + BLOCK)]).tobytes())
     if fp.hexdigest() != index.fingerprint:
         rep.add(
             _at(files, "id_hi.npy"),
             "the identities, shard names or counts do not give the manifest's fingerprint "
             f"{index.fingerprint}: index files were edited or damaged",
         )
-    return index
+
+
+# -- values of store chunks -------------------------------------------------------------------------
+
+
+def _bad_values(spec: ArraySpec, data: np.ndarray, index, r0: int, r1: int) -> tuple[str, np.ndarray] | None:
+    """What values of rows `[r0, r1)` of array `spec` cannot be (its rule's, or identities other
+    than the index's), and which; None when nothing is checked of them."""
+    if spec.rule is not None:
+        return spec.rule.what, spec.rule.bad(data)
+    if spec.index_copy and index is not None:
+        return "identities other than the index's", data != np.asarray(getattr(index, spec.name)[r0:r1])
+    return None
+
+
+def _report_values(rep: _Report, files: Callable[..., Where], what: str, bad: np.ndarray, r0: int, r1: int) -> None:
+    """A problem for each chunk of rows `[r0, r1)` holding values marked `bad`: `files(epoch)` for
+    each epoch of an `(N, T)` array, `files()` for an `(N,)` one."""
+    if bad.ndim == 2:
+        for t in np.flatnonzero(bad.any(axis=0)).tolist():
+            rows = r0 + np.flatnonzero(bad[:, t])
+            rep.add(files(t), f"holds {what} (rows [{r0}, {r1}), epoch {t}; {len(rows)} values, e.g. row {rows[0]})")
+    elif bad.any():
+        rows = r0 + np.flatnonzero(bad)
+        rep.add(files(), f"holds {what} (rows [{r0}, {r1}); {len(rows)} values, e.g. row {rows[0]})")
 
 
 # -- the stats store --------------------------------------------------------------------------------
@@ -229,22 +271,9 @@ def _check_index(rep: _Report, path: Where):
 
 def _check_stats(rep: _Report, path: Where, index, root: str | None = None):
     """Problems of the stats store `path` (a URL's read from its committed generation `root`)."""
-    import zarr
-
-    from streamprune.formats.stats_store import LABEL, STATS, StatsStore, chunk_file, open_zarr
-
     where: Where = path if root is None else root
-    try:
-        if root is None:
-            group = zarr.open_group(str(path), mode="r", zarr_format=3)
-            store = StatsStore(group, path, index, strict=False)
-        else:
-            store = StatsStore(open_zarr(root, "r"), path, index, strict=False, root=root)
-    except DamagedRunError as exc:  # its header: another format, or a newer version
-        rep.add(_at(where, "zarr.json"), str(exc))
-        return None
-    except Exception as exc:
-        rep.add(_at(where, "zarr.json"), f"unreadable ({type(exc).__name__}: {exc})")
+    store = _open_stats(rep, path, index, root)
+    if store is None:
         return None
     for file, problem in store.metadata_problems:
         rep.add(_at(where, file), problem)
@@ -266,182 +295,106 @@ def _check_stats(rep: _Report, path: Where, index, root: str | None = None):
         rep.add(_at(where, "done"), f"unreadable ({type(exc).__name__}: {exc})")
         return None
     if done.shape == (store.epochs, store.n_shards):
-        raw = store._arrays["done"]
-        for t in range(store.epochs):
-            row = np.asarray(raw[t, :])
-            if ((row != 0) & (row != 1)).any():
-                rep.add(
-                    chunk_file(where, "done", t, 0),
-                    f"completion markers of epoch {t} hold values other than 0 and 1",
-                )
-        try:
-            for name, chunk, epoch in store.missing_chunks():
-                r0, r1 = store.chunk_rows_range(chunk)
-                rep.add(
-                    store.chunk_path(name, chunk, epoch),
-                    f"missing (rows [{r0}, {r1})"
-                    + ("" if epoch is None else f", epoch {epoch}, marked complete")
-                    + ")",
-                )
-        except Exception as exc:
-            rep.add(where, f"chunks not listed ({type(exc).__name__}: {exc})")
-    cr, n = store.chunk_rows, store.n_samples
-    names = [x for x in (*STATS, LABEL, "id_hi", "id_lo") if x in store._arrays]
-    rep.bar.total = (rep.bar.total or 0) + store.n_chunks * sum(store.epochs if x in STATS else 1 for x in names)
-    rep.bar.refresh()
-    for name in names:
-        arr = store._arrays[name]
-        two = name in STATS
-        for c in range(store.n_chunks):
-            r0, r1 = c * cr, min((c + 1) * cr, n)
-            try:
-                data = np.asarray(arr[r0:r1, :] if two else arr[r0:r1])
-            except Exception:
-                data = None
-                for epoch in range(store.epochs) if two else [None]:
-                    try:
-                        arr[r0:r1] if epoch is None else arr[r0:r1, epoch]
-                    except Exception as exc:
-                        rep.add(
-                            store.chunk_path(name, c, epoch),
-                            f"unreadable (rows [{r0}, {r1})"
-                            + ("" if epoch is None else f", epoch {epoch}")
-                            + f": {type(exc).__name__}: {exc})",
-                        )
-            rep.tick(store.epochs if two else 1)
-            if data is None:
-                continue
-            if name == "p_true":
-                bad, what = np.isfinite(data) & ((data < 0) | (data > 1)), "probabilities outside [0, 1]"
-            elif name == "correct":
-                bad, what = (data > 1) & (data != CORRECT_MISSING), "values other than 0, 1 and 255"
-            elif name == LABEL:
-                bad, what = data < LABEL_MISSING, "labels below -1"
-            elif name in ("id_hi", "id_lo") and index is not None:
-                bad, what = data != np.asarray(getattr(index, name)[r0:r1]), "identities other than the index's"
-            else:
-                continue
-            if two:
-                for t in np.flatnonzero(bad.any(axis=0)).tolist():
-                    rows = r0 + np.flatnonzero(bad[:, t])
-                    rep.add(
-                        store.chunk_path(name, c, t),
-                        f"holds {what} (rows [{r0}, {r1}), epoch {t}; {len(rows)} values, e.g. row {rows[0]})",
-                    )
-            elif bad.any():
-                rows = r0 + np.flatnonzero(bad)
-                rep.add(
-                    store.chunk_path(name, c),
-                    f"holds {what} (rows [{r0}, {r1}); {len(rows)} values, e.g. row {rows[0]})",
-                )
+        _check_done(rep, store, where)
+        _check_missing(rep, store, where)
+    _check_stats_chunks(rep, store, index)
     return store
+
+
+def _open_stats(rep: _Report, path: Where, index, root: str | None):
+    """The stats store `path` opened for checking (`strict=False`); None, a problem added, when its
+    header or root zarr.json cannot be read."""
+    import zarr
+
+    from streamprune.formats.stats_store import StatsStore, open_zarr
+
+    where: Where = path if root is None else root
+    try:
+        if root is None:
+            group = zarr.open_group(str(path), mode="r", zarr_format=3)
+            return StatsStore(group, path, index, strict=False)
+        return StatsStore(open_zarr(root, "r"), path, index, strict=False, root=root)
+    except DamagedRunError as exc:  # its header: another format, or a newer version
+        rep.add(_at(where, "zarr.json"), str(exc))
+    except Exception as exc:
+        rep.add(_at(where, "zarr.json"), f"unreadable ({type(exc).__name__}: {exc})")
+    return None
+
+
+def _check_done(rep: _Report, store, where: Where) -> None:
+    """Completion markers other than 0 and 1, epoch by epoch."""
+    from streamprune.formats.stats_store import chunk_file
+
+    rule = cast(ValueRule, STATS_SCHEMA["done"].rule)
+    for t in range(store.epochs):
+        if rule.bad(np.asarray(store._arrays["done"][t, :])).any():
+            rep.add(chunk_file(where, "done", t, 0), f"completion markers of epoch {t} hold {rule.what}")
+
+
+def _check_missing(rep: _Report, store, where: Where) -> None:
+    """Chunks missing that the completion markers say were written."""
+    try:
+        for name, chunk, epoch in store.missing_chunks():
+            r0, r1 = store.chunk_rows_range(chunk)
+            marked = "" if epoch is None else f", epoch {epoch}, marked complete"
+            rep.add(store.chunk_path(name, chunk, epoch), f"missing (rows [{r0}, {r1}){marked})")
+    except Exception as exc:
+        rep.add(where, f"chunks not listed ({type(exc).__name__}: {exc})")
+
+
+def _check_stats_chunks(rep: _Report, store, index) -> None:
+    """Every chunk of the store's row arrays whose metadata is sound: readable, its values possible."""
+    specs = sorted(  # values first, identities last: the order of the report
+        (s for s in STATS_SCHEMA.arrays if s.chunks_read and s.name in store._arrays), key=lambda s: s.index_copy
+    )
+    rep.bar.total = (rep.bar.total or 0) + store.n_chunks * sum(store.epochs if len(s.shape) == 2 else 1 for s in specs)
+    rep.bar.refresh()
+    for spec in specs:
+        epochs = store.epochs if len(spec.shape) == 2 else 1
+        for c in range(store.n_chunks):
+            data = _read_stats_chunk(rep, store, spec.name, c)
+            rep.tick(epochs)
+            r0, r1 = store.chunk_rows_range(c)
+            found = None if data is None else _bad_values(spec, data, index, r0, r1)
+            if found is not None:
+                _report_values(rep, partial(store.chunk_path, spec.name, c), *found, r0, r1)
+
+
+def _read_stats_chunk(rep: _Report, store, name: str, c: int) -> np.ndarray | None:
+    """Chunk `c` of array `name` (every epoch of it); None, each unreadable chunk file a problem,
+    when it cannot be read."""
+    arr, (r0, r1) = store._arrays[name], store.chunk_rows_range(c)
+    try:
+        return np.asarray(arr[r0:r1, :] if arr.ndim == 2 else arr[r0:r1])
+    except Exception:
+        pass
+    for epoch in range(store.epochs) if arr.ndim == 2 else [None]:
+        try:
+            arr[r0:r1] if epoch is None else arr[r0:r1, epoch]
+        except Exception as exc:
+            at = "" if epoch is None else f", epoch {epoch}"
+            why = f"{type(exc).__name__}: {exc}"
+            rep.add(store.chunk_path(name, c, epoch), f"unreadable (rows [{r0}, {r1}){at}: {why})")
+    return None
 
 
 # -- scores.zarr ------------------------------------------------------------------------------------
 
 
 def _check_scores(rep: _Report, path: Where, index, store) -> None:
-    from streamprune.formats.scores_store import ARRAYS, ScoresStore
-    from streamprune.formats.stats_store import LABEL
-    from streamprune.scoring.scores import SCORES
-
-    where: Where = path
-    try:
-        if isinstance(path, str):
-            where = commit.committed(path)
-        scores = ScoresStore.open(path)
-        attrs = scores.attrs
-    except DamagedRunError as exc:
-        rep.add(_at(where, "zarr.json"), str(exc))
+    """Problems of the scores store `path`, against the index and the stats store `store` (where
+    there is one; the row count is the index's, else the stats store's)."""
+    opened = _open_scores(rep, path)
+    if opened is None:
         return
-    except Exception as exc:
-        rep.add(_at(where, "zarr.json"), f"unreadable ({type(exc).__name__}: {exc})")
-        return
-    root = _at(where, "zarr.json")
+    scores, where, attrs = opened
     n = index.n_samples if index is not None else (store.n_samples if store is not None else None)
-    if index is not None and attrs.get("fingerprint") != index.fingerprint:
-        rep.add(root, f"fingerprint {attrs.get('fingerprint')!r} is not the index's {index.fingerprint}")
-    block = attrs.get("block_rows")
-    if not isinstance(block, int) or isinstance(block, bool) or block < 1:
-        rep.add(root, f"attribute block_rows is {block!r}, not an integer >= 1")
-        block = None
-    for key in ("epochs", "window"):
-        v = attrs.get(key)
-        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-            rep.add(root, f"attribute {key} is {v!r}, not an integer >= 1")
-    if (
-        store is not None
-        and isinstance(attrs.get("epochs"), int)
-        and store.epochs is not None
-        and attrs["epochs"] > store.epochs
-    ):
-        rep.add(root, f"attribute epochs is {attrs['epochs']}, the stats store records only {store.epochs}")
-    listed = attrs.get("scores")
-    if not isinstance(listed, list) or not set(listed) <= set(SCORES):
-        rep.add(root, f"attribute scores is {listed!r}, not a list of {list(SCORES)}")
-        listed = []
-    arrays = {}
-    for name, (dtype, _) in ARRAYS.items():
-        try:
-            a = scores.array(name)
-        except KeyError:
-            rep.add(_at(where, name, "zarr.json"), f"array {name} is missing")
-            continue
-        except Exception as exc:
-            rep.add(_at(where, name, "zarr.json"), f"unreadable ({type(exc).__name__}: {exc})")
-            continue
-        problems = []
-        if n is not None and tuple(a.shape) != (n,):
-            problems.append(f"shape {tuple(a.shape)}, expected ({n},)")
-        if a.dtype != dtype:
-            problems.append(f"data type {a.dtype}, expected {dtype}")
-        if block is not None and tuple(a.chunks) != (block,):
-            problems.append(f"chunks {tuple(a.chunks)}, expected ({block},) (block_rows)")
-        if problems:
-            rep.add(_at(where, name, "zarr.json"), f"array {name}: " + ", ".join(problems))
-        else:
-            arrays[name] = a
+    block, listed = _check_scores_attrs(rep, _at(where, "zarr.json"), attrs, index, store)
+    arrays = _scores_arrays(rep, scores, where, {"n_samples": n, "block_rows": block})
     if n is None or block is None:
         return
-    n_chunks = -(-n // block)
-    for name in ("id_hi", "id_lo"):
-        if name in arrays:
-            if isinstance(where, str):
-                present = set(storage.names(storage.join(where, name, "c")))
-            else:
-                present = {e.name for e in os.scandir(where / name / "c")} if (where / name / "c").is_dir() else set()
-            for c in range(n_chunks):
-                if str(c) not in present:
-                    rep.add(scores.chunk_path(name, c), f"missing (rows [{c * block}, {min(n, (c + 1) * block)}))")
-    finite = {s: 0 for s in listed}
-    check = [x for x in (*SCORES, "id_hi", "id_lo", LABEL) if x in arrays]
-    rep.bar.total = (rep.bar.total or 0) + n_chunks * len(check)
-    rep.bar.refresh()
-    for c in range(n_chunks):
-        r0, r1 = c * block, min(n, (c + 1) * block)
-        for name in check:
-            rep.tick()
-            try:
-                data = np.asarray(arrays[name][r0:r1])
-            except Exception as exc:
-                rep.add(scores.chunk_path(name, c), f"unreadable (rows [{r0}, {r1}): {type(exc).__name__}: {exc})")
-                finite.pop(name, None)
-                continue
-            if name in finite:
-                finite[name] += int(np.isfinite(data).sum())
-            bad = None
-            if name == "mean_p":
-                bad, what = np.isfinite(data) & ((data < 0) | (data > 1)), "mean probabilities outside [0, 1]"
-            elif name == LABEL:
-                bad, what = data < LABEL_MISSING, "labels below -1"
-            elif name in ("id_hi", "id_lo") and index is not None:
-                bad, what = data != np.asarray(getattr(index, name)[r0:r1]), "identities other than the index's"
-            if bad is not None and bad.any():
-                rows = r0 + np.flatnonzero(bad)
-                rep.add(
-                    scores.chunk_path(name, c),
-                    f"holds {what} (rows [{r0}, {r1}); {len(rows)} values, e.g. row {rows[0]})",
-                )
+    _check_scores_ids_present(rep, scores, where, arrays, n, block)
+    finite = _check_scores_chunks(rep, scores, arrays, listed, index, n, block)
     summary = attrs.get("summary", {}).get("finite", {}) if isinstance(attrs.get("summary"), dict) else {}
     for name, count in finite.items():
         if name in summary and summary[name] != count:
@@ -452,10 +405,115 @@ def _check_scores(rep: _Report, path: Where, index, store) -> None:
             )
 
 
+def _open_scores(rep: _Report, path: Where):
+    """`(store, where its data is, its attributes)` of the scores store `path`; None, a problem
+    added, when it cannot be opened."""
+    from streamprune.formats.scores_store import ScoresStore
+
+    where: Where = path
+    try:
+        if isinstance(path, str):
+            where = commit.committed(path)
+        scores = ScoresStore.open(path)
+        return scores, where, scores.attrs
+    except DamagedRunError as exc:
+        rep.add(_at(where, "zarr.json"), str(exc))
+    except Exception as exc:
+        rep.add(_at(where, "zarr.json"), f"unreadable ({type(exc).__name__}: {exc})")
+    return None
+
+
+def _check_scores_attrs(rep: _Report, root: Where, attrs: dict, index, store) -> tuple[int | None, list]:
+    """Problems of a scores store's attributes (its zarr.json `root`); its block size (None when
+    unusable) and the scores it lists (empty when unusable)."""
+    from streamprune.scoring.scores import SCORES
+
+    if index is not None and attrs.get("fingerprint") != index.fingerprint:
+        rep.add(root, f"fingerprint {attrs.get('fingerprint')!r} is not the index's {index.fingerprint}")
+    wrong = {c.key: p for c in SCORES_SCHEMA.counts if (p := count_problem(attrs, c)) is not None}
+    for problem in wrong.values():
+        rep.add(root, problem)
+    epochs = attrs.get("epochs")
+    if store is not None and isinstance(epochs, int) and store.epochs is not None and epochs > store.epochs:
+        rep.add(root, f"attribute epochs is {epochs}, the stats store records only {store.epochs}")
+    listed = attrs.get("scores")
+    if not isinstance(listed, list) or not set(listed) <= set(SCORES):
+        rep.add(root, f"attribute scores is {listed!r}, not a list of {list(SCORES)}")
+        listed = []
+    return (None if "block_rows" in wrong else attrs["block_rows"]), listed
+
+
+def _scores_arrays(rep: _Report, scores, where: Where, counts: dict[str, int | None]) -> dict:
+    """The arrays of `SCORES_SCHEMA` whose metadata agrees with it for `counts`, by name; a problem
+    for each other one."""
+    arrays = {}
+    for spec in SCORES_SCHEMA.arrays:
+        file = _at(where, spec.name, "zarr.json")
+        try:
+            a = scores.array(spec.name)
+        except KeyError:
+            rep.add(file, f"array {spec.name} is missing")
+            continue
+        except Exception as exc:
+            rep.add(file, f"unreadable ({type(exc).__name__}: {exc})")
+            continue
+        problems = SCORES_SCHEMA.meta_problems(spec.name, a, counts)
+        if problems:
+            rep.add(file, f"array {spec.name}: " + ", ".join(problems))
+        else:
+            arrays[spec.name] = a
+    return arrays
+
+
+def _chunk_names(where: Where, name: str) -> set[str]:
+    """The names in the chunk folder of array `name` of the store at `where`."""
+    if isinstance(where, str):
+        return set(storage.names(storage.join(where, name, "c")))
+    folder = where / name / "c"
+    return {e.name for e in os.scandir(folder)} if folder.is_dir() else set()
+
+
+def _check_scores_ids_present(rep: _Report, scores, where: Where, arrays: dict, n: int, block: int) -> None:
+    """Every chunk of the identity arrays exists (zarr would read a missing one as zeros)."""
+    for spec in SCORES_SCHEMA.arrays:
+        if spec.index_copy and spec.name in arrays:
+            present = _chunk_names(where, spec.name)
+            for c in range(-(-n // block)):
+                if str(c) not in present:
+                    rep.add(scores.chunk_path(spec.name, c), f"missing (rows [{c * block}, {min(n, (c + 1) * block)}))")
+
+
+def _check_scores_chunks(rep: _Report, scores, arrays: dict, listed: list, index, n: int, block: int) -> dict:
+    """Every chunk of the checked arrays: readable, its values possible; the finite values of each
+    listed score, counted (a score with an unreadable chunk left out)."""
+    finite = {s: 0 for s in listed}
+    specs = [s for s in SCORES_SCHEMA.arrays if s.chunks_read and s.name in arrays]
+    n_chunks = -(-n // block)
+    rep.bar.total = (rep.bar.total or 0) + n_chunks * len(specs)
+    rep.bar.refresh()
+    for c in range(n_chunks):
+        r0, r1 = c * block, min(n, (c + 1) * block)
+        for spec in specs:
+            rep.tick()
+            try:
+                data = np.asarray(arrays[spec.name][r0:r1])
+            except Exception as exc:
+                rep.add(scores.chunk_path(spec.name, c), f"unreadable (rows [{r0}, {r1}): {type(exc).__name__}: {exc})")
+                finite.pop(spec.name, None)
+                continue
+            if spec.name in finite:
+                finite[spec.name] += int(np.isfinite(data).sum())
+            found = _bad_values(spec, data, index, r0, r1)
+            if found is not None:
+                _report_values(rep, partial(scores.chunk_path, spec.name, c), *found, r0, r1)
+    return finite
+
+
 # -- keep-lists -------------------------------------------------------------------------------------
 
 
 def _check_keep(rep: _Report, path: Where, index) -> None:
+    """Problems of the keep-list `path` against the index."""
     from streamprune.formats.keeplist import KeepList
 
     try:
@@ -463,30 +521,49 @@ def _check_keep(rep: _Report, path: Where, index) -> None:
     except Exception as exc:
         rep.add(path, f"{exc}")
         return
-    m = keep.manifest
     if index is None:
         return
     place: Where = path if isinstance(path, Path) or keep.place is None else keep.place
-    mfile = _at(place, "manifest.json")
+    if not _check_keep_manifest(rep, keep, index, _at(place, "manifest.json")):
+        return
+    mapped = _check_keep_shards(rep, keep, index, _at(place, "shards.json"))
+    if mapped is None:
+        return
+    if keep.weights is not None:
+        w = np.asarray(keep.weights)
+        if not (np.isfinite(w) & (w > 0)).all():
+            rep.add(_at(place, "weights.npy"), "weights that are not finite and positive")
+    if keep.positions is not None:
+        _check_keep_rows(rep, keep, index, place, mapped)
+
+
+def _check_keep_manifest(rep: _Report, keep, index, mfile: Where) -> bool:
+    """Problems of the manifest `mfile`; whether the keep-list is of this index (else nothing more is checked)."""
+    m = keep.manifest
     if m.get("fingerprint") != index.fingerprint:
         rep.add(
             mfile,
             f"fingerprint {m.get('fingerprint')!r} is not the index's {index.fingerprint}: a keep-list "
             "of another index",
         )
-        return
+        return False
     if m.get("n_rows") is not None and m["n_rows"] != index.n_samples:
         rep.add(mfile, f"n_rows {m['n_rows']}, the index has {index.n_samples} samples")
     if isinstance(m.get("N"), int) and m["N"] < len(keep):
         rep.add(mfile, f"N={m['N']} scorable samples but k={len(keep)} kept")
-    sfile = _at(place, "shards.json")
+    return True
+
+
+def _check_keep_shards(rep: _Report, keep, index, sfile: Where) -> np.ndarray | None:
+    """Problems of the shard table `sfile`; each listed shard's number in the index, or None when
+    the rows cannot be checked (a shard not in the index, more kept than it holds)."""
     counts = np.diff(index.shard_offset)
     where = {name: i for i, name in enumerate(index.names)}
     mapped = np.array([where.get(name, -1) for name in keep.names], dtype=np.int64)
     if (mapped < 0).any():
         unknown = [keep.names[i] for i in np.flatnonzero(mapped < 0)[:3]]
         rep.add(sfile, f"shards not in the index: {unknown}")
-        return
+        return None
     if keep.samples is not None and not np.array_equal(keep.samples, counts[mapped]):
         first = int(np.flatnonzero(keep.samples != counts[mapped])[0])
         rep.add(
@@ -499,13 +576,14 @@ def _check_keep(rep: _Report, path: Where, index) -> None:
         rep.add(
             sfile, f"shard {keep.names[first]!r}: kept {int(keep.kept[first])} of {int(counts[mapped[first]])} samples"
         )
-        return
-    if keep.weights is not None:
-        w = np.asarray(keep.weights)
-        if not (np.isfinite(w) & (w > 0)).all():
-            rep.add(_at(place, "weights.npy"), "weights that are not finite and positive")
-    if keep.positions is None:
-        return
+        return None
+    return mapped
+
+
+def _check_keep_rows(rep: _Report, keep, index, place: Where, mapped: np.ndarray) -> None:
+    """The kept samples' positions, block by block (within their shard, ascending), then each
+    block's ranges, identities and keys against the index's rows."""
+    counts = np.diff(index.shard_offset)
     k = len(keep)
     rep.bar.total = (rep.bar.total or 0) + -(-k // BLOCK)
     rep.bar.refresh()
@@ -529,36 +607,39 @@ def _check_keep(rep: _Report, path: Where, index) -> None:
             )
             return
         prev_shard, prev_pos = int(s[-1]), int(pos[-1])
-        rows = np.asarray(index.shard_offset)[mapped[s]] + pos
-        if keep.ranges is not None:
-            got = np.asarray(keep.ranges[b0:b1])
-            want = np.stack([index.sample_start[rows], index.sample_end[rows]], axis=1)
-            if not np.array_equal(got, want):
-                i = int(np.flatnonzero((got != want).any(axis=1))[0])
-                rep.add(
-                    _at(place, "ranges.npy"),
-                    f"kept sample {b0 + i}: byte range {got[i].tolist()}, the index has {want[i].tolist()}",
-                )
-        ids = np.asarray(keep.id_pairs[b0:b1])
-        bad = (ids["f0"] != index.id_hi[rows]) | (ids["f1"] != index.id_lo[rows])
-        if bad.any():
-            i = int(np.flatnonzero(bad)[0])
+        _check_keep_block(rep, keep, index, place, b0, b1, np.asarray(index.shard_offset)[mapped[s]] + pos)
+
+
+def _check_keep_block(rep: _Report, keep, index, place: Where, b0: int, b1: int, rows: np.ndarray) -> None:
+    """Kept samples `[b0, b1)`, the index's `rows`: their byte ranges, identities and keys."""
+    if keep.ranges is not None:
+        got = np.asarray(keep.ranges[b0:b1])
+        want = np.stack([index.sample_start[rows], index.sample_end[rows]], axis=1)
+        if not np.array_equal(got, want):
+            i = int(np.flatnonzero((got != want).any(axis=1))[0])
             rep.add(
-                _at(place, "ids.npy"),
-                f"kept sample {b0 + i}: identity differs from the index's ({int(bad.sum())} in this block)",
+                _at(place, "ranges.npy"),
+                f"kept sample {b0 + i}: byte range {got[i].tolist()}, the index has {want[i].tolist()}",
             )
-        ko = np.asarray(keep.key_offset[b0 : b1 + 1])
-        got_keys = bytes(keep.key_blob[int(ko[0]) : int(ko[-1])])
-        starts, ends = np.asarray(index.key_offset[rows]), np.asarray(index.key_offset[rows + 1])
-        lengths = ends - starts
-        if not np.array_equal(np.diff(ko), lengths):
-            rep.add(_at(place, "key_offset.npy"), f"kept samples {b0}..{b1 - 1}: key lengths differ from the index's")
-            continue
-        span = np.frombuffer(index.key_bytes(int(starts.min()), int(ends.max())), dtype=np.uint8)
-        offsets = np.concatenate([[0], np.cumsum(lengths)])
-        want_keys = span[np.repeat(starts - starts.min() - offsets[:-1], lengths) + np.arange(offsets[-1])]
-        if got_keys != want_keys.tobytes():
-            rep.add(_at(place, "keys.bin"), f"kept samples {b0}..{b1 - 1}: keys differ from the index's")
+    ids = np.asarray(keep.id_pairs[b0:b1])
+    bad = (ids["f0"] != index.id_hi[rows]) | (ids["f1"] != index.id_lo[rows])
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        rep.add(
+            _at(place, "ids.npy"),
+            f"kept sample {b0 + i}: identity differs from the index's ({int(bad.sum())} in this block)",
+        )
+    ko = np.asarray(keep.key_offset[b0 : b1 + 1])
+    starts, ends = np.asarray(index.key_offset[rows]), np.asarray(index.key_offset[rows + 1])
+    lengths = ends - starts
+    if not np.array_equal(np.diff(ko), lengths):
+        rep.add(_at(place, "key_offset.npy"), f"kept samples {b0}..{b1 - 1}: key lengths differ from the index's")
+        return
+    span = np.frombuffer(index.key_bytes(int(starts.min()), int(ends.max())), dtype=np.uint8)
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    want_keys = span[np.repeat(starts - starts.min() - offsets[:-1], lengths) + np.arange(offsets[-1])]
+    if bytes(keep.key_blob[int(ko[0]) : int(ko[-1])]) != want_keys.tobytes():
+        rep.add(_at(place, "keys.bin"), f"kept samples {b0}..{b1 - 1}: keys differ from the index's")
 
 
 # -- leftovers --------------------------------------------------------------------------------------

@@ -12,13 +12,12 @@ Pure NumPy: no Ray or Zarr here.
 from __future__ import annotations
 
 import numpy as np
-from scipy import stats as _stats
 
 from streamprune.errors import InputError, SettingsError
+from streamprune.settings import BALANCES
 
 ZERO_WEIGHT_BASE = -1e300  # zero-weight samples rank below every positive-weight key
 
-BALANCES = ("none", "classes")  # how the budget is spread: over all samples, or by class quotas
 DEFAULT_BALANCE = "classes"
 # c_d by balance: the paper's 4 over all samples; 8 with class quotas, chosen on a validation
 # split of Fashion-MNIST (benchmarks/VALIDATION.md): the mode stays at mid-difficulty longer.
@@ -100,7 +99,9 @@ def beta_weights(
         idx = np.arange(len(dual), dtype=np.uint64)
         anchor = anchor_of(dual, m, idx, idx)
     alpha, beta = beta_params(ratio, anchor, c_d=c_d, C=C, alpha_plus_beta=alpha_plus_beta)
-    return _stats.beta.pdf(np.clip(m, 1e-6, 1 - 1e-6), alpha, beta) * dual
+    from scipy import stats  # here: settings validate balances through this module, on the core install too
+
+    return stats.beta.pdf(np.clip(m, 1e-6, 1 - 1e-6), alpha, beta) * dual
 
 
 def weighted_keys(weights: np.ndarray, u: np.ndarray) -> np.ndarray:

@@ -8,16 +8,24 @@ from typing import Any
 
 import ray
 
+from streamprune.stages.ray_output import attach
+
 
 def ensure_ray(address: str | None = None) -> None:
     """Start a local Ray instance (no address) or join the cluster at `address`, once per process.
 
     An already initialised Ray (a test session, a notebook) is reused as it is. Without an
     address a new local instance is started even when others run on the machine (Ray's own
-    default would join the latest one, warning "Found multiple active Ray instances").
+    default would join the latest one, warning "Found multiple active Ray instances"). Ray's own
+    output goes where `ray_output.routed_to` says, if anywhere (else to the terminal).
     """
-    if ray.is_initialized():
-        return
+    if not ray.is_initialized():
+        _start(address)
+    attach()
+
+
+def _start(address: str | None) -> None:
+    """`ray.init` of the local instance or of the cluster at `address`."""
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     import logging
 

@@ -14,8 +14,10 @@ from __future__ import annotations
 import contextlib
 import io
 import itertools
+import json
 import logging
 import os
+import sys
 import threading
 import time
 from collections.abc import Iterable
@@ -32,15 +34,32 @@ from streamprune.formats.atomic import output_lock
 from streamprune.formats.commit import clean_uncommitted
 from streamprune.formats.index import Index
 from streamprune.formats.rundir import RunDir
-from streamprune.formats.stats_store import LABEL, LABEL_MISSING, STATS, StatsStore, missing_stats
+from streamprune.formats.stats_store import (
+    LABEL,
+    LABEL_MISSING,
+    STATS,
+    StatsStore,
+    clear_statistics,
+    missing_stats,
+    store_exists,
+)
 from streamprune.scoring.stats import sample_stats
 from streamprune.settings import RecordSettings
 from streamprune.shards.labels import BadSample, Classes, LabelSpec, class_count, sample_name
 from streamprune.shards.sources import shard_urls
 from streamprune.stages.ray_cluster import ensure_ray, placeable
 from streamprune.stages.record_writers import StoreWriters
-from streamprune.training.decode import PROBE_SAMPLES, SampleDecoder, View, probe_view
-from streamprune.training.models import build_model
+from streamprune.training.decode import (
+    CPU_SIZE,
+    DEFAULT_SIZE,
+    IMAGE_EXTS,
+    PROBE_SAMPLES,
+    Probe,
+    SampleDecoder,
+    View,
+    probe_images,
+)
+from streamprune.training.models import CPU_MODEL, build_model, model_name
 from streamprune.training.recipe import make_sgd, set_cosine_lr, sync_from_rank0, train_step
 from streamprune.training.samples import (
     assign_shards,
@@ -75,7 +94,8 @@ _STORED_AS_GIVEN = ("epochs", "schedule_epochs", "batch_size", "lr", "seed", "mo
 
 def changed_settings(recipe: dict, settings: RecordSettings) -> list[str]:
     """The settings whose value differs from a store's recorded recipe (`StatsStore.config`)."""
-    given = settings.to_dict()
+    unset = {k: getattr(settings, k) or recipe.get(k) for k in ("label", "model")}  # unset: the run's own
+    given = {**settings.to_dict(), **unset}
     return [k for k in _STORED_AS_GIVEN if k in recipe and recipe[k] != given[k]]
 
 
@@ -192,7 +212,8 @@ class Progress:
         self.epochs: dict = {}
 
     def update(self, rank: int, epoch: int, n: int, loss: float, correct: int) -> None:
-        s = self.state.setdefault((epoch, rank), {"n": 0, "loss": 0.0, "correct": 0, "t0": time.time()})
+        first = {"n": 0, "loss": 0.0, "correct": 0, "t0": time.time(), "n0": n}  # n0: counted before t0
+        s = self.state.setdefault((epoch, rank), first)
         s["n"] += n
         s["loss"] += loss
         s["correct"] += correct
@@ -272,7 +293,7 @@ def _train_loop(cfg: dict) -> None:
             persistent_workers=False,
         )
         model.train()
-        pending, rows_buf, stats_buf, seen = [], [], [], [0, 0.0, 0]
+        pending, rows_buf, stats_buf, seen, reported = [], [], [], [0, 0.0, 0], time.monotonic()
         join = Join([model]) if isinstance(model, DistributedDataParallel) else contextlib.nullcontext()
         with join:
             for step, (x, y, rows) in enumerate(loader):
@@ -298,9 +319,9 @@ def _train_loop(cfg: dict) -> None:
                         if len(pending) > 64:
                             ray.get(pending[:-32])
                             pending = pending[-32:]
-                if step % 20 == 19:
+                if step == 1 or time.monotonic() - reported >= 1.0:  # after two batches: the driver's rate starts
                     progress.update.remote(rank, epoch, *seen)
-                    seen = [0, 0.0, 0]
+                    seen, reported = [0, 0.0, 0], time.monotonic()
         if rows_buf:
             pending += _send(writers, rows_buf, stats_buf)
         ray.get(pending)
@@ -362,14 +383,14 @@ def _inputs(
     shards: str | Iterable[str] | None,
     label: str,
     decode: str | None,
-    image_size: int | None,
     classes: Classes | str | os.PathLike | None,
     num_classes: int | None,
     address: str | None,
     progress: bool,
-) -> tuple[View | None, tuple[int, ...], Classes, bool]:
-    """What the run trains on, from its first samples: the image view (None with a decode function),
-    one example's shape and the classes; True when the classes are a list of names.
+) -> tuple[Probe | None, tuple[int, ...] | None, Classes, bool]:
+    """What the run trains on, from its first samples: the images' sizes (None with a decode function),
+    the decode function's example shape (None for images) and the classes; True when the classes
+    are a list of names.
 
     Class names (string labels) come from `classes` (a list file or Classes), else `RUN/classes.json`
     made for the same label, else a scan of every label (saved there). Integer labels need no list:
@@ -379,22 +400,25 @@ def _inputs(
     key = decode or spec.spec
     samples = _first_samples(idx, healthy, urls)
     head = list(itertools.islice(samples, PROBE_SAMPLES))  # the rest is streamed: memory stays small
-    view = None if decode else probe_view(head, image_size)
-    probe = SampleDecoder(view, spec, None, decode)
+    probe = None if decode else probe_images(head)
+    decoder = SampleDecoder(None, spec, None, decode)
     raw: list[tuple[int | str, str]] = []  # (label, sample)
-    shape: tuple[int, ...] | None = view.shape if view is not None else None
+    shape: tuple[int, ...] | None = None
+    seen, reason = 0, ""
     for sample in itertools.chain(head, samples):
+        seen += 1
         try:
             if decode:
-                x, lab = probe.user_decode(sample)
+                x, lab = decoder.user_decode(sample)
                 shape = shape or tuple(torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x).shape)
             else:
-                lab = probe.raw_label(sample)
-        except BadSample:
+                lab = decoder.raw_label(sample)
+        except BadSample as exc:
+            reason = reason or str(exc)
             continue
         raw.append((lab, sample_name(sample)))
-    if not raw or shape is None:
-        raise InputError(f"no sample among the first of {str(idx.path)!r} has a usable label ({key})")
+    if not raw:
+        raise _no_label(run, key, decode, seen, reason, head)
     if isinstance(classes, (str, os.PathLike)):
         classes = Classes.from_file(classes, key)
     named = any(isinstance(r, str) for r, _ in raw)
@@ -409,18 +433,44 @@ def _inputs(
     if classes is not None and classes.names is not None:
         if num_classes is not None and num_classes != classes.num_classes:
             raise SettingsError(
-                f"num_classes {num_classes} differs from the {classes.num_classes} class names of the run's class list"
+                f"num_classes {num_classes} differs from the {classes.num_classes} class names of the run's "
+                "class list; leave --num-classes out"
             )
-        return view, shape, classes, True
+        return probe, shape, classes, True
     largest = max(((r, where) for r, where in raw if isinstance(r, int)), default=None)
     count = num_classes or (classes.num_classes if classes is not None else None)
     if count is None:
         assert largest is not None  # every label is an int: names made a class list above
-        return view, shape, Classes(class_count(*largest), label=key), False
+        return probe, shape, Classes(class_count(*largest), label=key), False
     given = Classes(count, label=key)
     if largest is not None:
         given.index_of(*largest)  # a label outside the given count: refused before any work
-    return view, shape, given, False
+    return probe, shape, given, False
+
+
+def _no_label(run: str, key: str, decode: str | None, seen: int, reason: str, head: list[dict]) -> InputError:
+    """The error when none of the first `seen` samples gave a label: the first reason, the members
+    the samples have, and what to pass."""
+    where = f"none of the first {seen:,} samples of {run!r}"
+    if decode:
+        return InputError(f"{where} could be decoded by {decode} ({reason}); fix the decode function")
+    members = sorted({k for sample in head for k in sample if not k.startswith("__")})
+    return InputError(
+        f"{where} has a label {key} ({reason}); the shards' members are: {', '.join(members) or 'none'}; "
+        f"pass --label SPEC (e.g. {_label_example(head, members)})"
+    )
+
+
+def _label_example(head: list[dict], members: list[str]) -> str:
+    """A label spec these samples may have: a JSON field named like a label, another member, or json:label."""
+    doc: object = None
+    if "json" in members:
+        with contextlib.suppress(ValueError):  # UnicodeDecodeError included
+            doc = json.loads(next(s["json"] for s in head if "json" in s))
+    fields = [str(f) for f in doc] if isinstance(doc, dict) else []
+    named = [f for f in fields if "label" in f.lower() or "class" in f.lower()]
+    others = [m for m in members if m not in IMAGE_EXTS and m != "json"]
+    return f"json:{named[0]}" if named else others[0] if others else f"json:{fields[0] if fields else 'label'}"
 
 
 def record(
@@ -434,6 +484,7 @@ def record(
     chunk_rows: int | None = None,
     record_stats: bool = True,
     shards: str | Iterable[str] | None = None,
+    restart: bool = False,
     **options: Any,
 ) -> RecordSummary:
     """Train the proxy for the first `epochs` epochs of a `schedule_epochs` cosine schedule and
@@ -444,7 +495,8 @@ def record(
     before any work. `record_stats=False` trains without recording (the benchmark's baseline)
     and writes nothing to the store; `augment_images` and `chunk_rows` are for tests and benchmarks.
     `shards`: the URLs of the indexed shards to read (`shards.sources.shard_urls`; default: the
-    index's root plus each shard's name).
+    index's root plus each shard's name). `restart`: first clear what an earlier `record` of the run
+    wrote (`clear_statistics`), so that it records from epoch 0 with these settings.
     """
     if epochs is not None:
         options["epochs"] = epochs
@@ -455,6 +507,8 @@ def record(
     idx = Index(RunDir(run).index)
     urls = shard_urls(idx, shards)  # a stored URL that may not be opened is refused before any work
     with output_lock(RunDir(run).stats, writer="record"):  # a second `record` of the run is refused, naming this one
+        if restart:
+            clear_statistics(run)
         clean_uncommitted(RunDir(run).stats)  # what a killed store creation left; we hold the lock
         return _record(run, idx, s, address, progress, augment_images, chunk_rows, record_stats, urls, shards)
 
@@ -472,11 +526,12 @@ def _record(
     shards: str | Iterable[str] | None,
 ) -> RecordSummary:
     """`record`, holding the run's writer lock."""
-    epochs, label, decode, image_size = s.epochs, s.label, s.decode, s.image_size
+    epochs, decode, image_size = s.epochs, s.decode, s.image_size
     gpus_per_worker, workers, model = s.gpus_per_worker, s.workers, s.model
+    label = _label(run, s.label, decode, s.classes)
     healthy = healthy_shards(idx).tolist()
-    view, shape, run_classes, named = _inputs(
-        run, idx, healthy, urls, shards, label, decode, image_size, s.classes, s.num_classes, address, progress
+    probe, decoded, run_classes, named = _inputs(
+        run, idx, healthy, urls, shards, label, decode, s.classes, s.num_classes, address, progress
     )
     ensure_ray(address)
     resources = ray.cluster_resources()
@@ -489,6 +544,16 @@ def _record(
             else max(1, min(4, int(resources.get("CPU", 1)) // 2))
         )
     _refuse_unplaceable(workers, gpus_per_worker, resources)
+    store_path = RunDir(run).stats
+    view, note = None, None
+    if probe is not None:
+        size, default_model = _unset_size_model(store_path, gpus_per_worker)
+        view = probe.view(image_size, size)
+        if image_size is None and not probe.native:
+            model = model or default_model
+            note = _size_note(probe, view, model, gpus_per_worker)
+    shape = view.shape if view is not None else decoded
+    assert shape is not None  # a decode function gave an example, else _inputs refused
     cfg = RecordConfig(
         epochs=epochs,
         schedule_epochs=s.schedule_epochs,
@@ -510,24 +575,18 @@ def _record(
         input_shape=list(shape),
         classes=run_classes.digest if named else None,
     )
-    store_path = RunDir(run).stats
     kwargs = {} if chunk_rows is None else {"chunk_rows": chunk_rows}
     start = 0
     if record_stats:
-        store = StatsStore.create(store_path, idx, epochs, config=asdict(cfg), **kwargs)
-        old = store.config
-        changed = [k for k in _TRAINING_KEYS if k in old and old[k] != asdict(cfg)[k]]
-        if changed:
-            raise SettingsError(
-                f"{str(store_path)!r} was recorded with other settings ({', '.join(changed)}: "
-                f"{[old[k] for k in changed]}); use the same ones to resume, or a new run directory"
-            )
+        store = StatsStore.create(store_path, idx, epochs, config=asdict(cfg), same=_TRAINING_KEYS, **kwargs)
         start = store.complete_epochs()
         if start == epochs:
             return RecordSummary(str(run), epochs)
         writers = StoreWriters(store_path, n_writers=workers)
     else:
         writers = None
+    if note is not None:  # said when training starts, not on a finished run
+        log.info(note)
     tracker = Progress.remote()  # type: ignore[attr-defined]
     summary = _fit(
         run,
@@ -547,6 +606,43 @@ def _record(
     summary.bad_samples = len(bad_samples(run))
     summary.inputs = _describe(view, shape, decode, run_classes, named)
     return summary
+
+
+def _label(run: str, label: str | None, decode: str | None, classes: str | None) -> str:
+    """The label spec to record with: `label`, else the one `RUN/classes.json` was counted with
+    (`index --label`), else cls. Without a class list file (`classes`), a `label` other than the
+    run's class list's is refused, naming both."""
+    stored = None if decode else Classes.load(run)
+    if stored is None or label in (None, stored.label):
+        return label or (stored.label if stored is not None else "cls")
+    if classes is not None:
+        return label
+    path = RunDir(run).classes
+    raise SettingsError(
+        f"record --label {label}: the run's class list {path!r} was counted with the label {stored.label} "
+        f"(by `index --label {stored.label}` or an earlier record); leave --label out to record with "
+        f"{stored.label}, or remove {path!r} to count the labels of {label}"
+    )
+
+
+def _unset_size_model(store_path: str, gpus_per_worker: float) -> tuple[int, str | None]:
+    """The square size, and the model when none is given, of images not kept at their own size: the
+    run's own when it was recorded (a resume on other hardware trains the same), else DEFAULT_SIZE
+    and the model by size (None) on GPUs, CPU_SIZE and CPU_MODEL on CPUs."""
+    recipe = StatsStore.open(store_path, mode="r").config if store_exists(store_path) else {}
+    view = recipe.get("view")
+    if view and view[3]:  # [channels, height, width, resized]
+        return int(view[1]), recipe.get("model")
+    return (DEFAULT_SIZE, None) if gpus_per_worker else (CPU_SIZE, CPU_MODEL)
+
+
+def _size_note(probe: Probe, view: View, model: Any, gpus_per_worker: float) -> str:
+    """The line saying which size and model images not kept at their own size are trained at."""
+    where = "GPUs" if gpus_per_worker else "CPU"
+    return (
+        f"record: {probe.describe()} on {where}: training a {model_name(model, view.height)} at "
+        f"{view.width}x{view.height} px; set --image-size / --model to choose"
+    )
 
 
 def _per_worker(gpus_per_worker: float) -> dict[str, float]:
@@ -609,6 +705,29 @@ def _describe(view: View | None, shape: tuple[int, ...], decode: str | None, cla
     """One line on what the proxy trained on, for the summary."""
     what = view.describe() if view is not None else f"{decode} -> {tuple(shape)}"
     return f"{what}; {classes.num_classes} classes" + (f" ({classes.label}, names in classes.json)" if named else "")
+
+
+def _estimate(state: dict, cfg: RecordConfig, n_samples: int) -> str | None:
+    """'record: epoch 0: ~46 s per epoch at 130 samples/s (ETA for all epochs: 8 min)', from the first
+    epoch in the tracker's `state` whose ranks have reported twice (samples since a rank's first
+    report over the time since), extrapolated to all workers; None before."""
+    for epoch in sorted({e for e, _ in state}):
+        rows = [r for (e, _), r in state.items() if e == epoch and r["t1"] > r["t0"] and r["n"] > r["n0"]]
+        if rows:
+            rate = sum((r["n"] - r["n0"]) / (r["t1"] - r["t0"]) for r in rows) / len(rows) * cfg.workers
+            seconds = n_samples / rate
+            return (
+                f"record: epoch {epoch}: ~{_duration(seconds)} per epoch at {rate:,.0f} samples/s "
+                f"(ETA for all epochs: {_duration(seconds * (cfg.epochs - epoch))})"
+            )
+    return None
+
+
+def _duration(seconds: float) -> str:
+    """'46 s', '8 min', '2.5 h'."""
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
 
 
 def _user_error(exc: BaseException) -> BaseException:
@@ -690,9 +809,15 @@ def _fit(
     thread.start()
     bars: dict[int, tqdm] = {}
     state, epochs = {}, {}
+    estimated = False
     while thread.is_alive():
         thread.join(0.5)
         state, epochs = ray.get(tracker.get.remote())
+        estimate = None if estimated else _estimate(state, cfg, n_samples)
+        if estimate is not None:
+            with tqdm.external_write_mode(file=sys.stderr):  # a bar drawn on the terminal is redrawn below it
+                log.info(estimate)
+            estimated = True
         if not progress:
             continue
         for epoch in sorted({e for e, _ in state}):

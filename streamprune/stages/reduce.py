@@ -25,7 +25,7 @@ from streamprune.formats.index import Index
 from streamprune.formats.keeplist import KeepList, KeepListWriter, new_manifest
 from streamprune.formats.rundir import RunDir
 from streamprune.formats.scores_store import ScoresStore
-from streamprune.formats.stats_store import LABEL, StatsStore
+from streamprune.formats.stats_store import LABEL, StatsStore, store_exists
 from streamprune.progress import progress_bar
 from streamprune.scoring import sampling
 from streamprune.scoring.methods import Method
@@ -223,6 +223,8 @@ def reduce(
             "finish, then reduce"
         )
     index = Index(RunDir(run).index)
+    if not store_exists(RunDir(run).stats):
+        raise FileNotFoundError(f"no statistics in {run}: run `streamprune record {run} --epochs N` first")
     store = StatsStore.open(RunDir(run).stats, mode="r", index=index)
     if balance == "classes":
         store.labels(slice(0, 0))  # refuses a store without labels before any work

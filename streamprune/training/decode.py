@@ -43,7 +43,8 @@ STRIP_PIXELS = 1 << 18  # modes are converted a strip of about this many pixels 
 SCALE = (0.08, 1.0)  # random resized crop: area fraction of the source image
 RATIO = (3 / 4, 4 / 3)  # and its aspect ratio range
 NATIVE_MAX = 256  # unset image size: the images' own size when they agree and are at most this
-DEFAULT_SIZE = 224  # else S = 224
+DEFAULT_SIZE = 224  # else S = 224 on GPUs
+CPU_SIZE = 64  # and S = 64 on CPUs (a ResNet-18 step on one core: ~60 samples/s at 64 px, ~4 at 224)
 PROBE_SAMPLES = 64
 
 
@@ -375,12 +376,37 @@ class SampleDecoder:
         return x, label
 
 
-def probe_view(samples: Iterable[dict], image_size: int | None, max_pixels: int = MAX_PIXELS) -> View:
-    """The run's view from its first decodable images: `image_size` square when given; else their
-    own size when the first PROBE_SAMPLES agree and are at most NATIVE_MAX, else DEFAULT_SIZE.
-    Greyscale when they are all grey, else RGB."""
-    if image_size is not None and image_size < 1:
-        raise SettingsError(f"image size must be >= 1, not {image_size}")
+@dataclass(frozen=True)
+class Probe:
+    """The sizes `(height, width)` of a run's first decodable images, and whether all are grey."""
+
+    sizes: frozenset[tuple[int, int]]
+    grey: bool
+
+    @property
+    def native(self) -> bool:
+        """Whether the images are kept at their own size: one size, at most NATIVE_MAX."""
+        return len(self.sizes) == 1 and max(next(iter(self.sizes))) <= NATIVE_MAX
+
+    def describe(self) -> str:
+        """'images of 300x300 px', or 'images of mixed sizes (40x40 .. 120x96)' (smallest .. largest)."""
+        shown = sorted((h * w, f"{w}x{h}") for h, w in self.sizes)
+        if len(shown) == 1:
+            return f"images of {shown[0][1]} px"
+        return f"images of mixed sizes ({shown[0][1]} .. {shown[-1][1]})"
+
+    def view(self, image_size: int | None, fallback: int = DEFAULT_SIZE, max_pixels: int = MAX_PIXELS) -> View:
+        """`image_size` square when given; else their own size when `native`, else `fallback` square."""
+        channels = 1 if self.grey else 3
+        if image_size is None and self.native:
+            h, w = next(iter(self.sizes))
+            return View(channels, h, w, False, max_pixels)
+        size = fallback if image_size is None else image_size
+        return View(channels, size, size, True, max_pixels)
+
+
+def probe_images(samples: Iterable[dict], max_pixels: int = MAX_PIXELS) -> Probe:
+    """The sizes of the first PROBE_SAMPLES decodable images of `samples`."""
     sizes, grey, seen = set(), True, 0
     for sample in samples:
         try:
@@ -399,13 +425,15 @@ def probe_view(samples: Iterable[dict], image_size: int | None, max_pixels: int 
             break
     if not seen:
         raise BadSample("no decodable image among the first samples")
-    channels = 1 if grey else 3
-    if image_size is not None:
-        return View(channels, image_size, image_size, True, max_pixels)
-    (h, w), agree = next(iter(sizes)), len(sizes) == 1
-    if agree and max(h, w) <= NATIVE_MAX:
-        return View(channels, h, w, False, max_pixels)
-    return View(channels, DEFAULT_SIZE, DEFAULT_SIZE, True, max_pixels)
+    return Probe(frozenset(sizes), grey)
+
+
+def probe_view(samples: Iterable[dict], image_size: int | None, max_pixels: int = MAX_PIXELS) -> View:
+    """The view of a run on GPUs from its first decodable images (`Probe.view`): `image_size` square
+    when given; else their own size when `native`, else DEFAULT_SIZE. Greyscale when all are grey."""
+    if image_size is not None and image_size < 1:
+        raise SettingsError(f"image size must be >= 1, not {image_size}")
+    return probe_images(samples, max_pixels).view(image_size, max_pixels=max_pixels)
 
 
 class ToTensors:

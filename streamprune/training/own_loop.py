@@ -41,9 +41,18 @@ import torch
 
 from streamprune import storage
 from streamprune.errors import DamagedRunError, InputError, SettingsError
+from streamprune.formats.atomic import output_lock
 from streamprune.formats.index import Index
 from streamprune.formats.rundir import RunDir
-from streamprune.formats.stats_store import LABEL, STATS, OwnershipError, StatsStore, owner_of, zarr_array
+from streamprune.formats.stats_store import (
+    LABEL,
+    STATS,
+    OwnershipError,
+    StatsStore,
+    clear_statistics,
+    owner_of,
+    zarr_array,
+)
 from streamprune.shards.labels import BadSample
 from streamprune.shards.sources import shard_urls
 from streamprune.training.samples import (
@@ -248,8 +257,10 @@ class StatsLogger:
     `torch.cuda.set_device(local_rank)` called first: the object all-gathers use the current
     device), else a single process. `run` must hold an index (`streamprune index` or
     `index_in_process`) and be on a filesystem every rank sees. `config` (JSON-able) is stored
-    in the store; reopening it with a different value for a key it already has is refused.
-    Spooled rows are flushed to part files every `spool_rows` rows, so memory stays bounded.
+    in the store; reopening it with a different value for a key it already has is refused, unless
+    `restart` (rank 0 first clears the run's statistics, as `record --restart`: give it on the first
+    launch only, since a relaunch with it starts over). Spooled rows are flushed to part files every
+    `spool_rows` rows, so memory stays bounded.
     """
 
     def __init__(
@@ -262,6 +273,7 @@ class StatsLogger:
         world_size: int | None = None,
         chunk_rows: int | None = None,
         spool_rows: int = DEFAULT_SPOOL_ROWS,
+        restart: bool = False,
     ):
         if storage.is_url(run):
             raise SettingsError(
@@ -278,17 +290,17 @@ class StatsLogger:
         store, error = None, None
         if self.rank == 0:
             try:
+                if restart:
+                    with output_lock(path, writer="StatsLogger"):
+                        clear_statistics(self.run)
                 store = StatsStore.create(
-                    path, self.index, epochs, config=cfg, **({} if chunk_rows is None else {"chunk_rows": chunk_rows})
+                    path,
+                    self.index,
+                    epochs,
+                    config=cfg,
+                    same=cfg,
+                    **({} if chunk_rows is None else {"chunk_rows": chunk_rows}),
                 )
-                old = store.config
-                changed = [k for k in cfg if k in old and old[k] != cfg[k]]
-                if changed:
-                    raise SettingsError(
-                        f"{str(path)!r} was recorded with other settings "
-                        f"({', '.join(f'{k}: {old[k]!r}, not {cfg[k]!r}' for k in changed)}); "
-                        f"use the same ones to resume, or a new run directory"
-                    )
             except (ValueError, OSError) as exc:
                 error = exc
         self.ranks.exchange(None, error)  # the other ranks open the store once rank 0 made it
@@ -474,7 +486,6 @@ def index_in_process(
     """`streamprune index` in this process, one shard after another, without Ray: the same
     `RUN/index` (same names, rows, identities and fingerprint) for jobs small enough to scan
     serially. Call it on one rank only, then wait for it (e.g. a barrier)."""
-    from streamprune.formats.atomic import output_lock
     from streamprune.formats.index import scan_shard, write_index
     from streamprune.shards.identity import parse_identity, shard_names
     from streamprune.shards.urls import absolute, expand_urls
