@@ -629,7 +629,7 @@ def _other_settings(location: str, recorded: dict, given: dict, keys: Iterable[s
     changed = [k for k in keys if k in recorded and recorded[k] != given[k]]
     if not changed:
         return None
-    values = "; ".join(f"{k}: {recorded[k]!r}, not {given[k]!r}" for k in changed)
+    values = "; ".join(f"{k}: {recorded[k]!r}, not {'unset' if given[k] is None else repr(given[k])}" for k in changed)
     return SettingsError(f"{location!r} was recorded with other settings ({values}); {RESTART}")
 
 
