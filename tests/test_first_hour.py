@@ -150,7 +150,9 @@ def test_clearing_statistics_keeps_the_index_and_class_list_locally_and_on_s3(
         "--restart (restart=True) to clear the statistics and record again, or use the same settings to resume"
     )
     kept = {storage.join(rd.index, "manifest.json"): b'{"n": 1}', rd.classes: b'{"names": null}'}
+    drawn = [rd.keep, rd.scores, RunDir.keep_in(rd.baseline("random")), RunDir.scores_in(rd.baseline("random"))]
     cleared = [rd.checkpoint(1), storage.join(rd.bad_sample_objects, "e0000-r3.json"), rd.bad_samples]
+    cleared += [storage.join(p, "manifest.json") for p in drawn]  # drawn from the statistics: they go too
     for path, data in [*kept.items(), *((p, b"x") for p in cleared)]:
         storage.write_bytes(path, data)
     with output_lock(rd.stats, writer="test"):

@@ -28,7 +28,7 @@ import zarr
 from streamprune import storage
 from streamprune.errors import DamagedRunError, InputError, SettingsError
 from streamprune.formats import commit
-from streamprune.formats.atomic import named_os_error
+from streamprune.formats.atomic import named_os_error, output_lock
 from streamprune.formats.headers import LABEL, LABEL_MISSING, STATS_FORMAT, check_format, header
 from streamprune.formats.rundir import RunDir
 from streamprune.formats.schema import EPOCHS, ROWS, STATS_SCHEMA
@@ -635,9 +635,21 @@ def _other_settings(location: str, recorded: dict, given: dict, keys: Iterable[s
 
 def clear_statistics(run: str | os.PathLike) -> None:
     """Remove what recording wrote to `run`: the stats store, the spool of one's own loop, checkpoints,
-    the skipped-sample log and Ray Train's storage; the index and `classes.json` stay. Hold the
-    stats store's lock."""
+    the skipped-sample log and Ray Train's storage, and what was drawn from them (`clear_drawn`);
+    the index and `classes.json` stay. Hold the stats store's lock."""
     rd = RunDir(run)
+    clear_drawn(run)
     commit.remove_output(rd.stats)  # a reader sees the whole store or none
     for path in (rd.stats_spool, rd.checkpoints, rd.bad_samples, rd.bad_sample_objects, rd.ray_train):
         storage.remove(path)
+
+
+def clear_drawn(run: str | os.PathLike) -> None:
+    """Remove the scores and keep-lists in `run` (main and baselines), each under its own lock (a
+    reduce writing one is named and refuses the restart): drawn from statistics being replaced,
+    they would otherwise pass for the new ones' (`run CONFIG` skips a reduce whose list exists)."""
+    rd = RunDir(run)
+    for directory in (rd.root, *rd.baselines()):
+        for output in (RunDir.scores_in(directory), RunDir.keep_in(directory)):
+            with output_lock(output, writer="record --restart"):
+                commit.remove_output(output)
