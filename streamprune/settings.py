@@ -15,8 +15,6 @@ from typing import Any, TypeVar
 
 from streamprune.errors import SettingsError
 
-BALANCES = ("none", "classes")  # how a reduce budget is spread: over all samples, or by class quotas
-
 S = TypeVar("S", bound="StageSettings")
 
 

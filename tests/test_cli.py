@@ -117,6 +117,14 @@ def test_run_resumes_after_a_kill_then_report_and_inspect(ray_session, tmp_path,
     assert main(["run", str(cfg), "--quiet"]) == 2
     assert "was recorded with other settings (lr: 0.1, not 0.05); rerun with --restart" in capsys.readouterr().err
     assert StatsStore.open(run / "stats.zarr", mode="r").complete_epochs() == 4
+    old_keep = keep["created"]
+    assert main(["run", str(cfg), "--quiet", "--restart"]) == 0  # the way out the refusal names
+    restarted = capsys.readouterr().out
+    assert "index: already complete, skipped" in restarted and "record: already complete" not in restarted
+    store = StatsStore.open(run / "stats.zarr", mode="r")
+    assert store.config["lr"] == 0.05 and store.complete_epochs() == 4
+    assert "reduce: already complete" not in restarted and "evaluate: already complete" not in restarted
+    assert json.loads((run / "keep" / "manifest.json").read_text())["created"] != old_keep
     _render_if_possible(report / "index.html", tmp_path / "page.png")
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from streamprune.stages.pipeline import judge, verdict
+from streamprune.stages.verdicts import judge, verdict
 
 
 def test_ahead_or_behind_only_beyond_the_spread_of_the_per_seed_differences():

@@ -17,7 +17,8 @@ from pathlib import Path
 from streamprune import storage
 from streamprune.errors import DamagedRunError, SettingsError, StreamPruneError
 from streamprune.formats.rundir import RunDir
-from streamprune.settings import BALANCES, IndexSettings, RecordSettings, ReduceSettings, ReportSettings, S
+from streamprune.scoring.sampling import BALANCES
+from streamprune.settings import IndexSettings, RecordSettings, ReduceSettings, ReportSettings, S
 from streamprune.stages.ray_output import routed_to, tail
 from streamprune.stages.summaries import index_summary, record_line, reduce_line
 
@@ -155,7 +156,7 @@ def cmd_run(args) -> None:
     from streamprune.config import load_config
     from streamprune.stages.pipeline import format_table, run_pipeline
 
-    result = run_pipeline(load_config(args.config), progress=not args.quiet)
+    result = run_pipeline(load_config(args.config), progress=not args.quiet, restart=args.restart)
     print("\n" + format_table(result))
     if result.report:
         print(f"report: {result.report}")
@@ -347,6 +348,12 @@ def build_parser() -> argparse.ArgumentParser:
         cmd_run,
     )
     s.add_argument("config", help="config file (.yaml, .yml or .toml)")
+    s.add_argument(
+        "--restart",
+        action="store_true",
+        help="record again from epoch 0 with the config's record settings (as `record --restart`: the "
+        "statistics and what was drawn from them are cleared; the index and classes.json stay)",
+    )
 
     s = command(
         "init-config", "write a commented example config", "streamprune init-config streamprune.yaml", cmd_init_config
@@ -446,8 +453,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--restart",
         action="store_true",
-        help="first clear what an earlier record of RUN wrote (statistics, checkpoints, skipped-sample log; "
-        "the index and classes.json stay), then record from epoch 0 with these settings",
+        help="first clear what an earlier record of RUN wrote (statistics, checkpoints, skipped-sample log, "
+        "and the scores and keep-lists drawn from them; the index and classes.json stay), then record from "
+        "epoch 0 with these settings",
     )
     s.set_defaults(**RecordSettings().to_dict())  # the defaults, written once (shown by --help)
 

@@ -14,10 +14,10 @@ from __future__ import annotations
 import numpy as np
 
 from streamprune.errors import InputError, SettingsError
-from streamprune.settings import BALANCES
 
 ZERO_WEIGHT_BASE = -1e300  # zero-weight samples rank below every positive-weight key
 
+BALANCES = ("none", "classes")  # how the budget is spread: over all samples, or by class quotas
 DEFAULT_BALANCE = "classes"
 # c_d by balance: the paper's 4 over all samples; 8 with class quotas, chosen on a validation
 # split of Fashion-MNIST (benchmarks/VALIDATION.md): the mode stays at mid-difficulty longer.

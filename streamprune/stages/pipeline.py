@@ -9,10 +9,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-
-import numpy as np
 
 from streamprune import storage
 from streamprune.config import Config
@@ -26,6 +23,7 @@ from streamprune.settings import ReduceSettings
 from streamprune.shards.identity import shard_names
 from streamprune.shards.urls import absolute, expand_urls
 from streamprune.stages.summaries import index_summary, record_line, reduce_line
+from streamprune.stages.verdicts import subset_label, summarize_evaluation, verdict
 
 
 @dataclass
@@ -41,8 +39,9 @@ class PipelineResult:
     verdict: str | None = None  # the keep-list against the baseline, when both were evaluated
 
 
-def run_pipeline(cfg: Config, progress: bool = True, log=print) -> PipelineResult:
-    """Run every stage of `cfg` that is not already complete on disk."""
+def run_pipeline(cfg: Config, progress: bool = True, log=print, restart: bool = False) -> PipelineResult:
+    """Run every stage of `cfg` that is not already complete on disk; `restart`: record again from
+    epoch 0 (`record(restart=True)`), and so every stage after it."""
     run = storage.absolute(cfg.out)
     result = PipelineResult(run)
 
@@ -57,7 +56,7 @@ def run_pipeline(cfg: Config, progress: bool = True, log=print) -> PipelineResul
         result.stage_seconds[name] = time.perf_counter() - t
 
     stage("index", lambda: _index(cfg, run, progress, log), _index_done(cfg, run))
-    stage("record", lambda: _record(cfg, run, progress, log), _record_done(cfg, run))
+    stage("record", lambda: _record(cfg, run, progress, log, restart), not restart and _record_done(cfg, run))
     main = _main_subset(cfg)
     stage(
         "reduce",
@@ -115,10 +114,13 @@ def _record_done(cfg: Config, run: str) -> bool:
     return complete and not changed_settings(store.config, cfg.record)
 
 
-def _record(cfg: Config, run: str, progress: bool, log) -> None:
+def _record(cfg: Config, run: str, progress: bool, log, restart: bool) -> None:
     from streamprune.stages.record import record
 
-    log(record_line(record(run, settings=cfg.record, address=cfg.address, progress=progress, shards=cfg.shards)))
+    summary = record(
+        run, settings=cfg.record, address=cfg.address, progress=progress, shards=cfg.shards, restart=restart
+    )
+    log(record_line(summary))
 
 
 @dataclass(frozen=True)
@@ -132,11 +134,6 @@ class _Subset:
     @property
     def label(self) -> str:
         return subset_label(self.method, self.balance)
-
-
-def subset_label(method: str, balance: str | None) -> str:
-    """A keep-list's name in evaluation rows: its method, plus `+classes` when class-balanced."""
-    return method + ("+classes" if balance == "classes" else "")
 
 
 def _main_subset(cfg: Config, i: int = 0) -> _Subset:
@@ -279,63 +276,6 @@ def _evaluate(cfg: Config, run: str, progress: bool, log) -> None:
             f"{res.test_accuracy:.4f} ({res.seconds:.1f} s)"
         )
         _save_evaluation(run, key, rows)
-
-
-def summarize_evaluation(rows: list[dict]) -> list[dict]:
-    """Evaluation rows grouped by subset, in first-seen order: `method`, `ratio`, `kept`,
-    `epochs`, `seeds`, `accuracies`, `mean`, `std` (sample std; 0 for one seed)."""
-    groups: dict[str, list[dict]] = {}
-    for r in rows:
-        groups.setdefault(r["method"], []).append(r)
-    out = []
-    for method, rs in groups.items():
-        acc = np.array([r["test_accuracy"] for r in rs])
-        out.append(
-            {
-                "method": method,
-                "ratio": rs[0]["ratio"],
-                "kept": rs[0]["kept"],
-                "epochs": rs[0]["epochs"],
-                "seeds": len(rs),
-                "accuracies": acc.tolist(),
-                "mean": float(acc.mean()),
-                "std": float(acc.std(ddof=1)) if len(acc) > 1 else 0.0,
-            }
-        )
-    return out
-
-
-def judge(diffs: Sequence[float] | np.ndarray) -> str:
-    """`ahead` when the mean of the per-seed differences `d` exceeds their spread,
-    `mean(d) > std(d)` (sample std, ddof = 1), `behind` when `mean(d) < -std(d)`, `tie`
-    otherwise; `not judged` for one seed (no spread to judge by)."""
-    d = np.asarray(diffs, dtype=np.float64)
-    if len(d) < 2:
-        return "not judged"
-    mean, std = d.mean(), d.std(ddof=1)
-    return "ahead" if mean > std else "behind" if mean < -std else "tie"
-
-
-def verdict(rows: list[dict], method: str, baseline: str = "random") -> str | None:
-    """`METHOD vs BASELINE: +x.x points (n seeds; per seed ..., std ...): JUDGEMENT`: the mean
-    accuracy difference of the seeds both were trained with, in percentage points, judged
-    against the spread of the per-seed differences (`judge`); None without both."""
-    acc = {(r["method"], r.get("seed", 0)): r["test_accuracy"] for r in rows}
-    seeds = sorted(s for m, s in acc if m == method and (baseline, s) in acc)
-    if not seeds:
-        return None
-    diff = np.array([100 * (acc[(method, s)] - acc[(baseline, s)]) for s in seeds])
-    spread = f", std {diff.std(ddof=1):.1f}" if len(diff) > 1 else ""
-    said = {
-        "ahead": f"ahead of {baseline} (beyond the seed spread)",
-        "behind": f"behind {baseline} (beyond the seed spread)",
-        "tie": f"tie with {baseline} (within the seed spread)",
-        "not judged": "not judged (1 seed: no spread)",
-    }[judge(diff)]
-    return (
-        f"{method} vs {baseline}: {diff.mean():+.1f} points ({len(seeds)} seed{'s' * (len(seeds) > 1)}; "
-        f"per seed {', '.join(f'{d:+.1f}' for d in diff)}{spread}): {said}"
-    )
 
 
 def _save_evaluation(run: str, key: dict, rows: list[dict]) -> None:

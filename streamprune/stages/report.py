@@ -244,7 +244,7 @@ def _starvation_warning(
 
 def _main_method(manifest: dict) -> str:
     """The keep-list's name in the evaluation rows."""
-    from streamprune.stages.pipeline import subset_label
+    from streamprune.stages.verdicts import subset_label
 
     return subset_label(manifest.get("method", ""), manifest.get("balance"))
 
@@ -324,7 +324,7 @@ def _class_range(fractions: np.ndarray, name: Callable[[int], str]) -> str:
 
 def _summary_verdict(saved: dict | None, main: str) -> str:
     """The evaluation's verdict line, or how to get one."""
-    from streamprune.stages.pipeline import verdict
+    from streamprune.stages.verdicts import verdict
 
     if saved is None:
         return "none saved (add an <code>evaluate</code> section to the config and <code>streamprune run</code> it)."
@@ -643,7 +643,7 @@ def _plot_training(store: StatsStore, rows: np.ndarray):
 def _evaluation_section(rows: list[dict], main: str, budget: str = "steps") -> str:
     """One row per subset (test accuracy mean +- std over seeds), then `main` against `random`, and
     a note when the model trained on all samples scored below a subset."""
-    from streamprune.stages.pipeline import summarize_evaluation, verdict
+    from streamprune.stages.verdicts import summarize_evaluation, verdict
 
     groups = summarize_evaluation(rows)
     head = "<tr><th>subset</th><th>ratio</th><th>kept</th><th>epochs</th><th>seeds</th><th>test accuracy</th></tr>"
