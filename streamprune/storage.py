@@ -103,35 +103,35 @@ def write_bytes(location: str | os.PathLike, data: bytes, exclusive: bool = Fals
 
 
 def _write_local(path: str, data: bytes, exclusive: bool) -> None:
-    """Write a local file whole, as object stores do: built beside it, then renamed (or, when
-    `exclusive`, hard-linked, which fails if the name is taken) into place."""
-    tmp = _temp_beside(path)
+    """Write a local file whole, as object stores do (`_built_beside`)."""
+    with _built_beside(path, exclusive, sync=False) as f:
+        f.write(data)
+
+
+@contextlib.contextmanager
+def _built_beside(path: str, exclusive: bool, sync: bool) -> Iterator[IO[bytes]]:
+    """A file to write local `path` whole: built under a hidden name beside it (its folder created),
+    `sync`ed if asked, then renamed over it, or (`exclusive`) hard-linked, which fails with
+    FileExistsError naming `path` if the name is taken; nothing appears when the block raises."""
+    folder = os.path.dirname(path)
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp-{os.getpid()}-{time.monotonic_ns()}")
     try:
         with open(tmp, "wb") as f:
-            f.write(data)
-        _put_in_place(tmp, path, exclusive)
+            yield f
+            if sync:
+                f.flush()
+                os.fsync(f.fileno())
+        if not exclusive:
+            os.replace(tmp, path)
+        else:
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                raise FileExistsError(f"{path}: already exists") from None
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-
-
-def _temp_beside(path: str) -> str:
-    """A new hidden name beside local file `path` (its folder created) to build it under."""
-    folder = os.path.dirname(path)
-    os.makedirs(folder, exist_ok=True)
-    return os.path.join(folder, f".{os.path.basename(path)}.tmp-{os.getpid()}-{time.monotonic_ns()}")
-
-
-def _put_in_place(tmp: str, path: str, exclusive: bool) -> None:
-    """Move the complete file `tmp` to `path`: renamed over it, or (`exclusive`) hard-linked,
-    which fails with FileExistsError naming `path` if the name is taken (`tmp` is left)."""
-    if not exclusive:
-        os.replace(tmp, path)
-        return
-    try:
-        os.link(tmp, path)
-    except FileExistsError:
-        raise FileExistsError(f"{path}: already exists") from None
 
 
 @contextlib.contextmanager
@@ -145,16 +145,8 @@ def writing(location: str | os.PathLike, replace: bool = True) -> Iterator[IO[by
         path = os.path.abspath(local_path(os.fspath(location)))
         if not replace and os.path.lexists(path):
             raise FileExistsError(f"{path}: already exists")
-        tmp = _temp_beside(path)
-        try:
-            with open(tmp, "wb") as f:
-                yield f
-                f.flush()
-                os.fsync(f.fileno())
-            _put_in_place(tmp, path, exclusive=not replace)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        with _built_beside(path, exclusive=not replace, sync=True) as f:
+            yield f
         return
     fs, path = filesystem(location)
     if not replace and fs.exists(path):
