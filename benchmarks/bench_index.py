@@ -21,8 +21,8 @@ import webdataset as wds
 from shardsets import shard_sets
 
 from streamprune import index
-from streamprune.datasets import fashion_mnist_dir
-from streamprune.formats.index import scan_shard
+from streamprune.demo.datasets import fashion_mnist_dir
+from streamprune.shards.scan import scan_shard
 from streamprune.stages.ray_cluster import ensure_ray
 
 

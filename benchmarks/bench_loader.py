@@ -44,7 +44,7 @@ from s3_process import TESTS, S3Process, serve_s3_process
 from shardsets import shard_sets
 
 from streamprune import PrunedWebDataset, index
-from streamprune.datasets import fashion_mnist_dir
+from streamprune.demo.datasets import fashion_mnist_dir
 from streamprune.formats.keeplist import KeepList
 from streamprune.stages.ray_cluster import ensure_ray
 

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from streamprune import index
-from streamprune.datasets import fashion_mnist_shards
+from streamprune.demo.datasets import fashion_mnist_shards
 from streamprune.stages.ray_cluster import ensure_ray
 from streamprune.stages.record import record
 
@@ -105,8 +105,9 @@ def web(tmp: Path, args) -> dict:
     import torch
     import webdataset as wds
 
-    from streamprune.datasets import load_fashion_mnist, weblike_shards
-    from streamprune.shards.labels import Classes, LabelSpec
+    from streamprune.demo.datasets import load_fashion_mnist, weblike_shards
+    from streamprune.formats.classes import Classes
+    from streamprune.shards.labels import LabelSpec
     from streamprune.training.decode import SampleDecoder, View
 
     images, labels = load_fashion_mnist("train")

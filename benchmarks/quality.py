@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from streamprune import index, record, reduce
-from streamprune.datasets import fashion_mnist_dir, load_fashion_mnist, shard_sizes, write_shards
+from streamprune.demo.datasets import fashion_mnist_dir, load_fashion_mnist, shard_sizes, write_shards
 from streamprune.formats.keeplist import KeepList
 from streamprune.stages.evaluate import train_subset
 from streamprune.stages.ray_cluster import ensure_ray

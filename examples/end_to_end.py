@@ -9,7 +9,7 @@ import argparse
 from pathlib import Path
 
 import streamprune
-from streamprune.datasets import fashion_mnist_shards
+from streamprune.demo.datasets import fashion_mnist_shards
 from streamprune.stages.evaluate import train_subset
 
 

@@ -27,7 +27,8 @@ from torch.distributed.algorithms.join import Join
 from torch.nn.parallel import DistributedDataParallel
 
 from streamprune import IndexedShards, StatsLogger, index_in_process
-from streamprune.shards.labels import Classes, scan_classes
+from streamprune.formats.classes import Classes
+from streamprune.stages.label_scan import scan_classes
 from streamprune.training.decode import ToTensors
 from streamprune.training.models import small_cnn
 from streamprune.training.recipe import sync_from_rank0

@@ -49,7 +49,7 @@ def ray_session():
 @pytest.fixture(scope="session")
 def fmnist():
     """The first 1,200 real Fashion-MNIST training images and labels (bundled or full set)."""
-    from streamprune.datasets import load_fashion_mnist
+    from streamprune.demo.datasets import load_fashion_mnist
 
     images, labels = load_fashion_mnist("train")
     return images[:1200], labels[:1200]
@@ -58,7 +58,7 @@ def fmnist():
 @pytest.fixture(scope="session")
 def uneven_shards(tmp_path_factory, fmnist):
     """Six deliberately uneven PNG shards of real Fashion-MNIST images."""
-    from streamprune.datasets import shard_sizes, write_shards
+    from streamprune.demo.datasets import shard_sizes, write_shards
 
     images, labels = fmnist
     out = tmp_path_factory.mktemp("shards")

@@ -18,9 +18,9 @@ import yaml
 
 from streamprune.cli.main import build_parser, main
 from streamprune.config import ConfigError, load_config
-from streamprune.datasets import fashion_mnist_shards
-from streamprune.formats.run_state import run_state
+from streamprune.demo.datasets import fashion_mnist_shards
 from streamprune.formats.stats_store import StatsStore
+from streamprune.inspection.run_state import run_state
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -18,9 +18,9 @@ import pytest
 import webdataset as wds
 
 from streamprune import PrunedWebDataset, reshard
-from streamprune.datasets import encode_png
-from streamprune.formats.index import scan_shard
+from streamprune.demo.datasets import encode_png
 from streamprune.formats.keeplist import KeepList
+from streamprune.shards.scan import scan_shard
 from streamprune.shards.tarscan import TarFormatError
 from streamprune.stages.index import index
 
@@ -199,7 +199,7 @@ def test_record_and_reduce_over_gzip_shards(ray_session, gz, tmp_path):
     labels = np.concatenate([[int(s["cls"]) for s in wds.WebDataset(p, shardshuffle=False)] for p in gz["paths"]])
     assert (store.labels() == labels).all()
     assert len(reduce(run, 0.7, "dual-beta", progress=False)) == 360
-    from streamprune.formats.run_state import run_state
+    from streamprune.inspection.run_state import run_state
 
     assert run_state(run)["index"]["compressed_shards"] == 6
 
@@ -207,7 +207,7 @@ def test_record_and_reduce_over_gzip_shards(ray_session, gz, tmp_path):
 def test_index_label_counts_classes_of_gzip_shards(gz, tmp_path):
     import shutil
 
-    from streamprune.shards.labels import scan_classes
+    from streamprune.stages.label_scan import scan_classes
 
     run = tmp_path / "run"
     shutil.copytree(gz["work"] / "run" / "index", run / "index")

@@ -10,7 +10,7 @@ import pytest
 import webdataset as wds
 
 from streamprune.cli.main import main
-from streamprune.datasets import (
+from streamprune.demo.datasets import (
     BUNDLED,
     SHARED,
     fashion_mnist_dir,
@@ -129,7 +129,7 @@ def test_demo_runs_every_stage_on_real_shards(ray_session, tmp_path, capsys, mon
 
 def test_demo_says_when_it_asks_more_images_than_the_data_has():
     from streamprune.cli.main import demo_caps
-    from streamprune.datasets import BUNDLED
+    from streamprune.demo.datasets import BUNDLED
 
     notes = demo_caps(str(BUNDLED), 6000, 2000)  # the bundled subset: 4,000 training, 1,000 test images
     assert notes == [

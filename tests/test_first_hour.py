@@ -12,12 +12,12 @@ import pytest
 
 from streamprune import storage
 from streamprune.cli.main import build_parser, main
-from streamprune.datasets import weblike_shards
+from streamprune.demo.datasets import weblike_shards
 from streamprune.errors import InputError, SettingsError
 from streamprune.formats.atomic import output_lock
+from streamprune.formats.classes import Classes
 from streamprune.formats.rundir import RunDir
 from streamprune.formats.stats_store import StatsStore, clear_statistics, store_exists
-from streamprune.shards.labels import Classes
 from streamprune.stages.record import _estimate, record
 from streamprune.training.decode import CPU_SIZE, DEFAULT_SIZE, Probe, View
 

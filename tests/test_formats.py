@@ -12,21 +12,13 @@ import pytest
 import zarr
 
 from streamprune.errors import DamagedRunError, NewerFormatError
-from streamprune.formats.headers import (
-    KEEP_FORMAT,
-    LABEL,
-    LABEL_MISSING,
-    NO_GROUP,
-    SCORES_FORMAT,
-    STATS_FORMAT,
-    check_format,
-    header,
-)
+from streamprune.formats.classes import Classes
+from streamprune.formats.headers import KEEP_FORMAT, SCORES_FORMAT, STATS_FORMAT, check_format, header
 from streamprune.formats.index import Index
 from streamprune.formats.keeplist import KeepList
 from streamprune.formats.rundir import RunDir
 from streamprune.formats.scores_store import ScoresStore
-from streamprune.shards.labels import Classes
+from streamprune.scoring.columns import LABEL, LABEL_MISSING, NO_GROUP
 
 
 def _bump_version(path, version=2):

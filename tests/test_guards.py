@@ -27,9 +27,10 @@ def two_shards(uneven_shards, tmp_path):
 
 
 def test_a_shard_rewritten_after_an_interrupted_index_is_scanned_again(ray_session, two_shards, tmp_path, fmnist):
-    from streamprune.datasets import write_shards
-    from streamprune.formats.index import save_scan, scan_shard
+    from streamprune.demo.datasets import write_shards
+    from streamprune.formats.index import save_scan
     from streamprune.shards.identity import shard_names
+    from streamprune.shards.scan import scan_shard
     from streamprune.stages.index import part_path
 
     run = tmp_path / "run"

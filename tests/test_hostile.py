@@ -22,9 +22,10 @@ import pytest
 import webdataset as wds
 
 from streamprune import KeepList, PrunedWebDataset
-from streamprune.datasets import encode_png, write_shards
-from streamprune.formats.index import Index, load_scan, save_scan, scan_shard, write_index
+from streamprune.demo.datasets import encode_png, write_shards
+from streamprune.formats.index import Index, load_scan, save_scan, write_index
 from streamprune.shards.reader import ReadStats, read_keys
+from streamprune.shards.scan import scan_shard
 from streamprune.shards.tarscan import CountingReader, TarFormatError, iter_samples
 from streamprune.shards.urls import open_shard
 

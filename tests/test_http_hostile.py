@@ -26,7 +26,7 @@ from hostile_http import fuzz_profile, serve
 
 from streamprune import KeepList, PrunedWebDataset
 from streamprune.errors import ChangedShardError, SettingsError, StreamPruneError
-from streamprune.formats.index import scan_shard
+from streamprune.shards.scan import scan_shard
 from streamprune.shards.urls import open_shard
 
 FAST = {"STREAMPRUNE_HTTP_TIMEOUT": "1", "STREAMPRUNE_HTTP_MIN_RATE": "1024", "STREAMPRUNE_HTTP_RATE_WINDOW": "0.3"}
@@ -310,7 +310,7 @@ def test_fuzzed_server_misbehaviour_ends_right_or_in_a_clear_error(server, small
 _CHILD = """
 import hashlib, json, sys, time
 from streamprune import KeepList, PrunedWebDataset
-from streamprune.formats.index import scan_shard
+from streamprune.shards.scan import scan_shard
 
 reader, url, path, keep = sys.argv[1:]
 name = path.rpartition("/")[2]

@@ -17,8 +17,8 @@ import webdataset as wds
 from streamprune import KeepList, PrunedWebDataset
 from streamprune.errors import ChangedShardError, DamagedRunError, StreamPruneError
 from streamprune.formats.index import Index
-from streamprune.formats.verify import verify_run
-from streamprune.shards.sources import shard_urls
+from streamprune.formats.sources import shard_urls
+from streamprune.inspection.verify import verify_run
 
 ARRAYS = (
     "shard_offset",

@@ -12,11 +12,12 @@ import pytest
 
 from streamprune import storage
 from streamprune.errors import DamagedRunError
+from streamprune.formats.classes import Classes
 from streamprune.formats.commit import COMMIT, committed
-from streamprune.formats.index import Index, load_scan, save_scan, scan_shard, write_index
+from streamprune.formats.index import Index, load_scan, save_scan, write_index
 from streamprune.formats.rundir import RunDir
 from streamprune.shards.identity import shard_names
-from streamprune.shards.labels import Classes
+from streamprune.shards.scan import scan_shard
 
 BUCKET = "index-tests"
 

@@ -11,8 +11,9 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from streamprune.datasets import CLASSES, weblike_sample, weblike_shards
-from streamprune.shards.labels import BadSample, Classes, LabelError, LabelSpec
+from streamprune.demo.datasets import CLASSES, weblike_sample, weblike_shards
+from streamprune.formats.classes import Classes
+from streamprune.shards.labels import BadSample, LabelError, LabelSpec
 from streamprune.training.decode import (
     DEFAULT_SIZE,
     RATIO,
@@ -294,7 +295,7 @@ def test_weblike_shards_with_json_labels_record_without_skips_and_reduce_exactly
     assert classes.names == tuple(sorted(CLASSES)) and sum(classes.counts) == 400
     assert main(["index", *paths, "--out", str(tmp_path / "other"), "--label", "json:label", "--quiet"]) == 0
     assert Classes.load(tmp_path / "other") == classes
-    from streamprune.formats.run_state import run_state
+    from streamprune.inspection.run_state import run_state
 
     assert run_state(run)["index"]["classes"] == "10 (json:label, names in classes.json)"
     store = StatsStore.open(run / "stats.zarr", mode="r")

@@ -13,7 +13,7 @@ import pytest
 import webdataset as wds
 
 from streamprune import KeepPredicate, PrunedWebDataset, keep_filter, reshard
-from streamprune.datasets import write_shards
+from streamprune.demo.datasets import write_shards
 from streamprune.errors import ChangedShardError
 from streamprune.formats.keeplist import KeepList
 from streamprune.loader import even_slice

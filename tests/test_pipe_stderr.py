@@ -10,7 +10,7 @@ import pytest
 import webdataset as wds
 
 from streamprune import KeepList, PrunedWebDataset
-from streamprune.formats.index import scan_shard
+from streamprune.shards.scan import scan_shard
 
 
 @pytest.mark.timeout(30)

@@ -20,9 +20,9 @@ from streamprune import index
 from streamprune.cli.main import main
 from streamprune.errors import SettingsError
 from streamprune.formats.stats_store import STATS, StatsStore
-from streamprune.scoring.stats import sample_stats
 from streamprune.stages.record import record
 from streamprune.training.samples import assign_shards
+from streamprune.training.stats import sample_stats
 
 EPOCHS = 3
 
@@ -184,7 +184,7 @@ def _shards_with_bad_samples(out, fmnist, png_claiming) -> tuple[list[str], dict
     image of another size, which is resized, not skipped."""
     import webdataset as wds
 
-    from streamprune.datasets import encode_png
+    from streamprune.demo.datasets import encode_png
 
     images, labels = fmnist
     out.mkdir()
@@ -247,7 +247,7 @@ def test_undecodable_samples_are_skipped_counted_and_listed_or_refused(ray_sessi
 def test_a_label_outside_the_class_range_stops_the_run_naming_it(ray_session, tmp_path, fmnist):
     import webdataset as wds
 
-    from streamprune.datasets import encode_png
+    from streamprune.demo.datasets import encode_png
 
     images, labels = fmnist
     (tmp_path / "shards").mkdir()

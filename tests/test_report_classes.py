@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from streamprune.formats.run_state import run_state
+from streamprune.inspection.run_state import run_state
 from streamprune.stages.report import (
     STARVED,
     _evaluation_section,

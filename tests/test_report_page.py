@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from streamprune import KeepList
-from streamprune.datasets import fashion_mnist_classes
+from streamprune.demo.datasets import fashion_mnist_classes
 from streamprune.stages.report import (
     _beta_note,
     _kept_mask,
@@ -138,7 +138,7 @@ def test_the_beta_legend_is_off_the_curve_and_kept_samples_without_weight_are_ex
 
 
 def test_the_demo_class_list_names_the_fashion_mnist_classes(tmp_path):
-    from streamprune.shards.labels import Classes
+    from streamprune.formats.classes import Classes
 
     classes = fashion_mnist_classes()
     assert classes.names == FASHION_MNIST and classes.label == "cls"

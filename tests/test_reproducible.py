@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from streamprune.datasets import write_shards
+from streamprune.demo.datasets import write_shards
 from streamprune.stages.evaluate import train_subset
 
 pytestmark = pytest.mark.slow  # trains three small models (about 15 s)

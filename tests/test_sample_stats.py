@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from streamprune.formats.stats_store import stat_dtype
-from streamprune.scoring.stats import sample_stats
+from streamprune.training.stats import sample_stats
 
 FLOAT_STATS = ("p_true", "margin", "el2n", "entropy", "loss")
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from streamprune.formats.headers import LABEL, NO_GROUP
 from streamprune.scoring import sampling
+from streamprune.scoring.columns import LABEL, NO_GROUP
 from streamprune.scoring.selection import SelectionSpec, block_keys, exclude, kth_thresholds
 
 

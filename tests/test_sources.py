@@ -17,9 +17,9 @@ from streamprune import IndexedShards, KeepList, reshard
 from streamprune.cli.main import main
 from streamprune.errors import DamagedRunError, InputError
 from streamprune.formats.index import Index
-from streamprune.formats.verify import verify_run
-from streamprune.shards.labels import scan_classes
-from streamprune.shards.sources import shard_urls
+from streamprune.formats.sources import shard_urls
+from streamprune.inspection.verify import verify_run
+from streamprune.stages.label_scan import scan_classes
 
 
 def _set_stored(run: Path, shard: int, **fields) -> None:

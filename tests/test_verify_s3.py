@@ -19,10 +19,10 @@ import pytest
 from streamprune import KeepList, storage
 from streamprune.cli.main import main
 from streamprune.formats import commit, object_lock
-from streamprune.formats.headers import LABEL
 from streamprune.formats.rundir import RunDir
 from streamprune.formats.scores_store import ScoresStore
 from streamprune.formats.stats_store import STATS, ChunkWriter, StatsStore
+from streamprune.scoring.columns import LABEL
 
 pytestmark = pytest.mark.slow  # hundreds of requests to the S3 server per verify
 

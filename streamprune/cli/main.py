@@ -45,7 +45,7 @@ def cmd_index(args) -> None:
 
 
 def cmd_make_shards(args) -> None:
-    from streamprune.datasets import fashion_mnist_shards
+    from streamprune.demo.datasets import fashion_mnist_shards
 
     paths, source = fashion_mnist_shards(
         args.out,
@@ -81,7 +81,7 @@ LABEL_HELP = (
 
 def demo_caps(data_dir: str | None, samples: int, test_samples: int) -> list[str]:
     """A line for each of `--samples` and `--test-samples` that asks more images than the data has."""
-    from streamprune.datasets import fashion_mnist_dir, load_fashion_mnist
+    from streamprune.demo.datasets import fashion_mnist_dir, load_fashion_mnist
 
     notes = []
     for flag, split, asked in (("--samples", "train", samples), ("--test-samples", "test", test_samples)):
@@ -118,7 +118,7 @@ def cmd_demo(args) -> None:
     import yaml
 
     from streamprune.config import load_config
-    from streamprune.datasets import fashion_mnist_classes, fashion_mnist_shards
+    from streamprune.demo.datasets import fashion_mnist_classes, fashion_mnist_shards
     from streamprune.stages.pipeline import format_table, run_pipeline
 
     out = Path(args.out)
@@ -182,12 +182,12 @@ def cmd_report(args) -> None:
 def cmd_inspect(args) -> None:
     import json
 
-    from streamprune.formats.run_state import format_state, run_state
+    from streamprune.inspection.run_state import format_state, run_state
 
     state = run_state(args.run)
     report = None
     if args.verify:
-        from streamprune.formats.verify import format_report, verify_run
+        from streamprune.inspection.verify import format_report, verify_run
 
         report = verify_run(args.run, progress=not args.quiet)
         state["verify"] = report

@@ -1,5 +1,5 @@
-"""Format headers of every versioned file streamprune writes, their check on read, and the
-markers that mean "no value" in its stores: defined once so that writers and readers agree.
+"""Format headers of every versioned file streamprune writes and their check on read: defined
+once so that writers and readers agree (the stores' no-value markers are in `scoring.columns`).
 
 Standard library only: the loader imports it (through the keep-list) without Ray or Zarr.
 """
@@ -30,14 +30,6 @@ KEEP_FORMAT = Format("streamprune-keep", 1)  # keep-list manifest.json
 CLASSES_FORMAT = Format("streamprune-classes", 1)  # RUN/classes.json
 SCORES_FORMAT = Format("streamprune-scores", 1, headerless=True)  # RUN/scores.zarr attributes (0.1.0 wrote none)
 RESHARD_FORMAT = Format("streamprune-reshard", None)  # reshard output's reshard.json
-
-# Markers of "no value" in the stores (also the arrays' fill values).
-STAT_MISSING = float("nan")  # a float statistic or score not recorded / not computable
-CORRECT_MISSING = 255  # `correct` (uint8) not recorded
-LABEL_MISSING = -1  # no label: never recorded, a skipped sample, or unknown
-NO_GROUP = -1  # scores.zarr `sel_group`: the row cannot be selected
-
-LABEL = "label"  # the int32 (N,) label array of stats.zarr and scores.zarr (LABEL_MISSING: unknown)
 
 
 def header(fmt: Format, *, stamp: bool = True) -> dict:

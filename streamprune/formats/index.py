@@ -1,7 +1,7 @@
 """The shard index `RUN/index`: which samples exist, their identity, row and byte ranges.
 
 Pure NumPy + JSON (no Ray, no Zarr) so that the loader can read it cheaply. Scanning a
-shard is `scan_shard`; building the index in parallel lives in `stages.index`. RUN may be a
+shard is `shards.scan.scan_shard`; building the index in parallel lives in `stages.index`. RUN may be a
 local folder or an object-store URL (`streamprune.storage`): the index is replaced whole through
 `formats.commit` (locally a rename; on object stores a generation committed by one `COMMIT`
 object written last), and read from the committed generation (arrays memory-mapped locally,
@@ -19,7 +19,6 @@ import posixpath
 import tempfile
 import zipfile
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any, cast
@@ -31,119 +30,9 @@ from streamprune.errors import DamagedRunError
 from streamprune.formats import commit
 from streamprune.formats.headers import INDEX_FORMAT, check_format, header
 from streamprune.formats.rundir import RunDir
-from streamprune.shards.identity import SampleIdentity, find_duplicates, id128
-from streamprune.shards.remote import HEADER_BLOCK, RangedReader
-from streamprune.shards.tarscan import BLOCK, CountingReader, TarFormatError, iter_members, iter_samples
-from streamprune.shards.urls import open_shard
-
-_ARRAYS = ("id_hi", "id_lo", "sample_start", "sample_end", "member_count", "member_offset", "member_size")
-_DTYPES = {k: np.uint64 if k.startswith("id_") else np.int32 if k == "member_count" else np.int64 for k in _ARRAYS}
-
-
-@dataclass
-class ShardScan:
-    """What one shard holds: per sample its key, identity and byte range; per member offset and size."""
-
-    name: str
-    url: str
-    status: str = "ok"  # ok | empty | broken
-    error: str | None = None
-    error_offset: int | None = None
-    access: str | None = None  # headers (seeking past data) | through (every byte read)
-    size: int | None = None  # stored size: the compressed file's for compressed shards
-    bytes_read: int = 0  # read from storage (compressed bytes for compressed shards)
-    compression: str | None = None  # "gzip", "bz2", "xz"; None: a plain tar
-    keys: list[str] = field(default_factory=list)
-    arrays: dict[str, np.ndarray] = field(default_factory=dict)
-
-    @property
-    def n(self) -> int:
-        return len(self.keys)
-
-    def meta(self) -> dict:
-        """The JSON-able part (everything but keys and arrays)."""
-        d = asdict(self)
-        del d["keys"], d["arrays"]
-        if d["compression"] is None:  # plain tars: shard metadata as before compression was supported
-            del d["compression"]
-        d["samples"] = self.n
-        return d
-
-
-def scan_shard(url: str, name: str, identity: SampleIdentity | None = None) -> ShardScan:
-    """Scan one shard. Corruption is recorded (status `broken`, no rows), never raised.
-
-    With the default identity only tar headers are read; a custom identity reads the
-    members it names. Compressed shards are read through, to the end of the compressed stream
-    (its checksum is checked there); offsets are in the decompressed tar.
-    """
-    scan = ShardScan(name=name, url=url, arrays={k: np.zeros(0, _DTYPES[k]) for k in _ARRAYS})
-    try:
-        opened = open_shard(url)
-    except OSError as exc:
-        scan.status, scan.error = "broken", str(exc)
-        return scan
-    scan.size, scan.compression = opened.size, opened.compression
-    stream, seekable = opened.stream, opened.seekable
-    if opened.remote is not None and identity is None and _ranges_cheaper(opened.remote):
-        stream, seekable = RangedReader(opened.remote), True
-    scan.access = "headers" if seekable else "through"
-    reader = CountingReader(stream, seekable, opened.tar_size, name)
-    read_exts = () if identity is None else identity.members
-    cols: dict[str, list] = {k: [] for k in _ARRAYS}
-    try:
-        for sample in iter_samples(reader, read_exts):
-            if identity is None:
-                hi, lo = id128(name, sample.key)
-            else:
-                hi, lo = identity({"__key__": sample.key, "__shard__": name, **sample.data})
-            scan.keys.append(sample.key)
-            cols["id_hi"].append(hi)
-            cols["id_lo"].append(lo)
-            cols["sample_start"].append(sample.start)
-            cols["sample_end"].append(sample.end)
-            cols["member_count"].append(len(sample.members))
-            cols["member_offset"].extend(m.header_offset for m in sample.members)
-            cols["member_size"].extend(m.size for m in sample.members)
-        if opened.compression is not None:  # the rest (padding) too: the stream's checksum is at its end
-            while reader.read(1 << 20):
-                pass
-        opened.close(url)
-    except (TarFormatError, ValueError, OSError) as exc:
-        error: Exception = exc
-        if opened.process is not None:  # a failed pipe command explains a broken stream best
-            try:
-                opened.close(url)
-            except OSError as pipe_exc:
-                error = pipe_exc
-        scan.status, scan.error = "broken", str(error)
-        scan.error_offset = getattr(error, "offset", None)
-        scan.keys = []
-    finally:
-        scan.bytes_read = (
-            opened.transfer.bytes_received if opened.transfer is not None else opened.stored_read(reader.bytes_read)
-        )
-        opened.release()
-    if scan.status == "ok":
-        scan.arrays = {k: np.array(v, dtype=_DTYPES[k]) for k, v in cols.items()}
-        scan.status = "ok" if scan.keys else "empty"
-    return scan
-
-
-RANGED_SCAN_MIN = 1 << 20  # remote shards: read headers by ranges when the first member is at least this big
-
-
-def _ranges_cheaper(remote) -> bool:
-    """Whether a remote shard's headers are cheaper to read by range requests (one per member)
-    than the whole file through one stream: when its first member holds RANGED_SCAN_MIN bytes or
-    more (its headers, pax ones included, are in the first HEADER_BLOCK bytes), a request saves
-    more bytes than its latency costs."""
-    try:
-        head = remote.fetch(0, min(HEADER_BLOCK, remote.size))
-        member, _ = next(iter_members(CountingReader(io.BytesIO(head), True, None, ""), require_end=False))
-        return member.size >= RANGED_SCAN_MIN
-    except (OSError, ValueError, StopIteration):  # ValueError: TarFormatError, ChangedShardError (a 416)
-        return False  # the read-through scan meets the same problem and reports it
+from streamprune.shards.identity import find_duplicates
+from streamprune.shards.scan import SCAN_ARRAYS, SCAN_DTYPES, ShardScan
+from streamprune.shards.tarscan import BLOCK
 
 
 def save_scan(scan: ShardScan, location: str | os.PathLike) -> None:
@@ -187,7 +76,7 @@ def load_scan(location: str | os.PathLike) -> ShardScan:
     meta = json.loads(z["meta"].tobytes())
     blob = z["keys"].tobytes()
     key_offset = z.get("key_offset")
-    arrays = {k: z[k] for k in _ARRAYS}
+    arrays = {k: z[k] for k in SCAN_ARRAYS}
     meta.pop("samples")
     n = len(arrays["id_hi"])
     if key_offset is None:  # a part of an older streamprune: keys joined by newlines
@@ -255,7 +144,7 @@ def _write_files(
     """Write the index files into the local folder `folder`: the arrays, keys, shards.jsonl and
     manifest.json (each part is read once)."""
     tmp = Path(folder)
-    files = {k: open(tmp / f"{k}.raw", "wb") for k in _ARRAYS}
+    files = {k: open(tmp / f"{k}.raw", "wb") for k in SCAN_ARRAYS}
     fp = hashlib.blake2b(digest_size=16)
     metas: list[dict] = []
     key_lengths: list[int] = []
@@ -266,7 +155,7 @@ def _write_files(
             metas.append(scan.meta())
             fp.update(json.dumps([scan.name, scan.n]).encode())
             fp.update(scan.arrays["id_hi"].tobytes() + scan.arrays["id_lo"].tobytes())
-            for k in _ARRAYS:
+            for k in SCAN_ARRAYS:
                 files[k].write(scan.arrays[k].tobytes())
             n_members += len(scan.arrays["member_offset"])
             encoded = [key.encode() for key in scan.keys]
@@ -275,7 +164,7 @@ def _write_files(
     for k, f in files.items():
         f.close()
         raw = tmp / f"{k}.raw"
-        np.save(tmp / f"{k}.npy", np.fromfile(raw, dtype=_DTYPES[k]))
+        np.save(tmp / f"{k}.npy", np.fromfile(raw, dtype=SCAN_DTYPES[k]))
         raw.unlink()
     counts = np.array([m["samples"] for m in metas], dtype=np.int64)
     shard_offset = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
@@ -337,7 +226,7 @@ class Index:
     `strict=False` (`inspect --verify`) is listed in `problems` as `(file, problem)` pairs.
     """
 
-    # the `_ARRAYS`, memory-mapped by `__init__`
+    # the `SCAN_ARRAYS`, memory-mapped by `__init__`
     id_hi: np.ndarray
     id_lo: np.ndarray
     sample_start: np.ndarray
@@ -359,7 +248,7 @@ class Index:
         self._by_name = {n: i for i, n in enumerate(self.names) if isinstance(n, str)}
         self.shard_offset = np.asarray(self._load("shard_offset"))
         self.key_offset = self._load("key_offset")
-        for k in _ARRAYS:
+        for k in SCAN_ARRAYS:
             setattr(self, k, self._load(k))
         self._shard_members: np.ndarray | None = None
         self._ranges_checked: set[int] = set()
@@ -465,8 +354,8 @@ class Index:
         }
         for k, shape in expected.items():
             a = getattr(self, k)
-            if a.dtype != _DTYPES[k] or a.shape != shape:
-                out.append((f"{k}.npy", f"{a.dtype} {a.shape}, expected {np.dtype(_DTYPES[k])} {shape}"))
+            if a.dtype != SCAN_DTYPES[k] or a.shape != shape:
+                out.append((f"{k}.npy", f"{a.dtype} {a.shape}, expected {np.dtype(SCAN_DTYPES[k])} {shape}"))
         if ko.dtype != np.int64 or ko.shape != (n + 1,) or ko[0] != 0 or ko[-1] != keys_size:
             out.append(
                 (

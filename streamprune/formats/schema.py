@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Literal, TypeGuard
 
 import numpy as np
 
-from streamprune.formats.headers import CORRECT_MISSING, LABEL, LABEL_MISSING, NO_GROUP, STAT_MISSING
+from streamprune.scoring.columns import CORRECT_MISSING, LABEL, LABEL_MISSING, NO_GROUP, STAT_MISSING
 from streamprune.scoring.scores import SCORES
 
 if TYPE_CHECKING:

@@ -29,9 +29,10 @@ from streamprune import storage
 from streamprune.errors import DamagedRunError, InputError, SettingsError
 from streamprune.formats import commit
 from streamprune.formats.atomic import named_os_error, output_lock
-from streamprune.formats.headers import LABEL, LABEL_MISSING, STATS_FORMAT, check_format, header
+from streamprune.formats.headers import STATS_FORMAT, check_format, header
 from streamprune.formats.rundir import RunDir
 from streamprune.formats.schema import EPOCHS, ROWS, STATS_SCHEMA
+from streamprune.scoring.columns import LABEL, LABEL_MISSING
 
 STATS = tuple(spec.name for spec in STATS_SCHEMA.arrays if spec.shape == (ROWS, EPOCHS))  # the statistics
 DEFAULT_CHUNK_ROWS = 65536

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from streamprune.formats.headers import LABEL, NO_GROUP
 from streamprune.scoring import sampling
+from streamprune.scoring.columns import LABEL, NO_GROUP
 from streamprune.scoring.methods import LOWER_IS_HARDER
 from streamprune.shards.identity import uniforms
 

@@ -25,11 +25,12 @@ from streamprune import storage
 from streamprune.errors import InputError
 from streamprune.formats import commit
 from streamprune.formats.atomic import output_lock
-from streamprune.formats.index import Index, load_scan_meta, save_scan, scan_shard, write_index
+from streamprune.formats.index import Index, load_scan_meta, save_scan, write_index
 from streamprune.formats.rundir import RunDir
 from streamprune.progress import progress_bar
 from streamprune.settings import IndexSettings
 from streamprune.shards.identity import SampleIdentity, parse_identity, shard_names
+from streamprune.shards.scan import scan_shard
 from streamprune.shards.urls import absolute, expand_urls, is_local, local_path
 from streamprune.stages.ray_cluster import bounded_map, ensure_ray
 

@@ -4,15 +4,18 @@ each shard and count the labels; the driver merges the counts into `RUN/classes.
 from __future__ import annotations
 
 import os
+from collections import Counter
 from collections.abc import Iterable
 
 import ray
 
+from streamprune.errors import InputError
+from streamprune.formats.classes import Classes
 from streamprune.formats.index import Index
 from streamprune.formats.rundir import RunDir
+from streamprune.formats.sources import shard_urls
 from streamprune.progress import progress_bar
-from streamprune.shards.labels import Classes, count_classes, scan_labels
-from streamprune.shards.sources import shard_urls
+from streamprune.shards.labels import LabelSpec, scan_labels
 from streamprune.stages.ray_cluster import bounded_map, ensure_ray
 from streamprune.training.decode import SampleDecoder
 from streamprune.training.samples import healthy_shards
@@ -54,5 +57,34 @@ def build_classes(
     )
     bar.close()
     classes = count_classes(parts, decode or label, repr(run))
+    classes.save(run)
+    return classes
+
+
+def count_classes(parts: Iterable[tuple[Counter, int, list[str]]], label: str, where: str) -> Classes:
+    """The class list from per-shard `scan_labels` results (any order); an error when no label was usable."""
+    counts: Counter = Counter()
+    reasons: list[str] = []
+    for part, _, why in parts:
+        counts.update(part)
+        reasons.extend(why[: 3 - len(reasons)])
+    if not counts:
+        raise InputError(f"no sample of {where} has a usable label ({label})" + (f": {reasons[0]}" if reasons else ""))
+    return Classes.from_labels(counts, label)
+
+
+def scan_classes(run: str | os.PathLike, label: str = "cls", *, shards: str | Iterable[str] | None = None) -> Classes:
+    """`RUN/classes.json` from every indexed sample's label, counted here in one process (no Ray;
+    `labelscan.build_classes` spreads the same over Ray tasks), saved and returned. `shards`: the
+    URLs of the indexed shards to read (`shards.sources.shard_urls`)."""
+    spec = LabelSpec(label)
+    idx = Index(RunDir(run).index)
+    urls = shard_urls(idx, shards)
+    parts = (
+        scan_labels(urls[s], idx.names[s], spec, spec.members)
+        for s, info in enumerate(idx.shards)
+        if info["status"] == "ok"
+    )
+    classes = count_classes(parts, label, repr(os.fspath(run)))
     classes.save(run)
     return classes

@@ -31,9 +31,11 @@ import torch
 from streamprune import storage
 from streamprune.errors import InputError, SettingsError, StreamPruneError
 from streamprune.formats.atomic import output_lock
+from streamprune.formats.classes import Classes
 from streamprune.formats.commit import clean_uncommitted
 from streamprune.formats.index import Index
 from streamprune.formats.rundir import RunDir
+from streamprune.formats.sources import shard_urls
 from streamprune.formats.stats_store import (
     LABEL,
     LABEL_MISSING,
@@ -43,10 +45,8 @@ from streamprune.formats.stats_store import (
     missing_stats,
     store_exists,
 )
-from streamprune.scoring.stats import sample_stats
 from streamprune.settings import RecordSettings
-from streamprune.shards.labels import BadSample, Classes, LabelSpec, class_count, sample_name
-from streamprune.shards.sources import shard_urls
+from streamprune.shards.labels import BadSample, LabelSpec, class_count, sample_name
 from streamprune.stages.ray_cluster import ensure_ray, placeable
 from streamprune.stages.record_writers import StoreWriters
 from streamprune.training.decode import (
@@ -69,6 +69,7 @@ from streamprune.training.samples import (
     log_bad_sample,
     shuffled,
 )
+from streamprune.training.stats import sample_stats
 
 log = logging.getLogger(__name__)
 _TRAINING_KEYS = (

@@ -20,7 +20,6 @@ from streamprune import storage
 from streamprune.errors import DamagedRunError, InputError, SettingsError
 from streamprune.formats.atomic import lock_holder, output_lock
 from streamprune.formats.commit import clean_uncommitted, replacing
-from streamprune.formats.headers import LABEL_MISSING, NO_GROUP
 from streamprune.formats.index import Index
 from streamprune.formats.keeplist import KeepList, KeepListWriter, new_manifest
 from streamprune.formats.rundir import RunDir
@@ -28,6 +27,7 @@ from streamprune.formats.scores_store import ScoresStore
 from streamprune.formats.stats_store import LABEL, StatsStore, store_exists
 from streamprune.progress import progress_bar
 from streamprune.scoring import sampling
+from streamprune.scoring.columns import LABEL_MISSING, NO_GROUP
 from streamprune.scoring.methods import Method
 from streamprune.scoring.scores import NEEDS, SCORES, all_scores, resolve_window
 from streamprune.scoring.selection import CCS_BINS, SelectionSpec, block_keys, exclude, kth_thresholds

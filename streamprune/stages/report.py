@@ -26,16 +26,17 @@ import numpy as np
 
 from streamprune import storage
 from streamprune.errors import DamagedRunError
-from streamprune.formats.headers import CORRECT_MISSING, LABEL_MISSING
+from streamprune.formats.classes import Classes
 from streamprune.formats.index import Index
 from streamprune.formats.keeplist import KeepList
 from streamprune.formats.rundir import RunDir
 from streamprune.formats.scores_store import ScoresStore
+from streamprune.formats.sources import shard_urls
 from streamprune.formats.stats_store import LABEL, StatsStore
+from streamprune.scoring.columns import CORRECT_MISSING, LABEL_MISSING
 from streamprune.settings import ReportSettings
-from streamprune.shards.labels import BadSample, Classes, LabelSpec
+from streamprune.shards.labels import BadSample, LabelSpec
 from streamprune.shards.reader import ReadStats, iter_ranges
-from streamprune.shards.sources import shard_urls
 from streamprune.training.decode import decode_image
 
 GRID = 8  # images per grid row

@@ -24,9 +24,9 @@ from streamprune.formats.headers import RESHARD_FORMAT
 from streamprune.formats.index import Index
 from streamprune.formats.keeplist import KeepList
 from streamprune.formats.rundir import RunDir
+from streamprune.formats.sources import shard_urls
 from streamprune.progress import progress_bar
 from streamprune.shards.reader import ReadStats, iter_ranges
-from streamprune.shards.sources import shard_urls
 from streamprune.stages.ray_cluster import bounded_map, ensure_ray
 
 END_OF_ARCHIVE = bytes(1024)

@@ -27,9 +27,10 @@ import numpy as np
 import torch
 
 from streamprune.errors import DamagedRunError, InputError, SettingsError
+from streamprune.formats.classes import Classes
 from streamprune.formats.rundir import RunDir
 from streamprune.plugins import import_function
-from streamprune.shards.labels import BadSample, Classes, Label, LabelSpec, check_label, sample_name
+from streamprune.shards.labels import BadSample, Label, LabelSpec, check_label, sample_name
 
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp", "bmp", "gif", "tif", "tiff", "ppm", "pgm", "npy")
 PIL_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF", "PPM")  # Pillow's readers of IMAGE_EXTS (PPM: pgm too)

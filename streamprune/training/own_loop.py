@@ -44,6 +44,7 @@ from streamprune.errors import DamagedRunError, InputError, SettingsError
 from streamprune.formats.atomic import output_lock
 from streamprune.formats.index import Index
 from streamprune.formats.rundir import RunDir
+from streamprune.formats.sources import shard_urls
 from streamprune.formats.stats_store import (
     LABEL,
     STATS,
@@ -54,7 +55,6 @@ from streamprune.formats.stats_store import (
     zarr_array,
 )
 from streamprune.shards.labels import BadSample
-from streamprune.shards.sources import shard_urls
 from streamprune.training.samples import (
     assign_shards,
     bad_samples,
@@ -351,7 +351,7 @@ class StatsLogger:
 
         The six statistics are computed on the logits' device (`sample_stats`); only they, the
         rows and the labels move to the CPU. Local to this rank (no communication)."""
-        from streamprune.scoring.stats import sample_stats
+        from streamprune.training.stats import sample_stats
 
         if self._epoch is None:
             raise RuntimeError("call begin_epoch(epoch) before log()")
@@ -486,8 +486,9 @@ def index_in_process(
     """`streamprune index` in this process, one shard after another, without Ray: the same
     `RUN/index` (same names, rows, identities and fingerprint) for jobs small enough to scan
     serially. Call it on one rank only, then wait for it (e.g. a barrier)."""
-    from streamprune.formats.index import scan_shard, write_index
+    from streamprune.formats.index import write_index
     from streamprune.shards.identity import parse_identity, shard_names
+    from streamprune.shards.scan import scan_shard
     from streamprune.shards.urls import absolute, expand_urls
 
     urls = [absolute(u) for u in expand_urls(shards)]

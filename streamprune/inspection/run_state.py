@@ -7,10 +7,10 @@ import json
 import os
 
 from streamprune import storage
+from streamprune.formats.classes import Classes
 from streamprune.formats.commit import committed
 from streamprune.formats.headers import INDEX_FORMAT, KEEP_FORMAT, check_format
 from streamprune.formats.rundir import RunDir
-from streamprune.shards.labels import Classes
 
 
 def _mb(location: str) -> str:

@@ -17,7 +17,7 @@ import numpy as np
 import numpy.typing as npt
 
 from streamprune.errors import InputError, SettingsError
-from streamprune.shards.labels import Classes
+from streamprune.formats.classes import Classes
 
 BUNDLED = Path(__file__).parent / "data" / "fashion-mnist-subset"
 SHARED = Path("../shared/datasets/fashion-mnist")

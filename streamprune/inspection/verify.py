@@ -209,7 +209,7 @@ def _check_shards(rep: _Report, index, files: Where, remote: bool) -> None:
     """Each shard's byte ranges in the index, and that its tar opens (of a `remote` run, one indexed
     by path: a run in a bucket indexed shards by URL, opened only when given, as `record` does)."""
     from streamprune.errors import StreamPruneError
-    from streamprune.shards.sources import local_source
+    from streamprune.formats.sources import local_source
 
     for s in range(index.n_shards):
         found = index.range_problem(s)
