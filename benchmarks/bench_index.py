@@ -20,10 +20,9 @@ from pathlib import Path
 import webdataset as wds
 from shardsets import shard_sets
 
-from streamprune import index
-from streamprune.demo.datasets import fashion_mnist_dir
+from streamprune import ensure_ray, index
+from streamprune.demo import fashion_mnist_dir
 from streamprune.shards.scan import scan_shard
-from streamprune.stages.ray_cluster import ensure_ray
 
 
 def webdataset_full_read(paths: list[str]) -> tuple[int, float]:

@@ -43,10 +43,8 @@ import webdataset as wds
 from s3_process import TESTS, S3Process, serve_s3_process
 from shardsets import shard_sets
 
-from streamprune import PrunedWebDataset, index
-from streamprune.demo.datasets import fashion_mnist_dir
-from streamprune.formats.keeplist import KeepList
-from streamprune.stages.ray_cluster import ensure_ray
+from streamprune import KeepList, PrunedWebDataset, ensure_ray, index
+from streamprune.demo import fashion_mnist_dir
 
 
 def _run(ds) -> tuple[int, float]:

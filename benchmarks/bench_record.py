@@ -22,10 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from streamprune import index
-from streamprune.demo.datasets import fashion_mnist_shards
-from streamprune.stages.ray_cluster import ensure_ray
-from streamprune.stages.record import record
+from streamprune import ensure_ray, index, record
+from streamprune.demo import fashion_mnist_shards
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -105,9 +103,8 @@ def web(tmp: Path, args) -> dict:
     import torch
     import webdataset as wds
 
-    from streamprune.demo.datasets import load_fashion_mnist, weblike_shards
-    from streamprune.formats.classes import Classes
-    from streamprune.shards.labels import LabelSpec
+    from streamprune import Classes, LabelSpec
+    from streamprune.demo import load_fashion_mnist, weblike_shards
     from streamprune.training.decode import SampleDecoder, View
 
     images, labels = load_fashion_mnist("train")
@@ -181,9 +178,7 @@ def own_loop(tmp: Path, args) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from streamprune import IndexedShards, StatsLogger
-    from streamprune.training.decode import ToTensors
-    from streamprune.training.models import small_cnn
+    from streamprune import IndexedShards, StatsLogger, ToTensors, small_cnn
 
     device = torch.device(args.device)
     best = {"without": 0.0, "with": 0.0}

@@ -35,11 +35,8 @@ from pathlib import Path
 
 import numpy as np
 
-from streamprune import index, record, reduce
-from streamprune.demo.datasets import fashion_mnist_dir, load_fashion_mnist, shard_sizes, write_shards
-from streamprune.formats.keeplist import KeepList
-from streamprune.stages.evaluate import train_subset
-from streamprune.stages.ray_cluster import ensure_ray
+from streamprune import KeepList, ensure_ray, index, record, reduce, train_subset
+from streamprune.demo import fashion_mnist_dir, load_fashion_mnist, shard_sizes, write_shards
 
 HERE = Path(__file__).resolve().parent
 METHODS = ["random", "random+classes", "dual-beta", "dual-beta+classes"]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from streamprune.demo.datasets import load_fashion_mnist, shard_sizes, write_shards
+from streamprune.demo import load_fashion_mnist, shard_sizes, write_shards
 
 
 def shard_sets(

@@ -9,8 +9,8 @@ import argparse
 from pathlib import Path
 
 import streamprune
-from streamprune.demo.datasets import fashion_mnist_shards
-from streamprune.stages.evaluate import train_subset
+from streamprune import train_subset
+from streamprune.demo import fashion_mnist_shards
 
 
 def main() -> None:

@@ -26,12 +26,16 @@ import torch.nn.functional as F
 from torch.distributed.algorithms.join import Join
 from torch.nn.parallel import DistributedDataParallel
 
-from streamprune import IndexedShards, StatsLogger, index_in_process
-from streamprune.formats.classes import Classes
-from streamprune.stages.label_scan import scan_classes
-from streamprune.training.decode import ToTensors
-from streamprune.training.models import small_cnn
-from streamprune.training.recipe import sync_from_rank0
+from streamprune import (
+    Classes,
+    IndexedShards,
+    StatsLogger,
+    ToTensors,
+    index_in_process,
+    scan_classes,
+    small_cnn,
+    sync_from_rank0,
+)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -16,9 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from streamprune import PrunedWebDataset
-from streamprune.training.decode import ToTensors
-from streamprune.training.models import small_cnn
+from streamprune import PrunedWebDataset, ToTensors, small_cnn
 
 
 def main() -> None:

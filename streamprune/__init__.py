@@ -1,7 +1,9 @@
 """streamprune: prune web-scale WebDataset training sets while they stream.
 
-Heavy parts (Ray, Zarr, torch) are imported only by the stages that need them, so
-`import streamprune` stays light.
+`__all__` is the public API: README, docs, examples and benchmarks use only these names (and the
+names of the public modules among them: `scores`, `sampling`, `errors`, `demo`); every other module
+is internal and may move. Heavy parts (Ray, Zarr, torch) are imported only by the stages that need
+them, so `import streamprune` stays light.
 """
 
 from __future__ import annotations
@@ -47,6 +49,18 @@ _LAZY: dict[str, tuple[str, str | None]] = {
     "shard_names": ("streamprune.shards.identity", "shard_names"),
     "json_field": ("streamprune.shards.identity", "json_field"),
     "SampleIdentity": ("streamprune.shards.identity", "SampleIdentity"),
+    "LabelSpec": ("streamprune.shards.labels", "LabelSpec"),
+    "scan_classes": ("streamprune.stages.label_scan", "scan_classes"),
+    "small_cnn": ("streamprune.training.models", "small_cnn"),
+    "sync_from_rank0": ("streamprune.training.recipe", "sync_from_rank0"),
+    "train_subset": ("streamprune.stages.evaluate", "train_subset"),
+    "ensure_ray": ("streamprune.stages.ray_cluster", "ensure_ray"),
+    "load_config": ("streamprune.config", "load_config"),
+    "run_pipeline": ("streamprune.stages.pipeline", "run_pipeline"),
+    "build_report": ("streamprune.stages.report", "build_report"),
+    "run_state": ("streamprune.inspection.run_state", "run_state"),
+    "verify_run": ("streamprune.inspection.verify", "verify_run"),
+    "demo": ("streamprune.demo", None),
 }
 
 __all__ = ["__version__", *_LAZY]

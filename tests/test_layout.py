@@ -65,7 +65,7 @@ ROOMS = [
     {"shards"},
     {"scoring"},
     {"formats"},
-    {"loader"},
+    {"loader", "loader_state"},
     {"settings"},
     {"config"},
     {"training"},
@@ -175,3 +175,46 @@ def test_pre_commit_runs_the_checks_ci_runs():
     checks = [line for line in ci if line.split(" ", 1)[0] in ("ruff", "mypy")]
     hooks = yaml.safe_load((root / ".pre-commit-config.yaml").read_text())["repos"][0]["hooks"]
     assert len(checks) == 3 and sorted(checks) == sorted(h["entry"] for h in hooks if h["id"] != "fast-tests")
+
+
+PUBLIC_MODULES = {"scores", "sampling", "errors", "demo"}  # modules in __all__: their names are public too
+# Benchmarks that time an internal part on its own reach it directly; each is named here with why.
+INTERNAL_FOR_BENCHMARKS = {
+    ("bench_index.py", "streamprune.shards.scan"): "times one shard's scan without the stage around it",
+    ("bench_record.py", "streamprune.training.decode"): "times the sample decoder alone",
+    ("bench_reduce.py", "streamprune.formats"): "fills a synthetic stats store in one commit",
+    ("bench_reduce.py", "streamprune.formats.stats_store"): "fills a synthetic stats store (its label array)",
+    ("bench_reduce.py", "streamprune.storage"): "uploads the synthetic run to the S3 server and sizes it",
+}
+
+
+def _streamprune_imports(text: str) -> list[tuple[str, list[str]]]:
+    """(module, names) of every `from streamprune... import` and `import streamprune...` in `text`."""
+    import re
+
+    found = [
+        (m.group(1), [n.strip().split(" as ")[0] for n in m.group(2).strip("()").split(",") if n.strip()])
+        for m in re.finditer(r"^\s*from (streamprune(?:\.[\w.]+)?) import (\([^)]*\)|[^\n#]+)", text, re.M)
+    ]
+    return found + [(m.group(1), []) for m in re.finditer(r"^\s*import (streamprune(?:\.[\w.]+)?)", text, re.M)]
+
+
+def test_readme_docs_examples_and_benchmarks_use_only_the_public_api():
+    root = PACKAGE.parent
+    files = [root / "README.md", *sorted((root / "docs").glob("*.md")), *sorted((root / "examples").glob("*.py"))]
+    files += sorted((root / "benchmarks").glob("*.py"))
+    deep = []
+    for path in files:
+        for module, names in _streamprune_imports(path.read_text()):
+            if module == "streamprune":
+                # `from streamprune import storage` reaches the module streamprune.storage
+                pairs = [(f"streamprune.{n}", n) for n in names if n not in streamprune.__all__]
+            else:
+                pairs = [(module, "")]
+            for reached, _ in pairs:
+                parts = reached.split(".")
+                if (path.name, reached) in INTERNAL_FOR_BENCHMARKS and path.parent.name == "benchmarks":
+                    continue
+                if len(parts) != 2 or parts[1] not in PUBLIC_MODULES or module == "streamprune":
+                    deep.append(f"{path.name}: {reached}")
+    assert len(files) > 15 and not deep, deep
