@@ -11,7 +11,7 @@ import shutil
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO
 
@@ -46,7 +46,7 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-def clean_stale_temps(path: str | os.PathLike) -> list[Path]:
+def clean_stale_temps(path: str | os.PathLike[str]) -> list[Path]:
     """Remove the temporaries (`temp_sibling`s) of output `path` left by killed writers; return them.
 
     Call it while holding `output_lock(path)`: every writer of `path` holds that lock, so the
@@ -78,7 +78,7 @@ def clean_stale_temps(path: str | os.PathLike) -> list[Path]:
     return removed
 
 
-def named_os_error(exc: OSError, file: str | os.PathLike) -> OSError:
+def named_os_error(exc: OSError, file: str | os.PathLike[str]) -> OSError:
     """`exc` naming `file` when it names none (writes into open files report no name)."""
     if exc.filename is not None:
         return exc
@@ -90,7 +90,7 @@ def named_os_error(exc: OSError, file: str | os.PathLike) -> OSError:
 _AT_FDCWD, _RENAME_EXCHANGE = -100, 2
 
 
-def _renameat2():
+def _renameat2() -> Callable[..., int] | None:
     try:
         import ctypes
 
@@ -145,7 +145,7 @@ def _lock_file(path: Path) -> Path:
 
 
 @contextlib.contextmanager
-def output_lock(path: str | os.PathLike, reentrant: bool = False, writer: str | None = None) -> Iterator[None]:
+def output_lock(path: str | os.PathLike[str], reentrant: bool = False, writer: str | None = None) -> Iterator[None]:
     """Hold an exclusive lock on output `path` (a sibling `.NAME.lock` file) while writing it.
 
     A second writer of the same output is refused at once, naming the holder (`writer`, its pid
@@ -193,7 +193,7 @@ def _holder(f: IO[str]) -> str:
     return f.read().strip()
 
 
-def lock_holder(path: str | os.PathLike) -> str | None:
+def lock_holder(path: str | os.PathLike[str]) -> str | None:
     """Who is writing output `path` now, under `output_lock` ('record, pid 12 on host h'; '' when it
     has not said yet), or None when no one is. For an object-store URL: the owner of its live lease."""
     if storage.is_url(path):

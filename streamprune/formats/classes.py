@@ -10,6 +10,7 @@ import os
 import reprlib
 from collections import Counter
 from dataclasses import dataclass
+from typing import Any
 
 from streamprune import storage
 from streamprune.errors import DamagedRunError, InputError, SettingsError, StreamPruneError
@@ -27,7 +28,7 @@ class Classes:
     label: str = "cls"
     counts: tuple[int, ...] | None = None  # samples per class, when scanned
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.num_classes < 1:
             raise SettingsError(f"need at least one class, not {self.num_classes}")
         if self.names is not None:
@@ -48,7 +49,7 @@ class Classes:
                 raise InputError(
                     f"{where}: label {label!r} is a name, but the run's classes are integers 0..{self.num_classes - 1}"
                 )
-            lookup = self.__dict__.get("_lookup")
+            lookup: dict[str, int] | None = self.__dict__.get("_lookup")
             if lookup is None:
                 lookup = {n: i for i, n in enumerate(self.names)}
                 object.__setattr__(self, "_lookup", lookup)
@@ -63,7 +64,7 @@ class Classes:
         return self.names[index] if self.names is not None else str(index)
 
     @classmethod
-    def from_labels(cls, counts: Counter, label: str = "cls") -> "Classes":
+    def from_labels(cls, counts: Counter[Label], label: str = "cls") -> "Classes":
         """Classes of a dataset from its label counts: sorted names, or 0..max for integers."""
         names = sorted(k for k in counts if isinstance(k, str))
         ints = [k for k in counts if not isinstance(k, str)]
@@ -79,7 +80,7 @@ class Classes:
         return cls(n, None, label, tuple(counts.get(i, 0) for i in range(n)))
 
     @classmethod
-    def from_file(cls, path: str | os.PathLike, label: str = "cls") -> "Classes":
+    def from_file(cls, path: str | os.PathLike[str], label: str = "cls") -> "Classes":
         """A user's class list (a local path or an object-store URL): a JSON list of names, a
         `classes.json` of a run, or one name per line."""
         path = os.fspath(path)
@@ -108,7 +109,7 @@ class Classes:
             raise InputError(f"class list {path!r} names {dup!r} twice")
         return cls(len(names), tuple(names), label)
 
-    def save(self, run: str | os.PathLike) -> str:
+    def save(self, run: str | os.PathLike[str]) -> str:
         """Write `RUN/classes.json` whole (readers see the old list or the new one: a rename
         locally, one request on object stores); return where."""
         path = RunDir(run).classes
@@ -123,7 +124,7 @@ class Classes:
         return path
 
     @classmethod
-    def load(cls, run: str | os.PathLike) -> "Classes | None":
+    def load(cls, run: str | os.PathLike[str]) -> "Classes | None":
         """`RUN/classes.json`, or None when the run has none."""
         path = RunDir(run).classes
         try:
@@ -137,13 +138,13 @@ class Classes:
         return cls._from_doc(doc, path, DamagedRunError)
 
     @classmethod
-    def _from_doc(cls, doc: dict, path: str, error: type[StreamPruneError]) -> "Classes":
+    def _from_doc(cls, doc: dict[str, Any], path: str, error: type[StreamPruneError]) -> "Classes":
         """The classes of a `classes.json` document, each field checked: a wrong one is an `error`
         naming the file and the field."""
         check_format(doc, CLASSES_FORMAT, repr(path))
         n, names, counts, label = (doc.get(k) for k in ("num_classes", "names", "counts", "label"))
 
-        def refuse(field: str, expected: str, value) -> StreamPruneError:
+        def refuse(field: str, expected: str, value: object) -> StreamPruneError:
             return error(f"class list {path!r}: {field}: must be {expected}, not {reprlib.repr(value)}")
 
         if not is_int(n) or n < 1:

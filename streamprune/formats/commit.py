@@ -30,12 +30,12 @@ COMMIT = "COMMIT"
 _GENERATION = "g-"
 
 
-def commit_object(output: str | os.PathLike) -> str:
+def commit_object(output: str | os.PathLike[str]) -> str:
     """The object that commits `output` on an object store."""
     return storage.join(output, COMMIT)
 
 
-def committed(output: str | os.PathLike) -> str:
+def committed(output: str | os.PathLike[str]) -> str:
     """Where the committed content of `output` is: `output` itself locally, its committed
     generation on an object store. FileNotFoundError (naming `output`) when nothing is committed."""
     if not storage.is_url(output):
@@ -54,7 +54,7 @@ def committed(output: str | os.PathLike) -> str:
     return storage.join(output, generation)
 
 
-def is_committed(output: str | os.PathLike) -> bool:
+def is_committed(output: str | os.PathLike[str]) -> bool:
     """Whether `output` has committed content (locally: whether it exists)."""
     if not storage.is_url(output):
         return os.path.exists(storage.local_path(output))
@@ -62,7 +62,7 @@ def is_committed(output: str | os.PathLike) -> bool:
 
 
 @contextlib.contextmanager
-def replacing(output: str | os.PathLike) -> Iterator[str]:
+def replacing(output: str | os.PathLike[str]) -> Iterator[str]:
     """Write a new `output` whole: yields the (empty) place to write it; on success it replaces
     `output` at once, on an error it is removed and `output` is left as it was. Hold the output's
     lock around it."""
@@ -89,7 +89,7 @@ def replacing(output: str | os.PathLike) -> Iterator[str]:
     clean_uncommitted(output)
 
 
-def clean_uncommitted(output: str | os.PathLike) -> list[str]:
+def clean_uncommitted(output: str | os.PathLike[str]) -> list[str]:
     """Remove what killed writers of `output` left (temporaries locally, uncommitted and superseded
     generations on an object store); return what was removed. Call it holding the output's lock."""
     if not storage.is_url(output):
@@ -106,7 +106,7 @@ def clean_uncommitted(output: str | os.PathLike) -> list[str]:
     return removed
 
 
-def remove_output(output: str | os.PathLike) -> None:
+def remove_output(output: str | os.PathLike[str]) -> None:
     """Remove `output` so that readers see it whole or not at all: its COMMIT object first on an
     object store; locally it is renamed aside, then removed. Hold the output's lock."""
     if storage.is_url(output):

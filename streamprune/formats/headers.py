@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from streamprune.errors import DamagedRunError, NewerFormatError
 
@@ -32,10 +33,10 @@ SCORES_FORMAT = Format("streamprune-scores", 1, headerless=True)  # RUN/scores.z
 RESHARD_FORMAT = Format("streamprune-reshard", None)  # reshard output's reshard.json
 
 
-def header(fmt: Format, *, stamp: bool = True) -> dict:
+def header(fmt: Format, *, stamp: bool = True) -> dict[str, Any]:
     """The header fields a file of `fmt` starts with; `stamp` adds the writing streamprune's
     version and the time (UTC)."""
-    out: dict = {"format": fmt.name}
+    out: dict[str, Any] = {"format": fmt.name}
     if fmt.version is not None:
         out["version"] = fmt.version
     if stamp:
@@ -46,7 +47,7 @@ def header(fmt: Format, *, stamp: bool = True) -> dict:
     return out
 
 
-def check_format(doc, fmt: Format, where: str) -> dict:
+def check_format(doc: object, fmt: Format, where: str) -> dict[str, Any]:
     """`doc` when its header is one of `fmt` this streamprune reads. A newer version is a
     `NewerFormatError`, any other header a `DamagedRunError`; both name `where` (the file)."""
     if not isinstance(doc, dict):

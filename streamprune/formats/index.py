@@ -35,7 +35,7 @@ from streamprune.shards.scan import SCAN_ARRAYS, SCAN_DTYPES, ShardScan
 from streamprune.shards.tarscan import BLOCK
 
 
-def save_scan(scan: ShardScan, location: str | os.PathLike) -> None:
+def save_scan(scan: ShardScan, location: str | os.PathLike[str]) -> None:
     """Write a scan as an `.npz` part (no pickle) at `location`, whole in one write (a rename
     locally, one request on object stores), so that a part is complete or absent, never half.
 
@@ -53,7 +53,7 @@ def save_scan(scan: ShardScan, location: str | os.PathLike) -> None:
     storage.write_bytes(location, buffer.getvalue())
 
 
-def _read_part(location: str | os.PathLike, names: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
+def _read_part(location: str | os.PathLike[str], names: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
     """The arrays `names` (None: all) of the part at `location`, read now; a damaged part is a
     DamagedRunError naming it."""
     data = storage.read_bytes(location)
@@ -64,12 +64,13 @@ def _read_part(location: str | os.PathLike, names: tuple[str, ...] | None = None
         raise DamagedRunError(f"index part {os.fspath(location)!r} is unreadable ({exc}): delete it") from None
 
 
-def load_scan_meta(location: str | os.PathLike) -> dict:
+def load_scan_meta(location: str | os.PathLike[str]) -> dict[str, Any]:
     """The JSON part of the part at `location`."""
-    return json.loads(_read_part(location, ("meta",))["meta"].tobytes())
+    meta: dict[str, Any] = json.loads(_read_part(location, ("meta",))["meta"].tobytes())
+    return meta
 
 
-def load_scan(location: str | os.PathLike) -> ShardScan:
+def load_scan(location: str | os.PathLike[str]) -> ShardScan:
     """Read a part written by `save_scan`; a damaged one is refused (`ValueError` naming it)."""
     path = os.fspath(location)
     z = _read_part(path)
@@ -106,8 +107,8 @@ def load_scan(location: str | os.PathLike) -> ShardScan:
 
 
 def write_index(
-    out: str | os.PathLike,
-    scans: Iterable[ShardScan | str | os.PathLike],
+    out: str | os.PathLike[str],
+    scans: Iterable[ShardScan | str | os.PathLike[str]],
     root: str,
     identity_spec: str,
     sources: str | None = None,
@@ -139,14 +140,14 @@ def _staging(place: str) -> Iterator[str]:
 
 
 def _write_files(
-    folder: str, scans: Iterable[ShardScan | str | os.PathLike], root: str, identity_spec: str, sources: str | None
+    folder: str, scans: Iterable[ShardScan | str | os.PathLike[str]], root: str, identity_spec: str, sources: str | None
 ) -> None:
     """Write the index files into the local folder `folder`: the arrays, keys, shards.jsonl and
     manifest.json (each part is read once)."""
     tmp = Path(folder)
     files = {k: open(tmp / f"{k}.raw", "wb") for k in SCAN_ARRAYS}
     fp = hashlib.blake2b(digest_size=16)
-    metas: list[dict] = []
+    metas: list[dict[str, Any]] = []
     key_lengths: list[int] = []
     n_members = 0
     with open(tmp / "keys.bin", "wb") as keys_out:
@@ -235,14 +236,14 @@ class Index:
     member_offset: np.ndarray
     member_size: np.ndarray
 
-    def __init__(self, path: str | os.PathLike, strict: bool = True):
+    def __init__(self, path: str | os.PathLike[str], strict: bool = True):
         self.path, self.files, raw = _find_manifest(os.fspath(path))
         manifest_path = self.file("manifest.json")
         try:
-            self.manifest = json.loads(raw.decode())
+            doc = json.loads(raw.decode())
         except ValueError as exc:  # UnicodeDecodeError included
             raise DamagedRunError(f"{manifest_path!r} is damaged: {exc}") from None
-        check_format(self.manifest, INDEX_FORMAT, repr(manifest_path))
+        self.manifest = check_format(doc, INDEX_FORMAT, repr(manifest_path))
         self.shards = self._read_shards(self.file("shards.jsonl"))
         self.names = cast("list[str]", [s.get("name") for s in self.shards])  # strings in a sound index (checked)
         self._by_name = {n: i for i, n in enumerate(self.names) if isinstance(n, str)}
@@ -272,14 +273,14 @@ class Index:
             f"index file {self.file(file)!r} is damaged: {problem} (edited or damaged: index the shards again)"
         )
 
-    def _read_shards(self, location: str) -> list[dict]:
+    def _read_shards(self, location: str) -> list[dict[str, Any]]:
         try:
             text = storage.read_bytes(location).decode()
         except FileNotFoundError:
             raise DamagedRunError(f"{location!r} is missing: index the shards again") from None
         except UnicodeDecodeError as exc:
             raise DamagedRunError(f"{location!r} is damaged: {exc}") from None
-        shards = []
+        shards: list[dict[str, Any]] = []
         for i, line in enumerate(io.StringIO(text, newline=None)):  # lines as a text-mode file reads them
             try:
                 entry = json.loads(line)
@@ -295,8 +296,10 @@ class Index:
         location = self.file(f"{name}.npy")
         try:
             if not storage.is_url(location):
-                return np.load(location, mmap_mode="r", allow_pickle=False)
-            return np.load(io.BytesIO(storage.read_bytes(location)), allow_pickle=False)
+                array: np.ndarray = np.load(location, mmap_mode="r", allow_pickle=False)
+            else:
+                array = np.load(io.BytesIO(storage.read_bytes(location)), allow_pickle=False)
+            return array
         except FileNotFoundError:
             raise DamagedRunError(f"{location!r} is missing: index the shards again") from None
         except (ValueError, OSError, EOFError) as exc:
@@ -478,11 +481,13 @@ class Index:
 
     @property
     def fingerprint(self) -> str:
-        return self.manifest["fingerprint"]
+        fingerprint: str = self.manifest["fingerprint"]  # a string in a sound index (checked)
+        return fingerprint
 
     @property
     def root(self) -> str:
-        return self.manifest["root"]
+        root: str = self.manifest["root"]  # a string in a sound index (checked)
+        return root
 
     def shard(self, name: str) -> int:
         """Position of shard `name`; KeyError naming it when unknown."""
@@ -534,7 +539,7 @@ def _find_manifest(path: str) -> tuple[str, str, bytes]:
     raise FileNotFoundError(f"no shard index at {path!r} (run `streamprune index` first)")
 
 
-def _shard_problems(entry: dict, a: int, b: int) -> list[str]:
+def _shard_problems(entry: dict[str, Any], a: int, b: int) -> list[str]:
     """What is wrong with one line of shards.jsonl whose shard owns rows `[a, b)`."""
     name, status, size = entry.get("name"), entry.get("status"), entry.get("size")
     out = []
@@ -556,7 +561,7 @@ def _shard_problems(entry: dict, a: int, b: int) -> list[str]:
     return out
 
 
-def _is_shard_name(name) -> bool:
+def _is_shard_name(name: object) -> bool:
     """Whether `name` is a shard name: a normalised relative POSIX path inside its root."""
     return (
         isinstance(name, str)

@@ -21,7 +21,8 @@ import operator
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import IO, Any
+from types import TracebackType
+from typing import IO, TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -32,6 +33,9 @@ from streamprune.formats import commit
 from streamprune.formats.atomic import named_os_error, output_lock
 from streamprune.formats.headers import KEEP_FORMAT, check_format, header
 from streamprune.shards.identity import id128
+
+if TYPE_CHECKING:
+    from streamprune.formats.index import Index
 
 ID_DTYPE = np.dtype("u8,u8")  # DataComp's subset format: (hi, lo) pairs
 ARRAY_DTYPES = {
@@ -55,10 +59,10 @@ class KeepList:
 
     def __init__(
         self,
-        manifest: dict,
+        manifest: dict[str, Any],
         names: list[str],
         kept: npt.ArrayLike,
-        key_blob,
+        key_blob: bytes | np.ndarray | RangedArray,
         key_offset: Any,
         ids: Any,
         positions: Any = None,
@@ -75,7 +79,7 @@ class KeepList:
         self.positions, self.weights, self.ranges = positions, weights, ranges
         self.offsets = np.concatenate([[0], np.cumsum(self.kept)]).astype(np.int64)
         self._by_name = {n: i for i, n in enumerate(self.names)}
-        self._key_sets: dict[int, frozenset] = {}
+        self._key_sets: dict[int, frozenset[str]] = {}
         self.path: Path | str | None = None  # set by `load` (the location given): pickles by reference
         self.place: str | None = None  # set by `load`: where it was read (the committed generation on object stores)
         n = int(self.offsets[-1])
@@ -92,7 +96,7 @@ class KeepList:
                 f"inconsistent: {n} kept by shard counts, " + ", ".join(f"{v} {what}" for what, v in lengths.items())
             )
 
-    def __reduce__(self):
+    def __reduce__(self) -> str | tuple[Any, ...]:
         """A loaded list pickles as its location (DataLoader workers, Ray tasks read it again, the
         same committed generation on object stores), never as its arrays."""
         if self.path is None or self.place is None:
@@ -178,12 +182,12 @@ class KeepList:
         """Kept identities as a sorted `u8,u8` array."""
         return np.sort(np.asarray(self.id_pairs))
 
-    def to_datacomp(self, path: str | os.PathLike | IO[bytes]) -> None:
+    def to_datacomp(self, path: str | os.PathLike[str] | IO[bytes]) -> None:
         """Write kept identities as a sorted `u8,u8` `.npy`, as DataComp subsets are (to a path or
         an open binary file)."""
         np.save(path, self.ids(), allow_pickle=False)
 
-    def to_text(self, path: str | os.PathLike) -> None:
+    def to_text(self, path: str | os.PathLike[str]) -> None:
         """Write one `shard<TAB>key` line per kept sample."""
         with open(path, "w") as f:
             for name in self.names:
@@ -214,7 +218,9 @@ class KeepList:
         )
 
     @classmethod
-    def from_rows(cls, index, rows: Iterable[int], path: str | os.PathLike, method: str = "user") -> "KeepList":
+    def from_rows(
+        cls, index: Index, rows: Iterable[int], path: str | os.PathLike[str], method: str = "user"
+    ) -> "KeepList":
         """Write and load a keep-list of the given rows of `index` (a `shardindex.Index`)."""
         rows = np.unique(np.asarray(list(rows) if not isinstance(rows, np.ndarray) else rows, dtype=np.int64))
         if len(rows) and (rows[0] < 0 or rows[-1] >= index.n_samples):
@@ -231,10 +237,13 @@ class KeepList:
             writer.add_rows(index, rows)
         return cls.load(path)
 
-    def save(self, path: str | os.PathLike) -> Path | str:
+    def save(self, path: str | os.PathLike[str]) -> Path | str:
         """Write the list to a folder or object-store URL, replacing what is there whole: a reader
         sees the old list or the new one, never a mix. Returns `path` (a `Path` when local)."""
-        opt = lambda a: None if a is None else np.asarray(a)
+
+        def opt(a: Any) -> np.ndarray | None:
+            return None if a is None else np.asarray(a)
+
         with KeepListWriter(
             path,
             self.manifest,
@@ -258,7 +267,7 @@ class KeepList:
         return os.fspath(path) if storage.is_url(path) else Path(path)
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "KeepList":
+    def load(cls, path: str | os.PathLike[str]) -> "KeepList":
         """Read a keep-list: a local folder (memory-mapped) or an object-store URL (its committed
         generation: the manifest and shard table now, each shard's slice of the per-sample arrays
         by exact byte ranges when it is read). A half-written or edited one is refused.
@@ -316,7 +325,7 @@ def _reopen(path: Path | str, place: str) -> KeepList:
     return KeepList._read(path, place)
 
 
-def _location(path: str | os.PathLike) -> str:
+def _location(path: str | os.PathLike[str]) -> str:
     """A keep-list's location as a string (an object-store URL without a trailing '/')."""
     text = os.fspath(path)
     return text.rstrip("/") if storage.is_url(text) else text
@@ -336,7 +345,7 @@ def _committed_place(location: str) -> str:
     return place
 
 
-def _damaged(place: str | os.PathLike | None, file: str, problem: str) -> DamagedRunError:
+def _damaged(place: str | os.PathLike[str] | None, file: str, problem: str) -> DamagedRunError:
     """A keep-list that cannot be used: names where it was read (when saved) and the file (the
     whole object's URL on an object store)."""
     where = "(not saved)" if place is None else repr(os.fspath(place))
@@ -347,11 +356,11 @@ def _damaged(place: str | os.PathLike | None, file: str, problem: str) -> Damage
     )
 
 
-def _is_count(value, low: int = 0) -> bool:
+def _is_count(value: object, low: int = 0) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and low <= value <= MAX_COUNT
 
 
-def _read_json(place: str, file: str):
+def _read_json(place: str, file: str) -> object:
     """The JSON document `file` of the keep-list at `place`."""
     try:
         raw = storage.read_bytes(storage.join(place, file))
@@ -372,7 +381,7 @@ def _is_text(value: Any, field: str) -> bool:
     return isinstance(value, str) or (field == "fingerprint" and value is None)
 
 
-def _check_manifest(path: str, m: dict) -> None:
+def _check_manifest(path: str, m: dict[str, Any]) -> None:
     """The manifest's fields that readers use are of their types (all problems in one error)."""
     problems = [f"{f}={m.get(f)!r} is not an integer >= 0" for f in MANIFEST_COUNTS if not _is_count(m.get(f, 0))]
     problems += [f"{f}={m[f]!r} is not a string" for f in MANIFEST_TEXTS if not _is_text(m.get(f, ""), f)]
@@ -389,7 +398,7 @@ def _check_manifest(path: str, m: dict) -> None:
         raise _damaged(path, "manifest.json", "; ".join(problems))
 
 
-def _read_shards(path: str, shards) -> tuple[list[str], list[int], dict[str, list[int] | None]]:
+def _read_shards(path: str, shards: object) -> tuple[list[str], list[int], dict[str, list[int] | None]]:
     """shards.json's names, kept counts and `samples` and `bytes` columns (None when absent), checked."""
     if not isinstance(shards, list) or not all(isinstance(s, dict) for s in shards):
         raise _damaged(path, "shards.json", "not a list of shard entries ({name, kept, ...})")
@@ -563,7 +572,8 @@ def _create(location: str) -> IO[bytes]:
     (streamed in parts; the object appears whole when closed)."""
     if storage.is_url(location):
         fs, path = storage.filesystem(location)
-        return fs.open(path, "wb")
+        upload: IO[bytes] = fs.open(path, "wb")
+        return upload
     return open(location, "wb")
 
 
@@ -620,7 +630,7 @@ class _Out:
 class _NpyOut(_Out):
     """An `.npy` file of a known shape: the header, then the values as they come."""
 
-    def __init__(self, location: str, dtype, shape: tuple[int, ...]):
+    def __init__(self, location: str, dtype: npt.DTypeLike, shape: tuple[int, ...]):
         super().__init__(location)
         self.dtype = np.dtype(dtype)
         self.size = int(np.prod(shape))
@@ -657,6 +667,9 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+_OutT = TypeVar("_OutT", bound=_Out)
+
+
 class KeepListWriter:
     """Writes a keep-list block by block (rows in index order), then commits it whole.
 
@@ -670,8 +683,8 @@ class KeepListWriter:
 
     def __init__(
         self,
-        path: str | os.PathLike,
-        manifest: dict,
+        path: str | os.PathLike[str],
+        manifest: dict[str, Any],
         names: list[str],
         k: int,
         samples: np.ndarray | None = None,
@@ -690,7 +703,7 @@ class KeepListWriter:
 
     @classmethod
     def for_index(
-        cls, path: str | os.PathLike, index, manifest: dict, k: int, with_weights: bool = False
+        cls, path: str | os.PathLike[str], index: Index, manifest: dict[str, Any], k: int, with_weights: bool = False
     ) -> "KeepListWriter":
         """A writer for `k` rows of `index` (a `shardindex.Index`), with positions and byte ranges."""
         sizes = [-1 if s["size"] is None else s["size"] for s in index.shards]
@@ -704,7 +717,7 @@ class KeepListWriter:
             self._stack.callback(_fsync_dir, storage.parent(self.path))  # after the swap, before the unlock
             self.place = self._stack.enter_context(commit.replacing(self.path))
 
-            def out(name, dtype, shape=(self.k,)):
+            def out(name: str, dtype: npt.DTypeLike, shape: tuple[int, ...] = (self.k,)) -> _NpyOut:
                 return self._open(_NpyOut, f"{name}.npy", dtype, shape)
 
             self.ids = out("ids", ID_DTYPE)
@@ -722,7 +735,7 @@ class KeepListWriter:
         self.n, self._last_shard, self._key_end = 0, 0, 0
         return self
 
-    def _open(self, kind, file: str, *args) -> Any:
+    def _open(self, kind: type[_OutT], file: str, *args: object) -> _OutT:
         """A new file `file` of the list being written (`kind`: `_Out` or `_NpyOut`)."""
         f = kind(storage.join(self.place, file), *args)
         self._files.append(f)
@@ -759,7 +772,7 @@ class KeepListWriter:
                 out.write(values)
         self.n += m
 
-    def add_rows(self, index, rows: np.ndarray, weight: float | None = None) -> None:
+    def add_rows(self, index: Index, rows: np.ndarray, weight: float | None = None) -> None:
         """Append kept rows of `index` (sorted): identities, keys, positions, byte ranges, weights."""
         if not len(rows):
             return
@@ -796,7 +809,9 @@ class KeepListWriter:
         else:
             stack.__exit__(type(exc), exc, exc.__traceback__)
 
-    def __exit__(self, exc_type, exc, tb) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         if exc is not None:
             self._abort(exc)
             return
@@ -825,6 +840,6 @@ class KeepListWriter:
         out.close()
 
 
-def new_manifest(**fields) -> dict:
+def new_manifest(**fields: Any) -> dict[str, Any]:
     """Manifest fields every keep-list carries, plus `fields`."""
     return {**header(KEEP_FORMAT), **fields}

@@ -16,7 +16,7 @@ _CHECKPOINT = "epoch-"  # checkpoint files: epoch-NNNN.pt
 class RunDir:
     """The locations of the run directory `root` (stages take a run directory and ask it for their files)."""
 
-    def __init__(self, root: str | os.PathLike):
+    def __init__(self, root: str | os.PathLike[str]):
         text = os.fspath(root)
         self.root = storage.absolute(text)
 
@@ -124,11 +124,11 @@ class RunDir:
         return [storage.join(self.baseline_root, n) for n in storage.names(self.baseline_root, folders=True)]
 
     @staticmethod
-    def keep_in(directory: str | os.PathLike) -> str:
+    def keep_in(directory: str | os.PathLike[str]) -> str:
         """The keep-list inside a baseline directory (or the run directory)."""
         return storage.join(directory, "keep")
 
     @staticmethod
-    def scores_in(directory: str | os.PathLike) -> str:
+    def scores_in(directory: str | os.PathLike[str]) -> str:
         """The scores inside a baseline directory (or the run directory)."""
         return storage.join(directory, "scores.zarr")

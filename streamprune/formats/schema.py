@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, TypeGuard
+from typing import TYPE_CHECKING, Any, Literal, TypedDict, TypeGuard, Unpack
 
 import numpy as np
+import numpy.typing as npt
 
 from streamprune.scoring.columns import CORRECT_MISSING, LABEL, LABEL_MISSING, NO_GROUP, STAT_MISSING
 from streamprune.scoring.scores import SCORES
@@ -54,12 +55,12 @@ class Count:
     unit: str = ""
 
 
-def is_int(v) -> TypeGuard[int | np.integer]:
+def is_int(v: object) -> TypeGuard[int | np.integer]:
     """Whether `v` is an integer (a bool is not)."""
     return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
 
 
-def count_problem(attrs: Mapping, count: Count) -> str | None:
+def count_problem(attrs: Mapping[str, Any], count: Count) -> str | None:
     """Why attribute `count.key` of `attrs` is no integer >= `count.least`; None when it is."""
     v = attrs.get(count.key)
     if is_int(v) and v >= count.least:
@@ -76,7 +77,8 @@ class ValueRule:
 
 
 def _outside_unit(data: np.ndarray) -> np.ndarray:
-    return np.isfinite(data) & ((data < 0) | (data > 1))  # NaN, ±inf: missing, not damage
+    bad: np.ndarray = np.isfinite(data) & ((data < 0) | (data > 1))  # NaN, ±inf: missing, not damage
+    return bad
 
 
 PROBABILITIES = ValueRule("probabilities outside [0, 1]", _outside_unit)
@@ -118,7 +120,7 @@ class ArraySpec:
         """`n` rows of the fill value (no value)."""
         return np.full(n, self.fill, dtype=self.dtype)
 
-    def create(self, group: zarr.Group, counts: Counts) -> zarr.Array:
+    def create(self, group: zarr.Group, counts: Counts) -> zarr.Array[Any]:
         """Create this array, empty, in `group` for the store's `counts` (all of them known)."""
         shape, chunks = extents(self.shape, counts), extents(self.chunks, counts)
         if shape is None or chunks is None:
@@ -133,13 +135,13 @@ class ArraySpec:
         )
 
 
-def _same_fill(actual, expected) -> bool:
+def _same_fill(actual: Any, expected: float | int) -> bool:
     if isinstance(expected, float) and np.isnan(expected):
         return bool(np.isnan(actual))
     return bool(actual == expected)
 
 
-def _key_problem(arr: zarr.Array) -> str | None:
+def _key_problem(arr: zarr.Array[Any]) -> str | None:
     key = arr.metadata.encode_chunk_key((0,) * arr.ndim)
     return None if key == "c/" + "/".join("0" * arr.ndim) else f"chunk keys like {key!r}, expected 'c/0/...'"
 
@@ -157,11 +159,11 @@ class StoreSchema:
     def __getitem__(self, name: str) -> ArraySpec:
         return {spec.name: spec for spec in self.arrays}[name]
 
-    def count_problems(self, attrs: Mapping) -> list[str]:
+    def count_problems(self, attrs: Mapping[str, Any]) -> list[str]:
         """Why the integer attributes of `attrs` cannot be the store's counts, in their order."""
         return [p for c in self.counts if (p := count_problem(attrs, c)) is not None]
 
-    def meta_problems(self, name: str, arr: zarr.Array, counts: Counts) -> list[str]:
+    def meta_problems(self, name: str, arr: zarr.Array[Any], counts: Counts) -> list[str]:
         """What in the metadata of array `name` (`arr`) disagrees with its spec for `counts` (empty: nothing)."""
         spec, out = self[name], []
         shape = extents(spec.shape, counts)
@@ -178,7 +180,7 @@ class StoreSchema:
             out.append(keys)
         return out
 
-    def votes(self, arrays: Mapping[str, zarr.Array]) -> dict[str, list[int]]:
+    def votes(self, arrays: Mapping[str, zarr.Array[Any]]) -> dict[str, list[int]]:
         """The value of each count the shapes (and checked chunks) of `arrays` imply, array by array."""
         every = [d for s in self.arrays for d in s.shape] + [d for s in self.arrays for d in _voting_chunks(s)]
         out: dict[str, list[int]] = {d.count: [] for d in every if isinstance(d, Dim)}  # in the order shapes name them
@@ -196,13 +198,30 @@ def _voting_chunks(spec: ArraySpec) -> tuple[Extent, ...]:
     return spec.chunks if spec.chunks_checked else ()
 
 
-def _statistic(name: str, dtype=np.float32, fill: float | int = STAT_MISSING, rule=None) -> ArraySpec:
+def _statistic(
+    name: str, dtype: npt.DTypeLike = np.float32, fill: float | int = STAT_MISSING, rule: ValueRule | None = None
+) -> ArraySpec:
     """An `(N, T)` statistic; float ones are stored raw (they barely compress, ~13%, and read ~1.6x faster)."""
     compressors: Literal["auto"] | None = None if np.dtype(dtype).kind == "f" else "auto"
     return ArraySpec(name, np.dtype(dtype), fill, (ROWS, EPOCHS), (Dim("chunk_rows"), 1), compressors, rule=rule)
 
 
-def _by_row(name: str, dtype, fill: int, **kw) -> ArraySpec:
+class _ScoreOptions(TypedDict, total=False):
+    """The `ArraySpec` flags `_score` passes on."""
+
+    chunks_read: bool
+    index_copy: bool
+    rule: ValueRule | None
+
+
+class _RowOptions(_ScoreOptions, total=False):
+    """The `ArraySpec` flags `_by_row` passes on."""
+
+    fill_checked: bool
+    optional: bool
+
+
+def _by_row(name: str, dtype: npt.DTypeLike, fill: int, **kw: Unpack[_RowOptions]) -> ArraySpec:
     """An `(N,)` array chunked like the statistics."""
     return ArraySpec(name, np.dtype(dtype), fill, (ROWS,), (Dim("chunk_rows"),), **kw)
 
@@ -250,7 +269,7 @@ STATS_SCHEMA = StoreSchema(
 )
 
 
-def _score(name: str, dtype, fill: float | int, **kw) -> ArraySpec:
+def _score(name: str, dtype: npt.DTypeLike, fill: float | int, **kw: Unpack[_ScoreOptions]) -> ArraySpec:
     """An `(N,)` array of a scores store, chunked by `block_rows`; only its shape, type and chunks are checked."""
     return ArraySpec(name, np.dtype(dtype), fill, (ROWS,), (Dim("block_rows"),), fill_checked=False, **kw)
 

@@ -20,7 +20,7 @@ import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, cast
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import numpy as np
 import zarr
@@ -32,7 +32,11 @@ from streamprune.formats.atomic import named_os_error, output_lock
 from streamprune.formats.headers import STATS_FORMAT, check_format, header
 from streamprune.formats.rundir import RunDir
 from streamprune.formats.schema import EPOCHS, ROWS, STATS_SCHEMA
-from streamprune.scoring.columns import LABEL, LABEL_MISSING
+from streamprune.scoring.columns import LABEL as LABEL  # re-exported: other modules import it from here
+from streamprune.scoring.columns import LABEL_MISSING as LABEL_MISSING  # re-exported, as LABEL
+
+if TYPE_CHECKING:
+    from streamprune.formats.index import Index
 
 STATS = tuple(spec.name for spec in STATS_SCHEMA.arrays if spec.shape == (ROWS, EPOCHS))  # the statistics
 DEFAULT_CHUNK_ROWS = 65536
@@ -44,14 +48,15 @@ RECORD_AGAIN = (
 RESTART = (
     "rerun with --restart (restart=True) to clear the statistics and record again, or use the same settings to resume"
 )
+_Selection = slice | int | np.ndarray  # rows or epochs picked: a slice, an integer, an integer or bool array
 
 
-def zarr_array(group: zarr.Group, name: str) -> zarr.Array:
+def zarr_array(group: zarr.Group, name: str) -> zarr.Array[Any]:
     """Member `name` of a store's group: an array in every layout here (zarr types it `Array | Group`)."""
-    return cast(zarr.Array, group[name])
+    return cast("zarr.Array[Any]", group[name])
 
 
-def store_root(location: str | os.PathLike) -> str:
+def store_root(location: str | os.PathLike[str]) -> str:
     """Where the Zarr store of output `location` is: its committed content (`commit.committed`:
     `location` itself locally, its committed generation on an object store), or `location` itself
     when nothing is committed there: a store being built in a `commit.replacing` place, which the
@@ -67,7 +72,7 @@ def has_store(root: str) -> bool:
     return storage.exists(storage.join(root, "zarr.json"))
 
 
-def store_exists(location: str | os.PathLike) -> bool:
+def store_exists(location: str | os.PathLike[str]) -> bool:
     """Whether output `location` (a stats or scores store, local or object-store URL) holds a store."""
     return has_store(store_root(location))
 
@@ -80,7 +85,7 @@ def open_zarr(root: str, mode: AccessMode) -> zarr.Group:
     return zarr.open_group(where, mode=mode, zarr_format=3)
 
 
-def chunk_file(store: str | os.PathLike, name: str, *coords: int) -> str:
+def chunk_file(store: str | os.PathLike[str], name: str, *coords: int) -> str:
     """The file (object) of the chunk at grid position `coords` of array `name` of the store at
     `store` (a `store_root`; Zarr v3's `c/` key layout)."""
     return storage.join(store, name, "c", *map(str, coords))
@@ -98,7 +103,7 @@ def _raw_meta_problem(root: str, name: str, exc: Exception) -> str:
     return f"zarr.json is unreadable ({type(exc).__name__}: {exc})"
 
 
-def fill_value(name: str):
+def fill_value(name: str) -> float | int:
     """The missing-value marker of a statistic: NaN, or 255 for `correct`."""
     return STATS_SCHEMA[name].fill
 
@@ -108,7 +113,7 @@ def missing_stats(n: int) -> dict[str, np.ndarray]:
     return {name: STATS_SCHEMA[name].empty(n) for name in STATS}
 
 
-def creation_temp(path: str | os.PathLike) -> Path:
+def creation_temp(path: str | os.PathLike[str]) -> Path:
     """Where streamprune before object-store support built the local store at `path` (`verify` notes
     a leftover one). `StatsStore.create` now builds it through `commit.replacing`."""
     return Path(os.fspath(path) + ".tmp")
@@ -127,7 +132,7 @@ class OwnershipError(InputError, RuntimeError):
     """A writer was handed rows of a chunk it does not own, or a row twice in one epoch."""
 
 
-def _build(place: str, index, epochs: int, chunk_rows: int, config: dict) -> None:
+def _build(place: str, index: Index, epochs: int, chunk_rows: int, config: dict[str, Any]) -> None:
     """Write a new, empty store for `index` and `epochs` at `place` (an empty `commit.replacing`
     place); a failed write (a full disk, a refused request) names `place`."""
     counts = {"n_samples": index.n_samples, "n_shards": index.n_shards, "epochs": epochs, "chunk_rows": chunk_rows}
@@ -150,7 +155,12 @@ class StatsStore:
     """
 
     def __init__(
-        self, group: zarr.Group, path: str | os.PathLike, index=None, strict: bool = True, root: str | None = None
+        self,
+        group: zarr.Group,
+        path: str | os.PathLike[str],
+        index: Index | None = None,
+        strict: bool = True,
+        root: str | None = None,
     ):
         """Wrap an open group (opened at `root`, default `path`); `strict` (default) refuses damaged
         or edited metadata (`problems`). With `strict=False` (for `verify`) the problems are kept in
@@ -159,7 +169,7 @@ class StatsStore:
         self.root = self.path if root is None else root
         attrs = check_format(dict(group.attrs), STATS_FORMAT, f"stats store {self.path!r}")
         self.attrs = attrs
-        self._arrays: dict[str, zarr.Array] = {}
+        self._arrays: dict[str, zarr.Array[Any]] = {}
         self._held: dict[str, int] = {}
         self._shard_offset: np.ndarray | None = None
         problems = self.problems(index)
@@ -177,10 +187,10 @@ class StatsStore:
         self.shard_offset = cast(np.ndarray, self._shard_offset)
         self.has_labels: bool = LABEL in self._arrays  # stores of streamprune 0.1.0 keep no labels
 
-    def _open_array(self, name: str) -> zarr.Array:
+    def _open_array(self, name: str) -> zarr.Array[Any]:
         return self._arrays[name] if name in self._arrays else zarr_array(self.group, name)
 
-    def problems(self, index=None) -> list[tuple[str, str]]:
+    def problems(self, index: Index | None = None) -> list[tuple[str, str]]:
         """What in the store's metadata disagrees, as `(file, problem)` pairs (empty: sound).
 
         Attributes against themselves and against each array's zarr.json (shape, data type,
@@ -213,10 +223,10 @@ class StatsStore:
             out.append(f"attribute fingerprint is {self.attrs.get('fingerprint')!r}, not a string")
         return out
 
-    def _metas(self, out: list[tuple[str, str]]) -> dict[str, zarr.Array]:
+    def _metas(self, out: list[tuple[str, str]]) -> dict[str, zarr.Array[Any]]:
         """The arrays of `STATS_SCHEMA` whose zarr.json zarr reads as one of 1 or 2 dimensions, by
         name; why each other one is unusable is added to `out`."""
-        metas: dict[str, zarr.Array] = {}
+        metas: dict[str, zarr.Array[Any]] = {}
         for spec in STATS_SCHEMA.arrays:
             name, file = spec.name, f"{spec.name}/zarr.json"
             try:
@@ -234,7 +244,7 @@ class StatsStore:
                 out.append((file, f"{name} is not an array of 1 or 2 dimensions"))
         return metas
 
-    def _agreed_counts(self, metas: dict[str, zarr.Array], out: list[tuple[str, str]]) -> dict[str, int]:
+    def _agreed_counts(self, metas: dict[str, zarr.Array[Any]], out: list[tuple[str, str]]) -> dict[str, int]:
         """The counts the arrays' shapes and chunks agree on (ties go to the attribute); an
         attribute that disagrees with them is what was edited, added to `out`."""
         attrs, held = self.attrs, {}
@@ -248,7 +258,7 @@ class StatsStore:
                 )
         return held
 
-    def _offset_problems(self, index) -> list[tuple[str, str]]:
+    def _offset_problems(self, index: Index | None) -> list[tuple[str, str]]:
         """`shard_offset`'s values (kept as `_shard_offset`) against the sample count and, with
         `index`, against the index's."""
         if "shard_offset" not in self._arrays:
@@ -335,12 +345,12 @@ class StatsStore:
     @classmethod
     def create(
         cls,
-        path: str | os.PathLike,
-        index,
+        path: str | os.PathLike[str],
+        index: Index,
         epochs: int,
         *,
         chunk_rows: int = DEFAULT_CHUNK_ROWS,
-        config: dict | None = None,
+        config: dict[str, Any] | None = None,
         same: Iterable[str] = (),
     ) -> "StatsStore":
         """Create `path` (a local path or an object-store URL) for `index` and `epochs` recorded
@@ -371,7 +381,7 @@ class StatsStore:
         return cls.open(location, mode="r+")
 
     @classmethod
-    def open(cls, path: str | os.PathLike, mode: AccessMode = "r+", index=None) -> "StatsStore":
+    def open(cls, path: str | os.PathLike[str], mode: AccessMode = "r+", index: Index | None = None) -> "StatsStore":
         """Open an existing store (local, or the committed one of an object-store URL); with
         `index`, refuse a store made for another index."""
         location = os.fspath(path)
@@ -413,8 +423,9 @@ class StatsStore:
         return self.read(LABEL, rows)
 
     @property
-    def config(self) -> dict:
-        return self.attrs.get("config", {})
+    def config(self) -> dict[str, Any]:
+        config: dict[str, Any] = self.attrs.get("config", {})
+        return config
 
     def chunk_rows_range(self, chunk: int) -> tuple[int, int]:
         """Rows `[r0, r1)` of chunk `chunk`."""
@@ -462,14 +473,16 @@ class StatsStore:
         return data
 
     @staticmethod
-    def _index_of(sel, size: int) -> np.ndarray:
+    def _index_of(sel: _Selection, size: int) -> np.ndarray:
         """The positions a selection (slice, integer, integer or bool array) picks, shaped as it picks them."""
         if isinstance(sel, slice):
             return np.arange(*sel.indices(size))
         sel = np.asarray(sel)
         return np.flatnonzero(sel) if sel.dtype == bool else np.where(sel < 0, sel + size, sel)
 
-    def _unreadable(self, arr, name: str, rows, epochs, exc: Exception) -> DamagedRunError:
+    def _unreadable(
+        self, arr: zarr.Array[Any], name: str, rows: _Selection, epochs: _Selection, exc: Exception
+    ) -> DamagedRunError:
         """The error for a failed read, naming the first chunk that cannot be read alone."""
         chunks = np.unique(np.atleast_1d(self._index_of(rows, self.n_samples)) // self.chunk_rows)
         ts = np.atleast_1d(self._index_of(epochs, self.epochs)) if arr.ndim == 2 else [None]
@@ -486,7 +499,7 @@ class StatsStore:
                     )
         return DamagedRunError(f"stats store {self.path!r}: reading {name} failed ({type(exc).__name__}: {exc})")
 
-    def _check_values(self, name: str, data: np.ndarray, rows, epochs) -> None:
+    def _check_values(self, name: str, data: np.ndarray, rows: _Selection, epochs: _Selection) -> None:
         """Refuse values array `name` cannot hold (its `STATS_SCHEMA` rule), naming the first one's chunk."""
         spec = STATS_SCHEMA[name]
         if spec.rule is None or not spec.by_row:
@@ -624,7 +637,9 @@ class ChunkWriter:
         return np.sort(np.concatenate(missing)) if missing else np.zeros(0, dtype=np.int64)
 
 
-def _other_settings(location: str, recorded: dict, given: dict, keys: Iterable[str]) -> SettingsError | None:
+def _other_settings(
+    location: str, recorded: dict[str, Any], given: dict[str, Any], keys: Iterable[str]
+) -> SettingsError | None:
     """The refusal to go on with the store at `location`, recorded with other values of `keys` than
     `given`, naming each and the way out; None when they agree."""
     changed = [k for k in keys if k in recorded and recorded[k] != given[k]]
@@ -634,7 +649,7 @@ def _other_settings(location: str, recorded: dict, given: dict, keys: Iterable[s
     return SettingsError(f"{location!r} was recorded with other settings ({values}); {RESTART}")
 
 
-def clear_statistics(run: str | os.PathLike) -> None:
+def clear_statistics(run: str | os.PathLike[str]) -> None:
     """Remove what recording wrote to `run`: the stats store, the spool of one's own loop, checkpoints,
     the skipped-sample log and Ray Train's storage, and what was drawn from them (`clear_drawn`);
     the index and `classes.json` stay. Hold the stats store's lock."""
@@ -645,7 +660,7 @@ def clear_statistics(run: str | os.PathLike) -> None:
         storage.remove(path)
 
 
-def clear_drawn(run: str | os.PathLike) -> None:
+def clear_drawn(run: str | os.PathLike[str]) -> None:
     """Remove the scores and keep-lists in `run` (main and baselines), each under its own lock (a
     reduce writing one is named and refuses the restart): drawn from statistics being replaced,
     they would otherwise pass for the new ones' (`run CONFIG` skips a reduce whose list exists)."""
