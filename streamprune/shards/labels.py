@@ -151,8 +151,8 @@ def scan_labels(
 
     Returns the counts, the number of samples without a usable label and up to 3 of their reasons.
     """
+    from streamprune.shards.opening import open_shard
     from streamprune.shards.tarscan import CountingReader, iter_samples
-    from streamprune.shards.urls import open_shard
 
     opened = open_shard(url)
     reader = CountingReader(opened.stream, opened.seekable, opened.tar_size, name)

@@ -18,9 +18,8 @@ from typing import cast
 import numpy as np
 
 from streamprune.errors import ChangedShardError, DamagedRunError
-from streamprune.shards.remote import fetch_in_order
+from streamprune.shards.opening import OpenShard, open_shard
 from streamprune.shards.tarscan import CountingReader, Sample, TarFormatError, iter_samples, split_name
-from streamprune.shards.urls import OpenShard, open_shard
 
 CHUNK_BYTES = 4 << 20  # largest single read of coalesced kept samples
 GAP_BYTES = 4 << 10  # pruned gaps up to a page are read through: the kernel reads whole pages anyway
@@ -117,7 +116,7 @@ def iter_ranges(
         runs = list(_coalesce(ranges))
         spans = [(int(ranges[first, 0]), int(ranges[stop - 1, 1])) for first, stop in runs]
         if opened.remote is not None:  # range requests without read-ahead, several in flight
-            buffers = fetch_in_order(opened.remote, spans)
+            buffers = opened.fetch_ranges(spans)
         else:
             if opened.seekable:
                 fetch = _pread(opened, shard, stats)

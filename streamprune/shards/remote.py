@@ -36,6 +36,7 @@ from typing import Any, TypeVar
 from urllib.parse import urljoin, urlsplit
 
 from streamprune.errors import ChangedShardError, SettingsError
+from streamprune.shards.tarscan import CountingReader
 
 RETRIES = 5  # tries per request, the first included
 BACKOFF = 0.1  # seconds before the second try, doubled for each further one (with jitter)
@@ -637,45 +638,30 @@ class FsspecFile(RemoteFile):
 
         return _retrying(what, attempt, math.inf)  # the backend's own timeouts bound each try
 
-    def stream(self) -> "_Counting":
-        """The file read through from its start (the backend's buffered reader), counted."""
+    def stream(self) -> CountingReader:
+        """The file read through from its start (the backend's buffered reader), its bytes counted as
+        received; a backend error while reading is one naming the shard and the byte it failed at."""
         self.stats.add(requests=1)
+        where = f"shard {self.url!r}"
         try:
-            return _Counting(self.fs.open(self.path, "rb"), self.stats, f"shard {self.url!r}")
+            f = self.fs.open(self.path, "rb")
         except FileNotFoundError as exc:
-            raise _not_found(f"shard {self.url!r}", exc) from None
+            raise _not_found(where, exc) from None
         except PermissionError as exc:
-            raise PermissionError(f"shard {self.url!r}: access refused: {exc}") from None
+            raise PermissionError(f"{where}: access refused: {exc}") from None
+        received = lambda n: self.stats.add(received=n)
+        return CountingReader(f, shard=self.url, counted=received, stream_error=_read_error)
 
 
-class _Counting:
-    """A read-through stream that adds what it reads to `stats.bytes_received`; a backend error
-    while reading becomes an OSError naming `where` (the shard) and the byte it failed at."""
-
-    def __init__(self, f: Any, stats: TransferStats, where: str = "remote file"):
-        self.f, self.stats, self.where, self.pos = f, stats, where, 0
-
-    def read(self, n: int = -1) -> bytes:
-        try:
-            data = self.f.read(n)
-        except FileNotFoundError as exc:
-            raise _not_found(f"{self.where}: reading from byte {self.pos}", exc) from None
-        except Exception as exc:  # a backend's own exception (botocore's, aiohttp's, ...)
-            if isinstance(exc, OSError) and self.where in str(exc):
-                raise
-            raise OSError(f"{self.where}: reading from byte {self.pos}: {type(exc).__name__}: {exc}") from None
-        self.pos += len(data)
-        self.stats.add(received=len(data))
-        return data
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return False
-
-    def close(self) -> None:
-        self.f.close()
+def _read_error(exc: Exception, shard: str, offset: int) -> Exception:
+    """A backend's exception (botocore's, aiohttp's, ...) reading shard `shard` from byte `offset`
+    as one naming them (a FileNotFoundError stays one; an OSError naming the shard stays as it is)."""
+    where = f"shard {shard!r}"
+    if isinstance(exc, FileNotFoundError):
+        return _not_found(f"{where}: reading from byte {offset}", exc)
+    if isinstance(exc, OSError) and where in str(exc):
+        return exc
+    return OSError(f"{where}: reading from byte {offset}: {type(exc).__name__}: {exc}")
 
 
 def open_remote(url: str) -> RemoteFile:

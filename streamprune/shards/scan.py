@@ -6,15 +6,13 @@ parallel is `stages.index`.
 
 from __future__ import annotations
 
-import io
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
 from streamprune.shards.identity import SampleIdentity, id128
-from streamprune.shards.remote import HEADER_BLOCK, RangedReader
-from streamprune.shards.tarscan import CountingReader, TarFormatError, iter_members, iter_samples
-from streamprune.shards.urls import open_shard
+from streamprune.shards.opening import open_shard
+from streamprune.shards.tarscan import CountingReader, TarFormatError, iter_samples
 
 SCAN_ARRAYS = ("id_hi", "id_lo", "sample_start", "sample_end", "member_count", "member_offset", "member_size")
 SCAN_DTYPES = {
@@ -66,9 +64,7 @@ def scan_shard(url: str, name: str, identity: SampleIdentity | None = None) -> S
         scan.status, scan.error = "broken", str(exc)
         return scan
     scan.size, scan.compression = opened.size, opened.compression
-    stream, seekable = opened.stream, opened.seekable
-    if opened.remote is not None and identity is None and _ranges_cheaper(opened.remote):
-        stream, seekable = RangedReader(opened.remote), True
+    stream, seekable = opened.header_stream() if identity is None else (opened.stream, opened.seekable)
     scan.access = "headers" if seekable else "through"
     reader = CountingReader(stream, seekable, opened.tar_size, name)
     read_exts = () if identity is None else identity.members
@@ -110,19 +106,3 @@ def scan_shard(url: str, name: str, identity: SampleIdentity | None = None) -> S
         scan.arrays = {k: np.array(v, dtype=SCAN_DTYPES[k]) for k, v in cols.items()}
         scan.status = "ok" if scan.keys else "empty"
     return scan
-
-
-RANGED_SCAN_MIN = 1 << 20  # remote shards: read headers by ranges when the first member is at least this big
-
-
-def _ranges_cheaper(remote) -> bool:
-    """Whether a remote shard's headers are cheaper to read by range requests (one per member)
-    than the whole file through one stream: when its first member holds RANGED_SCAN_MIN bytes or
-    more (its headers, pax ones included, are in the first HEADER_BLOCK bytes), a request saves
-    more bytes than its latency costs."""
-    try:
-        head = remote.fetch(0, min(HEADER_BLOCK, remote.size))
-        member, _ = next(iter_members(CountingReader(io.BytesIO(head), True, None, ""), require_end=False))
-        return member.size >= RANGED_SCAN_MIN
-    except (OSError, ValueError, StopIteration):  # ValueError: TarFormatError, ChangedShardError (a 416)
-        return False  # the read-through scan meets the same problem and reports it

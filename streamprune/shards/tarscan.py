@@ -1,4 +1,5 @@
-"""Tar member scanning that reads headers only and seeks past data where the stream allows.
+"""Tar member scanning that reads headers only and seeks past data where the stream allows, through
+`CountingReader`: the one byte-counting stream wrapper (the parser's, a decompressor's, a remote stream's).
 
 Samples are grouped exactly as webdataset groups them (`base_plus_ext`, lower-cased
 extensions, `__*__` metadata skipped), so index rows line up with what a loader yields.
@@ -72,7 +73,7 @@ def _shard_at(text: str) -> tuple[str | None, int | None]:
 
 class StreamDataError(InputError):
     """Compressed shard data that is cut or corrupt (raised by the decompressing stream; a
-    `CountingReader` turns it into a `TarFormatError` naming the shard and the tar offset)."""
+    `CountingReader` reading it turns it into a `TarFormatError` naming the shard and the tar offset)."""
 
 
 @dataclass
@@ -112,30 +113,78 @@ def _padded(n: int) -> int:
 
 
 class CountingReader:
-    """Reads a binary stream exactly, counting bytes read, seeking past data when allowed.
+    """The one byte-counting stream wrapper: `read(n)` returns `n` bytes of `stream` unless it ends
+    (`-1`: all), counting them (`bytes_read`; `counted(n)` is told each read's count too, e.g. a
+    remote file's bytes received), and `skip(n)` moves forward, by seeking when `seekable`.
 
-    `pos` is the shard offset the stream starts at (a slice of a shard read into memory).
+    It serves the tar parser (`pos`: the shard offset read up to, starting at `pos` for a slice of a
+    shard read into memory; `size`: the tar's size when known, which no skip may pass), a
+    decompressor (the compressed bytes under it, through `readinto`; `failed`: the stream itself
+    raised, so an error of the decompressor is one of storage, not of the data) and remote
+    read-through streams (`stream_error(exc, shard, offset)`: a backend's exception as one naming them).
+    `shard` names the shard in errors; a `StreamDataError` of `stream` (a decompressor's) becomes a
+    `TarFormatError` at the tar offset where it was met. Closing it closes `stream`.
     """
 
-    def __init__(self, stream, seekable: bool, size: int | None, shard: str, pos: int = 0):
+    def __init__(
+        self,
+        stream,
+        seekable: bool = False,
+        size: int | None = None,
+        shard: str = "",
+        pos: int = 0,
+        counted: Callable[[int], None] | None = None,
+        stream_error: Callable[[Exception, str, int], BaseException] | None = None,
+    ):
         self.stream, self.seekable, self.size, self.shard = stream, seekable, size, shard
         self.pos = pos
         self.bytes_read = 0
+        self.counted, self.stream_error = counted, stream_error
+        self.failed = False  # `stream` raised (not a StreamDataError)
+        self.closed = False
 
-    def read(self, n: int) -> bytes:
+    def read(self, n: int | None = -1) -> bytes:
+        want = -1 if n is None else n  # < 0: to the end
         chunks, got = [], 0
-        while got < n:
-            try:
-                chunk = self.stream.read(min(n - got, READ_CHUNK))
-            except StreamDataError as exc:
-                raise TarFormatError(self.shard, self.pos + got, str(exc)) from None
+        while want < 0 or got < want:
+            chunk = self._read1(READ_CHUNK if want < 0 else min(want - got, READ_CHUNK), got)
             if not chunk:
                 break
             chunks.append(chunk)
             got += len(chunk)
         self.pos += got
         self.bytes_read += got
+        if self.counted is not None and got:
+            self.counted(got)
         return b"".join(chunks)
+
+    def _read1(self, n: int, got: int) -> bytes:
+        """One read of `stream` (`got` bytes into the current `read`), its errors as the class says."""
+        try:
+            return self.stream.read(n)
+        except StreamDataError as exc:
+            raise TarFormatError(self.shard, self.pos + got, str(exc)) from None
+        except BaseException as exc:
+            self.failed = True
+            error = exc
+            if self.stream_error is not None and isinstance(exc, Exception):
+                error = self.stream_error(exc, self.shard, self.pos + got)
+            if error is exc:
+                raise
+            raise error from None
+
+    def readinto(self, buffer) -> int:
+        """`read` into `buffer` (so that an `io.BufferedReader` can read through this one)."""
+        data = self.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+    def readable(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        self.closed = True
+        self.stream.close()
 
     def skip(self, n: int) -> None:
         if n <= 0:
