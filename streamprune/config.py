@@ -1,19 +1,24 @@
-"""The `streamprune run` configuration: every stage from one YAML or TOML file, checked strictly.
+"""The `streamprune run` config file: every stage's settings from one YAML or TOML file, checked strictly.
 
 Unknown or mistyped fields are errors naming the field (with a suggestion), never ignored.
-Relative paths are relative to the config file's folder.
+Relative paths are relative to the config file's folder. The commented example `init-config`
+writes (`EXAMPLE`) is generated from the settings classes' fields and their help.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import os
 import re
+import textwrap
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
@@ -24,23 +29,49 @@ from streamprune.settings import (
     RecordSettings,
     ReduceSettings,
     ReportSettings,
+    StageSettings,
     default,
+    described,
+    setting,
 )
 from streamprune.shards.identity import has_scheme
 
 
 @dataclass
-class Config:
-    """A whole `run`: the shards, the run directory, the Ray address and each stage's settings."""
+class RunSettings:
+    """A whole `run`: the shards, the run directory, the Ray address and each stage's settings (what
+    a config file holds, checked: `load_config`)."""
 
-    shards: str | list[str]
-    out: str = "run"
-    address: str | None = None
+    shards: str | list[str] = field(
+        metadata={
+            "help": "the training shards: paths, braces, globs, `::` lists, file://, fsspec URLs (s3://...) or "
+            "pipe: commands (pipe: URLs are shell commands, run as written); a list of such strings also works",
+            "example": "data/train-{000000..000009}.tar",
+        }
+    )
+    out: str = setting("run", "the run directory: index, stats.zarr, keep/, report/")
+    address: str | None = setting(None, "Ray cluster address", unset="start a local Ray instance")
     index: IndexSettings = field(default_factory=IndexSettings)
     record: RecordSettings = field(default_factory=RecordSettings)
     reduce: ReduceSettings = field(default_factory=ReduceSettings)
     evaluate: EvaluateSettings = field(default_factory=EvaluateSettings)
     report: ReportSettings = field(default_factory=ReportSettings)
+
+
+if TYPE_CHECKING:
+    Config = RunSettings  # the old name; deprecated (one release), see __getattr__
+
+
+def __getattr__(name: str) -> Any:
+    """`Config`, the old name of `RunSettings`: still importable, with a DeprecationWarning."""
+    if name == "Config":
+        warnings.warn(
+            "streamprune.config.Config is now streamprune.config.RunSettings; the old name goes in the next release",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return RunSettings
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class ConfigError(SettingsError):
@@ -70,7 +101,7 @@ _YamlLoader.add_implicit_resolver(
 )
 
 
-def load_config(path: str | os.PathLike) -> Config:
+def load_config(path: str | os.PathLike) -> RunSettings:
     """Read and check a YAML (`.yaml`, `.yml`) or TOML (`.toml`) config file."""
     path = Path(path)
     if not path.exists():
@@ -90,7 +121,7 @@ def load_config(path: str | os.PathLike) -> Config:
     if not isinstance(data, dict):
         raise ConfigError(f"config {str(path)!r}: expected a mapping of fields, got {type(data).__name__}")
     problems: list[str] = []
-    cfg = _build(Config, data, "", problems)
+    cfg = _build(RunSettings, data, "", problems)
     problems += config_problems(data)
     if problems or cfg is None:
         raise ConfigError(
@@ -178,7 +209,7 @@ def _check_type(value, hint, name: str):
     raise ConfigError(f"{name}: must be {expected}, not {value!r}")
 
 
-def _resolve_paths(cfg: Config, base: Path) -> Config:
+def _resolve_paths(cfg: RunSettings, base: Path) -> RunSettings:
     def local(p: str) -> str:
         if p.startswith("pipe:") or has_scheme(p) or p.startswith("file:") or os.path.isabs(p):
             return p
@@ -197,71 +228,62 @@ def _resolve_paths(cfg: Config, base: Path) -> Config:
     return cfg
 
 
-EXAMPLE = """\
+HEADER = """\
 # streamprune run CONFIG: every stage from one file. Rerunning after an interruption
 # finishes only what is missing. Relative paths are relative to this file's folder.
-
-# Shards: paths, braces, globs, `::` lists, file://, fsspec URLs (s3://...) or pipe: commands
-# (pipe: URLs are shell commands, run as written). A list of such strings also works.
-shards: "data/train-{000000..000009}.tar"
-out: run                  # the run directory: index, stats.zarr, keep/, report/
-address: null             # Ray cluster address (null: start a local Ray instance)
-
-index:
-  root: null              # dataset root that shard names are relative to (null: common folder)
-  identity: shard-key     # shard-key | json:FIELD (e.g. json:uid) | package.module:function
-  allow_broken: false     # true: go on without broken or missing shards (false: stop after indexing, exit 2)
-
-record:                   # the proxy run
-  epochs: 10              # T: epochs recorded
-  workers: null           # training workers (null: one per GPU, else CPUs/2 up to 4)
-  gpus_per_worker: null   # null: 1 when the cluster has GPUs, else 0
-  model: null             # small-cnn | resnet18 | package.module:factory (null: by image size; small-cnn on CPUs at 64)
-  batch_size: 128         # global batch
-  lr: 0.1
-  schedule_epochs: 200    # length of the cosine schedule the T epochs are the start of
-  seed: 0
-  num_classes: null       # null: the class list's length, or the largest label of the first samples + 1
-  loader_workers: 2
-  max_failures: 3
-  on_bad_sample: skip     # skip (counted, listed in RUN/bad-samples.jsonl) | error
-  label: null             # cls | a member extension | json:FIELD (json:a.b) | package.module:function
-                          # (null: the spec RUN/classes.json was counted with by `index --label`, else cls)
-  classes: null           # class-name list file for string labels (null: every label found, RUN/classes.json)
-  image_size: null        # S: random resized S x S crops (null: the images' size if they agree and are small,
-                          # else 224 on GPUs, 64 on CPUs)
-  decode: null            # package.module:function -> (tensor, label), for data that is not an image
-
-reduce:                   # scores and the keep-list (RUN/keep)
-  ratio: 0.5              # fraction pruned, in [0, 1)
-  method: dual-beta       # dual-beta | dual | dyn-unc | el2n | forgetting | entropy | aum | ccs:SCORE | random
-  seed: 0
-  window: null            # J for DUAL and Dyn-Unc (<= T; null: 10, or T when smaller)
-  epochs: null            # T used (null: all recorded)
-  missing: drop           # drop | error: samples with missing statistics
-  scores: all             # all | method: which scores go to RUN/scores.zarr
-  c_d: null               # DUAL+Beta: how fast the Beta mode moves to easy samples as the ratio grows
-                          # (null: 8 with balance classes, chosen on validation data; 4 with none, the paper's)
-  C: 15.0                 # DUAL+Beta: concentration of the Beta weight
-  alpha_plus_beta: null   # DUAL+Beta: alpha + beta (null: C + 1, as the reference code)
-  cut: 0.2                # CCS: hardest fraction dropped first
-  balance: null           # classes: split the budget across the recorded labels by class size | none
-                          # (null: classes, or none for ccs: methods, which stratify by score)
-
-evaluate:                 # optional: train fresh models and compare test accuracy
-  test_shards: null       # e.g. "data/test-{000000..000001}.tar"; null skips this stage
-  epochs: 10              # epochs of the full-data run
-  budget: steps           # steps: every subset gets the full run's SGD steps | epochs: its epochs
-  seeds: 3                # fresh models per subset (keep-list seed and training seed vary together)
-  baseline: random        # a second method at the same ratio, without class balance (null: none)
-  full: true              # also train on all samples (one seed)
-  model: null
-  num_classes: null       # null: the recorded run's classes
-  batch_size: 128
-  lr: 0.1
-  seed: 0
-  device: null            # null: cuda when available, else cpu
-
-report:
-  enabled: true           # RUN/report/index.html with PNGs
 """
+COMMENT_AT = 26  # the column of the fields' comments
+WIDTH = 110
+
+
+def _yaml_value(value: object) -> str:
+    """`value` as a YAML scalar (strings quoted only where YAML would read them otherwise)."""
+    if value is None or isinstance(value, bool):
+        return {None: "null", True: "true", False: "false"}[value]
+    if isinstance(value, str):
+        plain = re.fullmatch(r"[A-Za-z_][\w.:/-]*", value) and yaml.safe_load(value) == value
+        return value if plain else json.dumps(value)
+    return repr(value)
+
+
+def _wrap(text: str, width: int) -> list[str]:
+    return textwrap.wrap(text, width, break_long_words=False, break_on_hyphens=False)
+
+
+def _commented(left: str, comment: str, indent: str) -> list[str]:
+    """`left` (`key: value`) with `comment` after it, wrapped at the comment column; above it when
+    `left` reaches that column."""
+    if not comment:
+        return [left]
+    if len(left) >= COMMENT_AT - 1:
+        return [indent + "# " + line for line in _wrap(comment, WIDTH - len(indent) - 2)] + [left]
+    lines = _wrap(comment, WIDTH - COMMENT_AT - 2)
+    return [left.ljust(COMMENT_AT) + "# " + lines[0]] + [" " * COMMENT_AT + "# " + line for line in lines[1:]]
+
+
+def summary(cls: type) -> str:
+    """What a settings class is for, from its docstring: "`record`: the proxy run ..." -> "the proxy run ..."."""
+    first = (cls.__doc__ or "").strip().split("\n\n")[0]
+    return " ".join(re.sub(r"^`\w+`:\s*", "", first).split()).rstrip(".")
+
+
+def _example_field(f: dataclasses.Field, indent: str) -> list[str]:
+    value = f.metadata.get("example", f.default)
+    return _commented(f"{indent}{f.name}: {_yaml_value(value)}", described(f), indent)
+
+
+def example_config() -> str:
+    """The commented example config `streamprune init-config` writes: every field of `RunSettings` and
+    of each stage's settings, at its default, with its help."""
+    out = HEADER.splitlines() + [""]
+    for f in dataclasses.fields(RunSettings):
+        section = f.default_factory
+        if isinstance(section, type) and issubclass(section, StageSettings):
+            out += ["", *_commented(f"{f.name}:", summary(section), "")]
+            out += [line for sf in dataclasses.fields(section) for line in _example_field(sf, "  ")]
+        else:
+            out += _example_field(f, "")
+    return "\n".join(out) + "\n"
+
+
+EXAMPLE = example_config()

@@ -1,7 +1,10 @@
 """Each stage's settings: frozen, typed, and checked when built, with every problem listed.
 
 The command line, the `run` config file and the Python API all build these classes, so each
-default is written once, here, and bad values are refused before any work starts.
+default is written once, here, and bad values are refused before any work starts. Each field is
+declared with `setting()`, which also holds its help text: the command's options
+(`cli.options`), the commented config file `streamprune init-config` writes and the docs'
+reference are all generated from it.
 """
 
 from __future__ import annotations
@@ -9,11 +12,12 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from streamprune.errors import SettingsError
+from streamprune.scoring.sampling import BALANCES
 
 S = TypeVar("S", bound="StageSettings")
 
@@ -91,14 +95,55 @@ def default(cls: type, name: str) -> Any:
     return next(f.default for f in dataclasses.fields(cls) if f.name == name)
 
 
+def setting(
+    default: Any,
+    help: str,
+    *,
+    unset: str = "",
+    cli: bool | str = True,
+    choices: Sequence[str] | None = None,
+    metavar: str | None = None,
+) -> Any:
+    """A settings field: its `default` and what the command line, the config file and the docs
+    say of it (the single place each is written).
+
+    help: what the setting does, in a phrase; unset: what None means, shown as "(default: ...)"
+    in `--help` and "(null: ...)" in the config file; cli: the command-line option (True: `--name`
+    with `_` as `-`; a string: that flag; False: set in config files only); choices and metavar:
+    as argparse's (choices are also the values the field's check accepts)."""
+    metadata = {"help": help, "unset": unset, "cli": cli, "choices": tuple(choices) if choices else None}
+    return dataclasses.field(default=default, metadata={**metadata, "metavar": metavar})
+
+
+def described(f: dataclasses.Field, unset_word: str = "null") -> str:
+    """Field `f`'s help with what leaving it unset means: "(null: ...)" in config files and the
+    docs, `unset_word="default"` for the command line."""
+    text, unset = f.metadata.get("help", ""), f.metadata.get("unset", "")
+    return f"{text} ({unset_word}: {unset})" if unset else text
+
+
+def cli_flag(f: dataclasses.Field) -> str | None:
+    """The command-line option of field `f` (None: config files only)."""
+    cli = f.metadata.get("cli", True)
+    if cli is False:
+        return None
+    return cli if isinstance(cli, str) else "--" + f.name.replace("_", "-")
+
+
 @dataclass(frozen=True)
 class IndexSettings(StageSettings):
     """`index`: where shard names start, and what identifies a sample."""
 
     STAGE = "index"
-    root: str | None = None  # dataset root that shard names are relative to (None: the shards' common folder)
-    identity: str = "shard-key"  # shard-key | json:FIELD | package.module:function
-    allow_broken: bool = False  # index the healthy shards and succeed when some are broken (else exit status 2)
+    root: str | None = setting(None, "dataset root that shard names are relative to", unset="the shards' common folder")
+    identity: str = setting(
+        "shard-key", "what identifies a sample: shard-key, json:FIELD (e.g. json:uid) or package.module:function"
+    )
+    allow_broken: bool = setting(
+        False,
+        "succeed when some shards are broken or missing: they are listed and left out of the index "
+        "(without it such an index is still written, but the exit status is 2 and `run` stops after indexing)",
+    )
 
     def problems(self) -> list[str]:
         from streamprune.plugins import is_function_spec
@@ -113,6 +158,12 @@ class IndexSettings(StageSettings):
 
 
 MODELS = ("small-cnn", "resnet18")
+LABEL_HELP = (
+    "where the label is: cls, another member extension (txt, label, ...), json:FIELD "
+    "(dotted paths allowed, e.g. json:meta.label) or package.module:function on the sample dict; "
+    "integers or class names"
+)
+ON_BAD_SAMPLE = ("skip", "error")
 
 
 @dataclass(frozen=True)
@@ -120,22 +171,50 @@ class RecordSettings(StageSettings):
     """`record`: the proxy run whose per-sample statistics are recorded."""
 
     STAGE = "record"
-    epochs: int = 10  # T: epochs recorded
-    workers: int | None = None  # None: one per GPU, else CPUs/2 up to 4
-    gpus_per_worker: float | None = None  # None: 1 when the cluster has GPUs, else 0
-    model: str | None = None  # small-cnn | resnet18 | package.module:factory (None: by image size)
-    batch_size: int = 128  # global batch
-    lr: float = 0.1
-    schedule_epochs: int = 200  # the cosine schedule the T epochs are the start of
-    seed: int = 0
-    num_classes: int | None = None  # None: the class list's length, or the largest early label + 1
-    loader_workers: int = 2
-    max_failures: int = 3
-    on_bad_sample: str = "skip"  # skip | error
-    label: str | None = None  # None: the spec RUN/classes.json was counted with (index --label), else cls
-    classes: str | None = None  # class-name list file (None: every label found, RUN/classes.json)
-    image_size: int | None = None  # None: the images' own size (one, <= 256 px), else 224 on GPUs, 64 on CPUs
-    decode: str | None = None  # package.module:function -> (tensor, label)
+    epochs: int = setting(10, "epochs to run and record (T)")
+    workers: int | None = setting(None, "training workers", unset="one per GPU, else CPUs/2 up to 4")
+    gpus_per_worker: float | None = setting(
+        None, "GPUs per training worker", unset="1 when the cluster has GPUs, else 0"
+    )
+    model: str | None = setting(
+        None,
+        "the proxy model: small-cnn, resnet18 or package.module:factory",
+        unset="by image size; small-cnn on CPUs at 64 px",
+    )
+    batch_size: int = setting(128, "global batch size")
+    lr: float = setting(0.1, "peak learning rate of the cosine schedule")
+    schedule_epochs: int = setting(200, "length of the full cosine schedule; the T recorded epochs are its start")
+    seed: int = setting(0, "training seed (shuffling, augmentation, initialisation)")
+    num_classes: int | None = setting(
+        None,
+        "number of classes",
+        unset="the class list's length for class names, else the largest label of the first 2,000 samples plus one",
+    )
+    loader_workers: int = setting(2, "DataLoader processes per training worker")
+    max_failures: int = setting(3, "worker failures to recover from")
+    on_bad_sample: str = setting(
+        "skip",
+        "an undecodable sample: skip it (counted, listed in RUN/bad-samples.jsonl) or stop with an error",
+        choices=ON_BAD_SAMPLE,
+    )
+    label: str | None = setting(
+        None, LABEL_HELP, unset="the spec `index --label` wrote RUN/classes.json with, else cls"
+    )
+    classes: str | None = setting(
+        None,
+        "a file of class names, one per line or a JSON list, for string labels",
+        unset="every label found, sorted, kept in RUN/classes.json",
+    )
+    image_size: int | None = setting(
+        None,
+        "train on random resized crops of S x S",
+        unset="the images' own size when the first ones agree and are <= 256 px, else 224 on GPUs and 64 on CPUs",
+    )
+    decode: str | None = setting(
+        None,
+        "package.module:function turning a sample dict into (tensor, label), for data that is not an image "
+        "(pair it with a package.module:factory model)",
+    )
 
     def problems(self) -> list[str]:
         from streamprune.plugins import is_function_spec
@@ -164,7 +243,7 @@ class RecordSettings(StageSettings):
         out.at_least(self.loader_workers, "loader_workers", 0)
         out.at_least(self.max_failures, "max_failures", 0)
         out.check(
-            self.on_bad_sample in ("skip", "error"),
+            self.on_bad_sample in ON_BAD_SAMPLE,
             "on_bad_sample",
             f"must be skip or error, not {self.on_bad_sample!r}",
         )
@@ -190,23 +269,50 @@ class RecordSettings(StageSettings):
         return out
 
 
+MISSING = ("drop", "error")  # samples with missing statistics: left out (counted) or refused
+SCORES = ("all", "method")  # which scores go to scores.zarr
+
+
 @dataclass(frozen=True)
 class ReduceSettings(StageSettings):
     """`reduce`: the scores and the keep-list drawn from them."""
 
     STAGE = "reduce"
-    ratio: float = 0.5  # fraction pruned, in [0, 1)
-    method: str = "dual-beta"
-    seed: int = 0
-    window: int | None = None  # J (None: 10, or T when smaller)
-    epochs: int | None = None  # T used (None: every completely recorded epoch)
-    missing: str = "drop"  # drop | error: samples with missing statistics
-    scores: str = "all"  # all | method: which scores go to scores.zarr
-    c_d: float | None = None  # None: by balance (sampling.DEFAULT_C_D)
-    C: float = 15.0
-    alpha_plus_beta: float | None = None  # None: C + 1
-    cut: float = 0.2  # CCS: hardest fraction dropped first
-    balance: str | None = None  # classes | none (None: classes, or none for ccs: methods)
+    ratio: float = setting(0.5, "pruning ratio r in [0, 1): the fraction removed")
+    method: str = setting(
+        "dual-beta",
+        "the score and sampler: dual-beta, dual, dyn-unc, el2n, forgetting, entropy, aum, ccs:SCORE, random",
+    )
+    seed: int = setting(0, "keep-list seed (Beta and random samplers)")
+    window: int | None = setting(
+        None, "window length J of DUAL and Dyn-Unc, at most T", unset="10, or T when fewer epochs were recorded"
+    )
+    epochs: int | None = setting(
+        None, "the number T of recorded epochs to use", unset="every completely recorded epoch"
+    )
+    missing: str = setting(
+        "drop", "samples with missing statistics: drop them (counted) or refuse them with an error", choices=MISSING
+    )
+    scores: str = setting(
+        "all",
+        "which scores go to RUN/scores.zarr: all of them, or only what the method needs, which is faster",
+        choices=SCORES,
+    )
+    c_d: float | None = setting(
+        None,
+        "DUAL+Beta's c_d (docs/scoring.md): how fast the Beta mode moves to easy samples as the ratio grows",
+        unset="8 with balance classes, chosen on validation data; 4 with none, the paper's",
+    )
+    C: float = setting(15.0, "DUAL+Beta's C: the concentration of the Beta weight")
+    alpha_plus_beta: float | None = setting(None, "DUAL+Beta's alpha + beta", unset="C + 1, as the reference code")
+    cut: float = setting(0.2, "CCS: hardest fraction dropped first")
+    balance: str | None = setting(
+        None,
+        "how the budget is spread (docs/scoring.md): classes splits it across the recorded labels by class "
+        "size, each class kept by the method; none runs the method over all samples",
+        unset="classes, or none for ccs: methods, which stratify by score",
+        choices=BALANCES,
+    )
 
     def problems(self) -> list[str]:
         from streamprune.scoring.methods import Method
@@ -226,8 +332,8 @@ class ReduceSettings(StageSettings):
             out.check(
                 self.window <= self.epochs, "window", f"{self.window} is longer than the {self.epochs} epochs used (T)"
             )
-        out.check(self.missing in ("drop", "error"), "missing", f"must be drop or error, not {self.missing!r}")
-        out.check(self.scores in ("all", "method"), "scores", f"must be all or method, not {self.scores!r}")
+        out.check(self.missing in MISSING, "missing", f"must be drop or error, not {self.missing!r}")
+        out.check(self.scores in SCORES, "scores", f"must be all or method, not {self.scores!r}")
         out.check(self.c_d is None or (_finite(self.c_d) and self.c_d > 0), "c_d", f"must be > 0, not {self.c_d!r}")
         out.check(_finite(self.C) and self.C > 0, "C", f"must be > 0, not {self.C!r}")
         out.check(
@@ -251,21 +357,41 @@ BUDGETS = ("steps", "epochs")  # what subsets of the same run share: SGD steps, 
 
 @dataclass(frozen=True)
 class EvaluateSettings(StageSettings):
-    """`evaluate`: fresh models trained on the keep-list, a baseline and all data, tested on held-out shards."""
+    """`evaluate`: optional: fresh models trained on the keep-list, a baseline and all data, tested on
+    held-out shards."""
 
-    STAGE = "evaluate"
-    test_shards: str | list[str] | None = None  # None skips the stage
-    epochs: int = 10  # epochs of the full-data run
-    budget: str = "steps"  # steps | epochs
-    seeds: int = 3
-    baseline: str | None = "random"
-    full: bool = True
-    model: str | None = None
-    num_classes: int | None = None
-    batch_size: int = 128
-    lr: float = 0.1
-    seed: int = 0
-    device: str | None = None  # None: cuda when available, else cpu
+    STAGE = "evaluate"  # no command of its own: `run` evaluates, from a config file's `evaluate:` section
+    test_shards: str | list[str] | None = setting(
+        None,
+        'the held-out shards the fresh models are tested on, e.g. "data/test-{000000..000001}.tar"',
+        unset="this stage is skipped",
+        cli=False,
+    )
+    epochs: int = setting(10, "epochs of the full-data run", cli=False)
+    budget: str = setting(
+        "steps",
+        "steps: every subset gets the full run's SGD steps; epochs: its epochs",
+        choices=BUDGETS,
+        cli=False,
+    )
+    seeds: int = setting(3, "fresh models per subset (keep-list seed and training seed vary together)", cli=False)
+    baseline: str | None = setting(
+        "random", "a second method at the same ratio, without class balance", unset="none", cli=False
+    )
+    full: bool = setting(True, "also train on all samples (one seed)", cli=False)
+    model: str | None = setting(
+        None, "the fresh models: small-cnn, resnet18 or package.module:factory", unset="by image size", cli=False
+    )
+    num_classes: int | None = setting(None, "number of classes", unset="the recorded run's classes", cli=False)
+    batch_size: int = setting(128, "global batch size", cli=False)
+    lr: float = setting(0.1, "peak learning rate of the cosine schedule", cli=False)
+    seed: int = setting(
+        0,
+        "training seed: the i-th fresh model of a subset trains with seed + i (and its keep-list is drawn "
+        "with reduce.seed + i)",
+        cli=False,
+    )
+    device: str | None = setting(None, "torch device", unset="cuda when available, else cpu", cli=False)
 
     def problems(self) -> list[str]:
         from streamprune.scoring.methods import Method
@@ -289,8 +415,8 @@ class ReportSettings(StageSettings):
     """`report`: the HTML report of a run."""
 
     STAGE = "report"
-    enabled: bool = True
-    max_rows: int = 1_000_000  # samples drawn for the score plots
+    enabled: bool = setting(True, "write RUN/report/index.html with PNGs", cli=False)
+    max_rows: int = setting(1_000_000, "samples the figures are drawn from, at most")
 
     def problems(self) -> list[str]:
         out = _Problems()

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from streamprune.cli.main import build_parser
-from streamprune.config import Config
+from streamprune.config import RunSettings
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 
@@ -69,7 +69,7 @@ def test_cli_reference_shows_defaults():
 
 def test_config_reference_has_every_field():
     text = ref.config_reference()
-    for f in dataclasses.fields(Config):
+    for f in dataclasses.fields(RunSettings):
         assert f"| `{f.name}` |" in text, f"config field {f.name} missing"
     for cls in ref.settings_classes():
         assert cls.__name__ in text
@@ -82,16 +82,23 @@ def test_config_reference_has_every_field():
 
 def test_settings_classes_are_every_config_section():
     """A new stage section in the config must be a settings class the reference lists."""
-    sections = {f.name for f in dataclasses.fields(Config) if dataclasses.is_dataclass(f.default_factory)}
+    sections = {f.name for f in dataclasses.fields(RunSettings) if dataclasses.is_dataclass(f.default_factory)}
     assert sections == {cls.STAGE for cls in ref.settings_classes()}
 
 
-def test_field_comments_read_from_the_source():
-    from streamprune.settings import RecordSettings, ReduceSettings
+def test_config_reference_describes_each_field_with_its_setting_help():
+    """One text per setting: the reference's description is the field's `setting()` help, the same
+    the option's --help and the init-config example show."""
+    from streamprune.settings import described
 
-    assert ref.field_comments(RecordSettings)["epochs"] == "T: epochs recorded"
-    assert ref.field_comments(ReduceSettings)["ratio"] == "fraction pruned, in [0, 1)"
-    assert "lr" not in ref.field_comments(RecordSettings)  # no comment there
+    text = ref.config_reference()
+    for cls in ref.settings_classes():
+        for f in dataclasses.fields(cls):
+            row = next(line for line in text.splitlines() if line.startswith(f"| `{cls.STAGE}.{f.name}` |"))
+            assert row.endswith(" | " + ref._cell(described(f)) + " |"), row
+    row = next(line for line in text.splitlines() if line.startswith("| `reduce.ratio` |"))
+    assert "| `--ratio` | pruning ratio r in [0, 1): the fraction removed |" in row
+    assert "(null: one per GPU, else CPUs/2 up to 4)" in text  # what None means, as the config file says it
 
 
 def test_config_example_is_the_init_config_text():

@@ -86,7 +86,7 @@ def test_settings_are_frozen_checked_and_share_their_defaults():
 
     from streamprune import ReduceSettings, SettingsError
     from streamprune.cli.main import build_parser
-    from streamprune.config import Config
+    from streamprune.config import RunSettings
 
     s = ReduceSettings(ratio=0.3)
     with pytest.raises(FrozenInstanceError):
@@ -100,20 +100,20 @@ def test_settings_are_frozen_checked_and_share_their_defaults():
     # one default: the CLI's and the config's are the class's
     args = build_parser().parse_args(["reduce", "run", "--ratio", "0.5"])
     assert (args.method, args.C, args.cut, args.scores) == (s.method, s.C, s.cut, s.scores)
-    assert Config(shards="x").reduce == ReduceSettings()
+    assert RunSettings(shards="x").reduce == ReduceSettings()
 
 
 def test_run_indexes_again_when_the_index_settings_change(make_index, uneven_shards, tmp_path):
     import dataclasses
     import os
 
-    from streamprune.config import Config
+    from streamprune.config import RunSettings
     from streamprune.settings import IndexSettings
     from streamprune.stages.pipeline import _index_done
 
     paths, _ = uneven_shards
     run = tmp_path / "run"
-    cfg = Config(shards=paths, out=str(run))
+    cfg = RunSettings(shards=paths, out=str(run))
     assert not _index_done(cfg, run)  # nothing indexed yet
     make_index(paths, run)
     assert _index_done(cfg, run)

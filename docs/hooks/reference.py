@@ -7,8 +7,9 @@ MkDocs loads this file as a hook (`hooks:` in mkdocs.yml). A page holding a mark
     <!-- reference: config-example --> the commented example `streamprune init-config` writes
 
 gets the generated Markdown in its place, so a new option or setting is documented by the build
-itself. The benchmark result files (benchmarks/*.md) are added as pages under benchmarks/, as
-they are in the repository.
+itself. A setting's description is its `setting(..., help=...)` in streamprune/settings.py, the
+same text its command-line option and the init-config example show. The benchmark result files
+(benchmarks/*.md) are added as pages under benchmarks/, as they are in the repository.
 
 `cli_reference()`, `config_reference()` and `config_example()` are plain functions (no MkDocs
 needed): tests/test_docs_reference.py calls them.
@@ -19,10 +20,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import inspect
-import io
 import os
 import re
-import tokenize
 from pathlib import Path
 from typing import Any
 
@@ -168,53 +167,6 @@ def cli_reference(parser: argparse.ArgumentParser | None = None, heading: str = 
 # the config file and the settings classes
 
 
-def field_comments(cls: type) -> dict[str, str]:
-    """Each field's trailing `# comment` in the class body of `cls` (settings.py describes its
-    fields that way), read with tokenize from the class's source."""
-    source = inspect.getsource(cls)
-    comments: dict[str, str] = {}
-    line_field: dict[int, str] = {}
-    tokens = list(tokenize.generate_tokens(io.StringIO(source).readline))
-    for i, tok in enumerate(tokens[:-1]):
-        # a field: NAME at the class body's indentation followed by ':' (an annotation)
-        if tok.type == tokenize.NAME and tokens[i + 1].string == ":" and tokens[i - 1].type == tokenize.INDENT:
-            line_field[tok.start[0]] = tok.string
-        elif tok.type == tokenize.NAME and tokens[i + 1].string == ":" and tokens[i - 1].type == tokenize.NEWLINE:
-            line_field[tok.start[0]] = tok.string
-        if tok.type == tokenize.COMMENT and tok.start[0] in line_field:
-            comments[line_field[tok.start[0]]] = tok.string.lstrip("#").strip()
-    names = {f.name for f in dataclasses.fields(cls)}
-    return {k: v for k, v in comments.items() if k in names}
-
-
-def example_comments(example: str | None = None) -> dict[str, str]:
-    """The comment of each field in the `init-config` example (`section.field` or `field`): its
-    trailing comment, else the comment lines just above it; a comment-only line indented under a
-    field continues that field's comment."""
-    if example is None:
-        from streamprune.config import EXAMPLE
-
-        example = EXAMPLE
-    out: dict[str, str] = {}
-    section, last, above = "", "", []
-    for line in example.splitlines():
-        m = re.match(r"^(\s*)([A-Za-z_]\w*):\s*(.*?)\s*(?:#\s*(.*))?$", line)
-        if m and not line.lstrip().startswith("#"):
-            indent, key, _value, comment = m.groups()
-            name = key if not indent else f"{section}.{key}"
-            if not indent:
-                section = key
-            out[name] = comment or " ".join(above)
-            last, above = name, []
-        elif line.startswith("#"):
-            above.append(line.lstrip("#").strip())
-        elif line.strip().startswith("#") and last:
-            out[last] = (out[last] + " " + line.strip().lstrip("#").strip()).strip()
-        elif not line.strip():
-            last, above = "", []
-    return out
-
-
 def _cli_options() -> dict[tuple[str, str], tuple[str, str]]:
     """(command, dest) -> (the option that sets it, its help), for every subcommand."""
     from streamprune.cli.main import build_parser
@@ -251,40 +203,39 @@ def _field_default(f: dataclasses.Field) -> Any:
     return "required"
 
 
-def _describe(*texts: str) -> str:
-    """The first non-empty description."""
-    return next((t for t in texts if t), "")
+def _description(f: dataclasses.Field) -> str:
+    """A field's help as the config file shows it; a section's: what its settings class is for."""
+    from streamprune.config import summary
+    from streamprune.settings import described
+
+    section = f.default_factory
+    return summary(section) if isinstance(section, type) else described(f)
 
 
-def _fields_table(cls: type, prefix: str, command: str | None, flags: dict, examples: dict) -> list[str]:
-    own = field_comments(cls)
+def _fields_table(cls: type, prefix: str, command: str | None, flags: dict) -> list[str]:
     rows = ["| field | type | default | option | description |", "|---|---|---|---|---|"]
     for f in dataclasses.fields(cls):
         key = f"{prefix}.{f.name}" if prefix else f.name
-        flag, cli_help = flags.get((command, f.name), ("", "")) if command else ("", "")
-        text = _describe(examples.get(key, ""), own.get(f.name, ""), cli_help)
-        row = [f"`{key}`", _code(f.type), _field_default(f), f"`{flag}`" if flag else "", text]
+        flag = flags.get((command, f.name), ("", ""))[0] if command else ""
+        row = [f"`{key}`", _code(f.type), _field_default(f), f"`{flag}`" if flag else "", _description(f)]
         rows.append("| " + " | ".join(_cell(c) for c in row) + " |")
     return rows
 
 
 def config_reference(heading: str = "##") -> str:
-    """Markdown for every field of the `run` config: the top-level fields of `config.Config`, then
+    """Markdown for every field of the `run` config: the top-level fields of `config.RunSettings`, then
     each stage's settings class (type, default, the command-line option that sets it, and the
-    description: the field's comment in the init-config example, else its `#` comment in
-    settings.py, else the option's help)."""
-    from streamprune.config import Config
+    field's help, as `setting()` declares it in settings.py)."""
+    from streamprune.config import RunSettings
 
     flags = _cli_options()
-    examples = example_comments()
-    commands = {"index", "record", "reduce", "report"}
-    out = [f"{heading} Top level", "", (inspect.getdoc(Config) or "").splitlines()[0], ""]
-    out += _fields_table(Config, "", None, flags, examples)
+    out = [f"{heading} Top level", "", " ".join((inspect.getdoc(RunSettings) or "").split("\n\n")[0].split()), ""]
+    out += _fields_table(RunSettings, "", None, flags)
     out.append("")
     for cls in settings_classes():
         stage = cls.STAGE  # type: ignore[attr-defined]
         out += [f"{heading} `{stage}:` ({cls.__name__})", "", inspect.getdoc(cls) or "", ""]
-        out += _fields_table(cls, stage, stage if stage in commands else None, flags, examples)
+        out += _fields_table(cls, stage, stage, flags)
         out.append("")
     return "\n".join(out)
 

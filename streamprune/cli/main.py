@@ -6,7 +6,6 @@ import argparse
 import dataclasses
 import logging
 import os
-import re
 import signal
 import sys
 import tempfile
@@ -15,10 +14,10 @@ import traceback
 from pathlib import Path
 
 from streamprune import storage
+from streamprune.cli.options import add_settings, settings_from_args
 from streamprune.errors import DamagedRunError, SettingsError, StreamPruneError
 from streamprune.formats.rundir import RunDir
-from streamprune.scoring.sampling import BALANCES
-from streamprune.settings import IndexSettings, RecordSettings, ReduceSettings, ReportSettings, S
+from streamprune.settings import LABEL_HELP, IndexSettings, RecordSettings, ReduceSettings, ReportSettings, described
 from streamprune.stages.ray_output import routed_to, tail
 from streamprune.stages.summaries import index_summary, record_line, reduce_line
 
@@ -27,7 +26,7 @@ per-sample statistics on Ray, reduce them to a DUAL+Beta keep-list, apply it at 
 
 
 def cmd_index(args) -> None:
-    settings = _settings(IndexSettings, args)  # refused here, before Ray starts
+    settings = settings_from_args(IndexSettings, args)  # refused here, before Ray starts
     from streamprune.stages.index import index, refuse_broken
 
     idx = index(args.shards, args.out, settings=settings, address=args.address, progress=not args.quiet)
@@ -70,13 +69,6 @@ def _shards_option(s: argparse.ArgumentParser) -> None:
         "repeatable), matched to the index by shard name and read from these URLs; needed when they "
         "are pipe: commands or remote URLs (default: the index root plus each shard's name)",
     )
-
-
-LABEL_HELP = (
-    "where the label is: cls, another member extension (txt, label, ...), json:FIELD "
-    "(dotted paths allowed, e.g. json:meta.label) or package.module:function on the sample dict; "
-    "integers or class names"
-)
 
 
 def demo_caps(data_dir: str | None, samples: int, test_samples: int) -> list[str]:
@@ -136,12 +128,12 @@ def cmd_demo(args) -> None:
     for note in demo_caps(args.data_dir, args.samples, args.test_samples):
         print(note)
     config = out / "streamprune.yaml"
-    settings = demo_config(out, args.samples, args.epochs, args.ratio, args.train_epochs, args.seeds, args.address)
+    fields = demo_config(out, args.samples, args.epochs, args.ratio, args.train_epochs, args.seeds, args.address)
     config.write_text(
         "# written by `streamprune demo`; rerun with `streamprune run` to resume or change it\n"
-        + yaml.safe_dump(settings, sort_keys=False)
+        + yaml.safe_dump(fields, sort_keys=False)
     )
-    run = RunDir(out / settings["out"])
+    run = RunDir(out / fields["out"])
     if not os.path.exists(run.stats):  # a demo recorded before with numbered classes resumes as it was
         fashion_mnist_classes().save(run.root)  # RUN/classes.json: the report names the classes
     result = run_pipeline(load_config(config), progress=not args.quiet)
@@ -199,7 +191,7 @@ def cmd_inspect(args) -> None:
 
 
 def cmd_record(args) -> None:
-    settings = _settings(RecordSettings, args)  # refused here, before Ray starts
+    settings = settings_from_args(RecordSettings, args)  # refused here, before Ray starts
     from streamprune.stages.record import record
 
     summary = record(
@@ -214,7 +206,7 @@ def cmd_record(args) -> None:
 
 
 def cmd_reduce(args) -> None:
-    settings = _settings(ReduceSettings, args)
+    settings = settings_from_args(ReduceSettings, args)
     from streamprune.stages.reduce import reduce
 
     keep = reduce(
@@ -227,16 +219,6 @@ def cmd_reduce(args) -> None:
         progress=not args.quiet,
     )
     print(reduce_line(keep, args.out or RunDir(args.run).keep))
-
-
-def _settings(cls: type[S], args: argparse.Namespace) -> S:
-    """A stage's settings from its command's options; problems name the options (`--batch-size`)."""
-    try:
-        return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})  # type: ignore[arg-type]
-    except SettingsError as exc:
-        flag = lambda m: "--" + m.group(1).replace("_", "-")
-        problems = [re.sub(r"^\w+\.(\w+)", flag, p) for p in exc.problems]
-        raise SettingsError("; ".join(problems), problems=problems) from None
 
 
 def cmd_reshard(args) -> None:
@@ -292,12 +274,41 @@ class _Help(argparse.RawDescriptionHelpFormatter):
         return f"{text} (default: %(default)s)"
 
 
+def _address_option(s: argparse.ArgumentParser) -> None:
+    """`--address`, as the config file's `address` field describes it."""
+    from streamprune.config import RunSettings
+
+    field = next(f for f in dataclasses.fields(RunSettings) if f.name == "address")
+    s.add_argument("--address", help=described(field, "default"))
+
+
+class _Commands:
+    """The subcommands' parsers: each with the common options, its help as description and an example."""
+
+    def __init__(self, parser: argparse.ArgumentParser) -> None:
+        self.sub = parser.add_subparsers(dest="command", required=True)
+        self.common = argparse.ArgumentParser(add_help=False)
+        self.common.add_argument("--quiet", action="store_true", help="no progress bars (for logs of batch jobs)")
+        self.common.add_argument("--debug", action="store_true", help="show the traceback of an error")
+
+    def __call__(self, name: str, help_: str, example: str, fn) -> argparse.ArgumentParser:
+        s = self.sub.add_parser(
+            name,
+            help=help_,
+            description=help_,
+            parents=[self.common],
+            formatter_class=_Help,
+            epilog=f"example:\n  {example}",
+        )
+        s.set_defaults(fn=fn)
+        return s
+
+
 def build_parser() -> argparse.ArgumentParser:
+    """`streamprune` and its subcommands; the stage commands' settings options come from the
+    settings classes (`cli.options.add_settings`), the rest are written here."""
     from streamprune import __version__
 
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--quiet", action="store_true", help="no progress bars (for logs of batch jobs)")
-    common.add_argument("--debug", action="store_true", help="show the traceback of an error")
     p = argparse.ArgumentParser(
         prog="streamprune",
         description=DESCRIPTION,
@@ -305,20 +316,16 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Start with `streamprune demo`; `streamprune COMMAND --help` for each command.",
     )
     p.add_argument("--version", action="version", version=f"streamprune {__version__}")
-    sub = p.add_subparsers(dest="command", required=True)
+    command = _Commands(p)
+    _pipeline_commands(command)
+    _stage_commands(command)
+    _output_commands(command)
+    _tool_commands(command)
+    return p
 
-    def command(name: str, help_: str, example: str, fn) -> argparse.ArgumentParser:
-        s = sub.add_parser(
-            name,
-            help=help_,
-            description=help_,
-            parents=[common],
-            formatter_class=_Help,
-            epilog=f"example:\n  {example}",
-        )
-        s.set_defaults(fn=fn)
-        return s
 
+def _pipeline_commands(command: _Commands) -> None:
+    """demo, run, init-config: the whole pipeline."""
     s = command(
         "demo",
         "the whole job offline on real Fashion-MNIST: shards, index, record, reduce, "
@@ -339,7 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="epochs of the full-data fresh model; each subset gets as many SGD steps",
     )
     s.add_argument("--seeds", type=int, default=3, help="fresh models per subset (keep-list and training seeds)")
-    s.add_argument("--address", help="Ray cluster address (default: start a local Ray instance)")
+    _address_option(s)
 
     s = command(
         "run",
@@ -361,6 +368,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("path", nargs="?", default="streamprune.yaml")
     s.add_argument("--force", action="store_true", help="overwrite an existing file")
 
+
+def _stage_commands(command: _Commands) -> None:
+    """index, record, reduce: each stage's settings, plus where it reads and writes."""
     s = command(
         "index",
         "scan shards in parallel and write RUN/index",
@@ -369,24 +379,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("shards", nargs="+", help="shard URLs: paths, braces, globs, file://, pipe:, fsspec URLs")
     s.add_argument("--out", required=True, help="run directory (the index goes to OUT/index)")
-    s.add_argument("--root", help="dataset root that shard names are relative to (default: common directory)")
-    s.add_argument(
-        "--identity",
-        help="'shard-key' (default), 'json:FIELD' (e.g. json:uid) or 'package.module:function'",
-    )
+    add_settings(s, IndexSettings)
     s.add_argument(
         "--label",
         help="also count every sample's label and write the class list RUN/classes.json with the spec, "
         "which `record` then uses without --label (default: no labels counted); " + LABEL_HELP.split("; ", 1)[0],
     )
-    s.add_argument(
-        "--allow-broken",
-        action="store_true",
-        help="exit status 0 when some shards are broken or missing (they are listed and left out of the "
-        "index); without it such an index is still written, but the exit status is 2",
-    )
-    s.add_argument("--address", help="Ray cluster address (default: start a local Ray instance)")
-    s.set_defaults(**IndexSettings().to_dict())
+    _address_option(s)
 
     s = command(
         "record",
@@ -396,60 +395,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("run", help="run directory holding RUN/index")
     _shards_option(s)
-    s.add_argument("--epochs", type=int, required=True, help="epochs to run and record (T)")
-    s.add_argument("--workers", type=int, help="training workers (default: one per GPU, else CPUs/2 up to 4)")
-    s.add_argument("--gpus-per-worker", type=float, help="default: 1 when the cluster has GPUs, else 0")
-    s.add_argument("--model", help="small-cnn, resnet18 or package.module:factory (default: by image size)")
-    s.add_argument("--address", help="Ray cluster address (default: start a local Ray instance)")
-    s.add_argument("--batch-size", type=int, help="global batch size")
-    s.add_argument("--lr", type=float, help="peak learning rate of the cosine schedule")
-    s.add_argument(
-        "--schedule-epochs",
-        type=int,
-        help="length of the full cosine schedule",
-    )
-    s.add_argument("--seed", type=int, help="training seed (shuffling, augmentation, initialisation)")
-    s.add_argument(
-        "--num-classes",
-        type=int,
-        help="default: the class list's length for class names, else the largest label of the first "
-        "2,000 samples plus one",
-    )
-    s.add_argument(
-        "--label",
-        help=LABEL_HELP + " (default: the spec `index --label` wrote RUN/classes.json with, else cls)",
-    )
-    s.add_argument(
-        "--classes",
-        help="class names, one per line or a JSON list (string labels; default: every "
-        "label found, sorted, kept in RUN/classes.json)",
-    )
-    s.add_argument(
-        "--image-size",
-        type=int,
-        help="train on random resized crops of S x S (default: the images' "
-        "own size when the first ones agree and are <= 256 px, else 224 on GPUs and 64 on CPUs)",
-    )
-    s.add_argument(
-        "--decode",
-        help="package.module:function turning a sample dict into (tensor, label), for "
-        "data that is not an image (pair it with --model package.module:factory)",
-    )
-    s.add_argument(
-        "--loader-workers",
-        type=int,
-        help="DataLoader processes per training worker",
-    )
-    s.add_argument(
-        "--max-failures",
-        type=int,
-        help="worker failures to recover from",
-    )
-    s.add_argument(
-        "--on-bad-sample",
-        choices=["skip", "error"],
-        help="an undecodable sample: skip it (counted, listed in RUN/bad-samples.jsonl) or stop",
-    )
+    add_settings(s, RecordSettings, required=["epochs"])
+    _address_option(s)
     s.add_argument(
         "--restart",
         action="store_true",
@@ -457,53 +404,18 @@ def build_parser() -> argparse.ArgumentParser:
         "and the scores and keep-lists drawn from them; the index and classes.json stay), then record from "
         "epoch 0 with these settings",
     )
-    s.set_defaults(**RecordSettings().to_dict())  # the defaults, written once (shown by --help)
 
     s = command("reduce", "score samples and write the keep-list", "streamprune reduce run --ratio 0.7", cmd_reduce)
     s.add_argument("run", help="run directory with RUN/index and RUN/stats.zarr")
-    s.add_argument("--ratio", type=float, required=True, help="pruning ratio r in [0, 1): the fraction removed")
-    s.add_argument(
-        "--method",
-        help="dual-beta, dual, dyn-unc, el2n, forgetting, entropy, aum, ccs:SCORE, random",
-    )
-    s.add_argument("--seed", type=int, help="keep-list seed (Beta and random samplers)")
-    s.add_argument("--epochs", type=int, help="recorded epochs to use (T; default: all complete ones)")
-    s.add_argument(
-        "--window",
-        type=int,
-        help="window length J of DUAL and Dyn-Unc (default: 10, or T when fewer epochs were recorded)",
-    )
+    add_settings(s, ReduceSettings, required=["ratio"])
     s.add_argument("--workers", type=int, help="reducer tasks in flight (default: the cluster's CPUs)")
     s.add_argument("--block-rows", type=int, help="rows per task (rounded to whole store chunks; default 262144)")
     s.add_argument("--out", help="keep-list directory (default RUN/keep)")
-    s.add_argument(
-        "--missing",
-        choices=["drop", "error"],
-        help="samples with missing statistics: leave out (counted) or refuse",
-    )
-    s.add_argument(
-        "--c-d",
-        dest="c_d",
-        type=float,
-        help="Beta sampler c_d (default: 8 with --balance classes, 4 with none, as docs/scoring.md)",
-    )
-    s.add_argument("--C", dest="C", type=float, help="Beta sampler C")
-    s.add_argument("--alpha-plus-beta", type=float, help="alpha + beta (default C + 1, as the reference code)")
-    s.add_argument("--cut", type=float, help="CCS: hardest fraction dropped first")
-    s.add_argument(
-        "--balance",
-        choices=list(BALANCES),
-        help="classes (default; none for ccs: methods): split the budget across the recorded labels by "
-        "class size, each class kept by the method; none: the method over all samples (docs/scoring.md)",
-    )
-    s.add_argument(
-        "--scores",
-        choices=["all", "method"],
-        help="write every score to RUN/scores.zarr, or only what the method needs (faster)",
-    )
-    s.add_argument("--address", help="Ray cluster address (default: start a local Ray instance)")
-    s.set_defaults(**ReduceSettings().to_dict())
+    _address_option(s)
 
+
+def _output_commands(command: _Commands) -> None:
+    """reshard, export, report: what is made of a keep-list."""
     s = command(
         "reshard",
         "write the kept samples as new shards (Ray tasks)",
@@ -516,7 +428,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--shard-size", type=_at_least_1, help="samples per output shard (default: the input's mean)")
     s.add_argument("--keep", help="keep-list directory (default RUN/keep)")
     s.add_argument("--prefix", default="pruned", help="output shard names PREFIX-NNNNNN.tar")
-    s.add_argument("--address", help="Ray cluster address (default: start a local Ray instance)")
+    _address_option(s)
 
     s = command(
         "export",
@@ -554,13 +466,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("run", help="run directory with RUN/keep and RUN/scores.zarr")
     _shards_option(s)
     s.add_argument("--out", help="output folder (default RUN/report)")
-    s.add_argument(
-        "--max-rows",
-        type=int,
-        help="samples the figures are drawn from, at most",
-    )
-    s.set_defaults(max_rows=ReportSettings().max_rows)
+    add_settings(s, ReportSettings)
 
+
+def _tool_commands(command: _Commands) -> None:
+    """inspect, make-shards."""
     s = command(
         "inspect", "the state of each stage, sizes, configuration, fingerprint", "streamprune inspect run", cmd_inspect
     )
@@ -587,7 +497,6 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--format", default="png", choices=["png", "npy"])
     s.add_argument("--limit", type=int, help="only the first N samples")
     s.add_argument("--seed", type=int, default=0)
-    return p
 
 
 # exit 2: streamprune's own errors, and files missing, unreadable or a full disk (each names the file)

@@ -12,7 +12,7 @@ import time
 from dataclasses import asdict, dataclass, field
 
 from streamprune import storage
-from streamprune.config import Config
+from streamprune.config import RunSettings
 from streamprune.errors import DamagedRunError
 from streamprune.formats.commit import committed
 from streamprune.formats.keeplist import KeepList
@@ -39,7 +39,7 @@ class PipelineResult:
     verdict: str | None = None  # the keep-list against the baseline, when both were evaluated
 
 
-def run_pipeline(cfg: Config, progress: bool = True, log=print, restart: bool = False) -> PipelineResult:
+def run_pipeline(cfg: RunSettings, progress: bool = True, log=print, restart: bool = False) -> PipelineResult:
     """Run every stage of `cfg` that is not already complete on disk; `restart`: record again from
     epoch 0 (`record(restart=True)`), and so every stage after it."""
     run = storage.absolute(cfg.out)
@@ -78,7 +78,7 @@ def run_pipeline(cfg: Config, progress: bool = True, log=print, restart: bool = 
     return result
 
 
-def _index_done(cfg: Config, run: str) -> bool:
+def _index_done(cfg: RunSettings, run: str) -> bool:
     from streamprune.formats.index import Index
 
     try:
@@ -93,7 +93,7 @@ def _index_done(cfg: Config, run: str) -> bool:
     )
 
 
-def _index(cfg: Config, run: str, progress: bool, log) -> None:
+def _index(cfg: RunSettings, run: str, progress: bool, log) -> None:
     from streamprune.stages.index import index, refuse_broken
 
     idx = index(cfg.shards, run, settings=cfg.index, address=cfg.address, progress=progress)
@@ -101,7 +101,7 @@ def _index(cfg: Config, run: str, progress: bool, log) -> None:
     refuse_broken(idx, cfg.index)
 
 
-def _record_done(cfg: Config, run: str) -> bool:
+def _record_done(cfg: RunSettings, run: str) -> bool:
     """Whether the store is complete with these settings (changed ones go to `record`, which refuses them)."""
     from streamprune.formats.stats_store import StatsStore
     from streamprune.stages.record import changed_settings
@@ -114,7 +114,7 @@ def _record_done(cfg: Config, run: str) -> bool:
     return complete and not changed_settings(store.config, cfg.record)
 
 
-def _record(cfg: Config, run: str, progress: bool, log, restart: bool) -> None:
+def _record(cfg: RunSettings, run: str, progress: bool, log, restart: bool) -> None:
     from streamprune.stages.record import record
 
     summary = record(
@@ -136,13 +136,13 @@ class _Subset:
         return subset_label(self.method, self.balance)
 
 
-def _main_subset(cfg: Config, i: int = 0) -> _Subset:
+def _main_subset(cfg: RunSettings, i: int = 0) -> _Subset:
     """The run's own keep-list drawn with seed `reduce.seed + i`."""
     r = cfg.reduce
     return _Subset(r.method, resolve_balance(r.balance, r.method), r.seed + i)
 
 
-def _reduce_settings(cfg: Config, subset: _Subset) -> ReduceSettings:
+def _reduce_settings(cfg: RunSettings, subset: _Subset) -> ReduceSettings:
     """The reduce settings of one keep-list, with T, the window and c_d resolved (as its manifest records them)."""
     r = cfg.reduce
     epochs = r.epochs or cfg.record.epochs
@@ -156,7 +156,7 @@ def _reduce_settings(cfg: Config, subset: _Subset) -> ReduceSettings:
     )
 
 
-def _keep_matches(cfg: Config, run: str, subset: _Subset, out: str) -> bool:
+def _keep_matches(cfg: RunSettings, run: str, subset: _Subset, out: str) -> bool:
     """Whether `out` holds the keep-list of `subset` drawn from this run's index with these settings."""
     from streamprune.formats.index import Index
 
@@ -178,7 +178,7 @@ def _manifest(keep: str) -> dict:
     return json.loads(storage.read_bytes(storage.join(committed(keep), "manifest.json")))
 
 
-def _reduce(cfg: Config, run: str, subset: _Subset, out: str, scores_out: str | None, progress: bool, log) -> None:
+def _reduce(cfg: RunSettings, run: str, subset: _Subset, out: str, scores_out: str | None, progress: bool, log) -> None:
     from streamprune.stages.reduce import reduce
 
     settings = _reduce_settings(cfg, subset)
@@ -186,7 +186,7 @@ def _reduce(cfg: Config, run: str, subset: _Subset, out: str, scores_out: str | 
     log(reduce_line(keep, out))
 
 
-def _evaluation_key(cfg: Config, run: str) -> dict:
+def _evaluation_key(cfg: RunSettings, run: str) -> dict:
     e = cfg.evaluate
     return {
         "settings": {k: v for k, v in asdict(e).items()},
@@ -201,12 +201,12 @@ def _load_evaluation(run: str) -> dict:
         return {"rows": []}
 
 
-def _evaluation_done(cfg: Config, run: str) -> bool:
+def _evaluation_done(cfg: RunSettings, run: str) -> bool:
     saved = _load_evaluation(run)
     return saved.get("key") == _evaluation_key(cfg, run) and len(saved["rows"]) == len(_subsets(cfg))
 
 
-def _subsets(cfg: Config) -> list[tuple[_Subset | None, int]]:
+def _subsets(cfg: RunSettings) -> list[tuple[_Subset | None, int]]:
     """Every fresh model to train: `(keep-list, seed index)`, `None` for all samples (one seed).
     Seed index `i` draws the keep-lists with seed `reduce.seed + i` and trains with `evaluate.seed + i`."""
     e, r = cfg.evaluate, cfg.reduce
@@ -218,14 +218,14 @@ def _subsets(cfg: Config) -> list[tuple[_Subset | None, int]]:
     return out + ([(None, 0)] if e.full else [])
 
 
-def _keep_dir(cfg: Config, run: str, subset: _Subset) -> str:
+def _keep_dir(cfg: RunSettings, run: str, subset: _Subset) -> str:
     if subset == _main_subset(cfg):
         return RunDir(run).keep
     name = subset.label.replace(":", "-") + (f"-seed{subset.seed}" if subset.seed != cfg.reduce.seed else "")
     return RunDir.keep_in(RunDir(run).baseline(name))
 
 
-def _evaluate(cfg: Config, run: str, progress: bool, log) -> None:
+def _evaluate(cfg: RunSettings, run: str, progress: bool, log) -> None:
     """Train a fresh model per subset and seed (the keep-list, the baseline at the same ratio,
     all data); each finished row is saved at once so that an interrupted evaluation resumes."""
     from streamprune.stages.evaluate import train_subset
