@@ -26,7 +26,7 @@ def _finite(x: object) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
-class _Problems(list):
+class _Problems(list[str]):
     """Problem lines, one per bad field: `field: what is wrong`."""
 
     def check(self, ok: object, name: str, message: str) -> None:
@@ -115,14 +115,14 @@ def setting(
     return dataclasses.field(default=default, metadata={**metadata, "metavar": metavar})
 
 
-def described(f: dataclasses.Field, unset_word: str = "null") -> str:
+def described(f: dataclasses.Field[Any], unset_word: str = "null") -> str:
     """Field `f`'s help with what leaving it unset means: "(null: ...)" in config files and the
     docs, `unset_word="default"` for the command line."""
     text, unset = f.metadata.get("help", ""), f.metadata.get("unset", "")
     return f"{text} ({unset_word}: {unset})" if unset else text
 
 
-def cli_flag(f: dataclasses.Field) -> str | None:
+def cli_flag(f: dataclasses.Field[Any]) -> str | None:
     """The command-line option of field `f` (None: config files only)."""
     cli = f.metadata.get("cli", True)
     if cli is False:

@@ -95,6 +95,10 @@ class ScoresStore:
         """Rows `rows` of array `name`."""
         return np.asarray(self.array(name)[rows])
 
+    def column(self, name: str) -> ScoresColumn:
+        """Array `name` by row, read chunk by chunk (`ScoresColumn`)."""
+        return ScoresColumn(self, name)
+
     def write_block(self, r0: int, r1: int, values: dict[str, np.ndarray]) -> None:
         """Write rows `[r0, r1)` (one chunk) of several arrays; a full disk names the chunk file."""
         for name, v in values.items():
@@ -103,3 +107,30 @@ class ScoresStore:
                 arr[r0:r1] = v
             except OSError as exc:
                 raise named_os_error(exc, self.chunk_path(name, r0 // arr.chunks[0])) from None
+
+
+class ScoresColumn:
+    """One array of a scores store by row, read chunk by chunk: rows asked in ascending order (in
+    one call and over successive calls) read each chunk once, and only the chunks they fall in.
+    The reader of `export` (rows shard by shard) and `report` (whole chunks drawn at random)."""
+
+    def __init__(self, store: ScoresStore, name: str):
+        self.name, self.array = name, store.array(name)
+        self.chunk_rows = int(self.array.chunks[0])
+        self.current, self.values = -1, np.empty(0, dtype=self.array.dtype)
+
+    def at(self, rows: np.ndarray) -> np.ndarray:
+        """The value of each of `rows` (in the array's dtype; missing scores are NaN)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        out = np.empty(len(rows), dtype=self.array.dtype)
+        chunks = rows // self.chunk_rows
+        for c in np.unique(chunks).tolist():
+            sel = chunks == c
+            out[sel] = self._chunk(c)[rows[sel] - c * self.chunk_rows]
+        return out
+
+    def _chunk(self, c: int) -> np.ndarray:
+        if c != self.current:
+            self.values = np.asarray(self.array[c * self.chunk_rows : (c + 1) * self.chunk_rows])
+            self.current = c
+        return self.values

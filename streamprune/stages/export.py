@@ -27,7 +27,7 @@ from streamprune.errors import DamagedRunError, SettingsError
 from streamprune.formats.index import Index
 from streamprune.formats.keeplist import ID_DTYPE, KeepList
 from streamprune.formats.rundir import RunDir
-from streamprune.formats.scores_store import ScoresStore
+from streamprune.formats.scores_store import ScoresColumn, ScoresStore
 from streamprune.scoring.methods import Method
 from streamprune.scoring.scores import SCORES
 
@@ -73,31 +73,6 @@ class _Block:
         """The samples where `mask` is true."""
         rows = None if self.rows is None else self.rows[mask]
         return _Block(self.shard, [k for k, m in zip(self.keys, mask) if m], self.ids[mask], self.kept[mask], rows)
-
-
-class _Scores:
-    """One score of `RUN/scores.zarr` by index row, read chunk by chunk (rows asked in ascending
-    order: each chunk is read once)."""
-
-    def __init__(self, store: ScoresStore, name: str):
-        self.name, self.array = name, store.array(name)
-        self.chunk_rows = int(self.array.chunks[0])
-        self.current, self.values = -1, np.empty(0)
-
-    def at(self, rows: np.ndarray) -> np.ndarray:
-        """The score of each of `rows` (NaN: none)."""
-        out = np.empty(len(rows))
-        chunks = rows // self.chunk_rows
-        for c in np.unique(chunks).tolist():
-            sel = chunks == c
-            out[sel] = self._chunk(c)[rows[sel] - c * self.chunk_rows]
-        return out
-
-    def _chunk(self, c: int) -> np.ndarray:
-        if c != self.current:
-            self.values = np.asarray(self.array[c * self.chunk_rows : (c + 1) * self.chunk_rows], dtype=np.float64)
-            self.current = c
-        return self.values
 
 
 def export(
@@ -179,7 +154,7 @@ def _open_index(run: str | None, needed: bool) -> Index | None:
         return None
 
 
-def _open_scores(index: Index, name: str) -> _Scores | None:
+def _open_scores(index: Index, name: str) -> ScoresColumn | None:
     """Score `name` of the `scores.zarr` beside `index` (None: the run has none), refused when it
     scores another index."""
     try:
@@ -195,7 +170,7 @@ def _open_scores(index: Index, name: str) -> _Scores | None:
     shape = store.array(name).shape
     if shape != (index.n_samples,):
         raise DamagedRunError(f"scores {store.path!r}: {name} has shape {shape}, not ({index.n_samples},) as the index")
-    return _Scores(store, name)
+    return store.column(name)
 
 
 def _method_score(keep: KeepList) -> str:
@@ -272,7 +247,7 @@ def _hex(ids: np.ndarray) -> list[str]:
     return [text[i : i + 32] for i in range(0, len(text), 32)]
 
 
-def _metadata(keep: KeepList, what: str, scores: _Scores | None) -> dict[str, str]:
+def _metadata(keep: KeepList, what: str, scores: ScoresColumn | None) -> dict[str, str]:
     """The Parquet file's key-value metadata: this format's version, what it holds, the list's manifest."""
     manifest = {f: keep.manifest.get(f) for f in MANIFEST_FIELDS}
     return {
@@ -283,9 +258,9 @@ def _metadata(keep: KeepList, what: str, scores: _Scores | None) -> dict[str, st
     }
 
 
-def _table(b: _Block, scores: _Scores | None) -> pa.Table:
+def _table(b: _Block, scores: ScoresColumn | None) -> pa.Table:
     """A block as rows of the Parquet schema."""
-    values = np.full(len(b.keys), np.nan) if scores is None or b.rows is None else scores.at(b.rows)
+    values = np.full(len(b.keys), np.nan) if scores is None or b.rows is None else scores.at(b.rows).astype(np.float64)
     columns = [
         pa.array(_hex(b.ids), pa.string()),
         pa.array([b.shard] * len(b.keys), pa.string()),
@@ -297,7 +272,7 @@ def _table(b: _Block, scores: _Scores | None) -> pa.Table:
 
 
 def _write_parquet(
-    f: IO[bytes], blocks: Iterable[_Block], scores: _Scores | None, metadata: dict[str, str], group_rows: int
+    f: IO[bytes], blocks: Iterable[_Block], scores: ScoresColumn | None, metadata: dict[str, str], group_rows: int
 ) -> int:
     """Write the blocks as Parquet row groups of `group_rows` rows (the last one smaller)."""
     schema = SCHEMA.with_metadata(metadata)

@@ -6,11 +6,17 @@ kept set is the `k` rows with the largest selection keys (see `sampling`); the k
 is found by radix refinement over blocks, gathering only the final small bucket. Every
 random choice comes from `(seed, identity)`, so the keep-list does not depend on the
 number of workers or the block size. Memory per task is bounded by the block size.
+
+`reduce` runs four steps: plan (check settings and run, decide blocks), score (the Ray tasks
+above), select (the method's sampler, `scoring.samplers`, prepares its spec, sets each row's key
+and group and splits the budget; thresholds per group) and write (the keep-list). Every
+per-method decision is the sampler's: this module has no branch on the method.
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from typing import Any, cast
 
 import numpy as np
@@ -24,17 +30,19 @@ from streamprune.formats.index import Index
 from streamprune.formats.keeplist import KeepList, KeepListWriter, new_manifest
 from streamprune.formats.rundir import RunDir
 from streamprune.formats.scores_store import ScoresStore
-from streamprune.formats.stats_store import LABEL, StatsStore, store_exists
+from streamprune.formats.stats_store import StatsStore, store_exists
 from streamprune.progress import progress_bar
 from streamprune.scoring import sampling
-from streamprune.scoring.columns import LABEL_MISSING, NO_GROUP
+from streamprune.scoring.columns import LABEL, LABEL_MISSING, NO_GROUP
 from streamprune.scoring.methods import Method
+from streamprune.scoring.samplers import Sampler, SelectionSpec, block_keys, exclude, make_sampler
 from streamprune.scoring.scores import NEEDS, SCORES, all_scores, resolve_window
-from streamprune.scoring.selection import CCS_BINS, SelectionSpec, block_keys, exclude, kth_thresholds
+from streamprune.scoring.selection import kth_thresholds
 from streamprune.settings import ReduceSettings
 from streamprune.stages.ray_cluster import bounded_map, ensure_ray
 
 GATHER_LIMIT = 1 << 20
+WINDOWED = frozenset({"dual", "dyn_unc"})  # scores over sliding windows of J epochs
 
 
 @ray.remote(num_cpus=1)
@@ -79,14 +87,11 @@ def _store_keys(
     r0: int, r1: int, scores_path: str, spec: SelectionSpec, n_groups: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """Compute the block's selection keys once into `sel_key`/`sel_group`; return the rows per
-    group and, for DUAL+Beta, the positive weights per group."""
+    group and the rows with a positive weight per group (DUAL+Beta's; zeros for the others)."""
     sc = _read_block(scores_path, r0, r1, spec)
     words, groups = block_keys(sc, r0, spec)
     ScoresStore.open(scores_path, "r+").write_block(r0, r1, {"sel_key": words[0], "sel_group": groups})
-    positive = np.zeros(n_groups, dtype=np.int64)
-    if spec.sampler == "beta":  # ES keys of positive weights are > the zero-weight base
-        pos = (groups >= 0) & (words[0] > np.uint64(sampling.POSITIVE_WEIGHT_BITS))
-        positive = np.bincount(groups[pos], minlength=n_groups)
+    positive = make_sampler(spec).positive(words, groups, n_groups)
     return np.bincount(groups[groups >= 0], minlength=n_groups), positive
 
 
@@ -133,8 +138,8 @@ def _kept_block(r0: int, r1: int, scores_path: str, spec: SelectionSpec, thresho
 class _Blocks:
     """Runs one remote function over all row blocks with at most `workers` tasks in flight."""
 
-    def __init__(self, bounds: list[tuple[int, int]], workers: int):
-        self.bounds, self.workers = bounds, workers
+    def __init__(self, bounds: list[tuple[int, int]], workers: int, block_rows: int):
+        self.bounds, self.workers, self.block_rows = bounds, workers, block_rows
 
     def map(self, fn, *args, desc: str | None = None, progress: bool = False, sink=None):
         """Results in block order; with `sink(i, result)`, hand each over as it arrives instead."""
@@ -145,30 +150,72 @@ class _Blocks:
         return out
 
 
-def _thresholds(
-    blocks: _Blocks,
-    scores_path: str,
-    spec: SelectionSpec,
-    needs: np.ndarray,
-    counts: np.ndarray,
-    progress: bool,
-    gather_limit: int,
-) -> np.ndarray:
-    """`selection.kth_thresholds` over the blocks' stored keys (`_store_keys` of `spec` first)."""
+class _Passes:
+    """The passes over all blocks a sampler asks for (`samplers.Passes`), as Ray tasks."""
 
-    def histogram(prefixes: np.ndarray, active: list[int], digit_bits: int) -> np.ndarray:
-        parts = blocks.map(
-            _histogram_block, scores_path, spec, prefixes, active, digit_bits, desc="select", progress=progress
-        )
-        return np.sum(parts, axis=0)
+    def __init__(self, blocks: _Blocks, scores_path: str, progress: bool, gather_limit: int):
+        self.blocks, self.scores_path, self.progress, self.gather_limit = blocks, scores_path, progress, gather_limit
 
-    def gather(prefixes: np.ndarray, active: list[int], digit_bits: int) -> tuple[np.ndarray, np.ndarray]:
-        parts = blocks.map(
-            _gather_block, scores_path, spec, prefixes, active, digit_bits, desc="gather", progress=progress
-        )
-        return np.concatenate([p[0] for p in parts], axis=1), np.concatenate([p[1] for p in parts])
+    def store_keys(self, spec: SelectionSpec, n_groups: int) -> tuple[np.ndarray, np.ndarray]:
+        parts = self.blocks.map(_store_keys, self.scores_path, spec, n_groups, desc="keys", progress=self.progress)
+        return sum(p[0] for p in parts), sum(p[1] for p in parts)
 
-    return kth_thresholds(needs, counts, histogram, gather, gather_limit)
+    def thresholds(self, spec: SelectionSpec, needs: np.ndarray, counts: np.ndarray) -> np.ndarray:
+        """`selection.kth_thresholds` over the blocks' stored keys (`store_keys` of `spec` first)."""
+        blocks, path, progress = self.blocks, self.scores_path, self.progress
+
+        def histogram(prefixes: np.ndarray, active: list[int], digit_bits: int) -> np.ndarray:
+            parts = blocks.map(
+                _histogram_block, path, spec, prefixes, active, digit_bits, desc="select", progress=progress
+            )
+            return np.sum(parts, axis=0)
+
+        def gather(prefixes: np.ndarray, active: list[int], digit_bits: int) -> tuple[np.ndarray, np.ndarray]:
+            parts = blocks.map(
+                _gather_block, path, spec, prefixes, active, digit_bits, desc="gather", progress=progress
+            )
+            return np.concatenate([p[0] for p in parts], axis=1), np.concatenate([p[1] for p in parts])
+
+        return kth_thresholds(np.asarray(needs), np.asarray(counts), histogram, gather, self.gather_limit)
+
+    def score_range(self, spec: SelectionSpec) -> tuple[float, float]:
+        ranges = self.blocks.map(_remaining_range, self.scores_path, spec)
+        lo = min((r[0] for r in ranges if r is not None), default=0.0)
+        hi = max((r[1] for r in ranges if r is not None), default=0.0)
+        return lo, hi
+
+
+@dataclass
+class _Plan:
+    """What `reduce` does, decided before any work: the settings, the method's sampler (its spec),
+    the run's index and statistics, the epochs, window and scores used, and where the outputs go."""
+
+    run: str
+    settings: ReduceSettings
+    method: Method
+    balance: str
+    spec: SelectionSpec
+    index: Index
+    store: StatsStore
+    epochs: int
+    window: int
+    names: tuple[str, ...]
+    scores_path: str
+    out: str
+
+
+@dataclass
+class _Selection:
+    """What the selection found: the final spec, the thresholds per group, the budget and the
+    keep-list parameters."""
+
+    spec: SelectionSpec
+    thresholds: np.ndarray
+    n_ok: int
+    k: int
+    dropped: int
+    filled: int
+    params: dict
 
 
 def reduce(
@@ -200,22 +247,45 @@ def reduce(
         options["ratio"] = ratio
     if method is not None:
         options["method"] = method
-    s = (settings or ReduceSettings()).replace(**options)
-    ratio, method, seed, epochs, window, missing, cut, which = (
-        s.ratio,
-        s.method,
-        s.seed,
-        s.epochs,
-        s.window,
-        s.missing,
-        s.cut,
-        s.scores,
-    )
-    C, alpha_plus_beta = s.C, s.alpha_plus_beta
-    m = Method.parse(method)
-    balance = sampling.resolve_balance(s.balance, method)
+    plan = _plan(run, (settings or ReduceSettings()).replace(**options), out, scores_out)
+    with output_lock(plan.out, writer="reduce"), output_lock(plan.scores_path, writer="reduce"):
+        clean_uncommitted(plan.scores_path)  # of killed runs: we hold the locks, no one else writes them
+        clean_uncommitted(plan.out)
+        blocks = _start(plan.store, address, workers, block_rows)
+        summary = _score_all(plan, blocks, progress)
+        selection = _select(plan, summary, _Passes(blocks, plan.scores_path, progress, gather_limit))
+        _write(plan, selection, blocks, progress)
+        return KeepList.load(plan.out)
+
+
+def _plan(
+    run: str | os.PathLike, s: ReduceSettings, out: str | os.PathLike | None, scores_out: str | os.PathLike | None
+) -> _Plan:
+    """Check the settings against the run (refused before any work) and decide what to compute."""
+    m = Method.parse(s.method)
+    balance = sampling.resolve_balance(s.balance, s.method)
     c_d = sampling.resolve_c_d(s.c_d, balance)
+    spec = SelectionSpec(
+        m.sampler, m.score, s.seed, s.ratio, balance == "classes", c_d, s.C, s.alpha_plus_beta, cut=s.cut
+    )
+    sampler = make_sampler(spec)
     run = storage.absolute(run)
+    index, store = _open_stats(run, balance)
+    epochs = _epochs(run, store, s.epochs)
+    names = SCORES if s.scores == "all" else tuple(dict.fromkeys([*sampler.scores(), "mean_p"]))
+    # a deleted chunk would read as NaN: its samples silently "missing"
+    store.check_chunks(epochs, tuple(dict.fromkeys(NEEDS[n] for n in names)))
+    window = resolve_window(s.window, epochs)
+    if WINDOWED.intersection(sampler.scores()) and (window < 2 or epochs < window):
+        raise SettingsError(f"window must satisfy 2 <= window <= T; got window={window}, T={epochs}")
+    scores_path = RunDir(run).scores if scores_out is None else storage.absolute(scores_out)
+    out = storage.absolute(out) if out is not None else RunDir(run).keep
+    return _Plan(run, s, m, balance, spec, index, store, epochs, window, names, scores_path, out)
+
+
+def _open_stats(run: str, balance: str) -> tuple[Index, StatsStore]:
+    """The run's index and statistics store, refused while `record` writes it, or without labels
+    for class balance."""
     recording = lock_holder(RunDir(run).stats)
     if recording is not None:
         raise SettingsError(
@@ -228,6 +298,11 @@ def reduce(
     store = StatsStore.open(RunDir(run).stats, mode="r", index=index)
     if balance == "classes":
         store.labels(slice(0, 0))  # refuses a store without labels before any work
+    return index, store
+
+
+def _epochs(run: str, store: StatsStore, epochs: int | None) -> int:
+    """The epochs used (T): those asked for, all completely recorded by default."""
     complete = store.complete_epochs()
     epochs = complete if epochs is None else epochs
     if not 1 <= epochs <= store.epochs:
@@ -237,128 +312,97 @@ def reduce(
             f"only {complete} epochs of {run} are completely recorded; run `streamprune record` "
             f"to finish, or set epochs={complete}"
         )
-    names = (
-        SCORES
-        if which == "all"
-        else tuple(dict.fromkeys([s for s in (m.score, "dual" if m.sampler == "beta" else None) if s] + ["mean_p"]))
+    return epochs
+
+
+def _start(store: StatsStore, address: str | None, workers: int | None, block_rows: int | None) -> _Blocks:
+    """Ray, and the chunk-aligned row blocks its tasks work on."""
+    ensure_ray(address)
+    workers = workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
+    chunk = store.chunk_rows
+    block_rows = chunk * max(1, -(-(block_rows or 262144) // chunk))
+    n = store.n_samples
+    return _Blocks([(r0, min(r0 + block_rows, n)) for r0 in range(0, n, block_rows)], workers, block_rows)
+
+
+def _select(plan: _Plan, summary: dict, passes: _Passes) -> _Selection:
+    """The budget, then per group the threshold key of the kept rows: the sampler prepares its
+    spec (Beta anchor, CCS cut), the blocks store their keys, the sampler splits the budget."""
+    sampler = make_sampler(plan.spec)
+    n_ok, k, dropped = _budget(plan, sampler, summary)
+    spec, params = sampler.prepare(summary, n_ok, k, passes)
+    sampler = make_sampler(spec)
+    counts, positive = passes.store_keys(spec, sampler.n_groups(summary["max_label"] + 1))
+    spec, needs, split = sampler.quotas(counts, k)
+    thresholds = passes.thresholds(spec, needs, counts)
+    # ES keys rank every positive weight above the zero-weight fill-up.
+    filled = sampler.filled(needs, positive)
+    return _Selection(spec, thresholds, n_ok, k, dropped, filled, {**params, **split})
+
+
+def _budget(plan: _Plan, sampler: Sampler, summary: dict) -> tuple[int, int, int]:
+    """`(selectable rows, k, rows dropped as missing)`, refused when missing rows are an error
+    or leave nothing to keep."""
+    n, classes, run = plan.store.n_samples, plan.balance == "classes", plan.run
+    if classes and summary["max_label"] + 1 < 1:
+        raise InputError(f"no sample of {run} has a recorded label: nothing to balance")
+    # selectable rows: finite scores, and with class balance a label too
+    n_ok = sampler.selectable(summary["labelled"] if classes else {"rows": n, **summary["finite"]})
+    dropped = n - n_ok
+    if dropped and plan.settings.missing == "error":
+        raise DamagedRunError(
+            f"{dropped} samples have missing statistics{' or labels' if classes else ''} "
+            f"(e.g. rows {summary['missing_rows'][:5]}); set missing='drop' to leave them out"
+        )
+    k = sampling.keep_count(n_ok, plan.settings.ratio)
+    if k == 0 and sampling.keep_count(n, plan.settings.ratio) > 0:  # nothing kept: (nearly) every sample missing
+        what = "statistics" + (" or labels" if classes else "")
+        raise DamagedRunError(
+            f"no sample of {run} can be kept: {dropped:,} of {n:,} samples have missing {what} "
+            f"(e.g. rows {summary['missing_rows'][:5]}), so the keep-list would keep nothing; "
+            f"{str(plan.out)!r} is left as it is. Record the statistics again (`streamprune record`)"
+        )
+    return n_ok, k, dropped
+
+
+def _write(plan: _Plan, sel: _Selection, blocks: _Blocks, progress: bool) -> None:
+    """The keep-list: the rows at or above their group's threshold, block by block in row order."""
+    s, sampler, index = plan.settings, make_sampler(sel.spec), plan.index
+    manifest = new_manifest(
+        method=plan.method.name,
+        balance=plan.balance,
+        ratio=s.ratio,
+        seed=s.seed,
+        k=sel.k,
+        N=sel.n_ok,
+        n_rows=plan.store.n_samples,
+        dropped_missing=sel.dropped,
+        filled_zero_weight=sel.filled,
+        epochs=plan.epochs,
+        window=plan.window,
+        params=sel.params,
+        fingerprint=index.fingerprint,
+        index_root=index.root,
+        weights=sampler.weighted,
     )
-    # a deleted chunk would read as NaN: its samples silently "missing"
-    store.check_chunks(epochs, tuple(dict.fromkeys(NEEDS[s] for s in names)))
-    window = resolve_window(window, epochs)
-    if m.score in ("dual", "dyn_unc") or m.sampler == "beta":
-        if window < 2 or epochs < window:
-            raise SettingsError(f"window must satisfy 2 <= window <= T; got window={window}, T={epochs}")
-    scores_path = RunDir(run).scores if scores_out is None else storage.absolute(scores_out)
-    out = storage.absolute(out) if out is not None else RunDir(run).keep
-    with output_lock(out, writer="reduce"), output_lock(scores_path, writer="reduce"):
-        clean_uncommitted(scores_path)  # of killed runs: we hold the locks, no one else writes them
-        clean_uncommitted(out)
-        ensure_ray(address)
-        workers = workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
-        chunk = store.chunk_rows
-        block_rows = chunk * max(1, -(-(block_rows or 262144) // chunk))
-        n = store.n_samples
-        bounds = [(r0, min(r0 + block_rows, n)) for r0 in range(0, n, block_rows)]
-        blocks = _Blocks(bounds, workers)
-        summary = _score_all(blocks, store, scores_path, epochs, window, block_rows, names, progress)
-
-        spec = SelectionSpec(
-            m.sampler, m.score, seed, ratio, balance == "classes", c_d=c_d, C=C, alpha_plus_beta=alpha_plus_beta
+    weight = sampler.weight(sel.n_ok, sel.k)
+    with KeepListWriter.for_index(plan.out, index, manifest, sel.k, with_weights=weight is not None) as writer:
+        blocks.map(
+            _kept_block,
+            plan.scores_path,
+            sel.spec,
+            sel.thresholds,
+            desc="keep",
+            progress=progress,
+            sink=_InOrder(lambda rows: writer.add_rows(index, rows, weight)),
         )
-        n_classes = summary["max_label"] + 1
-        if balance == "classes" and n_classes < 1:
-            raise InputError(f"no sample of {run} has a recorded label: nothing to balance")
-        # selectable rows: finite scores, and with class balance a label too
-        counted = summary["labelled"] if balance == "classes" else {"rows": n, **summary["finite"]}
-        n_ok = counted["rows"] if m.sampler == "random" else counted[m.score if m.sampler != "beta" else "dual"]
-        if m.sampler == "beta":
-            n_ok = min(n_ok, counted["mean_p"])
-        n_groups = CCS_BINS if m.sampler == "ccs" else n_classes if balance == "classes" else 1
-        dropped = n - n_ok
-        if dropped and missing == "error":
-            raise DamagedRunError(
-                f"{dropped} samples have missing statistics{' or labels' if balance == 'classes' else ''} "
-                f"(e.g. rows {summary['missing_rows'][:5]}); set missing='drop' to leave them out"
-            )
-        k = sampling.keep_count(n_ok, ratio)
-        if k == 0 and sampling.keep_count(n, ratio) > 0:  # nothing kept because (nearly) every sample is missing
-            what = "statistics" + (" or labels" if balance == "classes" else "")
-            raise DamagedRunError(
-                f"no sample of {run} can be kept: {dropped:,} of {n:,} samples have missing {what} "
-                f"(e.g. rows {summary['missing_rows'][:5]}), so the keep-list would keep nothing; "
-                f"{str(out)!r} is left as it is. Record the statistics again (`streamprune record`)"
-            )
-        params: dict = {"cut": cut} if m.sampler == "ccs" else {}
-        if m.sampler == "beta":
-            top = summary["top"]
-            spec = spec.replace(anchor=float(np.mean(top["mean_p"])) if top["mean_p"] else 0.5)
-            alpha, beta = sampling.beta_params(ratio, spec.anchor, c_d=c_d, C=C, alpha_plus_beta=alpha_plus_beta)
-            params.update(anchor=spec.anchor, alpha=alpha, beta=beta, c_d=c_d, C=C, alpha_plus_beta=alpha_plus_beta)
-        if m.sampler == "ccs":
-            spec = _ccs_setup(blocks, scores_path, spec, n_ok, k, cut, progress, gather_limit)
-        parts = blocks.map(_store_keys, scores_path, spec, n_groups, desc="keys", progress=progress)
-        counts = sum(p[0] for p in parts)
-        if m.sampler == "ccs":
-            needs = sampling.ccs_quotas(counts, k)
-            spec = spec.replace(excluded=tuple(int(g) for g in np.flatnonzero(needs == 0)))
-            params.update(lo=spec.lo, hi=spec.hi, bins=CCS_BINS, quotas=needs.tolist())
-        elif balance == "classes":
-            needs = sampling.class_quotas(counts, k)
-            spec = spec.replace(excluded=tuple(int(g) for g in np.flatnonzero(needs == 0)))
-            params.update(class_counts=counts.tolist(), class_quotas=needs.tolist())
-        else:
-            needs = np.array([k])
-            spec = spec.replace(excluded=(0,) if k == 0 else ())
-        thresholds = _thresholds(
-            blocks, scores_path, spec, np.asarray(needs), np.asarray(counts), progress, gather_limit
-        )
-        # ES keys rank every positive weight above the zero-weight fill-up.
-        filled = int(np.maximum(0, needs - sum(p[1] for p in parts)).sum()) if m.sampler == "beta" else 0
-        manifest = new_manifest(
-            method=m.name,
-            balance=balance,
-            ratio=ratio,
-            seed=seed,
-            k=k,
-            N=n_ok,
-            n_rows=n,
-            dropped_missing=dropped,
-            filled_zero_weight=filled,
-            epochs=epochs,
-            window=window,
-            params=params,
-            fingerprint=index.fingerprint,
-            index_root=index.root,
-            weights=m.sampler == "random",
-        )
-        weight = n_ok / max(k, 1) if m.sampler == "random" else None
-        with KeepListWriter.for_index(out, index, manifest, k, with_weights=weight is not None) as writer:
-            blocks.map(
-                _kept_block,
-                scores_path,
-                spec,
-                thresholds,
-                desc="keep",
-                progress=progress,
-                sink=_InOrder(lambda rows: writer.add_rows(index, rows, weight)),
-            )
-        return KeepList.load(out)
 
 
-def _score_all(
-    blocks: _Blocks,
-    store: StatsStore,
-    scores_path: str,
-    epochs: int,
-    window: int,
-    block_rows: int,
-    names: tuple[str, ...],
-    progress: bool,
-) -> dict:
+def _score_all(plan: _Plan, blocks: _Blocks, progress: bool) -> dict:
     """Pass 1: every score of every row into a new `scores.zarr`, which replaces the old one when
     complete (a failed run leaves the old one and no temporary behind)."""
-    with replacing(scores_path) as place:
-        return _score_into(place, blocks, store, epochs, window, block_rows, names, progress)
+    with replacing(plan.scores_path) as place:
+        return _score_into(place, blocks, plan.store, plan.epochs, plan.window, blocks.block_rows, plan.names, progress)
 
 
 def _score_into(
@@ -400,31 +444,6 @@ def _score_into(
         }
     )
     return summary
-
-
-def _ccs_setup(
-    blocks: _Blocks,
-    scores_path: str,
-    spec: SelectionSpec,
-    n_ok: int,
-    k: int,
-    cut: float,
-    progress: bool,
-    gather_limit: int,
-) -> SelectionSpec:
-    """`spec` with CCS's cut threshold (the hardest `cut` fraction, fewer if the budget needs
-    them) and the score range of the samples that remain."""
-    n_cut = min(int(np.floor(cut * n_ok + 0.5)), n_ok - k)
-    cut_spec = spec.replace(phase="cut")
-    threshold = None
-    if n_cut > 0:
-        blocks.map(_store_keys, scores_path, cut_spec, 1)
-        words = _thresholds(blocks, scores_path, cut_spec, np.array([n_cut]), np.array([n_ok]), progress, gather_limit)
-        threshold = tuple(int(x) for x in words[:, 0])
-    ranges = blocks.map(_remaining_range, scores_path, spec.replace(cut_threshold=threshold, lo=0.0, hi=1.0))
-    lo = min((r[0] for r in ranges if r is not None), default=0.0)
-    hi = max((r[1] for r in ranges if r is not None), default=0.0)
-    return spec.replace(cut_threshold=threshold, lo=lo, hi=hi)
 
 
 @ray.remote(num_cpus=1)

@@ -20,7 +20,6 @@ import io
 import json
 import os
 from collections.abc import Callable, Iterable
-from functools import partial
 
 import numpy as np
 
@@ -32,8 +31,8 @@ from streamprune.formats.keeplist import KeepList
 from streamprune.formats.rundir import RunDir
 from streamprune.formats.scores_store import ScoresStore
 from streamprune.formats.sources import shard_urls
-from streamprune.formats.stats_store import LABEL, StatsStore
-from streamprune.scoring.columns import CORRECT_MISSING, LABEL_MISSING
+from streamprune.formats.stats_store import StatsStore
+from streamprune.scoring.columns import CORRECT_MISSING, LABEL, LABEL_MISSING
 from streamprune.settings import ReportSettings
 from streamprune.shards.labels import BadSample, LabelSpec
 from streamprune.shards.reader import ReadStats, iter_ranges
@@ -84,12 +83,9 @@ def build_report(
     if keep.fingerprint != index.fingerprint:
         raise DamagedRunError(f"{rd.keep} was made for another index than {index.path}")
     urls = shard_urls(index, shards)
-    scores = ScoresStore.open(rd.scores)
     rng = np.random.default_rng(seed)
-    rows = _sample_rows(index.n_samples, scores.block_rows, max_rows, rng)
+    rows, values, row_labels = _score_sample(rd.scores, index.n_samples, max_rows, rng)
     kept = _kept_mask(index, keep, rows)
-    values = {name: _gather(partial(scores.read, name), rows) for name in scores.scores}
-    row_labels = _gather(partial(scores.read, LABEL), rows) if LABEL in scores else None
     labels, labelled_kept = _class_labels(row_labels, index, urls, rows, kept, label_rows, rng)
     fractions, overall = class_kept_fractions(labels, labelled_kept)
     classes = Classes.load(run)
@@ -102,17 +98,7 @@ def build_report(
         _overview(run, index, keep, len(rows)),
         _figure(out, "scores", "Score distributions (all samples vs kept)", _plot_scores(values, kept), SCORES_NOTE),
     ]
-    mean_p = values.get("mean_p")
-    if "alpha" in keep.manifest.get("params", {}):
-        sections.append(
-            _figure(
-                out,
-                "beta",
-                "Beta sampling weight over mean p_true",
-                _plot_beta(keep.manifest, mean_p, kept),
-                _beta_note(keep.manifest, mean_p, kept),
-            )
-        )
+    sections += _beta_section(out, keep.manifest, values.get("mean_p"), kept)
     sections.append(
         _figure(
             out,
@@ -131,16 +117,8 @@ def build_report(
             GRIDS_NOTE,
         )
     )
-    store = StatsStore.open(rd.stats, mode="r")
-    sections.append(
-        _figure(
-            out,
-            "training",
-            "Proxy training curves (recorded statistics)",
-            _plot_training(store, rows),
-            TRAINING_NOTE,
-        )
-    )
+    training = _plot_training(StatsStore.open(rd.stats, mode="r"), rows)
+    sections.append(_figure(out, "training", "Proxy training curves (recorded statistics)", training, TRAINING_NOTE))
     if saved is not None:
         budget = saved.get("key", {}).get("settings", {}).get("budget", "epochs")  # files of 0.1.0: epochs
         sections.append(_evaluation_section(saved["rows"], main, budget))
@@ -148,6 +126,25 @@ def build_report(
     title = html.escape(f"streamprune report: {storage.name(run)}")
     storage.write_bytes(page, _PAGE.format(title=title, body="\n".join(sections)).encode())
     return page
+
+
+def _score_sample(
+    location: str, n: int, max_rows: int, rng: np.random.Generator
+) -> tuple[np.ndarray, dict[str, np.ndarray], np.ndarray | None]:
+    """The rows the figures show (`_sample_rows`), every computed score of them and their labels
+    (None: the store has none), read chunk by chunk."""
+    scores = ScoresStore.open(location)
+    rows = _sample_rows(n, scores.block_rows, max_rows, rng)
+    values = {name: scores.column(name).at(rows) for name in scores.scores}
+    return rows, values, scores.column(LABEL).at(rows) if LABEL in scores else None
+
+
+def _beta_section(out: str, manifest: dict, mean_p: np.ndarray | None, kept: np.ndarray) -> list[str]:
+    """The Beta weight figure, for keep-lists drawn by Beta sampling (none for the others)."""
+    if "alpha" not in manifest.get("params", {}):
+        return []
+    title = "Beta sampling weight over mean p_true"
+    return [_figure(out, "beta", title, _plot_beta(manifest, mean_p, kept), _beta_note(manifest, mean_p, kept))]
 
 
 def _saved_evaluation(location: str) -> dict | None:
