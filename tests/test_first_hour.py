@@ -18,7 +18,8 @@ from streamprune.formats.atomic import output_lock
 from streamprune.formats.classes import Classes
 from streamprune.formats.rundir import RunDir
 from streamprune.formats.stats_store import StatsStore, clear_statistics, store_exists
-from streamprune.stages.record import _estimate, record
+from streamprune.stages.record import record
+from streamprune.stages.record_progress import estimate as _estimate
 from streamprune.training.decode import CPU_SIZE, DEFAULT_SIZE, Probe, View
 
 

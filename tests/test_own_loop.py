@@ -16,11 +16,13 @@ import torch
 import torch.nn.functional as F
 
 from streamprune import IndexedShards, StatsLogger, index_in_process
+from streamprune.errors import SettingsError
 from streamprune.formats.index import Index
+from streamprune.formats.sources import shard_urls
 from streamprune.formats.stats_store import STATS, OwnershipError, StatsStore
 from streamprune.scoring.sampling import keep_count
 from streamprune.shards.labels import BadSample
-from streamprune.training.decode import ToTensors
+from streamprune.training.decode import SampleDecoder, ToTensors, View
 from streamprune.training.models import small_cnn
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "own_training_loop.py"
@@ -252,6 +254,63 @@ def test_ranks_and_workers_read_every_row_once_and_undecodable_samples_are_skipp
     listed = [json.loads(line) for line in (run / "bad-samples.jsonl").read_text().splitlines()]
     assert sorted(e["row"] for e in listed) == bad.tolist() and {e["epoch"] for e in listed} == {1}
     assert all(e["key"] == keys[e["row"]] and "cannot decode" in e["reason"] for e in listed)
+
+
+class _OddSamples:
+    """A transform of `record`'s form `(sample, rng)` (a SampleDecoder at the images' own size): keys
+    ending in 7 cannot be decoded, and those ending in 3 decode one row short."""
+
+    def __init__(self):
+        self.decoder = SampleDecoder(View(1, 28, 28, False), "cls")
+
+    def __call__(self, sample: dict, rng: np.random.Generator | None):
+        key = sample["__key__"]
+        if key.endswith("7"):
+            raise BadSample(f"sample {key!r}: cannot decode (test)")
+        x, y = self.decoder(sample, rng)
+        return (x[:, 1:] if key.endswith("3") else x), y
+
+
+def test_record_s_form_placeholders_and_augmentations_seeded_by_shard_whatever_the_workers(single, tmp_path):
+    """What `record`'s workers read: a placeholder `(zeros, -1, row)` for each undecodable sample or
+    one of another shape (listed in bad-samples.jsonl), and augmentations seeded by (seed, epoch,
+    shard), so that every row's example is the same however many DataLoader workers read it."""
+    run = tmp_path / "run"
+    shutil.copytree(single, run)
+    idx = Index(run / "index")
+    keys = np.array([k for s in range(idx.n_shards) for k in idx.keys(s)])
+    bad = np.char.endswith(keys, "7") | np.char.endswith(keys, "3")
+    got = []
+    for workers in (0, 2):
+        data = IndexedShards(
+            run,
+            _OddSamples(),
+            epoch=1,
+            rank=0,
+            world_size=1,
+            seed=3,
+            on_bad_sample="placeholder",
+            shape=(1, 28, 28),
+            shard_seeded=True,
+            urls=shard_urls(idx),  # resolved already, as record's driver hands them over
+        )
+        examples = {}
+        for x, y, rows in torch.utils.data.DataLoader(data, batch_size=32, num_workers=workers):
+            examples |= {int(r): (xi, int(yi)) for xi, yi, r in zip(x, y, rows)}
+        assert sorted(examples) == list(range(idx.n_samples))  # every row once, placeholders included
+        assert all((examples[r][1] == -1) == bad[r] for r in examples)
+        assert all(not examples[r][0].any() for r in np.flatnonzero(bad))
+        got.append(examples)
+    assert all(torch.equal(got[0][r][0], got[1][r][0]) for r in got[0])
+    listed = [json.loads(line) for line in (run / "bad-samples.jsonl").read_text().splitlines()]
+    assert sorted(e["row"] for e in listed) == sorted(2 * np.flatnonzero(bad).tolist())
+    assert all(("decoded to shape" in e["reason"]) == e["key"].endswith("3") for e in listed)
+    with pytest.raises(BadSample, match="on_bad_sample='skip' skips such samples"):
+        list(IndexedShards(run, _OddSamples(), shape=(1, 28, 28), shard_seeded=True, on_bad_sample="error"))
+    with pytest.raises(SettingsError, match="needs the examples' shape"):
+        IndexedShards(run, _OddSamples(), on_bad_sample="placeholder")
+    with pytest.raises(SettingsError, match="not both"):
+        IndexedShards(run, shards=shard_urls(idx), urls=shard_urls(idx))
 
 
 def test_the_api_imports_no_ray_and_an_epoch_starts_none(single, tmp_path):

@@ -5,10 +5,11 @@ DDP under torchrun with gloo or nccl, a Ray Train worker, or one process with no
 `torch.distributed` at all) record the statistics of its own forward passes into the same
 store, with the same guarantees, so that `streamprune reduce RUN` works on the run unchanged:
 
-- `IndexedShards`: a torch IterableDataset over the run's indexed shards yielding
-  `(x, label, row)`: the healthy shards cut across ranks by `record`'s rule, then across
-  DataLoader workers, each sample checked against the index's key (a shard changed since
-  indexing is refused) and undecodable samples skipped and listed in `RUN/bad-samples.jsonl`.
+- `IndexedShards` (from `training.indexed_shards`, the dataset `record`'s workers read too): a
+  torch IterableDataset over the run's indexed shards yielding `(x, label, row)`: the healthy
+  shards cut across ranks by `record`'s rule, then across DataLoader workers, each sample
+  checked against the index's key (a shard changed since indexing is refused) and undecodable
+  samples skipped and listed in `RUN/bad-samples.jsonl`.
 - `StatsLogger`: `begin_epoch(epoch)`, `log(rows, logits, labels)` after each forward pass,
   `end_epoch()`; `start_epoch` is the first incomplete epoch (resume there).
 - `index_in_process`: `streamprune index` in this process, without Ray, for small jobs.
@@ -32,7 +33,7 @@ import os
 import re
 import shutil
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +45,6 @@ from streamprune.errors import DamagedRunError, InputError, SettingsError
 from streamprune.formats.atomic import output_lock
 from streamprune.formats.index import Index
 from streamprune.formats.rundir import RunDir
-from streamprune.formats.sources import shard_urls
 from streamprune.formats.stats_store import (
     LABEL,
     STATS,
@@ -54,123 +54,11 @@ from streamprune.formats.stats_store import (
     owner_of,
     zarr_array,
 )
-from streamprune.shards.labels import BadSample
-from streamprune.training.samples import (
-    assign_shards,
-    bad_samples,
-    healthy_shards,
-    indexed_samples,
-    log_bad_sample,
-    shuffled,
-)
+from streamprune.training.indexed_shards import IndexedShards as IndexedShards  # public here: streamprune.IndexedShards
+from streamprune.training.samples import bad_samples
 
 DEFAULT_SPOOL_ROWS = 65536
 SOURCE = "own-loop"  # the store's config["recorder"] for runs recorded by a StatsLogger
-
-Transform = Callable[[dict], tuple[Any, int]]
-
-
-def _rank_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
-    """Rank and world size: as given, else torch.distributed's, else `RANK`/`WORLD_SIZE`, else 0 and 1."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        r, w = dist.get_rank(), dist.get_world_size()
-    else:
-        r, w = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    rank, world_size = (r if rank is None else rank), (w if world_size is None else world_size)
-    if world_size < 1 or not 0 <= rank < world_size:
-        raise SettingsError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
-    return rank, world_size
-
-
-class IndexedShards(torch.utils.data.IterableDataset):
-    """The samples of an indexed run as `(transform(sample)..., row)`: `(x, label, row)`.
-
-    Every epoch the healthy shards are cut into `world_size` contiguous runs of about equal
-    sample counts, shuffled with `(seed, epoch)` (`record`'s `assign_shards`), this rank's run
-    split across DataLoader workers, each shard read in tar order with webdataset's grouping,
-    and the samples shuffled through a buffer of `shuffle_buffer`. Together the ranks read
-    every indexed sample exactly once per epoch. `row` is the sample's row in the index (the
-    row the logger records it at); each sample's key is checked against the index, so a shard
-    changed since indexing is an error, not wrong rows.
-
-    `transform(sample)` gets a webdataset-style dict (`__key__`, `__url__`, member bytes by
-    lower-cased extension) and returns `(x, label)`; default
-    `streamprune.training.decode.ToTensors(seed, do_augment=True)`. A transform raising
-    `streamprune.BadSample` (a ValueError) marks the sample undecodable: with
-    `on_bad_sample="skip"` (as `record`) it is left out, listed in
-    `RUN/bad-samples.jsonl` (shard, key, row, epoch, reason) and the logger counts its row as
-    given with missing statistics; `"error"` raises. Other errors (e.g. a label outside the
-    classes) stop the loop.
-
-    `shards`: the URLs of the indexed shards to read (`shards.sources.shard_urls`; default: the
-    index's root plus each shard's name).
-
-    `rank`/`world_size` default to torch.distributed's (or `RANK`/`WORLD_SIZE`). Call
-    `set_epoch(epoch)` before each epoch and make the DataLoader (non-persistent workers)
-    after it, as with `DistributedSampler`.
-    """
-
-    def __init__(
-        self,
-        run: str | os.PathLike,
-        transform: Transform | None = None,
-        *,
-        epoch: int = 0,
-        rank: int | None = None,
-        world_size: int | None = None,
-        seed: int = 0,
-        shuffle_buffer: int = 1000,
-        on_bad_sample: str = "skip",
-        shards: str | Iterable[str] | None = None,
-    ):
-        if on_bad_sample not in ("skip", "error"):
-            raise SettingsError(f"on_bad_sample must be 'skip' or 'error', not {on_bad_sample!r}")
-        self.run = Path(run).resolve()
-        idx = Index(RunDir(self.run).index)
-        self.urls = shard_urls(idx, shards)
-        self.healthy = healthy_shards(idx)
-        self.counts = np.diff(idx.shard_offset)[self.healthy]
-        self.rank, self.world_size = _rank_world(rank, world_size)
-        if transform is None:
-            from streamprune.training.decode import ToTensors
-
-            transform = ToTensors(seed=seed, do_augment=True)
-        self.transform, self.seed, self.shuffle_buffer = transform, seed, max(1, shuffle_buffer)
-        self.on_bad_sample = on_bad_sample
-        self.set_epoch(epoch)
-
-    def set_epoch(self, epoch: int) -> None:
-        """Read epoch `epoch`'s shards from now on (the cut depends on the epoch)."""
-        self.epoch = int(epoch)
-        self.shards: list[int] = assign_shards(self.counts, self.healthy, self.world_size, self.seed, self.epoch)[
-            self.rank
-        ].tolist()
-
-    @property
-    def num_samples(self) -> int:
-        """Samples this rank reads this epoch (undecodable ones included)."""
-        return int(self.counts[np.isin(self.healthy, self.shards)].sum())
-
-    def __iter__(self) -> Iterator[tuple[Any, int, int]]:
-        info = torch.utils.data.get_worker_info()
-        wid, n_workers = (0, 1) if info is None else (info.id, info.num_workers)
-        idx = Index(RunDir(self.run).index)
-        rng = np.random.default_rng([self.seed, self.epoch, 1 << 20, self.rank, wid])
-        mine = self.shards[wid::n_workers]
-        yield from shuffled((item for shard in mine for item in self._samples(idx, shard)), self.shuffle_buffer, rng)
-
-    def _samples(self, idx: Index, shard: int) -> Iterator[tuple[Any, int, int]]:
-        for sample, row in indexed_samples(idx, shard, self.urls[shard]):
-            try:
-                x, label = self.transform(sample)
-            except BadSample as exc:
-                if self.on_bad_sample == "error":
-                    raise
-                log_bad_sample(self.run, idx.names[shard], sample["__key__"], row, self.epoch, str(exc))
-                continue
-            yield x, label, row
 
 
 class _Ranks:

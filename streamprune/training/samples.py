@@ -2,7 +2,8 @@
 each shard's samples checked against the index and paired with their rows, a shuffle buffer,
 and the run's list of samples skipped as undecodable (`RUN/bad-samples.jsonl`).
 
-Shared by `record`'s Ray Train workers and by `ownloop` (your own training loop).
+The parts of `indexed_shards.IndexedShards`, the dataset that `record`'s Ray Train workers and
+your own training loop (`own_loop`) both read; `record`'s driver and `own_loop` use some directly.
 """
 
 from __future__ import annotations
