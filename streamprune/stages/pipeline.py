@@ -104,7 +104,7 @@ def _index(cfg: RunSettings, run: str, progress: bool, log) -> None:
 def _record_done(cfg: RunSettings, run: str) -> bool:
     """Whether the store is complete with these settings (changed ones go to `record`, which refuses them)."""
     from streamprune.formats.stats_store import StatsStore
-    from streamprune.stages.record import changed_settings
+    from streamprune.stages.record_resolved import changed_settings
 
     try:
         store = StatsStore.open(RunDir(run).stats, mode="r")

@@ -8,8 +8,8 @@ the writer actor that owns its chunk. Uneven inputs are joined (`torch.distribut
 rank 0 flushes the writers, saves a checkpoint, then marks the epoch's shards complete;
 a rerun (or a Ray Train restart after a worker dies) resumes at the first incomplete epoch.
 
-This module is the driver (`record`); the rest of `record` is by role in `record_config`
-(the recipe stored with the run), `record_inputs` (what the run trains on), `record_cluster`
+This module is the driver (`record`); the rest of `record` is by role in `record_resolved`
+(the settings resolved and stored with the run), `record_inputs` (what the run trains on), `record_cluster`
 (workers on the Ray cluster, Ray Train's failures), `record_worker` (each Ray Train worker's
 loop), `record_progress` (bars and the estimate) and `record_writers` (the chunk owners).
 """
@@ -38,10 +38,9 @@ from streamprune.formats.stats_store import StatsStore, clear_statistics
 from streamprune.settings import RecordSettings
 from streamprune.stages.ray_cluster import ensure_ray
 from streamprune.stages.record_cluster import fit_error, per_worker, placement
-from streamprune.stages.record_config import TRAINING_KEYS, RecordConfig, record_config
-from streamprune.stages.record_config import changed_settings as changed_settings  # `run` checks a rerun's settings
 from streamprune.stages.record_inputs import describe, inputs, record_label, training_view
 from streamprune.stages.record_progress import Bars, Progress, estimate
+from streamprune.stages.record_resolved import TRAINING_KEYS, ResolvedSettings, resolve_settings
 from streamprune.stages.record_worker import train_loop
 from streamprune.stages.record_writers import StoreWriters
 from streamprune.training.samples import bad_samples, healthy_shards
@@ -115,7 +114,7 @@ def _record(
     urls: list[str],
     shards: str | Iterable[str] | None,
 ) -> RecordSummary:
-    """`record`, holding the run's writer lock: what the run trains on, the workers, the recipe,
+    """`record`, holding the run's writer lock: what the run trains on, the workers, the resolved settings,
     the store (a finished run stops here), then training."""
     label = record_label(run, s.label, s.decode, s.classes)
     healthy = healthy_shards(idx).tolist()
@@ -126,7 +125,7 @@ def _record(
     workers, gpus_per_worker = placement(s.workers, s.gpus_per_worker, ray.cluster_resources())
     store_path = RunDir(run).stats
     view, shape, model, note = training_view(probe, decoded, s.image_size, s.model, store_path, gpus_per_worker)
-    cfg = record_config(
+    cfg = resolve_settings(
         s,
         model=model,
         workers=workers,
@@ -161,7 +160,7 @@ def _record(
 
 def _fit(
     run: str,
-    cfg: RecordConfig,
+    cfg: ResolvedSettings,
     writers: StoreWriters | None,
     tracker: Any,
     classes: Classes,
@@ -192,7 +191,7 @@ def _fit(
 
 def _trainer(
     run: str,
-    cfg: RecordConfig,
+    cfg: ResolvedSettings,
     writers: StoreWriters | None,
     tracker: Any,
     classes: Classes,
@@ -232,7 +231,7 @@ def _trainer(
 
 
 def _watch(
-    thread: threading.Thread, tracker: Any, cfg: RecordConfig, n_samples: int, progress: bool
+    thread: threading.Thread, tracker: Any, cfg: ResolvedSettings, n_samples: int, progress: bool
 ) -> tuple[dict, dict]:
     """Until `thread` (training) ends: the estimate once rates are measured, and the bars when
     `progress`; the tracker's last `(state, epochs)`."""
@@ -256,7 +255,7 @@ def _watch(
     return state, epochs
 
 
-def _summary(run: str, cfg: RecordConfig, state: dict, epochs: dict, start: int) -> RecordSummary:
+def _summary(run: str, cfg: ResolvedSettings, state: dict, epochs: dict, start: int) -> RecordSummary:
     """The summary of the epochs trained now, from the tracker's last state; a line logged per epoch."""
     summary = RecordSummary(
         str(run), max(epochs, default=start - 1) + 1, sorted(epochs), [epochs[e] for e in sorted(epochs)]

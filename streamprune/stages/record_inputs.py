@@ -206,10 +206,10 @@ def _unset_size_model(store_path: str, gpus_per_worker: float) -> tuple[int, str
     """The square size, and the model when none is given, of images not kept at their own size: the
     run's own when it was recorded (a resume on other hardware trains the same), else DEFAULT_SIZE
     and the model by size (None) on GPUs, CPU_SIZE and CPU_MODEL on CPUs."""
-    recipe = StatsStore.open(store_path, mode="r").config if store_exists(store_path) else {}
-    view = recipe.get("view")
+    stored = StatsStore.open(store_path, mode="r").config if store_exists(store_path) else {}
+    view = stored.get("view")
     if view and view[3]:  # [channels, height, width, resized]
-        return int(view[1]), recipe.get("model")
+        return int(view[1]), stored.get("model")
     return (DEFAULT_SIZE, None) if gpus_per_worker else (CPU_SIZE, CPU_MODEL)
 
 

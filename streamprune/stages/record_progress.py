@@ -9,7 +9,7 @@ from typing import Any
 
 import ray
 
-from streamprune.stages.record_config import RecordConfig
+from streamprune.stages.record_resolved import ResolvedSettings
 
 
 @ray.remote(num_cpus=0)
@@ -70,7 +70,7 @@ class Bars:
             bar.close()
 
 
-def estimate(state: dict, cfg: RecordConfig, n_samples: int) -> str | None:
+def estimate(state: dict, cfg: ResolvedSettings, n_samples: int) -> str | None:
     """'record: epoch 0: ~46 s per epoch at 130 samples/s (ETA for all epochs: 8 min)', from the first
     epoch in the tracker's `state` whose ranks have reported twice (samples since a rank's first
     report over the time since), extrapolated to all `cfg.workers`; None before."""

@@ -19,7 +19,7 @@ import torch
 from streamprune import storage
 from streamprune.formats.rundir import RunDir
 from streamprune.formats.stats_store import LABEL, LABEL_MISSING, STATS, StatsStore, missing_stats
-from streamprune.stages.record_config import RecordConfig
+from streamprune.stages.record_resolved import ResolvedSettings
 from streamprune.stages.record_writers import StoreWriters
 from streamprune.training.decode import SampleDecoder, View
 from streamprune.training.indexed_shards import IndexedShards
@@ -37,7 +37,7 @@ def train_loop(cfg: dict) -> None:
     import ray.train.torch
     import torch.distributed as dist
 
-    rc = RecordConfig(**cfg["config"])
+    rc = ResolvedSettings(**cfg["config"])
     run = cfg["run"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -86,7 +86,7 @@ def train_loop(cfg: dict) -> None:
         barrier()
 
 
-def _model(run: str, rc: RecordConfig, start: int) -> tuple[Any, torch.optim.Optimizer]:
+def _model(run: str, rc: ResolvedSettings, start: int) -> tuple[Any, torch.optim.Optimizer]:
     """The proxy (seeded with the run's seed, from the checkpoint of epoch `start` when > 0),
     prepared by Ray Train (DDP, device), and its SGD optimiser."""
     import ray.train.torch

@@ -1,6 +1,6 @@
-"""`record`'s run configuration: the training recipe a run is recorded with (`RecordConfig`,
-stored in the stats store so that a resume trains the same), which of its keys a rerun must
-keep, and which settings differ from a store's recipe."""
+"""`record`'s settings resolved (`ResolvedSettings`: the model as a name, the workers, label,
+classes and inputs found), stored in the stats store (`StatsStore.config`) so that a resume
+trains the same; which of them a rerun must keep, and which given settings differ from a store's."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from streamprune.formats.classes import Classes
 from streamprune.settings import RecordSettings
 from streamprune.training.decode import View
 
-# The recipe's keys a rerun of a run must give the same (`StatsStore.create(..., same=...)`)
+# The resolved settings a rerun of a run must give the same (`StatsStore.create(..., same=...)`)
 TRAINING_KEYS = (
     "epochs",
     "schedule_epochs",
@@ -29,20 +29,20 @@ TRAINING_KEYS = (
     "view",
     "classes",
 )
-# RecordSettings fields the store's recipe keeps as given (the others are resolved, or only say how to run)
+# RecordSettings fields the stored settings keep as given (the others are resolved, or only say how to run)
 _STORED_AS_GIVEN = ("epochs", "schedule_epochs", "batch_size", "lr", "seed", "model", "label", "decode", "image_size")
 
 
-def changed_settings(recipe: dict, settings: RecordSettings) -> list[str]:
-    """The settings whose value differs from a store's recorded recipe (`StatsStore.config`)."""
-    unset = {k: getattr(settings, k) or recipe.get(k) for k in ("label", "model")}  # unset: the run's own
+def changed_settings(stored: dict, settings: RecordSettings) -> list[str]:
+    """The settings whose value differs from those a store was recorded with (`StatsStore.config`)."""
+    unset = {k: getattr(settings, k) or stored.get(k) for k in ("label", "model")}  # unset: the run's own
     given = {**settings.to_dict(), **unset}
-    return [k for k in _STORED_AS_GIVEN if k in recipe and recipe[k] != given[k]]
+    return [k for k in _STORED_AS_GIVEN if k in stored and stored[k] != given[k]]
 
 
 @dataclass
-class RecordConfig:
-    """The run's training recipe; stored in the stats store so that a resume uses the same one."""
+class ResolvedSettings:
+    """A run's record settings, resolved; stored in the stats store so that a resume uses the same."""
 
     epochs: int
     schedule_epochs: int
@@ -69,7 +69,7 @@ class RecordConfig:
     shuffle_buffer: int = 1000
 
 
-def record_config(
+def resolve_settings(
     s: RecordSettings,
     *,
     model: Any,
@@ -82,10 +82,10 @@ def record_config(
     shape: tuple[int, ...],
     augment: bool,
     record_stats: bool,
-) -> RecordConfig:
-    """The recipe of a run recorded with settings `s`, resolved: the model as a name (a model
+) -> ResolvedSettings:
+    """The settings of a run recorded with settings `s`, resolved: the model as a name (a model
     class as `module:qualname`), the cluster's workers, the label, classes and inputs found."""
-    return RecordConfig(
+    return ResolvedSettings(
         epochs=s.epochs,
         schedule_epochs=s.schedule_epochs,
         batch_size=s.batch_size,
