@@ -1,6 +1,6 @@
 """Every performance figure of streamprune in one command, each against its baseline measured
 in the same run (the machines are shared and noisy): index bytes read, record overhead,
-reducer throughput and memory at two sizes, loader speed and bytes read.
+reducer throughput and memory at two sizes, loader speed and bytes read, resuming mid-epoch.
 
     python benchmarks/run.py [--quick] [--device cuda] [--data-dir DIR] [--json PATH]
 
@@ -23,6 +23,7 @@ import bench_index  # noqa: E402
 import bench_loader  # noqa: E402
 import bench_record  # noqa: E402
 import bench_reduce  # noqa: E402
+import bench_resume  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -41,6 +42,7 @@ def main(argv: list[str] | None = None) -> dict:
         ("record", bench_record.main, ["--device", args.device]),
         ("reduce", bench_reduce.main, []),
         ("loader", bench_loader.main, data),
+        ("resume", bench_resume.main, data),
     ):
         print(f"== {name}", flush=True)
         t = time.time()
@@ -155,6 +157,24 @@ def summary(s: dict, device: str) -> list[dict]:
                 "goal": "<= 15%",
             },
         ]
+    r = s["resume"]
+    rows += [
+        {
+            "figure": "loader state_dict() (1,000-sample shuffle buffer): / one sample's load",
+            "value": f"{r['state_dict_us_buffer1000'] / r['per_sample_us']:.3f}",
+            "goal": "<< 1",
+        },
+        {
+            "figure": "first sample resumed at 90% of an epoch: / fresh",
+            "value": f"{r['first_sample_resumed_90_ms'] / r['first_sample_fresh_ms']:.2f}",
+            "goal": "~1 (flat in the position)",
+        },
+        {
+            "figure": "reading up to 90% of an epoch: / resuming there",
+            "value": f"x{r['first_sample_forwarded_90_ms'] / r['first_sample_resumed_90_ms']:.0f}",
+            "goal": "> 1, growing with the position",
+        },
+    ]
     return rows
 
 

@@ -218,3 +218,17 @@ def test_readme_docs_examples_and_benchmarks_use_only_the_public_api():
                 if len(parts) != 2 or parts[1] not in PUBLIC_MODULES or module == "streamprune":
                     deep.append(f"{path.name}: {reached}")
     assert len(files) > 15 and not deep, deep
+
+
+LONG_FUNCTIONS_ALLOWED = {("tarscan.py", "iter_members")}  # the tar parser: one loop over hostile bytes, read whole
+
+
+def test_no_function_of_the_package_is_over_80_lines():
+    long = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.end_lineno is not None:
+                lines = node.end_lineno - node.lineno + 1
+                if lines > 80 and (path.name, node.name) not in LONG_FUNCTIONS_ALLOWED:
+                    long.append(f"{path.relative_to(PACKAGE)}:{node.lineno} {node.name} ({lines} lines)")
+    assert not long, long

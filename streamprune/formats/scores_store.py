@@ -9,6 +9,7 @@ that readers of the scores see the old store or the new one; `open` reads the co
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import numpy as np
 import zarr
@@ -25,13 +26,13 @@ class ScoresStore:
     checked), read and write row blocks. `path` is its location as given (what messages name),
     `root` where its Zarr data is (`store_root`: the committed generation on an object store)."""
 
-    def __init__(self, group: zarr.Group, path: str | os.PathLike, root: str | None = None):
+    def __init__(self, group: zarr.Group, path: str | os.PathLike[str], root: str | None = None):
         """Wrap a group opened at `root` (default `path`), the store of location `path`."""
         self.group, self.path = group, os.fspath(path)
         self.root = self.path if root is None else root
 
     @classmethod
-    def create(cls, path: str | os.PathLike, n: int, block_rows: int) -> "ScoresStore":
+    def create(cls, path: str | os.PathLike[str], n: int, block_rows: int) -> "ScoresStore":
         """A new store of `n` rows at `path` (replacing what is there), every array empty (fill values).
 
         Create it in the place of `commit.replacing(output)` and fill it there (tasks open it by
@@ -48,7 +49,7 @@ class ScoresStore:
         return cls(group, location)
 
     @classmethod
-    def open(cls, path: str | os.PathLike, mode: AccessMode = "r") -> "ScoresStore":
+    def open(cls, path: str | os.PathLike[str], mode: AccessMode = "r") -> "ScoresStore":
         """Open an existing store: the committed one of an output, or one being filled in a
         `commit.replacing` place. A missing one is a `FileNotFoundError`, a header of another
         format a `DamagedRunError`, one of a newer streamprune a `NewerFormatError`."""
@@ -61,10 +62,10 @@ class ScoresStore:
         return cls(group, location, root)
 
     @property
-    def attrs(self) -> dict:
+    def attrs(self) -> dict[str, Any]:
         return dict(self.group.attrs)
 
-    def set_attrs(self, attrs: dict) -> None:
+    def set_attrs(self, attrs: dict[str, Any]) -> None:
         """Add `attrs` (the run's fingerprint, epochs, window, block size, scores listed, summary)."""
         try:
             self.group.attrs.update(attrs)
@@ -83,7 +84,7 @@ class ScoresStore:
     def __contains__(self, name: str) -> bool:
         return name in self.group
 
-    def array(self, name: str) -> zarr.Array:
+    def array(self, name: str) -> zarr.Array[Any]:
         """Array `name` itself (for checks of its metadata and chunks)."""
         return zarr_array(self.group, name)
 

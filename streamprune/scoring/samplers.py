@@ -54,7 +54,7 @@ class SelectionSpec:
     excluded: tuple[int, ...] = ()  # groups with nothing to select
     cut: float = 0.2  # CCS: the hardest fraction dropped first
 
-    def replace(self, **changes) -> SelectionSpec:
+    def replace(self, **changes: Any) -> SelectionSpec:
         return dataclasses.replace(self, **changes)
 
     def arrays(self) -> set[str]:
@@ -146,12 +146,14 @@ class Sampler:
         """The groups the budget is split over."""
         return n_classes if self.spec.balance else 1
 
-    def prepare(self, summary: dict, n_ok: int, k: int, passes: Passes) -> tuple[SelectionSpec, dict]:
+    def prepare(
+        self, summary: dict[str, Any], n_ok: int, k: int, passes: Passes
+    ) -> tuple[SelectionSpec, dict[str, Any]]:
         """The spec completed by what must be known before keys (`summary`: the scoring pass's),
         and the first keep-list parameters."""
         return self.spec, {}
 
-    def quotas(self, counts: np.ndarray, k: int) -> tuple[SelectionSpec, np.ndarray, dict]:
+    def quotas(self, counts: np.ndarray, k: int) -> tuple[SelectionSpec, np.ndarray, dict[str, Any]]:
         """Split the budget `k` over the groups of `counts` rows: the spec with empty groups
         excluded, the need per group, and the keep-list parameters that record the split."""
         if not self.spec.balance:
@@ -239,7 +241,8 @@ class BetaSampler(Sampler):
         return super().arrays() | {"mean_p", "dual"}
 
     def valid(self, sc: dict[str, np.ndarray]) -> np.ndarray:
-        return super().valid(sc) & np.isfinite(sc["mean_p"])
+        valid: np.ndarray = super().valid(sc) & np.isfinite(sc["mean_p"])
+        return valid
 
     def keys(self, sc: dict[str, np.ndarray], valid: np.ndarray, u: np.ndarray) -> np.ndarray:
         s = self.spec
@@ -263,7 +266,9 @@ class BetaSampler(Sampler):
     def selectable(self, counted: dict[str, int]) -> int:
         return min(counted["dual"], counted["mean_p"])
 
-    def prepare(self, summary: dict, n_ok: int, k: int, passes: Passes) -> tuple[SelectionSpec, dict]:
+    def prepare(
+        self, summary: dict[str, Any], n_ok: int, k: int, passes: Passes
+    ) -> tuple[SelectionSpec, dict[str, Any]]:
         """The anchor: mean `mean_p` of the 10 highest-DUAL rows (0.5 when there are none)."""
         s = self.spec
         top = summary["top"]["mean_p"]
@@ -304,7 +309,9 @@ class CCSSampler(Sampler):
     def n_groups(self, n_classes: int) -> int:
         return CCS_BINS
 
-    def prepare(self, summary: dict, n_ok: int, k: int, passes: Passes) -> tuple[SelectionSpec, dict]:
+    def prepare(
+        self, summary: dict[str, Any], n_ok: int, k: int, passes: Passes
+    ) -> tuple[SelectionSpec, dict[str, Any]]:
         """The cut threshold (the hardest `cut` fraction, fewer if the budget needs them) and the
         score range of the rows that remain."""
         s = self.spec
@@ -318,7 +325,7 @@ class CCSSampler(Sampler):
         lo, hi = passes.score_range(s.replace(cut_threshold=threshold, lo=0.0, hi=1.0))
         return s.replace(cut_threshold=threshold, lo=lo, hi=hi), {"cut": s.cut}
 
-    def quotas(self, counts: np.ndarray, k: int) -> tuple[SelectionSpec, np.ndarray, dict]:
+    def quotas(self, counts: np.ndarray, k: int) -> tuple[SelectionSpec, np.ndarray, dict[str, Any]]:
         needs = sampling.ccs_quotas(counts, k)
         params = {"lo": self.spec.lo, "hi": self.spec.hi, "bins": CCS_BINS, "quotas": needs.tolist()}
         return self._without_empty(needs), needs, params

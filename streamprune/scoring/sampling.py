@@ -101,7 +101,8 @@ def beta_weights(
     alpha, beta = beta_params(ratio, anchor, c_d=c_d, C=C, alpha_plus_beta=alpha_plus_beta)
     from scipy import stats  # here: settings validate balances through this module, on the core install too
 
-    return stats.beta.pdf(np.clip(m, 1e-6, 1 - 1e-6), alpha, beta) * dual
+    weights: np.ndarray = stats.beta.pdf(np.clip(m, 1e-6, 1 - 1e-6), alpha, beta) * dual
+    return weights
 
 
 def weighted_keys(weights: np.ndarray, u: np.ndarray) -> np.ndarray:
@@ -154,7 +155,8 @@ def key_words(keys: np.ndarray, id_hi: np.ndarray, id_lo: np.ndarray, rows: np.n
 def _digit(words: np.ndarray, level: int, digit_bits: int) -> np.ndarray:
     word, pos = divmod(level * digit_bits, 64)
     shift = np.uint64(64 - digit_bits - pos)
-    return ((words[word] >> shift) & np.uint64((1 << digit_bits) - 1)).astype(np.int64)
+    row: np.ndarray = words[word]
+    return ((row >> shift) & np.uint64((1 << digit_bits) - 1)).astype(np.int64)
 
 
 def prefix_mask(words: np.ndarray, groups: np.ndarray, prefixes: np.ndarray, digit_bits: int) -> np.ndarray:

@@ -9,6 +9,8 @@ values shifted by each row's first value so that the variance is accurate to ~1e
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 from streamprune.errors import SettingsError
@@ -71,7 +73,7 @@ def _window_stats_t(p: np.ndarray, window: int) -> tuple[np.ndarray, np.ndarray]
     return w1, w2
 
 
-def _per_block(p: np.ndarray, fn) -> np.ndarray:
+def _per_block(p: np.ndarray, fn: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
     return np.concatenate([fn(p[i : i + _BLOCK]) for i in range(0, len(p), _BLOCK)]) if len(p) else np.zeros(0)
 
 
@@ -85,7 +87,8 @@ def _dual_block(p: np.ndarray, window: int) -> np.ndarray:
     mean, std = _window_stats_t(p, window)
     np.subtract(1.0, mean, out=mean)
     mean *= std
-    return mean.sum(axis=0) * (DUAL_SCALE / len(mean))
+    out: np.ndarray = mean.sum(axis=0) * (DUAL_SCALE / len(mean))
+    return out
 
 
 def dual(p_true: np.ndarray, window: int = 10) -> np.ndarray:
@@ -116,7 +119,8 @@ def el2n(el2n: np.ndarray, epoch: int | None = None) -> np.ndarray:
 def forgetting(correct: np.ndarray) -> np.ndarray:
     """Forgetting events: epochs `t >= 1` with `correct[t-1]` true and `correct[t]` false."""
     c = np.asarray(correct).astype(bool)
-    return (c[:, :-1] & ~c[:, 1:]).sum(axis=1).astype(np.float64)
+    events: np.ndarray = (c[:, :-1] & ~c[:, 1:]).sum(axis=1)
+    return events.astype(np.float64)
 
 
 def entropy(entropy: np.ndarray, epoch: int = -1) -> np.ndarray:
@@ -127,12 +131,14 @@ def entropy(entropy: np.ndarray, epoch: int = -1) -> np.ndarray:
 
 def aum(margin: np.ndarray) -> np.ndarray:
     """Area under the margin: mean logit margin over epochs (lower = harder)."""
-    return np.asarray(margin, dtype=np.float64).mean(axis=1)
+    mean: np.ndarray = np.asarray(margin, dtype=np.float64).mean(axis=1)
+    return mean
 
 
 def mean_p(p_true: np.ndarray) -> np.ndarray:
     """Mean true-label probability over all recorded epochs (the Beta sampler's `m`)."""
-    return np.asarray(p_true, dtype=np.float64).mean(axis=1)
+    mean: np.ndarray = np.asarray(p_true, dtype=np.float64).mean(axis=1)
+    return mean
 
 
 SCORES = ("dual", "dyn_unc", "el2n", "forgetting", "entropy", "aum", "mean_p")
@@ -180,7 +186,7 @@ def all_scores(
         correct = np.asarray(stats["correct"])
         out["forgetting"] = forgetting(correct)
         out["forgetting"][(correct == 255).any(axis=1)] = np.nan
-    simple = {
+    simple: dict[str, Callable[[], np.ndarray]] = {
         "el2n": lambda: el2n(stats["el2n"]),
         "entropy": lambda: entropy(stats["entropy"]),
         "aum": lambda: aum(stats["margin"]),
