@@ -106,7 +106,7 @@ def bench(
         "ratio_keep100": sps["pruned-100"] / sps["wds"],
         "ratio_keep10_vs_select": sps["pruned-10"] / sps["wds-select"],
         "ratio_keep10_vs_select_files": sps["pruned-10"] / sps["wds-select_files"],
-        "bytes_read_keep10": probe.stats.bytes_read / sum(os.path.getsize(p) for p in paths),
+        "bytes_read_keep10": probe.read_counts.bytes_read / sum(os.path.getsize(p) for p in paths),
     }
     print(
         f"{name:>10}: {row['samples']} samples, {row['MB']:.0f} MB | keep 100%: pruned {sps['pruned-100']:,.0f} "
@@ -213,8 +213,8 @@ def bench_http(
         "bytes_sent_wds": sent["wds"] / total,
         "requests_wds": requests["wds"],
         # the loader's own counts, where its remote reader keeps them
-        "bytes_requested_keep10": getattr(probe.stats, "bytes_requested", 0) / total,
-        "bytes_received_keep10": getattr(probe.stats, "bytes_received", 0) / total,
+        "bytes_requested_keep10": getattr(probe.read_counts, "bytes_requested", 0) / total,
+        "bytes_received_keep10": getattr(probe.read_counts, "bytes_received", 0) / total,
     }
     print(
         f"{name:>10} http, {latency * 1000:.0f} ms/request: keep 100%: pruned {sps['pruned-100']:,.0f} vs "

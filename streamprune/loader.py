@@ -21,6 +21,7 @@ import itertools
 import os
 import random
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, cast
 from urllib.parse import urlparse
@@ -36,7 +37,7 @@ from streamprune.errors import InputError, SettingsError
 from streamprune.formats.keeplist import KeepList
 from streamprune.loader_state import Layout, Range
 from streamprune.shards.identity import ShardMatcher
-from streamprune.shards.reader import ReadStats, read_keys, read_ranges
+from streamprune.shards.reader import ReadCounts, read_keys, read_ranges
 from streamprune.shards.tarscan import split_name
 from streamprune.shards.urls import OpenShard, expand_urls, from_stream, open_shard
 
@@ -157,8 +158,8 @@ class _KeptShards:
 
     MAX_SKIPPED = 10_000
 
-    def __init__(self, selection: _Selection, stats: ReadStats, plan: "_Plan | None" = None):
-        self.selection, self.stats, self.plan = selection, stats, plan
+    def __init__(self, selection: _Selection, read_counts: ReadCounts, plan: "_Plan | None" = None):
+        self.selection, self.read_counts, self.plan = selection, read_counts, plan
 
     def __call__(self, src: Iterable[dict]) -> Iterator[dict]:
         items = src if self.plan is None else self.plan.items(src)
@@ -167,7 +168,7 @@ class _KeptShards:
         for item in items:
             name = self.selection.shard(item["url"])
             if name is not None and self.selection.keep.kept_count(name) == 0:
-                self.stats.shards_skipped += 1
+                self.read_counts.shards_skipped += 1
                 skipped.add(item["url"])
                 run += 1
                 if run >= max(self.MAX_SKIPPED, 10 * len(skipped)):
@@ -191,12 +192,21 @@ class _Plan:
             self.index.setdefault(u, i)
 
     def items(self, src: Iterable[dict]) -> Iterator[dict]:
+        """Plan items, from `src` (the shard stage's URL dicts) or a loaded state's plan: first the
+        samples a saved shuffle buffer held, then the plan from the saved position on."""
         t = self.tracker
         if not t.active:  # iterated without PrunedWebDataset.__iter__ (a copy inside another pipeline)
             yield from src
             return
+        yield from self._rereads()
+        resumed, t.resumed = t.resumed, False
+        by_position = resumed and (t.plan is not None or self.mode == "even")  # a fixed plan: skip by item
+        yield from self._walk(self._source(src, resumed and not by_position), resumed, by_position)
+
+    def _rereads(self) -> Iterator[dict]:
+        """Items reading again, by position, the pending samples of a loaded state."""
         by_shard: dict[int, list[int]] = {}
-        for (u, i), times in t.reread.items():
+        for (u, i), times in self.tracker.reread.items():
             by_shard.setdefault(u, []).extend([i] * times)
         for u, picks in sorted(by_shard.items()):
             while picks:  # a sample held twice (with_epoch's passes) is read twice, in two rounds
@@ -204,20 +214,27 @@ class _Plan:
                 for i in once:
                     picks.remove(i)
                 yield {"url": self.urls[u], "__index__": u, "__picks__": once}
-        resumed, t.resumed = t.resumed, False
-        by_position = resumed and (t.plan is not None or self.mode == "even")  # a fixed plan: skip by item
+
+    def _source(self, src: Iterable[dict], rest_first: bool) -> Iterable[dict]:
+        """What this pass walks: a loaded state's plan, or `src`, after the rest of the shard
+        that was being read when the state was saved (`rest_first`)."""
+        t = self.tracker
         if t.plan is not None:
-            src = ({"url": self.urls[u], "__index__": u, "__slice__": (a, b)} for u, a, b in t.plan)
-        elif resumed and not by_position and t.shard is not None:  # the shard being read when saved: rest first
-            u0, first = int(t.shard), t.index
-            t.shard = None  # not finished: moving on from it must not mark it done
-            head = [{"url": self.urls[u0], "__index__": u0, "__slice__": (first, int(self.counts[u0]))}]
-            if self.mode == "stream":  # each shard once per pass: not again when the shard list gets to it
-                src = (d for d in src if self.index[d["url"]] != u0)
-            src = itertools.chain(head, src)
-        k = -1
-        for item in src:
-            k += 1
+            return ({"url": self.urls[u], "__index__": u, "__slice__": (a, b)} for u, a, b in t.plan)
+        if not rest_first or t.shard is None:
+            return src
+        u0, first = int(t.shard), t.index
+        t.shard = None  # not finished: moving on from it must not mark it done
+        head = [{"url": self.urls[u0], "__index__": u0, "__slice__": (first, int(self.counts[u0]))}]
+        if self.mode == "stream":  # each shard once per pass: not again when the shard list gets to it
+            src = (d for d in src if self.index[d["url"]] != u0)
+        return itertools.chain(head, src)
+
+    def _walk(self, src: Iterable[dict], resumed: bool, by_position: bool) -> Iterator[dict]:
+        """The items of `src` still to read, each told to the tracker; a resumed pass skips what
+        was read before: by plan position, or (stream mode) the shards finished."""
+        t = self.tracker
+        for k, item in enumerate(src):
             u = int(item["__index__"]) if "__index__" in item else self.index[item["url"]]
             count = int(self.counts[u])
             first, stop = item.get("__slice__", (0, count))
@@ -231,12 +248,17 @@ class _Plan:
             t.start_item(k, u, first)
             if count > 0 and first >= stop:
                 continue  # read before the state was saved: never opened
-            out = {**item, "__index__": u}
-            if count < 0:  # a shard the keep-list does not know: skip by reading
-                out["__skip__"] = first
-            elif first > 0 or "__slice__" in item:
-                out["__slice__"] = (first, stop)
-            yield out
+            yield _plan_item(item, u, count, first, stop)
+
+
+def _plan_item(item: dict, u: int, count: int, first: int, stop: int) -> dict:
+    """The dict `_ReadKept` reads for shard `u` from kept sample `first` to `stop`."""
+    out = {**item, "__index__": u}
+    if count < 0:  # a shard the keep-list does not know: skip by reading
+        out["__skip__"] = first
+    elif first > 0 or "__slice__" in item:
+        out["__slice__"] = (first, stop)
+    return out
 
 
 class _ReadKept:
@@ -245,7 +267,7 @@ class _ReadKept:
     def __init__(
         self,
         keep: KeepList,
-        stats: ReadStats,
+        read_counts: ReadCounts,
         handler: Callable,
         allow_mismatch: bool,
         weights: bool,
@@ -257,7 +279,7 @@ class _ReadKept:
             raise SettingsError(
                 f"weights=True: this keep-list (method {keep.manifest.get('method')!r}) carries no importance weights"
             )
-        self.keep, self.stats, self.handler = keep, stats, handler
+        self.keep, self.read_counts, self.handler = keep, read_counts, handler
         self.allow_mismatch, self.weights = allow_mismatch, weights
         self.select_files, self.rename_files = select_files, rename_files
         self.tracker = tracker
@@ -277,14 +299,14 @@ class _ReadKept:
         name, source, local = item.get("__shard__"), _cached(item), _local_path(item)
         picks = item.get("__picks__")
         if name is None:
-            raws = read_keys(url, url, None, self.stats, source)
+            raws = read_keys(url, url, None, self.read_counts, source)
             weights = None
             skip = item.get("__skip__", 0)
             raws = itertools.islice(raws, skip, None)
             indices: Iterable[int] = itertools.count(skip)
             if picks is not None:  # pending samples of an unknown shard: by their position in it
                 wanted = set(picks)
-                raws = (r for i, r in enumerate(read_keys(url, url, None, self.stats, source)) if i in wanted)
+                raws = (r for i, r in enumerate(read_keys(url, url, None, self.read_counts, source)) if i in wanted)
                 indices = iter(picks)
         else:
             all_keys = self.keep.shard_keys(name)
@@ -303,11 +325,11 @@ class _ReadKept:
                 weights = dict(zip(keys, np.asarray(shard_weights)[rows].tolist()))
             ranges = self.keep.shard_ranges(name)
             if ranges is None or self.allow_mismatch:
-                raws = read_keys(url, name, set(keys), self.stats, source)
+                raws = read_keys(url, name, set(keys), self.read_counts, source)
             else:
                 sizes = self.keep.shard_bytes
                 size = None if sizes is None else int(sizes[self.keep.shard_index(name)])
-                raws = read_ranges(url, name, np.asarray(ranges)[rows], keys, self.stats, size, source)
+                raws = read_ranges(url, name, np.asarray(ranges)[rows], keys, self.read_counts, size, source)
         shard = int(item.get("__index__", -1))
         track = self.tracker if shard >= 0 and self.tracker is not None and self.tracker.active else None
         for (key, data, names), index in zip(raws, indices):
@@ -491,8 +513,9 @@ class PrunedWebDataset(wds.WebDataset):
     `weights`: add `__weight__` (keep-lists that carry weights).
     `even_epochs`: give every DDP rank and DataLoader worker exactly the same number of
     samples per epoch (replaces `nodesplitter`/`workersplitter`; call `set_epoch` per epoch).
-    `ds.stats` counts shards opened and skipped, samples and bytes read in this process (compressed
-    bytes for compressed shards), and shards read through because they cannot seek.
+    `ds.read_counts` counts shards opened and skipped, samples and bytes read in this process
+    (compressed bytes for compressed shards), and shards read through because they cannot seek
+    (`ds.stats`, its former name, is deprecated).
 
     Resumable inside an epoch (shard URLs given as a string or list): `state_dict()` /
     `load_state_dict()` as torchdata's `StatefulDataLoader` calls them in each worker; a resumed
@@ -532,7 +555,8 @@ class PrunedWebDataset(wds.WebDataset):
         weights: bool = False,
         even_epochs: bool = False,
     ):
-        if even_epochs and (resampled or mode == "resampled"):
+        resampling = resampled or mode == "resampled"
+        if even_epochs and resampling:
             raise SettingsError("even_epochs=True needs a fixed shard list, not resampled=True")
         listed = _url_list(urls)  # our expansion also takes globs and fsspec globs
         super().__init__(
@@ -553,64 +577,77 @@ class PrunedWebDataset(wds.WebDataset):
             seed=seed,
         )
         self.keep = as_keep_list(keep)
-        self.stats = ReadStats()
+        self.read_counts = ReadCounts()
         selection = _Selection(self.keep, root, unknown_shards)
         if listed is not None:
-            selection.check(listed, allow_mismatch)
-            names = [selection.shard(u) for u in listed]
-            if listed and all(n is not None and self.keep.kept_count(n) == 0 for n in names):
-                raise InputError(f"the keep-list keeps no sample of these {len(listed)} shards (e.g. {listed[0]!r})")
+            _check_listed(selection, listed, allow_mismatch)
+        opener = self._opener()
+        self.tracker = _Tracker()
+        self._resume: dict[str, Any] | None = None  # what identifies the shard list in a state
+        reader = _ReadKept(
+            self.keep, self.read_counts, handler, allow_mismatch, weights, select_files, rename_files, self.tracker
+        )
+        head = self.pipeline[:opener]
+        self.slots: _EvenSlots | None = None
+        self.node = pytorch_worker_info()[:2]
+        kind = "resampled" if resampling else "stream"  # how slots get shards
+        if even_epochs:
+            self.slots = self._even_slots(listed, selection, seed, shardshuffle)
+            head, kind = [self.slots], "even"
+        self._plan: _Plan | None = None if listed is None else self._resumable(listed, selection, kind)
+        self.pipeline = self._kept_pipeline(head, _KeptShards(selection, self.read_counts, self._plan), reader, opener)
+
+    @property
+    def stats(self) -> ReadCounts:
+        """Deprecated name of `read_counts` (in streamprune, "stats" are per-sample training statistics)."""
+        _renamed("PrunedWebDataset")
+        return self.read_counts
+
+    def _opener(self) -> int:
+        """Where webdataset's opener stage is: it and the two after it (tar expansion, grouping)
+        are what `_ReadKept` replaces."""
         opener = next(
             (i for i, stage in enumerate(self.pipeline) if isinstance(stage, (cache.StreamingOpen, cache.FileCache))),
             None,
         )
         if opener is None or len(self.pipeline) < opener + 3:
             raise RuntimeError(f"unsupported webdataset {wds.__version__}: no opener stage to replace")
-        self.tracker = _Tracker()
-        self._resume: dict[str, Any] | None = None  # what identifies the shard list in a state
-        reader = _ReadKept(
-            self.keep, self.stats, handler, allow_mismatch, weights, select_files, rename_files, self.tracker
-        )
+        return opener
+
+    def _even_slots(self, listed: list[str] | None, selection: _Selection, seed: Any, shardshuffle: Any) -> _EvenSlots:
+        """The source stage of `even_epochs=True`, which needs the kept count of every shard."""
+        if listed is None:
+            raise SettingsError("even_epochs=True needs the shard URLs as a string or list")
+        names = [selection.shard(u) for u in listed]
+        if None in names:
+            raise SettingsError(
+                f"even_epochs=True needs kept counts for every shard; "
+                f"{listed[names.index(None)]!r} is not in the keep-list"
+            )
+        known = cast(list[str], names)  # no None: refused above
+        counts = np.array([self.keep.kept_count(n) for n in known], dtype=np.int64)
+        return _EvenSlots(listed, counts, 0 if seed is None else int(seed), bool(shardshuffle), self.tracker)
+
+    def _resumable(self, listed: list[str], selection: _Selection, kind: str) -> _Plan:
+        """The plan stage of a dataset that can save and load its state (shard URLs given as a
+        string or list), and what identifies its keep-list and shard list in a state."""
+        names = [selection.shard(u) for u in listed]
+        counts = np.array([-1 if n is None else self.keep.kept_count(n) for n in names], dtype=np.int64)
+        self._resume = {
+            "mode": kind,
+            "keep": loader_state.digest(self.keep.manifest, self.keep.names, np.asarray(self.keep.kept).tolist()),
+            "shards": loader_state.digest([n if n is not None else u for n, u in zip(names, listed)]),
+            "n_shards": len(listed),
+            "seed": self.slots.seed if self.slots is not None else _json_seed(self.seed),
+        }
+        return _Plan(listed, counts, kind, self.tracker)
+
+    def _kept_pipeline(self, head: list, kept: _KeptShards, reader: _ReadKept, opener: int) -> list[Any]:
+        """webdataset's stages with the opener, tar expansion and grouping replaced: shard source
+        (`head`), shards with something kept, webdataset's file cache if any, the kept samples'
+        reader, then the rest of webdataset's stages."""
         file_cache = [self.pipeline[opener]] if isinstance(self.pipeline[opener], cache.FileCache) else []
-        head = self.pipeline[:opener]
-        self.slots = None
-        self.node = pytorch_worker_info()[:2]
-        kind = "resampled" if (resampled or mode == "resampled") else "stream"  # how slots get shards
-        if even_epochs:
-            if listed is None:
-                raise SettingsError("even_epochs=True needs the shard URLs as a string or list")
-            names = [selection.shard(u) for u in listed]
-            if None in names:
-                raise SettingsError(
-                    f"even_epochs=True needs kept counts for every shard; "
-                    f"{listed[names.index(None)]!r} is not in the keep-list"
-                )
-            known = cast(list[str], names)  # no None: refused above
-            counts = np.array([self.keep.kept_count(n) for n in known], dtype=np.int64)
-            self.slots = _EvenSlots(listed, counts, 0 if seed is None else int(seed), bool(shardshuffle), self.tracker)
-            head = [self.slots]
-            kind = "even"
-        plan = None
-        self._plan: _Plan | None = None
-        if listed is not None:
-            names = [selection.shard(u) for u in listed]
-            counts = np.array([-1 if n is None else self.keep.kept_count(n) for n in names], dtype=np.int64)
-            plan = _Plan(listed, counts, kind, self.tracker)
-            self._plan = plan
-            self._resume = {
-                "mode": kind,
-                "keep": loader_state.digest(self.keep.manifest, self.keep.names, np.asarray(self.keep.kept).tolist()),
-                "shards": loader_state.digest([n if n is not None else u for n, u in zip(names, listed)]),
-                "n_shards": len(listed),
-                "seed": self.slots.seed if self.slots is not None else _json_seed(self.seed),
-            }
-        self.pipeline = [
-            *head,
-            _KeptShards(selection, self.stats, plan),
-            *file_cache,
-            reader,
-            *self.pipeline[opener + 3 :],
-        ]
+        return [*head, kept, *file_cache, reader, *self.pipeline[opener + 3 :]]
 
     def decode(self, *args, pre=None, post=None, only=None, partial=False, handler=reraise_exception):
         """webdataset's `decode`, except that by default nothing is unpickled: pickle members
@@ -837,6 +874,23 @@ def safe_basichandlers(key: str, data: bytes):
     return autodecode.basichandlers(key, data)
 
 
+def _check_listed(selection: _Selection, listed: list[str], allow_mismatch: bool) -> None:
+    """Refuse shard URLs that are not the keep-list's dataset, or of which it keeps nothing."""
+    selection.check(listed, allow_mismatch)
+    names = [selection.shard(u) for u in listed]
+    if listed and all(n is not None and selection.keep.kept_count(n) == 0 for n in names):
+        raise InputError(f"the keep-list keeps no sample of these {len(listed)} shards (e.g. {listed[0]!r})")
+
+
+def _renamed(owner: str) -> None:
+    warnings.warn(
+        f"{owner}.stats is now .read_counts (the loader's I/O counters: in streamprune, stats are "
+        "per-sample training statistics); .stats will be removed in the next release",
+        DeprecationWarning,
+        stacklevel=3,
+    )
+
+
 def _range(r: Iterable[int]) -> Range:
     shard, first, stop = (int(v) for v in r)
     return shard, first, stop
@@ -876,10 +930,16 @@ class KeepFilter:
         handler: Callable = reraise_exception,
     ):
         self.keep = as_keep_list(keep)
-        self.stats = ReadStats()
+        self.read_counts = ReadCounts()
         self.selection = _Selection(self.keep, root, unknown_shards)
-        self.shards = _KeptShards(self.selection, self.stats)
-        self.reader = _ReadKept(self.keep, self.stats, handler, allow_mismatch, weights, None, None)
+        self.shards = _KeptShards(self.selection, self.read_counts)
+        self.reader = _ReadKept(self.keep, self.read_counts, handler, allow_mismatch, weights, None, None)
+
+    @property
+    def stats(self) -> ReadCounts:
+        """Deprecated name of `read_counts` (in streamprune, "stats" are per-sample training statistics)."""
+        _renamed("KeepFilter")
+        return self.read_counts
 
     def __call__(self, src: Iterable[dict]) -> Iterator[dict]:
         src = iter(src)

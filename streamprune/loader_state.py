@@ -165,57 +165,13 @@ def merge(states: Iterable[dict], plans: dict[int, list[Range]], counts: np.ndar
     the epoch's plans), for `share` to split over any new layout.
     """
     states = list(states)
-    if not states:
-        raise SettingsError("merge_states: no states given")
-    first = states[0]
-    for field in ("keep", "shards", "n_shards", "mode", "epoch", "seed"):
-        values = {json.dumps(s.get(field)) for s in states}
-        if len(values) > 1:
-            raise SettingsError(
-                f"merge_states: the states differ in {field!r} ({sorted(values)}): not one epoch's states"
-            )
-    if first["mode"] == "merged":
-        raise SettingsError("merge_states: these are merged states already; load one of them")
-    if first["mode"] == "resampled" or any(s.get("limit", -1) > 0 for s in states):
-        raise SettingsError(
-            "merge_states: an epoch of resampled=True or with_epoch(n) has no fixed set of remaining samples; "
-            "resume it with the same world size and workers"
-        )
+    _check_one_epoch(states)
     layouts = [Layout(**s["layout"]) for s in states]
-    world, workers = layouts[0].world, layouts[0].workers
-    if any((lay.world, lay.workers) != (world, workers) for lay in layouts):
-        raise SettingsError("merge_states: the states come from different layouts (world size, workers)")
-    seen = sorted(lay.slot for lay in layouts)
-    if seen != list(range(world * workers)):
-        missing = sorted(set(range(world * workers)) - set(seen))
-        raise SettingsError(
-            f"merge_states: need one state per rank and worker ({world} ranks x {workers} workers); "
-            f"missing slots {missing}, duplicated {sorted({s for s in seen if seen.count(s) > 1})}"
-        )
-    remaining: list[Range] = []
-    pending: list[Range] = []
-    for state, lay in sorted(zip(states, layouts), key=lambda p: p[1].slot):
-        pending += [(int(u), int(i), int(i) + 1) for u, i in state.get("pending", [])]
-        pos = state["position"]
-        plan = state.get("plan")
-        if plan is None and state["mode"] == "even":
-            plan = plans[lay.slot]
-        if plan is not None:
-            remaining += slot_remaining([tuple(r) for r in plan], int(pos["item"]), int(pos["index"]))
+    world, workers = _check_layouts(layouts)
+    pending, remaining = _planned_remaining(states, layouts, plans)
+    first = states[0]
     if first["mode"] == "stream" and all(s.get("plan") is None for s in states):
-        if counts is None:
-            raise SettingsError("merge_states: elastic resume needs every shard in the keep-list")
-        done = np.zeros(len(counts), dtype=bool)
-        started = {}
-        for state in states:
-            if state.get("done"):  # None: saved before its first sample
-                done |= decode_bits(state["done"], len(counts))
-            if state["position"]["shard"] is not None:
-                started[int(state["position"]["shard"])] = int(state["position"]["index"])
-        for u in range(len(counts)):
-            start = started.get(u, 0)
-            if not done[u] and start < counts[u]:
-                remaining.append((u, start, int(counts[u])))
+        remaining += _stream_remaining(states, counts)
     return {
         "format": FORMAT,
         "version": VERSION,
@@ -230,6 +186,78 @@ def merge(states: Iterable[dict], plans: dict[int, list[Range]], counts: np.ndar
         "remaining": [list(r) for r in pending + remaining],
         "yielded": sum(int(s.get("yielded", 0)) for s in states),
     }
+
+
+def _check_one_epoch(states: list[dict]) -> None:
+    """Refuse states that are not the slot states of one epoch of one run, or whose epoch has no
+    fixed set of remaining samples."""
+    if not states:
+        raise SettingsError("merge_states: no states given")
+    for field in ("keep", "shards", "n_shards", "mode", "epoch", "seed"):
+        values = {json.dumps(s.get(field)) for s in states}
+        if len(values) > 1:
+            raise SettingsError(
+                f"merge_states: the states differ in {field!r} ({sorted(values)}): not one epoch's states"
+            )
+    if states[0]["mode"] == "merged":
+        raise SettingsError("merge_states: these are merged states already; load one of them")
+    if states[0]["mode"] == "resampled" or any(s.get("limit", -1) > 0 for s in states):
+        raise SettingsError(
+            "merge_states: an epoch of resampled=True or with_epoch(n) has no fixed set of remaining samples; "
+            "resume it with the same world size and workers"
+        )
+
+
+def _check_layouts(layouts: list[Layout]) -> tuple[int, int]:
+    """The (world size, workers) of one layout whose every slot is in `layouts` exactly once."""
+    world, workers = layouts[0].world, layouts[0].workers
+    if any((lay.world, lay.workers) != (world, workers) for lay in layouts):
+        raise SettingsError("merge_states: the states come from different layouts (world size, workers)")
+    seen = sorted(lay.slot for lay in layouts)
+    if seen != list(range(world * workers)):
+        missing = sorted(set(range(world * workers)) - set(seen))
+        raise SettingsError(
+            f"merge_states: need one state per rank and worker ({world} ranks x {workers} workers); "
+            f"missing slots {missing}, duplicated {sorted({s for s in seen if seen.count(s) > 1})}"
+        )
+    return world, workers
+
+
+def _planned_remaining(
+    states: list[dict], layouts: list[Layout], plans: dict[int, list[Range]]
+) -> tuple[list[Range], list[Range]]:
+    """In slot order: the samples the slots' shuffle buffers held (`pending`), and what the slots
+    that walk a plan (even mode, or after an elastic resume) have left of it."""
+    remaining: list[Range] = []
+    pending: list[Range] = []
+    for state, lay in sorted(zip(states, layouts), key=lambda p: p[1].slot):
+        pending += [(int(u), int(i), int(i) + 1) for u, i in state.get("pending", [])]
+        pos = state["position"]
+        plan = state.get("plan")
+        if plan is None and state["mode"] == "even":
+            plan = plans[lay.slot]
+        if plan is not None:
+            remaining += slot_remaining([tuple(r) for r in plan], int(pos["item"]), int(pos["index"]))
+    return pending, remaining
+
+
+def _stream_remaining(states: list[dict], counts: np.ndarray | None) -> list[Range]:
+    """Stream mode: the shards no slot finished, each from where a slot was reading it (if one was)."""
+    if counts is None:
+        raise SettingsError("merge_states: elastic resume needs every shard in the keep-list")
+    done = np.zeros(len(counts), dtype=bool)
+    started = {}
+    for state in states:
+        if state.get("done"):  # None: saved before its first sample
+            done |= decode_bits(state["done"], len(counts))
+        if state["position"]["shard"] is not None:
+            started[int(state["position"]["shard"])] = int(state["position"]["index"])
+    remaining: list[Range] = []
+    for u in range(len(counts)):
+        start = started.get(u, 0)
+        if not done[u] and start < counts[u]:
+            remaining.append((u, start, int(counts[u])))
+    return remaining
 
 
 def find_states(obj: Any) -> list[dict]:

@@ -81,8 +81,8 @@ def test_keep_all_over_gzip_yields_exactly_webdatasets_samples(gz):
     assert got == gz["ref"] and len(got) == 1200
     assert [s["png"] for s in got] == [s["png"] for s in wds.WebDataset(gz["paths"], shardshuffle=False)]
     total = sum(os.path.getsize(p) for p in gz["gz"])
-    assert ds.stats.bytes_total == total and 0.95 * total <= ds.stats.bytes_read <= total
-    assert ds.stats.shards_opened == ds.stats.shards_read_through == 6
+    assert ds.read_counts.bytes_total == total and 0.95 * total <= ds.read_counts.bytes_read <= total
+    assert ds.read_counts.shards_opened == ds.read_counts.shards_read_through == 6
 
 
 def test_a_10_percent_list_over_gzip_yields_the_kept_samples_and_reads_whole_files(gz, kept_samples, sample_content):
@@ -93,12 +93,12 @@ def test_a_10_percent_list_over_gzip_yields_the_kept_samples_and_reads_whole_fil
     assert got == kept_samples(gz["ref"], k10) and len(got) == 120
     total = sum(os.path.getsize(p) for p in gz["gz"])
     # nothing can be skipped inside gzip: compressed bytes up to each shard's last kept sample
-    assert ds.stats.bytes_total == total and 0.9 * total <= ds.stats.bytes_read <= total
-    assert ds.stats.fraction_read >= 0.9 and ds.stats.shards_read_through == 6
+    assert ds.read_counts.bytes_total == total and 0.9 * total <= ds.read_counts.bytes_read <= total
+    assert ds.read_counts.fraction_read >= 0.9 and ds.read_counts.shards_read_through == 6
     # the same rows over the plain tars: pruned bytes are skipped
     plain = PrunedWebDataset(gz["paths"], keep=gz["plain10"], shardshuffle=False)
     assert sample_content(plain) == sample_content(got)
-    assert plain.stats.fraction_read < 0.5 and plain.stats.shards_read_through == 0
+    assert plain.read_counts.fraction_read < 0.5 and plain.read_counts.shards_read_through == 0
     # a keep-list without byte ranges (header scan) gives the same
     by_keys = KeepList.from_keys([(n, k) for n in k10.names for k in k10.shard_keys(n)])
     assert list(PrunedWebDataset(gz["gz"], keep=by_keys, shardshuffle=False)) == got
@@ -108,7 +108,7 @@ def test_pipe_cat_of_gzip_shards(ray_session, gz, tmp_path, kept_samples, sample
     piped = [f"pipe:cat {p}" for p in gz["gz"]]  # pipes cannot seek either: read through
     ds = PrunedWebDataset(piped, keep=gz["k10"], shardshuffle=False)
     assert sample_content(ds) == sample_content(kept_samples(gz["ref"], gz["k10"]))
-    assert ds.stats.shards_read_through == 6
+    assert ds.read_counts.shards_read_through == 6
     idx = index(piped[:2], tmp_path, progress=False)
     assert idx.names == gz["index"].names[:2] and [s["compression"] for s in idx.shards] == ["gzip"] * 2
     for name in ("id_hi", "id_lo", "sample_start", "sample_end", "member_offset", "member_size"):

@@ -13,7 +13,7 @@ import webdataset as wds
 from streamprune import PrunedWebDataset, index, reshard
 from streamprune.formats.keeplist import KeepList
 from streamprune.loader import _KeptShards, _Selection
-from streamprune.shards.reader import ReadStats
+from streamprune.shards.reader import ReadCounts
 
 
 @pytest.fixture
@@ -53,7 +53,7 @@ def test_resampled_streams_over_shards_with_nothing_kept_stop_with_an_error(make
     keep = KeepList.from_rows(idx, np.arange(idx.rows(0).start, idx.rows(0).stop), tmp_path / "keep")  # shard 0 only
     with pytest.raises(ValueError, match="keeps no sample of these 2 shards"):
         PrunedWebDataset(paths[1:3], keep=keep, resampled=True)
-    stage = _KeptShards(_Selection(keep, None, "error"), ReadStats())
+    stage = _KeptShards(_Selection(keep, None, "error"), ReadCounts())
     endless = ({"url": paths[1 + i % 2]} for i in range(10**9))
     with pytest.raises(ValueError, match=r"nothing is kept in any of the 2 shards this stream repeats"):
         next(stage(endless))

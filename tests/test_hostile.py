@@ -24,7 +24,7 @@ import webdataset as wds
 from streamprune import KeepList, PrunedWebDataset
 from streamprune.demo.datasets import encode_png, write_shards
 from streamprune.formats.index import Index, load_scan, save_scan, write_index
-from streamprune.shards.reader import ReadStats, read_keys
+from streamprune.shards.reader import ReadCounts, read_keys
 from streamprune.shards.scan import scan_shard
 from streamprune.shards.tarscan import CountingReader, TarFormatError, iter_samples
 from streamprune.shards.urls import open_shard
@@ -145,7 +145,7 @@ def test_a_malformed_pax_record_is_an_error_naming_shard_and_pax_header_offset(t
     assert scan.status == "broken" and scan.keys == []
     assert "'hostile.tar'" in scan.error and "pax" in scan.error and scan.error_offset == AT, scan.error
     with pytest.raises(TarFormatError, match="'hostile.tar'.*pax.* at byte 2048") as err:
-        list(read_keys(path, "hostile.tar", None, ReadStats()))
+        list(read_keys(path, "hostile.tar", None, ReadCounts()))
     assert (err.value.shard, err.value.offset) == ("hostile.tar", AT)
     with pytest.raises(TarFormatError, match="'hostile.tar'.*pax"):
         _stream_keys(path, "hostile.tar")
@@ -227,7 +227,7 @@ def test_hostile_header_fields_are_errors_naming_shard_and_offset(tmp_path, case
     assert scan.status == "broken" and "'hostile.tar'" in scan.error and says in scan.error, scan.error
     assert scan.error_offset == AT + at, scan.error
     with pytest.raises(TarFormatError, match=says) as err:
-        list(read_keys(path, "hostile.tar", None, ReadStats()))
+        list(read_keys(path, "hostile.tar", None, ReadCounts()))
     assert err.value.offset == AT + at
     with pytest.raises(TarFormatError, match="'hostile.tar'") as err:  # as a stream, size unknown
         _stream_keys(path, "hostile.tar")
@@ -308,7 +308,7 @@ def test_members_are_named_and_found_as_webdataset_finds_them(tmp_path, case):
     assert _wds_keys(path) == expected
     scan = scan_shard(path, "hostile.tar")
     assert scan.status == "ok" and scan.keys == expected, scan.error
-    assert [k for k, _, _ in read_keys(path, "hostile.tar", None, ReadStats())] == expected
+    assert [k for k, _, _ in read_keys(path, "hostile.tar", None, ReadCounts())] == expected
     assert _stream_keys(path, "hostile.tar") == expected
 
 
@@ -659,7 +659,7 @@ def test_fuzz_mutated_shards_give_webdatasets_samples_or_a_clear_error(tmp_path,
             else:
                 results = [("ok", scan.keys)]
             results.append(
-                _outcome(lambda p=path, n=name: [k for k, _, _ in read_keys(p, n, None, ReadStats())], name, len(blob))
+                _outcome(lambda p=path, n=name: [k for k, _, _ in read_keys(p, n, None, ReadCounts())], name, len(blob))
             )
             results.append(_outcome(lambda p=path, n=name: _stream_keys(p, n), name, len(blob)))
             reference = None

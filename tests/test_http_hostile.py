@@ -30,6 +30,8 @@ from streamprune.shards.scan import scan_shard
 from streamprune.shards.urls import open_shard
 
 FAST = {"STREAMPRUNE_HTTP_TIMEOUT": "1", "STREAMPRUNE_HTTP_MIN_RATE": "1024", "STREAMPRUNE_HTTP_RATE_WINDOW": "0.3"}
+SLOW_TIMEOUT = "0.5"  # STREAMPRUNE_HTTP_TIMEOUT of the cases that wait it out: they end by it, so half the time
+BACKOFF_S = 0.01  # `quick_retries`: the first retry pause (product: 0.1 s); the tries stay, the waits shrink
 BOUND_S = 15.0  # one case under FAST limits: a few requests in a row, each ended within 1 s, on a busy machine
 PEAK_BYTES = 64 << 20  # Python memory one case may hold at its peak (the shards are 0.3 and 3.3 MB)
 
@@ -38,6 +40,12 @@ PEAK_BYTES = 64 << 20  # Python memory one case may hold at its peak (the shards
 def fast_limits(monkeypatch):
     for name, value in FAST.items():
         monkeypatch.setenv(name, value)
+
+
+@pytest.fixture
+def quick_retries(monkeypatch):
+    """For cases that end by running out of tries: the same tries, shorter pauses between them."""
+    monkeypatch.setattr("streamprune.shards.remote.BACKOFF", BACKOFF_S)
 
 
 def _shard(path: str, work, make_index) -> SimpleNamespace:
@@ -116,10 +124,10 @@ def _index(url: str, shard: SimpleNamespace) -> str:
 
 
 def _read(url: str, keep) -> tuple[list[dict] | None, BaseException | None, Any]:
-    """The samples `keep` keeps of the shard at `url` (or the error reading them), and the read's stats."""
+    """The samples `keep` keeps of the shard at `url` (or the error reading them), and the read's counts."""
     ds = PrunedWebDataset([url], keep=keep, shardshuffle=False)
     got, error = _bounded(lambda: list(ds))
-    return got, error, ds.stats
+    return got, error, ds.read_counts
 
 
 @pytest.fixture(scope="module")
@@ -165,14 +173,14 @@ def test_bad_limits_in_the_environment_are_a_settings_error_naming_the_variable(
 
 def test_limits_are_read_when_a_shard_is_opened(server, small, monkeypatch):
     url = f"{server.url}/drip-head/{small.name}"
-    monkeypatch.setenv("STREAMPRUNE_HTTP_TIMEOUT", "0.5")
+    monkeypatch.setenv("STREAMPRUNE_HTTP_TIMEOUT", "0.25")
     t0 = time.monotonic()
     assert _index(url, small).startswith("error")
-    assert time.monotonic() - t0 < 1.5  # the 0.5 s set after import was used
-    monkeypatch.setenv("STREAMPRUNE_HTTP_TIMEOUT", "1.5")
+    assert time.monotonic() - t0 < 1.25  # the 0.25 s set after import was used
+    monkeypatch.setenv("STREAMPRUNE_HTTP_TIMEOUT", "0.75")
     t0 = time.monotonic()
-    assert "within 1.5 s" in _index(url, small)
-    assert time.monotonic() - t0 >= 1.5
+    assert "within 0.75 s" in _index(url, small)
+    assert time.monotonic() - t0 >= 0.75
 
 
 # -- case 3: slow and endless answers ---------------------------------------------------------
@@ -181,14 +189,15 @@ def test_limits_are_read_when_a_shard_is_opened(server, small, monkeypatch):
 @pytest.mark.parametrize(
     "mode, message",
     [
-        ("drip-head", r"no complete answer within 1 s \(STREAMPRUNE_HTTP_TIMEOUT\)"),
+        ("drip-head", rf"no complete answer within {SLOW_TIMEOUT} s \(STREAMPRUNE_HTTP_TIMEOUT\)"),
         ("drip-body", r"\(STREAMPRUNE_HTTP_(MIN_RATE|TIMEOUT)"),  # whichever limit the last try met
         ("continue", r"more than \d+ bytes of status and header lines"),
-        ("header-line", r"no complete answer within 1 s \(STREAMPRUNE_HTTP_TIMEOUT\)"),
+        ("header-line", rf"no complete answer within {SLOW_TIMEOUT} s \(STREAMPRUNE_HTTP_TIMEOUT\)"),
         ("many-headers", r"more than 100 headers"),
     ],
 )
-def test_slow_or_endless_answers_end_in_a_clear_error(server, small, mode, message, load):
+def test_slow_or_endless_answers_end_in_a_clear_error(server, small, mode, message, load, monkeypatch, quick_retries):
+    monkeypatch.setenv("STREAMPRUNE_HTTP_TIMEOUT", SLOW_TIMEOUT)
     url = f"{server.url}/{mode}/{small.name}"
     outcome = _index(url, small)
     assert outcome.startswith("error") and re.search(message, outcome), outcome
@@ -196,16 +205,17 @@ def test_slow_or_endless_answers_end_in_a_clear_error(server, small, mode, messa
     assert outcome.startswith("error") and re.search(message, outcome), outcome
 
 
-def test_a_body_dripping_after_the_headers_ends_within_the_limits(server, small, load):
+def test_a_body_dripping_after_the_headers_ends_within_the_limits(server, small, load, monkeypatch):
     """The probe's 10 bytes come (slowly); every later body drips: ranges fail within the
     total limit, the index's read-through stream by the minimum rate, its retries within the limit."""
+    monkeypatch.setenv("STREAMPRUNE_HTTP_TIMEOUT", SLOW_TIMEOUT)
     url = f"{server.url}/drip-body/{small.name}"
     server.drip = 0.004  # 10 probe bytes in 40 ms, then 250 bytes/s: under the 1024 bytes/s asked
     try:
         t0 = time.monotonic()
         assert "STREAMPRUNE_HTTP_" in _index(url, small)
         assert "STREAMPRUNE_HTTP_" in load(url, small)
-        assert time.monotonic() - t0 < 2 * 3 * float(FAST["STREAMPRUNE_HTTP_TIMEOUT"]) + 3  # 3 requests in a row, twice
+        assert time.monotonic() - t0 < 2 * 3 * float(SLOW_TIMEOUT) + 3  # 3 requests in a row, twice
     finally:
         server.drip = 0.05
 
@@ -281,7 +291,7 @@ def test_a_reset_once_per_request_is_retried(server, request, which, load):
 
 
 @pytest.mark.parametrize("mode", ["reset-0", "long-length", "short-length"])
-def test_resets_and_wrong_lengths_every_time_are_clear_errors(server, small, mode, load):
+def test_resets_and_wrong_lengths_every_time_are_clear_errors(server, small, mode, load, quick_retries):
     url = f"{server.url}/{mode}/{small.name}"
     assert _index(url, small).startswith("error")
     assert load(url, small, "all").startswith("error")
@@ -333,7 +343,7 @@ else:
         outcome = "samples" if ok else "wrong samples"
     except Exception as exc:
         outcome = f"error: {exc!r}"
-    received = ds.stats.bytes_received
+    received = ds.read_counts.bytes_received
 wall = time.monotonic() - t0
 status = open("/proc/self/status").read()  # VmHWM: this process's peak resident memory (ru_maxrss counts the parent's)
 peak = int(status.split("VmHWM:")[1].split()[0]) << 10

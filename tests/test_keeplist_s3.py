@@ -189,7 +189,7 @@ def test_the_loader_fetches_only_the_slices_of_the_shards_it_reads(setup, s3_ser
         ds = PrunedWebDataset([path], keep=url, shardshuffle=False)
         got = list(ds)
         assert got == list(PrunedWebDataset([path], keep=local, shardshuffle=False))
-        assert len(got) == local.kept_count(name) and ds.stats.shards_opened == 1
+        assert len(got) == local.kept_count(name) and ds.read_counts.shards_opened == 1
         read = _settled(s3_server).bytes_sent - load
         assert read == _slice_bytes(local, name, ("key_offset", "keys", "ranges")), s3_server.log
         assert read <= arrays * local.kept_count(name) / len(local) + 8  # its share of the arrays, or less

@@ -53,10 +53,11 @@ def test_a_30_percent_list_yields_exactly_the_kept_samples_and_skips_bytes(setup
     got = list(ds)
     assert got == kept_samples(setup["ref"], setup["k30"]) and len(got) == len(setup["k30"]) == 360
     total = sum(os.path.getsize(p) for p in setup["paths"])
-    assert ds.stats.samples == 360 and ds.stats.shards_opened == 6 and ds.stats.bytes_total == total
+    assert ds.read_counts.samples == 360 and ds.read_counts.shards_opened == 6 and ds.read_counts.bytes_total == total
     # kept samples plus at most a page of gap read through per kept sample
     kept_bytes = int(np.diff(np.asarray(setup["k30"].ranges), axis=1).sum())
-    assert kept_bytes <= ds.stats.bytes_read <= kept_bytes + 4096 * 360 and ds.stats.bytes_read < 0.6 * total
+    assert kept_bytes <= ds.read_counts.bytes_read <= kept_bytes + 4096 * 360
+    assert ds.read_counts.bytes_read < 0.6 * total
 
 
 def test_header_scan_and_stream_fallbacks_yield_the_same(setup, kept_samples, sample_content):
@@ -66,7 +67,7 @@ def test_header_scan_and_stream_fallbacks_yield_the_same(setup, kept_samples, sa
     expected = kept_samples(setup["ref"], k30)
     ds = PrunedWebDataset(setup["paths"], keep=by_keys, shardshuffle=False)
     assert list(ds) == expected
-    assert 0 < ds.stats.bytes_read < sum(os.path.getsize(p) for p in setup["paths"])
+    assert 0 < ds.read_counts.bytes_read < sum(os.path.getsize(p) for p in setup["paths"])
     piped = [f"pipe:cat {p}" for p in setup["paths"]]
     got = list(PrunedWebDataset(piped, keep=k30, shardshuffle=False))
     assert sample_content(got) == sample_content(expected)
@@ -83,7 +84,7 @@ def test_a_shard_with_nothing_kept_is_never_opened(setup, tmp_path):
             shutil.copy(p, copies[-1])  # the others do not exist: opening one would fail
     ds = PrunedWebDataset(copies, keep=keep, shardshuffle=False)
     assert len(list(ds)) == len(rows)
-    assert (ds.stats.shards_opened, ds.stats.shards_skipped) == (2, 4)
+    assert (ds.read_counts.shards_opened, ds.read_counts.shards_skipped) == (2, 4)
 
 
 def test_fluid_methods_keep_the_class_and_decode_only_kept(setup):
@@ -325,3 +326,16 @@ def test_reshard_refuses_a_keep_list_of_another_index(setup, make_index, tmp_pat
     foreign = KeepList.from_rows(other, [0, 1, 2], tmp_path / "foreign")
     with pytest.raises(ValueError, match="made for another index"):
         reshard(setup["work"] / "run", tmp_path / "out", 10, keep=foreign, progress=False)
+
+
+def test_stats_is_the_deprecated_name_of_read_counts(setup):
+    """`.stats` (the loader's I/O counters; "stats" are per-sample training statistics) still works
+    for one release: it warns, naming the new name, and is the same object as `.read_counts`."""
+    ds = PrunedWebDataset(setup["paths"], keep=setup["k30"], shardshuffle=False)
+    assert len(list(ds)) == 360 and ds.read_counts.samples == 360
+    with pytest.warns(DeprecationWarning, match=r"PrunedWebDataset\.stats is now \.read_counts") as caught:
+        old = ds.stats
+    assert old is ds.read_counts and caught[0].filename == __file__  # the warning points at the caller
+    stage = keep_filter(setup["k30"])
+    with pytest.warns(DeprecationWarning, match=r"KeepFilter\.stats is now \.read_counts"):
+        assert stage.stats is stage.read_counts

@@ -220,10 +220,10 @@ def test_resume_skips_read_samples_without_reading_them(data):
     again = PrunedWebDataset(data["paths"], keep=data["keep"], shardshuffle=False)
     again.load_state_dict(state)
     rest = list(again)
-    assert len(rest) == 160 and again.stats.samples == 160  # the 200 before: not read again
+    assert len(rest) == 160 and again.read_counts.samples == 160  # the 200 before: not read again
     fresh = PrunedWebDataset(data["paths"], keep=data["keep"], shardshuffle=False)
     list(fresh)
-    assert again.stats.bytes_read < 0.6 * fresh.stats.bytes_read
+    assert again.read_counts.bytes_read < 0.6 * fresh.read_counts.bytes_read
 
 
 def _state(data, **options) -> dict:

@@ -106,7 +106,7 @@ def test_keep_10_percent_over_s3_yields_the_kept_samples_and_sends_only_their_by
         u for s in want for u in stored["urls"] if os.path.basename(u) == os.path.basename(s["__url__"])
     ]
     assert server.bytes_sent <= 0.15 * stored["total"]  # exact ranges: kept samples, small gaps and probes
-    assert ds.stats.bytes_received == server.bytes_sent and ds.stats.shards_read_through == 0
+    assert ds.read_counts.bytes_received == server.bytes_sent and ds.read_counts.shards_read_through == 0
     ranged = [r for r in server.log if r[0] == "GET" and r[2] is not None]
     assert len(ranged) == server.gets  # every GET asked for a range: none read the object through
 

@@ -14,7 +14,7 @@ import pytest
 
 import streamprune.shards as shards_package
 from streamprune.shards import opening, urls
-from streamprune.shards.reader import ReadStats, read_keys
+from streamprune.shards.reader import ReadCounts, read_keys
 from streamprune.shards.remote import HEADER_BLOCK, PROBE_BYTES
 from streamprune.shards.scan import scan_shard
 from streamprune.shards.tarscan import CountingReader, StreamDataError, TarFormatError, iter_samples
@@ -161,7 +161,7 @@ def test_object_store_shards_open_as_remote_files_and_count_what_they_receive():
         assert (opened.seekable, opened.size, opened.remote is not None) == (False, len(tar), True)
         assert list(opened.fetch_ranges([(0, 512), (1024, 1536)])) == [tar[:512], tar[1024:1536]]
         assert opened.header_stream() == (opened.stream, False)  # small members: read through
-        stats = ReadStats()
+        stats = ReadCounts()
         keys = [k for k, _, _ in read_keys(url, "a.tar", None, stats)]
         assert keys == [f"s{i:03d}" for i in range(4)]
         assert stats.bytes_received == stats.bytes_read + PROBE_BYTES  # the stream's bytes, counted once

@@ -26,8 +26,9 @@ GAP_BYTES = 4 << 10  # pruned gaps up to a page are read through: the kernel rea
 
 
 @dataclass
-class ReadStats:
-    """What the loader read in this process: shards opened and skipped, samples, bytes.
+class ReadCounts:
+    """What the loader read in this process (I/O counters, not per-sample training statistics):
+    shards opened and skipped, samples, bytes.
 
     Bytes are those read from storage: for a compressed shard, the compressed bytes, which
     the decompressor reads from the start up to the last sample wanted (no skipping).
@@ -73,12 +74,12 @@ def read_ranges(
     shard: str,
     ranges: np.ndarray,
     keys: list[str],
-    stats: ReadStats,
+    counts: ReadCounts,
     expected_size: int | None = None,
     source: OpenShard | None = None,
 ) -> Iterator[RawSample]:
     """Kept samples by byte range, each checked to hold the key the keep-list expects."""
-    for sample, _ in iter_ranges(url, shard, ranges, keys, stats, expected_size, source):
+    for sample, _ in iter_ranges(url, shard, ranges, keys, counts, expected_size, source):
         yield _raw(sample)
 
 
@@ -87,14 +88,14 @@ def iter_ranges(
     shard: str,
     ranges: np.ndarray,
     keys: list[str],
-    stats: ReadStats,
+    counts: ReadCounts,
     expected_size: int | None = None,
     source: OpenShard | None = None,
 ) -> Iterator[tuple[Sample, memoryview]]:
     """Each kept sample parsed (checked against its expected key) with its raw tar bytes."""
     opened = source or open_shard(url)
-    stats.shards_opened += 1
-    stats.bytes_total += opened.size or 0
+    counts.shards_opened += 1
+    counts.bytes_total += opened.size or 0
     try:
         if (
             expected_size is not None
@@ -119,10 +120,10 @@ def iter_ranges(
             buffers = opened.fetch_ranges(spans)
         else:
             if opened.seekable:
-                fetch = _pread(opened, shard, stats)
+                fetch = _pread(opened, shard, counts)
             else:
-                fetch = _read_forward(opened, shard, stats)
-                stats.shards_read_through += 1
+                fetch = _read_forward(opened, shard, counts)
+                counts.shards_read_through += 1
             buffers = (fetch(start, end - start) for start, end in spans)
         for (first, stop), (base, _), data in zip(runs, spans, buffers):
             buf = memoryview(data)
@@ -136,26 +137,26 @@ def iter_ranges(
                         f"shard {url!r}: bytes {base + a}..{base + b} hold {found}, the keep-list "
                         f"expects sample {keys[i]!r}: the shard changed since indexing"
                     )
-                stats.samples += 1
+                counts.samples += 1
                 yield got[0], buf[a:b]
     finally:
         if opened.transfer is not None:
             if opened.remote is not None:
-                stats.bytes_read += opened.transfer.bytes_received
-            stats.add_transfer(opened.transfer)
+                counts.bytes_read += opened.transfer.bytes_received
+            counts.add_transfer(opened.transfer)
         opened.close(url, drain=False)  # everything wanted was read (or reading failed)
 
 
 def read_keys(
-    url: str, shard: str, keys: set[str] | None, stats: ReadStats, source: OpenShard | None = None
+    url: str, shard: str, keys: set[str] | None, counts: ReadCounts, source: OpenShard | None = None
 ) -> Iterator[RawSample]:
     """Samples whose key is in `keys` (all when None) by a header scan; stops once all are found."""
     opened = source or open_shard(url)
-    stats.shards_opened += 1
-    stats.bytes_total += opened.size or 0
+    counts.shards_opened += 1
+    counts.bytes_total += opened.size or 0
     reader = CountingReader(opened.stream, opened.seekable, opened.tar_size, shard)
     if not opened.seekable:
-        stats.shards_read_through += 1
+        counts.shards_read_through += 1
     to_the_end = False
     try:
         wanted = None if keys is None else keys.__contains__
@@ -163,7 +164,7 @@ def read_keys(
         if left == 0:
             return
         for sample in iter_samples(reader, read_exts=None, keep=wanted):
-            stats.samples += 1
+            counts.samples += 1
             yield _raw(sample)
             if left is not None:
                 left -= 1
@@ -171,9 +172,9 @@ def read_keys(
                     return
         to_the_end = True
     finally:
-        stats.bytes_read += opened.stored_read(reader.bytes_read)
+        counts.bytes_read += opened.stored_read(reader.bytes_read)
         if opened.transfer is not None:
-            stats.add_transfer(opened.transfer)
+            counts.add_transfer(opened.transfer)
         opened.close(url, drain=to_the_end)
 
 
@@ -192,7 +193,7 @@ def _coalesce(ranges: np.ndarray) -> Iterator[tuple[int, int]]:
             first = i
 
 
-def _pread(opened: OpenShard, shard: str, stats: ReadStats):
+def _pread(opened: OpenShard, shard: str, counts: ReadCounts):
     fd = cast(io.FileIO, opened.stream).fileno()  # a seekable shard is a local file
 
     def fetch(offset: int, length: int) -> bytes:
@@ -202,13 +203,13 @@ def _pread(opened: OpenShard, shard: str, stats: ReadStats):
             if not more:
                 raise TarFormatError(shard, offset + len(data), "truncated: data ends early")
             data += more
-        stats.bytes_read += length
+        counts.bytes_read += length
         return data
 
     return fetch
 
 
-def _read_forward(opened: OpenShard, shard: str, stats: ReadStats):
+def _read_forward(opened: OpenShard, shard: str, counts: ReadCounts):
     """Streams (`pipe:`, compressed shards): read through to each range; bytes counted as stored."""
     reader = CountingReader(opened.stream, False, opened.tar_size, shard)
 
@@ -218,7 +219,7 @@ def _read_forward(opened: OpenShard, shard: str, stats: ReadStats):
             reader.skip(offset - reader.pos)
             data = reader.read(length)
         finally:
-            stats.bytes_read += opened.stored_read(reader.bytes_read) - before
+            counts.bytes_read += opened.stored_read(reader.bytes_read) - before
         if len(data) < length:
             raise TarFormatError(reader.shard, reader.pos, "truncated: data ends early")
         return data

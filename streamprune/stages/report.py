@@ -35,7 +35,7 @@ from streamprune.formats.stats_store import StatsStore
 from streamprune.scoring.columns import CORRECT_MISSING, LABEL, LABEL_MISSING
 from streamprune.settings import ReportSettings
 from streamprune.shards.labels import BadSample, LabelSpec
-from streamprune.shards.reader import ReadStats, iter_ranges
+from streamprune.shards.reader import ReadCounts, iter_ranges
 from streamprune.training.decode import decode_image
 
 GRID = 8  # images per grid row
@@ -259,7 +259,7 @@ def _samples(
         first = index.shard_offset[s]
         url, name = urls[int(s)], index.names[int(s)]
         for row, (sample, _) in zip(
-            mine, iter_ranges(url, name, index.byte_ranges(mine), [keys[r - first] for r in mine], ReadStats())
+            mine, iter_ranges(url, name, index.byte_ranges(mine), [keys[r - first] for r in mine], ReadCounts())
         ):
             data = sample.data if members is None else {m: sample.data[m] for m in members if m in sample.data}
             out[int(row)] = {"__key__": sample.key, "__url__": url, **data}

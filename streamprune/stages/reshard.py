@@ -26,7 +26,7 @@ from streamprune.formats.keeplist import KeepList
 from streamprune.formats.rundir import RunDir
 from streamprune.formats.sources import shard_urls
 from streamprune.progress import progress_bar
-from streamprune.shards.reader import ReadStats, iter_ranges
+from streamprune.shards.reader import ReadCounts, iter_ranges
 from streamprune.stages.ray_cluster import bounded_map, ensure_ray
 
 END_OF_ARCHIVE = bytes(1024)
@@ -36,12 +36,12 @@ PLAN = "reshard.json"
 @ray.remote(num_cpus=1, max_retries=3)
 def _write_shard(path: str, parts: list[tuple[str, str, np.ndarray, list[str], int]]) -> dict:
     """Copy the given kept samples into the tar at `path` (via a temporary file and a rename)."""
-    stats = ReadStats()
+    counts = ReadCounts()
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
         with open(tmp, "wb") as out:
             for url, name, ranges, keys, size in parts:
-                for _, raw in iter_ranges(url, name, ranges, keys, stats, size):
+                for _, raw in iter_ranges(url, name, ranges, keys, counts, size):
                     out.write(raw)
             out.write(END_OF_ARCHIVE)
             out.flush()
@@ -50,7 +50,7 @@ def _write_shard(path: str, parts: list[tuple[str, str, np.ndarray, list[str], i
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    return {"samples": stats.samples, "bytes_read": stats.bytes_read, "bytes": os.path.getsize(path)}
+    return {"samples": counts.samples, "bytes_read": counts.bytes_read, "bytes": os.path.getsize(path)}
 
 
 def reshard(

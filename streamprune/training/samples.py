@@ -19,7 +19,7 @@ from streamprune import storage
 from streamprune.errors import ChangedShardError, InputError
 from streamprune.formats.index import Index
 from streamprune.formats.rundir import RunDir
-from streamprune.shards.reader import ReadStats, read_keys
+from streamprune.shards.reader import ReadCounts, read_keys
 
 
 def assign_shards(counts: np.ndarray, shard_ids: np.ndarray, n_workers: int, seed: int, epoch: int) -> list[np.ndarray]:
@@ -47,7 +47,7 @@ def indexed_samples(idx: Index, shard: int, url: str) -> Iterator[tuple[dict, in
     since indexing is an error, not wrong rows."""
     name, keys, first = idx.names[shard], idx.keys(shard), idx.rows(shard).start
     pos = -1
-    for pos, (key, data, _) in enumerate(read_keys(url, name, None, ReadStats())):
+    for pos, (key, data, _) in enumerate(read_keys(url, name, None, ReadCounts())):
         if pos >= len(keys) or key != keys[pos]:
             raise ChangedShardError(
                 f"shard {name!r} changed since it was indexed: sample {pos} is {key!r}, the index "
