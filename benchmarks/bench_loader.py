@@ -269,7 +269,7 @@ def bench_s3(
     with contextlib.suppress(FileExistsError):
         fs.mkdir(bucket)
     keys = [f"{bucket}/{name}/{os.path.basename(p)}" for p in paths]
-    for p, key in zip(paths, keys):
+    for p, key in zip(paths, keys, strict=True):
         fs.put(p, key)
     urls = [f"s3://{key}" for key in keys]
     pipes = [f"pipe:{shlex.quote(sys.executable)} -c {shlex.quote(_S3_PIPE)} {shlex.quote(key)}" for key in keys]

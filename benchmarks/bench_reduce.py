@@ -181,11 +181,13 @@ class PeakMemory(threading.Thread):
             total, task = 0, 0
             for pid in filter(str.isdigit, os.listdir("/proc")):
                 try:
-                    cmd = open(f"/proc/{pid}/cmdline", "rb").read()
+                    cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
                     if int(pid) != os.getpid() and not cmd.startswith(b"ray::_"):
                         continue
                     rss = next(
-                        int(line.split()[1]) for line in open(f"/proc/{pid}/status") if line.startswith("RssAnon")
+                        int(line.split()[1])
+                        for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+                        if line.startswith("RssAnon")
                     )
                 except (OSError, StopIteration, ValueError):
                     continue

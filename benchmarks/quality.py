@@ -147,7 +147,7 @@ class _Done:
 
 
 def noise_setting(
-    args, recipe: dict, images, labels, done: "_Done", work: Path, gpus: float, window: int
+    args, recipe: dict, images, labels, done: _Done, work: Path, gpus: float, window: int
 ) -> tuple[list[dict], float]:
     """Flip `args.noise` of the labels, record a proxy on them, and measure the mislabelled
     fraction of every method's keep-list at every ratio; returns the rows and the recording seconds."""
@@ -248,7 +248,9 @@ def main(argv: list[str] | None = None) -> dict:
     record_s = done.get("record clean", lambda: proxy_run(work / "clean", images, labels, recipe, gpus))
     run, shards = work / "clean" / "run", sorted(str(p) for p in (work / "clean" / "shards").glob("*.tar"))
     print(f"clean proxy: {recipe['proxy_epochs']} epochs recorded in {record_s:.0f} s", flush=True)
-    full = [done.get(f"full {seed}", lambda: train(shards, None, seed).figures()) for seed in range(args.seeds)]
+    full = [
+        done.get(f"full {seed}", lambda seed=seed: train(shards, None, seed).figures()) for seed in range(args.seeds)
+    ]
     full_s = float(np.mean([f["seconds"] for f in full]))
     print(f"full data: {[round(f['test_accuracy'], 4) for f in full]} ({full_s:.0f} s per run)", flush=True)
     rows = []
@@ -258,7 +260,7 @@ def main(argv: list[str] | None = None) -> dict:
             for seed in range(args.seeds):
                 out = work / "keeps" / f"{method.replace(':', '-')}-{ratio}-{seed}"
 
-                def fresh():
+                def fresh(method=method, ratio=ratio, seed=seed, out=out):
                     name, balance, settings = parse_method(method)
                     keep = reduce(
                         run,

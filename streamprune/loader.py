@@ -16,6 +16,7 @@ shards it reads, by exact byte ranges; the list pickles to workers as its locati
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
 import os
@@ -158,7 +159,7 @@ class _KeptShards:
 
     MAX_SKIPPED = 10_000
 
-    def __init__(self, selection: _Selection, read_counts: ReadCounts, plan: "_Plan | None" = None):
+    def __init__(self, selection: _Selection, read_counts: ReadCounts, plan: _Plan | None = None):
         self.selection, self.read_counts, self.plan = selection, read_counts, plan
 
     def __call__(self, src: Iterable[dict]) -> Iterator[dict]:
@@ -322,7 +323,7 @@ class _ReadKept:
             if self.weights:
                 shard_weights = self.keep.shard_weights(name)
                 assert shard_weights is not None  # __init__ refuses weights=True without them
-                weights = dict(zip(keys, np.asarray(shard_weights)[rows].tolist()))
+                weights = dict(zip(keys, np.asarray(shard_weights)[rows].tolist(), strict=True))
             ranges = self.keep.shard_ranges(name)
             if ranges is None or self.allow_mismatch:
                 raws = read_keys(url, name, set(keys), self.read_counts, source)
@@ -332,7 +333,7 @@ class _ReadKept:
                 raws = read_ranges(url, name, np.asarray(ranges)[rows], keys, self.read_counts, size, source)
         shard = int(item.get("__index__", -1))
         track = self.tracker if shard >= 0 and self.tracker is not None and self.tracker.active else None
-        for (key, data, names), index in zip(raws, indices):
+        for (key, data, names), index in zip(raws, indices, strict=False):  # indices may count on past the last read
             sample = _sample(url, local, key, data, names, self.select_files, self.rename_files)
             if track is not None:
                 track.handed(shard, index, advance=picks is None)
@@ -488,10 +489,8 @@ class _TrackedShuffle:
             for sample in data:
                 take(sample)
                 if len(buf) < self.bufsize:
-                    try:
+                    with contextlib.suppress(StopIteration):
                         take(next(data))
-                    except StopIteration:
-                        pass
                 if len(buf) >= initial:
                     yield pick()
             while buf:
@@ -636,7 +635,7 @@ class PrunedWebDataset(wds.WebDataset):
         self._resume = {
             "mode": kind,
             "keep": loader_state.digest(self.keep.manifest, self.keep.names, np.asarray(self.keep.kept).tolist()),
-            "shards": loader_state.digest([n if n is not None else u for n, u in zip(names, listed)]),
+            "shards": loader_state.digest([n if n is not None else u for n, u in zip(names, listed, strict=True)]),
             "n_shards": len(listed),
             "seed": self.slots.seed if self.slots is not None else _json_seed(self.seed),
         }

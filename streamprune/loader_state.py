@@ -230,7 +230,7 @@ def _planned_remaining(
     that walk a plan (even mode, or after an elastic resume) have left of it."""
     remaining: list[Range] = []
     pending: list[Range] = []
-    for state, lay in sorted(zip(states, layouts), key=lambda p: p[1].slot):
+    for state, lay in sorted(zip(states, layouts, strict=True), key=lambda p: p[1].slot):
         pending += [(int(u), int(i), int(i) + 1) for u, i in state.get("pending", [])]
         pos = state["position"]
         plan = state.get("plan")

@@ -222,10 +222,8 @@ def total_size(location: str | os.PathLike) -> int:
 def remove(location: str | os.PathLike) -> None:
     """Remove the file or folder at `location` with everything under it (nothing there: no-op)."""
     fs, path = filesystem(location)
-    try:
+    with contextlib.suppress(FileNotFoundError):
         fs.rm(path, recursive=True)
-    except FileNotFoundError:
-        pass
 
 
 def sizes(location: str | os.PathLike) -> dict[str, int]:

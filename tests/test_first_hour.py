@@ -67,7 +67,7 @@ def test_the_estimate_extrapolates_the_first_measured_rate_to_all_workers_and_ep
 
 def test_a_label_and_model_left_unset_are_the_runs_own_when_a_config_is_compared():
     from streamprune.settings import RecordSettings
-    from streamprune.stages.record import changed_settings
+    from streamprune.stages.record_resolved import changed_settings
 
     recipe = {"epochs": 2, "lr": 0.1, "label": "json:label", "model": "small-cnn", "image_size": None}
     assert changed_settings(recipe, RecordSettings(epochs=2)) == []

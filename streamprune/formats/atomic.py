@@ -199,7 +199,7 @@ def lock_holder(path: str | os.PathLike[str]) -> str | None:
     if storage.is_url(path):
         return object_lock.lock_holder(os.fspath(path))
     try:
-        f = open(_lock_file(Path(path)))
+        f = open(_lock_file(Path(path)))  # noqa: SIM115 (closed by the `with f` below, once it is known to exist)
     except FileNotFoundError:
         return None
     with f:

@@ -31,9 +31,8 @@ class Classes:
     def __post_init__(self) -> None:
         if self.num_classes < 1:
             raise SettingsError(f"need at least one class, not {self.num_classes}")
-        if self.names is not None:
-            if len(self.names) != self.num_classes or len(set(self.names)) != len(self.names):
-                raise SettingsError(f"class names must be {self.num_classes} distinct strings")
+        if self.names is not None and (len(self.names) != self.num_classes or len(set(self.names)) != len(self.names)):
+            raise SettingsError(f"class names must be {self.num_classes} distinct strings")
 
     @property
     def digest(self) -> str:
@@ -64,7 +63,7 @@ class Classes:
         return self.names[index] if self.names is not None else str(index)
 
     @classmethod
-    def from_labels(cls, counts: Counter[Label], label: str = "cls") -> "Classes":
+    def from_labels(cls, counts: Counter[Label], label: str = "cls") -> Classes:
         """Classes of a dataset from its label counts: sorted names, or 0..max for integers."""
         names = sorted(k for k in counts if isinstance(k, str))
         ints = [k for k in counts if not isinstance(k, str)]
@@ -80,7 +79,7 @@ class Classes:
         return cls(n, None, label, tuple(counts.get(i, 0) for i in range(n)))
 
     @classmethod
-    def from_file(cls, path: str | os.PathLike[str], label: str = "cls") -> "Classes":
+    def from_file(cls, path: str | os.PathLike[str], label: str = "cls") -> Classes:
         """A user's class list (a local path or an object-store URL): a JSON list of names, a
         `classes.json` of a run, or one name per line."""
         path = os.fspath(path)
@@ -124,7 +123,7 @@ class Classes:
         return path
 
     @classmethod
-    def load(cls, run: str | os.PathLike[str]) -> "Classes | None":
+    def load(cls, run: str | os.PathLike[str]) -> Classes | None:
         """`RUN/classes.json`, or None when the run has none."""
         path = RunDir(run).classes
         try:
@@ -138,7 +137,7 @@ class Classes:
         return cls._from_doc(doc, path, DamagedRunError)
 
     @classmethod
-    def _from_doc(cls, doc: dict[str, Any], path: str, error: type[StreamPruneError]) -> "Classes":
+    def _from_doc(cls, doc: dict[str, Any], path: str, error: type[StreamPruneError]) -> Classes:
         """The classes of a `classes.json` document, each field checked: a wrong one is an `error`
         naming the file and the field."""
         check_format(doc, CLASSES_FORMAT, repr(path))

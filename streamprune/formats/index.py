@@ -100,7 +100,7 @@ def load_scan(location: str | os.PathLike[str]) -> ShardScan:
             )
         cuts = key_offset.tolist()
         try:
-            keys = [blob[a:b].decode() for a, b in zip(cuts[:-1], cuts[1:])]
+            keys = [blob[a:b].decode() for a, b in zip(cuts[:-1], cuts[1:], strict=True)]
         except UnicodeDecodeError:
             raise DamagedRunError(f"index part {path!r} is damaged: its keys are not UTF-8") from None
     return ShardScan(**meta, keys=keys, arrays=arrays)
@@ -112,7 +112,7 @@ def write_index(
     root: str,
     identity_spec: str,
     sources: str | None = None,
-) -> "Index":
+) -> Index:
     """Merge per-shard scans (objects or part locations), in shard order, into the index `out`
     (a local folder or an object-store URL), replacing it whole (`commit.replacing`: a rename
     locally; data objects first and one `COMMIT` object last on object stores). Hold
@@ -145,7 +145,7 @@ def _write_files(
     """Write the index files into the local folder `folder`: the arrays, keys, shards.jsonl and
     manifest.json (each part is read once)."""
     tmp = Path(folder)
-    files = {k: open(tmp / f"{k}.raw", "wb") for k in SCAN_ARRAYS}
+    files = {k: open(tmp / f"{k}.raw", "wb") for k in SCAN_ARRAYS}  # noqa: SIM115 (one per array, closed below)
     fp = hashlib.blake2b(digest_size=16)
     metas: list[dict[str, Any]] = []
     key_lengths: list[int] = []
@@ -173,7 +173,7 @@ def _write_files(
     key_offset = np.concatenate([[0], np.cumsum(key_lengths, dtype=np.int64)]).astype(np.int64)
     np.save(tmp / "key_offset.npy", key_offset)
     with open(tmp / "shards.jsonl", "w") as shards_out:
-        for meta, start in zip(metas, shard_offset[:-1]):
+        for meta, start in zip(metas, shard_offset[:-1], strict=True):
             shards_out.write(json.dumps({**meta, "rows": [int(start), int(start) + meta["samples"]]}) + "\n")
     dup_rows = find_duplicates(np.load(tmp / "id_hi.npy"), np.load(tmp / "id_lo.npy"))
     shard_of = np.searchsorted(shard_offset, dup_rows, side="right") - 1
@@ -181,7 +181,7 @@ def _write_files(
         blob = keys_in.read() if len(dup_rows) else b""
     examples = [
         {"shard": metas[s]["name"], "key": blob[key_offset[r] : key_offset[r + 1]].decode(), "row": int(r)}
-        for r, s in zip(dup_rows[:100], shard_of[:100])
+        for r, s in zip(dup_rows[:100], shard_of[:100], strict=True)
     ]
     manifest = {
         **header(INDEX_FORMAT),
@@ -510,7 +510,7 @@ class Index:
         lo, hi = int(self.key_offset[r.start]), int(self.key_offset[r.stop])
         blob = self.key_bytes(lo, hi)
         cuts = np.asarray(self.key_offset[r.start : r.stop + 1]) - lo
-        return [blob[a:b].decode() for a, b in zip(cuts[:-1], cuts[1:])]
+        return [blob[a:b].decode() for a, b in zip(cuts[:-1], cuts[1:], strict=True)]
 
     def members(self, row: int) -> tuple[np.ndarray, np.ndarray]:
         """Header offsets and data sizes of the members of sample `row`, in its tar."""

@@ -135,7 +135,7 @@ class KeepList:
             raise self._damaged("key_offset.npy", shard_name, "key offsets that decrease or leave keys.bin")
         blob = bytes(self.key_blob[cuts[0] : cuts[-1]])
         try:
-            return [blob[a - cuts[0] : b - cuts[0]].decode() for a, b in zip(cuts[:-1], cuts[1:])]
+            return [blob[a - cuts[0] : b - cuts[0]].decode() for a, b in zip(cuts[:-1], cuts[1:], strict=True)]
         except UnicodeDecodeError as exc:
             raise self._damaged("keys.bin", shard_name, f"a key is not UTF-8 ({exc.reason})") from None
 
@@ -196,7 +196,7 @@ class KeepList:
     @classmethod
     def from_keys(
         cls, pairs: Iterable[tuple[str, str]], *, fingerprint: str | None = None, method: str = "user"
-    ) -> "KeepList":
+    ) -> KeepList:
         """A keep-list from the user's own `(shard_name, key)` pairs (default identities)."""
         by_shard: dict[str, list[str]] = {}
         for name, key in pairs:
@@ -220,7 +220,7 @@ class KeepList:
     @classmethod
     def from_rows(
         cls, index: Index, rows: Iterable[int], path: str | os.PathLike[str], method: str = "user"
-    ) -> "KeepList":
+    ) -> KeepList:
         """Write and load a keep-list of the given rows of `index` (a `shardindex.Index`)."""
         rows = np.unique(np.asarray(list(rows) if not isinstance(rows, np.ndarray) else rows, dtype=np.int64))
         if len(rows) and (rows[0] < 0 or rows[-1] >= index.n_samples):
@@ -267,7 +267,7 @@ class KeepList:
         return os.fspath(path) if storage.is_url(path) else Path(path)
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str]) -> "KeepList":
+    def load(cls, path: str | os.PathLike[str]) -> KeepList:
         """Read a keep-list: a local folder (memory-mapped) or an object-store URL (its committed
         generation: the manifest and shard table now, each shard's slice of the per-sample arrays
         by exact byte ranges when it is read). A half-written or edited one is refused.
@@ -279,7 +279,7 @@ class KeepList:
         return cls._read(Path(location) if not storage.is_url(location) else location, _committed_place(location))
 
     @classmethod
-    def _read(cls, path: Path | str, place: str) -> "KeepList":
+    def _read(cls, path: Path | str, place: str) -> KeepList:
         """The keep-list `path` as read from `place` (its folder locally, its committed generation
         on an object store)."""
         manifest_at = storage.join(place, "manifest.json")
@@ -418,7 +418,7 @@ def _read_shards(path: str, shards: object) -> tuple[list[str], list[int], dict[
         if field != "kept" and not any(field in s for s in shards):
             columns[field] = None
             continue
-        for name, s in zip(names, shards):
+        for name, s in zip(names, shards, strict=True):
             value = s.get(field)
             if not _is_count(value, low) or (field == "samples" and value < s["kept"]):
                 raise _damaged(path, "shards.json", f"shard {name!r}: {field}={value!r} is not {what}")
@@ -494,7 +494,7 @@ class RangedArray:
         self.row_bytes = dtype.itemsize * int(np.prod(self.shape[1:], dtype=np.int64))
 
     @classmethod
-    def open(cls, location: str, size: int) -> "RangedArray":
+    def open(cls, location: str, size: int) -> RangedArray:
         """The `.npy` object at `location` (`size` bytes): its header read (one small request) for
         dtype, shape and where the data starts; ValueError when it is not a whole `.npy` array."""
         head = storage.read_bytes(location, 0, min(size, _NPY_HEAD))
@@ -704,12 +704,12 @@ class KeepListWriter:
     @classmethod
     def for_index(
         cls, path: str | os.PathLike[str], index: Index, manifest: dict[str, Any], k: int, with_weights: bool = False
-    ) -> "KeepListWriter":
+    ) -> KeepListWriter:
         """A writer for `k` rows of `index` (a `shardindex.Index`), with positions and byte ranges."""
         sizes = [-1 if s["size"] is None else s["size"] for s in index.shards]
         return cls(path, manifest, index.names, k, np.diff(index.shard_offset), sizes, with_weights=with_weights)
 
-    def __enter__(self) -> "KeepListWriter":
+    def __enter__(self) -> KeepListWriter:
         self._stack = contextlib.ExitStack()
         self._stack.enter_context(output_lock(self.path, reentrant=True))
         try:
@@ -754,9 +754,8 @@ class KeepListWriter:
         """Append kept samples in index order: their shard numbers, identities, keys (blob +
         offsets from 0) and positions, weights and byte ranges."""
         m = len(ids)
-        if m:
-            if (np.diff(shards) < 0).any() or shards[0] < self._last_shard:
-                raise SettingsError("kept samples must be added in shard order")
+        if m and ((np.diff(shards) < 0).any() or shards[0] < self._last_shard):
+            raise SettingsError("kept samples must be added in shard order")
         if self.n + m > self.k:
             raise SettingsError(f"more kept samples than the {self.k} the shard counts announce")
         if m:
@@ -820,10 +819,10 @@ class KeepListWriter:
                 raise SettingsError(f"keep-list got {self.n} samples, the shard counts announce {self.k}")
             for f in self._files:
                 f.close()
-            shards = [{"name": n, "kept": int(c)} for n, c in zip(self.names, self.kept)]
+            shards = [{"name": n, "kept": int(c)} for n, c in zip(self.names, self.kept, strict=True)]
             for field, values in (("samples", self.samples), ("bytes", self.shard_bytes)):
                 if values is not None:
-                    for entry, v in zip(shards, values):
+                    for entry, v in zip(shards, values, strict=True):
                         entry[field] = int(v)
             self._write_text("shards.json", json.dumps(shards))
             self._write_text("manifest.json", json.dumps({**self.manifest, "k": self.k}, indent=1))

@@ -187,7 +187,9 @@ class StoreSchema:
         for name, arr in arrays.items():
             spec = self[name]
             for dims, sizes in ((spec.shape, arr.shape), (_voting_chunks(spec), arr.chunks)):
-                for d, size in zip(dims, sizes):
+                for d, size in zip(
+                    dims, sizes, strict=False
+                ):  # a damaged array may have another rank: `problems` names it
                     if isinstance(d, Dim):
                         out[d.count].append(size - d.plus)
         return out

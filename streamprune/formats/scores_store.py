@@ -32,7 +32,7 @@ class ScoresStore:
         self.root = self.path if root is None else root
 
     @classmethod
-    def create(cls, path: str | os.PathLike[str], n: int, block_rows: int) -> "ScoresStore":
+    def create(cls, path: str | os.PathLike[str], n: int, block_rows: int) -> ScoresStore:
         """A new store of `n` rows at `path` (replacing what is there), every array empty (fill values).
 
         Create it in the place of `commit.replacing(output)` and fill it there (tasks open it by
@@ -49,7 +49,7 @@ class ScoresStore:
         return cls(group, location)
 
     @classmethod
-    def open(cls, path: str | os.PathLike[str], mode: AccessMode = "r") -> "ScoresStore":
+    def open(cls, path: str | os.PathLike[str], mode: AccessMode = "r") -> ScoresStore:
         """Open an existing store: the committed one of an output, or one being filled in a
         `commit.replacing` place. A missing one is a `FileNotFoundError`, a header of another
         format a `DamagedRunError`, one of a newer streamprune a `NewerFormatError`."""

@@ -311,7 +311,7 @@ class StatsStore:
             if len(coords) != have.ndim or not all(c.isdecimal() for c in coords):
                 continue
             at = tuple(int(c) for c in coords)
-            if all(i < limit for i, limit in zip(at, have.shape)):
+            if all(i < limit for i, limit in zip(at, have.shape, strict=True)):
                 have[at] = True
         return have
 
@@ -327,7 +327,7 @@ class StatsStore:
             out += [(name, int(i), None) for i in np.flatnonzero(~self.present_chunks(name))]
         for name in stats:
             missing = need & ~self.present_chunks(name)[:, :epochs]
-            out += [(name, int(i), int(t)) for t, i in zip(*np.nonzero(missing.T))]
+            out += [(name, int(i), int(t)) for t, i in zip(*np.nonzero(missing.T), strict=True)]
         return out
 
     def check_chunks(self, epochs: int | None = None, stats: tuple[str, ...] = STATS) -> None:
@@ -352,7 +352,7 @@ class StatsStore:
         chunk_rows: int = DEFAULT_CHUNK_ROWS,
         config: dict[str, Any] | None = None,
         same: Iterable[str] = (),
-    ) -> "StatsStore":
+    ) -> StatsStore:
         """Create `path` (a local path or an object-store URL) for `index` and `epochs` recorded
         epochs; reopen it if it exists for the same index, recorded with the same values of the
         `same` keys of `config` (else refused, naming them and the way out).
@@ -381,7 +381,7 @@ class StatsStore:
         return cls.open(location, mode="r+")
 
     @classmethod
-    def open(cls, path: str | os.PathLike[str], mode: AccessMode = "r+", index: Index | None = None) -> "StatsStore":
+    def open(cls, path: str | os.PathLike[str], mode: AccessMode = "r+", index: Index | None = None) -> StatsStore:
         """Open an existing store (local, or the committed one of an object-store URL); with
         `index`, refuse a store made for another index."""
         location = os.fspath(path)
@@ -522,7 +522,7 @@ class StatsStore:
 
     def iter_blocks(
         self, block_rows: int | None = None, names: tuple[str, ...] = STATS, start: int = 0, stop: int | None = None
-    ) -> Iterator["Block"]:
+    ) -> Iterator[Block]:
         """Yield chunk-aligned row blocks `[r0, r1)` with the `(rows, T)` arrays of `names`.
 
         `block_rows` is rounded up to a multiple of the chunk size; `start` must be chunk-aligned.

@@ -13,8 +13,9 @@ import os
 import posixpath
 import re
 import shlex
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 from urllib.parse import urlparse
 
 import numpy as np
@@ -69,13 +70,10 @@ def shard_names(urls: list[str], root: str | None = None) -> tuple[list[str], st
     if not urls:
         raise SettingsError("no shards given")
     paths = [url_path(u) for u in urls]
-    if root is None:
-        root_path = posixpath.commonpath([posixpath.dirname(p) for p in paths])
-    else:
-        root_path = url_path(root)
+    root_path = posixpath.commonpath([posixpath.dirname(p) for p in paths]) if root is None else url_path(root)
     names = []
     prefix = root_path.rstrip("/") + "/"
-    for url, path in zip(urls, paths):
+    for url, path in zip(urls, paths, strict=True):
         if not path.startswith(prefix):
             raise InputError(f"shard {url!r} is not under the dataset root {root_path!r}")
         names.append(path[len(prefix) :])

@@ -9,6 +9,7 @@ flight and header scans by range requests (a remote shard; `shards.remote`).
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import subprocess
@@ -202,10 +203,8 @@ class OpenShard:
         """Close the stream (and the storage stream under a decompressor), ignoring errors."""
         for stream in (self.stream, self.raw):
             if stream is not None:
-                try:
+                with contextlib.suppress(OSError, ValueError):
                     stream.close()
-                except (OSError, ValueError):
-                    pass
 
 
 def _ranges_cheaper(remote: RemoteFile) -> bool:
@@ -270,7 +269,7 @@ def _open_pipe(command: str) -> OpenShard:
 def _open_local(url: str) -> OpenShard:
     path = local_path(url)
     try:
-        f = open(path, "rb", buffering=0)
+        f = open(path, "rb", buffering=0)  # noqa: SIM115 (the returned OpenShard owns and closes it)
     except OSError as exc:
         raise FileNotFoundError(f"shard {url!r}: cannot open: {exc.strerror}") from None
     try:

@@ -125,7 +125,7 @@ def iter_ranges(
                 fetch = _read_forward(opened, shard, counts)
                 counts.shards_read_through += 1
             buffers = (fetch(start, end - start) for start, end in spans)
-        for (first, stop), (base, _), data in zip(runs, spans, buffers):
+        for (first, stop), (base, _), data in zip(runs, spans, buffers, strict=True):
             buf = memoryview(data)
             for i in range(first, stop):
                 a, b = int(ranges[i, 0]) - base, int(ranges[i, 1]) - base

@@ -483,7 +483,7 @@ class HTTPFile(RemoteFile):
 
         return _retrying(what, attempt, deadline)
 
-    def stream(self) -> "_HTTPStream":
+    def stream(self) -> _HTTPStream:
         return _HTTPStream(self)
 
 

@@ -298,7 +298,7 @@ def _pax_records(block: bytes, size: int, shard: str, offset: int) -> dict[str, 
     return out
 
 
-def iter_members(
+def iter_members(  # noqa: C901 (the tar parser: one loop over hostile bytes, read whole)
     reader: CountingReader, want: Callable[[str], bool] = lambda name: False, require_end: bool = True
 ) -> Iterator[tuple[Member, bytes | None]]:
     """Yield each regular member and, when `want(name)`, its data; headers only otherwise.

@@ -72,7 +72,9 @@ class _Block:
     def take(self, mask: np.ndarray) -> _Block:
         """The samples where `mask` is true."""
         rows = None if self.rows is None else self.rows[mask]
-        return _Block(self.shard, [k for k, m in zip(self.keys, mask) if m], self.ids[mask], self.kept[mask], rows)
+        return _Block(
+            self.shard, [k for k, m in zip(self.keys, mask, strict=True) if m], self.ids[mask], self.kept[mask], rows
+        )
 
 
 def export(

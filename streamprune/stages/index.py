@@ -72,7 +72,7 @@ def sources_digest(urls: list[str], names: list[str], root: str, spec: str) -> s
     such an index is never taken as up to date."""
     if not all(_stamp(u) for u in urls):
         return None
-    tags = [_tag(u, n, spec) for u, n in zip(urls, names)]
+    tags = [_tag(u, n, spec) for u, n in zip(urls, names, strict=True)]
     return hashlib.blake2b(json.dumps([root, spec, tags]).encode(), digest_size=16).hexdigest()
 
 

@@ -56,7 +56,7 @@ class _Route:
             return
 
         os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
-        self.file = open(self.path, "a", buffering=1, encoding="utf-8")
+        self.file = open(self.path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115 (held until `close`)
         self.file.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(sys.argv)} (pid {os.getpid()})\n")
         self.printer = dict(dispatcher.handlers).get(_RAY_PRINTER)
         dispatcher.remove_handler(_RAY_PRINTER)

@@ -260,7 +260,7 @@ def _summary(run: str, cfg: ResolvedSettings, state: dict, epochs: dict, start: 
     summary = RecordSummary(
         str(run), max(epochs, default=start - 1) + 1, sorted(epochs), [epochs[e] for e in sorted(epochs)]
     )
-    for epoch, sec in zip(summary.epochs_run, summary.epoch_seconds):
+    for epoch, sec in zip(summary.epochs_run, summary.epoch_seconds, strict=True):
         counts = [state[(epoch, rank)]["n"] for rank in range(cfg.workers) if (epoch, rank) in state]
         rates = [n / max(sec, 1e-9) for n in counts]
         summary.samples_per_s_per_worker += rates

@@ -425,7 +425,7 @@ def _score_into(
         "max_label": max(p["max_label"] for p in parts),
         "labelled": {s: sum(p["labelled"][s] for p in parts) for s in ("rows", *names)},
     }
-    top = [(d, h, lo, mp) for p in parts for d, h, lo, mp in zip(*p["top"].values())]
+    top = [(d, h, lo, mp) for p in parts for d, h, lo, mp in zip(*p["top"].values(), strict=True)]
     top.sort(key=lambda t: (-t[0], t[1], t[2]))
     summary["top"] = {
         "dual": [t[0] for t in top[:10]],

@@ -259,7 +259,9 @@ def _samples(
         first = index.shard_offset[s]
         url, name = urls[int(s)], index.names[int(s)]
         for row, (sample, _) in zip(
-            mine, iter_ranges(url, name, index.byte_ranges(mine), [keys[r - first] for r in mine], ReadCounts())
+            mine,
+            iter_ranges(url, name, index.byte_ranges(mine), [keys[r - first] for r in mine], ReadCounts()),
+            strict=True,
         ):
             data = sample.data if members is None else {m: sample.data[m] for m in members if m in sample.data}
             out[int(row)] = {"__key__": sample.key, "__url__": url, **data}
@@ -387,7 +389,7 @@ def _plot_scores(values: dict[str, np.ndarray], kept: np.ndarray):
     fig, axes = plt.subplots(
         -(-len(names) // cols), cols, figsize=(4 * cols, 3 * -(-len(names) // cols)), squeeze=False
     )
-    for ax, name in zip(axes.flat, names):
+    for ax, name in zip(axes.flat, names, strict=False):
         v = values[name]
         ok = np.isfinite(v)
         bins = np.histogram_bin_edges(v[ok], bins=50)
@@ -428,7 +430,9 @@ def _plot_beta(manifest: dict, mean_p: np.ndarray | None, kept: np.ndarray):
     twin.set_ylabel("Beta density (weight = density x DUAL)")
     anchor = f"anchor {p['anchor']:.2f}: mean p_true of the 10 highest-DUAL samples"
     twin.axvline(p["anchor"], color="#d62728", ls=":", lw=1.5, label=anchor)
-    handles, labels = (a + b for a, b in zip(ax.get_legend_handles_labels(), twin.get_legend_handles_labels()))
+    handles, labels = (
+        a + b for a, b in zip(ax.get_legend_handles_labels(), twin.get_legend_handles_labels(), strict=True)
+    )
     fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=2, frameon=False)
     fig.tight_layout()
     return fig
@@ -567,7 +571,7 @@ def _plot_grids(
     samples = _samples(index, urls, wanted) if len(wanted) else {}
     fig = plt.figure(figsize=(GRID * 1.25, len(picks) * 1.9), layout="constrained")
     subfigures = fig.subfigures(len(picks), 1, squeeze=False)
-    for row, (title, pick) in zip(subfigures[:, 0], picks):  # a row title sits above its row
+    for row, (title, pick) in zip(subfigures[:, 0], picks, strict=True):  # a row title sits above its row
         row.suptitle(title, x=0.01, ha="left", fontsize=10, fontweight="bold")
         for j, ax in enumerate(row.subplots(1, GRID)):
             if j >= len(pick):

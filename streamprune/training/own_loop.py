@@ -383,5 +383,5 @@ def index_in_process(
     names, root_path = shard_names(urls, root)
     ident = parse_identity(identity)
     with output_lock(RunDir(run).index):
-        scans = [scan_shard(u, n, ident) for u, n in zip(urls, names)]
+        scans = [scan_shard(u, n, ident) for u, n in zip(urls, names, strict=True)]
         return write_index(RunDir(run).index, scans, root_path, "shard-key" if ident is None else ident.spec)
