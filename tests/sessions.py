@@ -7,6 +7,7 @@ process of the command's session, as closing its terminal would."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -31,8 +32,6 @@ def session_processes(sid: int) -> list[int]:
 def kill_session(proc: subprocess.Popen) -> None:
     """SIGKILL `proc` (started with `start_new_session=True`) and every process of its session."""
     for pid in session_processes(proc.pid):
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
     proc.wait()

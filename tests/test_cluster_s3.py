@@ -3,6 +3,7 @@ examples/ray_cluster.py lives in the bucket, and nothing of it touches a local d
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -110,10 +111,8 @@ def test_two_nodes_index_record_and_reduce_with_the_run_in_the_bucket_only(s3_se
         assert _run_files_under(head_tmp) == [] and _run_files_under(worker_tmp) == []
     finally:
         for node in reversed(nodes):
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(node.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
         for node in nodes:
             try:
                 node.wait(30)

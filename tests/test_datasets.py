@@ -119,7 +119,7 @@ def test_demo_runs_every_stage_on_real_shards(ray_session, tmp_path, capsys, mon
     ]
     assert all(0 < float(r[5]) <= 1 for r in table)
     rows = json.loads((tmp_path / "run" / "evaluate.json").read_text())["rows"]
-    diffs = [100 * (a["test_accuracy"] - b["test_accuracy"]) for a, b in zip(rows[0:4:2], rows[1:4:2])]
+    diffs = [100 * (a["test_accuracy"] - b["test_accuracy"]) for a, b in zip(rows[0:4:2], rows[1:4:2], strict=True)]
     assert f"dual-beta+classes vs random: {sum(diffs) / 2:+.1f} points (2 seeds; per seed " in out
     assert (tmp_path / "run" / "report" / "index.html").stat().st_size > 10000
     assert "streamprune run " + tmp_path.name + "/streamprune.yaml" in out

@@ -81,7 +81,7 @@ def test_parquet_of_kept_samples_holds_the_lists_ids_keys_and_scores(local, tmp_
     assert all(len(u) == 32 for u in uids)
     assert np.array_equal(np.sort(_pairs(uids)), local.keep.ids())
     assert np.array_equal(_pairs(uids), local.ids[local.rows])  # index order
-    assert list(zip(table.column("shard").to_pylist(), table.column("key").to_pylist())) == [
+    assert list(zip(table.column("shard").to_pylist(), table.column("key").to_pylist(), strict=True)) == [
         local.samples[r] for r in local.rows
     ]
     assert all(table.column("kept").to_pylist())
@@ -109,7 +109,7 @@ def test_kept_and_removed_partition_the_index(local, tmp_path):
     kept, removed, every = (pq.read_table(tmp_path / f"{w}.parquet") for w in ("keep", "remove", "all"))
 
     def samples(t) -> list[tuple[str, str]]:
-        return list(zip(t.column("shard").to_pylist(), t.column("key").to_pylist()))
+        return list(zip(t.column("shard").to_pylist(), t.column("key").to_pylist(), strict=True))
 
     assert not set(samples(kept)) & set(samples(removed))
     assert sorted(samples(kept) + samples(removed)) == sorted(local.samples)

@@ -135,7 +135,9 @@ def test_two_reduces_writing_one_keep_list_never_mix(ray_python, run, tmp_path):
     ]
     results = [p.communicate(timeout=300) for p in procs]
     codes = [p.returncode for p in procs]
-    assert 0 in codes and all(c == 0 or "another process is writing" in err for c, (_, err) in zip(codes, results))
+    assert 0 in codes and all(
+        c == 0 or "another process is writing" in err for c, (_, err) in zip(codes, results, strict=True)
+    )
     ratio = KeepList.load(out).manifest["ratio"]
     _same_keep_list(out, tmp_path / f"ref-{ratio}")
     assert json.loads((out / "manifest.json").read_text())["k"] == len(refs[ratio])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -37,7 +38,9 @@ def test_a_shard_rewritten_after_an_interrupted_index_is_scanned_again(ray_sessi
     parts = run / ".index-parts"
     parts.mkdir(parents=True)
     names, _ = shard_names(two_shards)
-    for i, (url, name) in enumerate(zip(two_shards, names)):  # what an index killed before its merge leaves
+    for i, (url, name) in enumerate(
+        zip(two_shards, names, strict=True)
+    ):  # what an index killed before its merge leaves
         save_scan(scan_shard(url, name), part_path(parts, i, url, name, "shard-key"))
     images, labels = fmnist
     write_shards(images[:7], labels[:7], tmp_path / "new", sizes=[7], prefix="x")
@@ -77,15 +80,16 @@ def test_what_a_rewritten_shard_check_detects_and_what_it_does_not(make_index, t
     idx = make_index(two_shards, tmp_path / "run")
     keep = KeepList.from_rows(idx, np.arange(idx.n_samples), tmp_path / "keep")
     original = next(iter(wds.WebDataset(two_shards[0], shardshuffle=False)))["png"]
-    data = bytearray(open(two_shards[0], "rb").read())
+    data = bytearray(Path(two_shards[0]).read_bytes())
     start, end = int(idx.sample_start[0]), int(idx.sample_end[0])
     pos = data.index(b"IHDR", start, end) + 8  # a byte of the first image's header chunk
     data[pos] ^= 0xFF
-    open(two_shards[0], "wb").write(bytes(data))  # same size, same keys: served as it now is
+    Path(two_shards[0]).write_bytes(bytes(data))  # same size, same keys: served as it now is
     first = next(iter(PrunedWebDataset(two_shards, keep=keep, shardshuffle=False)))
     now = next(iter(wds.WebDataset(two_shards[0], shardshuffle=False)))
     assert first["__key__"] == idx.keys(0)[0] and first["png"] == now["png"] != original
-    open(two_shards[0], "ab").write(bytes(512))  # another size: refused
+    with open(two_shards[0], "ab") as f:  # another size: refused
+        f.write(bytes(512))
     with pytest.raises(ChangedShardError, match="re-index"):
         list(PrunedWebDataset(two_shards, keep=keep, shardshuffle=False))
 

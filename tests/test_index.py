@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import io
+import os
 import shutil
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -33,7 +35,7 @@ def test_index_matches_webdataset_on_uneven_shards(ray_session, uneven_shards, t
     for s, path in enumerate(paths):
         samples = list(wds.WebDataset(path, shardshuffle=False))
         assert idx.keys(s) == [x["__key__"] for x in samples]
-        raw = open(path, "rb").read()
+        raw = Path(path).read_bytes()
         for j in (0, len(samples) // 2, len(samples) - 1):
             row = idx.rows(s).start + j
             offsets, lengths = idx.members(row)
@@ -41,14 +43,14 @@ def test_index_matches_webdataset_on_uneven_shards(ray_session, uneven_shards, t
                 tarfile.TarInfo.frombuf(raw[o : o + 512], "utf-8", "strict").name.split(".", 1)[1]: raw[
                     o + 512 : o + 512 + n
                 ]
-                for o, n in zip(offsets, lengths)
+                for o, n in zip(offsets, lengths, strict=True)
             }
             assert got == {k: v for k, v in samples[j].items() if not k.startswith("__")}
             assert idx.sample_start[row] == offsets[0]
             assert idx.sample_end[row] >= offsets[-1] + 512 + lengths[-1]
     # Local tars: headers only, seeking past member data.
     m = idx.manifest
-    assert m["bytes_total"] == sum(len(open(p, "rb").read()) for p in paths)
+    assert m["bytes_total"] == sum(os.path.getsize(p) for p in paths)
     assert m["bytes_read"] < 0.6 * m["bytes_total"]
     assert m["bytes_read"] == 512 * (2 * 1200 + 6)  # two headers a sample, one end-of-archive block a shard
 
@@ -78,7 +80,7 @@ def test_empty_shard_and_duplicate_keys_reported(ray_session, tmp_path):
 def test_truncated_and_corrupt_shards_named_and_healthy_ones_kept(ray_session, uneven_shards, tmp_path):
     paths, sizes = uneven_shards
     good = [shutil.copy(p, tmp_path / f"good-{i}.tar") for i, p in enumerate(paths[:2])]
-    raw = open(paths[2], "rb").read()
+    raw = Path(paths[2]).read_bytes()
     (tmp_path / "cut.tar").write_bytes(raw[: 4 * 1024 + 300])  # inside the 2nd sample's png data
     bad = bytearray(raw)
     bad[2 * 2560 + 10] ^= 0xFF  # a name byte of the 3rd sample's first header: checksum breaks

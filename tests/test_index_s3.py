@@ -27,7 +27,7 @@ def scans(uneven_shards):
     """Scans of the first four real Fashion-MNIST shards, and their paths."""
     paths, _ = uneven_shards
     names, root = shard_names(paths[:4])
-    return [scan_shard(p, n) for p, n in zip(paths[:4], names)], root, paths[:4]
+    return [scan_shard(p, n) for p, n in zip(paths[:4], names, strict=True)], root, paths[:4]
 
 
 def _same_index(a: Index, b: Index) -> None:

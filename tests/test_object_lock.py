@@ -134,9 +134,8 @@ def test_two_writers_racing_for_a_stale_lease_exactly_one_wins(out, round_):
 def test_a_live_lower_lease_makes_a_taker_back_off(out):
     put_lease(out, 0, "record, pid 12 on host alive", time.time() + 60)  # renewed late by a slow holder
     put_lease(out, 1, "record, pid 13 on host gone", time.time() - 5)
-    with pytest.raises(SettingsError, match="record, pid 12 on host alive"):
-        with output_lock(out, writer="reduce"):
-            pytest.fail("two writers held the lock")
+    with pytest.raises(SettingsError, match="record, pid 12 on host alive"), output_lock(out, writer="reduce"):
+        pytest.fail("two writers held the lock")
     assert storage.names(folder_of(out)) == ["000000000000", "000000000001"]  # our lease 2 removed
 
 
@@ -176,10 +175,9 @@ def test_leaving_a_lock_that_was_taken_over_raises(out):
     with pytest.raises(SettingsError, match="lost the lock of .*taken over by reduce, pid 77"):
         with output_lock(out, writer="record"):
             put_lease(out, 1, "reduce, pid 77 on host other", time.time() + 60)
-    with pytest.raises(RuntimeError, match="the body failed") as info:
-        with output_lock(f"{out}-2", writer="record"):
-            put_lease(f"{out}-2", 1, "reduce, pid 78 on host other", time.time() + 60)
-            raise RuntimeError("the body failed")
+    with pytest.raises(RuntimeError, match="the body failed") as info, output_lock(f"{out}-2", writer="record"):
+        put_lease(f"{out}-2", 1, "reduce, pid 78 on host other", time.time() + 60)
+        raise RuntimeError("the body failed")
     assert any("lost the lock" in note for note in getattr(info.value, "__notes__", []))
 
 
@@ -194,9 +192,8 @@ def test_lock_holder_names_the_live_owner_only(out):
 
 def test_reentrant_in_the_same_thread_only(out):
     with output_lock(out, writer="reduce"):
-        with output_lock(out, reentrant=True):
-            with output_lock(out, reentrant=True):
-                assert storage.names(folder_of(out)) == ["000000000000"]  # no second lease
+        with output_lock(out, reentrant=True), output_lock(out, reentrant=True):
+            assert storage.names(folder_of(out)) == ["000000000000"]  # no second lease
         assert lock_holder(out) == me("reduce")  # still held after the nested ones left
         with pytest.raises(SettingsError, match="another process is writing"):
             with output_lock(out):  # not re-entrant: refused, as locally
@@ -239,9 +236,8 @@ def test_local_outputs_keep_the_fcntl_lock_file(tmp_path):
         lock = tmp_path / ".keep.lock"
         assert lock.read_text().strip() == me("reduce")  # the lock file, as before
         assert lock_holder(out) == me("reduce")
-        with pytest.raises(SettingsError, match=f"another process is writing {str(out)!r}"):
-            with output_lock(out):
-                pass
+        with pytest.raises(SettingsError, match=f"another process is writing {str(out)!r}"), output_lock(out):
+            pass
         with output_lock(out, reentrant=True):
             pass
     assert lock_holder(out) is None

@@ -239,7 +239,7 @@ def test_ranks_and_workers_read_every_row_once_and_undecodable_samples_are_skipp
     seen = []
     for rank in (0, 1):  # two ranks' datasets, two DataLoader workers each, logged by one process
         data = IndexedShards(run, _bad_sevens, epoch=1, rank=rank, world_size=2, seed=3)
-        for x, y, rows in torch.utils.data.DataLoader(data, batch_size=32, num_workers=2):
+        for _x, y, rows in torch.utils.data.DataLoader(data, batch_size=32, num_workers=2):
             seen.append(rows.numpy())
             logger.log(rows, torch.randn(len(rows), 10), y)
     seen = np.concatenate(seen)
@@ -296,7 +296,7 @@ def test_record_s_form_placeholders_and_augmentations_seeded_by_shard_whatever_t
         )
         examples = {}
         for x, y, rows in torch.utils.data.DataLoader(data, batch_size=32, num_workers=workers):
-            examples |= {int(r): (xi, int(yi)) for xi, yi, r in zip(x, y, rows)}
+            examples |= {int(r): (xi, int(yi)) for xi, yi, r in zip(x, y, rows, strict=True)}
         assert sorted(examples) == list(range(idx.n_samples))  # every row once, placeholders included
         assert all((examples[r][1] == -1) == bad[r] for r in examples)
         assert all(not examples[r][0].any() for r in np.flatnonzero(bad))

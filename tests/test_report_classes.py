@@ -20,7 +20,7 @@ from streamprune.stages.report import (
 def _mask(counts: list[int], kept: list[int]) -> tuple[np.ndarray, np.ndarray]:
     """Labels with `counts[c]` rows of class c, the first `kept[c]` of each kept."""
     labels = np.concatenate([np.full(n, c, dtype=np.int32) for c, n in enumerate(counts)])
-    mask = np.concatenate([np.arange(n) < k for n, k in zip(counts, kept)])
+    mask = np.concatenate([np.arange(n) < k for n, k in zip(counts, kept, strict=True)])
     return labels, mask
 
 

@@ -120,7 +120,9 @@ def test_the_class_axis_names_the_classes_and_the_shard_axis_has_integer_ticks(r
     by_class, by_shard = fig.axes
     assert [t.get_text() for t in by_class.get_yticklabels()] == list(FASHION_MNIST)
     lo, hi = by_shard.get_xlim()
-    shown = [t.get_text() for t, x in zip(by_shard.get_xticklabels(), by_shard.get_xticks()) if lo <= x <= hi]
+    shown = [
+        t.get_text() for t, x in zip(by_shard.get_xticklabels(), by_shard.get_xticks(), strict=True) if lo <= x <= hi
+    ]
     assert shown == [str(i) for i in range(6)]
 
 

@@ -76,9 +76,8 @@ def test_a_run_on_s3_gives_the_local_runs_keep_list_and_the_loader_reads_it_from
 
 
 def test_a_second_record_of_a_run_on_s3_is_refused_naming_the_first(runs):
-    with output_lock(RunDir(runs["remote"]).stats, writer="record"):
-        with pytest.raises(SettingsError, match="record"):
-            record(runs["remote"], EPOCHS, shards=runs["shards"], **RECORD)
+    with output_lock(RunDir(runs["remote"]).stats, writer="record"), pytest.raises(SettingsError, match="record"):
+        record(runs["remote"], EPOCHS, shards=runs["shards"], **RECORD)
 
 
 def _wait_for_line(proc: subprocess.Popen, pattern: str, seconds: float) -> None:

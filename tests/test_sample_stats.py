@@ -23,7 +23,7 @@ def exact_stats(row: np.ndarray, label: int) -> dict[str, float]:
     return {
         "p_true": float(q[label]),
         "margin": float(z[label] - max(v for c, v in enumerate(z) if c != label)),
-        "el2n": float(sum((a - b) ** 2 for a, b in zip(q, onehot)).sqrt()),
+        "el2n": float(sum((a - b) ** 2 for a, b in zip(q, onehot, strict=True)).sqrt()),
         "entropy": float(-sum(v * v.ln() for v in q if v > 0)),  # 0 log 0 = 0
         "loss": float(-q[label].ln()),
     }

@@ -199,7 +199,7 @@ def test_ccs_cuts_the_hardest_then_fills_from_the_sparsest_bin(sc, ratio, cut, s
 
 
 def test_registry_names_each_method_family_and_every_method_resolves():
-    assert SAMPLERS == {"topk": TopKSampler, "beta": BetaSampler, "ccs": CCSSampler, "random": RandomSampler}
+    assert {"topk": TopKSampler, "beta": BetaSampler, "ccs": CCSSampler, "random": RandomSampler} == SAMPLERS
     for name in [*METHOD_SCORE, "ccs:el2n", "ccs:aum"]:
         method = Method.parse(name)
         assert sampler_class(method.sampler).name == method.sampler

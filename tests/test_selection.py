@@ -34,8 +34,8 @@ def _in_memory(blocks):
         calls["gather"] += 1
         masks = [sampling.prefix_mask(w, active(g, ids), prefixes, bits) for w, g in blocks]
         return (
-            np.concatenate([w[:, m] for (w, _), m in zip(blocks, masks)], axis=1),
-            np.concatenate([g[m] for (_, g), m in zip(blocks, masks)]),
+            np.concatenate([w[:, m] for (w, _), m in zip(blocks, masks, strict=True)], axis=1),
+            np.concatenate([g[m] for (_, g), m in zip(blocks, masks, strict=True)]),
         )
 
     return histogram, gather, calls

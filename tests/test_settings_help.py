@@ -107,7 +107,7 @@ def test_a_refused_value_names_the_option(tmp_path, capsys):
 
 
 def test_the_init_config_example_holds_every_field_at_its_default_with_its_help():
-    assert EXAMPLE == example_config()
+    assert example_config() == EXAMPLE
     data = yaml.safe_load(EXAMPLE)
     assert data["shards"] == "data/train-{000000..000009}.tar" and data["out"] == "run"
     for cls in SETTINGS:

@@ -109,7 +109,7 @@ class _Run(str):
 
     touched: list[str]
 
-    def __new__(cls, url: str, touched: list[str]) -> "_Run":
+    def __new__(cls, url: str, touched: list[str]) -> _Run:
         self = super().__new__(cls, url)
         self.touched = touched
         return self
