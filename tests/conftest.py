@@ -4,7 +4,9 @@ modules share (handed out by fixtures: test modules never import each other)."""
 
 from __future__ import annotations
 
+import itertools
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +24,32 @@ _S3_PORT = free_port()
 os.environ.update(environment(f"http://127.0.0.1:{_S3_PORT}"))
 
 SLOW_MODULES = {"test_benchmarks", "test_record", "test_evaluate", "test_cli", "test_own_loop", "test_inputs"}
+
+
+def _deselects_slow(markexpr: str) -> bool:
+    """Whether `-m markexpr` deselects every test marked `slow` (as the fast tier's does)."""
+    if not markexpr:
+        return False
+    from _pytest.mark.expression import Expression
+
+    names = set(re.findall(r"[A-Za-z_][A-Za-z0-9_]*", markexpr)) - {"and", "or", "not", "slow"}
+    return not any(  # false whatever other marks a slow test has
+        Expression.compile(markexpr).evaluate(lambda name, on=on: name == "slow" or name in on)
+        for on in (set(c) for r in range(len(names) + 1) for c in itertools.combinations(sorted(names), r))
+    )
+
+
+@pytest.hookimpl(optionalhook=True)  # an xdist hook: unknown under `-p no:xdist`
+def pytest_xdist_make_scheduler(config, log):
+    """The fast tier under `-n N` (xdist's `--dist load`, `-m` deselecting `slow`) hands each
+    file's tests to one worker, as `--dist loadfile` does: module-scoped fixtures (shard sets,
+    servers, test_resume's resumed epochs) are built once, not by every worker that got some of
+    a module's tests. Full runs keep xdist's per-test balancing (their long modules)."""
+    if config.getoption("dist") != "load" or not _deselects_slow(config.getoption("markexpr")):
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    return LoadFileScheduling(config, log)
 
 
 def pytest_collection_modifyitems(items):
@@ -46,13 +74,34 @@ def ray_session():
     ray.shutdown()
 
 
+FMNIST_SAMPLES = 1200  # the `fmnist` fixture's samples
+
+
+def _first_idx_records(path: Path, n: int) -> np.ndarray:
+    """The first `n` records of a gzip-compressed uint8 IDX file (Fashion-MNIST's), decompressing
+    only them: the full training set is 60,000 images, and each xdist worker would unpack it all."""
+    import gzip
+
+    with gzip.open(path, "rb") as f:
+        magic = f.read(4)
+        assert magic[:3] == b"\x00\x00\x08", f"{path}: not a uint8 IDX file"
+        dims = [int.from_bytes(f.read(4), "big") for _ in range(magic[3])]
+        assert dims[0] >= n, f"{path}: {dims[0]} records, fewer than {n}"
+        size = int(np.prod(dims[1:], dtype=np.int64))
+        return np.frombuffer(f.read(n * size), dtype=np.uint8).reshape(n, *dims[1:]).copy()
+
+
 @pytest.fixture(scope="session")
 def fmnist():
-    """The first 1,200 real Fashion-MNIST training images and labels (bundled or full set)."""
-    from streamprune.demo.datasets import load_fashion_mnist
+    """The first 1,200 real Fashion-MNIST training images and labels (bundled or full set):
+    `load_fashion_mnist("train")[:1200]`, read without unpacking the rest."""
+    from streamprune.demo.datasets import fashion_mnist_dir
 
-    images, labels = load_fashion_mnist("train")
-    return images[:1200], labels[:1200]
+    d = fashion_mnist_dir()
+    return tuple(
+        _first_idx_records(d / f"{name}.gz", FMNIST_SAMPLES)
+        for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte")
+    )
 
 
 @pytest.fixture(scope="session")

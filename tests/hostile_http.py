@@ -354,7 +354,10 @@ def _span(range_header: str | None, size: int) -> tuple[int, int] | str | None:
 def serve(files: dict[str, bytes], drip: float = 0.05) -> Iterator[HostileServer]:
     """A HostileServer for `files` on a free port of 127.0.0.1 until the block exits."""
     server = HostileServer(files, drip)
-    thread = threading.Thread(target=server._tcp.serve_forever, name="hostile-http", daemon=True)
+    # poll_interval: how long shutdown() may wait for the loop to notice (socketserver's default: 0.5 s)
+    thread = threading.Thread(
+        target=server._tcp.serve_forever, kwargs={"poll_interval": 0.05}, name="hostile-http", daemon=True
+    )
     thread.start()
     try:
         yield server

@@ -127,7 +127,10 @@ def serve(port: int = 0) -> Iterator[S3Server]:
         threaded=True,
         request_handler=Quiet,
     )
-    thread = threading.Thread(target=wsgi.serve_forever, name=f"s3_server-{port}", daemon=True)
+    # poll_interval: how long shutdown() may wait for the loop to notice (the default: 0.5 s)
+    thread = threading.Thread(
+        target=wsgi.serve_forever, kwargs={"poll_interval": 0.05}, name=f"s3_server-{port}", daemon=True
+    )
     thread.start()
     try:
         yield server

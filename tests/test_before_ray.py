@@ -16,6 +16,8 @@ from streamprune.formats.stats_store import ChunkWriter, StatsStore
 
 _MAINS = """
 import contextlib, io, json, sys
+import streamprune.loader  # first, alone: does the loader pull in Ray? (the first line printed)
+print(json.dumps({"loader_imported_ray": "ray" in sys.modules}))
 from streamprune.cli.main import main
 for argv in json.loads(sys.argv[1]):
     out, err = io.StringIO(), io.StringIO()
@@ -30,14 +32,16 @@ for argv in json.loads(sys.argv[1]):
 """
 
 
-def _commands(*argvs: list[str]) -> list[dict]:
-    """Each of `argvs` run by `main` in turn in one new Python process: its exit status, stderr,
-    and whether Ray was imported and started by then."""
+def _commands(*argvs: list[str]) -> tuple[bool, list[dict]]:
+    """Each of `argvs` run by `main` in turn in one new Python process that first imported the
+    loader alone: whether that import brought in Ray, and for each command its exit status,
+    stderr, and whether Ray was imported and started by then."""
     done = subprocess.run(
         [sys.executable, "-c", _MAINS, json.dumps(argvs)], capture_output=True, text=True, timeout=300
     )
     assert done.returncode == 0, done.stderr
-    return [json.loads(line) for line in done.stdout.splitlines()]
+    loader, *results = [json.loads(line) for line in done.stdout.splitlines()]
+    return loader["loader_imported_ray"], results
 
 
 def _recorded(run, index, epochs: int) -> None:
@@ -66,8 +70,8 @@ def test_refusals_come_before_ray_starts(uneven_shards, make_index, tmp_path):
         ("index", *paths, "--out", str(tmp_path / "other"), "--identity", "bogus"): "--identity",
         ("reshard", str(bare), "--out", str(tmp_path / "pruned"), "--shard-size", "0"): "--shard-size",
     }
-    results = _commands(*[[*argv, "--quiet"] for argv in cases])
-    for (argv, message), result in zip(cases.items(), results):
+    _, results = _commands(*[[*argv, "--quiet"] for argv in cases])
+    for (argv, message), result in zip(cases.items(), results, strict=True):
         assert result["status"] == 2 and message in result["stderr"], (argv, result)
         assert not result["started"], argv
     assert not (tmp_path / "other").exists() and not (tmp_path / "pruned").exists()
@@ -77,16 +81,10 @@ def test_refusals_come_before_ray_starts(uneven_shards, make_index, tmp_path):
 def test_inspect_report_and_the_loader_do_not_import_ray(uneven_shards, make_index, tmp_path):
     run = tmp_path / "run"
     make_index(uneven_shards[0], run)
-    inspected, reported = _commands(["inspect", str(run)], ["report", str(run), "--quiet"])
+    loader_imported_ray, (inspected, reported) = _commands(["inspect", str(run)], ["report", str(run), "--quiet"])
+    assert not loader_imported_ray  # `import streamprune.loader`, first and alone in that process
     assert inspected["status"] == 0 and not inspected["imported"], inspected
     assert reported["status"] == 2 and not reported["imported"], reported  # no keep-list yet: refused
-    loader = subprocess.run(
-        [sys.executable, "-c", "import sys, streamprune.loader; print('ray' in sys.modules)"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert loader.stdout.strip() == "False", loader.stderr
 
 
 def test_a_stage_without_the_full_install_says_what_to_install(tmp_path):
