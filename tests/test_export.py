@@ -226,6 +226,7 @@ def test_cli_exports_and_exits_2_on_a_bad_format(local, tmp_path, capsys):
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.slow  # seconds of requests to the S3 server; the fast tier reads keep-lists on S3 in test_keeplist_s3
 def test_export_from_a_run_on_s3(s3_server, uneven_shards, make_index, tmp_path, monkeypatch):
     paths, _ = uneven_shards
     bucket = s3_server.make_bucket("export-s3")

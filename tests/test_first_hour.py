@@ -130,7 +130,7 @@ def test_restart_waits_for_the_run_lock_and_clears_nothing_without_it(make_index
     assert (run / "checkpoints" / "epoch-0001.pt").read_bytes() == b"model"
 
 
-@pytest.fixture(params=["local", "s3"])
+@pytest.fixture(params=["local", pytest.param("s3", marks=pytest.mark.slow)])  # s3: seconds of requests
 def run_root(request, tmp_path) -> str:
     """A run folder on local disk and one on S3 (a real S3 server on 127.0.0.1)."""
     if request.param == "local":

@@ -281,10 +281,12 @@ def test_cli_reshard(ray_session, setup, tmp_path, capsys):
     assert "no keep-list" in capsys.readouterr().err
 
 
-def test_importing_the_loader_pulls_in_neither_ray_nor_the_stats_store():
+def test_importing_the_loader_and_its_resume_state_pulls_in_nothing_heavy():
     code = (
         "import sys, streamprune; from streamprune import PrunedWebDataset, keep_filter, KeepPredicate; "
-        "heavy = ('ray', 'zarr', 'streamprune.formats.stats_store', 'streamprune.stages.record'); "
+        "import streamprune.loader_state; "
+        "heavy = ('ray', 'zarr', 'scipy', 'torchdata', 'streamprune.formats.stats_store', "
+        "'streamprune.stages.record'); "
         "bad = [m for m in heavy if m in sys.modules]; "
         "sys.exit(f'imported {bad}' if bad else 0)"
     )
