@@ -37,9 +37,9 @@ import numpy as np
 import ray
 from s3_process import S3Process, serve_s3_process
 
-from streamprune import Index, ensure_ray, reduce, scores, storage
+from streamprune import Index, StatsStore, ensure_ray, reduce, scores, storage
 from streamprune.formats import commit
-from streamprune.formats.stats_store import LABEL, StatsStore
+from streamprune.scoring.columns import LABEL
 
 T, ROWS_PER_SHARD, CHUNK = 30, 10_000, 65_536
 SAMPLE_BYTES = 1024  # a 512-byte header and 512 bytes of data

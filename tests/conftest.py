@@ -275,7 +275,8 @@ def synthetic_run(ray_session):
     """`synthetic_run(run, paths, seed) -> (index, stats)`: an index of `paths` under `run` (on
     Ray) and a complete store of T epochs of synthetic statistics (labels from `.labels`)."""
     from streamprune import index
-    from streamprune.formats.stats_store import LABEL, STATS, ChunkWriter, StatsStore
+    from streamprune.formats.stats_store import STATS, ChunkWriter, StatsStore
+    from streamprune.scoring.columns import LABEL
 
     def build(run: Path, paths: list[str], seed: int):
         idx = index(paths, run, progress=False)

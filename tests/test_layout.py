@@ -183,7 +183,7 @@ INTERNAL_FOR_BENCHMARKS = {
     ("bench_index.py", "streamprune.shards.scan"): "times one shard's scan without the stage around it",
     ("bench_record.py", "streamprune.training.decode"): "times the sample decoder alone",
     ("bench_reduce.py", "streamprune.formats"): "fills a synthetic stats store in one commit",
-    ("bench_reduce.py", "streamprune.formats.stats_store"): "fills a synthetic stats store (its label array)",
+    ("bench_reduce.py", "streamprune.scoring.columns"): "fills a synthetic stats store (its label array)",
     ("bench_reduce.py", "streamprune.storage"): "uploads the synthetic run to the S3 server and sizes it",
 }
 

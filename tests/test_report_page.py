@@ -110,7 +110,7 @@ def test_the_summary_gives_the_saved_verdict_and_a_full_run_below_a_subset_is_ex
 def test_the_class_axis_names_the_classes_and_the_shard_axis_has_integer_ticks(run):
     from streamprune.formats.index import Index
     from streamprune.formats.scores_store import ScoresStore
-    from streamprune.formats.stats_store import LABEL
+    from streamprune.scoring.columns import LABEL
 
     keep = KeepList.load(run / "keep")
     labels = np.asarray(ScoresStore.open(run / "scores.zarr").read(LABEL, slice(None)))

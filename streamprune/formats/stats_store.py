@@ -32,8 +32,7 @@ from streamprune.formats.atomic import named_os_error, output_lock
 from streamprune.formats.headers import STATS_FORMAT, check_format, header
 from streamprune.formats.rundir import RunDir
 from streamprune.formats.schema import EPOCHS, ROWS, STATS_SCHEMA
-from streamprune.scoring.columns import LABEL as LABEL  # re-exported: other modules import it from here
-from streamprune.scoring.columns import LABEL_MISSING as LABEL_MISSING  # re-exported, as LABEL
+from streamprune.scoring.columns import LABEL, LABEL_MISSING
 
 if TYPE_CHECKING:
     from streamprune.formats.index import Index

@@ -18,7 +18,8 @@ import torch
 
 from streamprune import storage
 from streamprune.formats.rundir import RunDir
-from streamprune.formats.stats_store import LABEL, LABEL_MISSING, STATS, StatsStore, missing_stats
+from streamprune.formats.stats_store import STATS, StatsStore, missing_stats
+from streamprune.scoring.columns import LABEL, LABEL_MISSING
 from streamprune.stages.record_resolved import ResolvedSettings
 from streamprune.stages.record_writers import StoreWriters
 from streamprune.training.decode import SampleDecoder, View

@@ -45,15 +45,8 @@ from streamprune.errors import DamagedRunError, InputError, SettingsError
 from streamprune.formats.atomic import output_lock
 from streamprune.formats.index import Index
 from streamprune.formats.rundir import RunDir
-from streamprune.formats.stats_store import (
-    LABEL,
-    STATS,
-    OwnershipError,
-    StatsStore,
-    clear_statistics,
-    owner_of,
-    zarr_array,
-)
+from streamprune.formats.stats_store import STATS, OwnershipError, StatsStore, clear_statistics, owner_of, zarr_array
+from streamprune.scoring.columns import LABEL
 from streamprune.training.indexed_shards import IndexedShards as IndexedShards  # public here: streamprune.IndexedShards
 from streamprune.training.samples import bad_samples
 
